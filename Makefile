@@ -1,0 +1,68 @@
+# Stockade: `make run` and `make test` set up everything they need on a fresh Debian 12
+# machine (as root), idempotently, then run.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SOURCE ?= examples
+NODE ?= $(shell hostname)
+# Debian packages: nftables and its Python bindings (nftables dataplane), bcc and headers
+# (eBPF dataplane), iproute2 (namespace lab, tc), conntrack (strict mode), iperf3 (bench).
+APT_PACKAGES := nftables python3-nftables python3-bpfcc bpfcc-tools linux-headers-amd64 \
+	iproute2 conntrack iperf3 python3-venv
+KREL := $(shell uname -r)
+
+.PHONY: setup system kernel-headers venv run test lint demo bench cleanup clean
+
+setup: system venv
+
+system:
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@$(MAKE) -s kernel-headers
+
+# bcc needs /lib/modules/$(uname -r)/{build,source}; the running kernel has no headers
+# package, so point them at Debian's generic ones (uapi headers are all tc programs use).
+kernel-headers:
+	@if [ ! -e /lib/modules/$(KREL)/build/include/linux/kconfig.h ] && \
+	    [ ! -e /lib/modules/$(KREL)/source/include/linux/kconfig.h ]; then \
+		hdr=$$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1); \
+		common=$$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1); \
+		if [ -z "$$hdr" ] || [ -z "$$common" ]; then echo "linux-headers-amd64 missing" >&2; exit 1; fi; \
+		mkdir -p /lib/modules/$(KREL); \
+		ln -sfn $$hdr /lib/modules/$(KREL)/build; \
+		ln -sfn $$common /lib/modules/$(KREL)/source; \
+		echo "linked kernel headers for bcc: $$hdr, $$common"; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/stockade run --source $(SOURCE) --node $(NODE)
+
+test: setup
+	$(VENV)/bin/ruff check agent tests bench
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+lint: venv
+	$(VENV)/bin/ruff check agent tests bench
+
+demo: setup
+	$(PY) -m tests.lab.demo examples
+
+cleanup: venv
+	$(VENV)/bin/stockade cleanup
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,299 @@
+"""stockade run | apply | compile | explain | matrix | cleanup."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.dataplane.base import Dataplane, DataplaneError
+from agent.inventory import Endpoint, Inventory, IPAddress
+from agent.ir import Verdict
+from agent.pipeline import DirectoryPipeline, Snapshot
+from agent.policy.evaluate import Decision, evaluate, index_by_ip
+
+log = logging.getLogger("stockade")
+
+DEFAULT_SOURCE = "/etc/stockade/manifests"
+DEFAULT_STATE_DIR = "/var/lib/stockade"
+DEFAULT_METRICS = "127.0.0.1:9754"
+EXIT_INVALID = 2  # applied everything valid, but some objects were rejected
+
+
+def _protocol(text: str) -> str:
+    p = text.upper()
+    if p not in ("TCP", "UDP", "SCTP"):
+        raise argparse.ArgumentTypeError(f"protocol must be TCP, UDP or SCTP, got {text!r}")
+    return p
+
+
+def _dataplane(name: str) -> Dataplane:
+    if name == "nftables":
+        from agent.dataplane.nftables import NftablesDataplane
+
+        return NftablesDataplane()
+    raise SystemExit(f"stockade: unknown dataplane {name!r} (available: nftables)")
+
+
+def _node(args: argparse.Namespace) -> str:
+    return args.node or os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+def _state_file(args: argparse.Namespace) -> Path | None:
+    if not args.state_dir:
+        return None
+    return Path(args.state_dir) / "last-good.json"
+
+
+def _pipeline(args: argparse.Namespace, node: str | None, readonly: bool = False) -> DirectoryPipeline:
+    if not Path(args.source).exists():
+        raise SystemExit(f"stockade: source directory {args.source} does not exist")
+    return DirectoryPipeline(args.source, node, _state_file(args), readonly=readonly)
+
+
+def _report(snap: Snapshot) -> None:
+    for p in snap.problems:
+        log.warning("invalid object skipped (last good version kept): %s", p)
+
+
+# ------------------------------------------------------------------ simulator
+
+
+def _resolve(inv: Inventory, text: str) -> tuple[IPAddress, Endpoint | None]:
+    try:
+        ip = ipaddress.ip_address(text)
+        return ip, inv.endpoint_by_ip(ip)
+    except ValueError:
+        ep = inv.endpoints.get(text)
+        if ep is None:
+            raise SystemExit(f"stockade: no pod {text!r} with an IP in the source") from None
+        return ep.ips[0], ep
+
+
+def _pick(ep: Endpoint, version: int | None) -> IPAddress | None:
+    for ip in ep.ips:
+        if version is None or ip.version == version:
+            return ip
+    return None
+
+
+def _port_on(ep: Endpoint | None, port: str, protocol: str) -> int | None:
+    if port.isdigit():
+        return int(port)
+    return ep.named_port(port, protocol) if ep else None
+
+
+def _decision_json(d: Decision | None) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    return {
+        "endpoint": d.endpoint,
+        "verdict": "allow" if d.verdict is Verdict.ACCEPT else "deny",
+        "isolated_by": list(d.isolated_by),
+        "rule": None if d.rule is None else {
+            "policy": f"{d.rule.origin.namespace}/{d.rule.origin.policy}",
+            "direction": d.rule.origin.direction.value,
+            "index": d.rule.origin.index,
+        },
+        "reason": d.reason,
+    }
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    snap = _pipeline(args, None, readonly=True).snapshot()
+    _report(snap)
+    inv = snap.inventory
+    src, src_ep = _resolve(inv, args.from_)
+    dst, dst_ep = _resolve(inv, args.to)
+    if src.version != dst.version and src_ep and dst_ep:
+        src = _pick(src_ep, dst.version) or src
+    port = _port_on(dst_ep, args.port, args.protocol)
+    if port is None:
+        raise SystemExit(f"stockade: {args.to} has no {args.protocol} port named {args.port!r}")
+    fv = evaluate(snap.program, src, dst, args.protocol.lower(), port)
+    verdict = "allow" if fv.verdict is Verdict.ACCEPT else "deny"
+    if args.output == "json":
+        print(json.dumps({
+            "verdict": verdict,
+            "from": {"ip": str(src), "endpoint": src_ep.key if src_ep else None},
+            "to": {"ip": str(dst), "endpoint": dst_ep.key if dst_ep else None},
+            "protocol": args.protocol,
+            "port": port,
+            "egress": _decision_json(fv.egress),
+            "ingress": _decision_json(fv.ingress),
+        }, indent=2))
+        return 0
+    print(f"{verdict.upper()}: {args.from_} ({src}) -> {args.to} ({dst}) {args.protocol}/{port}")
+    if src == dst:
+        print("  same address: traffic never leaves the pod")
+    for label, d, who in (("egress ", fv.egress, args.from_), ("ingress", fv.ingress, args.to)):
+        if d is None:
+            print(f"  {label} of {who}: not a pod here, not judged")
+        else:
+            print(f"  {label} of {d.endpoint}: {d.reason}")
+    return 0
+
+
+def matrix(snap: Snapshot, port: str, protocol: str, family: int | None) -> dict[str, dict[str, str]]:
+    """Verdict for every ordered pair of pods (self pairs: allowed, never leaves the pod)."""
+    eps = sorted(snap.inventory.endpoints.values(), key=lambda e: e.key)
+    by_ip = index_by_ip(snap.program)
+    out: dict[str, dict[str, str]] = {}
+    for s in eps:
+        row = out.setdefault(s.key, {})
+        for d in eps:
+            dst = _pick(d, family)
+            src = _pick(s, dst.version) if dst else None
+            num = _port_on(d, port, protocol)
+            if src is None or dst is None or num is None:
+                row[d.key] = "deny"  # no address of that family, or no such named port
+                continue
+            fv = evaluate(snap.program, src, dst, protocol.lower(), num, by_ip)
+            row[d.key] = "allow" if fv.verdict is Verdict.ACCEPT else "deny"
+    return out
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    snap = _pipeline(args, None, readonly=True).snapshot()
+    _report(snap)
+    family = {"ipv4": 4, "ipv6": 6}.get(args.family or "")
+    verdicts = matrix(snap, args.port, args.protocol, family)
+    if args.output == "json":
+        print(json.dumps({"port": args.port, "protocol": args.protocol, "verdicts": verdicts}))
+        return 0
+    keys = list(verdicts)
+    width = max([len(k) for k in keys] + [8])
+    print(f"{args.protocol}/{args.port}: rows are sources, columns destinations (. allow, X deny)")
+    for i, k in enumerate(keys):
+        print(f"{'':>{width}}  {'|  ' * i}{k}")
+    for s in keys:
+        cells = "  ".join("." if verdicts[s][d] == "allow" else "X" for d in keys)
+        print(f"{s:>{width}}  {cells}")
+    return 0
+
+
+# ------------------------------------------------------------------ enforcer
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    snap = _pipeline(args, _node(args), readonly=True).snapshot()
+    _report(snap)
+    sys.stdout.write(_dataplane(args.dataplane).render(snap.program))
+    return EXIT_INVALID if snap.problems else 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    snap = _pipeline(args, _node(args)).snapshot()
+    _report(snap)
+    dp = _dataplane(args.dataplane)
+    try:
+        stats = dp.apply(snap.program)
+    except DataplaneError as e:
+        log.error("%s", e)
+        return 1
+    log.info("applied %d endpoints on node %s (%d commands)", len(snap.program.endpoints),
+             _node(args), stats.commands)
+    return EXIT_INVALID if snap.problems else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.daemon import Daemon, serve_http
+
+    pipe = _pipeline(args, _node(args))
+    daemon = Daemon(pipe, _dataplane(args.dataplane), watch=pipe.source, resync=args.resync)
+    daemon.install_signal_handlers()
+    server = serve_http(daemon, args.metrics_address)
+    log.info("stockade %s enforcing %s on node %s with %s; http on %s", __version__,
+             args.source, _node(args), args.dataplane, args.metrics_address)
+    try:
+        daemon.run()
+    finally:
+        server.shutdown()
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    try:
+        _dataplane(args.dataplane).cleanup()
+    except DataplaneError as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stockade", description="Per-node network-policy enforcer")
+    p.add_argument("--version", action="version", version=f"stockade {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, node: bool = True, dataplane: bool = True) -> None:
+        sp.add_argument("--source", default=os.environ.get("STOCKADE_SOURCE", DEFAULT_SOURCE),
+                        help="manifest directory (default: $STOCKADE_SOURCE or %(default)s)")
+        sp.add_argument("--state-dir", default=os.environ.get("STOCKADE_STATE_DIR", DEFAULT_STATE_DIR),
+                        help="where the last good version of each object is kept ('' to disable)")
+        if node:
+            sp.add_argument("--node", help="this node's name (default: $NODE_NAME, then host name)")
+        if dataplane:
+            sp.add_argument("--dataplane", default="nftables", choices=["nftables"])
+
+    sp = sub.add_parser("matrix", help="verdict for every ordered pair of pods")
+    common(sp, node=False, dataplane=False)
+    sp.add_argument("--port", required=True, help="number or named port")
+    sp.add_argument("--protocol", type=_protocol, default="TCP")
+    sp.add_argument("--family", choices=["ipv4", "ipv6"], help="address family (default: primary IP)")
+    sp.add_argument("--output", choices=["table", "json"], default="table")
+    sp.set_defaults(func=cmd_matrix)
+
+    sp = sub.add_parser("explain", help="verdict for one flow and why")
+    common(sp, node=False, dataplane=False)
+    sp.add_argument("--from", dest="from_", required=True, metavar="NS/POD|IP")
+    sp.add_argument("--to", required=True, metavar="NS/POD|IP")
+    sp.add_argument("--port", required=True)
+    sp.add_argument("--protocol", type=_protocol, default="TCP")
+    sp.add_argument("--output", choices=["text", "json"], default="text")
+    sp.set_defaults(func=cmd_explain)
+
+    sp = sub.add_parser("compile", help="print what would be programmed; touches nothing")
+    common(sp)
+    sp.set_defaults(func=cmd_compile)
+
+    sp = sub.add_parser("apply", help="reconcile the kernel once")
+    common(sp)
+    sp.set_defaults(func=cmd_apply)
+
+    sp = sub.add_parser("run", help="the daemon: watch the source and keep the kernel in sync")
+    common(sp)
+    sp.add_argument("--metrics-address", default=os.environ.get("STOCKADE_METRICS_ADDRESS", DEFAULT_METRICS),
+                    help="HOST:PORT for /metrics, /healthz, /readyz (default %(default)s)")
+    sp.add_argument("--resync", type=float, default=60.0, help="full resync period in seconds")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("cleanup", help="remove everything stockade put in the kernel")
+    sp.add_argument("--dataplane", default="nftables", choices=["nftables"])
+    sp.set_defaults(func=cmd_cleanup)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    level = logging.WARNING if args.command in ("matrix", "explain", "compile") else logging.INFO
+    if args.verbose:
+        level = logging.DEBUG if args.verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

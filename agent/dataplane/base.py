@@ -1,0 +1,69 @@
+"""The one interface every dataplane implements. Dataplanes render the IR; they never
+interpret policy."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from agent.ir import Direction, Program
+
+
+class DataplaneError(RuntimeError):
+    """The kernel refused a change; the previous state is still in force."""
+
+
+@dataclass(frozen=True)
+class Count:
+    packets: int = 0
+    bytes: int = 0
+
+    def __add__(self, other: Count) -> Count:
+        return Count(self.packets + other.packets, self.bytes + other.bytes)
+
+
+@dataclass
+class Counters:
+    """Kernel counters, keyed by IR identities so metrics can label them."""
+
+    rules: dict[tuple[str, str, Direction], Count] = field(default_factory=dict)
+    """(endpoint key, rule id, direction) -> matches."""
+    drops: dict[tuple[str, Direction], Count] = field(default_factory=dict)
+    """(endpoint key, direction) -> default-deny drops."""
+
+    def add_rule(self, key: tuple[str, str, Direction], c: Count) -> None:
+        self.rules[key] = self.rules.get(key, Count()) + c
+
+    def add_drop(self, key: tuple[str, Direction], c: Count) -> None:
+        self.drops[key] = self.drops.get(key, Count()) + c
+
+
+@dataclass(frozen=True)
+class ApplyStats:
+    """What one sync changed, for logs, metrics and tests of incrementality."""
+
+    full: bool  # True: whole table (re)built; False: a diff
+    commands: int  # kernel commands in the transaction
+    elements_added: int = 0
+    elements_removed: int = 0
+    chains_written: int = 0
+
+
+class Dataplane(ABC):
+    name: str
+
+    @abstractmethod
+    def render(self, program: Program) -> str:
+        """What `apply` would program, human-readable; touches nothing."""
+
+    @abstractmethod
+    def apply(self, program: Program) -> ApplyStats:
+        """Make the kernel enforce `program` in one atomic step; raise DataplaneError."""
+
+    @abstractmethod
+    def counters(self) -> Counters:
+        """Current kernel counters for what the last `apply` programmed."""
+
+    @abstractmethod
+    def cleanup(self) -> None:
+        """Remove everything this dataplane owns from the kernel."""

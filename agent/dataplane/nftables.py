@@ -1,0 +1,287 @@
+"""nftables dataplane: the IR as one `inet stockade` table, changed by atomic diffs.
+
+Layout (see README "The nft table"):
+- base chains `forward`, `input` (hooks at priority filter) and `output`: replies and
+  related ICMP pass, IPv6 neighbour discovery passes, then verdict maps keyed by the
+  local endpoint's address jump to its chains: `egress4/6` by source address,
+  `ingress4/6` by destination address. `output` only judges egress: traffic from
+  the node into its pods is always allowed.
+- per endpoint and enforced direction a chain `in_<id>` / `out_<id>`; each IR rule
+  becomes one line per address family that `return`s (allow, so the other side is
+  still judged) or drops, with a counter; an isolated chain ends in a counted drop.
+- per IR rule key a pair of interval sets `p_<id>_4` / `p_<id>_6` holding the peers,
+  so a membership change is element adds and deletes, not a rule rewrite.
+
+Per-packet cost is one hash lookup per direction plus the rules selecting that endpoint;
+it does not grow with the number of pods or peers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError
+from agent.ir import PORTED, Direction, DirectionProgram, EndpointProgram, Program, Rule, Verdict
+
+log = logging.getLogger(__name__)
+
+TABLE = "stockade"
+FAMILY = "inet"
+DENY_COMMENT = "default-deny"
+ND_TYPES = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect"
+MAPS = {"ingress4": "ipv4_addr", "ingress6": "ipv6_addr", "egress4": "ipv4_addr", "egress6": "ipv6_addr"}
+CHUNK = 5000  # elements per command line; keeps single commands a sane size
+
+
+def _base_chains() -> str:
+    def dispatch(directions: Iterable[str]) -> str:
+        lines = []
+        for d in directions:
+            key = "saddr" if d == "egress" else "daddr"
+            lines += [f"\t\tip {key} vmap @{d}4", f"\t\tip6 {key} vmap @{d}6"]
+        return "\n".join(lines)
+
+    common = (
+        "\t\tct state established,related accept\n"
+        f"\t\ticmpv6 type {{ {ND_TYPES} }} accept\n"
+    )
+    return (
+        "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n"
+        f"{common}{dispatch(['egress', 'ingress'])}\n\t}}\n"
+        "\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n"
+        f"{common}\t\tiif lo accept\n{dispatch(['egress', 'ingress'])}\n\t}}\n"
+        "\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n"
+        f"{common}{dispatch(['egress'])}\n\t}}\n"
+    )
+
+
+def _short(text: str) -> str:
+    return hashlib.blake2s(text.encode(), digest_size=5).hexdigest()
+
+
+def chain_name(endpoint: str, d: Direction) -> str:
+    return f"{'in' if d is Direction.INGRESS else 'out'}_{_short(endpoint)}"
+
+
+def _ports_line(rule: Rule) -> list[str]:
+    """Port clauses of a rule: one concatenated set for ported protocols, one for ICMP."""
+    if not rule.ports:
+        return [""]
+    out = []
+    elems = []
+    for p in rule.ports:
+        if p.protocol in PORTED:
+            rng = "0-65535" if p.first is None else (
+                str(p.first) if p.first == p.last else f"{p.first}-{p.last}"
+            )
+            elems.append(f"{p.protocol} . {rng}")
+    if elems:
+        out.append(f"meta l4proto . th dport {{ {', '.join(elems)} }} ")
+    if any(p.protocol == "icmp" for p in rule.ports):
+        out.append("meta l4proto { icmp, ipv6-icmp } ")
+    return out
+
+
+@dataclass
+class Model:
+    """The table's variable contents; the static part is `_base_chains`."""
+
+    sets: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    maps: dict[str, dict[str, str]] = field(default_factory=lambda: {m: {} for m in MAPS})
+    # For counters: chain -> (endpoint, direction); rule comment ids -> rule id.
+    owners: dict[str, tuple[str, Direction]] = field(default_factory=dict)
+
+
+def build_model(program: Program) -> Model:
+    m = Model()
+    for ep in program.endpoints.values():
+        for d in (Direction.INGRESS, Direction.EGRESS):
+            dp = ep.direction(d)
+            if not dp.enforced:
+                continue
+            name = chain_name(ep.key, d)
+            m.chains[name] = _chain_rules(m, dp, d)
+            m.owners[name] = (ep.key, d)
+            for ip in ep.ips:
+                m.maps[f"{d.value}{ip.version}"][str(ip)] = f"jump {name}"
+    return m
+
+
+def _chain_rules(m: Model, dp: DirectionProgram, d: Direction) -> tuple[str, ...]:
+    peer_key = "saddr" if d is Direction.INGRESS else "daddr"
+    verdict = {Verdict.ACCEPT: "return", Verdict.DROP: "drop"}
+    lines = []
+    for rule in dp.rules:
+        tail = f"counter {verdict[rule.verdict]} comment \"r:{rule.id}\""
+        ports = _ports_line(rule)
+        if rule.peers is None:
+            lines += [f"{p}{tail}" for p in ports]
+            continue
+        for fam, proto, typ in ((4, "ip", "ipv4_addr"), (6, "ip6", "ipv6_addr")):
+            sname = f"p_{rule.id}_{fam}"
+            elems = frozenset(str(n) for n in rule.peers.family(fam))
+            prev = m.sets.get(sname)
+            if prev is not None and prev[1] != elems:
+                raise DataplaneError(f"IR invariant broken: rule key {rule.key} has two peer sets")
+            m.sets[sname] = (typ, elems)
+            lines += [f"{proto} {peer_key} @{sname} {p}{tail}" for p in ports]
+    if dp.isolated:
+        lines.append(f'counter drop comment "{DENY_COMMENT}"')
+    return tuple(lines)
+
+
+def _elements(elems: Iterable[str]) -> list[str]:
+    items = sorted(elems)
+    return [", ".join(items[i : i + CHUNK]) for i in range(0, len(items), CHUNK)]
+
+
+def render_full(m: Model) -> str:
+    out = [f"table {FAMILY} {TABLE} {{"]
+    for name, typ in MAPS.items():
+        out.append(f"\tmap {name} {{ type {typ} : verdict; }}")
+    for name, (typ, _) in sorted(m.sets.items()):
+        out.append(f"\tset {name} {{ type {typ}; flags interval; }}")
+    for name, rules in sorted(m.chains.items()):
+        owner = m.owners.get(name)
+        comment = f'\t\tcomment "{owner[0]} {owner[1].value}"\n' if owner else ""
+        body = "".join(f"\t\t{r}\n" for r in rules)
+        out.append(f"\tchain {name} {{\n{comment}{body}\t}}")
+    out.append(_base_chains() + "}")
+    text = "\n".join(out) + "\n"
+    # Elements go in separate commands so huge sets stay within sane line sizes.
+    for name, (_, elems) in sorted(m.sets.items()):
+        for chunk in _elements(elems):
+            text += f"add element {FAMILY} {TABLE} {name} {{ {chunk} }}\n"
+    for name, entries in m.maps.items():
+        for chunk in _elements(f"{k} : {v}" for k, v in entries.items()):
+            text += f"add element {FAMILY} {TABLE} {name} {{ {chunk} }}\n"
+    return text
+
+
+def render_diff(old: Model, new: Model) -> tuple[str, ApplyStats]:
+    """Commands taking the kernel from `old` to `new`, ordered so references stay valid."""
+    t = f"{FAMILY} {TABLE}"
+    cmds: list[str] = []
+    added = removed = 0
+    for name, (typ, elems) in sorted(new.sets.items()):
+        if name not in old.sets:
+            cmds.append(f"add set {t} {name} {{ type {typ}; flags interval; }}")
+            gone, fresh = frozenset[str](), elems
+        else:
+            gone, fresh = old.sets[name][1] - elems, elems - old.sets[name][1]
+        # Deletes first: an interval set refuses an overlapping add.
+        cmds += [f"delete element {t} {name} {{ {c} }}" for c in _elements(gone)]
+        cmds += [f"add element {t} {name} {{ {c} }}" for c in _elements(fresh)]
+        added, removed = added + len(fresh), removed + len(gone)
+    written = 0
+    for name, rules in sorted(new.chains.items()):
+        if old.chains.get(name) == rules:
+            continue
+        written += 1
+        cmds.append(f"flush chain {t} {name}" if name in old.chains else f"add chain {t} {name}")
+        cmds += [f"add rule {t} {name} {r}" for r in rules]
+    for mname in MAPS:
+        o, n = old.maps[mname], new.maps[mname]
+        gone_keys = [k for k in o if n.get(k) != o[k]]
+        new_keys = [k for k in n if o.get(k) != n[k]]
+        cmds += [f"delete element {t} {mname} {{ {c} }}" for c in _elements(gone_keys)]
+        cmds += [
+            f"add element {t} {mname} {{ {c} }}"
+            for c in _elements(f"{k} : {n[k]}" for k in new_keys)
+        ]
+    for name in sorted(set(old.chains) - set(new.chains)):
+        cmds += [f"flush chain {t} {name}", f"delete chain {t} {name}"]
+    for name in sorted(set(old.sets) - set(new.sets)):
+        cmds.append(f"delete set {t} {name}")
+    stats = ApplyStats(False, len(cmds), added, removed, written)
+    return "".join(c + "\n" for c in cmds), stats
+
+
+class NftablesDataplane(Dataplane):
+    name = "nftables"
+
+    def __init__(self) -> None:
+        self._nft = None
+        self._model: Model | None = None  # what the kernel holds after our last apply
+
+    @property
+    def nft(self):  # type: ignore[no-untyped-def]
+        if self._nft is None:
+            try:
+                import nftables
+            except ImportError as e:
+                raise DataplaneError(
+                    "the nftables Python bindings are missing: install Debian's python3-nftables "
+                    "and run from a venv created with --system-site-packages (make setup does this)"
+                ) from e
+            self._nft = nftables.Nftables()
+            self._nft.set_handle_output(False)
+        return self._nft
+
+    def _run(self, text: str, json_out: bool = False) -> str:
+        self.nft.set_json_output(json_out)
+        self.nft.set_terse_output(json_out)
+        rc, out, err = self.nft.cmd(text)
+        if rc != 0:
+            raise DataplaneError(f"nft refused the transaction: {err.strip()}")
+        return str(out)
+
+    def render(self, program: Program) -> str:
+        return render_full(build_model(program))
+
+    def apply(self, program: Program) -> ApplyStats:
+        new = build_model(program)
+        if self._model is None or not self._has_table():
+            # First sync (or the table vanished): replace the table in one transaction, so
+            # packets see the old rules or the new ones and never an empty table.
+            text = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render_full(new)
+            stats = ApplyStats(True, text.count("\n"), sum(len(s[1]) for s in new.sets.values()))
+        else:
+            text, stats = render_diff(self._model, new)
+        if text:
+            self._run(text)
+        self._model = new
+        return stats
+
+    def _has_table(self) -> bool:
+        out = self._run("list tables", json_out=True)
+        return any(
+            o.get("table", {}).get("name") == TABLE and o["table"].get("family") == FAMILY
+            for o in json.loads(out)["nftables"]
+        )
+
+    def counters(self) -> Counters:
+        c = Counters()
+        if self._model is None or not self._has_table():
+            return c
+        ids = self._model.owners
+        for obj in json.loads(self._run(f"list table {FAMILY} {TABLE}", json_out=True))["nftables"]:
+            rule = obj.get("rule")
+            if not rule or rule.get("chain") not in ids:
+                continue
+            count = next((e["counter"] for e in rule["expr"] if "counter" in e), None)
+            if count is None:
+                continue
+            ep, d = ids[rule["chain"]]
+            n = Count(count["packets"], count["bytes"])
+            comment = rule.get("comment", "")
+            if comment == DENY_COMMENT:
+                c.add_drop((ep, d), n)
+            elif comment.startswith("r:"):
+                c.add_rule((ep, comment[2:], d), n)
+        return c
+
+    def cleanup(self) -> None:
+        if self._has_table():
+            self._run(f"delete table {FAMILY} {TABLE}")
+        self._model = None
+
+
+def endpoint_chains(ep: EndpointProgram) -> list[str]:
+    """Names of the chains programmed for an endpoint (for diagnostics)."""
+    return [chain_name(ep.key, d) for d in Direction if ep.direction(d).enforced]

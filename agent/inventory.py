@@ -1,0 +1,121 @@
+"""What sources produce: one immutable snapshot of endpoints, namespaces and policies.
+
+Sources know nothing about the kernel; semantics know nothing about where the
+objects came from beyond the `Origin` they carry for error messages and metrics.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
+@dataclass(frozen=True)
+class ContainerPort:
+    """A named or numbered container port, used to resolve named ports."""
+
+    port: int
+    protocol: str  # "TCP" | "UDP" | "SCTP"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A workload with addresses: a pod, or a NetBird peer."""
+
+    namespace: str
+    name: str
+    ips: tuple[IPAddress, ...]
+    labels: Mapping[str, str] = field(default_factory=dict)
+    node: str = ""
+    ports: tuple[ContainerPort, ...] = ()
+    # Set by a source whose endpoints live behind one known device (NetBird's wt0);
+    # None means "find the host-side device from the routing table".
+    interface: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+    def named_port(self, name: str, protocol: str) -> int | None:
+        for p in self.ports:
+            if p.name == name and p.protocol == protocol:
+                return p.port
+        return None
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """Where an object came from, for error messages and metric labels."""
+
+    kind: str
+    namespace: str
+    name: str
+    source: str = "file"  # file | kubernetes | netbird
+    location: str = ""  # file path, API URL, ...
+
+    def __str__(self) -> str:
+        nsname = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        where = f"{self.location}: " if self.location else ""
+        return f"{where}{self.kind} {nsname}"
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.kind, self.namespace, self.name)
+
+
+@dataclass(frozen=True)
+class RawPolicy:
+    """A policy object as the source delivered it; semantics parse and validate it."""
+
+    ref: ObjectRef
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An invalid object: reported, skipped, its last good version kept."""
+
+    ref: ObjectRef
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.ref}: field {self.field}: {self.message}"
+
+
+@dataclass
+class Inventory:
+    """A complete snapshot of the world as one source sees it."""
+
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    namespaces: dict[str, Namespace] = field(default_factory=dict)
+    policies: dict[tuple[str, str, str], RawPolicy] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    # Free-form settings a policy language needs (e.g. NetBird's local peer id).
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def namespace(self, name: str) -> Namespace:
+        """A namespace referenced but never seen exists with only its name label."""
+        ns = self.namespaces.get(name)
+        if ns is None:
+            return Namespace(name, {NAMESPACE_NAME_LABEL: name})
+        return ns
+
+    def endpoint_by_ip(self, ip: IPAddress) -> Endpoint | None:
+        for ep in self.endpoints.values():
+            if ip in ep.ips:
+                return ep
+        return None

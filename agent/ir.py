@@ -1,0 +1,185 @@
+"""The intermediate representation: what every dataplane programs and the simulator evaluates.
+
+Semantics modules (`agent.policy.*`) produce it; dataplanes render it without
+interpreting policy. Per local endpoint and direction it says whether the endpoint
+is isolated and gives an ordered rule list; the first matching rule decides, and
+when none matches the packet is dropped if the direction is isolated.
+
+Invariants the semantics guarantee and dataplanes rely on:
+- `PeerSet.nets` are collapsed: disjoint prefixes, no overlaps (interval sets and
+  LPM tries take them as they are).
+- Rules with the same `key` have the same `peers` in every endpoint of a Program, so
+  a dataplane may keep one kernel set per key and update its elements in place when
+  memberships change.
+- Drop rules come before accept rules when the policy language says drops win.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from agent.inventory import IPAddress
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Transport protocols the IR knows. "icmp" means ICMP for IPv4 and ICMPv6 for IPv6.
+PROTOCOLS = ("tcp", "udp", "sctp", "icmp")
+PORTED = ("tcp", "udp", "sctp")
+
+
+class Verdict(StrEnum):
+    ACCEPT = "accept"
+    DROP = "drop"
+
+
+class Direction(StrEnum):
+    INGRESS = "ingress"  # traffic entering the endpoint
+    EGRESS = "egress"  # traffic leaving the endpoint
+
+
+@dataclass(frozen=True, order=True)
+class PortMatch:
+    """A protocol and an inclusive port range; `first is None` means every port."""
+
+    protocol: str
+    first: int | None = None
+    last: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}")
+        if (self.first is None) != (self.last is None):
+            raise ValueError("port range needs both ends")
+        if self.first is not None and self.last is not None:
+            if self.protocol not in PORTED:
+                raise ValueError(f"{self.protocol} has no ports")
+            if not 0 <= self.first <= self.last <= 65535:
+                raise ValueError(f"bad port range {self.first}-{self.last}")
+
+    def matches(self, protocol: str, port: int | None) -> bool:
+        if protocol != self.protocol:
+            return False
+        if self.first is None:
+            return True
+        return port is not None and self.first <= port <= (self.last or self.first)
+
+    def __str__(self) -> str:
+        if self.first is None:
+            return self.protocol
+        if self.first == self.last:
+            return f"{self.protocol}/{self.first}"
+        return f"{self.protocol}/{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
+class PeerSet:
+    """A set of addresses as disjoint prefixes (IPv4 and IPv6 together)."""
+
+    nets: tuple[Network, ...] = ()
+
+    @classmethod
+    def of(cls, nets: Iterable[Network | IPAddress]) -> PeerSet:
+        v4: list[ipaddress.IPv4Network] = []
+        v6: list[ipaddress.IPv6Network] = []
+        for n in nets:
+            net = ipaddress.ip_network(n)
+            (v4 if net.version == 4 else v6).append(net)  # type: ignore[arg-type]
+        collapsed = [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]
+        return cls(tuple(collapsed))
+
+    def contains(self, ip: IPAddress) -> bool:
+        return any(ip.version == n.version and ip in n for n in self.nets)
+
+    def family(self, version: int) -> tuple[Network, ...]:
+        return tuple(n for n in self.nets if n.version == version)
+
+    def __len__(self) -> int:
+        return len(self.nets)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Which policy rule a kernel rule came from; labels metrics and explains verdicts."""
+
+    source: str  # kubernetes | netbird | file
+    namespace: str
+    policy: str
+    direction: Direction
+    index: int  # rule index inside the policy's ingress/egress (or NetBird rules) list
+    name: str = ""  # rule name where the language has one (NetBird)
+
+    def __str__(self) -> str:
+        pol = f"{self.namespace}/{self.policy}" if self.namespace else self.policy
+        rule = f" ({self.name})" if self.name else ""
+        return f"{pol} {self.direction.value}[{self.index}]{rule}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Match peers and ports; the first matching rule of a direction decides."""
+
+    origin: Origin
+    peers: PeerSet | None  # None: any address
+    ports: tuple[PortMatch, ...] = ()  # (): every protocol and port
+    verdict: Verdict = Verdict.ACCEPT
+    # Stable identity of this rule's peer set: unchanged when memberships change.
+    key: str = ""
+
+    @property
+    def id(self) -> str:
+        """Short stable id a dataplane can store in the kernel (comment, map value)."""
+        return hashlib.blake2s(self.key.encode(), digest_size=6).hexdigest()
+
+    def matches(self, peer: IPAddress, protocol: str, port: int | None) -> bool:
+        if self.peers is not None and not self.peers.contains(peer):
+            return False
+        return not self.ports or any(p.matches(protocol, port) for p in self.ports)
+
+
+@dataclass(frozen=True)
+class DirectionProgram:
+    """One endpoint's program for one direction."""
+
+    isolated: bool = False
+    rules: tuple[Rule, ...] = ()
+    # Policies whose default deny applies here ("ns/name"), for explain and metrics.
+    isolated_by: tuple[str, ...] = ()
+
+    @property
+    def enforced(self) -> bool:
+        return self.isolated or bool(self.rules)
+
+
+@dataclass(frozen=True)
+class EndpointProgram:
+    key: str  # "namespace/name", or a NetBird peer name
+    ips: tuple[IPAddress, ...]
+    ingress: DirectionProgram = DirectionProgram()
+    egress: DirectionProgram = DirectionProgram()
+    # Device the endpoint sits behind when the source knows it (NetBird's wt0); None: find
+    # the host-side device from the routing table.
+    interface: str | None = None
+
+    def direction(self, d: Direction) -> DirectionProgram:
+        return self.ingress if d is Direction.INGRESS else self.egress
+
+
+@dataclass(frozen=True)
+class Program:
+    """Everything a dataplane must enforce on this node."""
+
+    source: str
+    endpoints: dict[str, EndpointProgram] = field(default_factory=dict)
+
+    def rules(self) -> dict[str, Rule]:
+        """Every distinct rule by id (a rule applying to many endpoints appears once)."""
+        out: dict[str, Rule] = {}
+        for ep in self.endpoints.values():
+            for d in (ep.ingress, ep.egress):
+                for r in d.rules:
+                    out.setdefault(r.id, r)
+        return out

@@ -1,0 +1,115 @@
+"""The manifest-directory source: Kubernetes YAML/JSON files under one directory.
+
+Reads every *.yaml, *.yml and *.json file (multi-document YAML and `kind: List`
+included). A file that cannot be parsed keeps the objects it held the last time it
+parsed, so a half-written file never removes a policy. `watch` calls back on change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from agent.inventory import ObjectRef, Problem
+from agent.sources.kubeobjects import KINDS, RawObject, expand, ref_of
+
+log = logging.getLogger(__name__)
+SUFFIXES = (".yaml", ".yml", ".json")
+
+
+class DirectorySource:
+    name = "file"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        # Per file: (mtime_ns, size) and the objects it held when it last parsed.
+        self._cache: dict[Path, tuple[tuple[int, int], list[RawObject]]] = {}
+
+    def files(self) -> list[Path]:
+        if self.path.is_file():
+            return [self.path]
+        out = []
+        for root, dirs, names in os.walk(self.path, followlinks=True):
+            # Hidden entries are editor temp files or ConfigMap's ..data twins.
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            out.extend(
+                Path(root, n) for n in sorted(names) if n.endswith(SUFFIXES) and not n.startswith(".")
+            )
+        return out
+
+    def _parse_file(self, path: Path) -> list[RawObject]:
+        text = path.read_text(encoding="utf-8")
+        docs = [json.loads(text)] if path.suffix == ".json" else list(yaml.safe_load_all(text))
+        objs = []
+        for doc in docs:
+            for body in expand(doc):
+                kind = body.get("kind")
+                if kind not in KINDS:
+                    log.debug("%s: ignoring kind %r", path, kind)
+                    continue
+                objs.append(RawObject(ref_of(body, "file", str(path)), body))
+        return objs
+
+    def read(self) -> tuple[list[RawObject], list[Problem]]:
+        """All objects now in the directory, plus problems with unparsable files."""
+        problems: list[Problem] = []
+        objects: list[RawObject] = []
+        seen: dict[tuple[str, str, str], ObjectRef] = {}
+        current = self.files()
+        for path in current:
+            try:
+                st = path.stat()
+                stamp = (st.st_mtime_ns, st.st_size)
+                cached = self._cache.get(path)
+                if cached is None or cached[0] != stamp:
+                    self._cache[path] = (stamp, self._parse_file(path))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+                ref = ObjectRef("File", "", path.name, "file", str(path))
+                problems.append(Problem(ref, "(file)", f"cannot parse: {_one_line(e)}"))
+                if path not in self._cache:
+                    continue  # never parsed: nothing to keep
+            for obj in self._cache[path][1]:
+                if obj.ref.key in seen:
+                    problems.append(
+                        Problem(obj.ref, "metadata.name", f"duplicate of {seen[obj.ref.key]}; ignored")
+                    )
+                    continue
+                seen[obj.ref.key] = obj.ref
+                objects.append(obj)
+        for gone in set(self._cache) - set(current):
+            del self._cache[gone]
+        return objects, problems
+
+    def watch(self, on_change: Callable[[], None]) -> Callable[[], None]:
+        """Call `on_change` (from another thread) whenever the directory changes."""
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                if event.event_type not in ("opened", "closed_no_write"):
+                    on_change()
+
+        observer = Observer()
+        target = self.path if self.path.is_dir() else self.path.parent
+        observer.schedule(Handler(), str(target), recursive=True)
+        observer.daemon = True
+        observer.start()
+        stopped = threading.Event()
+
+        def stop() -> None:
+            if not stopped.is_set():
+                stopped.set()
+                observer.stop()
+
+        return stop
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
