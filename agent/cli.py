@@ -219,6 +219,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_counters(args: argparse.Namespace) -> int:
+    """Kernel counters of every rule and default deny, labelled with their policy."""
+    snap = _pipeline(args, _node(args), readonly=True).snapshot()
+    rules = snap.program.rules()
+    counters = _dataplane(args.dataplane).counters()
+    rows = []
+    for (ep, rule_id, d), c in sorted(counters.rules.items()):
+        rule = rules.get(rule_id)
+        rows.append({"endpoint": ep, "direction": d.value, "policy": str(rule.origin) if rule else "?",
+                     "verdict": rule.verdict.value if rule else "?", "packets": c.packets, "bytes": c.bytes})
+    for (ep, d), c in sorted(counters.drops.items()):
+        prog = snap.program.endpoints.get(ep)
+        by = prog.direction(d).isolated_by if prog else ()
+        rows.append({"endpoint": ep, "direction": d.value, "policy": "default deny of " + ", ".join(by),
+                     "verdict": "drop", "packets": c.packets, "bytes": c.bytes})
+    if args.output == "json":
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['packets']:>10} pkts {r['bytes']:>12} bytes  {r['endpoint']} {r['direction']}: "
+                  f"{r['verdict']} by {r['policy']}")
+    return 0
+
+
 def cmd_cleanup(args: argparse.Namespace) -> int:
     try:
         _dataplane(args.dataplane).cleanup()
@@ -279,6 +303,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--resync", type=float, default=60.0, help="full resync period in seconds")
     sp.set_defaults(func=cmd_run)
 
+    sp = sub.add_parser("counters", help="kernel counters per rule and default deny")
+    common(sp)
+    sp.add_argument("--output", choices=["text", "json"], default="text")
+    sp.set_defaults(func=cmd_counters)
+
     sp = sub.add_parser("cleanup", help="remove everything stockade put in the kernel")
     sp.add_argument("--dataplane", default="nftables", choices=["nftables"])
     sp.set_defaults(func=cmd_cleanup)
@@ -287,7 +316,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    level = logging.WARNING if args.command in ("matrix", "explain", "compile") else logging.INFO
+    level = logging.WARNING if args.command in ("matrix", "explain", "compile", "counters") else logging.INFO
     if args.verbose:
         level = logging.DEBUG if args.verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

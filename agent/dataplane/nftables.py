@@ -93,7 +93,7 @@ class Model:
     sets: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     maps: dict[str, dict[str, str]] = field(default_factory=lambda: {m: {} for m in MAPS})
-    # For counters: chain -> (endpoint, direction); rule comment ids -> rule id.
+    # chain -> (endpoint, direction), written into the chain's comment
     owners: dict[str, tuple[str, Direction]] = field(default_factory=dict)
 
 
@@ -135,6 +135,11 @@ def _chain_rules(m: Model, dp: DirectionProgram, d: Direction) -> tuple[str, ...
     return tuple(lines)
 
 
+def _chain_comment(m: Model, chain: str) -> str:
+    ep, d = m.owners[chain]
+    return f'comment "{ep[:110]} {d.value}"'  # nft caps comments at 128 bytes
+
+
 def _elements(elems: Iterable[str]) -> list[str]:
     items = sorted(elems)
     return [", ".join(items[i : i + CHUNK]) for i in range(0, len(items), CHUNK)]
@@ -147,8 +152,7 @@ def render_full(m: Model) -> str:
     for name, (typ, _) in sorted(m.sets.items()):
         out.append(f"\tset {name} {{ type {typ}; flags interval; }}")
     for name, rules in sorted(m.chains.items()):
-        owner = m.owners.get(name)
-        comment = f'\t\tcomment "{owner[0]} {owner[1].value}"\n' if owner else ""
+        comment = f"\t\t{_chain_comment(m, name)}\n"
         body = "".join(f"\t\t{r}\n" for r in rules)
         out.append(f"\tchain {name} {{\n{comment}{body}\t}}")
     out.append(_base_chains() + "}")
@@ -183,7 +187,10 @@ def render_diff(old: Model, new: Model) -> tuple[str, ApplyStats]:
         if old.chains.get(name) == rules:
             continue
         written += 1
-        cmds.append(f"flush chain {t} {name}" if name in old.chains else f"add chain {t} {name}")
+        if name in old.chains:
+            cmds.append(f"flush chain {t} {name}")
+        else:
+            cmds.append(f"add chain {t} {name} {{ {_chain_comment(new, name)}; }}")
         cmds += [f"add rule {t} {name} {r}" for r in rules]
     for mname in MAPS:
         o, n = old.maps[mname], new.maps[mname]
@@ -256,18 +263,26 @@ class NftablesDataplane(Dataplane):
         )
 
     def counters(self) -> Counters:
+        """Read every rule counter of our table; chain comments name the endpoint, so this
+        works in a fresh process (after a restart) too."""
         c = Counters()
-        if self._model is None or not self._has_table():
+        if not self._has_table():
             return c
-        ids = self._model.owners
-        for obj in json.loads(self._run(f"list table {FAMILY} {TABLE}", json_out=True))["nftables"]:
+        owners: dict[str, tuple[str, Direction]] = {}
+        objs = json.loads(self._run(f"list table {FAMILY} {TABLE}", json_out=True))["nftables"]
+        for obj in objs:
+            chain = obj.get("chain")
+            if chain and "comment" in chain:
+                ep, _, d = chain["comment"].rpartition(" ")
+                owners[chain["name"]] = (ep, Direction(d))
+        for obj in objs:
             rule = obj.get("rule")
-            if not rule or rule.get("chain") not in ids:
+            if not rule or rule.get("chain") not in owners:
                 continue
             count = next((e["counter"] for e in rule["expr"] if "counter" in e), None)
             if count is None:
                 continue
-            ep, d = ids[rule["chain"]]
+            ep, d = owners[rule["chain"]]
             n = Count(count["packets"], count["bytes"])
             comment = rule.get("comment", "")
             if comment == DENY_COMMENT:

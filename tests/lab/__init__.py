@@ -1,0 +1,159 @@
+"""The namespace lab: one "node" network namespace with no route off the machine, and
+one namespace per pod joined to it by a veth pair with /32 and /128 routes.
+
+Every test that sends packets uses this one fixture. Packets never leave the lab's
+namespaces; the agent and nft/tc run inside the node namespace; `close()` removes
+everything even after a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import itertools
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+NETPROBE = Path(__file__).with_name("netprobe.py")
+GATEWAY4 = "169.254.1.1"
+GATEWAY6 = "fe80::1"
+_counter = itertools.count()
+
+
+def sh(*args: str, check: bool = True, ns: str | None = None, **kw) -> subprocess.CompletedProcess:
+    cmd = ["ip", "netns", "exec", ns, *args] if ns else list(args)
+    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res
+
+
+@dataclass
+class Pod:
+    key: str  # "ns/name"
+    netns: str
+    host_if: str  # host-side veth in the node namespace
+    ips: list[str]
+    server: subprocess.Popen | None = None
+
+
+@dataclass
+class Lab:
+    prefix: str = field(default_factory=lambda: f"stk{os.getpid()}x{next(_counter)}")
+    pods: dict[str, Pod] = field(default_factory=dict)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def node(self) -> str:
+        return f"{self.prefix}-node"
+
+    def __enter__(self) -> Lab:
+        sh("ip", "netns", "add", self.node)
+        try:
+            self.node_sh("ip", "link", "set", "lo", "up")
+            for key, val in (
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv6.conf.all.forwarding", "1"),
+                ("net.ipv4.conf.all.rp_filter", "0"),
+                ("net.ipv4.conf.default.rp_filter", "0"),
+            ):
+                self.node_sh("sysctl", "-qw", f"{key}={val}")
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def node_sh(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        return sh(*args, check=check, ns=self.node, **kw)
+
+    def add_pod(self, key: str, ips: Sequence[str], ports: Iterable[int] = (80, 81)) -> Pod:
+        idx = len(self.pods)
+        netns = f"{self.prefix}-p{idx}"
+        host_if = f"v{idx}"
+        sh("ip", "netns", "add", netns)
+        pod = Pod(key, netns, host_if, list(ips))
+        self.pods[key] = pod
+        sh("ip", "link", "add", host_if, "netns", self.node, "type", "veth",
+           "peer", "name", "eth0", "netns", netns)
+        n, p = self.node_sh, lambda *a: sh(*a, ns=netns)
+        n("sysctl", "-qw", f"net.ipv4.conf.{host_if}.rp_filter=0")
+        n("ip", "addr", "add", f"{GATEWAY4}/32", "dev", host_if)
+        n("ip", "-6", "addr", "add", f"{GATEWAY6}/64", "dev", host_if, "nodad")
+        n("ip", "link", "set", host_if, "up")
+        p("ip", "link", "set", "lo", "up")
+        p("ip", "link", "set", "eth0", "up")
+        p("ip", "route", "add", GATEWAY4, "dev", "eth0")
+        p("ip", "route", "add", "default", "via", GATEWAY4, "dev", "eth0")
+        p("ip", "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0")
+        for ip in ips:
+            v6 = ipaddress.ip_address(ip).version == 6
+            plen = "128" if v6 else "32"
+            p("ip", *(["-6"] if v6 else []), "addr", "add", f"{ip}/{plen}", "dev", "eth0",
+              *(["nodad"] if v6 else []))
+            n("ip", *(["-6"] if v6 else []), "route", "add", f"{ip}/{plen}", "dev", host_if)
+        pod.server = subprocess.Popen(
+            ["ip", "netns", "exec", netns, sys.executable, str(NETPROBE), "serve", *map(str, ports)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        self.procs.append(pod.server)
+        if pod.server.stdout is None or pod.server.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"server in {key} did not start")
+        return pod
+
+    def probe_many(
+        self, targets: dict[str, list[str]], timeout: float = 1.0
+    ) -> dict[str, dict[str, bool]]:
+        """targets: source pod -> specs "proto:addr:port"; all sources probe concurrently."""
+        running = {
+            src: subprocess.Popen(
+                ["ip", "netns", "exec", self.pods[src].netns, sys.executable, str(NETPROBE),
+                 "probe", str(timeout), *specs],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            for src, specs in targets.items() if specs
+        }
+        out = {}
+        for src, proc in running.items():
+            stdout, stderr = proc.communicate(timeout=timeout * 5 + 30)
+            if proc.returncode != 0:
+                raise RuntimeError(f"probe from {src} failed: {stderr}")
+            out[src] = json.loads(stdout)
+        return out
+
+    def reachable(self, src: str, dst_ip: str, port: int, proto: str = "tcp",
+                  timeout: float = 1.0) -> bool:
+        spec = f"{proto}:{dst_ip}:{port}"
+        return self.probe_many({src: [spec]}, timeout)[src][spec]
+
+    def stockade(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run the CLI inside the node namespace (its nft/tc, never the host's)."""
+        return self.node_sh(sys.executable, "-m", "agent.cli", *args, check=check, cwd=ROOT)
+
+    def spawn_agent(self, *args: str) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.node, sys.executable, "-m", "agent.cli", *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+            if proc.stdout:
+                proc.stdout.close()
+        for pod in self.pods.values():
+            sh("ip", "netns", "del", pod.netns, check=False)
+        sh("ip", "netns", "del", self.node, check=False)
