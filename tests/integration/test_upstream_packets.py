@@ -1,6 +1,6 @@
 """Upstream e2e cases with real packets: kernel verdicts == `stockade matrix` == expected.
 
-One lab of nine pods (x/y/z × a/b/c) per module and dataplane; every case's steps are
+One lab of nine pods (x/y/z by a/b/c) per module and dataplane; every case's steps are
 applied with `stockade apply` inside the node namespace and every ordered pod pair is
 probed over TCP and UDP. SCTP cannot be opened on this kernel: the simulator test
 covers those cases (tests/unit/test_upstream_cases.py).

@@ -1,0 +1,76 @@
+"""The manifest-directory source and admission's last-good rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from agent.pipeline import DirectoryPipeline
+
+POD = """
+apiVersion: v1
+kind: Pod
+metadata: {name: %(name)s, namespace: a, labels: {app: %(name)s}}
+spec: {nodeName: n1}
+status: {phase: Running, podIP: %(ip)s}
+"""
+POLICY = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p, namespace: a}
+spec:
+  podSelector: {}
+  ingress: [{ports: [{port: %(port)s}]}]
+"""
+
+
+def test_reads_multidoc_yaml_lists_and_json(tmp_path: Path) -> None:
+    (tmp_path / "pods.yaml").write_text(POD % {"name": "x", "ip": "10.0.0.1"} + "---\n"
+                                        + POD % {"name": "y", "ip": "10.0.0.2"})
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "list.yml").write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "PodList", "items": [
+        {"metadata": {"name": "z", "namespace": "b"}, "status": {"podIP": "10.0.0.3"}}]}))
+    (tmp_path / "ns.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a", "labels": {"t": "1"}}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ignored"}}]}))
+    (tmp_path / "notes.txt").write_text("not a manifest")
+    snap = DirectoryPipeline(tmp_path, None).snapshot()
+    assert not snap.problems
+    assert sorted(snap.inventory.endpoints) == ["a/x", "a/y", "b/z"]
+    assert snap.inventory.namespaces["a"].labels == {"t": "1", "kubernetes.io/metadata.name": "a"}
+
+
+def test_unparsable_file_keeps_its_previous_objects(tmp_path: Path) -> None:
+    (tmp_path / "pods.yaml").write_text(POD % {"name": "x", "ip": "10.0.0.1"})
+    (tmp_path / "policy.yaml").write_text(POLICY % {"port": 80})
+    pipe = DirectoryPipeline(tmp_path, None)
+    assert pipe.snapshot().program.endpoints["a/x"].ingress.isolated
+    (tmp_path / "policy.yaml").write_text("spec: [unclosed")  # half-written
+    snap = pipe.snapshot()
+    assert [p.field for p in snap.problems] == ["(file)"]
+    assert "policy.yaml" in str(snap.problems[0])
+    assert snap.program.endpoints["a/x"].ingress.rules[0].ports[0].first == 80
+
+
+def test_invalid_object_keeps_last_good_version_across_processes(tmp_path: Path) -> None:
+    src, state = tmp_path / "src", tmp_path / "state" / "last-good.json"
+    src.mkdir()
+    (src / "pods.yaml").write_text(POD % {"name": "x", "ip": "10.0.0.1"})
+    (src / "policy.yaml").write_text(POLICY % {"port": 80})
+    DirectoryPipeline(src, None, state).snapshot()
+    (src / "policy.yaml").write_text(POLICY % {"port": 99999})
+    snap = DirectoryPipeline(src, None, state).snapshot()  # a new process: state from disk
+    assert [(p.ref.name, p.field) for p in snap.problems] == [("p", "spec.ingress[0].ports[0].port")]
+    assert snap.program.endpoints["a/x"].ingress.rules[0].ports[0].first == 80
+    (src / "policy.yaml").unlink()  # deleting the object removes it, last good or not
+    assert not DirectoryPipeline(src, None, state).snapshot().program.endpoints["a/x"].ingress.isolated
+
+
+def test_duplicate_objects_are_reported(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(POD % {"name": "x", "ip": "10.0.0.1"})
+    (tmp_path / "b.yaml").write_text(POD % {"name": "x", "ip": "10.0.0.2"})
+    snap = DirectoryPipeline(tmp_path, None).snapshot()
+    assert len(snap.problems) == 1 and "duplicate" in snap.problems[0].message
+    assert [str(i) for i in snap.inventory.endpoints["a/x"].ips] == ["10.0.0.1"]
