@@ -223,7 +223,7 @@ def cmd_counters(args: argparse.Namespace) -> int:
     """Kernel counters of every rule and default deny, labelled with their policy."""
     snap = _pipeline(args, _node(args), readonly=True).snapshot()
     rules = snap.program.rules()
-    counters = _dataplane(args.dataplane).counters()
+    counters = _dataplane(args.dataplane).counters(snap.program)
     rows = []
     for (ep, rule_id, d), c in sorted(counters.rules.items()):
         rule = rules.get(rule_id)

@@ -15,3 +15,25 @@ def snapshot_of(docs: list[dict[str, Any]], node: str | None = None) -> Snapshot
     objs = [RawObject(ref_of(b, "file", "test"), b) for d in docs for b in expand(d)]
     inv = kubernetes_inventory(objs, LastGood())
     return Snapshot(inv, compile_inventory(inv, node))
+
+
+def ns(name: str, **labels: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+
+
+def pod(key: str, ips: str | list[str], labels: dict[str, str] | None = None,
+        ports: list[dict[str, Any]] | None = None, **spec: Any) -> dict[str, Any]:
+    namespace, name = key.split("/")
+    ips = [ips] if isinstance(ips, str) else ips
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels or {"app": name}},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": ports or []}], **spec},
+        "status": {"phase": "Running", "podIP": ips[0], "podIPs": [{"ip": i} for i in ips]},
+    }
+
+
+def policy(key: str, spec: dict[str, Any]) -> dict[str, Any]:
+    namespace, name = key.split("/")
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}

@@ -61,8 +61,9 @@ class Dataplane(ABC):
         """Make the kernel enforce `program` in one atomic step; raise DataplaneError."""
 
     @abstractmethod
-    def counters(self) -> Counters:
-        """Current kernel counters for what the last `apply` programmed."""
+    def counters(self, program: Program | None = None) -> Counters:
+        """Current kernel counters for `program` (default: what the last `apply` programmed;
+        a fresh process passes the program it computed)."""
 
     @abstractmethod
     def cleanup(self) -> None:

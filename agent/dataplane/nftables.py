@@ -262,19 +262,19 @@ class NftablesDataplane(Dataplane):
             for o in json.loads(out)["nftables"]
         )
 
-    def counters(self) -> Counters:
-        """Read every rule counter of our table; chain comments name the endpoint, so this
-        works in a fresh process (after a restart) too."""
+    def counters(self, program: Program | None = None) -> Counters:
+        """Read every rule counter of our table. Chains are named after their endpoint's
+        hash, so `program` (or the last applied one) maps them back to endpoints."""
         c = Counters()
+        if program is not None:
+            owners = build_model(program).owners
+        elif self._model is not None:
+            owners = self._model.owners
+        else:
+            return c
         if not self._has_table():
             return c
-        owners: dict[str, tuple[str, Direction]] = {}
         objs = json.loads(self._run(f"list table {FAMILY} {TABLE}", json_out=True))["nftables"]
-        for obj in objs:
-            chain = obj.get("chain")
-            if chain and "comment" in chain:
-                ep, _, d = chain["comment"].rpartition(" ")
-                owners[chain["name"]] = (ep, Direction(d))
         for obj in objs:
             rule = obj.get("rule")
             if not rule or rule.get("chain") not in owners:

@@ -134,6 +134,32 @@ class Lab:
         spec = f"{proto}:{dst_ip}:{port}"
         return self.probe_many({src: [spec]}, timeout)[src][spec]
 
+    def serve_on_node(self, ports: Iterable[int]) -> None:
+        """Servers in the node namespace itself (for pod -> node traffic)."""
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.node, sys.executable, str(NETPROBE), "serve", *map(str, ports)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        self.procs.append(proc)
+        if proc.stdout is None or proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("node server did not start")
+
+    def probe_from_node(self, spec: str, timeout: float = 1.0) -> bool:
+        out = self.node_sh(sys.executable, str(NETPROBE), "probe", str(timeout), spec)
+        return bool(json.loads(out.stdout)[spec])
+
+    def http_get(self, url: str) -> tuple[int, str]:
+        """GET a URL from inside the node namespace (where the agent listens)."""
+        code = (
+            "import sys, urllib.request, urllib.error\n"
+            "try:\n r = urllib.request.urlopen(sys.argv[1], timeout=5); print(r.status); print(r.read().decode())\n"
+            "except urllib.error.HTTPError as e:\n print(e.code); print(e.read().decode())\n"
+            "except OSError as e:\n print(0); print(e)\n"
+        )
+        out = self.node_sh(sys.executable, "-c", code, url).stdout
+        status, _, body = out.partition("\n")
+        return int(status), body
+
     def stockade(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run the CLI inside the node namespace (its nft/tc, never the host's)."""
         return self.node_sh(sys.executable, "-m", "agent.cli", *args, check=check, cwd=ROOT)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from agent.dataplane.nftables import build_model, render_diff
-from tests.helpers import snapshot_of
-from tests.unit.test_semantics import BASE, ns, pod, policy
+from tests.helpers import ns, pod, policy, snapshot_of
+from tests.unit.test_semantics import BASE
 
 POLICIES = [
     policy("a/api", {"podSelector": {"matchLabels": {"app": "api"}}, "ingress": [

@@ -9,29 +9,7 @@ import pytest
 
 from agent.ir import Direction, Verdict
 from agent.policy.evaluate import evaluate
-from tests.helpers import snapshot_of
-
-
-def ns(name: str, **labels: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
-
-
-def pod(key: str, ips: str | list[str], labels: dict[str, str] | None = None,
-        ports: list[dict[str, Any]] | None = None, **spec: Any) -> dict[str, Any]:
-    namespace, name = key.split("/")
-    ips = [ips] if isinstance(ips, str) else ips
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels or {"app": name}},
-        "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": ports or []}], **spec},
-        "status": {"phase": "Running", "podIP": ips[0], "podIPs": [{"ip": i} for i in ips]},
-    }
-
-
-def policy(key: str, spec: dict[str, Any]) -> dict[str, Any]:
-    namespace, name = key.split("/")
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+from tests.helpers import ns, pod, policy, snapshot_of
 
 
 def verdict(docs: list[dict[str, Any]], src: str, dst: str, port: int, proto: str = "tcp") -> str:
