@@ -8,7 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.lab import Lab
+from tests.lab import ROOT, Lab
+
+ROOT_EXAMPLES = ROOT / "examples"
 
 # Every packet test runs once per dataplane; one suite, not a copy per backend.
 DATAPLANES = ["nftables"]

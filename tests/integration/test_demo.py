@@ -1,0 +1,11 @@
+"""`make demo` on examples/: the shipped examples are valid and the kernel agrees with matrix."""
+
+from __future__ import annotations
+
+from tests.conftest import ROOT_EXAMPLES, require_privileges
+from tests.lab.demo import main
+
+
+def test_demo_on_examples_agrees() -> None:
+    require_privileges()
+    assert main(str(ROOT_EXAMPLES)) == 0
