@@ -5,11 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCE ?= examples
-NODE ?= $(shell hostname)
+# examples/ puts its pods on node "demo"; set NODE (and SOURCE) for your own manifests.
+NODE ?= demo
 # Debian packages: nftables and its Python bindings (nftables dataplane), bcc and headers
-# (eBPF dataplane), iproute2 (namespace lab, tc), conntrack (strict mode), iperf3 (bench).
+# (eBPF dataplane), iproute2 (namespace lab, tc), conntrack (strict mode), iperf3 (bench),
+# prometheus (server and promtool for the metrics tests).
 APT_PACKAGES := nftables python3-nftables python3-bpfcc bpfcc-tools linux-headers-amd64 \
-	iproute2 conntrack iperf3 python3-venv
+	iproute2 conntrack iperf3 prometheus python3-venv
 KREL := $(shell uname -r)
 
 .PHONY: setup system kernel-headers venv run test lint demo bench cleanup clean

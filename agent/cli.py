@@ -9,6 +9,8 @@ import logging
 import os
 import socket
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +36,12 @@ def _protocol(text: str) -> str:
     return p
 
 
-def _dataplane(name: str) -> Dataplane:
+def _dataplane(name: str, args: argparse.Namespace | None = None) -> Dataplane:
+    audit = getattr(args, "mode", "enforce") == "audit"
     if name == "nftables":
-        from agent.dataplane.nftables import NftablesDataplane
+        from agent.dataplane.nftables import NftablesDataplane, Options
 
-        return NftablesDataplane()
+        return NftablesDataplane(Options(audit=audit))
     raise SystemExit(f"stockade: unknown dataplane {name!r} (available: nftables)")
 
 
@@ -185,14 +188,14 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     snap = _pipeline(args, _node(args), readonly=True).snapshot()
     _report(snap)
-    sys.stdout.write(_dataplane(args.dataplane).render(snap.program))
+    sys.stdout.write(_dataplane(args.dataplane, args).render(snap.program))
     return EXIT_INVALID if snap.problems else 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     snap = _pipeline(args, _node(args)).snapshot()
     _report(snap)
-    dp = _dataplane(args.dataplane)
+    dp = _dataplane(args.dataplane, args)
     try:
         stats = dp.apply(snap.program)
     except DataplaneError as e:
@@ -207,7 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.daemon import Daemon, serve_http
 
     pipe = _pipeline(args, _node(args))
-    daemon = Daemon(pipe, _dataplane(args.dataplane), watch=pipe.source, resync=args.resync)
+    daemon = Daemon(pipe, _dataplane(args.dataplane, args), watch=pipe.source, resync=args.resync)
     daemon.install_signal_handlers()
     server = serve_http(daemon, args.metrics_address)
     log.info("stockade %s enforcing %s on node %s with %s; http on %s", __version__,
@@ -243,6 +246,37 @@ def cmd_counters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_drop(d: dict[str, Any]) -> None:
+    when = time.strftime("%H:%M:%S", time.localtime(d["time"]))
+    ports = f" {d['sport']} -> {d['dport']}" if d["dport"] is not None else ""
+    verb = "would drop (audit)" if d["audit"] else "dropped"
+    why = ("default deny of " if d["reason"] == "default-deny" else "drop rule ") + (
+        ", ".join(d["policies"]) or "?")
+    print(f"{when} {verb} {d['protocol']} {d['src']} -> {d['dst']}{ports}  "
+          f"{d['endpoint']} {d['direction']}: {why}", flush=True)
+
+
+def cmd_drops(args: argparse.Namespace) -> int:
+    """Recent drops sampled by the running agent, with the policies that decided."""
+    url = f"http://{args.agent}/drops?since="
+    seq = 0
+    while True:
+        try:
+            with urllib.request.urlopen(url + str(seq), timeout=5) as resp:
+                drops = json.load(resp)
+        except OSError as e:
+            raise SystemExit(f"stockade: cannot reach the agent at {args.agent}: {e}") from None
+        for d in drops:
+            seq = max(seq, d["seq"])
+            if args.output == "json":
+                print(json.dumps(d), flush=True)
+            else:
+                _print_drop(d)
+        if not args.follow:
+            return 0
+        time.sleep(0.5)
+
+
 def cmd_cleanup(args: argparse.Namespace) -> int:
     try:
         _dataplane(args.dataplane).cleanup()
@@ -270,6 +304,8 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--node", help="this node's name (default: $NODE_NAME, then host name)")
         if dataplane:
             sp.add_argument("--dataplane", default="nftables", choices=["nftables"])
+            sp.add_argument("--mode", choices=["enforce", "audit"], default="enforce",
+                            help="audit: program everything, drop nothing, count and log would-be drops")
 
     sp = sub.add_parser("matrix", help="verdict for every ordered pair of pods")
     common(sp, node=False, dataplane=False)
@@ -308,6 +344,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--output", choices=["text", "json"], default="text")
     sp.set_defaults(func=cmd_counters)
 
+    sp = sub.add_parser("drops", help="recent drops and the policies that decided them")
+    sp.add_argument("--agent", default=os.environ.get("STOCKADE_METRICS_ADDRESS", DEFAULT_METRICS),
+                    help="the running agent's metrics address (default %(default)s)")
+    sp.add_argument("--follow", "-f", action="store_true", help="keep printing new drops")
+    sp.add_argument("--output", choices=["text", "json"], default="text")
+    sp.set_defaults(func=cmd_drops)
+
     sp = sub.add_parser("cleanup", help="remove everything stockade put in the kernel")
     sp.add_argument("--dataplane", default="nftables", choices=["nftables"])
     sp.set_defaults(func=cmd_cleanup)
@@ -316,7 +359,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    level = logging.WARNING if args.command in ("matrix", "explain", "compile", "counters") else logging.INFO
+    level = logging.WARNING if args.command in ("matrix", "explain", "compile", "counters", "drops") else logging.INFO
     if args.verbose:
         level = logging.DEBUG if args.verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -6,18 +6,23 @@ replaces it, so a restart never opens a window.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from agent.dataplane.base import Dataplane, DataplaneError
+from agent.drops import DropRecorder
 from agent.inventory import Problem
+from agent.ir import Program
+from agent.metrics import AgentMetrics, KernelCollector
 from agent.pipeline import Snapshot
 
 log = logging.getLogger(__name__)
@@ -29,21 +34,6 @@ class Pipeline(Protocol):
 
 class Watchable(Protocol):
     def watch(self, on_change: Callable[[], None]) -> Callable[[], None]: ...
-
-
-class Metrics:
-    """Agent health metrics; kernel counters are added by the metrics module."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.syncs = Counter("stockade_syncs", "Reconcile runs by result", ["result"], registry=registry)
-        self.last_success = Gauge(
-            "stockade_last_successful_sync_timestamp_seconds",
-            "Unix time of the last sync that reached the kernel",
-            registry=registry,
-        )
-        self.invalid = Gauge(
-            "stockade_invalid_objects", "Objects rejected as invalid in the last sync", registry=registry
-        )
 
 
 class Daemon:
@@ -62,17 +52,26 @@ class Daemon:
         self.debounce = debounce
         self.resync = resync
         self.registry = registry or CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        self.metrics = AgentMetrics(self.registry)
+        self.program: Program | None = None  # what the kernel enforces now
+        self.registry.register(KernelCollector(dataplane, lambda: self.program))
         self.ready = threading.Event()
+        self._pending_since: float | None = None  # first source event not yet in the kernel
         self.stopping = threading.Event()
         self._wake = threading.Event()
         self._reported: set[str] = set()
         self.on_synced: list[Callable[[Snapshot], None]] = []
+        self.drops: DropRecorder | None = None
 
     def trigger(self) -> None:
+        """A source saw a change (called from any thread)."""
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
         self._wake.set()
 
     def sync_once(self) -> bool:
+        started = time.monotonic()
+        pending, self._pending_since = self._pending_since, None
         try:
             snap = self.pipeline.snapshot()
             self._report(snap.problems)
@@ -80,10 +79,22 @@ class Daemon:
         except DataplaneError as e:
             log.error("sync failed, previous kernel state stays in force: %s", e)
             self.metrics.syncs.labels("error").inc()
+            if pending is not None and self._pending_since is None:
+                self._pending_since = pending  # still not in the kernel
             return False
-        self.metrics.syncs.labels("success").inc()
-        self.metrics.last_success.set_to_current_time()
-        self.metrics.invalid.set(len(snap.problems))
+        done = time.monotonic()
+        self.program = snap.program
+        m = self.metrics
+        m.sync_duration.observe(done - started)
+        if pending is not None:
+            m.latency.observe(done - pending)
+        m.syncs.labels("success").inc()
+        m.last_success.set_to_current_time()
+        m.invalid.set(len(snap.problems))
+        m.endpoints.set(len(snap.program.endpoints))
+        m.policies.set(len(snap.inventory.policies))
+        for kind, n in self.dataplane.objects().items():
+            m.dataplane_objects.labels(kind).set(n)
         log.info(
             "synced %d endpoints (%s, %d commands, +%d/-%d elements)",
             len(snap.program.endpoints),
@@ -99,13 +110,24 @@ class Daemon:
 
     def _report(self, problems: list[Problem]) -> None:
         """Log each problem once while it persists, not on every resync."""
-        now = {str(p) for p in problems}
-        for text in sorted(now - self._reported):
+        now = {str(p): p for p in problems}
+        for text in sorted(set(now) - self._reported):
             log.warning("invalid object skipped (last good version kept): %s", text)
-        self._reported = now
+            self.metrics.rejected.labels(now[text].ref.kind).inc()
+        self._reported = set(now)
+
+    def start_drop_log(self) -> None:
+        try:
+            source = self.dataplane.drop_log()
+        except OSError as e:
+            log.warning("drop sampling unavailable (%s): `stockade drops` will show nothing", e)
+            return
+        if source is not None:
+            self.drops = DropRecorder(source, lambda: self.program).start()
 
     def run(self) -> None:
         stop_watch = self.watch_source.watch(self.trigger) if self.watch_source else None
+        self.start_drop_log()
         try:
             next_resync = 0.0
             while not self.stopping.is_set():
@@ -121,6 +143,8 @@ class Daemon:
         finally:
             if stop_watch:
                 stop_watch()
+            if self.drops:
+                self.drops.stop()
 
     def stop(self, *_: object) -> None:
         self.stopping.set()
@@ -143,6 +167,12 @@ def serve_http(daemon: Daemon, address: str) -> WSGIServer:
 
     def app(environ, start_response):  # type: ignore[no-untyped-def]
         path = environ.get("PATH_INFO", "")
+        if path == "/drops":
+            qs = parse_qs(environ.get("QUERY_STRING", ""))
+            since = int((qs.get("since") or ["0"])[0] or 0)
+            body = json.dumps(daemon.drops.since(since) if daemon.drops else []).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [body]
         if path == "/healthz":
             ok = not daemon.stopping.is_set()
         elif path == "/readyz":

@@ -39,6 +39,30 @@ class Counters:
 
 
 @dataclass(frozen=True)
+class DropEvent:
+    """One sampled packet the kernel dropped (or, in audit mode, would have dropped)."""
+
+    endpoint: str
+    direction: Direction
+    rule_id: str | None  # None: the direction's default deny
+    protocol: str
+    src: str
+    dst: str
+    sport: int | None
+    dport: int | None
+    audit: bool = False
+
+
+class DropLog(ABC):
+    @abstractmethod
+    def read(self, timeout: float) -> list[DropEvent]:
+        """Events since the last call; waits up to `timeout` seconds for the first."""
+
+    def close(self) -> None:  # noqa: B027 - optional for implementations
+        """Release kernel resources."""
+
+
+@dataclass(frozen=True)
 class ApplyStats:
     """What one sync changed, for logs, metrics and tests of incrementality."""
 
@@ -64,6 +88,14 @@ class Dataplane(ABC):
     def counters(self, program: Program | None = None) -> Counters:
         """Current kernel counters for `program` (default: what the last `apply` programmed;
         a fresh process passes the program it computed)."""
+
+    def drop_log(self) -> DropLog | None:
+        """A reader of sampled drops, or None when this dataplane cannot log them."""
+        return None
+
+    def objects(self) -> dict[str, int]:
+        """What is programmed, by kind (sets, elements, chains, map entries, ...)."""
+        return {}
 
     @abstractmethod
     def cleanup(self) -> None:

@@ -21,10 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError
+from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError, DropEvent, DropLog
 from agent.ir import PORTED, Direction, DirectionProgram, EndpointProgram, Program, Rule, Verdict
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ FAMILY = "inet"
 DENY_COMMENT = "default-deny"
 ND_TYPES = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect"
 MAPS = {"ingress4": "ipv4_addr", "ingress6": "ipv6_addr", "egress4": "ipv4_addr", "egress6": "ipv6_addr"}
+DEFAULT_LOG_GROUP = 7354
 CHUNK = 5000  # elements per command line; keeps single commands a sane size
 
 
@@ -97,7 +99,16 @@ class Model:
     owners: dict[str, tuple[str, Direction]] = field(default_factory=dict)
 
 
-def build_model(program: Program) -> Model:
+@dataclass(frozen=True)
+class Options:
+    """How drops are rendered. Audit mode counts and logs what would be dropped, drops nothing."""
+
+    audit: bool = False
+    log_group: int | None = DEFAULT_LOG_GROUP  # NFLOG group for sampled drops; None: no logging
+    log_rate: str = "10/second burst 20 packets"  # per rule, in the kernel
+
+
+def build_model(program: Program, opts: Options = Options()) -> Model:
     m = Model()
     for ep in program.endpoints.values():
         for d in (Direction.INGRESS, Direction.EGRESS):
@@ -105,33 +116,48 @@ def build_model(program: Program) -> Model:
             if not dp.enforced:
                 continue
             name = chain_name(ep.key, d)
-            m.chains[name] = _chain_rules(m, dp, d)
+            m.chains[name] = _chain_rules(m, dp, d, name, opts)
             m.owners[name] = (ep.key, d)
             for ip in ep.ips:
                 m.maps[f"{d.value}{ip.version}"][str(ip)] = f"jump {name}"
     return m
 
 
-def _chain_rules(m: Model, dp: DirectionProgram, d: Direction) -> tuple[str, ...]:
+def _log(opts: Options, chain: str, what: str) -> str:
+    """A rate-limited NFLOG statement; the prefix lets the reader name chain and rule."""
+    mode = "A" if opts.audit else "D"
+    return f'limit rate {opts.log_rate} log prefix "stk {mode} {chain} {what}" group {opts.log_group} '
+
+
+def _chain_rules(m: Model, dp: DirectionProgram, d: Direction, chain: str, opts: Options) -> tuple[str, ...]:
     peer_key = "saddr" if d is Direction.INGRESS else "daddr"
-    verdict = {Verdict.ACCEPT: "return", Verdict.DROP: "drop"}
+    # In audit mode a drop decides like a drop (stops this side's evaluation) but lets it pass.
+    verdict = {Verdict.ACCEPT: "return", Verdict.DROP: "return" if opts.audit else "drop"}
     lines = []
     for rule in dp.rules:
         tail = f"counter {verdict[rule.verdict]} comment \"r:{rule.id}\""
+        logged = rule.verdict is Verdict.DROP and opts.log_group is not None
+        matches = []
         ports = _ports_line(rule)
         if rule.peers is None:
-            lines += [f"{p}{tail}" for p in ports]
-            continue
-        for fam, proto, typ in ((4, "ip", "ipv4_addr"), (6, "ip6", "ipv6_addr")):
-            sname = f"p_{rule.id}_{fam}"
-            elems = frozenset(str(n) for n in rule.peers.family(fam))
-            prev = m.sets.get(sname)
-            if prev is not None and prev[1] != elems:
-                raise DataplaneError(f"IR invariant broken: rule key {rule.key} has two peer sets")
-            m.sets[sname] = (typ, elems)
-            lines += [f"{proto} {peer_key} @{sname} {p}{tail}" for p in ports]
+            matches = ports
+        else:
+            for fam, proto, typ in ((4, "ip", "ipv4_addr"), (6, "ip6", "ipv6_addr")):
+                sname = f"p_{rule.id}_{fam}"
+                elems = frozenset(str(n) for n in rule.peers.family(fam))
+                prev = m.sets.get(sname)
+                if prev is not None and prev[1] != elems:
+                    raise DataplaneError(f"IR invariant broken: rule key {rule.key} has two peer sets")
+                m.sets[sname] = (typ, elems)
+                matches += [f"{proto} {peer_key} @{sname} {p}" for p in ports]
+        for match in matches:
+            if logged:
+                lines.append(f"{match}{_log(opts, chain, 'r:' + rule.id)}".rstrip())
+            lines.append(f"{match}{tail}")
     if dp.isolated:
-        lines.append(f'counter drop comment "{DENY_COMMENT}"')
+        if opts.log_group is not None:
+            lines.append(_log(opts, chain, "deny").rstrip())
+        lines.append(f'counter {"" if opts.audit else "drop "}comment "{DENY_COMMENT}"')
     return tuple(lines)
 
 
@@ -212,9 +238,11 @@ def render_diff(old: Model, new: Model) -> tuple[str, ApplyStats]:
 class NftablesDataplane(Dataplane):
     name = "nftables"
 
-    def __init__(self) -> None:
+    def __init__(self, options: Options = Options()) -> None:
+        self.options = options
         self._nft = None
         self._model: Model | None = None  # what the kernel holds after our last apply
+        self._lock = threading.Lock()
 
     @property
     def nft(self):  # type: ignore[no-untyped-def]
@@ -231,18 +259,19 @@ class NftablesDataplane(Dataplane):
         return self._nft
 
     def _run(self, text: str, json_out: bool = False) -> str:
-        self.nft.set_json_output(json_out)
-        self.nft.set_terse_output(json_out)
-        rc, out, err = self.nft.cmd(text)
+        with self._lock:  # one libnftables context: scrapes and syncs take turns
+            self.nft.set_json_output(json_out)
+            self.nft.set_terse_output(json_out)
+            rc, out, err = self.nft.cmd(text)
         if rc != 0:
             raise DataplaneError(f"nft refused the transaction: {err.strip()}")
         return str(out)
 
     def render(self, program: Program) -> str:
-        return render_full(build_model(program))
+        return render_full(build_model(program, self.options))
 
     def apply(self, program: Program) -> ApplyStats:
-        new = build_model(program)
+        new = build_model(program, self.options)
         if self._model is None or not self._has_table():
             # First sync (or the table vanished): replace the table in one transaction, so
             # packets see the old rules or the new ones and never an empty table.
@@ -267,7 +296,7 @@ class NftablesDataplane(Dataplane):
         hash, so `program` (or the last applied one) maps them back to endpoints."""
         c = Counters()
         if program is not None:
-            owners = build_model(program).owners
+            owners = build_model(program, self.options).owners
         elif self._model is not None:
             owners = self._model.owners
         else:
@@ -291,6 +320,24 @@ class NftablesDataplane(Dataplane):
                 c.add_rule((ep, comment[2:], d), n)
         return c
 
+    def drop_log(self) -> DropLog | None:
+        if self.options.log_group is None:
+            return None
+        return _NftDropLog(self, self.options.log_group)
+
+    def owner(self, chain: str) -> tuple[str, Direction] | None:
+        return self._model.owners.get(chain) if self._model else None
+
+    def objects(self) -> dict[str, int]:
+        m = self._model or Model()
+        return {
+            "sets": len(m.sets),
+            "set_elements": sum(len(e) for _, e in m.sets.values()),
+            "chains": len(m.chains),
+            "rules": sum(len(r) for r in m.chains.values()),
+            "map_elements": sum(len(v) for v in m.maps.values()),
+        }
+
     def cleanup(self) -> None:
         if self._has_table():
             self._run(f"delete table {FAMILY} {TABLE}")
@@ -300,3 +347,30 @@ class NftablesDataplane(Dataplane):
 def endpoint_chains(ep: EndpointProgram) -> list[str]:
     """Names of the chains programmed for an endpoint (for diagnostics)."""
     return [chain_name(ep.key, d) for d in Direction if ep.direction(d).enforced]
+
+
+class _NftDropLog(DropLog):
+    """Sampled drops from the table's NFLOG group, mapped back to endpoints and rules."""
+
+    def __init__(self, dp: NftablesDataplane, group: int) -> None:
+        from agent.dataplane.nflog import NflogReader
+
+        self.dp = dp
+        self.reader = NflogReader(group)
+
+    def read(self, timeout: float) -> list[DropEvent]:
+        out = []
+        for pkt in self.reader.read(timeout):
+            parts = pkt.prefix.split()
+            if len(parts) != 4 or parts[0] != "stk":
+                continue
+            owner = self.dp.owner(parts[2])
+            if owner is None:
+                continue
+            rule_id = parts[3][2:] if parts[3].startswith("r:") else None
+            out.append(DropEvent(owner[0], owner[1], rule_id, pkt.protocol, pkt.src, pkt.dst,
+                                 pkt.sport, pkt.dport, audit=parts[1] == "A"))
+        return out
+
+    def close(self) -> None:
+        self.reader.close()

@@ -1,0 +1,76 @@
+"""Recent drops: sampled by the kernel, decoded by the dataplane, kept in a ring buffer,
+and labelled with the policies that decided ("which policy dropped my packet?")."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from agent.dataplane.base import DropEvent, DropLog
+from agent.ir import Program
+
+log = logging.getLogger(__name__)
+
+
+def describe(ev: DropEvent, program: Program | None) -> dict[str, Any]:
+    """A drop as JSON, with the deciding policies resolved from the program in force."""
+    decided: list[str] = []
+    reason = "default-deny"
+    if program is not None:
+        if ev.rule_id is not None:
+            rule = program.rules().get(ev.rule_id)
+            reason = "drop-rule"
+            if rule is not None:
+                decided = [str(rule.origin)]
+        else:
+            prog = program.endpoints.get(ev.endpoint)
+            if prog is not None:
+                decided = list(prog.direction(ev.direction).isolated_by)
+    return {
+        "endpoint": ev.endpoint, "direction": ev.direction.value, "protocol": ev.protocol,
+        "src": ev.src, "dst": ev.dst, "sport": ev.sport, "dport": ev.dport,
+        "reason": reason, "policies": decided, "audit": ev.audit,
+    }
+
+
+class DropRecorder:
+    """Reads a DropLog on its own thread into a bounded ring buffer."""
+
+    def __init__(self, source: DropLog, program: Callable[[], Program | None], size: int = 1000) -> None:
+        self.source = source
+        self.program = program
+        self.buffer: deque[dict[str, Any]] = deque(maxlen=size)
+        self._seq = itertools.count(1)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._loop, name="drops", daemon=True)
+
+    def start(self) -> DropRecorder:
+        self.thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                events = self.source.read(timeout=0.5)
+            except OSError as e:
+                log.warning("drop log read failed: %s", e)
+                time.sleep(1)
+                continue
+            prog = self.program()
+            with self._lock:
+                for ev in events:
+                    self.buffer.append({"seq": next(self._seq), "time": time.time(), **describe(ev, prog)})
+
+    def since(self, seq: int) -> list[dict[str, Any]]:
+        with self._lock:
+            return [d for d in self.buffer if d["seq"] > seq]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.source.close()

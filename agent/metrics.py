@@ -1,0 +1,110 @@
+"""Prometheus metrics: kernel counters read at scrape time, plus the agent's own health.
+
+Kernel counters come from the active dataplane through a custom collector, so a scrape
+always sees the kernel's current values and a deleted policy's series disappear with
+it. Cardinality: one rule series per (policy rule, direction) — summed over the
+endpoints it applies to — and one drop series per (local endpoint, direction, reason).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from agent import __version__
+from agent.dataplane.base import Count, Dataplane
+from agent.ir import Direction, Program, Verdict
+
+log = logging.getLogger(__name__)
+
+RULE_LABELS = ["source", "namespace", "policy", "direction", "rule", "verdict"]
+DROP_LABELS = ["endpoint", "direction", "reason", "policies"]
+
+
+class KernelCollector(Collector):
+    """Reads the dataplane's counters at scrape time and labels them with their origins."""
+
+    def __init__(self, dataplane: Dataplane, program: Callable[[], Program | None]) -> None:
+        self.dataplane = dataplane
+        self.program = program
+        self.errors = 0
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        rp = CounterMetricFamily("stockade_rule_packets", "Packets matched by a policy rule", labels=RULE_LABELS)
+        rb = CounterMetricFamily("stockade_rule_bytes", "Bytes matched by a policy rule", labels=RULE_LABELS)
+        dp = CounterMetricFamily("stockade_drop_packets", "Packets dropped, by endpoint, direction and reason",
+                                 labels=DROP_LABELS)
+        db = CounterMetricFamily("stockade_drop_bytes", "Bytes dropped, by endpoint, direction and reason",
+                                 labels=DROP_LABELS)
+        up = GaugeMetricFamily("stockade_dataplane_counters_up", "1 when the last counter read succeeded")
+        program = self.program()
+        try:
+            counters = self.dataplane.counters(program) if program is not None else None
+        except Exception as e:  # a scrape must never kill the agent
+            log.warning("reading kernel counters failed: %s", e)
+            counters = None
+        up.add_metric([], 0 if counters is None and program is not None else 1)
+        if counters is not None and program is not None:
+            rules = program.rules()
+            per_rule: dict[tuple[str, ...], Count] = {}
+            drops: dict[tuple[str, ...], Count] = {}
+            for (ep, rule_id, d), c in counters.rules.items():
+                rule = rules.get(rule_id)
+                if rule is None:
+                    continue
+                o = rule.origin
+                key = (o.source, o.namespace, o.policy, d.value, str(o.index), rule.verdict.value)
+                per_rule[key] = per_rule.get(key, Count()) + c
+                if rule.verdict is Verdict.DROP:
+                    dkey = (ep, d.value, "drop-rule", f"{o.namespace}/{o.policy}".lstrip("/"))
+                    drops[dkey] = drops.get(dkey, Count()) + c
+            for (ep, d), c in counters.drops.items():
+                prog = program.endpoints.get(ep)
+                by = ",".join(prog.direction(Direction(d)).isolated_by) if prog else ""
+                dkey = (ep, Direction(d).value, "default-deny", by)
+                drops[dkey] = drops.get(dkey, Count()) + c
+            for key, c in sorted(per_rule.items()):
+                rp.add_metric(list(key), c.packets)
+                rb.add_metric(list(key), c.bytes)
+            for key, c in sorted(drops.items()):
+                dp.add_metric(list(key), c.packets)
+                db.add_metric(list(key), c.bytes)
+        yield from (rp, rb, dp, db, up)
+
+
+@dataclass
+class AgentMetrics:
+    """The agent's own metrics (names per Prometheus conventions, `stockade_` prefix)."""
+
+    registry: CollectorRegistry
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.sync_duration = Histogram("stockade_sync_duration_seconds", "Time to compute and apply one sync",
+                                       buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                                       registry=r)
+        self.syncs = Counter("stockade_syncs", "Reconcile runs by result", ["result"], registry=r)
+        self.last_success = Gauge("stockade_last_successful_sync_timestamp_seconds",
+                                  "Unix time of the last sync that reached the kernel", registry=r)
+        self.latency = Histogram("stockade_policy_programming_latency_seconds",
+                                 "Time from a source event being observed to the kernel enforcing it",
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                                 registry=r)
+        self.endpoints = Gauge("stockade_endpoints", "Local endpoints in force", registry=r)
+        self.policies = Gauge("stockade_policies", "Policies in force", registry=r)
+        self.invalid = Gauge("stockade_invalid_objects", "Objects currently rejected as invalid", registry=r)
+        self.rejected = Counter("stockade_invalid_objects_rejected", "Invalid objects rejected, by kind",
+                                ["kind"], registry=r)
+        self.source_errors = Counter("stockade_source_errors", "Source errors by cause", ["cause"], registry=r)
+        self.dataplane_objects = Gauge("stockade_dataplane_objects", "Objects programmed in the kernel, by kind",
+                                       ["kind"], registry=r)
+        for result in ("success", "error"):
+            self.syncs.labels(result)
+        Info("stockade_build", "Build information", registry=r).info({"version": __version__})
+        self.lock = threading.Lock()
