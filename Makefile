@@ -9,9 +9,9 @@ SOURCE ?= examples
 NODE ?= demo
 # Debian packages: nftables and its Python bindings (nftables dataplane), bcc and headers
 # (eBPF dataplane), iproute2 (namespace lab, tc), conntrack (strict mode), iperf3 (bench),
-# prometheus (server and promtool for the metrics tests).
+# prometheus (server and promtool for the metrics tests), python3-systemd (sd_notify).
 APT_PACKAGES := nftables python3-nftables python3-bpfcc bpfcc-tools linux-headers-amd64 \
-	iproute2 conntrack iperf3 prometheus python3-venv
+	iproute2 conntrack iperf3 prometheus python3-systemd python3-venv
 KREL := $(shell uname -r)
 
 .PHONY: setup system kernel-headers venv run test lint demo bench cleanup clean

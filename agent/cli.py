@@ -36,6 +36,11 @@ def _protocol(text: str) -> str:
     return p
 
 
+def _flow_protocol(text: str) -> str:
+    """explain also takes ICMP (NetBird rules can allow it)."""
+    return "ICMP" if text.upper() == "ICMP" else _protocol(text)
+
+
 def _dataplane(name: str, args: argparse.Namespace | None = None) -> Dataplane:
     audit = getattr(args, "mode", "enforce") == "audit"
     if name == "nftables":
@@ -55,7 +60,24 @@ def _state_file(args: argparse.Namespace) -> Path | None:
     return Path(args.state_dir) / "last-good.json"
 
 
-def _pipeline(args: argparse.Namespace, node: str | None, readonly: bool = False) -> DirectoryPipeline:
+def _netbird_pipeline(args: argparse.Namespace, readonly: bool) -> Any:
+    from agent.sources.netbird import TokenError, make_pipeline
+
+    try:
+        return make_pipeline(
+            args.netbird_url, args.netbird_token_file, args.netbird_ca_file,
+            peer_id=args.netbird_peer_id, interface=args.interface, interval=args.netbird_interval,
+            inbound_only=args.netbird_inbound_only,
+            # The simulator never writes the enforcer's state.
+            state_file=None if readonly or not args.state_dir else Path(args.state_dir) / "netbird.json",
+        )
+    except (TokenError, ValueError) as e:
+        raise SystemExit(f"stockade: {e}") from None
+
+
+def _pipeline(args: argparse.Namespace, node: str | None, readonly: bool = False) -> Any:
+    if args.source == "netbird":
+        return _netbird_pipeline(args, readonly)
     if not Path(args.source).exists():
         raise SystemExit(f"stockade: source directory {args.source} does not exist")
     return DirectoryPipeline(args.source, node, _state_file(args), readonly=readonly)
@@ -101,9 +123,11 @@ def _decision_json(d: Decision | None) -> dict[str, Any] | None:
         "verdict": "allow" if d.verdict is Verdict.ACCEPT else "deny",
         "isolated_by": list(d.isolated_by),
         "rule": None if d.rule is None else {
-            "policy": f"{d.rule.origin.namespace}/{d.rule.origin.policy}",
+            "policy": f"{d.rule.origin.namespace}/{d.rule.origin.policy}".lstrip("/"),
             "direction": d.rule.origin.direction.value,
             "index": d.rule.origin.index,
+            "name": d.rule.origin.name or None,
+            "verdict": d.rule.verdict.value,
         },
         "reason": d.reason,
     }
@@ -117,9 +141,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     dst, dst_ep = _resolve(inv, args.to)
     if src.version != dst.version and src_ep and dst_ep:
         src = _pick(src_ep, dst.version) or src
-    port = _port_on(dst_ep, args.port, args.protocol)
-    if port is None:
-        raise SystemExit(f"stockade: {args.to} has no {args.protocol} port named {args.port!r}")
+    if args.protocol == "ICMP":
+        port = None
+    elif args.port is None:
+        raise SystemExit(f"stockade: --port is required for {args.protocol}")
+    else:
+        port = _port_on(dst_ep, args.port, args.protocol)
+        if port is None:
+            raise SystemExit(f"stockade: {args.to} has no {args.protocol} port named {args.port!r}")
     fv = evaluate(snap.program, src, dst, args.protocol.lower(), port)
     verdict = "allow" if fv.verdict is Verdict.ACCEPT else "deny"
     if args.output == "json":
@@ -133,7 +162,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             "ingress": _decision_json(fv.ingress),
         }, indent=2))
         return 0
-    print(f"{verdict.upper()}: {args.from_} ({src}) -> {args.to} ({dst}) {args.protocol}/{port}")
+    flow = args.protocol if port is None else f"{args.protocol}/{port}"
+    print(f"{verdict.upper()}: {args.from_} ({src}) -> {args.to} ({dst}) {flow}")
     if src == dst:
         print("  same address: traffic never leaves the pod")
     for label, d, who in (("egress ", fv.egress, args.from_), ("ingress", fv.ingress, args.to)):
@@ -210,7 +240,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.daemon import Daemon, serve_http
 
     pipe = _pipeline(args, _node(args))
-    daemon = Daemon(pipe, _dataplane(args.dataplane, args), watch=pipe.source, resync=args.resync)
+    watch = pipe if args.source == "netbird" else pipe.source
+    daemon = Daemon(pipe, _dataplane(args.dataplane, args), watch=watch, resync=args.resync)
     daemon.install_signal_handlers()
     server = serve_http(daemon, args.metrics_address)
     log.info("stockade %s enforcing %s on node %s with %s; http on %s", __version__,
@@ -297,7 +328,19 @@ def parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser, node: bool = True, dataplane: bool = True) -> None:
         sp.add_argument("--source", default=os.environ.get("STOCKADE_SOURCE", DEFAULT_SOURCE),
-                        help="manifest directory (default: $STOCKADE_SOURCE or %(default)s)")
+                        help="a manifest directory, or `netbird` (default: $STOCKADE_SOURCE or %(default)s)")
+        nb = sp.add_argument_group("NetBird source (--source netbird)")
+        nb.add_argument("--netbird-url", default=os.environ.get("NETBIRD_URL", "https://api.netbird.io"))
+        nb.add_argument("--netbird-token-file", default=os.environ.get("NETBIRD_TOKEN_FILE"),
+                        help="file holding the API token (mode 0600); else $NETBIRD_TOKEN")
+        nb.add_argument("--netbird-ca-file", default=os.environ.get("NETBIRD_CA_FILE"),
+                        help="CA bundle for a self-hosted management server")
+        nb.add_argument("--netbird-peer-id", default=os.environ.get("NETBIRD_PEER_ID"),
+                        help="this peer's id (default: found by the interface's address)")
+        nb.add_argument("--interface", default=os.environ.get("NETBIRD_INTERFACE", "wt0"))
+        nb.add_argument("--netbird-interval", type=float, default=30.0, help="poll period in seconds")
+        nb.add_argument("--netbird-inbound-only", action="store_true",
+                        help="enforce inbound only, as NetBird's own client does")
         sp.add_argument("--state-dir", default=os.environ.get("STOCKADE_STATE_DIR", DEFAULT_STATE_DIR),
                         help="where the last good version of each object is kept ('' to disable)")
         if node:
@@ -319,8 +362,8 @@ def parser() -> argparse.ArgumentParser:
     common(sp, node=False, dataplane=False)
     sp.add_argument("--from", dest="from_", required=True, metavar="NS/POD|IP")
     sp.add_argument("--to", required=True, metavar="NS/POD|IP")
-    sp.add_argument("--port", required=True)
-    sp.add_argument("--protocol", type=_protocol, default="TCP")
+    sp.add_argument("--port", help="number or named port (omit for ICMP)")
+    sp.add_argument("--protocol", type=_flow_protocol, default="TCP")
     sp.add_argument("--output", choices=["text", "json"], default="text")
     sp.set_defaults(func=cmd_explain)
 

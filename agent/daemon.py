@@ -22,8 +22,9 @@ from agent.dataplane.base import Dataplane, DataplaneError
 from agent.drops import DropRecorder
 from agent.inventory import Problem
 from agent.ir import Program
-from agent.metrics import AgentMetrics, KernelCollector
+from agent.metrics import AgentMetrics, KernelCollector, SourceErrorsCollector
 from agent.pipeline import Snapshot
+from agent.systemd import notify
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ class Daemon:
         self.metrics = AgentMetrics(self.registry)
         self.program: Program | None = None  # what the kernel enforces now
         self.registry.register(KernelCollector(dataplane, lambda: self.program))
+        self.registry.register(SourceErrorsCollector(lambda: getattr(pipeline, "errors", None)))
+        # A source may hold readiness back (NetBird before its first good poll, Kubernetes
+        # before its initial lists): the kernel then enforces a bootstrap program only.
+        self.source_ready: threading.Event | None = getattr(pipeline, "ready", None)
+        self._notified = False
         self.ready = threading.Event()
         self._pending_since: float | None = None  # first source event not yet in the kernel
         self.stopping = threading.Event()
@@ -104,9 +110,15 @@ class Daemon:
             stats.elements_removed,
         )
         self.ready.set()
+        if self.is_ready() and not self._notified:
+            self._notified = notify("READY=1") or True  # systemd Type=notify; no-op elsewhere
         for cb in self.on_synced:
             cb(snap)
         return True
+
+    def is_ready(self) -> bool:
+        """The kernel enforces what the source says (not just a bootstrap program)."""
+        return self.ready.is_set() and (self.source_ready is None or self.source_ready.is_set())
 
     def _report(self, problems: list[Problem]) -> None:
         """Log each problem once while it persists, not on every resync."""
@@ -176,7 +188,7 @@ def serve_http(daemon: Daemon, address: str) -> WSGIServer:
         if path == "/healthz":
             ok = not daemon.stopping.is_set()
         elif path == "/readyz":
-            ok = daemon.ready.is_set()
+            ok = daemon.is_ready()
         else:
             return metrics_app(environ, start_response)
         start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -78,6 +78,19 @@ class KernelCollector(Collector):
         yield from (rp, rb, dp, db, up)
 
 
+class SourceErrorsCollector(Collector):
+    """Source faults by cause, read from the source's own tally at scrape time."""
+
+    def __init__(self, errors: Callable[[], Mapping[str, int] | None]) -> None:
+        self.errors = errors
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        fam = CounterMetricFamily("stockade_source_errors", "Source faults by cause", labels=["cause"])
+        for cause, n in sorted((self.errors() or {}).items()):
+            fam.add_metric([cause], n)
+        yield fam
+
+
 @dataclass
 class AgentMetrics:
     """The agent's own metrics (names per Prometheus conventions, `stockade_` prefix)."""
@@ -101,7 +114,6 @@ class AgentMetrics:
         self.invalid = Gauge("stockade_invalid_objects", "Objects currently rejected as invalid", registry=r)
         self.rejected = Counter("stockade_invalid_objects_rejected", "Invalid objects rejected, by kind",
                                 ["kind"], registry=r)
-        self.source_errors = Counter("stockade_source_errors", "Source errors by cause", ["cause"], registry=r)
         self.dataplane_objects = Gauge("stockade_dataplane_objects", "Objects programmed in the kernel, by kind",
                                        ["kind"], registry=r)
         for result in ("success", "error"):

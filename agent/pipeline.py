@@ -38,8 +38,116 @@ class DirectoryPipeline:
         self.source = DirectorySource(path)
         self.node = node
         self.store = LastGood(state_file, readonly=readonly)
+        self.errors = self.source.errors
 
     def snapshot(self) -> Snapshot:
         objects, problems = self.source.read()
         inv = kubernetes_inventory(objects, self.store, problems)
         return Snapshot(inv, compile_inventory(inv, self.node, source=self.source.name))
+
+
+# ------------------------------------------------------------------ Kubernetes API source
+# Imports are local to keep the directory-only commands free of the kubernetes client.
+
+from dataclasses import field  # noqa: E402
+from typing import Any  # noqa: E402
+
+from agent.dataplane.base import DataplaneError  # noqa: E402
+
+
+class SourceNotSynced(DataplaneError):
+    """The initial lists are not complete: nothing may reach the kernel yet.
+
+    A DataplaneError so the daemon's loop keeps the previous kernel state and retries.
+    """
+
+
+@dataclass
+class KubernetesSnapshot(Snapshot):
+    # Changes observed on the wire since the previous snapshot (agent.sources.kubernetes.Observed).
+    events: list[Any] = field(default_factory=list)
+    # This node's pod CIDRs (flag or node.spec.podCIDRs), for --unknown-endpoints=deny.
+    pod_cidrs: tuple[Any, ...] = ()
+
+
+class KubernetesPipeline:
+    """The API server's Namespaces, Pods and NetworkPolicies compiled for one node.
+
+    With a watching source, snapshot() waits (up to `sync_wait` seconds) for the initial
+    lists and raises SourceNotSynced until they are in: a partial cluster view (say pods
+    but no policies yet) must never reach the kernel. Without one (one-shot commands) it
+    lists everything once.
+    """
+
+    def __init__(
+        self,
+        node: str | None,
+        source: Any = None,
+        state_file: Path | None = None,
+        readonly: bool = False,
+        sync_wait: float = 5.0,
+        **source_options: Any,
+    ) -> None:
+        from agent.sources.kubernetes import KubernetesSource
+
+        self.source = source if source is not None else KubernetesSource(node=node, **source_options)
+        self.node = node
+        self.store = LastGood(state_file, readonly=readonly)
+        self.errors = self.source.errors
+        # The daemon's /readyz waits for this: every initial list (and the pod CIDRs, if
+        # asked for) is in, so the first program reflects the whole cluster.
+        self.ready = self.source.synced
+        self.sync_wait = sync_wait
+
+    def snapshot(self) -> KubernetesSnapshot:
+        if not self.source.synced.is_set():
+            if not self.source.watching:
+                self.source.sync()
+            elif not self.source.synced.wait(self.sync_wait):
+                missing = [k for k, e in self.source.listed.items() if not e.is_set()]
+                raise SourceNotSynced(
+                    "kubernetes source not synced yet (waiting for "
+                    + (", ".join(f"{k}s" for k in missing) or "the node's pod CIDRs") + ")"
+                )
+        objects, problems, events = self.source.read_with_events()
+        inv = kubernetes_inventory(objects, self.store, problems)
+        program = compile_inventory(inv, self.node, source=self.source.name)
+        return KubernetesSnapshot(inv, program, events=events, pod_cidrs=tuple(self.source.pod_cidrs or ()))
+
+
+class EventLatency:
+    """Event -> kernel latency: hook `observe` into Daemon.on_synced (runs after a successful apply).
+
+    stockade_event_to_kernel_seconds: from a watch event read off the wire to the sync
+    that put it in the kernel; stockade_pod_ip_to_kernel_seconds: the same for the event
+    that first showed a pod's IP (the start-up window of --unknown-endpoints).
+    """
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self, registry: Any = None, keep: int = 1000) -> None:
+        import collections
+        import time
+
+        from prometheus_client import Histogram
+
+        self._now = time.monotonic
+        kw = {"registry": registry} if registry is not None else {}
+        self.event = Histogram("stockade_event_to_kernel_seconds", "Watch event read to kernel updated",
+                               ["kind"], buckets=self.BUCKETS, **kw)
+        self.pod_ip = Histogram("stockade_pod_ip_to_kernel_seconds",
+                                "A pod's first IP seen in a watch event to kernel updated",
+                                buckets=self.BUCKETS, **kw)
+        self.samples: collections.deque[tuple[str, str, float]] = collections.deque(maxlen=keep)
+
+    def observe(self, snap: Snapshot) -> None:
+        now = self._now()
+        for ev in getattr(snap, "events", ()):
+            if ev.type == "LIST":
+                continue  # found by a list, not an event: its wait is the list's, not ours
+            dt = now - ev.at
+            self.event.labels(ev.ref.kind).observe(dt)
+            self.samples.append((ev.ref.kind, ev.type, dt))
+            if ev.new_ips:
+                self.pod_ip.observe(dt)
+                self.samples.append(("PodIP", ev.type, dt))

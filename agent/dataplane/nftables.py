@@ -34,7 +34,9 @@ TABLE = "stockade"
 FAMILY = "inet"
 DENY_COMMENT = "default-deny"
 ND_TYPES = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect"
-MAPS = {"ingress4": "ipv4_addr", "ingress6": "ipv6_addr", "egress4": "ipv4_addr", "egress6": "ipv6_addr"}
+MAPS = {"ingress4": "ipv4_addr", "ingress6": "ipv6_addr", "egress4": "ipv4_addr", "egress6": "ipv6_addr",
+        "ingress_if": "ifname", "egress_if": "ifname"}
+PREROUTING_PRIORITY = -150  # after conntrack (-200), before NAT and filter
 DEFAULT_LOG_GROUP = 7354
 CHUNK = 5000  # elements per command line; keeps single commands a sane size
 
@@ -56,8 +58,14 @@ def _base_chains() -> str:
         f"{common}{dispatch(['egress', 'ingress'])}\n\t}}\n"
         "\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n"
         f"{common}\t\tiif lo accept\n{dispatch(['egress', 'ingress'])}\n\t}}\n"
+        # Endpoints behind a device (NetBird's wt0: the host itself is the endpoint) are judged
+        # in prerouting, after conntrack: NetBird's client inserts "iifname wt0 accept" at the
+        # top of every input and forward filter chain, which would bypass a rule there.
+        f"\tchain prerouting {{\n\t\ttype filter hook prerouting priority {PREROUTING_PRIORITY}; "
+        "policy accept;\n"
+        f"{common}\t\tiif lo accept\n\t\tiifname vmap @ingress_if\n\t}}\n"
         "\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n"
-        f"{common}{dispatch(['egress'])}\n\t}}\n"
+        f"{common}{dispatch(['egress'])}\n\t\toifname vmap @egress_if\n\t}}\n"
     )
 
 
@@ -116,10 +124,18 @@ def build_model(program: Program, opts: Options = Options()) -> Model:
             if not dp.enforced:
                 continue
             name = chain_name(ep.key, d)
-            m.chains[name] = _chain_rules(m, dp, d, name, opts)
+            rules = _chain_rules(m, dp, d, name, opts)
             m.owners[name] = (ep.key, d)
-            for ip in ep.ips:
-                m.maps[f"{d.value}{ip.version}"][str(ip)] = f"jump {name}"
+            if ep.interface is not None:
+                # The host behind a device: keyed by the device, so an endpoint whose
+                # addresses are not known yet (NetBird before its first sync) is covered too.
+                m.maps[f"{d.value}_if"][f'"{ep.interface}"'] = f"jump {name}"
+                if d is Direction.INGRESS:
+                    rules = ("fib daddr type != local return", *rules)  # routed, not for this host
+            else:
+                for ip in ep.ips:
+                    m.maps[f"{d.value}{ip.version}"][str(ip)] = f"jump {name}"
+            m.chains[name] = rules
     return m
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,8 @@ class DirectorySource:
         self.path = Path(path)
         # Per file: (mtime_ns, size) and the objects it held when it last parsed.
         self._cache: dict[Path, tuple[tuple[int, int], list[RawObject]]] = {}
+        self._failed: dict[Path, tuple[int, int] | None] = {}  # stamp of each file's last failure
+        self.errors: Counter[str] = Counter()  # fault cause -> occurrences, for metrics
 
     def files(self) -> list[Path]:
         if self.path.is_file():
@@ -63,6 +66,7 @@ class DirectorySource:
         seen: dict[tuple[str, str, str], ObjectRef] = {}
         current = self.files()
         for path in current:
+            stamp = None
             try:
                 st = path.stat()
                 stamp = (st.st_mtime_ns, st.st_size)
@@ -72,6 +76,9 @@ class DirectorySource:
             except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
                 ref = ObjectRef("File", "", path.name, "file", str(path))
                 problems.append(Problem(ref, "(file)", f"cannot parse: {_one_line(e)}"))
+                if self._failed.get(path, ()) != stamp:  # count each bad version once
+                    self._failed[path] = stamp
+                    self.errors["unparsable_file"] += 1
                 if path not in self._cache:
                     continue  # never parsed: nothing to keep
             for obj in self._cache[path][1]:
