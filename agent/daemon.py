@@ -101,6 +101,8 @@ class Daemon:
         m.policies.set(len(snap.inventory.policies))
         for kind, n in self.dataplane.objects().items():
             m.dataplane_objects.labels(kind).set(n)
+        for name, ratio in self.dataplane.map_fill().items():
+            m.map_fill.labels(name).set(ratio)
         log.info(
             "synced %d endpoints (%s, %d commands, +%d/-%d elements)",
             len(snap.program.endpoints),

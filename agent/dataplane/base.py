@@ -97,6 +97,10 @@ class Dataplane(ABC):
         """What is programmed, by kind (sets, elements, chains, map entries, ...)."""
         return {}
 
+    def map_fill(self) -> dict[str, float]:
+        """Fill ratio (entries / capacity) of every fixed-size kernel map, by map name."""
+        return {}
+
     @abstractmethod
     def cleanup(self) -> None:
         """Remove everything this dataplane owns from the kernel."""

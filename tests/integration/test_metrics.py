@@ -126,3 +126,22 @@ def test_drops_name_the_deciding_policy_and_audit_lets_it_pass(lab: Lab, datapla
     line = next(m for m in metrics.splitlines() if m.startswith("stockade_drop_packets_total")
                 and 'endpoint="app/b"' in m)
     assert float(line.rsplit(" ", 1)[1]) > 0
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_alert_rules_and_dashboard_are_valid() -> None:
+    res = subprocess.run([_tool("promtool"), "check", "rules", str(ROOT / "deploy/monitoring/stockade-alerts.yml")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    dash = json.loads((ROOT / "deploy/monitoring/grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    # Every metric the dashboard plots is one the agent exports.
+    exported = ("stockade_drop_packets_total", "stockade_rule_packets_total", "stockade_syncs_total",
+                "stockade_last_successful_sync_timestamp_seconds", "stockade_policy_programming_latency_seconds",
+                "stockade_sync_duration_seconds", "stockade_endpoints", "stockade_policies",
+                "stockade_invalid_objects", "stockade_source_errors_total", "stockade_dataplane_objects",
+                "stockade_dataplane_map_fill_ratio")
+    for e in exprs:
+        assert any(name in e for name in exported), e
