@@ -11,7 +11,7 @@ NODE ?= demo
 # (eBPF dataplane), iproute2 (namespace lab, tc), conntrack (strict mode), iperf3 (bench),
 # prometheus (server and promtool for the metrics tests), python3-systemd (sd_notify).
 APT_PACKAGES := nftables python3-nftables python3-bpfcc bpfcc-tools linux-headers-amd64 \
-	iproute2 conntrack iperf3 prometheus python3-systemd python3-venv
+	iproute2 conntrack iperf3 prometheus python3-systemd systemd python3-venv
 KREL := $(shell uname -r)
 
 .PHONY: setup system kernel-headers venv run test lint demo bench cleanup clean
