@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.daemon import enforce
 from agent.dataplane.base import Dataplane, DataplaneError
 from agent.inventory import Endpoint, Inventory, IPAddress
 from agent.ir import Verdict
@@ -227,7 +228,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     _report(snap)
     dp = _dataplane(args.dataplane, args)
     try:
-        stats = dp.apply(snap.program)
+        stats, _ = enforce(dp, snap.program, strict=not args.keep_established)
     except DataplaneError as e:
         log.error("%s", e)
         return 1
@@ -241,7 +242,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     pipe = _pipeline(args, _node(args))
     watch = pipe if args.source == "netbird" else pipe.source
-    daemon = Daemon(pipe, _dataplane(args.dataplane, args), watch=watch, resync=args.resync)
+    daemon = Daemon(pipe, _dataplane(args.dataplane, args), watch=watch, resync=args.resync,
+                    strict=not args.keep_established)
     daemon.install_signal_handlers()
     server = serve_http(daemon, args.metrics_address)
     log.info("stockade %s enforcing %s on node %s with %s; http on %s", __version__,
@@ -347,6 +349,8 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--node", help="this node's name (default: $NODE_NAME, then host name)")
         if dataplane:
             sp.add_argument("--dataplane", default="nftables", choices=["nftables"])
+            sp.add_argument("--keep-established", action="store_true",
+                            help="do not cut established flows a policy change no longer allows")
             sp.add_argument("--mode", choices=["enforce", "audit"], default="enforce",
                             help="audit: program everything, drop nothing, count and log would-be drops")
 

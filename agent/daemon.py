@@ -18,12 +18,13 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from agent.dataplane.base import Dataplane, DataplaneError
+from agent.dataplane.base import ApplyStats, Dataplane, DataplaneError
 from agent.drops import DropRecorder
 from agent.inventory import Problem
 from agent.ir import Program
 from agent.metrics import AgentMetrics, KernelCollector, SourceErrorsCollector
 from agent.pipeline import Snapshot
+from agent.strict import stale_flows
 from agent.systemd import notify
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,21 @@ class Watchable(Protocol):
     def watch(self, on_change: Callable[[], None]) -> Callable[[], None]: ...
 
 
+def enforce(dataplane: Dataplane, program: Program, strict: bool = True) -> tuple[ApplyStats, int]:
+    """Apply a program; in strict mode then cut established flows it no longer allows."""
+    stats = dataplane.apply(program)
+    cut = 0
+    if strict:
+        try:
+            stale = stale_flows(program, dataplane.established(), dataplane.node_addresses())
+            cut = dataplane.forget(stale) if stale else 0
+        except OSError as e:  # the policy is in force; only the re-judging failed
+            log.warning("strict mode: could not re-judge established flows: %s", e)
+        if cut:
+            log.info("strict mode: cut %d established flows the new policy denies", cut)
+    return stats, cut
+
+
 class Daemon:
     def __init__(
         self,
@@ -46,7 +62,9 @@ class Daemon:
         debounce: float = 0.1,
         resync: float = 60.0,
         registry: CollectorRegistry | None = None,
+        strict: bool = True,
     ) -> None:
+        self.strict = strict
         self.pipeline = pipeline
         self.dataplane = dataplane
         self.watch_source = watch
@@ -81,7 +99,7 @@ class Daemon:
         try:
             snap = self.pipeline.snapshot()
             self._report(snap.problems)
-            stats = self.dataplane.apply(snap.program)
+            stats, cut = enforce(self.dataplane, snap.program, self.strict)
         except DataplaneError as e:
             log.error("sync failed, previous kernel state stays in force: %s", e)
             self.metrics.syncs.labels("error").inc()
@@ -95,6 +113,7 @@ class Daemon:
         if pending is not None:
             m.latency.observe(done - pending)
         m.syncs.labels("success").inc()
+        m.flows_cut.inc(cut)
         m.last_success.set_to_current_time()
         m.invalid.set(len(snap.problems))
         m.endpoints.set(len(snap.program.endpoints))

@@ -116,6 +116,8 @@ class AgentMetrics:
                                 ["kind"], registry=r)
         self.dataplane_objects = Gauge("stockade_dataplane_objects", "Objects programmed in the kernel, by kind",
                                        ["kind"], registry=r)
+        self.flows_cut = Counter("stockade_established_flows_cut", "Established flows cut by strict mode "
+                                 "because a policy change no longer allows them", registry=r)
         self.map_fill = Gauge("stockade_dataplane_map_fill_ratio", "Entries / capacity of fixed-size kernel maps",
                               ["map"], registry=r)
         for result in ("success", "error"):

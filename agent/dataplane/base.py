@@ -3,10 +3,13 @@ interpret policy."""
 
 from __future__ import annotations
 
+import ipaddress
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from agent.inventory import IPAddress
 from agent.ir import Direction, Program
+from agent.strict import Flow
 
 
 class DataplaneError(RuntimeError):
@@ -88,6 +91,21 @@ class Dataplane(ABC):
     def counters(self, program: Program | None = None) -> Counters:
         """Current kernel counters for `program` (default: what the last `apply` programmed;
         a fresh process passes the program it computed)."""
+
+    def established(self) -> list[Flow]:
+        """Flows the dataplane currently lets through without judging (its flow table)."""
+        return []
+
+    def forget(self, flows: list[Flow]) -> int:
+        """Drop these flows' state so their next packet is judged again; returns how many."""
+        return 0
+
+    def node_addresses(self) -> list[IPAddress]:
+        """This network namespace's own addresses (node -> pod traffic is always allowed)."""
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            return [ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()]
 
     def drop_log(self) -> DropLog | None:
         """A reader of sampled drops, or None when this dataplane cannot log them."""

@@ -25,8 +25,10 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from agent.dataplane import conntrack
 from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError, DropEvent, DropLog
 from agent.ir import PORTED, Direction, DirectionProgram, EndpointProgram, Program, Rule, Verdict
+from agent.strict import Flow
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +337,12 @@ class NftablesDataplane(Dataplane):
             elif comment.startswith("r:"):
                 c.add_rule((ep, comment[2:], d), n)
         return c
+
+    def established(self) -> list[Flow]:
+        return conntrack.established()
+
+    def forget(self, flows: list[Flow]) -> int:
+        return conntrack.forget(flows)
 
     def drop_log(self) -> DropLog | None:
         if self.options.log_group is None:

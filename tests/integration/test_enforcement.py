@@ -200,3 +200,36 @@ def test_apply_converges_and_cleanup_leaves_foreign_state(lab: Lab, dataplane: s
     ruleset = lab.node_sh("nft", "list ruleset").stdout
     assert "table inet foreign" in ruleset and "tcp dport 9 counter" in ruleset
     assert "stockade" not in ruleset
+
+
+def test_strict_mode_cuts_flows_no_longer_allowed(lab: Lab, dataplane: str, tmp_path: Path) -> None:
+    build(lab)
+    src = tmp_path / "src"
+    allow_from_a = policy("app/from-a", {"podSelector": {}, "ingress": [
+        {"from": [{"podSelector": {"matchLabels": {"app": "a"}}}]}]})
+    allow_a_to_c = policy("app/a-to-c", {"podSelector": {"matchLabels": {"app": "c"}}, "ingress": [
+        {"from": [{"podSelector": {"matchLabels": {"app": "a"}}}]}]})
+    write(src, [*cluster(), allow_from_a, allow_a_to_c])
+    apply(lab, src, dataplane)
+    to_b, to_c = lab.hold("app/a", B, 80), lab.hold("app/a", C, 80)
+    assert to_b.ping() and to_c.ping()
+    # Only a -> c stays allowed: b is now isolated by a policy that does not admit a.
+    write(src, [*cluster(), DENY_B, allow_a_to_c])
+    apply(lab, src, dataplane)
+    assert not to_b.ping()
+    assert to_c.ping()
+
+
+def test_keep_established_leaves_flows(lab: Lab, dataplane: str, tmp_path: Path) -> None:
+    build(lab)
+    src = tmp_path / "src"
+    write(src, cluster())
+    apply(lab, src, dataplane)
+    to_b = lab.hold("app/a", B, 80)
+    assert to_b.ping()
+    write(src, [*cluster(), DENY_B])
+    res = lab.stockade("apply", "--source", str(src), "--node", "lab", "--dataplane", dataplane,
+                       "--keep-established", "--state-dir", "")
+    assert res.returncode == 0, res.stderr
+    assert to_b.ping()  # opened before the policy: kept, as asked
+    assert not lab.reachable("app/a", B, 80)  # new connections are judged

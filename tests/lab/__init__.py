@@ -44,6 +44,17 @@ class Pod:
 
 
 @dataclass
+class Connection:
+    proc: subprocess.Popen
+
+    def ping(self) -> bool:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("ping\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip() == "ok"
+
+
+@dataclass
 class Lab:
     prefix: str = field(default_factory=lambda: f"stk{os.getpid()}x{next(_counter)}")
     pods: dict[str, Pod] = field(default_factory=dict)
@@ -159,6 +170,18 @@ class Lab:
         out = self.node_sh(sys.executable, "-c", code, url).stdout
         status, _, body = out.partition("\n")
         return int(status), body
+
+    def hold(self, src: str, dst_ip: str, port: int) -> Connection:
+        """A long-lived TCP connection from pod `src`, to ping through on demand."""
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.pods[src].netns, sys.executable, str(NETPROBE), "hold", dst_ip, str(port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "connected":
+            raise RuntimeError(f"{src} could not connect to {dst_ip}:{port}")
+        return Connection(proc)
 
     def stockade(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run the CLI inside the node namespace (its nft/tc, never the host's)."""

@@ -1,17 +1,21 @@
 """Stand-alone servers and probes run inside lab namespaces (no project imports).
 
     netprobe.py serve PORT...            TCP and UDP servers on [::] (IPv4 too), each port
-    netprobe.py probe TIMEOUT SPEC...    SPEC = proto:addr:port; prints one JSON object
+    netprobe.py probe TIMEOUT SPEC...    SPEC = proto:addr:port (tcp, udp) or icmp:addr (echo
+                                         request, raw socket); prints one JSON object
                                          {"SPEC": true|false} (true: a reply came back)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
+import struct
 import sys
 import threading
+import time
 
 
 def serve(ports: list[int]) -> None:
@@ -39,16 +43,80 @@ def serve(ports: list[int]) -> None:
 
 def _answer(conn: socket.socket) -> None:
     with conn:
-        conn.settimeout(5)
+        conn.settimeout(60)
         try:
-            data = conn.recv(1024)
-            conn.sendall(b"pong:" + data)
+            while data := conn.recv(1024):
+                conn.sendall(b"pong:" + data)
         except OSError:
             pass
 
 
+def hold(addr: str, port: int) -> None:
+    """One long-lived TCP connection; each stdin line sends a ping and prints ok/fail."""
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        s.connect((addr, port))
+        print("connected", flush=True)
+        for _ in sys.stdin:
+            try:
+                s.send(b"ping")
+                ok = s.recv(64).startswith(b"pong")
+            except OSError:
+                ok = False
+            print("ok" if ok else "fail", flush=True)
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+
+
+_ids = iter(range((os.getpid() * 97) & 0xFFFF, 1 << 30))
+_ids_lock = threading.Lock()
+
+
+def ping(addr: str, timeout: float) -> bool:
+    """One ICMP (v6) echo request over a raw socket; True if the matching reply came back."""
+    v6 = ":" in addr
+    with _ids_lock:
+        ident = next(_ids) & 0xFFFF
+    fam, proto, typ, reply = ((socket.AF_INET6, socket.IPPROTO_ICMPV6, 128, 129) if v6
+                              else (socket.AF_INET, socket.IPPROTO_ICMP, 8, 0))
+    payload = b"netprobe"
+    header = struct.pack("!BBHHH", typ, 0, 0, ident, 1)
+    if not v6:  # the kernel fills in the ICMPv6 checksum itself
+        header = struct.pack("!BBHHH", typ, 0, _checksum(header + payload), ident, 1)
+    deadline = time.monotonic() + timeout
+    with socket.socket(fam, socket.SOCK_RAW, proto) as s:
+        try:
+            s.sendto(header + payload, (addr, 0))
+            while (left := deadline - time.monotonic()) > 0:
+                s.settimeout(left)
+                data, src = s.recvfrom(2048)
+                if not v6:
+                    data = data[(data[0] & 0x0F) * 4:]  # IPv4 raw sockets include the IP header
+                if _same(src[0], addr) and len(data) >= 8 and data[0] == reply and \
+                        struct.unpack("!H", data[4:6])[0] == ident:
+                    return True
+        except OSError:
+            return False
+    return False
+
+
+def _same(a: str, b: str) -> bool:
+    return socket.inet_pton(socket.AF_INET6 if ":" in b else socket.AF_INET, a.split("%")[0]) == \
+        socket.inet_pton(socket.AF_INET6 if ":" in b else socket.AF_INET, b)
+
+
 def probe_one(spec: str, timeout: float) -> bool:
     proto, rest = spec.split(":", 1)
+    if proto == "icmp":
+        return ping(rest, timeout)
     addr, port = rest.rsplit(":", 1)
     fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
@@ -79,5 +147,7 @@ def probe(timeout: float, specs: list[str]) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve([int(p) for p in sys.argv[2:]])
+    elif sys.argv[1] == "hold":
+        hold(sys.argv[2], int(sys.argv[3]))
     else:
         probe(float(sys.argv[2]), sys.argv[3:])
