@@ -21,6 +21,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 
 from agent.inventory import IPAddress
 
@@ -75,6 +76,20 @@ class PortMatch:
         return f"{self.protocol}/{self.first}-{self.last}"
 
 
+def _prefixes(version: int, first: int, last: int) -> list[Network]:
+    """The fewest prefixes covering exactly [first, last]."""
+    bits = 32 if version == 4 else 128
+    make = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
+    out: list[Network] = []
+    while first <= last:
+        size = (first & -first).bit_length() - 1 if first else bits  # alignment of `first`
+        while first + (1 << size) - 1 > last:
+            size -= 1
+        out.append(make((first, bits - size)))
+        first += 1 << size
+    return out
+
+
 @dataclass(frozen=True)
 class PeerSet:
     """A set of addresses as disjoint prefixes (IPv4 and IPv6 together)."""
@@ -83,16 +98,38 @@ class PeerSet:
 
     @classmethod
     def of(cls, nets: Iterable[Network | IPAddress]) -> PeerSet:
-        v4: list[ipaddress.IPv4Network] = []
-        v6: list[ipaddress.IPv6Network] = []
+        """Collapse addresses and prefixes into disjoint prefixes. Works on integer ranges:
+        ipaddress.collapse_addresses is ~10x slower and this runs for every policy rule."""
+        ranges: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
         for n in nets:
-            net = ipaddress.ip_network(n)
-            (v4 if net.version == 4 else v6).append(net)  # type: ignore[arg-type]
-        collapsed = [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]
-        return cls(tuple(collapsed))
+            if isinstance(n, ipaddress.IPv4Address | ipaddress.IPv6Address):
+                a = int(n)
+                ranges[n.version].append((a, a))
+            else:
+                net = n if isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network) else ipaddress.ip_network(n)
+                a = int(net.network_address)
+                ranges[net.version].append((a, a + net.num_addresses - 1))
+        out: list[Network] = []
+        for version, rs in ranges.items():
+            rs.sort()
+            merged: list[list[int]] = []
+            for a, b in rs:
+                if merged and a <= merged[-1][1] + 1:
+                    merged[-1][1] = max(merged[-1][1], b)
+                else:
+                    merged.append([a, b])
+            for a, b in merged:
+                out.extend(_prefixes(version, a, b))
+        return cls(tuple(out))
+
+    @cached_property
+    def _index(self) -> tuple[frozenset[IPAddress], tuple[Network, ...]]:
+        hosts = frozenset(n.network_address for n in self.nets if n.prefixlen == n.max_prefixlen)
+        return hosts, tuple(n for n in self.nets if n.prefixlen != n.max_prefixlen)
 
     def contains(self, ip: IPAddress) -> bool:
-        return any(ip.version == n.version and ip in n for n in self.nets)
+        hosts, wide = self._index
+        return ip in hosts or any(ip.version == n.version and ip in n for n in wide)
 
     def family(self, version: int) -> tuple[Network, ...]:
         return tuple(n for n in self.nets if n.version == version)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from agent.dataplane import conntrack
 from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError, DropEvent, DropLog
-from agent.ir import PORTED, Direction, DirectionProgram, EndpointProgram, Program, Rule, Verdict
+from agent.ir import PORTED, Direction, DirectionProgram, EndpointProgram, PeerSet, Program, Rule, Verdict
 from agent.strict import Flow
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ class Model:
     maps: dict[str, dict[str, str]] = field(default_factory=lambda: {m: {} for m in MAPS})
     # chain -> (endpoint, direction), written into the chain's comment
     owners: dict[str, tuple[str, Direction]] = field(default_factory=dict)
+    # rule id -> its peers, so a set shared by many endpoints is rendered once
+    peers: dict[str, PeerSet] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -160,14 +162,15 @@ def _chain_rules(m: Model, dp: DirectionProgram, d: Direction, chain: str, opts:
         if rule.peers is None:
             matches = ports
         else:
-            for fam, proto, typ in ((4, "ip", "ipv4_addr"), (6, "ip6", "ipv6_addr")):
-                sname = f"p_{rule.id}_{fam}"
-                elems = frozenset(str(n) for n in rule.peers.family(fam))
-                prev = m.sets.get(sname)
-                if prev is not None and prev[1] != elems:
-                    raise DataplaneError(f"IR invariant broken: rule key {rule.key} has two peer sets")
-                m.sets[sname] = (typ, elems)
-                matches += [f"{proto} {peer_key} @{sname} {p}" for p in ports]
+            seen = m.peers.get(rule.id)
+            if seen is None:
+                m.peers[rule.id] = rule.peers
+                for fam, typ in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+                    m.sets[f"p_{rule.id}_{fam}"] = (typ, frozenset(str(n) for n in rule.peers.family(fam)))
+            elif seen is not rule.peers and seen != rule.peers:
+                raise DataplaneError(f"IR invariant broken: rule key {rule.key} has two peer sets")
+            for fam, proto in ((4, "ip"), (6, "ip6")):
+                matches += [f"{proto} {peer_key} @p_{rule.id}_{fam} {p}" for p in ports]
         for match in matches:
             if logged:
                 lines.append(f"{match}{_log(opts, chain, 'r:' + rule.id)}".rstrip())
