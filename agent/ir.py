@@ -42,7 +42,7 @@ class Direction(StrEnum):
     EGRESS = "egress"  # traffic leaving the endpoint
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class PortMatch:
     """A protocol and an inclusive port range; `first is None` means every port."""
 
@@ -60,6 +60,14 @@ class PortMatch:
                 raise ValueError(f"{self.protocol} has no ports")
             if not 0 <= self.first <= self.last <= 65535:
                 raise ValueError(f"bad port range {self.first}-{self.last}")
+
+    def sort_key(self) -> tuple[str, int, int]:
+        return (self.protocol, -1 if self.first is None else self.first, -1 if self.last is None else self.last)
+
+    @staticmethod
+    def canonical(ports: Iterable[PortMatch]) -> tuple[PortMatch, ...]:
+        """Deduplicated, in a stable order (rules compare equal when their ports do)."""
+        return tuple(sorted(set(ports), key=PortMatch.sort_key))
 
     def matches(self, protocol: str, port: int | None) -> bool:
         if protocol != self.protocol:

@@ -314,7 +314,7 @@ class _Compiler:
             if rule.ports and not ports:
                 continue  # every port was a name this pod lacks: the rule matches nothing
             peers = self._rule_peers(key, rule, pol.namespace)
-            out.append(Rule(origin, peers, tuple(sorted(set(ports))), key=key))
+            out.append(Rule(origin, peers, PortMatch.canonical(ports), key=key))
         return out
 
     def _egress_rules(self, pol: NetworkPolicy) -> list[Rule]:
@@ -329,7 +329,7 @@ class _Compiler:
             peers = self._rule_peers(key, rule, pol.namespace)
             numeric = _numeric_ports(rule.ports)
             if numeric or not rule.ports:
-                out.append(Rule(origin, peers, tuple(sorted(set(numeric))), key=key))
+                out.append(Rule(origin, peers, PortMatch.canonical(numeric), key=key))
             named = _named(rule.ports)
             if not named:
                 continue

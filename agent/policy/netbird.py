@@ -576,7 +576,7 @@ class _Compiler:
         if proto == "icmp":
             return (PortMatch("icmp"),)
         if rule.ports:  # ports win; the API refuses both, but old data may carry both
-            return tuple(sorted({PortMatch(proto, p, p) for p in rule.ports}))
+            return PortMatch.canonical(PortMatch(proto, p, p) for p in rule.ports)
         if rule.port_ranges:
             return tuple(sorted({PortMatch(proto, a, b) for a, b in rule.port_ranges}))
         return (PortMatch(proto),)
