@@ -48,7 +48,13 @@ def _dataplane(name: str, args: argparse.Namespace | None = None) -> Dataplane:
         from agent.dataplane.nftables import NftablesDataplane, Options
 
         return NftablesDataplane(Options(audit=audit))
-    raise SystemExit(f"stockade: unknown dataplane {name!r} (available: nftables)")
+    if name == "ebpf":
+        if audit:
+            raise SystemExit("stockade: --mode audit is not supported by the ebpf dataplane yet; use nftables")
+        from agent.dataplane.ebpf import EbpfDataplane
+
+        return EbpfDataplane()
+    raise SystemExit(f"stockade: unknown dataplane {name!r} (available: nftables, ebpf)")
 
 
 def _node(args: argparse.Namespace) -> str:
@@ -348,7 +354,7 @@ def parser() -> argparse.ArgumentParser:
         if node:
             sp.add_argument("--node", help="this node's name (default: $NODE_NAME, then host name)")
         if dataplane:
-            sp.add_argument("--dataplane", default="nftables", choices=["nftables"])
+            sp.add_argument("--dataplane", default="nftables", choices=["nftables", "ebpf"])
             sp.add_argument("--keep-established", action="store_true",
                             help="do not cut established flows a policy change no longer allows")
             sp.add_argument("--mode", choices=["enforce", "audit"], default="enforce",
@@ -399,7 +405,7 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_drops)
 
     sp = sub.add_parser("cleanup", help="remove everything stockade put in the kernel")
-    sp.add_argument("--dataplane", default="nftables", choices=["nftables"])
+    sp.add_argument("--dataplane", default="nftables", choices=["nftables", "ebpf"])
     sp.set_defaults(func=cmd_cleanup)
     return p
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +16,8 @@ from tests.lab import ROOT, Lab
 ROOT_EXAMPLES = ROOT / "examples"
 
 # Every packet test runs once per dataplane; one suite, not a copy per backend.
-DATAPLANES = ["nftables"]
+DATAPLANES = ["nftables", "ebpf"]
+PIN_ROOT_ENV = "STOCKADE_BPF_PIN_ROOT"
 
 
 def require_privileges() -> None:
@@ -25,9 +29,51 @@ def require_privileges() -> None:
             pytest.fail(f"packet tests need `{tool}`: run `make setup`")
 
 
+@contextlib.contextmanager
+def private_bpffs(tag: str) -> Iterator[str]:
+    """A private bpffs for pinned maps, visible inside `ip netns exec` (which remounts
+    /sys, so pins under /sys/fs/bpf would vanish with each CLI process); unmounted after."""
+    require_privileges()
+    root = Path("/run/stockade-test") / f"bpf-{os.getpid()}-{tag}"
+    root.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.fail(f"cannot mount bpffs (eBPF tests need it): {res.stderr}")
+    try:
+        yield f"{root}/stockade"
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)
+        root.rmdir()
+
+
+@contextlib.contextmanager
+def dataplane_env(name: str, tag: str) -> Iterator[str]:
+    """Run the CLI processes of a test against `name`; eBPF gets its own pin root."""
+    if name != "ebpf":
+        yield name
+        return
+    with private_bpffs(tag) as pins:
+        old = os.environ.get(PIN_ROOT_ENV)
+        os.environ[PIN_ROOT_ENV] = pins
+        try:
+            yield name
+        finally:
+            if old is None:
+                os.environ.pop(PIN_ROOT_ENV, None)
+            else:
+                os.environ[PIN_ROOT_ENV] = old
+
+
 @pytest.fixture(params=DATAPLANES)
-def dataplane(request: pytest.FixtureRequest) -> str:
-    return request.param
+def dataplane(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with dataplane_env(request.param, tmp_path.name) as name:
+        yield name
+
+
+@pytest.fixture
+def pin_root(tmp_path: Path) -> Iterator[str]:
+    with private_bpffs(tmp_path.name) as pins:
+        yield pins
 
 
 @pytest.fixture

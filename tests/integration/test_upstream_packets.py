@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATAPLANES, require_privileges
+from tests.conftest import DATAPLANES, dataplane_env, require_privileges
 from tests.lab import Lab
 from tests.lab.cases import (
     expected_grid,
@@ -36,7 +36,7 @@ def upstream_lab(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[t
     objects4 = step_objects({}, 4)
     objects6 = step_objects({}, 6)
     ips4, ips6 = pod_ips(objects4), pod_ips(objects6)
-    with Lab() as lab:
+    with dataplane_env(request.param, f"upstream-{request.param}"), Lab() as lab:
         for key in pod_keys(objects4):
             lab.add_pod(key, [ips4[key], ips6[key]])
         yield lab, request.param, tmp_path_factory.mktemp("upstream")

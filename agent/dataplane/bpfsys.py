@@ -1,0 +1,220 @@
+"""A minimal ctypes binding of the bpf(2) syscall for pinned maps and programs.
+
+The long-lived agent manages the kernel objects the short-lived loader child pinned
+(`agent.dataplane.ebpf_loader`) through these few commands, so it never imports bcc
+and never carries LLVM. Keys and values are raw bytes; callers pack them with
+`struct`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+from collections.abc import Iterator
+
+_NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351, "riscv64": 280}
+
+# bpf_cmd
+MAP_CREATE = 0
+MAP_LOOKUP_ELEM = 1
+MAP_UPDATE_ELEM = 2
+MAP_DELETE_ELEM = 3
+MAP_GET_NEXT_KEY = 4
+OBJ_PIN = 6
+OBJ_GET = 7
+OBJ_GET_INFO_BY_FD = 15
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+BPF_FS_MAGIC = 0xCAFE4A11
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class BpfError(OSError):
+    pass
+
+
+def _bpf(cmd: int, attr: ctypes.Array) -> int:  # type: ignore[type-arg]
+    nr = _NR_BPF.get(platform.machine())
+    if nr is None:
+        raise BpfError(errno.ENOSYS, f"bpf(2) syscall number unknown for {platform.machine()}")
+    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(ctypes.sizeof(attr)))
+    if ret < 0:
+        e = ctypes.get_errno()
+        raise BpfError(e, os.strerror(e))
+    return int(ret)
+
+
+def _attr() -> ctypes.Array:  # type: ignore[type-arg]
+    """A zeroed bpf_attr (128 bytes covers every command used here)."""
+    return ctypes.create_string_buffer(128)
+
+
+def _put(buf: ctypes.Array, offset: int, ctype: type, value: int) -> None:  # type: ignore[type-arg]
+    ctype.from_buffer(buf, offset).value = value  # type: ignore[attr-defined]
+
+
+def _addr(b: ctypes.Array | None) -> int:  # type: ignore[type-arg]
+    return 0 if b is None else ctypes.addressof(b)
+
+
+def obj_get(path: str) -> int:
+    """fd of a pinned map or program."""
+    attr = _attr()
+    p = ctypes.create_string_buffer(path.encode())
+    _put(attr, 0, ctypes.c_uint64, ctypes.addressof(p))
+    return _bpf(OBJ_GET, attr)
+
+
+def obj_pin(fd: int, path: str) -> None:
+    attr = _attr()
+    p = ctypes.create_string_buffer(path.encode())
+    _put(attr, 0, ctypes.c_uint64, ctypes.addressof(p))
+    _put(attr, 8, ctypes.c_uint32, fd)
+    _bpf(OBJ_PIN, attr)
+
+
+def _info(fd: int, size: int = 256) -> bytes:
+    info = ctypes.create_string_buffer(size)
+    attr = _attr()
+    _put(attr, 0, ctypes.c_uint32, fd)
+    _put(attr, 4, ctypes.c_uint32, size)
+    _put(attr, 8, ctypes.c_uint64, ctypes.addressof(info))
+    _bpf(OBJ_GET_INFO_BY_FD, attr)
+    return info.raw
+
+
+def prog_id(fd: int) -> int:
+    """Kernel id of a program (bpf_prog_info.id)."""
+    return int.from_bytes(_info(fd)[4:8], "little")
+
+
+def _ncpus() -> int:
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+NCPUS = _ncpus()
+PERCPU_TYPES = {5, 6, 10, 21}  # percpu hash, percpu array, lru percpu hash, percpu cgroup storage
+MAP_TYPES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash", 11: "lpm_trie"}
+
+
+def is_bpffs(path: str) -> bool:
+    # statvfs has no f_type: find the mount holding `path` in /proc/self/mounts.
+    real = os.path.realpath(path)
+    best = ("", "")
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            mnt, typ = parts[1], parts[2]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                best = (mnt, typ)
+    return best[1] == "bpf"
+
+
+class Map:
+    """A BPF map opened by fd (usually from a pinned path)."""
+
+    def __init__(self, fd: int, name: str = "") -> None:
+        self.fd = fd
+        raw = _info(fd)
+        self.type, self.id, self.key_size, self.value_size, self.max_entries, self.flags = (
+            int.from_bytes(raw[i : i + 4], "little") for i in range(0, 24, 4)
+        )
+        self.name = name or raw[24:40].rstrip(b"\0").decode()
+        self.percpu = self.type in PERCPU_TYPES
+        self._vsize = ((self.value_size + 7) // 8 * 8) * NCPUS if self.percpu else self.value_size
+
+    @classmethod
+    def pinned(cls, path: str) -> Map:
+        return cls(obj_get(path), os.path.basename(path))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _elem(self, cmd: int, key: bytes, value: ctypes.Array | None, flags: int = 0) -> int:  # type: ignore[type-arg]
+        if len(key) != self.key_size:
+            raise ValueError(f"{self.name}: key is {len(key)} bytes, map wants {self.key_size}")
+        k = ctypes.create_string_buffer(key, len(key))
+        attr = _attr()
+        _put(attr, 0, ctypes.c_uint32, self.fd)
+        _put(attr, 8, ctypes.c_uint64, ctypes.addressof(k))
+        _put(attr, 16, ctypes.c_uint64, _addr(value))
+        _put(attr, 24, ctypes.c_uint64, flags)
+        return _bpf(cmd, attr)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        v = ctypes.create_string_buffer(self._vsize)
+        try:
+            self._elem(MAP_LOOKUP_ELEM, key, v)
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        return v.raw
+
+    def lookup_percpu(self, key: bytes) -> list[bytes]:
+        raw = self.lookup(key)
+        if raw is None:
+            return []
+        step = (self.value_size + 7) // 8 * 8
+        return [raw[i * step : i * step + self.value_size] for i in range(NCPUS)]
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        if self.percpu and len(value) == self.value_size:
+            step = (self.value_size + 7) // 8 * 8
+            value = b"".join(value.ljust(step, b"\0") for _ in range(NCPUS))
+        if len(value) != self._vsize:
+            raise ValueError(f"{self.name}: value is {len(value)} bytes, map wants {self._vsize}")
+        v = ctypes.create_string_buffer(value, len(value))
+        self._elem(MAP_UPDATE_ELEM, key, v, flags)
+
+    def delete(self, key: bytes) -> bool:
+        try:
+            self._elem(MAP_DELETE_ELEM, key, None)
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def all_keys(self) -> Iterator[bytes]:
+        attr = _attr()
+        nxt = ctypes.create_string_buffer(self.key_size)
+        cur: ctypes.Array | None = None  # type: ignore[type-arg]
+        while True:
+            _put(attr, 0, ctypes.c_uint32, self.fd)
+            _put(attr, 8, ctypes.c_uint64, _addr(cur))
+            _put(attr, 16, ctypes.c_uint64, ctypes.addressof(nxt))
+            try:
+                _bpf(MAP_GET_NEXT_KEY, attr)
+            except BpfError as e:
+                if e.errno == errno.ENOENT:
+                    return
+                raise
+            k = nxt.raw
+            yield k
+            cur = ctypes.create_string_buffer(k, len(k))
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        for k in list(self.all_keys()):
+            v = self.lookup(k)
+            if v is not None:
+                yield k, v
+
+    def count(self) -> int:
+        return sum(1 for _ in self.all_keys())

@@ -1,0 +1,844 @@
+"""eBPF dataplane: tc classifiers (bpf/stockade.c) on each local endpoint's host-side
+interface, driven by pinned maps.
+
+Processes:
+- `agent.dataplane.ebpf_loader` (a short-lived child) compiles the C source with bcc,
+  loads the two programs and pins them with every map under
+  `<pin_root>/<build>/` (`build` hashes the source and the map sizes). The agent never
+  imports bcc: it manages the pinned maps with bpf(2) through `agent.dataplane.bpfsys`
+  and attaches the pinned programs with pyroute2 (clsact, direct-action, prio
+  `FILTER_PRIO`, handle 1, name `stockade-<build>-<hook>`).
+
+Maps (all keys/values little-endian host order except addresses and ports):
+- `ifcfg` ifindex -> (l3, direction judged at tc ingress, at tc egress). A veth of a
+  pod: tc ingress judges the pod's egress, tc egress its ingress. A device whose
+  endpoint is the node itself (NetBird's wt0: the endpoint's address is a node
+  address): the other way round. `l3`: raw IP device (TUN), no Ethernet header.
+- `addrs` (family, address) -> endpoint id; `epstate` endpoint id -> (generation,
+  per direction: enforced, isolated). `epkeys`/`slotinfo` remember endpoint keys and
+  counter slots for a restarted agent.
+- `peers` LPM (endpoint, generation, direction, family, peer prefix) -> peer class.
+  Classes are computed here: every distinct prefix of the direction's rules becomes an
+  entry whose class is the set of rules containing it (prefixes of one family are
+  nested or disjoint, so the longest match is the most specific prefix, and the rules
+  containing the packet's peer are exactly those containing that prefix); rules with
+  `peers=None` are in every class, and a /0 entry catches addresses only they match.
+- `ports` LPM (endpoint, generation, class, direction, protocol, has_port, port
+  prefix) -> (verdict, counter slot). Per class and protocol the first-match function
+  over the port space is computed here (IR order), cut into maximal intervals with the
+  same deciding rule, and each interval into aligned power-of-two port prefixes (at
+  most 30 per interval). `has_port=0` entries answer packets without a port (ICMP,
+  other protocols, non-first fragments): only rules matching every port of the
+  protocol (or every protocol) match them.
+- `flows` LRU (endpoint, direction, family, protocol, ports, addresses) -> last seen,
+  FIN flags; written when a judged packet passes, looked up as is (same direction) and
+  reversed with the other direction (replies). ICMP echo uses the identifier as port;
+  ICMP errors look up their inner header reversed. RST deletes, both FINs shorten the
+  timeout to 10 s. `frags` LRU remembers first fragments that passed so later
+  fragments of the datagram pass; unknown later fragments are judged without a port.
+- `rule_stats` per-CPU array slot -> (packets, bytes) of judged packets per rule;
+  `drop_stats` per-CPU array (endpoint id * 2 + direction) -> default-deny drops.
+
+Bounds (per endpoint and direction, R rules, P distinct peer prefixes, Q port ranges):
+`peers` entries <= P + 2; classes <= P + 2; `ports` entries <= classes * 5 protocols *
+(2Q + 2) intervals * 30 prefixes (in practice one or two per port rule and class).
+
+Atomicity: an endpoint's changed tables are written under generation g+1, its
+`epstate` entry is switched with one update, and after a short grace period (packets
+in flight may still use g) the generation-g entries are deleted.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import ipaddress
+import itertools
+import json
+import logging
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from agent.dataplane import bpfsys
+from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError
+from agent.inventory import IPAddress
+from agent.ir import PORTED, Direction, DirectionProgram, Program, Rule, Verdict
+
+log = logging.getLogger(__name__)
+
+PIN_ROOT = "/sys/fs/bpf/stockade"
+# Overrides the pin root (e.g. a bpffs the tests mount where `ip netns exec` still sees it).
+PIN_ROOT_ENV = "STOCKADE_BPF_PIN_ROOT"
+SOURCE = os.path.join(os.path.dirname(__file__), "..", "..", "bpf", "stockade.c")
+FILTER_PRIO = 0x5EC
+FILTER_HANDLE = 1
+PARENTS = {0: 0xFFFFFFF2, 1: 0xFFFFFFF3}  # tc ingress, tc egress (clsact)
+GRACE_S = 0.02  # wait before deleting a replaced generation (packets in flight)
+
+DIR_CODE = {Direction.INGRESS: 0, Direction.EGRESS: 1}
+F_ENFORCED, F_ISOLATED = 1, 2
+V_CODE = {Verdict.ACCEPT: 1, Verdict.DROP: 2}
+V_NAME = {1: "accept", 2: "drop"}
+PROTO = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1}
+P_OTHER = 0
+PROTO_NAME = {v: k for k, v in PROTO.items()} | {P_OTHER: "other"}
+ALL_PROTOS = (6, 17, 132, 1, P_OTHER)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Map capacities (max_entries). Changing any of them loads a new build."""
+
+    endpoints: int = 4096
+    addrs: int = 16384
+    peers: int = 262144
+    ports: int = 262144
+    flows: int = 65536  # LRU, preallocated: ~110 B each
+    frags: int = 16384
+    slots: int = 65536
+    ifaces: int = 4096
+    node_addrs: int = 1024
+
+    def defines(self) -> list[str]:
+        return [
+            f"MAX_ENDPOINTS={self.endpoints}", f"MAX_ADDRS={self.addrs}", f"MAX_PEERS={self.peers}",
+            f"MAX_PORTS={self.ports}", f"MAX_FLOWS={self.flows}", f"MAX_FRAGS={self.frags}",
+            f"MAX_SLOTS={self.slots}", f"MAX_IFACES={self.ifaces}", f"MAX_NODE_ADDRS={self.node_addrs}",
+        ]
+
+
+# ------------------------------------------------------------------ IR -> tables (pure)
+
+
+def port_prefixes(first: int, last: int) -> list[tuple[int, int]]:
+    """[first, last] as aligned (port, prefix length) blocks, at most 30 of them."""
+    out = []
+    a = first
+    while a <= last:
+        size = a & -a if a else 1 << 16
+        while a + size - 1 > last:
+            size >>= 1
+        out.append((a, 16 - size.bit_length() + 1))
+        a += size
+    return out
+
+
+def _rule_matches(rule: Rule, proto: int, port: int | None) -> bool:
+    if not rule.ports:
+        return True
+    if proto == P_OTHER:
+        return False
+    return any(pm.matches(PROTO_NAME[proto], port) for pm in rule.ports)
+
+
+PortEntries = dict[tuple[int, int, int, int], tuple[int, int]]
+"""(proto, has_port, port, port prefix length) -> (verdict code, rule index)."""
+
+
+def _class_ports(rules: tuple[Rule, ...], members: tuple[int, ...]) -> PortEntries:
+    out: PortEntries = {}
+    for proto in ALL_PROTOS:
+        # no port known: first rule matching every port of the protocol
+        for i in members:
+            if _rule_matches(rules[i], proto, None):
+                out[(proto, 0, 0, 16)] = (V_CODE[rules[i].verdict], i)
+                break
+        if proto not in (PROTO[p] for p in PORTED):
+            continue
+        cuts = {0, 65536}
+        for i in members:
+            for pm in rules[i].ports:
+                if pm.protocol == PROTO_NAME[proto] and pm.first is not None and pm.last is not None:
+                    cuts |= {pm.first, pm.last + 1}
+        edges = sorted(cuts)
+        segs: list[tuple[int, int, int | None]] = []
+        for a, b in itertools.pairwise(edges):
+            who = next((i for i in members if _rule_matches(rules[i], proto, a)), None)
+            if segs and segs[-1][2] == who:
+                segs[-1] = (segs[-1][0], b, who)
+            else:
+                segs.append((a, b, who))
+        for a, b, who in segs:
+            if who is None:
+                continue
+            for port, plen in port_prefixes(a, b - 1):
+                out[(proto, 1, port, plen)] = (V_CODE[rules[who].verdict], who)
+    return out
+
+
+@dataclass(frozen=True)
+class DirTables:
+    """One endpoint direction's map contents, independent of ids, slots, generations."""
+
+    flags: int
+    peers: tuple[tuple[int, int, int, int], ...] = ()  # (family, address int, prefixlen, class)
+    ports: tuple[tuple[int, PortEntries], ...] = ()  # (class, entries)
+    rule_ids: tuple[str, ...] = ()
+
+    def __hash__(self) -> int:
+        return hash((self.flags, self.peers, self.rule_ids))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DirTables) and (
+            self.flags, self.peers, self.ports, self.rule_ids
+        ) == (other.flags, other.peers, other.ports, other.rule_ids)
+
+    @property
+    def entries(self) -> tuple[int, int]:
+        return len(self.peers), sum(len(e) for _, e in self.ports)
+
+
+def compile_direction(dp: DirectionProgram) -> DirTables:
+    flags = (F_ENFORCED if dp.enforced else 0) | (F_ISOLATED if dp.isolated else 0)
+    rules = dp.rules
+    if not dp.enforced or not rules:
+        return DirTables(flags, rule_ids=tuple(r.id for r in rules))
+    anyone = tuple(i for i, r in enumerate(rules) if r.peers is None)
+    classes: dict[tuple[int, ...], int] = {}
+    peers = []
+    for fam, width in ((4, 32), (6, 128)):
+        holders: dict[tuple[int, int], set[int]] = {}
+        for i, r in enumerate(rules):
+            if r.peers is None:
+                continue
+            for n in r.peers.family(fam):
+                holders.setdefault((int(n.network_address), n.prefixlen), set()).add(i)
+        prefixes = set(holders)
+        if anyone:
+            prefixes.add((0, 0))
+        for addr, plen in sorted(prefixes):
+            members = set(anyone)
+            for ln in range(plen + 1):  # every ancestor (or the prefix itself) that a rule holds
+                mask = ((1 << ln) - 1) << (width - ln) if ln else 0
+                members |= holders.get((addr & mask, ln), set())
+            key = tuple(sorted(members))
+            cls = classes.setdefault(key, len(classes) + 1)
+            peers.append((fam, addr, plen, cls))
+    ports = tuple((cls, _class_ports(rules, members)) for members, cls in classes.items())
+    return DirTables(flags, tuple(peers), ports, tuple(r.id for r in rules))
+
+
+# ------------------------------------------------------------------ key/value packing
+
+
+def _addr_bytes(ip: IPAddress | int, family: int) -> bytes:
+    if isinstance(ip, int):
+        return ip.to_bytes(4 if family == 4 else 16, "big").ljust(16, b"\0")
+    return ip.packed.ljust(16, b"\0")
+
+
+def k_addr(ip: IPAddress) -> bytes:
+    return struct.pack("<B3x", ip.version) + _addr_bytes(ip, ip.version)
+
+
+def v_epstate(gen: int, ing: int, eg: int) -> bytes:
+    return struct.pack("<IBB2x", gen, ing, eg)
+
+
+def k_peer(ep: int, gen: int, d: int, family: int, addr: int, plen: int) -> bytes:
+    return struct.pack("<IIIBB", 80 + plen, ep, gen, d, family) + _addr_bytes(addr, family)
+
+
+def k_port(ep: int, gen: int, cls: int, d: int, proto: int, has_port: int, port: int, plen: int) -> bytes:
+    prefixlen = 120 + plen if has_port else 136
+    return struct.pack("<IIIIBBB", prefixlen, ep, gen, cls, d, proto, has_port) + struct.pack(">H", port)
+
+
+def v_port(slot: int, verdict: int) -> bytes:
+    return struct.pack("<IB3x", slot, verdict)
+
+
+def v_ifcfg(l3: bool, host: bool) -> bytes:
+    # pod behind a veth: tc ingress = its egress (1); the node itself: tc ingress = its ingress (0)
+    return struct.pack("<BBBx", int(l3), 0 if host else 1, 1 if host else 0)
+
+
+# ------------------------------------------------------------------ model
+
+
+@dataclass
+class EpState:
+    ep_id: int
+    gen: int
+    tables: dict[Direction, DirTables] | None  # None: adopted, contents unknown
+    addrs: set[IPAddress] = field(default_factory=set)
+    slots: dict[tuple[int, str], int] = field(default_factory=dict)  # (dir, rule id) -> slot
+
+
+def _entries(ep: EpState, tables: dict[Direction, DirTables], gen: int) -> tuple[list, list]:
+    peers, ports = [], []
+    for d, t in tables.items():
+        dc = DIR_CODE[d]
+        for fam, addr, plen, cls in t.peers:
+            peers.append((k_peer(ep.ep_id, gen, dc, fam, addr, plen), struct.pack("<I", cls)))
+        for cls, entries in t.ports:
+            for (proto, has_port, port, plen), (verdict, idx) in entries.items():
+                slot = ep.slots[(dc, t.rule_ids[idx])]
+                ports.append((k_port(ep.ep_id, gen, cls, dc, proto, has_port, port, plen),
+                              v_port(slot, verdict)))
+    return peers, ports
+
+
+def build_id(sizes: Sizes) -> str:
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    return hashlib.blake2s(src + json.dumps(sizes.defines()).encode(), digest_size=6).hexdigest()
+
+
+class EbpfDataplane(Dataplane):
+    name = "ebpf"
+
+    def __init__(self, sizes: Sizes | None = None, pin_root: str | None = None, netns: str | None = None,
+                 python: str | None = None) -> None:
+        self.sizes = sizes or Sizes()
+        self.pin_root = (pin_root or os.environ.get(PIN_ROOT_ENV) or PIN_ROOT).rstrip("/")
+        self.netns = netns  # named netns for routes, addresses and tc (None: the current one)
+        self.python = python or sys.executable
+        self.build = build_id(self.sizes)
+        self.pin_dir = f"{self.pin_root}/{self.build}"
+        self.maps: dict[str, bpfsys.Map] = {}
+        self.prog_fds: dict[int, int] = {}
+        self.prog_ids: dict[int, int] = {}
+        self.eps: dict[str, EpState] | None = None  # None: not yet loaded/adopted
+        self.ifaces: dict[int, bytes] = {}  # ifindex -> ifcfg value we own
+        self.node_addrs: set[IPAddress] = set()
+        self.free_slots: list[int] = []
+        self.next_slot = 0
+        self.next_ep = 1
+        self.unattached: dict[str, str] = {}
+        self._adopted = False
+        self._links: dict[int, object] = {}  # endpoint key -> why it has no interface
+        self.last_load: dict[str, object] = {}
+        self._ipr = None
+
+    # ---------------------------------------------------------------- plumbing
+
+    @property
+    def ipr(self):  # type: ignore[no-untyped-def]
+        if self._ipr is None:
+            from pyroute2 import IPRoute
+
+            self._ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
+        return self._ipr
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        for fd in self.prog_fds.values():
+            os.close(fd)
+        self.maps, self.prog_fds, self.eps = {}, {}, None
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    def _ensure_bpffs(self) -> None:
+        base = os.path.dirname(self.pin_root.rstrip("/")) or "/"
+        if not bpfsys.is_bpffs(base):
+            try:
+                os.makedirs(base, exist_ok=True)
+                subprocess.run(["mount", "-t", "bpf", "bpf", base], check=True, capture_output=True)
+            except (OSError, subprocess.CalledProcessError) as e:
+                raise DataplaneError(
+                    f"no BPF filesystem at {base} and mounting one failed ({e}); run as root or "
+                    f"`mount -t bpf bpf {base}`"
+                ) from e
+        os.makedirs(self.pin_root, exist_ok=True)
+
+    def _load(self) -> None:
+        """Open the pinned objects of this build, compiling them in a child if absent."""
+        if self.maps:
+            return
+        self._ensure_bpffs()
+        if not os.path.exists(f"{self.pin_dir}/stk_egress"):
+            cmd = [self.python, "-m", "agent.dataplane.ebpf_loader", "--pin-dir", self.pin_dir]
+            for d in self.sizes.defines():
+                cmd += ["-D", d]
+            t0 = time.monotonic()
+            root = os.path.dirname(os.path.dirname(os.path.abspath(SOURCE)))
+            env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if r.returncode != 0:
+                raise DataplaneError(f"eBPF loader failed: {r.stderr.strip()[-2000:]}")
+            self.last_load = json.loads(r.stdout.strip().splitlines()[-1])
+            self.last_load["total_s"] = round(time.monotonic() - t0, 3)
+            log.info("compiled and pinned eBPF build %s: %s", self.build, self.last_load)
+        try:
+            from agent.dataplane.ebpf_loader import MAPS, PROGRAMS
+
+            for name in MAPS:
+                self.maps[name] = bpfsys.Map.pinned(f"{self.pin_dir}/{name}")
+            for hook, name in enumerate(PROGRAMS):
+                self.prog_fds[hook] = bpfsys.obj_get(f"{self.pin_dir}/{name}")
+                self.prog_ids[hook] = bpfsys.prog_id(self.prog_fds[hook])
+        except OSError as e:
+            self.close()
+            raise DataplaneError(f"cannot open pinned eBPF objects in {self.pin_dir}: {e}") from e
+
+    def _adopt(self) -> None:
+        """Rebuild the model from pinned maps a previous agent left behind."""
+        self._load()
+        eps: dict[str, EpState] = {}
+        byid: dict[int, EpState] = {}
+        for k, v in self.maps["epkeys"].items():
+            ep_id = struct.unpack("<I", k)[0]
+            name = v.rstrip(b"\0").decode()
+            st = self.maps["epstate"].lookup(k)
+            gen = struct.unpack("<I", st[:4])[0] if st else 0
+            eps[name] = byid[ep_id] = EpState(ep_id, gen, None)
+            self.next_ep = max(self.next_ep, ep_id + 1)
+        for k, v in self.maps["addrs"].items():
+            ep = byid.get(struct.unpack("<I", v)[0])
+            if ep is not None:
+                fam = k[0]
+                raw = k[4:8] if fam == 4 else k[4:20]
+                ep.addrs.add(ipaddress.ip_address(raw))
+        used = set()
+        for k, v in self.maps["slotinfo"].items():
+            slot = struct.unpack("<I", k)[0]
+            ep_id, d = struct.unpack("<IB", v[:5])
+            rid = v[5:11].hex()
+            if ep_id in byid:
+                byid[ep_id].slots[(d, rid)] = slot
+                used.add(slot)
+        self.next_slot = max(used, default=-1) + 1
+        self.free_slots = sorted(set(range(self.next_slot)) - used, reverse=True)
+        for k, v in self.maps["ifcfg"].items():
+            self.ifaces[struct.unpack("<I", k)[0]] = v
+        for k in self.maps["nodeaddrs"].all_keys():
+            fam = k[0]
+            self.node_addrs.add(ipaddress.ip_address(k[4:8] if fam == 4 else k[4:20]))
+        self.eps = eps
+        self._adopted = bool(eps)
+        if eps:
+            log.info("adopted pinned eBPF state: %d endpoints", len(eps))
+
+    # ---------------------------------------------------------------- apply
+
+    def _alloc_slot(self) -> int:
+        if self.free_slots:
+            slot = self.free_slots.pop()
+        else:
+            if self.next_slot >= self.sizes.slots:
+                raise DataplaneError(f"eBPF map rule_stats is full ({self.sizes.slots} counter slots)")
+            slot = self.next_slot
+            self.next_slot += 1
+        zero = struct.pack("<QQ", 0, 0)
+        self.maps["rule_stats"].update(struct.pack("<I", slot), zero)
+        return slot
+
+    def _alloc_ep(self) -> int:
+        assert self.eps is not None
+        used = {e.ep_id for e in self.eps.values()}
+        for _ in range(self.sizes.endpoints):
+            cand = self.next_ep if self.next_ep < self.sizes.endpoints else 1
+            self.next_ep = cand + 1
+            if cand not in used:
+                return cand
+        raise DataplaneError(f"eBPF map epstate is full ({self.sizes.endpoints} endpoints)")
+
+    def _write(self, name: str, items: Iterable[tuple[bytes, bytes]]) -> int:
+        m = self.maps[name]
+        n = 0
+        for k, v in items:
+            try:
+                m.update(k, v)
+            except bpfsys.BpfError as e:
+                if e.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+                    raise DataplaneError(
+                        f"eBPF map {name} is full ({m.max_entries} entries): raise its size"
+                    ) from e
+                raise DataplaneError(f"updating eBPF map {name} failed: {e}") from e
+            n += 1
+        return n
+
+    def _sync_slots(self, ep: EpState, tables: dict[Direction, DirTables]) -> None:
+        want = {(DIR_CODE[d], rid) for d, t in tables.items() for rid in t.rule_ids}
+        for key in want - set(ep.slots):
+            slot = self._alloc_slot()
+            ep.slots[key] = slot
+            info = struct.pack("<IB", ep.ep_id, key[0]) + bytes.fromhex(key[1]) + b"\0"
+            self._write("slotinfo", [(struct.pack("<I", slot), info)])
+
+    def _release_slots(self, ep: EpState, keep: set[tuple[int, str]]) -> None:
+        for key in list(ep.slots):
+            if key not in keep:
+                slot = ep.slots.pop(key)
+                self.maps["slotinfo"].delete(struct.pack("<I", slot))
+                self.free_slots.append(slot)
+
+    def _check_capacity(self, program: Program, compiled: dict[str, dict[Direction, DirTables]]) -> None:
+        assert self.eps is not None
+        peers = ports = 0
+        for key, tables in compiled.items():
+            old = self.eps.get(key)
+            for t in tables.values():
+                a, b = t.entries
+                peers, ports = peers + a, ports + b
+            if old is not None and old.tables is not None and old.tables != tables:
+                for t in old.tables.values():  # both generations live for a moment
+                    a, b = t.entries
+                    peers, ports = peers + a, ports + b
+        addrs = sum(len(ep.ips) for ep in program.endpoints.values())
+        slots = sum(len(t.rule_ids) for tables in compiled.values() for t in tables.values())
+        for name, need, cap in (("peers", peers, self.sizes.peers), ("ports", ports, self.sizes.ports),
+                                ("addrs", addrs, self.sizes.addrs),
+                                ("epstate", len(compiled), self.sizes.endpoints - 1),
+                                ("rule_stats", slots, self.sizes.slots)):
+            if need > cap:
+                raise DataplaneError(f"eBPF map {name} would need {need} entries, capacity is {cap}: "
+                                     "raise its size")
+
+    def apply(self, program: Program) -> ApplyStats:
+        if self.eps is None:
+            self._adopt()
+        assert self.eps is not None
+        memo: dict[DirectionProgram, DirTables] = {}  # endpoints selected alike share tables
+
+        def tables_of(dp: DirectionProgram) -> DirTables:
+            if dp not in memo:
+                memo[dp] = compile_direction(dp)
+            return memo[dp]
+
+        compiled = {key: {d: tables_of(ep.direction(d)) for d in Direction}
+                    for key, ep in program.endpoints.items()}
+        self._check_capacity(program, compiled)
+        added = removed = written = 0
+        cmds = 0
+        stale: list[tuple[str, bytes]] = []
+        # node addresses first: they only ever widen node -> endpoint traffic
+        node = self._node_addresses()
+        new_na = node - self.node_addrs
+        cmds += self._write("nodeaddrs", [(k_addr(ip), b"\1") for ip in new_na])
+        for key in program.endpoints:
+            tables = compiled[key]
+            st = self.eps.get(key)
+            if st is None:
+                st = EpState(self._alloc_ep(), 0, None)
+                self.eps[key] = st
+                name = key.encode()[:255].ljust(256, b"\0")
+                cmds += self._write("epkeys", [(struct.pack("<I", st.ep_id), name)])
+            if st.tables != tables:
+                self._sync_slots(st, tables)
+                gen = st.gen + 1
+                peers, ports = _entries(st, tables, gen)
+                try:
+                    cmds += self._write("peers", peers) + self._write("ports", ports)
+                except DataplaneError:
+                    for k, _ in peers:  # never flipped: drop the half-written generation
+                        self.maps["peers"].delete(k)
+                    for k, _ in ports:
+                        self.maps["ports"].delete(k)
+                    raise
+                if st.tables is not None:
+                    old_peers, old_ports = _entries(st, st.tables, st.gen)
+                    stale += [("peers", k) for k, _ in old_peers] + [("ports", k) for k, _ in old_ports]
+                fl = (tables[Direction.INGRESS].flags, tables[Direction.EGRESS].flags)
+                cmds += self._write("epstate", [(struct.pack("<I", st.ep_id), v_epstate(gen, *fl))])
+                st.gen, st.tables = gen, tables
+                self._release_slots(st, {(DIR_CODE[d], r) for d, t in tables.items() for r in t.rule_ids})
+                added += len(peers) + len(ports)
+                written += 1
+        # addresses: desired owner per address; updates before deletes (an address moving
+        # between endpoints is one update)
+        want_addrs = {ip: self.eps[key].ep_id for key, ep in program.endpoints.items() for ip in ep.ips}
+        have_addrs = {ip: st.ep_id for st in self.eps.values() for ip in st.addrs}
+        cmds += self._write("addrs", [(k_addr(ip), struct.pack("<I", i)) for ip, i in want_addrs.items()
+                                      if have_addrs.get(ip) != i])
+        for ip in set(have_addrs) - set(want_addrs):
+            self.maps["addrs"].delete(k_addr(ip))
+            cmds += 1
+        for key, ep in program.endpoints.items():
+            self.eps[key].addrs = set(ep.ips)
+        for key in set(self.eps) - set(program.endpoints):
+            st = self.eps.pop(key)
+            kid = struct.pack("<I", st.ep_id)
+            self.maps["epstate"].delete(kid)
+            self.maps["epkeys"].delete(kid)
+            if st.tables is not None:
+                old_peers, old_ports = _entries(st, st.tables, st.gen)
+                stale += [("peers", k) for k, _ in old_peers] + [("ports", k) for k, _ in old_ports]
+            self._release_slots(st, set())
+            for d in (0, 1):
+                self.maps["drop_stats"].update(struct.pack("<I", st.ep_id * 2 + d), struct.pack("<QQ", 0, 0))
+            cmds += 3
+        self.node_addrs |= node
+        self._sync_interfaces(program)
+        if stale or self._adopted:
+            time.sleep(GRACE_S)
+        for name, k in stale:
+            self.maps[name].delete(k)
+        removed += len(stale)
+        cmds += len(stale)
+        if self._adopted:
+            removed += self._sweep()
+            self._adopted = False
+        for ip in self.node_addrs - node:
+            self.maps["nodeaddrs"].delete(k_addr(ip))
+        self.node_addrs = node
+        self._drop_old_builds()
+        return ApplyStats(full=written == len(program.endpoints) and written > 0, commands=cmds,
+                          elements_added=added, elements_removed=removed, chains_written=written)
+
+    def _sweep(self) -> int:
+        """After adoption: delete entries of generations no endpoint uses any more."""
+        assert self.eps is not None
+        live = {(st.ep_id, st.gen) for st in self.eps.values()}
+        n = 0
+        for name in ("peers", "ports"):
+            m = self.maps[name]
+            for k in list(m.all_keys()):
+                ep_id, gen = struct.unpack("<II", k[4:12])
+                if (ep_id, gen) not in live:
+                    m.delete(k)
+                    n += 1
+        return n
+
+    def _node_addresses(self) -> set[IPAddress]:
+        out: set[IPAddress] = set()
+        for msg in self.ipr.get_addr():
+            a = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
+            if a:
+                out.add(ipaddress.ip_address(a))
+        return out
+
+    # ---------------------------------------------------------------- interfaces
+
+    def _routes(self) -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, int]]:
+        routes = []
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            for msg in self.ipr.get_routes(family=fam, table=254):
+                if msg.get_attr("RTA_GATEWAY") or msg.get_attr("RTA_MULTIPATH") or msg["dst_len"] == 0:
+                    continue
+                oif = msg.get_attr("RTA_OIF")
+                dst = msg.get_attr("RTA_DST")
+                if oif and dst:
+                    routes.append((ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False), oif))
+        return routes
+
+    def _find_interfaces(self, program: Program) -> dict[int, bool]:
+        """ifindex -> whether its endpoint is the node itself, for every endpoint we enforce."""
+        routes = self._routes()
+        links = {msg["index"]: msg for msg in self.ipr.get_links()}
+        byname = {msg.get_attr("IFLA_IFNAME"): idx for idx, msg in links.items()}
+        out: dict[int, bool] = {}
+        before, self.unattached = self.unattached, {}
+        for ep in program.endpoints.values():
+            # attached even when nothing is enforced: flows are tracked for the replies
+            host = any(ip in self.node_addrs for ip in ep.ips)
+            idxs: set[int] = set()
+            if ep.interface:
+                if ep.interface not in byname:
+                    self.unattached[ep.key] = f"interface {ep.interface} does not exist"
+                    continue
+                idxs.add(byname[ep.interface])
+            else:
+                for ip in ep.ips:
+                    best = max((r for r in routes if ip in r[0]), key=lambda r: r[0].prefixlen, default=None)
+                    if best is not None:
+                        idxs.add(best[1])
+                if not idxs:
+                    self.unattached[ep.key] = "no directly connected route to its addresses"
+                    continue
+            for i in idxs:
+                out[i] = out.get(i, False) or host
+        for key, why in self.unattached.items():
+            if before.get(key) != why:
+                log.warning("eBPF: endpoint %s is not enforced: %s", key, why)
+        self._links = links
+        return out
+
+    def _sync_interfaces(self, program: Program) -> None:
+        want = self._find_interfaces(program)
+        for idx, host in want.items():
+            link = self._links[idx]
+            l3 = link["ifi_type"] != 1  # ARPHRD_ETHER
+            cfg = v_ifcfg(l3, host)
+            if self.ifaces.get(idx) != cfg:
+                self._write("ifcfg", [(struct.pack("<I", idx), cfg)])
+                self.ifaces[idx] = cfg
+            self._attach(idx)
+        for idx in set(self.ifaces) - set(want):
+            self._detach(idx)
+            self.maps["ifcfg"].delete(struct.pack("<I", idx))
+            del self.ifaces[idx]
+
+    def _filter_names(self, idx: int) -> dict[int, str]:
+        out = {}
+        for hook, parent in PARENTS.items():
+            try:
+                msgs = self.ipr.get_filters(index=idx, parent=parent)
+            except Exception:
+                continue
+            for m in msgs:
+                if (m["info"] >> 16) != FILTER_PRIO or m.get_attr("TCA_KIND") != "bpf":
+                    continue
+                opts = m.get_attr("TCA_OPTIONS")
+                name = opts.get_attr("TCA_BPF_NAME") if opts else None
+                if name:
+                    out[hook] = name
+        return out
+
+    def _attach(self, idx: int) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        have = self._filter_names(idx)
+        for hook, parent in PARENTS.items():
+            # the program id makes the name unique per load: a filter left by another load
+            # of the same build (e.g. pins lost with a private mount namespace) is replaced
+            name = f"stockade-{self.build}-{'in' if hook == 0 else 'eg'}-{self.prog_ids[hook]}"
+            if have.get(hook) == name:
+                continue
+            try:
+                self.ipr.tc("add", "clsact", idx)
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise DataplaneError(f"cannot add clsact qdisc on ifindex {idx}: {e}") from e
+            cmd = "replace-filter" if hook in have else "add-filter"
+            try:
+                self.ipr.tc(cmd, "bpf", idx, FILTER_HANDLE, fd=self.prog_fds[hook], name=name,
+                            parent=parent, classid=1, direct_action=True, prio=FILTER_PRIO)
+            except NetlinkError as e:
+                raise DataplaneError(f"cannot attach eBPF filter on ifindex {idx}: {e}") from e
+
+    def _detach(self, idx: int) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        for hook, parent in PARENTS.items():
+            if hook not in self._filter_names(idx):
+                continue
+            try:
+                self.ipr.tc("del-filter", "bpf", idx, FILTER_HANDLE, parent=parent, prio=FILTER_PRIO)
+            except NetlinkError as e:
+                if e.code not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+                    raise DataplaneError(f"cannot detach eBPF filter on ifindex {idx}: {e}") from e
+
+    def _drop_old_builds(self) -> None:
+        for entry in os.listdir(self.pin_root):
+            if entry != self.build:
+                shutil.rmtree(f"{self.pin_root}/{entry}", ignore_errors=True)
+
+    # ---------------------------------------------------------------- interface methods
+
+    def render(self, program: Program) -> str:
+        out = [f"# eBPF build {self.build}: maps under {self.pin_dir} (generation 1 shown)"]
+        slot = 0
+        for n, (key, ep) in enumerate(sorted(program.endpoints.items()), start=1):
+            st = EpState(n, 1, None)
+            tables = {d: compile_direction(ep.direction(d)) for d in Direction}
+            for d, t in tables.items():
+                for rid in t.rule_ids:
+                    if (DIR_CODE[d], rid) not in st.slots:
+                        st.slots[(DIR_CODE[d], rid)] = slot
+                        slot += 1
+            fl = {d.value: f"{'enforced' if t.flags & 1 else 'open'}{',isolated' if t.flags & 2 else ''}"
+                  for d, t in tables.items()}
+            iface = f" interface={ep.interface}" if ep.interface else ""
+            out.append(f"endpoint {n} {key}{iface} ingress={fl['ingress']} egress={fl['egress']}")
+            for ip in ep.ips:
+                out.append(f"  addrs {ip} -> {n}")
+            for d, t in tables.items():
+                for fam, addr, plen, cls in t.peers:
+                    net = ipaddress.ip_network((addr, plen)) if fam == 4 else ipaddress.IPv6Network((addr, plen))
+                    out.append(f"  peers {d.value} {net} -> class {cls}")
+                for cls, entries in t.ports:
+                    for (proto, has_port, port, plen), (verdict, idx) in sorted(entries.items()):
+                        where = f"{port}/{plen}" if has_port else "no-port"
+                        out.append(f"  ports {d.value} class {cls} {PROTO_NAME[proto]} {where} -> "
+                                   f"{V_NAME[verdict]} rule {t.rule_ids[idx]} slot "
+                                   f"{st.slots[(DIR_CODE[d], t.rule_ids[idx])]}")
+        return "\n".join(out) + "\n"
+
+    def counters(self, program: Program | None = None) -> Counters:
+        """Per-rule and default-deny counters. Endpoint ids and counter slots are kept in
+        pinned maps, so a fresh process (e.g. `stockade counters`) reads them too;
+        `program` restricts the answer to its endpoints."""
+        c = Counters()
+        if self.eps is None:
+            if not os.path.exists(f"{self.pin_dir}/stk_egress"):
+                return c  # nothing loaded: nothing counted (and no compile just to read)
+            self._adopt()
+        assert self.eps is not None
+        stats, drops = self.maps["rule_stats"], self.maps["drop_stats"]
+        for key, st in self.eps.items():
+            if program is not None and key not in program.endpoints:
+                continue
+            for (dc, rid), slot in st.slots.items():
+                d = Direction.INGRESS if dc == 0 else Direction.EGRESS
+                c.add_rule((key, rid, d), _sum(stats.lookup_percpu(struct.pack("<I", slot))))
+            for d, dc in DIR_CODE.items():
+                if program is not None:
+                    isolated = program.endpoints[key].direction(d).isolated
+                else:
+                    isolated = st.tables is None or bool(st.tables[d].flags & F_ISOLATED)
+                if isolated:
+                    c.add_drop((key, d), _sum(drops.lookup_percpu(struct.pack("<I", st.ep_id * 2 + dc))))
+        return c
+
+    def objects(self) -> dict[str, int]:
+        """Programmed map entries by map (the policy maps; flows are not walked here)."""
+        if self.eps is None:
+            return {}
+        return {name: n for name, (n, _) in self.fill(walk=False).items()}
+
+    def fill(self, walk: bool = True) -> dict[str, tuple[int, int]]:
+        """Entries and capacity per map; `walk`: also count the LRU flows and frags maps by
+        walking them (one syscall per entry)."""
+        if self.eps is None:
+            self._adopt()
+        assert self.eps is not None
+        peers = ports = 0
+        for st in self.eps.values():
+            for t in (st.tables or {}).values():
+                a, b = t.entries
+                peers, ports = peers + a, ports + b
+        out = {
+            "epstate": (len(self.eps), self.sizes.endpoints),
+            "addrs": (sum(len(s.addrs) for s in self.eps.values()), self.sizes.addrs),
+            "peers": (peers, self.sizes.peers),
+            "ports": (ports, self.sizes.ports),
+            "rule_stats": (sum(len(s.slots) for s in self.eps.values()), self.sizes.slots),
+            "ifcfg": (len(self.ifaces), self.sizes.ifaces),
+            "nodeaddrs": (len(self.node_addrs), self.sizes.node_addrs),
+        }
+        if walk:
+            out["flows"] = (self.maps["flows"].count(), self.sizes.flows)
+            out["frags"] = (self.maps["frags"].count(), self.sizes.frags)
+        return out
+
+    def cleanup(self) -> None:
+        """Detach every filter we own in this netns and unpin everything under pin_root."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        for msg in self.ipr.get_links():
+            idx = msg["index"]
+            for hook, name in self._filter_names(idx).items():
+                if not name.startswith("stockade-"):
+                    continue
+                try:
+                    self.ipr.tc("del-filter", "bpf", idx, FILTER_HANDLE, parent=PARENTS[hook], prio=FILTER_PRIO)
+                except NetlinkError as e:
+                    if e.code not in (errno.ENOENT, errno.ENODEV):
+                        raise DataplaneError(f"cannot detach eBPF filter on ifindex {idx}: {e}") from e
+        for m in self.maps.values():
+            m.close()
+        for fd in self.prog_fds.values():
+            os.close(fd)
+        self.maps, self.prog_fds, self.eps, self.ifaces = {}, {}, None, {}
+        self.node_addrs = set()
+        if os.path.isdir(self.pin_root):
+            shutil.rmtree(self.pin_root)
+
+
+def _sum(values: list[bytes]) -> Count:
+    p = b = 0
+    for v in values:
+        vp, vb = struct.unpack("<QQ", v[:16])
+        p, b = p + vp, b + vb
+    return Count(p, b)

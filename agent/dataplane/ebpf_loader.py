@@ -1,0 +1,85 @@
+"""Short-lived child: compile bpf/stockade.c with bcc, load it, pin programs and maps, exit.
+
+    python -m agent.dataplane.ebpf_loader --pin-dir DIR [-D NAME=VALUE ...]
+
+bcc leaves ~160 MB of LLVM in the process that compiles, so the agent runs this in a
+child and then works on the pinned objects with plain bpf(2) syscalls
+(`agent.dataplane.bpfsys`). Everything is pinned into `DIR-partial` and renamed to
+`DIR` at the end, so `DIR` either holds a complete set or does not exist.
+Prints one JSON line (timings) on success; on failure prints the cause on stderr and
+exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from agent.dataplane import bpfsys
+
+SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "stockade.c"
+PROGRAMS = ("stk_ingress", "stk_egress")
+MAPS = (
+    "addrs", "epstate", "ifcfg", "nodeaddrs", "peers", "ports", "flows", "frags",
+    "rule_stats", "drop_stats", "epkeys", "slotinfo",
+)
+
+HEADERS_HINT = (
+    "bcc could not compile the eBPF program. The usual cause on a kernel without a headers "
+    "package is missing /lib/modules/$(uname -r)/{build,source}: install linux-headers-amd64 "
+    "and run `make kernel-headers` (it links them to the generic Debian headers)."
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pin-dir", required=True)
+    ap.add_argument("-D", dest="defines", action="append", default=[])
+    args = ap.parse_args(argv)
+    try:
+        from bcc import BPF  # heavy: LLVM
+    except ImportError as e:
+        print(f"bcc is not importable ({e}): install python3-bpfcc and build the venv with "
+              "--system-site-packages (make setup)", file=sys.stderr)
+        return 1
+    t0 = time.monotonic()
+    cflags = [f"-D{d}" for d in args.defines] + ["-w"]
+    try:
+        b = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+    except Exception as e:
+        print(f"{HEADERS_HINT} ({type(e).__name__}: {e})", file=sys.stderr)
+        return 1
+    t1 = time.monotonic()
+    try:
+        fns = {name: b.load_func(name.encode(), BPF.SCHED_CLS) for name in PROGRAMS}
+    except Exception as e:
+        print(f"the kernel refused the eBPF program (need CAP_BPF/CAP_NET_ADMIN and a BPF-enabled "
+              f"kernel): {e}", file=sys.stderr)
+        return 1
+    t2 = time.monotonic()
+    final = args.pin_dir.rstrip("/")
+    tmp = final + "-partial"  # bpffs refuses dots in names
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    try:
+        for name, fn in fns.items():
+            bpfsys.obj_pin(fn.fd, f"{tmp}/{name}")
+        for name in MAPS:
+            bpfsys.obj_pin(b.get_table(name).get_fd(), f"{tmp}/{name}")
+        os.rename(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"pinning under {final} failed: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"compile_s": round(t1 - t0, 3), "load_s": round(t2 - t1, 3), "pin_dir": final}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,599 @@
+// Stockade eBPF dataplane: tc (clsact, direct-action) classifiers for the host-side
+// interface of every local endpoint. Compiled by bcc in agent/dataplane/ebpf_loader.py;
+// the maps are filled by agent/dataplane/ebpf.py (see its docstring for the layout).
+//
+// Per packet: parse (Ethernet or raw IP), find which direction this hook judges on this
+// interface (ifcfg), find the local endpoint by its own address (addrs), pass packets of
+// known flows and their replies (flows, frags), pass node-originated traffic into the
+// endpoint (nodeaddrs), else look up the peer class (peers, LPM) and the first-match
+// verdict for (class, protocol, port) (ports, LPM over port prefixes) under the
+// endpoint's current generation (epstate). Constant cost: at most 2 flow lookups,
+// 1 peer LPM and 1 port LPM, whatever the number of rules or peers.
+//
+// Sizes come from the loader as -D defines.
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
+
+#ifndef MAX_ENDPOINTS
+#define MAX_ENDPOINTS 4096
+#endif
+#ifndef MAX_ADDRS
+#define MAX_ADDRS 16384
+#endif
+#ifndef MAX_PEERS
+#define MAX_PEERS 262144
+#endif
+#ifndef MAX_PORTS
+#define MAX_PORTS 262144
+#endif
+#ifndef MAX_FLOWS
+#define MAX_FLOWS 65536
+#endif
+#ifndef MAX_FRAGS
+#define MAX_FRAGS 16384
+#endif
+#ifndef MAX_SLOTS
+#define MAX_SLOTS 65536
+#endif
+#ifndef MAX_IFACES
+#define MAX_IFACES 4096
+#endif
+#ifndef MAX_NODE_ADDRS
+#define MAX_NODE_ADDRS 1024
+#endif
+
+#define DIR_INGRESS 0
+#define DIR_EGRESS 1
+#define F_ENFORCED 1
+#define F_ISOLATED 2
+#define V_ACCEPT 1
+#define V_DROP 2
+
+// Protocol codes in port keys: IANA numbers for ported protocols, ICMP for ICMP and
+// ICMPv6 alike (the IR's "icmp"), OTHER for anything else.
+#define P_OTHER 0
+#define P_ICMP 1
+#define P_TCP 6
+#define P_UDP 17
+#define P_SCTP 132
+
+// Flow flags
+#define FL_FIN_ORIG 1
+#define FL_FIN_REPLY 2
+
+#define NS 1000000000ULL
+#define T_TCP (86400ULL * NS)
+#define T_TCP_CLOSING (10ULL * NS)
+#define T_UDP (180ULL * NS)
+#define T_OTHER (60ULL * NS)
+
+struct addr_key {
+    u8 family;  // 4 or 6
+    u8 pad[3];
+    u8 addr[16];
+};
+
+struct ep_state {
+    u32 gen;
+    u8 flags[2];  // per direction: F_ENFORCED | F_ISOLATED
+    u8 pad[2];
+};
+
+struct if_cfg {
+    u8 l3;           // 1: raw IP device (TUN), 0: Ethernet
+    u8 hook_dir[2];  // direction judged at [0] tc ingress, [1] tc egress
+    u8 pad;
+};
+
+struct peer_key {
+    u32 prefixlen;  // 80 + address prefix length
+    u32 ep_id;
+    u32 gen;
+    u8 dir;
+    u8 family;
+    u8 addr[16];
+} __attribute__((packed));
+
+struct port_key {
+    u32 prefixlen;  // 120 + port prefix length (has_port=1), or 136 (has_port=0)
+    u32 ep_id;
+    u32 gen;
+    u32 cls;
+    u8 dir;
+    u8 proto;
+    u8 has_port;  // 0: no port known (ICMP, other, non-first fragment)
+    u8 port[2];   // network order: bit prefixes are port ranges
+} __attribute__((packed));
+
+struct port_val {
+    u32 slot;  // counter slot of the deciding rule
+    u8 verdict;
+    u8 pad[3];
+};
+
+struct flow_key {
+    u32 ep_id;
+    u8 dir;  // direction of the packet that created the flow, at this endpoint
+    u8 family;
+    u8 proto;
+    u8 pad;
+    u16 sport;
+    u16 dport;
+    u8 saddr[16];
+    u8 daddr[16];
+};
+
+struct flow_val {
+    u64 seen;
+    u32 flags;
+    u32 pad;
+};
+
+struct frag_key {
+    u32 ep_id;
+    u32 id;
+    u8 dir;
+    u8 family;
+    u8 proto;
+    u8 pad;
+    u8 saddr[16];
+    u8 daddr[16];
+};
+
+struct stat {
+    u64 packets;
+    u64 bytes;
+};
+
+// Used by the programs
+BPF_HASH(addrs, struct addr_key, u32, MAX_ADDRS);
+BPF_HASH(epstate, u32, struct ep_state, MAX_ENDPOINTS);
+BPF_HASH(ifcfg, u32, struct if_cfg, MAX_IFACES);
+BPF_HASH(nodeaddrs, struct addr_key, u8, MAX_NODE_ADDRS);
+BPF_LPM_TRIE(peers, struct peer_key, u32, MAX_PEERS);
+BPF_LPM_TRIE(ports, struct port_key, struct port_val, MAX_PORTS);
+BPF_TABLE("lru_hash", struct flow_key, struct flow_val, flows, MAX_FLOWS);
+BPF_TABLE("lru_hash", struct frag_key, u64, frags, MAX_FRAGS);
+BPF_PERCPU_ARRAY(rule_stats, struct stat, MAX_SLOTS);
+BPF_PERCPU_ARRAY(drop_stats, struct stat, MAX_ENDPOINTS * 2);
+
+// Bookkeeping for the agent only (restart adoption): endpoint id -> endpoint key,
+// counter slot -> (endpoint id, direction, rule id).
+struct ep_name {
+    char name[256];
+};
+struct slot_info {
+    u32 ep_id;
+    u8 dir;
+    u8 rule[6];
+    u8 pad;
+};
+BPF_HASH(epkeys, u32, struct ep_name, MAX_ENDPOINTS);
+BPF_HASH(slotinfo, u32, struct slot_info, MAX_SLOTS);
+
+struct pkt {
+    u8 family;
+    u8 l4;         // IANA protocol number
+    u8 proto;      // P_* code
+    u8 has_port;   // 1: a transport port was read
+    u8 nonfirst;   // non-first fragment: no transport header
+    u8 firstfrag;  // first fragment of a fragmented datagram
+    u8 related;    // ICMP error: the tuple is the reversed inner header
+    u8 bad;        // header chain not understood: never matched by port rules
+    u8 tcpflags;
+    u8 pad[3];
+    u32 fragid;
+    u16 sport;
+    u16 dport;
+    u8 saddr[16];
+    u8 daddr[16];
+    // tuple used for flow lookups (outer addresses, or the reversed inner ones)
+    u16 tsport;
+    u16 tdport;
+    u8 tproto;
+    u8 pad2[3];
+    u8 tsaddr[16];
+    u8 tdaddr[16];
+};
+
+static __always_inline u8 proto_code(u8 l4) {
+    switch (l4) {
+    case IPPROTO_TCP:
+    case IPPROTO_UDP:
+    case IPPROTO_SCTP:
+        return l4;
+    case IPPROTO_ICMP:
+    case 58:  // ICMPv6
+        return P_ICMP;
+    }
+    return P_OTHER;
+}
+
+static __always_inline int is_ext(u8 nh) {
+    return nh == 0 || nh == 43 || nh == 44 || nh == 51 || nh == 60;
+}
+
+// Inner header of an ICMP error: the packet our side sent. Fills the flow tuple with it
+// reversed, so it is looked up exactly like a reply/continuation of that packet.
+static __always_inline int parse_inner(struct __sk_buff *skb, u32 off, struct pkt *p) {
+    u8 l4 = 0;
+    u32 l4off = 0;
+    u8 vb = 0;
+    if (bpf_skb_load_bytes(skb, off, &vb, 1) < 0)
+        return -1;
+    if ((vb >> 4) == 4 && p->family == 4) {
+        struct iphdr ip;
+        if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0)
+            return -1;
+        __builtin_memcpy(p->tsaddr, &ip.daddr, 4);
+        __builtin_memcpy(p->tdaddr, &ip.saddr, 4);
+        l4 = ip.protocol;
+        l4off = off + ip.ihl * 4;
+    } else if ((vb >> 4) == 6 && p->family == 6) {
+        struct ipv6hdr ip6;
+        if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0)
+            return -1;
+        __builtin_memcpy(p->tsaddr, &ip6.daddr, 16);
+        __builtin_memcpy(p->tdaddr, &ip6.saddr, 16);
+        l4 = ip6.nexthdr;
+        l4off = off + sizeof(ip6);
+    } else {
+        return -1;
+    }
+    p->tproto = proto_code(l4);
+    if (l4 == IPPROTO_TCP || l4 == IPPROTO_UDP || l4 == IPPROTO_SCTP) {
+        u16 pp[2];
+        if (bpf_skb_load_bytes(skb, l4off, pp, 4) < 0)
+            return -1;
+        p->tsport = pp[1];
+        p->tdport = pp[0];
+    } else if (l4 == IPPROTO_ICMP || l4 == 58) {
+        u8 t[2];
+        u16 id = 0;
+        if (bpf_skb_load_bytes(skb, l4off, t, 2) < 0)
+            return -1;
+        bpf_skb_load_bytes(skb, l4off + 4, &id, 2);
+        if (t[0] == 8 || t[0] == 128) {  // inner echo request (sport=id, dport=0): reversed
+            p->tsport = 0;
+            p->tdport = id;
+        } else if (t[0] == 0 || t[0] == 129) {
+            p->tsport = id;
+            p->tdport = 0;
+        }
+    }
+    return 0;
+}
+
+static __always_inline int parse(struct __sk_buff *skb, u32 off, struct pkt *p) {
+    u8 vb = 0;
+    u32 l4off = 0;
+    u8 l4 = 0;
+    if (bpf_skb_load_bytes(skb, off, &vb, 1) < 0)
+        return -1;
+    if ((vb >> 4) == 4) {
+        struct iphdr ip;
+        if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0)
+            return -1;
+        p->family = 4;
+        __builtin_memcpy(p->saddr, &ip.saddr, 4);
+        __builtin_memcpy(p->daddr, &ip.daddr, 4);
+        u16 fo = bpf_ntohs(ip.frag_off);
+        p->nonfirst = (fo & 0x1fff) != 0;
+        p->firstfrag = !p->nonfirst && (fo & 0x2000);
+        p->fragid = bpf_ntohs(ip.id);
+        l4 = ip.protocol;
+        if (ip.ihl < 5)
+            p->bad = 1;
+        l4off = off + ip.ihl * 4;
+    } else if ((vb >> 4) == 6) {
+        struct ipv6hdr ip6;
+        if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0)
+            return -1;
+        p->family = 6;
+        __builtin_memcpy(p->saddr, &ip6.saddr, 16);
+        __builtin_memcpy(p->daddr, &ip6.daddr, 16);
+        u8 nh = ip6.nexthdr;
+        l4off = off + sizeof(ip6);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            if (!is_ext(nh))
+                break;
+            u8 h[8];
+            if (bpf_skb_load_bytes(skb, l4off, h, 8) < 0) {
+                p->bad = 1;
+                break;
+            }
+            if (nh == 44) {  // fragment header
+                u16 fo = ((u16)h[2] << 8) | h[3];
+                u32 id = ((u32)h[4] << 24) | ((u32)h[5] << 16) | ((u32)h[6] << 8) | h[7];
+                p->nonfirst = (fo & 0xfff8) != 0;
+                p->firstfrag = !p->nonfirst && (fo & 1);
+                p->fragid = id;
+                l4off += 8;
+            } else if (nh == 51) {  // AH
+                l4off += ((u32)h[1] + 2) * 4;
+            } else {
+                l4off += ((u32)h[1] + 1) * 8;
+            }
+            nh = h[0];
+            if (p->nonfirst)
+                break;
+        }
+        if (is_ext(nh) && !p->nonfirst)
+            p->bad = 1;  // more extension headers than we walk
+        l4 = nh;
+    } else {
+        return -1;
+    }
+    p->l4 = l4;
+    p->proto = proto_code(l4);
+    __builtin_memcpy(p->tsaddr, p->saddr, 16);
+    __builtin_memcpy(p->tdaddr, p->daddr, 16);
+    p->tproto = p->proto;
+    if (p->nonfirst || p->bad)
+        return 0;
+    if (l4 == IPPROTO_TCP || l4 == IPPROTO_UDP || l4 == IPPROTO_SCTP) {
+        u16 pp[2];
+        if (bpf_skb_load_bytes(skb, l4off, pp, 4) < 0) {
+            p->bad = 1;
+            return 0;
+        }
+        p->sport = pp[0];
+        p->dport = pp[1];
+        p->has_port = 1;
+        if (l4 == IPPROTO_TCP)
+            bpf_skb_load_bytes(skb, l4off + 13, &p->tcpflags, 1);
+    } else if (l4 == IPPROTO_ICMP || l4 == 58) {
+        u8 t[2];
+        u16 id = 0;
+        if (bpf_skb_load_bytes(skb, l4off, t, 2) < 0) {
+            p->bad = 1;
+            return 0;
+        }
+        if (l4 == 58 && t[0] >= 133 && t[0] <= 137)
+            return 1;  // neighbour discovery: never blocked
+        if ((l4 == IPPROTO_ICMP && (t[0] == 8 || t[0] == 0)) || (l4 == 58 && (t[0] == 128 || t[0] == 129))) {
+            bpf_skb_load_bytes(skb, l4off + 4, &id, 2);
+            if (t[0] == 8 || t[0] == 128)
+                p->sport = id;
+            else
+                p->dport = id;
+        } else if ((l4 == IPPROTO_ICMP && (t[0] == 3 || t[0] == 4 || t[0] == 5 || t[0] == 11 || t[0] == 12)) ||
+                   (l4 == 58 && t[0] >= 1 && t[0] <= 4)) {
+            if (parse_inner(skb, l4off + 8, p) == 0)
+                p->related = 1;
+            else {  // unparseable error: judged as plain ICMP
+                __builtin_memcpy(p->tsaddr, p->saddr, 16);
+                __builtin_memcpy(p->tdaddr, p->daddr, 16);
+                p->tproto = p->proto;
+            }
+        }
+    }
+    if (!p->related) {
+        p->tsport = p->sport;
+        p->tdport = p->dport;
+    }
+    return 0;
+}
+
+static __always_inline int fresh(struct flow_val *v, u8 proto, u64 now) {
+    u64 age = now - v->seen;
+    if (proto == P_TCP)
+        return age < (((v->flags & 3) == 3) ? T_TCP_CLOSING : T_TCP);
+    if (proto == P_UDP || proto == P_SCTP)
+        return age < T_UDP;
+    return age < T_OTHER;
+}
+
+static __always_inline void record(struct pkt *p, struct flow_key *fk) {
+    if (p->related || p->nonfirst || p->bad)
+        return;
+    if (p->tproto == P_TCP && (p->tcpflags & 0x04))  // RST: nothing to remember
+        return;
+    struct flow_val v = {};
+    v.seen = bpf_ktime_get_ns();
+    if (p->tproto == P_TCP && (p->tcpflags & 0x01))
+        v.flags = FL_FIN_ORIG;
+    flows.update(fk, &v);
+}
+
+static __always_inline void record_frag(struct pkt *p, u32 ep_id, u8 dir) {
+    if (!p->firstfrag)
+        return;
+    struct frag_key k = {};
+    k.ep_id = ep_id;
+    k.dir = dir;
+    k.id = p->fragid;
+    k.family = p->family;
+    k.proto = p->l4;
+    __builtin_memcpy(k.saddr, p->saddr, 16);
+    __builtin_memcpy(k.daddr, p->daddr, 16);
+    u64 now = bpf_ktime_get_ns();
+    frags.update(&k, &now);
+}
+
+static __always_inline int handle(struct __sk_buff *skb, int hook) {
+    u32 ifindex = skb->ifindex;
+    struct if_cfg *cfg = ifcfg.lookup(&ifindex);
+    if (!cfg)
+        return TC_ACT_OK;
+    u8 dir = hook == 0 ? cfg->hook_dir[0] : cfg->hook_dir[1];
+    u32 off = 0;
+    if (!cfg->l3) {
+        u16 eth_proto = 0;
+        if (bpf_skb_load_bytes(skb, 12, &eth_proto, 2) < 0)
+            return TC_ACT_OK;
+        if (eth_proto != bpf_htons(ETH_P_IP) && eth_proto != bpf_htons(ETH_P_IPV6))
+            return TC_ACT_OK;
+        off = ETH_HLEN;
+    }
+    struct pkt p = {};
+    int r = parse(skb, off, &p);
+    if (r != 0)
+        return TC_ACT_OK;  // not IP (r < 0), or neighbour discovery (r > 0)
+
+    struct addr_key ek = {};
+    ek.family = p.family;
+    if (dir == DIR_EGRESS)
+        __builtin_memcpy(ek.addr, p.saddr, 16);
+    else
+        __builtin_memcpy(ek.addr, p.daddr, 16);
+    u32 *epp = addrs.lookup(&ek);
+    if (!epp)
+        return TC_ACT_OK;  // not a local endpoint's address
+    u32 ep_id = *epp;
+
+    // Known flows and their replies.
+    struct flow_key fk = {};
+    fk.ep_id = ep_id;
+    fk.dir = dir;
+    fk.family = p.family;
+    fk.proto = p.tproto;
+    fk.sport = p.tsport;
+    fk.dport = p.tdport;
+    __builtin_memcpy(fk.saddr, p.tsaddr, 16);
+    __builtin_memcpy(fk.daddr, p.tdaddr, 16);
+    if (p.nonfirst) {
+        struct frag_key k = {};
+        k.ep_id = ep_id;
+        k.dir = dir;
+        k.id = p.fragid;
+        k.family = p.family;
+        k.proto = p.l4;
+        __builtin_memcpy(k.saddr, p.saddr, 16);
+        __builtin_memcpy(k.daddr, p.daddr, 16);
+        if (frags.lookup(&k))
+            return TC_ACT_OK;
+    } else if (!p.bad) {
+        u64 now = bpf_ktime_get_ns();
+        struct flow_val *v = flows.lookup(&fk);
+        int orig = 1;
+        struct flow_key rk = {};
+        if (v && !fresh(v, fk.proto, now)) {
+            flows.delete(&fk);
+            v = 0;
+        }
+        if (!v) {
+            rk.ep_id = ep_id;
+            rk.dir = dir ^ 1;
+            rk.family = p.family;
+            rk.proto = p.tproto;
+            rk.sport = p.tdport;
+            rk.dport = p.tsport;
+            __builtin_memcpy(rk.saddr, p.tdaddr, 16);
+            __builtin_memcpy(rk.daddr, p.tsaddr, 16);
+            v = flows.lookup(&rk);
+            orig = 0;
+            if (v && !fresh(v, rk.proto, now)) {
+                flows.delete(&rk);
+                v = 0;
+            }
+        }
+        if (v) {
+            if (!p.related) {
+                if (fk.proto == P_TCP && (p.tcpflags & 0x04)) {
+                    if (orig)
+                        flows.delete(&fk);
+                    else
+                        flows.delete(&rk);
+                } else {
+                    v->seen = now;
+                    if (fk.proto == P_TCP && (p.tcpflags & 0x01))
+                        v->flags |= orig ? FL_FIN_ORIG : FL_FIN_REPLY;
+                }
+                record_frag(&p, ep_id, dir);
+            }
+            return TC_ACT_OK;
+        }
+    }
+
+    // Traffic from the node's own addresses into an endpoint is always allowed.
+    if (dir == DIR_INGRESS) {
+        struct addr_key nk = {};
+        nk.family = p.family;
+        __builtin_memcpy(nk.addr, p.saddr, 16);
+        if (nodeaddrs.lookup(&nk)) {
+            record(&p, &fk);
+            record_frag(&p, ep_id, dir);
+            return TC_ACT_OK;
+        }
+    }
+
+    struct ep_state *st = epstate.lookup(&ep_id);
+    if (!st)
+        return TC_ACT_OK;
+    u8 flags = dir == DIR_INGRESS ? st->flags[0] : st->flags[1];
+    if (!(flags & F_ENFORCED)) {
+        record(&p, &fk);
+        record_frag(&p, ep_id, dir);
+        return TC_ACT_OK;
+    }
+    u32 gen = st->gen;
+
+    struct port_val *pv = 0;
+    if (!p.bad) {
+        struct peer_key pk = {};
+        pk.prefixlen = 80 + (p.family == 4 ? 32 : 128);
+        pk.ep_id = ep_id;
+        pk.gen = gen;
+        pk.dir = dir;
+        pk.family = p.family;
+        if (dir == DIR_EGRESS)
+            __builtin_memcpy(pk.addr, p.daddr, 16);
+        else
+            __builtin_memcpy(pk.addr, p.saddr, 16);
+        u32 *cls = peers.lookup(&pk);
+        if (cls) {
+            struct port_key qk = {};
+            qk.ep_id = ep_id;
+            qk.gen = gen;
+            qk.cls = *cls;
+            qk.dir = dir;
+            // An ICMP error about no known flow is judged as the ICMP packet it is.
+            qk.proto = p.proto;
+            qk.has_port = p.has_port && !p.related;
+            if (qk.has_port)
+                __builtin_memcpy(qk.port, &p.dport, 2);  // the service port, both directions
+            qk.prefixlen = 136;
+            pv = ports.lookup(&qk);
+        }
+    }
+    u32 len = skb->len;
+    if (pv) {
+        u32 slot = pv->slot;
+        struct stat *s = rule_stats.lookup(&slot);
+        if (s) {
+            s->packets += 1;
+            s->bytes += len;
+        }
+        if (pv->verdict == V_ACCEPT) {
+            record(&p, &fk);
+            record_frag(&p, ep_id, dir);
+            return TC_ACT_OK;
+        }
+        return TC_ACT_SHOT;
+    }
+    // A header chain we could not walk is never allowed by a rule, nor by a
+    // non-isolated direction that has rules (they might have been drops).
+    if ((flags & F_ISOLATED) || p.bad) {
+        u32 idx = ep_id * 2 + dir;
+        struct stat *s = drop_stats.lookup(&idx);
+        if (s) {
+            s->packets += 1;
+            s->bytes += len;
+        }
+        return TC_ACT_SHOT;
+    }
+    record(&p, &fk);
+    record_frag(&p, ep_id, dir);
+    return TC_ACT_OK;
+}
+
+int stk_ingress(struct __sk_buff *skb) { return handle(skb, 0); }
+
+int stk_egress(struct __sk_buff *skb) { return handle(skb, 1); }

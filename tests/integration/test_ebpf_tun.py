@@ -1,0 +1,81 @@
+"""The eBPF dataplane on a raw-IP (L3, no Ethernet header) TUN device standing in for
+NetBird's wt0, IPv4 and IPv6: the endpoint is the node itself, so tc ingress judges its
+ingress and tc egress its egress.
+
+A relay process copies packets between the node's TUN and a peer namespace's TUN
+(what userspace WireGuard does between two hosts).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+from agent.dataplane.ebpf import EbpfDataplane
+from agent.ir import Direction, DirectionProgram, EndpointProgram, Origin, PeerSet, PortMatch, Program, Rule
+from tests.lab import NETPROBE, Lab, sh
+
+PROBE = Path(__file__).with_name("ebpf_probe.py")
+HOST4, PEER4 = "100.64.0.1", "100.64.0.2"
+HOST6, PEER6 = "fd00:64::1", "fd00:64::2"
+
+
+def _probe(ns: str, *specs: str) -> dict[str, bool]:
+    import json
+
+    return json.loads(sh(sys.executable, str(NETPROBE), "probe", "0.8", *specs, ns=ns).stdout)
+
+
+def test_tun_l3_both_families(lab: Lab, pin_root: str) -> None:
+    peer = f"{lab.prefix}-tunpeer"
+    sh("ip", "netns", "add", peer)
+    procs: list[subprocess.Popen[str]] = []
+    dp = EbpfDataplane(pin_root=pin_root, netns=lab.node)
+    try:
+        relay = subprocess.Popen([sys.executable, str(PROBE), "relay", lab.node, "wt0", peer, "wt0"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(relay)
+        assert relay.stdout is not None and relay.stdout.readline().strip() == "ready", relay.stderr
+        for ns, a4, a6 in ((lab.node, HOST4, HOST6), (peer, PEER4, PEER6)):
+            sh("ip", "link", "set", "lo", "up", ns=ns)
+            sh("ip", "addr", "add", f"{a4}/16", "dev", "wt0", ns=ns)
+            sh("ip", "addr", "add", f"{a6}/64", "dev", "wt0", "nodad", ns=ns)
+            sh("ip", "link", "set", "wt0", "up", ns=ns)
+            srv = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(NETPROBE), "serve", "80", "81"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            procs.append(srv)
+            assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
+        assert _probe(peer, f"tcp:{HOST4}:81")[f"tcp:{HOST4}:81"]  # plumbing works unfiltered
+
+        o = Origin("netbird", "", "pol", Direction.INGRESS, 0, "web")
+        host = EndpointProgram(
+            "host", (ipaddress.ip_address(HOST4), ipaddress.ip_address(HOST6)),
+            ingress=DirectionProgram(True, (
+                Rule(o, PeerSet.of([ipaddress.ip_network(PEER4), ipaddress.ip_network(PEER6)]),
+                     (PortMatch("tcp", 80, 80), PortMatch("udp", 80, 80)), key="peer-web"),)),
+            egress=DirectionProgram(True, (
+                Rule(Origin("netbird", "", "pol", Direction.EGRESS, 1), None, (PortMatch("tcp", 81, 81),),
+                     key="out-81"),)),
+            interface="wt0",
+        )
+        dp.apply(Program("netbird", {"host": host}))
+        assert not dp.unattached
+        into = _probe(peer, *(f"{p}:{a}:{n}" for a in (HOST4, HOST6) for p in ("tcp", "udp") for n in (80, 81)))
+        assert into == {f"tcp:{HOST4}:80": True, f"udp:{HOST4}:80": True, f"tcp:{HOST4}:81": False,
+                        f"udp:{HOST4}:81": False, f"tcp:{HOST6}:80": True, f"udp:{HOST6}:80": True,
+                        f"tcp:{HOST6}:81": False, f"udp:{HOST6}:81": False}
+        out = _probe(lab.node, *(f"tcp:{a}:{n}" for a in (PEER4, PEER6) for n in (80, 81)))
+        assert out == {f"tcp:{PEER4}:80": False, f"tcp:{PEER4}:81": True,
+                       f"tcp:{PEER6}:80": False, f"tcp:{PEER6}:81": True}
+        c = dp.counters()
+        assert c.rules[("host", host.ingress.rules[0].id, Direction.INGRESS)].packets >= 4
+        assert c.rules[("host", host.egress.rules[0].id, Direction.EGRESS)].packets >= 2
+        assert c.drops[("host", Direction.EGRESS)].packets >= 2
+    finally:
+        dp.cleanup()
+        for p in procs:
+            p.kill()
+            p.wait()
+        sh("ip", "netns", "del", peer, check=False)

@@ -1,0 +1,113 @@
+"""The eBPF map contents, looked up the way the kernel does (LPM), agree with the
+simulator's first-match decision on every flow."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.dataplane.ebpf import ALL_PROTOS, PROTO, PROTO_NAME, V_CODE, compile_direction, port_prefixes
+from agent.ir import Direction, DirectionProgram, Origin, PeerSet, PortMatch, Rule, Verdict
+from agent.policy.evaluate import decide
+
+
+def lookup(dp: DirectionProgram, peer, proto: int, port: int | None):  # type: ignore[no-untyped-def]
+    """Emulate the classifier's two LPM lookups on compiled tables; None = no entry."""
+    t = compile_direction(dp)
+    width = 32 if peer.version == 4 else 128
+    best = None
+    for fam, addr, plen, cls in t.peers:
+        if fam != peer.version:
+            continue
+        mask = ((1 << plen) - 1) << (width - plen) if plen else 0
+        if int(peer) & mask == addr and (best is None or plen > best[0]):
+            best = (plen, cls)
+    if best is None:
+        return None
+    entries = dict(t.ports)[best[1]]
+    if port is None:
+        return entries.get((proto, 0, 0, 16))
+    hits = [(plen, v) for (p, hp, base, plen), v in entries.items()
+            if p == proto and hp == 1 and (port >> (16 - plen)) == (base >> (16 - plen))]
+    return max(hits)[1] if hits else None
+
+
+def kernel_verdict(dp: DirectionProgram, peer, proto_name: str, port: int | None) -> Verdict:  # type: ignore[no-untyped-def]
+    hit = lookup(dp, peer, PROTO[proto_name], port)
+    if hit is None:
+        return Verdict.DROP if dp.isolated else Verdict.ACCEPT
+    return Verdict.ACCEPT if hit[0] == V_CODE[Verdict.ACCEPT] else Verdict.DROP
+
+
+def test_port_prefixes_cover_exactly() -> None:
+    for a, b in [(0, 65535), (1024, 65535), (80, 80), (8000, 8003), (1, 65534), (1000, 1999)]:
+        blocks = port_prefixes(a, b)
+        covered = []
+        for base, plen in blocks:
+            size = 1 << (16 - plen)
+            assert base % size == 0
+            covered += range(base, base + size)
+        assert covered == list(range(a, b + 1))
+        assert len(blocks) <= 30
+    assert port_prefixes(1024, 65535) == [(1024, 6), (2048, 5), (4096, 4), (8192, 3), (16384, 2), (32768, 1)]
+
+
+NETS4 = ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "192.168.0.0/16", "0.0.0.0/0"]
+NETS6 = ["fd00::/8", "fd00:1::/32", "fd00:1::5/128"]
+PROBES = [ipaddress.ip_address(a) for a in
+          ["10.1.2.3", "10.1.2.4", "10.1.9.9", "10.9.9.9", "192.168.1.1", "8.8.8.8", "fd00:1::5", "fd00:1::6",
+           "fd00:2::1", "2001:db8::1"]]
+
+ports = st.one_of(
+    st.builds(lambda p: PortMatch(p), st.sampled_from(["tcp", "udp", "sctp", "icmp"])),
+    st.builds(lambda p, a, n: PortMatch(p, a, min(65535, a + n)), st.sampled_from(["tcp", "udp"]),
+              st.sampled_from([0, 1, 53, 80, 1023, 1024, 8000, 65535]), st.sampled_from([0, 1, 3, 100, 65535])),
+)
+rules = st.builds(
+    lambda i, peers, pts, v: Rule(Origin("file", "ns", "p", Direction.INGRESS, i),
+                                  None if peers is None else PeerSet.of(ipaddress.ip_network(n) for n in peers),
+                                  tuple(pts), v, key=f"k{i}-{peers}"),
+    st.integers(0, 1000),
+    st.one_of(st.none(), st.lists(st.sampled_from(NETS4 + NETS6), max_size=3)),
+    st.lists(ports, max_size=3),
+    st.sampled_from([Verdict.ACCEPT, Verdict.ACCEPT, Verdict.DROP]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(rules, max_size=5), st.booleans())
+def test_tables_agree_with_simulator(rs: list[Rule], isolated: bool) -> None:
+    dp = DirectionProgram(isolated, tuple(rs))
+    if not dp.enforced:
+        return
+    for peer in PROBES:
+        for proto in ("tcp", "udp", "sctp", "icmp"):
+            for port in ([None] if proto == "icmp" else [None, 0, 53, 80, 1023, 1024, 1025, 8001, 8100, 65535]):
+                want = decide("e", Direction.INGRESS, dp, peer, proto, port).verdict
+                assert kernel_verdict(dp, peer, proto, port) is want, (peer, proto, port)
+
+
+def test_other_protocols_match_only_all_protocol_rules() -> None:
+    o = Origin("file", "ns", "p", Direction.INGRESS, 0)
+    dp = DirectionProgram(True, (Rule(o, None, (PortMatch("tcp", 22, 22),), Verdict.DROP, key="a"),
+                                 Rule(o, None, (), Verdict.ACCEPT, key="b")))
+    t = compile_direction(dp)
+    entries = dict(t.ports)[1]
+    assert entries[(0, 0, 0, 16)][0] == V_CODE[Verdict.ACCEPT]  # "other" protocols: accept-all rule
+    assert all(p in ALL_PROTOS for p, *_ in entries)
+    assert PROTO_NAME[0] == "other"
+
+
+def test_render_prints_map_contents_without_touching_the_kernel() -> None:
+    from agent.dataplane.ebpf import EbpfDataplane
+    from agent.ir import EndpointProgram, Program
+
+    o = Origin("file", "ns", "p", Direction.INGRESS, 0)
+    ep = EndpointProgram("ns/b", (ipaddress.ip_address("10.0.0.2"),), ingress=DirectionProgram(True, (
+        Rule(o, PeerSet.of([ipaddress.ip_network("10.0.0.0/24")]), (PortMatch("tcp", 1024, 65535),), key="k"),)))
+    text = EbpfDataplane(pin_root="/nonexistent/stockade").render(Program("file", {"ns/b": ep}))
+    assert "addrs 10.0.0.2 -> 1" in text
+    assert "peers ingress 10.0.0.0/24 -> class 1" in text
+    assert "ports ingress class 1 tcp 32768/1 -> accept" in text and "tcp 1024/6" in text
