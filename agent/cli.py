@@ -49,6 +49,8 @@ def _dataplane(name: str, args: argparse.Namespace | None = None) -> Dataplane:
 
         return NftablesDataplane(Options(audit=audit))
     if name == "ebpf":
+        if getattr(args, "unknown_endpoints", "allow") == "deny":
+            raise SystemExit("stockade: --unknown-endpoints=deny needs the nftables dataplane")
         if audit:
             raise SystemExit("stockade: --mode audit is not supported by the ebpf dataplane yet; use nftables")
         from agent.dataplane.ebpf import EbpfDataplane
@@ -82,9 +84,28 @@ def _netbird_pipeline(args: argparse.Namespace, readonly: bool) -> Any:
         raise SystemExit(f"stockade: {e}") from None
 
 
+def _kubernetes_pipeline(args: argparse.Namespace, node: str | None, readonly: bool) -> Any:
+    from agent.pipeline import KubernetesPipeline
+
+    guard = getattr(args, "unknown_endpoints", "allow") == "deny" and node is not None
+    try:
+        return KubernetesPipeline(
+            node, readonly=readonly,
+            # The API server is the durable store: no state file (it would rewrite the
+            # whole cluster on every change); last-good versions are kept in memory.
+            state_file=None,
+            kubeconfig=args.kubeconfig, pod_cidrs=args.pod_cidr or None,
+            want_pod_cidrs=guard and not args.pod_cidr, guard_unknown=guard,
+        )
+    except Exception as e:  # kubeconfig missing/invalid: say so instead of a traceback
+        raise SystemExit(f"stockade: cannot configure the Kubernetes client: {e}") from None
+
+
 def _pipeline(args: argparse.Namespace, node: str | None, readonly: bool = False) -> Any:
     if args.source == "netbird":
         return _netbird_pipeline(args, readonly)
+    if args.source == "kubernetes":
+        return _kubernetes_pipeline(args, node, readonly)
     if not Path(args.source).exists():
         raise SystemExit(f"stockade: source directory {args.source} does not exist")
     return DirectoryPipeline(args.source, node, _state_file(args), readonly=readonly)
@@ -249,7 +270,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     pipe = _pipeline(args, _node(args))
     watch = pipe if args.source == "netbird" else pipe.source
     daemon = Daemon(pipe, _dataplane(args.dataplane, args), watch=watch, resync=args.resync,
-                    strict=not args.keep_established)
+                    strict=not args.keep_established, debounce=args.debounce)
+    if args.source == "kubernetes":
+        from agent.pipeline import EventLatency
+
+        daemon.on_synced.append(EventLatency(daemon.registry).observe)
     daemon.install_signal_handlers()
     server = serve_http(daemon, args.metrics_address)
     log.info("stockade %s enforcing %s on node %s with %s; http on %s", __version__,
@@ -336,7 +361,16 @@ def parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser, node: bool = True, dataplane: bool = True) -> None:
         sp.add_argument("--source", default=os.environ.get("STOCKADE_SOURCE", DEFAULT_SOURCE),
-                        help="a manifest directory, or `netbird` (default: $STOCKADE_SOURCE or %(default)s)")
+                        help="a manifest directory, `kubernetes` or `netbird` "
+                             "(default: $STOCKADE_SOURCE or %(default)s)")
+        k8s = sp.add_argument_group("Kubernetes API source (--source kubernetes)")
+        k8s.add_argument("--kubeconfig", default=None,
+                         help="kubeconfig file (default: $KUBECONFIG, then in-cluster, then ~/.kube/config)")
+        k8s.add_argument("--pod-cidr", action="append", type=ipaddress.ip_network,
+                         help="this node's pod CIDR (repeatable; default: node.spec.podCIDRs)")
+        if dataplane:
+            k8s.add_argument("--unknown-endpoints", choices=["allow", "deny"], default="allow",
+                             help="deny: drop traffic of local pod-CIDR addresses no source reported yet")
         nb = sp.add_argument_group("NetBird source (--source netbird)")
         nb.add_argument("--netbird-url", default=os.environ.get("NETBIRD_URL", "https://api.netbird.io"))
         nb.add_argument("--netbird-token-file", default=os.environ.get("NETBIRD_TOKEN_FILE"),
@@ -390,6 +424,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--metrics-address", default=os.environ.get("STOCKADE_METRICS_ADDRESS", DEFAULT_METRICS),
                     help="HOST:PORT for /metrics, /healthz, /readyz (default %(default)s)")
     sp.add_argument("--resync", type=float, default=60.0, help="full resync period in seconds")
+    sp.add_argument("--debounce", type=float, default=0.02,
+                    help="seconds to gather a burst of source events into one sync (default %(default)s)")
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("counters", help="kernel counters per rule and default deny")

@@ -101,7 +101,10 @@ class Daemon:
             self._report(snap.problems)
             stats, cut = enforce(self.dataplane, snap.program, self.strict)
         except DataplaneError as e:
-            log.error("sync failed, previous kernel state stays in force: %s", e)
+            if getattr(e, "transient", False):  # e.g. the initial lists are still arriving
+                log.info("%s", e)
+            else:
+                log.error("sync failed, previous kernel state stays in force: %s", e)
             self.metrics.syncs.labels("error").inc()
             if pending is not None and self._pending_since is None:
                 self._pending_since = pending  # still not in the kernel

@@ -219,6 +219,9 @@ class Program:
 
     source: str
     endpoints: dict[str, EndpointProgram] = field(default_factory=dict)
+    # Local prefixes (the node's pod CIDRs) whose addresses are denied both ways until a
+    # source reports an endpoint there (--unknown-endpoints=deny); () guards nothing.
+    guard: tuple[Network, ...] = ()
 
     def rules(self) -> dict[str, Rule]:
         """Every distinct rule by id (a rule applying to many endpoints appears once)."""

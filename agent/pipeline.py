@@ -6,11 +6,14 @@ Program from here, so they can never disagree.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent.admission import LastGood, kubernetes_inventory
+from agent.dataplane.base import DataplaneError
 from agent.inventory import Inventory, Problem
 from agent.ir import Program
 from agent.policy.kubernetes import compile_inventory
@@ -49,10 +52,6 @@ class DirectoryPipeline:
 # ------------------------------------------------------------------ Kubernetes API source
 # Imports are local to keep the directory-only commands free of the kubernetes client.
 
-from dataclasses import field  # noqa: E402
-from typing import Any  # noqa: E402
-
-from agent.dataplane.base import DataplaneError  # noqa: E402
 
 
 class SourceNotSynced(DataplaneError):
@@ -60,6 +59,8 @@ class SourceNotSynced(DataplaneError):
 
     A DataplaneError so the daemon's loop keeps the previous kernel state and retries.
     """
+
+    transient = True  # expected at start-up: logged, not alarmed
 
 
 @dataclass
@@ -86,10 +87,12 @@ class KubernetesPipeline:
         state_file: Path | None = None,
         readonly: bool = False,
         sync_wait: float = 5.0,
+        guard_unknown: bool = False,
         **source_options: Any,
     ) -> None:
         from agent.sources.kubernetes import KubernetesSource
 
+        self.guard_unknown = guard_unknown  # --unknown-endpoints=deny
         self.source = source if source is not None else KubernetesSource(node=node, **source_options)
         self.node = node
         self.store = LastGood(state_file, readonly=readonly)
@@ -112,7 +115,10 @@ class KubernetesPipeline:
         objects, problems, events = self.source.read_with_events()
         inv = kubernetes_inventory(objects, self.store, problems)
         program = compile_inventory(inv, self.node, source=self.source.name)
-        return KubernetesSnapshot(inv, program, events=events, pod_cidrs=tuple(self.source.pod_cidrs or ()))
+        pod_cidrs = tuple(self.source.pod_cidrs or ())
+        if self.guard_unknown:
+            program = dataclasses.replace(program, guard=pod_cidrs)
+        return KubernetesSnapshot(inv, program, events=events, pod_cidrs=pod_cidrs)
 
 
 class EventLatency:

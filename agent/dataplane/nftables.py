@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 TABLE = "stockade"
 FAMILY = "inet"
 DENY_COMMENT = "default-deny"
+UNKNOWN_COMMENT = "unknown-endpoint"
 ND_TYPES = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect"
 MAPS = {"ingress4": "ipv4_addr", "ingress6": "ipv6_addr", "egress4": "ipv4_addr", "egress6": "ipv6_addr",
         "ingress_if": "ifname", "egress_if": "ifname"}
@@ -49,6 +50,9 @@ def _base_chains() -> str:
         for d in directions:
             key = "saddr" if d == "egress" else "daddr"
             lines += [f"\t\tip {key} vmap @{d}4", f"\t\tip6 {key} vmap @{d}6"]
+            # --unknown-endpoints=deny: a pod-CIDR address no source reported yet.
+            lines += [f'\t\t{p} {key} @guard{v} {p} {key} != @known{v} counter drop comment "{UNKNOWN_COMMENT}"'
+                      for p, v in (("ip", 4), ("ip6", 6))]
         return "\n".join(lines)
 
     common = (
@@ -67,7 +71,7 @@ def _base_chains() -> str:
         "policy accept;\n"
         f"{common}\t\tiif lo accept\n\t\tiifname vmap @ingress_if\n\t}}\n"
         "\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n"
-        f"{common}{dispatch(['egress'])}\n\t\toifname vmap @egress_if\n\t}}\n"
+        f"{common}\t\tip saddr vmap @egress4\n\t\tip6 saddr vmap @egress6\n\t\toifname vmap @egress_if\n\t}}\n"
     )
 
 
@@ -122,6 +126,11 @@ class Options:
 
 def build_model(program: Program, opts: Options = Options()) -> Model:
     m = Model()
+    guard = PeerSet.of(program.guard)
+    known = PeerSet.of(ip for ep in program.endpoints.values() for ip in ep.ips) if program.guard else PeerSet()
+    for fam, typ in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+        m.sets[f"guard{fam}"] = (typ, frozenset(str(n) for n in guard.family(fam)))
+        m.sets[f"known{fam}"] = (typ, frozenset(str(n) for n in known.family(fam)))
     for ep in program.endpoints.values():
         for d in (Direction.INGRESS, Direction.EGRESS):
             dp = ep.direction(d)

@@ -1,0 +1,472 @@
+"""The Kubernetes API source against a fake API server, driven by the real `kubernetes` client.
+
+The fake server (tests/integration/kubeapi.py) speaks the list/watch protocol over
+HTTP on 127.0.0.1; the client reaches it through a generated kubeconfig. No kernel,
+no privileges: the kernel side is the recording dataplane below, or the simulator.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.cli import matrix
+from agent.dataplane.base import ApplyStats, Counters, Dataplane, DataplaneError
+from agent.ir import Program
+from agent.pipeline import DirectoryPipeline, EventLatency, KubernetesPipeline, SourceNotSynced
+from agent.sources.kubernetes import Backoff, KubernetesSource, api_client
+from tests.helpers import ns, pod, policy
+from tests.integration.kubeapi import TOKEN, FakeKubeAPI
+from tests.lab.cases import expected_grid, load_cases, off_diagonal, pod_keys, step_objects, write_dir
+
+pytest.importorskip("kubernetes")
+
+FAST = {"backoff_base": 0.05, "backoff_cap": 0.4, "connect_timeout": 2.0, "read_slack": 2.0}
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubeAPI]:
+    server = FakeKubeAPI().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def make_source(api: FakeKubeAPI, tmp_path: Path) -> Iterator[Callable[..., KubernetesSource]]:
+    stops: list[Callable[[], None]] = []
+
+    def make(watch: bool = True, on_change: Callable[[], None] | None = None, **kw: Any) -> KubernetesSource:
+        src = KubernetesSource(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")), **{**FAST, **kw})
+        if watch:
+            stops.append(src.watch(on_change or (lambda: None)))
+        return src
+
+    yield make
+    for stop in stops:
+        stop()
+
+
+def expected_cache(src: KubernetesSource, api: FakeKubeAPI) -> dict:
+    return {
+        raw.ref.key: raw.body
+        for kind, objs in api.objects.items()
+        for obj in objs.values()
+        for raw in [src._raw(kind, obj)]
+    }
+
+
+def cache(src: KubernetesSource) -> dict:
+    return {o.ref.key: o.body for o in src.read()[0]}
+
+
+def converged(src: KubernetesSource, api: FakeKubeAPI) -> bool:
+    with api.cond:
+        want = expected_cache(src, api)
+    return cache(src) == want
+
+
+def small_cluster(api: FakeKubeAPI, namespaces: int = 3, pods: int = 4) -> None:
+    for n in range(namespaces):
+        api.put(ns(f"ns{n}", team=f"t{n}"))
+        for p in range(pods):
+            api.put(pod(f"ns{n}/p{p}", f"10.1.{n}.{p + 1}", {"app": f"a{p % 2}"}))
+    api.put(policy("ns0/deny", {"podSelector": {}, "policyTypes": ["Ingress"]}))
+
+
+# ---------------------------------------------------------------------- lists and watches
+
+
+def test_initial_lists_paginate_and_watch_from_their_resource_version(api, make_source) -> None:
+    small_cluster(api, namespaces=5, pods=5)  # 5 namespaces, 25 pods, 1 policy
+    src = make_source(page_size=4)
+    assert src.synced.wait(10)
+    assert converged(src, api)
+
+    pages = {k: [r.query for r in api.lists(k)] for k in ("Namespace", "Pod", "NetworkPolicy")}
+    assert len(pages["Pod"]) == 7 and len(pages["Namespace"]) == 2 and len(pages["NetworkPolicy"]) == 1
+    assert all(q["limit"] == "4" for qs in pages.values() for q in qs)
+    assert "continue" not in pages["Pod"][0] and all("continue" in q for q in pages["Pod"][1:])
+
+    wait_for(lambda: len(api.watches()) == 3, what="three watches")
+    for w in api.watches():
+        assert w.query["resourceVersion"] == str(api.rv)  # the list's resourceVersion
+        assert w.query["allowWatchBookmarks"] == "true"
+        assert int(w.query["timeoutSeconds"]) > 0
+    assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in api.requests)
+    assert src.stats[("Pod", "list_pages")] == 7
+
+
+def test_events_update_the_cache_and_call_back(api, make_source) -> None:
+    small_cluster(api)
+    calls: list[float] = []
+    src = make_source(on_change=lambda: calls.append(time.monotonic()))
+    assert src.synced.wait(10)
+    wait_for(lambda: len(api.watches()) == 3, what="watches")
+    src.read_with_events()  # drain the initial list's changes
+    before = len(calls)
+
+    api.put(pod("ns1/new", "10.1.1.99", {"app": "fresh"}))  # ADDED
+    api.put(pod("ns0/p0", "10.1.0.1", {"app": "relabelled"}))  # MODIFIED
+    api.delete("Pod", "ns2", "p3")  # DELETED
+    api.put(ns("ns1", team="other"))  # namespace label
+    api.put(policy("ns1/allow", {"podSelector": {}, "ingress": [{}]}))
+    api.delete("NetworkPolicy", "ns0", "deny")
+    wait_for(lambda: converged(src, api), what="convergence")
+    assert len(calls) - before == 6
+
+    objects, _, events = src.read_with_events()
+    kinds = sorted((e.ref.kind, e.type, e.ref.name) for e in events)
+    assert kinds == sorted([("Pod", "ADDED", "new"), ("Pod", "MODIFIED", "p0"), ("Pod", "DELETED", "p3"),
+                            ("Namespace", "MODIFIED", "ns1"), ("NetworkPolicy", "ADDED", "allow"),
+                            ("NetworkPolicy", "DELETED", "deny")])
+    assert next(e for e in events if e.ref.name == "new").new_ips == ("10.1.1.99",)
+    assert next(e for e in events if e.ref.name == "p0").new_ips == ()  # same IP, new labels
+    assert all(o.ref.source == "kubernetes" for o in objects)
+    assert src.resource_version("Pod") == str(max(r for r, k, *_ in api.log if k == "Pod"))
+
+
+def test_changes_the_semantics_ignore_do_not_wake_the_loop(api, make_source) -> None:
+    small_cluster(api, namespaces=1, pods=1)
+    calls: list[int] = []
+    src = make_source(on_change=lambda: calls.append(1))
+    assert src.synced.wait(10)
+    wait_for(lambda: len(api.watches()) == 3, what="watches")
+    before = len(calls)
+    heartbeat = pod("ns0/p0", "10.1.0.1", {"app": "a0"})
+    heartbeat["metadata"]["annotations"] = {"touched": "now"}
+    heartbeat["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    rv = api.put(heartbeat)
+    wait_for(lambda: src.resource_version("Pod") == str(rv), what="event seen")
+    assert len(calls) == before
+
+
+def test_objects_are_trimmed(api, make_source) -> None:
+    small_cluster(api, namespaces=1, pods=1)
+    src = make_source()
+    assert src.synced.wait(10)
+    api.put(pod("ns0/late", "10.1.0.50"))  # via a watch event, not the list
+    wait_for(lambda: converged(src, api), what="convergence")
+    for o in src.read()[0]:
+        meta = o.body["metadata"]
+        assert set(meta) <= {"name", "namespace", "labels"}, meta
+        assert "managedFields" not in meta and "annotations" not in meta
+        if o.ref.kind == "Pod":
+            assert set(o.body["status"]) <= {"phase", "podIP", "podIPs"}
+            assert set(o.body["spec"]) == {"nodeName", "hostNetwork", "containers"}
+
+
+def test_bookmark_advances_the_resource_version_and_the_resume_point(api, make_source) -> None:
+    small_cluster(api, namespaces=1, pods=1)
+    src = make_source()
+    assert src.synced.wait(10)
+    wait_for(lambda: len(api.watches()) == 3, what="watches")
+    rv = api.bookmark()
+    wait_for(lambda: all(src.resource_version(k) == str(rv) for k in ("Namespace", "Pod", "NetworkPolicy")),
+             what="bookmark rv")
+    assert src.stats[("Pod", "bookmarks")] == 1
+    lists = len(api.lists())
+    api.cut_watches()  # reconnect: must resume from the bookmark, not relist
+    wait_for(lambda: len(api.watches()) == 6, what="reconnected watches")
+    assert all(w.query["resourceVersion"] == str(rv) for w in api.watches()[3:])
+    assert len(api.lists()) == lists
+
+
+def test_410_gone_on_a_watch_relists_and_repairs_what_was_missed(api, make_source) -> None:
+    small_cluster(api)
+    src = make_source()
+    assert src.synced.wait(10)
+    wait_for(lambda: len(api.watches()) == 3, what="watches")
+    # History the watch never hears of, then the server compacts and expires the watch.
+    api.delete("Pod", "ns1", "p1", silent=True)
+    api.put(pod("ns1/p0", "10.1.1.1", {"app": "moved"}), silent=True)
+    api.put(policy("ns2/quiet", {"podSelector": {}, "policyTypes": ["Egress"]}), silent=True)
+    api.compact(gone=True)
+    wait_for(lambda: converged(src, api), what="convergence after 410")
+    assert src.stats[("Pod", "gone")] >= 1 and src.errors["watch_expired"] >= 3
+    assert len(api.lists("Pod")) >= 2
+    # The new watch resumes from the relist's resourceVersion, which is not compacted.
+    wait_for(lambda: api.open_watches == 3, what="watches after relist")
+    api.put(pod("ns1/after", "10.1.1.77"))
+    wait_for(lambda: converged(src, api), what="events after relist")
+
+
+def test_watch_from_a_compacted_resource_version_relists(api, make_source) -> None:
+    small_cluster(api, namespaces=1, pods=2)
+    src = make_source()
+    assert src.synced.wait(10)
+    wait_for(lambda: len(api.watches()) == 3, what="watches")
+    api.delete("Pod", "ns0", "p1", silent=True)
+    api.compact(gone=False)  # open watches go on; the next watch from an old rv gets 410
+    api.cut_watches()
+    wait_for(lambda: converged(src, api), what="convergence")
+    assert src.stats[("Pod", "gone")] >= 1
+
+
+def test_expired_continue_token_restarts_the_list(api, make_source) -> None:
+    small_cluster(api, namespaces=2, pods=6)
+    api.expire_continue = 1
+    src = make_source(page_size=3)
+    assert src.synced.wait(10)
+    assert converged(src, api)
+    assert sum(src.stats[(k, "list_restarts")] for k in ("Namespace", "Pod", "NetworkPolicy")) == 1
+    assert src.errors["continue_expired"] == 1
+
+
+def test_5xx_reconnects_with_jittered_exponential_backoff(api, make_source) -> None:
+    small_cluster(api, namespaces=1, pods=1)
+    api.fail(lambda r: r.kind == "Pod" and r.watch, times=5, status=500)
+    api.fail(lambda r: r.kind == "Namespace" and not r.watch, times=2, status=503)
+    src = make_source(backoff_base=0.1, backoff_cap=10.0)
+    assert src.synced.wait(10)
+    wait_for(lambda: len(api.watches("Pod")) == 6, what="sixth pod watch")
+    times = [r.at for r in api.watches("Pod")]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    for i, gap in enumerate(gaps):
+        d = 0.1 * 2**i  # equal jitter: each delay in [d/2, d] (+ request time)
+        assert d / 2 - 0.01 <= gap <= d + 0.15, (i, gaps)
+    assert gaps[-1] > gaps[0] * 4
+    assert src.stats[("Pod", "errors")] == 5 and src.stats[("Namespace", "errors")] == 2
+    assert src.errors["watch_http_5xx"] == 5 and src.errors["list_http_5xx"] == 2
+    api.put(pod("ns0/after", "10.1.0.9"))
+    wait_for(lambda: converged(src, api), what="events after 5xx")
+
+
+def test_stream_cut_mid_event_resumes_without_loss_or_duplicates(api, make_source) -> None:
+    small_cluster(api, namespaces=1, pods=2)
+    src = make_source()
+    assert src.synced.wait(10)
+    wait_for(lambda: api.open_watches == 3, what="watches")
+    rv_before = src.resource_version("Pod")
+    lists = len(api.lists())
+    api.cut_watches()
+    wait_for(lambda: len(api.watches("Pod")) == 2, what="pod watch reconnect")
+    assert api.watches("Pod")[1].query["resourceVersion"] == rv_before
+    wait_for(lambda: api.open_watches == 3, what="watches back")
+    # Events while the stream was cut, and after, both arrive once.
+    for i in range(5):
+        api.put(pod(f"ns0/burst{i}", f"10.1.0.{100 + i}"))
+    api.cut_watches()
+    api.put(ns("ns0", team="after-cut"))
+    wait_for(lambda: converged(src, api), what="convergence after cuts")
+    assert len(api.lists()) == lists  # a cut never costs a relist
+    assert src.errors["watch_disconnected"] >= 2
+    _, _, events = src.read_with_events()
+    added = [e.ref.name for e in events if e.type == "ADDED"]
+    assert sorted(added) == [f"burst{i}" for i in range(5)]
+
+
+def test_slow_responses_and_a_dead_watch_connection(api, make_source) -> None:
+    small_cluster(api, namespaces=1, pods=1)
+    api.fail(lambda r: r.kind == "Pod" and not r.watch, times=1, status=0, delay=0.5)  # slow list
+    api.hang_watches = 3  # the first watches never end and never speak
+    t0 = time.monotonic()
+    src = make_source(watch_timeout=1, read_slack=0.5)
+    assert src.synced.wait(10)
+    assert time.monotonic() - t0 >= 0.5
+    # The client's read timeout (timeoutSeconds + slack) notices the dead connection.
+    wait_for(lambda: len(api.watches("Pod")) >= 2, timeout=6, what="watch after read timeout")
+    api.put(pod("ns0/after", "10.1.0.9"))
+    wait_for(lambda: converged(src, api), what="convergence")
+
+
+def test_periodic_relist_repairs_drift(api, make_source) -> None:
+    small_cluster(api, namespaces=1, pods=2)
+    src = make_source(resync=1.0)
+    assert src.synced.wait(10)
+    api.delete("Pod", "ns0", "p0", silent=True)  # a change no watch reports
+    api.put(ns("ns0", team="drifted"), silent=True)
+    wait_for(lambda: converged(src, api), timeout=5, what="resync")
+    assert src.stats[("Pod", "resyncs")] >= 1
+
+
+def test_node_pod_cidrs_gate_synced(api, make_source) -> None:
+    small_cluster(api, namespaces=1, pods=1)
+    api.nodes["n1"] = {"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n1"}, "spec": {}}
+    src = make_source(node="n1", want_pod_cidrs=True)
+    wait_for(lambda: all(e.is_set() for e in src.listed.values()), what="lists")
+    time.sleep(0.2)
+    assert not src.synced.is_set()  # no podCIDRs allocated yet
+    api.nodes["n1"]["spec"] = {"podCIDR": "10.1.0.0/24", "podCIDRs": ["10.1.0.0/24", "fd00:1::/64"]}
+    assert src.synced.wait(10)
+    assert [str(c) for c in src.pod_cidrs] == ["10.1.0.0/24", "fd00:1::/64"]
+    flag = make_source(watch=False, node="n1", want_pod_cidrs=True, pod_cidrs=["10.9.0.0/16"])
+    assert [str(c) for c in flag.pod_cidrs] == ["10.9.0.0/16"]
+
+
+def test_stop_ends_the_threads_promptly(api, make_source, tmp_path) -> None:
+    small_cluster(api, namespaces=1, pods=1)
+    src = KubernetesSource(kubeconfig=str(api.kubeconfig(tmp_path / "kc")), **FAST)
+    stop = src.watch(lambda: None)
+    assert src.synced.wait(10)
+    wait_for(lambda: api.open_watches == 3, what="watches")
+    t0 = time.monotonic()
+    stop()
+    assert time.monotonic() - t0 < 2
+    assert not src.watching
+
+
+def test_kubeconfig_from_environment(api, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kc")))
+    client = api_client()
+    assert client.configuration.host == api.url
+    monkeypatch.delenv("KUBECONFIG")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "nohome"))
+    from agent.sources.kubernetes import SourceError
+
+    with pytest.raises(SourceError):
+        api_client()
+
+
+def test_backoff_is_exponential_with_jitter_and_capped() -> None:
+    lo = Backoff(1.0, 8.0, rng=lambda: 0.0)
+    hi = Backoff(1.0, 8.0, rng=lambda: 1.0)
+    assert [lo.next() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert [hi.next() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    hi.reset()
+    assert hi.next() == 1.0
+
+
+# ---------------------------------------------------------------------- pipeline and daemon
+
+
+class RecordingDataplane(Dataplane):
+    """Stands in for the kernel: keeps the last program applied."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.programs: list[Program] = []
+
+    def render(self, program: Program) -> str:
+        return ""
+
+    def apply(self, program: Program) -> ApplyStats:
+        self.programs.append(program)
+        return ApplyStats(full=len(self.programs) == 1, commands=0)
+
+    def counters(self) -> Counters:
+        return Counters()
+
+    def cleanup(self) -> None:
+        pass
+
+
+def test_pipeline_never_hands_out_a_partial_view(api, make_source) -> None:
+    small_cluster(api)
+    api.fail(lambda r: r.kind == "NetworkPolicy", times=1000, status=503)
+    src = make_source()
+    pipe = KubernetesPipeline(None, source=src, sync_wait=0.3)
+    wait_for(lambda: src.listed["Pod"].is_set() and src.listed["Namespace"].is_set(), what="lists")
+    assert not pipe.ready.is_set()
+    with pytest.raises(SourceNotSynced) as exc:
+        pipe.snapshot()
+    assert isinstance(exc.value, DataplaneError)  # the daemon keeps the kernel as it is
+    assert "NetworkPolicys" in str(exc.value)
+    api.faults.clear()
+    assert src.synced.wait(10)
+    snap = pipe.snapshot()
+    assert len(snap.inventory.endpoints) == 12 and len(snap.inventory.policies) == 1
+
+
+def test_one_shot_pipeline_lists_without_watching(api, tmp_path) -> None:
+    small_cluster(api)
+    pipe = KubernetesPipeline(None, kubeconfig=str(api.kubeconfig(tmp_path / "kc")), **FAST)
+    snap = pipe.snapshot()
+    assert len(snap.inventory.endpoints) == 12 and not snap.problems
+    assert not api.watches()
+    assert snap.program.source == "kubernetes"
+
+
+def test_daemon_readiness_and_event_to_program_latency(api, make_source) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from agent.daemon import Daemon
+
+    small_cluster(api, namespaces=3, pods=10)
+    api.fail(lambda r: r.kind == "NetworkPolicy" and not r.watch, times=3, status=500, delay=0.2)
+    src = KubernetesSource(kubeconfig=None, client=make_source(watch=False).client, node="n1", **FAST)
+    pipe = KubernetesPipeline("n1", source=src, sync_wait=0.2)
+    dp = RecordingDataplane()
+    registry = CollectorRegistry()
+    daemon = Daemon(pipe, dp, watch=src, debounce=0.01, resync=30, registry=registry)
+    latency = EventLatency(registry)
+    daemon.on_synced.append(latency.observe)
+    import threading
+
+    t = threading.Thread(target=daemon.run, daemon=True)
+    t.start()
+    try:
+        assert daemon.ready.wait(10)
+        # Ready implies every list was in: the first program already has the policy.
+        assert daemon.is_ready() and src.synced.is_set() and dp.programs
+        assert registry.get_sample_value("stockade_source_errors_total", {"cause": "list_http_5xx"}) == 3
+        first = dp.programs[0]
+        assert any(ep.ingress.isolated for ep in first.endpoints.values())
+        for i in range(20):
+            n = len(dp.programs)
+            api.put(pod(f"ns1/w{i}", f"10.1.1.{100 + i}", {"app": "a0"}))
+            wait_for(lambda n=n: len(dp.programs) > n, what="sync")
+            wait_for(lambda i=i: f"ns1/w{i}" in dp.programs[-1].endpoints, what="pod in program")
+        samples = [dt for kind, _, dt in latency.samples if kind == "PodIP"]
+        assert len(samples) == 20
+        median = statistics.median(samples)
+        print(f"\nevent->program (recording dataplane, debounce 10ms): median {median * 1000:.1f} ms, "
+              f"max {max(samples) * 1000:.1f} ms over {len(samples)} pod IPs")
+        assert median < 1.0
+        assert registry.get_sample_value("stockade_pod_ip_to_kernel_seconds_count") == 20
+    finally:
+        daemon.stop()
+        t.join(5)
+
+
+# ---------------------------------------------------------------------- same answers as the directory
+
+CASES = load_cases()
+
+
+def test_watch_protocol_gives_the_directory_sources_verdicts(api, make_source, tmp_path) -> None:
+    """Every upstream case step arrives as watch events; matrix == directory == upstream."""
+    src = make_source(page_size=5)
+    pipe = KubernetesPipeline(None, source=src)
+    assert src.synced.wait(10)
+    steps = 0
+    for case in CASES:
+        for i, step in enumerate(case["steps"]):
+            objects = step_objects(step)
+            api.set_state(objects)
+            wait_for(lambda: converged(src, api), what=f"{case['name']} step {i}")
+            snap = pipe.snapshot()
+            assert not snap.problems
+            directory = DirectoryPipeline(write_dir(tmp_path / "dir", objects), None).snapshot()
+            for probe in step["probes"]:
+                port, proto = str(probe["port"]), probe["protocol"]
+                got = matrix(snap, port, proto, None)
+                assert got == matrix(directory, port, proto, None), (case["name"], i, probe)
+                want = expected_grid(probe["expect"], pod_keys(objects))
+                assert off_diagonal(got) == off_diagonal(want), (case["name"], i, probe)
+            steps += 1
+    assert steps >= 48
+    # Deleting a namespace (and its pods, as the API server's GC would) over the watch.
+    for key in [k for k in api.objects["Pod"] if k[0] == "z"]:
+        api.delete("Pod", *key)
+    api.delete("Namespace", "", "z")
+    wait_for(lambda: converged(src, api), what="namespace deletion")
+    snap = pipe.snapshot()
+    assert not any(k.startswith("z/") for k in snap.inventory.endpoints) and "z" not in snap.inventory.namespaces
