@@ -59,6 +59,8 @@ class DropRecorder:
             try:
                 events = self.source.read(timeout=0.5)
             except OSError as e:
+                if self._stop.is_set():
+                    break  # closed under us on shutdown
                 log.warning("drop log read failed: %s", e)
                 time.sleep(1)
                 continue

@@ -50,6 +50,7 @@ class NetbirdLab:
     device: str = DEVICE
     peers: dict[str, NbPeer] = field(default_factory=dict)  # LOCAL is the node namespace
     relay: subprocess.Popen | None = None
+    servers: list[subprocess.Popen] = field(default_factory=list)
     _created: list[str] = field(default_factory=list)
 
     def __enter__(self) -> NetbirdLab:
@@ -98,10 +99,11 @@ class NetbirdLab:
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                 )
                 self.lab.procs.append(server)
+                self.servers.append(server)
                 if server.stdout is None or server.stdout.readline().strip() != "ready":
                     raise RuntimeError(f"netprobe server on peer {p.name} did not start")
 
-    def probe_many(self, targets: dict[str, Sequence[str]], timeout: float = 1.0) -> dict[str, dict[str, bool]]:
+    def probe_many(self, targets: dict[str, Sequence[str]], timeout: float = 1.5) -> dict[str, dict[str, bool]]:
         """targets: peer name (or LOCAL) -> netprobe specs; every source probes concurrently."""
         running = {
             src: subprocess.Popen(
@@ -120,11 +122,12 @@ class NetbirdLab:
         return out
 
     def close(self) -> None:
-        if self.relay is not None and self.relay.poll() is None:
-            self.relay.kill()
-        if self.relay is not None:
+        """Stop the relay and servers (the Lab would too) and delete the peers' namespaces."""
+        for proc in [*self.servers, *([self.relay] if self.relay else [])]:
+            if proc.poll() is None:
+                proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.relay.wait(timeout=5)
+                proc.wait(timeout=5)
         for netns in self._created:
             sh("ip", "netns", "del", netns, check=False)
 
