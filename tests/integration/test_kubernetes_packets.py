@@ -52,6 +52,16 @@ def listen_in_netns(netns: str) -> socket.socket:
     return out["socket"]  # type: ignore[return-value]
 
 
+def api_in_netns(netns: str) -> FakeKubeAPI:
+    """The fake API server, listening in `netns` (where the agent runs), started."""
+    api = FakeKubeAPI()
+    api.server.socket.close()
+    api.server.socket = listen_in_netns(netns)
+    api.server.server_address = api.server.socket.getsockname()
+    api.start()
+    return api
+
+
 def until(cond: Callable[[], bool], timeout: float = 10.0) -> float | None:
     """Seconds until cond() held, or None."""
     t0 = time.monotonic()
@@ -70,12 +80,7 @@ def lab_pod(key: str, ip: str, labels: dict[str, str]) -> dict:
 def test_watch_events_change_which_packets_pass(lab: Lab, dataplane: str, tmp_path: Path) -> None:
     for key, ip in (("x/a", A), ("x/b", B), ("y/c", C), ("x/d", D)):
         lab.add_pod(key, [ip])
-    api = FakeKubeAPI()
-    # Serve from a socket in the node namespace, where the agent runs.
-    api.server.socket.close()
-    api.server.socket = listen_in_netns(lab.node)
-    api.server.server_address = api.server.socket.getsockname()
-    api.start()
+    api = api_in_netns(lab.node)
     try:
         api.put(ns("x"))
         api.put(ns("y"))
@@ -135,11 +140,7 @@ def test_watch_events_change_which_packets_pass(lab: Lab, dataplane: str, tmp_pa
 def test_unknown_endpoints_deny_closes_the_start_up_window(lab: Lab, dataplane: str, tmp_path: Path) -> None:
     for key, ip in (("x/a", A), ("x/b", B), ("x/d", D)):
         lab.add_pod(key, [ip])
-    api = FakeKubeAPI()
-    api.server.socket.close()
-    api.server.socket = listen_in_netns(lab.node)
-    api.server.server_address = api.server.socket.getsockname()
-    api.start()
+    api = api_in_netns(lab.node)
     try:
         api.put(ns("x"))
         api.put(lab_pod("x/a", A, {"app": "a"}))

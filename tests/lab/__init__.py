@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,26 @@ def sh(*args: str, check: bool = True, ns: str | None = None, **kw) -> subproces
     if check and res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
     return res
+
+
+def probe_from(
+    netns: dict[str, str], targets: Mapping[str, Sequence[str]], timeout: float
+) -> dict[str, dict[str, bool]]:
+    """Run netprobe from each source's namespace at once; source -> spec -> got a reply."""
+    running = {
+        src: subprocess.Popen(
+            ["ip", "netns", "exec", netns[src], sys.executable, str(NETPROBE), "probe", str(timeout), *specs],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for src, specs in targets.items() if specs
+    }
+    out = {}
+    for src, proc in running.items():
+        stdout, stderr = proc.communicate(timeout=timeout * 5 + 30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"probe from {src} failed: {stderr}")
+        out[src] = json.loads(stdout)
+    return out
 
 
 @dataclass
@@ -124,21 +144,7 @@ class Lab:
         self, targets: dict[str, list[str]], timeout: float = 1.0
     ) -> dict[str, dict[str, bool]]:
         """targets: source pod -> specs "proto:addr:port"; all sources probe concurrently."""
-        running = {
-            src: subprocess.Popen(
-                ["ip", "netns", "exec", self.pods[src].netns, sys.executable, str(NETPROBE),
-                 "probe", str(timeout), *specs],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )
-            for src, specs in targets.items() if specs
-        }
-        out = {}
-        for src, proc in running.items():
-            stdout, stderr = proc.communicate(timeout=timeout * 5 + 30)
-            if proc.returncode != 0:
-                raise RuntimeError(f"probe from {src} failed: {stderr}")
-            out[src] = json.loads(stdout)
-        return out
+        return probe_from({src: self.pods[src].netns for src in targets}, targets, timeout)
 
     def reachable(self, src: str, dst_ip: str, port: int, proto: str = "tcp",
                   timeout: float = 1.0) -> bool:

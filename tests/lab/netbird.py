@@ -15,7 +15,6 @@ the peers' namespaces, and runs even after failures (use it as a context manager
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.lab import NETPROBE, Lab, sh
+from tests.lab import NETPROBE, Lab, probe_from, sh
 
 TUNRELAY = Path(__file__).with_name("tunrelay.py")
 DEVICE = "wt0"
@@ -105,21 +104,7 @@ class NetbirdLab:
 
     def probe_many(self, targets: dict[str, Sequence[str]], timeout: float = 1.5) -> dict[str, dict[str, bool]]:
         """targets: peer name (or LOCAL) -> netprobe specs; every source probes concurrently."""
-        running = {
-            src: subprocess.Popen(
-                ["ip", "netns", "exec", self.peers[src].netns, sys.executable, str(NETPROBE),
-                 "probe", str(timeout), *specs],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )
-            for src, specs in targets.items() if specs
-        }
-        out = {}
-        for src, proc in running.items():
-            stdout, stderr = proc.communicate(timeout=timeout * 5 + 30)
-            if proc.returncode != 0:
-                raise RuntimeError(f"probe from {src} failed: {stderr}")
-            out[src] = json.loads(stdout)
-        return out
+        return probe_from({src: self.peers[src].netns for src in targets}, targets, timeout)
 
     def close(self) -> None:
         """Stop the relay and servers (the Lab would too) and delete the peers' namespaces."""
