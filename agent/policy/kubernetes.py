@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,8 @@ from agent.ir import (
     Rule,
 )
 from agent.policy.errors import Invalid
+from agent.policy.errors import as_list as _list
+from agent.policy.errors import as_map as _map
 from agent.policy.selectors import Selector, parse_selector
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -97,22 +99,6 @@ class NetworkPolicy:
 
 
 # ---------------------------------------------------------------- parsing
-
-
-def _list(obj: Any, field: str) -> list[Any]:
-    if obj is None:
-        return []
-    if not isinstance(obj, list):
-        raise Invalid(field, f"must be a list, got {type(obj).__name__}")
-    return obj
-
-
-def _map(obj: Any, field: str) -> Mapping[str, Any]:
-    if obj is None:
-        return {}
-    if not isinstance(obj, Mapping):
-        raise Invalid(field, f"must be an object, got {type(obj).__name__}")
-    return obj
 
 
 def _network(text: Any, field: str) -> Network:

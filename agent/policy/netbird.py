@@ -51,7 +51,8 @@ from agent.ir import (
     Rule,
     Verdict,
 )
-from agent.policy.errors import Invalid
+from agent.policy.errors import Invalid, as_map
+from agent.policy.errors import as_list as _list
 
 SOURCE = "netbird"
 DEFAULT_INTERFACE = "wt0"
@@ -170,18 +171,8 @@ class Account:
 # ---------------------------------------------------------------- parsing
 
 
-def _list(obj: Any, field: str) -> list[Any]:
-    if obj is None:
-        return []
-    if not isinstance(obj, list):
-        raise Invalid(field, f"must be a list, got {type(obj).__name__}")
-    return obj
-
-
 def _map(obj: Any, field: str) -> Mapping[str, Any]:
-    if not isinstance(obj, Mapping):
-        raise Invalid(field, f"must be an object, got {type(obj).__name__}")
-    return obj
+    return as_map(obj, field, required=True)
 
 
 def _str(obj: Mapping[str, Any], key: str, field: str, required: bool = True) -> str:
