@@ -51,11 +51,9 @@ def _dataplane(name: str, args: argparse.Namespace | None = None) -> Dataplane:
     if name == "ebpf":
         if getattr(args, "unknown_endpoints", "allow") == "deny":
             raise SystemExit("stockade: --unknown-endpoints=deny needs the nftables dataplane")
-        if audit:
-            raise SystemExit("stockade: --mode audit is not supported by the ebpf dataplane yet; use nftables")
         from agent.dataplane.ebpf import EbpfDataplane
 
-        return EbpfDataplane()
+        return EbpfDataplane(audit=audit)
     raise SystemExit(f"stockade: unknown dataplane {name!r} (available: nftables, ebpf)")
 
 

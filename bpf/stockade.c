@@ -9,6 +9,9 @@
 // verdict for (class, protocol, port) (ports, LPM over port prefixes) under the
 // endpoint's current generation (epstate). Constant cost: at most 2 flow lookups,
 // 1 peer LPM and 1 port LPM, whatever the number of rules or peers.
+// A packet judged a drop is counted, sampled into the `samples` queue (rate-limited per
+// endpoint, direction and CPU), and dropped -- or, in audit mode (`config`), passed and
+// remembered like an allowed packet.
 //
 // Sizes come from the loader as -D defines.
 
@@ -46,6 +49,9 @@
 #ifndef MAX_NODE_ADDRS
 #define MAX_NODE_ADDRS 1024
 #endif
+#ifndef MAX_SAMPLES
+#define MAX_SAMPLES 1024
+#endif
 
 #define DIR_INGRESS 0
 #define DIR_EGRESS 1
@@ -61,6 +67,11 @@
 #define P_TCP 6
 #define P_UDP 17
 #define P_SCTP 132
+
+// Sample flags, and the slot of a default-deny sample
+#define S_AUDIT 1
+#define S_PORTS 2
+#define NO_SLOT 0xffffffff
 
 // Flow flags
 #define FL_FIN_ORIG 1
@@ -150,6 +161,27 @@ struct stat {
     u64 bytes;
 };
 
+// Runtime settings written by the agent (one element): no rebuild to change them.
+struct config {
+    u32 audit;             // 1: judged drops pass (counted and sampled as would-be drops)
+    u32 sample_burst;      // drop samples allowed in a burst, per endpoint, direction and CPU
+    u64 sample_interval;   // ns between samples after the burst (0: no sampling)
+};
+
+// One sampled drop, drained by the agent (agent/dataplane/ebpf.py, EbpfDropLog).
+struct sample {
+    u32 ep_id;
+    u32 slot;  // counter slot of the deciding drop rule, NO_SLOT for the default deny
+    u8 dir;
+    u8 family;
+    u8 l4;     // IANA protocol number
+    u8 flags;  // S_AUDIT | S_PORTS
+    u16 sport; // network order
+    u16 dport;
+    u8 saddr[16];
+    u8 daddr[16];
+};
+
 // Used by the programs
 BPF_HASH(addrs, struct addr_key, u32, MAX_ADDRS);
 BPF_HASH(epstate, u32, struct ep_state, MAX_ENDPOINTS);
@@ -161,6 +193,12 @@ BPF_TABLE("lru_hash", struct flow_key, struct flow_val, flows, MAX_FLOWS);
 BPF_TABLE("lru_hash", struct frag_key, u64, frags, MAX_FRAGS);
 BPF_PERCPU_ARRAY(rule_stats, struct stat, MAX_SLOTS);
 BPF_PERCPU_ARRAY(drop_stats, struct stat, MAX_ENDPOINTS * 2);
+BPF_ARRAY(config, struct config, 1);
+// Drop sampling: a GCRA token bucket per (endpoint id * 2 + direction) and CPU (the
+// theoretical arrival time of the next sample), and a queue the agent pops; a full
+// queue overwrites its oldest sample.
+BPF_PERCPU_ARRAY(sample_tat, u64, MAX_ENDPOINTS * 2);
+BPF_QUEUE(samples, struct sample, MAX_SAMPLES);
 
 // Bookkeeping for the agent only (restart adoption): endpoint id -> endpoint key,
 // counter slot -> (endpoint id, direction, rule id).
@@ -417,6 +455,42 @@ static __always_inline void record_frag(struct pkt *p, u32 ep_id, u8 dir) {
     frags.update(&k, &now);
 }
 
+// A judged drop (already counted): sample it, then drop it -- or, in audit mode, let it
+// pass and remember its flow like an allowed packet's, as conntrack would.
+static __always_inline int drop(struct pkt *p, struct flow_key *fk, u32 ep_id, u8 dir, u32 slot) {
+    u32 zero = 0;
+    struct config *c = config.lookup(&zero);
+    u32 audit = c ? c->audit : 0;
+    if (c && c->sample_interval) {
+        u32 idx = ep_id * 2 + dir;
+        u64 *tat = sample_tat.lookup(&idx);
+        u64 now = bpf_ktime_get_ns();
+        if (tat) {
+            u64 t = *tat > now ? *tat : now;
+            if (t - now <= c->sample_interval * c->sample_burst) {
+                *tat = t + c->sample_interval;
+                struct sample sm = {};
+                sm.ep_id = ep_id;
+                sm.slot = slot;
+                sm.dir = dir;
+                sm.family = p->family;
+                sm.l4 = p->l4;
+                sm.flags = (audit ? S_AUDIT : 0) | (p->has_port ? S_PORTS : 0);
+                sm.sport = p->sport;
+                sm.dport = p->dport;
+                __builtin_memcpy(sm.saddr, p->saddr, 16);
+                __builtin_memcpy(sm.daddr, p->daddr, 16);
+                samples.push(&sm, BPF_EXIST);
+            }
+        }
+    }
+    if (!audit)
+        return TC_ACT_SHOT;
+    record(p, fk);
+    record_frag(p, ep_id, dir);
+    return TC_ACT_OK;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, int hook) {
     u32 ifindex = skb->ifindex;
     struct if_cfg *cfg = ifcfg.lookup(&ifindex);
@@ -576,7 +650,7 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
             record_frag(&p, ep_id, dir);
             return TC_ACT_OK;
         }
-        return TC_ACT_SHOT;
+        return drop(&p, &fk, ep_id, dir, slot);
     }
     // A header chain we could not walk is never allowed by a rule, nor by a
     // non-isolated direction that has rules (they might have been drops).
@@ -587,7 +661,7 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
             s->packets += 1;
             s->bytes += len;
         }
-        return TC_ACT_SHOT;
+        return drop(&p, &fk, ep_id, dir, NO_SLOT);
     }
     record(&p, &fk);
     record_frag(&p, ep_id, dir);

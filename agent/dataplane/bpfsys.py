@@ -26,6 +26,7 @@ MAP_GET_NEXT_KEY = 4
 OBJ_PIN = 6
 OBJ_GET = 7
 OBJ_GET_INFO_BY_FD = 15
+MAP_LOOKUP_AND_DELETE_ELEM = 21
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -108,7 +109,8 @@ def _ncpus() -> int:
 
 NCPUS = _ncpus()
 PERCPU_TYPES = {5, 6, 10, 21}  # percpu hash, percpu array, lru percpu hash, percpu cgroup storage
-MAP_TYPES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash", 11: "lpm_trie"}
+MAP_TYPES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash", 11: "lpm_trie",
+             22: "queue"}
 
 
 def is_bpffs(path: str) -> bool:
@@ -191,6 +193,20 @@ class Map:
                 return False
             raise
         return True
+
+    def pop(self) -> bytes | None:
+        """Take the oldest value of a queue map (None: empty)."""
+        v = ctypes.create_string_buffer(self.value_size)
+        attr = _attr()
+        _put(attr, 0, ctypes.c_uint32, self.fd)
+        _put(attr, 16, ctypes.c_uint64, ctypes.addressof(v))
+        try:
+            _bpf(MAP_LOOKUP_AND_DELETE_ELEM, attr)
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        return v.raw
 
     def all_keys(self) -> Iterator[bytes]:
         attr = _attr()

@@ -38,6 +38,30 @@ Maps (all keys/values little-endian host order except addresses and ports):
   fragments of the datagram pass; unknown later fragments are judged without a port.
 - `rule_stats` per-CPU array slot -> (packets, bytes) of judged packets per rule;
   `drop_stats` per-CPU array (endpoint id * 2 + direction) -> default-deny drops.
+- `config` array[1] -> (audit, sample burst, sample interval ns), written by every
+  `apply`: runtime settings, no rebuild. Audit mode: a packet judged a drop (drop rule,
+  default deny, unwalkable header chain) is counted as in enforce mode, sampled with
+  the audit flag, then passes and is remembered in `flows` like an allowed packet (as
+  conntrack would remember it under nftables), so its replies pass without being
+  reported as drops of their own.
+- Drop sampling: `sample_tat` per-CPU array (endpoint id * 2 + direction) -> the
+  theoretical arrival time of the next sample (GCRA: `sample_burst` at once, then one
+  per interval; default 10/s burst 20, per endpoint, direction and CPU, as the nftables
+  log rate). Samples go into `samples`, a BPF_MAP_TYPE_QUEUE pushed with BPF_EXIST (a
+  full queue overwrites its oldest sample). `EbpfDropLog` pops it with
+  BPF_MAP_LOOKUP_AND_DELETE_ELEM (bpfsys, no bcc) and maps a sample (endpoint id,
+  direction, counter slot or NO_SLOT for the default deny, protocol, addresses,
+  ports, audit flag) to a `DropEvent` through the pinned `epkeys` and `slotinfo`
+  (slot -> rule id, the IR's `Rule.id`); a sample whose slot was released meanwhile is
+  discarded rather than misattributed.
+
+Strict mode: `established()` walks `flows` and returns the TCP/UDP/SCTP tuples as
+`Flow`s in the direction of the packet that created each entry (the original
+direction; a flow between two local endpoints has the same tuple at both);
+`forget()` deletes, for each flow, every key `established()` saw for it in either
+orientation plus the keys the program would look up now (both endpoints by address,
+both directions, both orientations), so its next packet is judged under the current
+generation. Node-to-pod flows are left alone by `agent.strict.stale_flows`.
 
 Bounds (per endpoint and direction, R rules, P distinct peer prefixes, Q port ranges):
 `peers` entries <= P + 2; classes <= P + 2; `ports` entries <= classes * 5 protocols *
@@ -67,9 +91,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from agent.dataplane import bpfsys
-from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError
+from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError, DropEvent, DropLog
 from agent.inventory import IPAddress
 from agent.ir import PORTED, Direction, DirectionProgram, Program, Rule, Verdict
+from agent.strict import Flow
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +115,10 @@ PROTO = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1}
 P_OTHER = 0
 PROTO_NAME = {v: k for k, v in PROTO.items()} | {P_OTHER: "other"}
 ALL_PROTOS = (6, 17, 132, 1, P_OTHER)
+FLOW_PROTOS = {6: "tcp", 17: "udp", 132: "sctp"}  # what strict mode re-judges
+L4_NAME = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmpv6"}  # as the NFLOG reader names them
+NO_SLOT = 0xFFFFFFFF  # sample of a default-deny drop
+S_AUDIT, S_PORTS = 1, 2
 
 
 @dataclass(frozen=True)
@@ -105,9 +134,10 @@ class Sizes:
     slots: int = 65536
     ifaces: int = 4096
     node_addrs: int = 1024
+    samples: int = 1024  # queue of sampled drops waiting for the agent
 
     def defines(self) -> list[str]:
-        return [
+        return [f"MAX_SAMPLES={self.samples}",
             f"MAX_ENDPOINTS={self.endpoints}", f"MAX_ADDRS={self.addrs}", f"MAX_PEERS={self.peers}",
             f"MAX_PORTS={self.ports}", f"MAX_FLOWS={self.flows}", f"MAX_FRAGS={self.frags}",
             f"MAX_SLOTS={self.slots}", f"MAX_IFACES={self.ifaces}", f"MAX_NODE_ADDRS={self.node_addrs}",
@@ -255,6 +285,24 @@ def v_port(slot: int, verdict: int) -> bytes:
     return struct.pack("<IB3x", slot, verdict)
 
 
+def v_config(audit: bool, rate: float, burst: int) -> bytes:
+    interval = int(1e9 / rate) if rate > 0 else 0
+    return struct.pack("<IIQ", int(audit), max(burst, 0), interval)
+
+
+def _flow_tuple(k: bytes) -> tuple[int, int, bytes, int, bytes, int]:
+    """(family, proto, saddr, sport, daddr, dport) of a `flows` key."""
+    fam, proto = k[5], k[6]
+    sport, dport = struct.unpack(">HH", k[8:12])
+    n = 4 if fam == 4 else 16
+    return fam, proto, k[12 : 12 + n], sport, k[28 : 28 + n], dport
+
+
+def k_flow(ep: int, d: int, fam: int, proto: int, saddr: bytes, sport: int, daddr: bytes, dport: int) -> bytes:
+    return (struct.pack("<IBBBx", ep, d, fam, proto) + struct.pack(">HH", sport, dport)
+            + saddr.ljust(16, b"\0") + daddr.ljust(16, b"\0"))
+
+
 def v_ifcfg(l3: bool, host: bool) -> bytes:
     # pod behind a veth: tc ingress = its egress (1); the node itself: tc ingress = its ingress (0)
     return struct.pack("<BBBx", int(l3), 0 if host else 1, 1 if host else 0)
@@ -296,8 +344,16 @@ class EbpfDataplane(Dataplane):
     name = "ebpf"
 
     def __init__(self, sizes: Sizes | None = None, pin_root: str | None = None, netns: str | None = None,
-                 python: str | None = None) -> None:
+                 python: str | None = None, audit: bool = False, sample_rate: float = 10.0,
+                 sample_burst: int = 20) -> None:
         self.sizes = sizes or Sizes()
+        # Runtime settings (the `config` map, written by apply): audit mode passes judged
+        # drops; drops are sampled at `sample_rate` per second (0: not at all) after a
+        # burst of `sample_burst`, per endpoint, direction and CPU.
+        self.audit = audit
+        self.sample_rate = sample_rate
+        self.sample_burst = sample_burst
+        self._flow_keys: dict[tuple, list[bytes]] = {}  # flow (either orientation) -> keys seen
         self.pin_root = (pin_root or os.environ.get(PIN_ROOT_ENV) or PIN_ROOT).rstrip("/")
         self.netns = netns  # named netns for routes, addresses and tc (None: the current one)
         self.python = python or sys.executable
@@ -510,7 +566,8 @@ class EbpfDataplane(Dataplane):
                     for key, ep in program.endpoints.items()}
         self._check_capacity(program, compiled)
         added = removed = written = 0
-        cmds = 0
+        cmds = self._write("config", [(struct.pack("<I", 0),
+                                       v_config(self.audit, self.sample_rate, self.sample_burst))])
         stale: list[tuple[str, bytes]] = []
         # node addresses first: they only ever widen node -> endpoint traffic
         node = self._node_addresses()
@@ -727,7 +784,8 @@ class EbpfDataplane(Dataplane):
     # ---------------------------------------------------------------- interface methods
 
     def render(self, program: Program) -> str:
-        out = [f"# eBPF build {self.build}: maps under {self.pin_dir} (generation 1 shown)"]
+        out = [f"# eBPF build {self.build}: maps under {self.pin_dir} (generation 1 shown)",
+               f"config audit={int(self.audit)} sample_rate={self.sample_rate}/s burst={self.sample_burst}"]
         slot = 0
         for n, (key, ep) in enumerate(sorted(program.endpoints.items()), start=1):
             st = EpState(n, 1, None)
@@ -780,6 +838,64 @@ class EbpfDataplane(Dataplane):
                 if isolated:
                     c.add_drop((key, d), _sum(drops.lookup_percpu(struct.pack("<I", st.ep_id * 2 + dc))))
         return c
+
+    # ---------------------------------------------------------------- strict mode, drops
+
+    def established(self) -> list[Flow]:
+        """TCP/UDP/SCTP entries of the BPF flow table, in the direction of the packet that
+        created them (the original direction: the side that opened the flow)."""
+        if self.eps is None:
+            self._adopt()
+        index: dict[tuple, list[bytes]] = {}
+        out: dict[tuple, Flow] = {}
+        for k in self.maps["flows"].all_keys():
+            fam, proto, sa, sp, da, dp = _flow_tuple(k)
+            if proto not in FLOW_PROTOS:
+                continue
+            t = (fam, proto, sa, sp, da, dp)
+            index.setdefault(_unordered(t), []).append(k)
+            if t not in out:
+                out[t] = Flow(FLOW_PROTOS[proto], ipaddress.ip_address(sa), ipaddress.ip_address(da), sp, dp)
+        self._flow_keys = index
+        return list(out.values())
+
+    def forget(self, flows: list[Flow]) -> int:
+        """Delete every entry of these flows: both orientations, at both endpoints, both
+        directions (the keys `established` saw, and those the kernel would look up now)."""
+        if self.eps is None:
+            self._adopt()
+        assert self.eps is not None
+        by_ip = {ip: st.ep_id for st in self.eps.values() for ip in st.addrs}
+        nums = {v: k for k, v in FLOW_PROTOS.items()}
+        m = self.maps["flows"]
+        n = 0
+        for f in flows:
+            fam, proto = f.src.version, nums[f.protocol]
+            t = (fam, proto, f.src.packed, f.sport, f.dst.packed, f.dport)
+            keys = set(self._flow_keys.pop(_unordered(t), []))
+            for ep in {by_ip.get(f.src), by_ip.get(f.dst)} - {None}:
+                assert ep is not None
+                for d in (0, 1):
+                    keys.add(k_flow(ep, d, fam, proto, f.src.packed, f.sport, f.dst.packed, f.dport))
+                    keys.add(k_flow(ep, d, fam, proto, f.dst.packed, f.dport, f.src.packed, f.sport))
+            gone = [m.delete(k) for k in keys]
+            n += any(gone)
+        return n
+
+    def node_addresses(self) -> list[IPAddress]:
+        return sorted(self._node_addresses(), key=lambda ip: (ip.version, ip))
+
+    def drop_log(self) -> DropLog | None:
+        """Sampled drops from the pinned `samples` queue (opened on first read: the daemon
+        asks before its first sync may have compiled the build)."""
+        if self.sample_rate <= 0:
+            return None
+        return EbpfDropLog(self.pin_dir)
+
+    def map_fill(self) -> dict[str, float]:
+        if self.eps is None:
+            return {}
+        return {name: n / cap for name, (n, cap) in self.fill(walk=False).items() if cap}
 
     def objects(self) -> dict[str, int]:
         """Programmed map entries by map (the policy maps; flows are not walked here)."""
@@ -842,3 +958,70 @@ def _sum(values: list[bytes]) -> Count:
         vp, vb = struct.unpack("<QQ", v[:16])
         p, b = p + vp, b + vb
     return Count(p, b)
+
+
+def _unordered(t: tuple) -> tuple:
+    """A flow tuple and its reverse, as one key."""
+    fam, proto, sa, sp, da, dp = t
+    return (fam, proto, *sorted(((sa, sp), (da, dp))))
+
+
+class EbpfDropLog(DropLog):
+    """Drains the kernel's `samples` queue (pop = BPF_MAP_LOOKUP_AND_DELETE_ELEM; no bcc, no
+    ring buffer). Endpoint keys and rule ids are read from the pinned `epkeys` and
+    `slotinfo` maps with their own fds, so this runs on its own thread next to `apply`."""
+
+    POLL_S = 0.05
+
+    def __init__(self, pin_dir: str) -> None:
+        self.pin_dir = pin_dir
+        self.maps: dict[str, bpfsys.Map] = {}
+
+    def _open(self) -> bool:
+        if not self.maps:
+            try:
+                for name in ("samples", "epkeys", "slotinfo"):
+                    self.maps[name] = bpfsys.Map.pinned(f"{self.pin_dir}/{name}")
+            except OSError:
+                self.close()
+                return False
+        return True
+
+    def read(self, timeout: float) -> list[DropEvent]:
+        end = time.monotonic() + timeout
+        while True:
+            out = []
+            if self._open():
+                while (raw := self.maps["samples"].pop()) is not None:
+                    ev = self._event(raw)
+                    if ev is not None:
+                        out.append(ev)
+            if out or time.monotonic() >= end:
+                return out
+            time.sleep(min(self.POLL_S, max(0.0, end - time.monotonic())))
+
+    def _event(self, raw: bytes) -> DropEvent | None:
+        ep_id, slot, d, fam, l4, flags = struct.unpack("<IIBBBB", raw[:12])
+        sport, dport = struct.unpack(">HH", raw[12:16])
+        name = self.maps["epkeys"].lookup(struct.pack("<I", ep_id))
+        if name is None:
+            return None  # endpoint gone meanwhile
+        rule_id = None
+        if slot != NO_SLOT:
+            info = self.maps["slotinfo"].lookup(struct.pack("<I", slot))
+            if info is None or struct.unpack("<IB", info[:5]) != (ep_id, d):
+                return None  # slot released (and maybe reused) meanwhile: never misattribute
+            rule_id = info[5:11].hex()
+        n = 4 if fam == 4 else 16
+        ported = bool(flags & S_PORTS)
+        return DropEvent(
+            name.rstrip(b"\0").decode(errors="replace"), Direction.INGRESS if d == 0 else Direction.EGRESS,
+            rule_id, L4_NAME.get(l4, str(l4)), str(ipaddress.ip_address(raw[16 : 16 + n])),
+            str(ipaddress.ip_address(raw[32 : 32 + n])), sport if ported else None, dport if ported else None,
+            audit=bool(flags & S_AUDIT),
+        )
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.maps = {}

@@ -26,7 +26,7 @@ SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "stockade.c"
 PROGRAMS = ("stk_ingress", "stk_egress")
 MAPS = (
     "addrs", "epstate", "ifcfg", "nodeaddrs", "peers", "ports", "flows", "frags",
-    "rule_stats", "drop_stats", "epkeys", "slotinfo",
+    "rule_stats", "drop_stats", "epkeys", "slotinfo", "config", "sample_tat", "samples",
 )
 
 HEADERS_HINT = (
@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in fns.items():
             bpfsys.obj_pin(fn.fd, f"{tmp}/{name}")
         for name in MAPS:
-            bpfsys.obj_pin(b.get_table(name).get_fd(), f"{tmp}/{name}")
+            table = b.get_table(name)
+            fd = table.get_fd() if hasattr(table, "get_fd") else table.map_fd  # QueueStack has no get_fd
+            bpfsys.obj_pin(fd, f"{tmp}/{name}")
         os.rename(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.helpers import ns, pod, policy
@@ -203,8 +202,6 @@ def test_apply_converges_and_cleanup_leaves_foreign_state(lab: Lab, dataplane: s
     assert "stockade" not in ruleset
 
 
-# The eBPF flow table does not re-judge established flows yet.
-@pytest.mark.parametrize("dataplane", ["nftables"], indirect=True)
 def test_strict_mode_cuts_flows_no_longer_allowed(lab: Lab, dataplane: str, tmp_path: Path) -> None:
     build(lab)
     src = tmp_path / "src"

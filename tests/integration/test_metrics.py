@@ -94,8 +94,6 @@ def _drops(lab: Lab) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
-# Drop sampling and audit mode exist on nftables only so far (the eBPF dataplane refuses --mode audit).
-@pytest.mark.parametrize("dataplane", ["nftables"], indirect=True)
 def test_drops_name_the_deciding_policy_and_audit_lets_it_pass(lab: Lab, dataplane: str, tmp_path: Path) -> None:
     build(lab)
     src = tmp_path / "src"

@@ -111,3 +111,38 @@ def test_render_prints_map_contents_without_touching_the_kernel() -> None:
     assert "addrs 10.0.0.2 -> 1" in text
     assert "peers ingress 10.0.0.0/24 -> class 1" in text
     assert "ports ingress class 1 tcp 32768/1 -> accept" in text and "tcp 1024/6" in text
+
+
+def test_flow_keys_and_drop_samples_decode() -> None:
+    import struct
+
+    from agent.dataplane.ebpf import NO_SLOT, S_AUDIT, S_PORTS, EbpfDropLog, _flow_tuple, _unordered, k_flow
+
+    a, b = ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("fd00::2")
+    k = k_flow(7, 1, 4, 6, a.packed, 40000, ipaddress.ip_address("10.0.0.2").packed, 80)
+    assert len(k) == 44 and _flow_tuple(k) == (4, 6, a.packed, 40000, bytes([10, 0, 0, 2]), 80)
+    assert _unordered((4, 6, b"x", 1, b"y", 2)) == _unordered((4, 6, b"y", 2, b"x", 1))
+
+    class FakeMap:
+        def __init__(self, d: dict[bytes, bytes]) -> None:
+            self.d = d
+
+        def lookup(self, key: bytes) -> bytes | None:
+            return self.d.get(key)
+
+    log = EbpfDropLog("/nonexistent")
+    log.maps = {"epkeys": FakeMap({struct.pack("<I", 3): b"app/b".ljust(256, b"\0")}),
+                "slotinfo": FakeMap({struct.pack("<I", 9): struct.pack("<IB", 3, 0) + bytes.fromhex("a1b2c3d4e5f6")
+                                     + b"\0"})}
+
+    def sample(slot: int, d: int, flags: int) -> bytes:
+        return (struct.pack("<IIBBBB", 3, slot, d, 6, 17, flags) + struct.pack(">HH", 5353, 53)
+                + b.packed + ipaddress.ip_address("fd00::3").packed)
+
+    ev = log._event(sample(NO_SLOT, 0, S_PORTS | S_AUDIT))
+    assert ev is not None and (ev.endpoint, ev.direction, ev.rule_id, ev.protocol) == ("app/b", Direction.INGRESS,
+                                                                                        None, "udp")
+    assert (ev.src, ev.dst, ev.sport, ev.dport, ev.audit) == ("fd00::2", "fd00::3", 5353, 53, True)
+    ev = log._event(sample(9, 0, 0))
+    assert ev is not None and ev.rule_id == "a1b2c3d4e5f6" and ev.sport is None and not ev.audit
+    assert log._event(sample(9, 1, 0)) is None  # slot belongs to the other direction: never misattributed
