@@ -89,12 +89,20 @@ def _ports_line(rule: Rule) -> list[str]:
         return [""]
     out = []
     elems = []
-    for p in rule.ports:
+    # nft refuses overlapping intervals in one set ("File exists"): a rule may hold e.g.
+    # UDP (all ports) and UDP/80, or 80-81 and 80. Merge them per protocol first.
+    spans: dict[str, list[list[int]]] = {}
+    for p in sorted(rule.ports, key=lambda p: (p.protocol, p.first or 0)):
         if p.protocol in PORTED:
-            rng = "0-65535" if p.first is None else (
-                str(p.first) if p.first == p.last else f"{p.first}-{p.last}"
-            )
-            elems.append(f"{p.protocol} . {rng}")
+            first, last = (0, 65535) if p.first is None else (p.first, p.last or p.first)
+            merged = spans.setdefault(p.protocol, [])
+            if merged and first <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], last)
+            else:
+                merged.append([first, last])
+    for proto, merged in spans.items():
+        for first, last in merged:
+            elems.append(f"{proto} . {first if first == last else f'{first}-{last}'}")
     if elems:
         out.append(f"meta l4proto . th dport {{ {', '.join(elems)} }} ")
     if any(p.protocol == "icmp" for p in rule.ports):
