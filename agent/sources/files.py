@@ -72,6 +72,10 @@ class DirectorySource:
                 stamp = (st.st_mtime_ns, st.st_size)
                 cached = self._cache.get(path)
                 if cached is None or cached[0] != stamp:
+                    if st.st_size == 0 and cached is not None and cached[1]:
+                        # An in-place writer has truncated it and not written yet: keep
+                        # what it held (delete the file to remove its objects).
+                        raise OSError("empty file (being written?)")
                     self._cache[path] = (stamp, self._parse_file(path))
             except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
                 ref = ObjectRef("File", "", path.name, "file", str(path))
