@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from agent.policy.kubernetes import compile_inventory
 from agent.sources.files import DirectorySource
 
 log = logging.getLogger(__name__)
+MAX_SETTLE_WAITS = 20  # a file rewritten non-stop keeps its last settled version
 
 
 @dataclass
@@ -45,6 +47,11 @@ class DirectoryPipeline:
 
     def snapshot(self) -> Snapshot:
         objects, problems = self.source.read()
+        for _ in range(MAX_SETTLE_WAITS):  # files being written right now: let them finish
+            if not self.source.unsettled:
+                break
+            time.sleep(self.source.unsettled)
+            objects, problems = self.source.read()
         inv = kubernetes_inventory(objects, self.store, problems)
         return Snapshot(inv, compile_inventory(inv, self.node, source=self.source.name))
 

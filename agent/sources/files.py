@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +28,13 @@ SUFFIXES = (".yaml", ".yml", ".json")
 class DirectorySource:
     name = "file"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], settle: float = 0.1) -> None:
         self.path = Path(path)
+        # A file changed less than `settle` seconds ago may be mid-write (in place) and
+        # still parse as a shorter, possibly wider, policy: its previous version stays
+        # until it has been quiet that long. `unsettled` says how long to wait.
+        self.settle = settle
+        self.unsettled = 0.0
         # Per file: (mtime_ns, size) and the objects it held when it last parsed.
         self._cache: dict[Path, tuple[tuple[int, int], list[RawObject]]] = {}
         self._failed: dict[Path, tuple[int, int] | None] = {}  # stamp of each file's last failure
@@ -65,13 +71,19 @@ class DirectorySource:
         objects: list[RawObject] = []
         seen: dict[tuple[str, str, str], ObjectRef] = {}
         current = self.files()
+        self.unsettled = 0.0
         for path in current:
             stamp = None
             try:
                 st = path.stat()
                 stamp = (st.st_mtime_ns, st.st_size)
                 cached = self._cache.get(path)
-                if cached is None or cached[0] != stamp:
+                age = time.time() - st.st_mtime_ns / 1e9
+                if (cached is None or cached[0] != stamp) and 0 <= age < self.settle:
+                    self.unsettled = max(self.unsettled, self.settle - age)
+                    if cached is None:
+                        continue  # new and still being written: read it once it settles
+                elif cached is None or cached[0] != stamp:
                     if st.st_size == 0 and cached is not None and cached[1]:
                         # An in-place writer has truncated it and not written yet: keep
                         # what it held (delete the file to remove its objects).

@@ -74,3 +74,29 @@ def test_duplicate_objects_are_reported(tmp_path: Path) -> None:
     snap = DirectoryPipeline(tmp_path, None).snapshot()
     assert len(snap.problems) == 1 and "duplicate" in snap.problems[0].message
     assert [str(i) for i in snap.inventory.endpoints["a/x"].ips] == ["10.0.0.1"]
+
+
+def test_file_changed_moments_ago_keeps_its_previous_version_until_it_settles(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from agent.sources.files import DirectorySource
+
+    (tmp_path / "pods.yaml").write_text(POD % {"name": "x", "ip": "10.0.0.1"})
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(POLICY % {"port": 80})
+    old = time.time() - 10
+    for f in tmp_path.iterdir():
+        os.utime(f, (old, old))
+    source = DirectorySource(tmp_path, settle=5.0)
+    assert len(source.read()[0]) == 2 and not source.unsettled
+    # An in-place writer is half way: what is there parses, and would allow every port.
+    policy_file.write_text(POLICY.split("  ingress")[0] + "  ingress: [{}]\n")
+    objects, _ = source.read()
+    assert source.unsettled > 0
+    body = next(o.body for o in objects if o.ref.kind == "NetworkPolicy")
+    assert body["spec"]["ingress"][0]["ports"][0]["port"] == 80  # the previous version
+    os.utime(policy_file, (old, old))  # quiet for long enough
+    objects, _ = source.read()
+    assert not source.unsettled
+    assert next(o.body for o in objects if o.ref.kind == "NetworkPolicy")["spec"]["ingress"] == [{}]
