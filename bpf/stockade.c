@@ -3,7 +3,10 @@
 // the maps are filled by agent/dataplane/ebpf.py (see its docstring for the layout).
 //
 // Per packet: parse (Ethernet or raw IP), find which direction this hook judges on this
-// interface (ifcfg), find the local endpoint by its own address (addrs), pass packets of
+// interface (ifcfg), find the local endpoint by its own address (addrs) -- or, on a device
+// the node itself sits behind (NetBird's wt0), the endpoint bound to the device when the
+// packet is for or from a node address (so it is enforced before its addresses are
+// known, as nftables keys it by `iifname`/`oifname`), pass packets of
 // known flows and their replies (flows, frags), pass node-originated traffic into the
 // endpoint (nodeaddrs), else look up the peer class (peers, LPM) and the first-match
 // verdict for (class, protocol, port) (ports, LPM over port prefixes) under the
@@ -99,6 +102,7 @@ struct if_cfg {
     u8 l3;           // 1: raw IP device (TUN), 0: Ethernet
     u8 hook_dir[2];  // direction judged at [0] tc ingress, [1] tc egress
     u8 pad;
+    u32 ep_id;       // endpoint bound to the device (the node behind it), 0: none (pod veths)
 };
 
 struct peer_key {
@@ -517,10 +521,17 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
         __builtin_memcpy(ek.addr, p.saddr, 16);
     else
         __builtin_memcpy(ek.addr, p.daddr, 16);
+    u32 ep_id;
     u32 *epp = addrs.lookup(&ek);
-    if (!epp)
+    if (epp)
+        ep_id = *epp;
+    else if (cfg->ep_id && nodeaddrs.lookup(&ek))
+        // The node behind this device: arriving for it (ingress) or leaving from it
+        // (egress) is its endpoint's traffic, with or without addresses in `addrs`.
+        // Routed packets (neither end a node address) are not the node's.
+        ep_id = cfg->ep_id;
+    else
         return TC_ACT_OK;  // not a local endpoint's address
-    u32 ep_id = *epp;
 
     // Known flows and their replies.
     struct flow_key fk = {};

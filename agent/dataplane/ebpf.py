@@ -10,13 +10,26 @@ Processes:
   `FILTER_PRIO`, handle 1, name `stockade-<build>-<hook>`).
 
 Maps (all keys/values little-endian host order except addresses and ports):
-- `ifcfg` ifindex -> (l3, direction judged at tc ingress, at tc egress). A veth of a
-  pod: tc ingress judges the pod's egress, tc egress its ingress. A device whose
-  endpoint is the node itself (NetBird's wt0: the endpoint's address is a node
-  address): the other way round. `l3`: raw IP device (TUN), no Ethernet header.
+- `ifcfg` ifindex -> (l3, direction judged at tc ingress, at tc egress, bound endpoint
+  id). A veth of a pod: tc ingress judges the pod's egress, tc egress its ingress,
+  bound id 0. A device whose endpoint is the node itself: the other way round -- an
+  endpoint with an address of the node, or one with `interface` set (NetBird's wt0),
+  which is *bound* to the device: its id is in the device's entry. `l3`: raw IP device
+  (TUN), no Ethernet header.
 - `addrs` (family, address) -> endpoint id; `epstate` endpoint id -> (generation,
   per direction: enforced, isolated). `epkeys`/`slotinfo` remember endpoint keys and
   counter slots for a restarted agent.
+- Finding the endpoint of a packet: its local address (destination for the direction
+  judged as ingress, source for egress) in `addrs`; if absent and the device has a
+  bound endpoint, that endpoint when the local address is a node address (`nodeaddrs`).
+  So, as nftables judges such an endpoint by device (`iifname` in prerouting for
+  packets to a local address, `oifname` in output), the endpoint bound to wt0 judges
+  packets arriving on wt0 for this host and leaving through wt0 from it, whether or not
+  its own addresses are known: NetBird's bootstrap endpoint (`ips=()`, ingress isolated)
+  denies new inbound flows and passes outbound ones and their replies (recorded in
+  `flows` under its id). Packets routed through the device (neither address the node's)
+  are not the node's; pod veths are found by address only. `nodeaddrs` is refreshed by
+  every `apply` (the daemon's periodic resync included), like the attachment itself.
 - `peers` LPM (endpoint, generation, direction, family, peer prefix) -> peer class.
   Classes are computed here: every distinct prefix of the direction's rules becomes an
   entry whose class is the set of rules containing it (prefixes of one family are
@@ -69,7 +82,22 @@ Bounds (per endpoint and direction, R rules, P distinct peer prefixes, Q port ra
 
 Atomicity: an endpoint's changed tables are written under generation g+1, its
 `epstate` entry is switched with one update, and after a short grace period (packets
-in flight may still use g) the generation-g entries are deleted.
+in flight may still use g) the generation-g entries are deleted. A new endpoint bound to
+a device takes over the id of a departing endpoint bound to the same device (the
+bootstrap endpoint replaced by the local peer after the first sync, or the peer
+renamed): `epkeys` is rewritten to the new key, its tables switch by generation as
+above, the device's `ifcfg` entry is unchanged, and the flows recorded under the id
+(connections the node opened meanwhile) survive, as conntrack entries do under
+nftables; counter slots and default-deny counters start afresh under the new key.
+Order of one apply: `nodeaddrs` additions, endpoint generations, `addrs`, `ifcfg` and
+attachments, then removals of departed endpoints and (after the grace period) of old
+generations and node addresses.
+
+Restart adoption: a new agent rebuilds endpoints, generations, addresses and slots from
+the pinned maps, and which device an endpoint is bound to from `ifcfg` (ifindex ->
+name), so the takeover above works across a restart too; entries of generations no
+endpoint uses are swept after its first apply. `cleanup` detaches every filter and
+unpins everything, `ifcfg` included.
 """
 
 from __future__ import annotations
@@ -93,7 +121,7 @@ from dataclasses import dataclass, field
 from agent.dataplane import bpfsys
 from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError, DropEvent, DropLog
 from agent.inventory import IPAddress
-from agent.ir import PORTED, Direction, DirectionProgram, Program, Rule, Verdict
+from agent.ir import PORTED, Direction, DirectionProgram, EndpointProgram, Program, Rule, Verdict
 from agent.strict import Flow
 
 log = logging.getLogger(__name__)
@@ -303,9 +331,10 @@ def k_flow(ep: int, d: int, fam: int, proto: int, saddr: bytes, sport: int, dadd
             + saddr.ljust(16, b"\0") + daddr.ljust(16, b"\0"))
 
 
-def v_ifcfg(l3: bool, host: bool) -> bytes:
+def v_ifcfg(l3: bool, host: bool, ep_id: int = 0) -> bytes:
     # pod behind a veth: tc ingress = its egress (1); the node itself: tc ingress = its ingress (0)
-    return struct.pack("<BBBx", int(l3), 0 if host else 1, 1 if host else 0)
+    # ep_id: the endpoint bound to the device (0: none, endpoints are found by address only)
+    return struct.pack("<BBBxI", int(l3), 0 if host else 1, 1 if host else 0, ep_id)
 
 
 # ------------------------------------------------------------------ model
@@ -318,6 +347,7 @@ class EpState:
     tables: dict[Direction, DirTables] | None  # None: adopted, contents unknown
     addrs: set[IPAddress] = field(default_factory=set)
     slots: dict[tuple[int, str], int] = field(default_factory=dict)  # (dir, rule id) -> slot
+    iface: str | None = None  # device the endpoint is bound to (EndpointProgram.interface)
 
 
 def _entries(ep: EpState, tables: dict[Direction, DirTables], gen: int) -> tuple[list, list]:
@@ -465,8 +495,15 @@ class EbpfDataplane(Dataplane):
                 used.add(slot)
         self.next_slot = max(used, default=-1) + 1
         self.free_slots = sorted(set(range(self.next_slot)) - used, reverse=True)
+        names: dict[int, str] = {}
         for k, v in self.maps["ifcfg"].items():
-            self.ifaces[struct.unpack("<I", k)[0]] = v
+            idx = struct.unpack("<I", k)[0]
+            self.ifaces[idx] = v
+            bound = byid.get(struct.unpack("<I", v[4:8])[0])
+            if bound is not None:  # an endpoint bound to this device: remember which device
+                if not names:
+                    names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in self.ipr.get_links()}
+                bound.iface = names.get(idx)
         for k in self.maps["nodeaddrs"].all_keys():
             fam = k[0]
             self.node_addrs.add(ipaddress.ip_address(k[4:8] if fam == 4 else k[4:20]))
@@ -569,18 +606,25 @@ class EbpfDataplane(Dataplane):
         cmds = self._write("config", [(struct.pack("<I", 0),
                                        v_config(self.audit, self.sample_rate, self.sample_burst))])
         stale: list[tuple[str, bytes]] = []
+        retired: list[int] = []  # counter slots of taken-over endpoints, freed after the switch
+        renamed: list[EpState] = []
         # node addresses first: they only ever widen node -> endpoint traffic
         node = self._node_addresses()
         new_na = node - self.node_addrs
         cmds += self._write("nodeaddrs", [(k_addr(ip), b"\1") for ip in new_na])
-        for key in program.endpoints:
+        for key, ep in program.endpoints.items():
             tables = compiled[key]
             st = self.eps.get(key)
             if st is None:
-                st = EpState(self._alloc_ep(), 0, None)
+                st = self._take_over(ep, program, stale, retired)
+                if st is not None:
+                    renamed.append(st)
+                else:
+                    st = EpState(self._alloc_ep(), 0, None)
                 self.eps[key] = st
                 name = key.encode()[:255].ljust(256, b"\0")
                 cmds += self._write("epkeys", [(struct.pack("<I", st.ep_id), name)])
+            st.iface = ep.interface
             if st.tables != tables:
                 self._sync_slots(st, tables)
                 gen = st.gen + 1
@@ -613,6 +657,18 @@ class EbpfDataplane(Dataplane):
             cmds += 1
         for key, ep in program.endpoints.items():
             self.eps[key].addrs = set(ep.ips)
+        # a taken-over id starts its counters afresh under its new key (its old slots are
+        # only referenced by the old generation, deleted below)
+        for slot in retired:
+            self.maps["slotinfo"].delete(struct.pack("<I", slot))
+            self.free_slots.append(slot)
+        for st in renamed:
+            for d in (0, 1):
+                self.maps["drop_stats"].update(struct.pack("<I", st.ep_id * 2 + d), struct.pack("<QQ", 0, 0))
+        # devices before removals: a device whose endpoint changed points at the new one
+        # before the old one is gone
+        self.node_addrs |= node
+        self._sync_interfaces(program)
         for key in set(self.eps) - set(program.endpoints):
             st = self.eps.pop(key)
             kid = struct.pack("<I", st.ep_id)
@@ -625,8 +681,6 @@ class EbpfDataplane(Dataplane):
             for d in (0, 1):
                 self.maps["drop_stats"].update(struct.pack("<I", st.ep_id * 2 + d), struct.pack("<QQ", 0, 0))
             cmds += 3
-        self.node_addrs |= node
-        self._sync_interfaces(program)
         if stale or self._adopted:
             time.sleep(GRACE_S)
         for name, k in stale:
@@ -642,6 +696,31 @@ class EbpfDataplane(Dataplane):
         self._drop_old_builds()
         return ApplyStats(full=written == len(program.endpoints) and written > 0, commands=cmds,
                           elements_added=added, elements_removed=removed, chains_written=written)
+
+    def _take_over(self, ep: EndpointProgram, program: Program, stale: list[tuple[str, bytes]],
+                   retired: list[int]) -> EpState | None:
+        """A new endpoint bound to a device takes over the id of a departing endpoint bound
+        to the same device (NetBird's bootstrap endpoint replaced by the local peer, or the
+        peer renamed): its tables then change by one generation switch, the device's
+        `ifcfg` entry stays as is, and the flows recorded under the id (connections the
+        node opened, whose replies must keep passing) survive. The old generation's
+        entries and counter slots go after the switch."""
+        assert self.eps is not None
+        if ep.interface is None:
+            return None
+        prev = next((k for k, st in self.eps.items()
+                     if st.iface == ep.interface and k not in program.endpoints), None)
+        if prev is None:
+            return None
+        st = self.eps.pop(prev)
+        if st.tables is not None:
+            old_peers, old_ports = _entries(st, st.tables, st.gen)
+            stale += [("peers", k) for k, _ in old_peers] + [("ports", k) for k, _ in old_ports]
+        retired += st.slots.values()
+        st.slots, st.tables = {}, None  # written afresh under generation gen + 1
+        self._adopted = True  # should this apply fail before the switch, the next one sweeps gen
+        log.info("eBPF: endpoint %s takes over %s on %s (id %d)", ep.key, prev, ep.interface, st.ep_id)
+        return st
 
     def _sweep(self) -> int:
         """After adoption: delete entries of generations no endpoint uses any more."""
@@ -679,32 +758,44 @@ class EbpfDataplane(Dataplane):
                     routes.append((ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False), oif))
         return routes
 
-    def _find_interfaces(self, program: Program) -> dict[int, bool]:
-        """ifindex -> whether its endpoint is the node itself, for every endpoint we enforce."""
+    def _find_interfaces(self, program: Program) -> dict[int, tuple[bool, int]]:
+        """ifindex -> (whether its endpoint is the node itself, id of the endpoint bound to
+        it or 0), for every endpoint we enforce."""
+        assert self.eps is not None
         routes = self._routes()
         links = {msg["index"]: msg for msg in self.ipr.get_links()}
         byname = {msg.get_attr("IFLA_IFNAME"): idx for idx, msg in links.items()}
-        out: dict[int, bool] = {}
+        out: dict[int, tuple[bool, int]] = {}
+        bound: dict[int, str] = {}
         before, self.unattached = self.unattached, {}
         for ep in program.endpoints.values():
             # attached even when nothing is enforced: flows are tracked for the replies
-            host = any(ip in self.node_addrs for ip in ep.ips)
-            idxs: set[int] = set()
             if ep.interface:
                 if ep.interface not in byname:
                     self.unattached[ep.key] = f"interface {ep.interface} does not exist"
                     continue
-                idxs.add(byname[ep.interface])
-            else:
-                for ip in ep.ips:
-                    best = max((r for r in routes if ip in r[0]), key=lambda r: r[0].prefixlen, default=None)
-                    if best is not None:
-                        idxs.add(best[1])
-                if not idxs:
-                    self.unattached[ep.key] = "no directly connected route to its addresses"
+                # The node itself behind the device (as nftables judges it: iifname in
+                # prerouting, oifname in output), bound to it: enforced with or without
+                # addresses (NetBird's bootstrap endpoint has none).
+                idx = byname[ep.interface]
+                if idx in bound:
+                    self.unattached[ep.key] = f"interface {ep.interface} is bound to {bound[idx]} already"
                     continue
+                bound[idx] = ep.key
+                out[idx] = (True, self.eps[ep.key].ep_id)
+                continue
+            host = any(ip in self.node_addrs for ip in ep.ips)
+            idxs: set[int] = set()
+            for ip in ep.ips:
+                best = max((r for r in routes if ip in r[0]), key=lambda r: r[0].prefixlen, default=None)
+                if best is not None:
+                    idxs.add(best[1])
+            if not idxs:
+                self.unattached[ep.key] = "no directly connected route to its addresses"
+                continue
             for i in idxs:
-                out[i] = out.get(i, False) or host
+                h, b = out.get(i, (False, 0))
+                out[i] = (h or host, b)
         for key, why in self.unattached.items():
             if before.get(key) != why:
                 log.warning("eBPF: endpoint %s is not enforced: %s", key, why)
@@ -713,10 +804,10 @@ class EbpfDataplane(Dataplane):
 
     def _sync_interfaces(self, program: Program) -> None:
         want = self._find_interfaces(program)
-        for idx, host in want.items():
+        for idx, (host, bound) in want.items():
             link = self._links[idx]
             l3 = link["ifi_type"] != 1  # ARPHRD_ETHER
-            cfg = v_ifcfg(l3, host)
+            cfg = v_ifcfg(l3, host, bound)
             if self.ifaces.get(idx) != cfg:
                 self._write("ifcfg", [(struct.pack("<I", idx), cfg)])
                 self.ifaces[idx] = cfg
@@ -799,6 +890,8 @@ class EbpfDataplane(Dataplane):
                   for d, t in tables.items()}
             iface = f" interface={ep.interface}" if ep.interface else ""
             out.append(f"endpoint {n} {key}{iface} ingress={fl['ingress']} egress={fl['egress']}")
+            if ep.interface:
+                out.append(f"  ifcfg {ep.interface} -> {n} (node addresses on it)")
             for ip in ep.ips:
                 out.append(f"  addrs {ip} -> {n}")
             for d, t in tables.items():
@@ -866,6 +959,7 @@ class EbpfDataplane(Dataplane):
             self._adopt()
         assert self.eps is not None
         by_ip = {ip: st.ep_id for st in self.eps.values() for ip in st.addrs}
+        bound = {st.ep_id for st in self.eps.values() if st.iface}  # found by device for node addresses
         nums = {v: k for k, v in FLOW_PROTOS.items()}
         m = self.maps["flows"]
         n = 0
@@ -873,7 +967,10 @@ class EbpfDataplane(Dataplane):
             fam, proto = f.src.version, nums[f.protocol]
             t = (fam, proto, f.src.packed, f.sport, f.dst.packed, f.dport)
             keys = set(self._flow_keys.pop(_unordered(t), []))
-            for ep in {by_ip.get(f.src), by_ip.get(f.dst)} - {None}:
+            eps = {by_ip.get(f.src), by_ip.get(f.dst)} - {None}
+            if f.src in self.node_addrs or f.dst in self.node_addrs:
+                eps |= bound
+            for ep in eps:
                 assert ep is not None
                 for d in (0, 1):
                     keys.add(k_flow(ep, d, fam, proto, f.src.packed, f.sport, f.dst.packed, f.dport))

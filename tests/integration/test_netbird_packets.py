@@ -275,9 +275,6 @@ def test_netbird_policies_enforced_on_wt0_both_directions(env: NbEnv) -> None:
     assert "iifname" in env.lab.node_sh("nft", "list", "chain", "inet", "netbird", "input").stdout
 
 
-# eBPF: the bootstrap endpoint has no addresses yet and the classifier keys endpoints by
-# address, so wt0 stays open until the first sync (to be fixed: key it by interface too).
-@pytest.mark.parametrize("dataplane", ["nftables"], indirect=True)
 def test_before_the_first_sync_inbound_is_denied_except_replies(env: NbEnv) -> None:
     env.api.fault = "500"
     env.start_agent()

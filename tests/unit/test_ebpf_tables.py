@@ -146,3 +146,18 @@ def test_flow_keys_and_drop_samples_decode() -> None:
     ev = log._event(sample(9, 0, 0))
     assert ev is not None and ev.rule_id == "a1b2c3d4e5f6" and ev.sport is None and not ev.audit
     assert log._event(sample(9, 1, 0)) is None  # slot belongs to the other direction: never misattributed
+
+
+def test_device_bound_endpoint_without_addresses() -> None:
+    """NetBird's bootstrap endpoint has no addresses: it is found through its device's
+    `ifcfg` entry (which carries its id), with the node's directions (tc ingress = ingress)."""
+    import struct
+
+    from agent.dataplane.ebpf import EbpfDataplane, v_ifcfg
+    from agent.policy.netbird import bootstrap_program
+
+    assert v_ifcfg(True, True, 7) == struct.pack("<BBBxI", 1, 0, 1, 7)
+    assert v_ifcfg(False, False) == struct.pack("<BBBxI", 0, 1, 0, 0)  # pod veth: found by address only
+    text = EbpfDataplane(pin_root="/nonexistent/stockade").render(bootstrap_program("wt0"))
+    assert "endpoint 1 netbird-bootstrap:wt0 interface=wt0 ingress=enforced,isolated egress=open" in text
+    assert "ifcfg wt0 -> 1" in text and "addrs" not in text
