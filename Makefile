@@ -14,7 +14,7 @@ APT_PACKAGES := nftables python3-nftables python3-bpfcc bpfcc-tools linux-header
 	iproute2 conntrack iperf3 prometheus python3-systemd systemd python3-venv
 KREL := $(shell uname -r)
 
-.PHONY: setup system kernel-headers venv run test lint demo bench cleanup clean
+.PHONY: setup system kernel-headers venv run test lint demo bench bench-reliability cleanup clean
 
 setup: system venv
 
@@ -62,6 +62,13 @@ lint: venv
 
 demo: setup
 	$(PY) -m tests.lab.demo examples
+
+# Benchmarks print a table and write bench/results/<time>.json; they never pass or fail.
+bench: setup
+	$(PY) -m bench $(BENCH_ARGS)
+
+bench-reliability: setup
+	$(PY) -m bench.reliability $(BENCH_ARGS)
 
 cleanup: venv
 	$(VENV)/bin/stockade cleanup
