@@ -31,6 +31,9 @@ class LastGood:
         self.path = path
         self.readonly = readonly  # the simulator reads the state but never writes it
         self._bodies: dict[str, Mapping[str, Any]] = {}
+        # key -> (body, parsed value): an object delivered again as the same body object
+        # (sources keep unchanged objects) is not parsed again.
+        self._parsed: dict[str, tuple[Mapping[str, Any], Any]] = {}
         if path is not None and path.exists():
             try:
                 self._bodies = json.loads(path.read_text())
@@ -64,10 +67,13 @@ class LastGood:
         """Parse each object; on failure fall back to its last good body, if any."""
         out: list[tuple[RawObject, T]] = []
         good: dict[str, Mapping[str, Any]] = {}
+        parsed: dict[str, tuple[Mapping[str, Any], Any]] = {}
         for obj in objects:
             key = self._key(obj.ref)
             try:
-                value = parse(obj)
+                hit = self._parsed.get(key)
+                value = hit[1] if hit is not None and hit[0] is obj.body else parse(obj)
+                parsed[key] = (obj.body, value)
                 good[key] = obj.body
                 out.append((obj, value))
                 continue
@@ -80,6 +86,7 @@ class LastGood:
                 prev_obj = RawObject(obj.ref, previous)
                 good[key] = previous
                 out.append((prev_obj, parse(prev_obj)))
+        self._parsed = parsed
         self.replace(good)
         return out
 

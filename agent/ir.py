@@ -98,6 +98,10 @@ def _prefixes(version: int, first: int, last: int) -> list[Network]:
     return out
 
 
+_RECENT: dict[tuple[tuple[int, int, int], ...], PeerSet] = {}
+_RECENT_MAX = 8192  # peer sets remembered across syncs (insertion order: oldest evicted first)
+
+
 @dataclass(frozen=True)
 class PeerSet:
     """A set of addresses as disjoint prefixes (IPv4 and IPv6 together)."""
@@ -117,7 +121,7 @@ class PeerSet:
                 net = n if isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network) else ipaddress.ip_network(n)
                 a = int(net.network_address)
                 ranges[net.version].append((a, a + net.num_addresses - 1))
-        out: list[Network] = []
+        spans: list[tuple[int, int, int]] = []
         for version, rs in ranges.items():
             rs.sort()
             merged: list[list[int]] = []
@@ -126,9 +130,25 @@ class PeerSet:
                     merged[-1][1] = max(merged[-1][1], b)
                 else:
                     merged.append([a, b])
-            for a, b in merged:
-                out.extend(_prefixes(version, a, b))
-        return cls(tuple(out))
+            spans.extend((version, a, b) for a, b in merged)
+        # Most peer sets are unchanged from one sync to the next: reuse the same object (and
+        # whatever was derived from it, e.g. its text form) instead of rebuilding prefixes.
+        key = tuple(spans)
+        hit = _RECENT.get(key)
+        if hit is None:
+            hit = cls(tuple(n for v, a, b in spans for n in _prefixes(v, a, b)))
+            if len(_RECENT) >= _RECENT_MAX:
+                _RECENT.pop(next(iter(_RECENT)))
+            _RECENT[key] = hit
+        return hit
+
+    def texts(self, version: int) -> frozenset[str]:
+        """The prefixes of one family as text (what kernel interfaces take)."""
+        return self._texts[version]
+
+    @cached_property
+    def _texts(self) -> dict[int, frozenset[str]]:
+        return {v: frozenset(str(n) for n in self.nets if n.version == v) for v in (4, 6)}
 
     @cached_property
     def _index(self) -> tuple[frozenset[IPAddress], tuple[Network, ...]]:

@@ -137,8 +137,8 @@ def build_model(program: Program, opts: Options = Options()) -> Model:
     guard = PeerSet.of(program.guard)
     known = PeerSet.of(ip for ep in program.endpoints.values() for ip in ep.ips) if program.guard else PeerSet()
     for fam, typ in ((4, "ipv4_addr"), (6, "ipv6_addr")):
-        m.sets[f"guard{fam}"] = (typ, frozenset(str(n) for n in guard.family(fam)))
-        m.sets[f"known{fam}"] = (typ, frozenset(str(n) for n in known.family(fam)))
+        m.sets[f"guard{fam}"] = (typ, guard.texts(fam))
+        m.sets[f"known{fam}"] = (typ, known.texts(fam))
     for ep in program.endpoints.values():
         for d in (Direction.INGRESS, Direction.EGRESS):
             dp = ep.direction(d)
@@ -183,7 +183,7 @@ def _chain_rules(m: Model, dp: DirectionProgram, d: Direction, chain: str, opts:
             if seen is None:
                 m.peers[rule.id] = rule.peers
                 for fam, typ in ((4, "ipv4_addr"), (6, "ipv6_addr")):
-                    m.sets[f"p_{rule.id}_{fam}"] = (typ, frozenset(str(n) for n in rule.peers.family(fam)))
+                    m.sets[f"p_{rule.id}_{fam}"] = (typ, rule.peers.texts(fam))
             elif seen is not rule.peers and seen != rule.peers:
                 raise DataplaneError(f"IR invariant broken: rule key {rule.key} has two peer sets")
             for fam, proto in ((4, "ip"), (6, "ip6")):
@@ -310,17 +310,23 @@ class NftablesDataplane(Dataplane):
 
     def apply(self, program: Program) -> ApplyStats:
         new = build_model(program, self.options)
-        if self._model is None or not self._has_table():
-            # First sync (or the table vanished): replace the table in one transaction, so
-            # packets see the old rules or the new ones and never an empty table.
-            text = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render_full(new)
-            stats = ApplyStats(True, text.count("\n"), sum(len(s[1]) for s in new.sets.values()))
-        else:
+        if self._model is not None:
             text, stats = render_diff(self._model, new)
-        if text:
-            self._run(text)
+            try:
+                if text:
+                    self._run(text)
+                self._model = new
+                return stats
+            except DataplaneError:
+                if self._has_table():
+                    raise
+                log.warning("the stockade table vanished; rebuilding it")
+        # First sync (or the table vanished): replace the table in one transaction, so
+        # packets see the old rules or the new ones and never an empty table.
+        text = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render_full(new)
+        self._run(text)
         self._model = new
-        return stats
+        return ApplyStats(True, text.count("\n"), sum(len(s[1]) for s in new.sets.values()))
 
     def _has_table(self) -> bool:
         out = self._run("list tables", json_out=True)

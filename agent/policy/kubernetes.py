@@ -303,6 +303,23 @@ class _Compiler:
             out.append(Rule(origin, peers, PortMatch.canonical(ports), key=key))
         return out
 
+    def _candidates(self, rule: PolicyRule, ns: str) -> list[Endpoint]:
+        """Pods that may be this rule's destinations: the selected ones, plus any pod whose
+        address an ipBlock covers (every pod when the rule has no peers)."""
+        if rule.peers is None:
+            return list(self.inv.endpoints.values())
+        out: dict[str, Endpoint] = {}
+        blocks: list[Network] = []
+        for p in rule.peers:
+            if p.ip_block is not None:
+                blocks.extend(p.ip_block.nets())
+            else:
+                out.update((ep.key, ep) for ep in self.res.pods(p, ns))
+        if blocks:
+            covered = PeerSet.of(blocks)
+            out.update((ep.key, ep) for ep in self.inv.endpoints.values() if any(map(covered.contains, ep.ips)))
+        return list(out.values())
+
     def _egress_rules(self, pol: NetworkPolicy) -> list[Rule]:
         """Egress rules do not depend on the selected pod: compute once per policy."""
         cache_key = f"{pol.source}:{pol.key}"
@@ -321,7 +338,7 @@ class _Compiler:
                 continue
             # Named ports resolve on each destination pod: group peer addresses by number.
             buckets: dict[tuple[str, int], list[IPAddress]] = defaultdict(list)
-            for ep in self.inv.endpoints.values():
+            for ep in self._candidates(rule, pol.namespace):
                 ips = [ip for ip in ep.ips if peers is None or peers.contains(ip)]
                 if not ips:
                     continue
