@@ -280,6 +280,7 @@ class NftablesDataplane(Dataplane):
         self.options = options
         self._nft = None
         self._model: Model | None = None  # what the kernel holds after our last apply
+        self._program: Program | None = None  # the program that model came from
         self._lock = threading.Lock()
 
     @property
@@ -315,7 +316,7 @@ class NftablesDataplane(Dataplane):
             try:
                 if text:
                     self._run(text)
-                self._model = new
+                self._model, self._program = new, program
                 return stats
             except DataplaneError:
                 if self._has_table():
@@ -325,7 +326,7 @@ class NftablesDataplane(Dataplane):
         # packets see the old rules or the new ones and never an empty table.
         text = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render_full(new)
         self._run(text)
-        self._model = new
+        self._model, self._program = new, program
         return ApplyStats(True, text.count("\n"), sum(len(s[1]) for s in new.sets.values()))
 
     def _has_table(self) -> bool:
@@ -339,10 +340,10 @@ class NftablesDataplane(Dataplane):
         """Read every rule counter of our table. Chains are named after their endpoint's
         hash, so `program` (or the last applied one) maps them back to endpoints."""
         c = Counters()
-        if program is not None:
+        if self._model is not None and (program is None or program is self._program):
+            owners = self._model.owners  # the usual scrape: no need to rebuild the model
+        elif program is not None:
             owners = build_model(program, self.options).owners
-        elif self._model is not None:
-            owners = self._model.owners
         else:
             return c
         if not self._has_table():
