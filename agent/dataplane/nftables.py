@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ MAPS = {"ingress4": "ipv4_addr", "ingress6": "ipv6_addr", "egress4": "ipv4_addr"
 PREROUTING_PRIORITY = -150  # after conntrack (-200), before NAT and filter
 DEFAULT_LOG_GROUP = 7354
 CHUNK = 5000  # elements per command line; keeps single commands a sane size
+BIG_LOAD = 1 << 20  # bytes of nft text above which a full load goes to an `nft -f` child
 
 
 def _base_chains() -> str:
@@ -306,6 +309,16 @@ class NftablesDataplane(Dataplane):
             raise DataplaneError(f"nft refused the transaction: {err.strip()}")
         return str(out)
 
+    def _run_child(self, text: str) -> None:
+        """A big load through an `nft -f -` child: libnftables keeps most of the memory a
+        load needs, and the agent should not (one transaction all the same)."""
+        nft = shutil.which("nft")
+        if nft is None:
+            raise DataplaneError("the `nft` command is missing: install Debian's nftables package")
+        res = subprocess.run([nft, "-f", "-"], input=text, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise DataplaneError(f"nft refused the transaction: {res.stderr.strip()[:2000]}")
+
     def render(self, program: Program) -> str:
         return render_full(build_model(program, self.options))
 
@@ -325,7 +338,10 @@ class NftablesDataplane(Dataplane):
         # First sync (or the table vanished): replace the table in one transaction, so
         # packets see the old rules or the new ones and never an empty table.
         text = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render_full(new)
-        self._run(text)
+        if len(text) > BIG_LOAD:
+            self._run_child(text)
+        else:
+            self._run(text)
         self._model, self._program = new, program
         return ApplyStats(True, text.count("\n"), sum(len(s[1]) for s in new.sets.values()))
 
@@ -346,9 +362,12 @@ class NftablesDataplane(Dataplane):
             owners = build_model(program, self.options).owners
         else:
             return c
-        if not self._has_table():
-            return c
-        objs = json.loads(self._run(f"list table {FAMILY} {TABLE}", json_out=True))["nftables"]
+        try:  # one libnftables command: each costs a fetch of the whole table's state
+            objs = json.loads(self._run(f"list table {FAMILY} {TABLE}", json_out=True))["nftables"]
+        except DataplaneError:
+            if self._has_table():
+                raise
+            return c  # nothing programmed (yet, or any more)
         for obj in objs:
             rule = obj.get("rule")
             if not rule or rule.get("chain") not in owners:
