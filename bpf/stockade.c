@@ -11,7 +11,15 @@
 // endpoint (nodeaddrs), else look up the peer class (peers, LPM) and the first-match
 // verdict for (class, protocol, port) (ports, LPM over port prefixes) under the
 // endpoint's current generation (epstate). Constant cost: at most 2 flow lookups,
-// 1 peer LPM and 1 port LPM, whatever the number of rules or peers.
+// 1 peer LPM and 1 port LPM per judged endpoint, whatever the number of rules or peers.
+//
+// Atomic updates: `addrs`, `epstate` and `ifcfg` are keyed by a global slot (0/1). A packet
+// reads the current slot from `active` once, before any other lookup, and uses it for every
+// lookup of its judgement; the agent writes the inactive slot, then flips `active` with one
+// update. A packet leaving an endpoint for another local endpoint is judged here for both:
+// the source's egress and the destination's ingress, under the one slot read, and the flow
+// is remembered at both (so the destination's own hook passes it as a known flow). A packet
+// is thus never judged by one endpoint's old tables and another's new ones.
 // A packet judged a drop is counted, sampled into the `samples` queue (rate-limited per
 // endpoint, direction and CPU), and dropped -- or, in audit mode (`config`), passed and
 // remembered like an allowed packet.
@@ -88,8 +96,19 @@
 
 struct addr_key {
     u8 family;  // 4 or 6
-    u8 pad[3];
+    u8 slot;    // global slot (addrs); always 0 in nodeaddrs
+    u8 pad[2];
     u8 addr[16];
+};
+
+struct ep_key {
+    u32 ep_id;
+    u32 slot;
+};
+
+struct if_key {
+    u32 ifindex;
+    u32 slot;
 };
 
 struct ep_state {
@@ -186,10 +205,12 @@ struct sample {
     u8 daddr[16];
 };
 
-// Used by the programs
-BPF_HASH(addrs, struct addr_key, u32, MAX_ADDRS);
-BPF_HASH(epstate, u32, struct ep_state, MAX_ENDPOINTS);
-BPF_HASH(ifcfg, u32, struct if_cfg, MAX_IFACES);
+// Used by the programs. `active` holds the global slot that `addrs`, `epstate` and `ifcfg`
+// are read under (each holds up to one copy of its entries per slot).
+BPF_ARRAY(active, u32, 1);
+BPF_HASH(addrs, struct addr_key, u32, MAX_ADDRS * 2);
+BPF_HASH(epstate, struct ep_key, struct ep_state, MAX_ENDPOINTS * 2);
+BPF_HASH(ifcfg, struct if_key, struct if_cfg, MAX_IFACES * 2);
 BPF_HASH(nodeaddrs, struct addr_key, u8, MAX_NODE_ADDRS);
 BPF_LPM_TRIE(peers, struct peer_key, u32, MAX_PEERS);
 BPF_LPM_TRIE(ports, struct port_key, struct port_val, MAX_PORTS);
@@ -495,12 +516,167 @@ static __always_inline int drop(struct pkt *p, struct flow_key *fk, u32 ep_id, u
     return TC_ACT_OK;
 }
 
+#define J_PASS 0    // passes without a judgement of its own (known flow, no endpoint state)
+#define J_ACCEPT 1  // judged and passes: its flow is to be remembered
+#define J_DROP 2    // judged a drop (already counted); *slot: deciding rule or NO_SLOT
+
+// Judge one endpoint direction under global slot `s`: known flows and fragments, traffic
+// from the node's own addresses (ingress), then the endpoint's tables. Fills `fk` with the
+// flow key of the packet at this endpoint; counts the deciding rule or default deny.
+static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, u8 dir, u32 s, u32 len,
+                                 u32 *slot) {
+    fk->ep_id = ep_id;
+    fk->dir = dir;
+    fk->family = p->family;
+    fk->proto = p->tproto;
+    fk->sport = p->tsport;
+    fk->dport = p->tdport;
+    __builtin_memcpy(fk->saddr, p->tsaddr, 16);
+    __builtin_memcpy(fk->daddr, p->tdaddr, 16);
+
+    // Known flows and their replies.
+    if (p->nonfirst) {
+        struct frag_key k = {};
+        k.ep_id = ep_id;
+        k.dir = dir;
+        k.id = p->fragid;
+        k.family = p->family;
+        k.proto = p->l4;
+        __builtin_memcpy(k.saddr, p->saddr, 16);
+        __builtin_memcpy(k.daddr, p->daddr, 16);
+        if (frags.lookup(&k))
+            return J_PASS;
+    } else if (!p->bad) {
+        u64 now = bpf_ktime_get_ns();
+        struct flow_val *v = flows.lookup(fk);
+        int orig = 1;
+        struct flow_key rk = {};
+        if (v && !fresh(v, fk->proto, now)) {
+            flows.delete(fk);
+            v = 0;
+        }
+        if (!v) {
+            rk.ep_id = ep_id;
+            rk.dir = dir ^ 1;
+            rk.family = p->family;
+            rk.proto = p->tproto;
+            rk.sport = p->tdport;
+            rk.dport = p->tsport;
+            __builtin_memcpy(rk.saddr, p->tdaddr, 16);
+            __builtin_memcpy(rk.daddr, p->tsaddr, 16);
+            v = flows.lookup(&rk);
+            orig = 0;
+            if (v && !fresh(v, rk.proto, now)) {
+                flows.delete(&rk);
+                v = 0;
+            }
+        }
+        if (v) {
+            if (!p->related) {
+                if (fk->proto == P_TCP && (p->tcpflags & 0x04)) {
+                    if (orig)
+                        flows.delete(fk);
+                    else
+                        flows.delete(&rk);
+                } else {
+                    v->seen = now;
+                    if (fk->proto == P_TCP && (p->tcpflags & 0x01))
+                        v->flags |= orig ? FL_FIN_ORIG : FL_FIN_REPLY;
+                }
+                record_frag(p, ep_id, dir);
+            }
+            return J_PASS;
+        }
+    }
+
+    // Traffic from the node's own addresses into an endpoint is always allowed.
+    if (dir == DIR_INGRESS) {
+        struct addr_key nk = {};
+        nk.family = p->family;
+        __builtin_memcpy(nk.addr, p->saddr, 16);
+        if (nodeaddrs.lookup(&nk))
+            return J_ACCEPT;
+    }
+
+    struct ep_key sk = {};
+    sk.ep_id = ep_id;
+    sk.slot = s;
+    struct ep_state *st = epstate.lookup(&sk);
+    if (!st)
+        return J_PASS;
+    u8 flags = dir == DIR_INGRESS ? st->flags[0] : st->flags[1];
+    if (!(flags & F_ENFORCED))
+        return J_ACCEPT;
+    u32 gen = st->gen;
+
+    struct port_val *pv = 0;
+    if (!p->bad) {
+        struct peer_key pk = {};
+        pk.prefixlen = 80 + (p->family == 4 ? 32 : 128);
+        pk.ep_id = ep_id;
+        pk.gen = gen;
+        pk.dir = dir;
+        pk.family = p->family;
+        if (dir == DIR_EGRESS)
+            __builtin_memcpy(pk.addr, p->daddr, 16);
+        else
+            __builtin_memcpy(pk.addr, p->saddr, 16);
+        u32 *cls = peers.lookup(&pk);
+        if (cls) {
+            struct port_key qk = {};
+            qk.ep_id = ep_id;
+            qk.gen = gen;
+            qk.cls = *cls;
+            qk.dir = dir;
+            // An ICMP error about no known flow is judged as the ICMP packet it is.
+            qk.proto = p->proto;
+            qk.has_port = p->has_port && !p->related;
+            if (qk.has_port)
+                __builtin_memcpy(qk.port, &p->dport, 2);  // the service port, both directions
+            qk.prefixlen = 136;
+            pv = ports.lookup(&qk);
+        }
+    }
+    if (pv) {
+        u32 rs = pv->slot;
+        struct stat *c = rule_stats.lookup(&rs);
+        if (c) {
+            c->packets += 1;
+            c->bytes += len;
+        }
+        if (pv->verdict == V_ACCEPT)
+            return J_ACCEPT;
+        *slot = rs;
+        return J_DROP;
+    }
+    // A header chain we could not walk is never allowed by a rule, nor by a
+    // non-isolated direction that has rules (they might have been drops).
+    if ((flags & F_ISOLATED) || p->bad) {
+        u32 idx = ep_id * 2 + dir;
+        struct stat *c = drop_stats.lookup(&idx);
+        if (c) {
+            c->packets += 1;
+            c->bytes += len;
+        }
+        *slot = NO_SLOT;
+        return J_DROP;
+    }
+    return J_ACCEPT;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, int hook) {
-    u32 ifindex = skb->ifindex;
-    struct if_cfg *cfg = ifcfg.lookup(&ifindex);
+    // The global slot, read once, before any lookup it selects.
+    u32 zero = 0;
+    u32 *ap = active.lookup(&zero);
+    u32 s = ap ? (*ap & 1) : 0;
+    struct if_key ik = {};
+    ik.ifindex = skb->ifindex;
+    ik.slot = s;
+    struct if_cfg *cfg = ifcfg.lookup(&ik);
     if (!cfg)
         return TC_ACT_OK;
     u8 dir = hook == 0 ? cfg->hook_dir[0] : cfg->hook_dir[1];
+    u32 bound = cfg->ep_id;
     u32 off = 0;
     if (!cfg->l3) {
         u16 eth_proto = 0;
@@ -517,162 +693,59 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
 
     struct addr_key ek = {};
     ek.family = p.family;
+    ek.slot = s;
     if (dir == DIR_EGRESS)
         __builtin_memcpy(ek.addr, p.saddr, 16);
     else
         __builtin_memcpy(ek.addr, p.daddr, 16);
     u32 ep_id;
     u32 *epp = addrs.lookup(&ek);
-    if (epp)
+    if (epp) {
         ep_id = *epp;
-    else if (cfg->ep_id && nodeaddrs.lookup(&ek))
-        // The node behind this device: arriving for it (ingress) or leaving from it
-        // (egress) is its endpoint's traffic, with or without addresses in `addrs`.
-        // Routed packets (neither end a node address) are not the node's.
-        ep_id = cfg->ep_id;
-    else
-        return TC_ACT_OK;  // not a local endpoint's address
-
-    // Known flows and their replies.
-    struct flow_key fk = {};
-    fk.ep_id = ep_id;
-    fk.dir = dir;
-    fk.family = p.family;
-    fk.proto = p.tproto;
-    fk.sport = p.tsport;
-    fk.dport = p.tdport;
-    __builtin_memcpy(fk.saddr, p.tsaddr, 16);
-    __builtin_memcpy(fk.daddr, p.tdaddr, 16);
-    if (p.nonfirst) {
-        struct frag_key k = {};
-        k.ep_id = ep_id;
-        k.dir = dir;
-        k.id = p.fragid;
-        k.family = p.family;
-        k.proto = p.l4;
-        __builtin_memcpy(k.saddr, p.saddr, 16);
-        __builtin_memcpy(k.daddr, p.daddr, 16);
-        if (frags.lookup(&k))
-            return TC_ACT_OK;
-    } else if (!p.bad) {
-        u64 now = bpf_ktime_get_ns();
-        struct flow_val *v = flows.lookup(&fk);
-        int orig = 1;
-        struct flow_key rk = {};
-        if (v && !fresh(v, fk.proto, now)) {
-            flows.delete(&fk);
-            v = 0;
-        }
-        if (!v) {
-            rk.ep_id = ep_id;
-            rk.dir = dir ^ 1;
-            rk.family = p.family;
-            rk.proto = p.tproto;
-            rk.sport = p.tdport;
-            rk.dport = p.tsport;
-            __builtin_memcpy(rk.saddr, p.tdaddr, 16);
-            __builtin_memcpy(rk.daddr, p.tsaddr, 16);
-            v = flows.lookup(&rk);
-            orig = 0;
-            if (v && !fresh(v, rk.proto, now)) {
-                flows.delete(&rk);
-                v = 0;
-            }
-        }
-        if (v) {
-            if (!p.related) {
-                if (fk.proto == P_TCP && (p.tcpflags & 0x04)) {
-                    if (orig)
-                        flows.delete(&fk);
-                    else
-                        flows.delete(&rk);
-                } else {
-                    v->seen = now;
-                    if (fk.proto == P_TCP && (p.tcpflags & 0x01))
-                        v->flags |= orig ? FL_FIN_ORIG : FL_FIN_REPLY;
-                }
-                record_frag(&p, ep_id, dir);
-            }
-            return TC_ACT_OK;
-        }
-    }
-
-    // Traffic from the node's own addresses into an endpoint is always allowed.
-    if (dir == DIR_INGRESS) {
-        struct addr_key nk = {};
-        nk.family = p.family;
-        __builtin_memcpy(nk.addr, p.saddr, 16);
-        if (nodeaddrs.lookup(&nk)) {
-            record(&p, &fk);
-            record_frag(&p, ep_id, dir);
-            return TC_ACT_OK;
-        }
-    }
-
-    struct ep_state *st = epstate.lookup(&ep_id);
-    if (!st)
-        return TC_ACT_OK;
-    u8 flags = dir == DIR_INGRESS ? st->flags[0] : st->flags[1];
-    if (!(flags & F_ENFORCED)) {
-        record(&p, &fk);
-        record_frag(&p, ep_id, dir);
-        return TC_ACT_OK;
-    }
-    u32 gen = st->gen;
-
-    struct port_val *pv = 0;
-    if (!p.bad) {
-        struct peer_key pk = {};
-        pk.prefixlen = 80 + (p.family == 4 ? 32 : 128);
-        pk.ep_id = ep_id;
-        pk.gen = gen;
-        pk.dir = dir;
-        pk.family = p.family;
-        if (dir == DIR_EGRESS)
-            __builtin_memcpy(pk.addr, p.daddr, 16);
+    } else {
+        ek.slot = 0;  // nodeaddrs keys carry no slot
+        if (bound && nodeaddrs.lookup(&ek))
+            // The node behind this device: arriving for it (ingress) or leaving from it
+            // (egress) is its endpoint's traffic, with or without addresses in `addrs`.
+            // Routed packets (neither end a node address) are not the node's.
+            ep_id = bound;
         else
-            __builtin_memcpy(pk.addr, p.saddr, 16);
-        u32 *cls = peers.lookup(&pk);
-        if (cls) {
-            struct port_key qk = {};
-            qk.ep_id = ep_id;
-            qk.gen = gen;
-            qk.cls = *cls;
-            qk.dir = dir;
-            // An ICMP error about no known flow is judged as the ICMP packet it is.
-            qk.proto = p.proto;
-            qk.has_port = p.has_port && !p.related;
-            if (qk.has_port)
-                __builtin_memcpy(qk.port, &p.dport, 2);  // the service port, both directions
-            qk.prefixlen = 136;
-            pv = ports.lookup(&qk);
-        }
+            return TC_ACT_OK;  // not a local endpoint's address
     }
+
     u32 len = skb->len;
-    if (pv) {
-        u32 slot = pv->slot;
-        struct stat *s = rule_stats.lookup(&slot);
-        if (s) {
-            s->packets += 1;
-            s->bytes += len;
-        }
-        if (pv->verdict == V_ACCEPT) {
-            record(&p, &fk);
-            record_frag(&p, ep_id, dir);
-            return TC_ACT_OK;
-        }
+    struct flow_key fk = {};
+    u32 slot = NO_SLOT;
+    int v = judge(&p, &fk, ep_id, dir, s, len, &slot);
+    if (v == J_DROP)
         return drop(&p, &fk, ep_id, dir, slot);
-    }
-    // A header chain we could not walk is never allowed by a rule, nor by a
-    // non-isolated direction that has rules (they might have been drops).
-    if ((flags & F_ISOLATED) || p.bad) {
-        u32 idx = ep_id * 2 + dir;
-        struct stat *s = drop_stats.lookup(&idx);
-        if (s) {
-            s->packets += 1;
-            s->bytes += len;
+    if (v == J_PASS)
+        return TC_ACT_OK;
+
+    // Leaving for another local endpoint (not for the node itself): that endpoint's ingress
+    // is judged here too, under the same slot, and the flow is remembered at both ends; its
+    // own hook then passes the packet as a known flow.
+    if (dir == DIR_EGRESS) {
+        struct addr_key dk = {};
+        dk.family = p.family;
+        __builtin_memcpy(dk.addr, p.daddr, 16);
+        if (!nodeaddrs.lookup(&dk)) {
+            dk.slot = s;
+            u32 *dst = addrs.lookup(&dk);
+            if (dst && *dst != ep_id) {
+                u32 peer = *dst;
+                struct flow_key pk = {};
+                u32 pslot = NO_SLOT;
+                int pv = judge(&p, &pk, peer, DIR_INGRESS, s, len, &pslot);
+                if (pv == J_DROP) {
+                    if (drop(&p, &pk, peer, DIR_INGRESS, pslot) != TC_ACT_OK)
+                        return TC_ACT_SHOT;
+                } else if (pv == J_ACCEPT) {
+                    record(&p, &pk);
+                    record_frag(&p, peer, DIR_INGRESS);
+                }
+            }
         }
-        return drop(&p, &fk, ep_id, dir, NO_SLOT);
     }
     record(&p, &fk);
     record_frag(&p, ep_id, dir);

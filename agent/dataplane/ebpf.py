@@ -10,14 +10,16 @@ Processes:
   `FILTER_PRIO`, handle 1, name `stockade-<build>-<hook>`).
 
 Maps (all keys/values little-endian host order except addresses and ports):
-- `ifcfg` ifindex -> (l3, direction judged at tc ingress, at tc egress, bound endpoint
+- `active` array[1] -> the global slot (0/1) in force. `ifcfg`, `addrs` and `epstate` are
+  keyed by slot too (one copy of every entry per slot; see Atomicity).
+- `ifcfg` (ifindex, slot) -> (l3, direction judged at tc ingress, at tc egress, bound endpoint
   id). A veth of a pod: tc ingress judges the pod's egress, tc egress its ingress,
   bound id 0. A device whose endpoint is the node itself: the other way round -- an
   endpoint with an address of the node, or one with `interface` set (NetBird's wt0),
   which is *bound* to the device: its id is in the device's entry. `l3`: raw IP device
   (TUN), no Ethernet header.
-- `addrs` (family, address) -> endpoint id; `epstate` endpoint id -> (generation,
-  per direction: enforced, isolated). `epkeys`/`slotinfo` remember endpoint keys and
+- `addrs` (family, slot, address) -> endpoint id; `epstate` (endpoint id, slot) ->
+  (generation, per direction: enforced, isolated). `epkeys`/`slotinfo` remember endpoint keys and
   counter slots for a restarted agent.
 - Finding the endpoint of a packet: its local address (destination for the direction
   judged as ingress, source for egress) in `addrs`; if absent and the device has a
@@ -28,8 +30,16 @@ Maps (all keys/values little-endian host order except addresses and ports):
   its own addresses are known: NetBird's bootstrap endpoint (`ips=()`, ingress isolated)
   denies new inbound flows and passes outbound ones and their replies (recorded in
   `flows` under its id). Packets routed through the device (neither address the node's)
-  are not the node's; pod veths are found by address only. `nodeaddrs` is refreshed by
-  every `apply` (the daemon's periodic resync included), like the attachment itself.
+  are not the node's; pod veths are found by address only. `nodeaddrs` (family, 0,
+  address) is refreshed by every `apply` (the daemon's periodic resync included), like the
+  attachment itself; it describes the host, not the policy, and has no slots.
+- A packet leaving an endpoint (the direction judged is egress) for another local
+  endpoint's address (in `addrs`, not a node address) is judged for both at this hook:
+  the source's egress, then the destination's ingress, under the same slot; it passes
+  only if both pass, and the flow is remembered at both ends (`flows`, `frags`), so the
+  destination's own hook passes it as a known flow. A drop by the destination is counted
+  and sampled as the destination's. Should the destination's hook judge it again anyway
+  (its flow entry evicted meanwhile), the packet must pass that judgement too.
 - `peers` LPM (endpoint, generation, direction, family, peer prefix) -> peer class.
   Classes are computed here: every distinct prefix of the direction's rules becomes an
   entry whose class is the set of rules containing it (prefixes of one family are
@@ -80,24 +90,46 @@ Bounds (per endpoint and direction, R rules, P distinct peer prefixes, Q port ra
 `peers` entries <= P + 2; classes <= P + 2; `ports` entries <= classes * 5 protocols *
 (2Q + 2) intervals * 30 prefixes (in practice one or two per port rule and class).
 
-Atomicity: an endpoint's changed tables are written under generation g+1, its
-`epstate` entry is switched with one update, and after a short grace period (packets
-in flight may still use g) the generation-g entries are deleted. A new endpoint bound to
-a device takes over the id of a departing endpoint bound to the same device (the
-bootstrap endpoint replaced by the local peer after the first sync, or the peer
-renamed): `epkeys` is rewritten to the new key, its tables switch by generation as
-above, the device's `ifcfg` entry is unchanged, and the flows recorded under the id
+Atomicity: one map update switches every endpoint at once. A packet reads `active` once,
+before any other lookup, and uses that slot for every lookup of its judgement (`ifcfg`,
+`addrs`, `epstate`, then `peers`/`ports` by the generation `epstate` names). Between two
+applies both slots hold the same entries. One apply, with S the slot in force and T the
+other: (1) `nodeaddrs` additions; each changed endpoint's tables are written under a new
+generation g+1 (nobody reads it yet; on a write error they are deleted again); (2) slot T
+of `ifcfg`, `epstate` and `addrs` is made to hold the whole new policy (changed
+endpoints point at g+1, unchanged ones keep their generation, departed endpoints,
+addresses and devices are deleted from T), and devices are attached (a device without an
+entry in S is not judged yet); (3) the flip: `active` := T, one array update; (4) after
+the grace period (packets that read S are done) the replaced generations go, counter
+slots of departed or taken-over endpoints are released, devices no endpoint wants are
+detached, and slot S catches up with T; (5) `nodeaddrs` removals. A kill before (3)
+leaves the old policy in force whole (S untouched), after it the new one (T complete);
+what is left over (half-written T or g+1 entries, stale S entries, old generations) is
+never read, and a restarted agent rewrites or sweeps it.
+
+A packet between two local endpoints meets both policies at the source's hook, under one
+slot (see above), so a flip between its two hooks cannot mix one endpoint's old tables
+with the other's new ones: the destination's hook passes it as a known flow. Were it to
+judge it again under the other slot (flow entry evicted in between), the packet would need
+both verdicts, old AND new: that can block what the old policy allowed only when the new
+one blocks it too, and never allows anything either policy forbids.
+
+A new endpoint bound to a device takes over the id of a departing endpoint bound to the
+same device (the bootstrap endpoint replaced by the local peer after the first sync, or
+the peer renamed): `epkeys` is rewritten to the new key, its tables switch with the flip
+as above, the device's `ifcfg` entries are unchanged, and the flows recorded under the id
 (connections the node opened meanwhile) survive, as conntrack entries do under
 nftables; counter slots and default-deny counters start afresh under the new key.
-Order of one apply: `nodeaddrs` additions, endpoint generations, `addrs`, `ifcfg` and
-attachments, then removals of departed endpoints and (after the grace period) of old
-generations and node addresses.
 
-Restart adoption: a new agent rebuilds endpoints, generations, addresses and slots from
-the pinned maps, and which device an endpoint is bound to from `ifcfg` (ifindex ->
-name), so the takeover above works across a restart too; entries of generations no
-endpoint uses are swept after its first apply. `cleanup` detaches every filter and
-unpins everything, `ifcfg` included.
+Restart adoption: a new agent reads the slot in force from `active` and rebuilds
+endpoints, generations, addresses and devices from that slot's entries (and what each
+slot holds, so its first apply rewrites exactly what differs), counter slots from
+`slotinfo`, and which device an endpoint is bound to from `ifcfg` (ifindex -> name), so
+the takeover above works across a restart too. Its first apply sweeps entries of
+generations the slot in force does not use before writing new ones (an agent killed
+before its flip leaves some), and again after its flip. An apply that fails forgets the
+model; the next one adopts what the kernel holds. `cleanup` detaches every filter and
+unpins everything, `ifcfg` and `active` included.
 """
 
 from __future__ import annotations
@@ -133,7 +165,8 @@ SOURCE = os.path.join(os.path.dirname(__file__), "..", "..", "bpf", "stockade.c"
 FILTER_PRIO = 0x5EC
 FILTER_HANDLE = 1
 PARENTS = {0: 0xFFFFFFF2, 1: 0xFFFFFFF3}  # tc ingress, tc egress (clsact)
-GRACE_S = 0.02  # wait before deleting a replaced generation (packets in flight)
+GRACE_S = 0.02  # after a flip: packets judged under the previous slot are done (in flight)
+SLOTTED = ("ifcfg", "epstate", "addrs")  # maps holding one copy of their entries per global slot
 
 DIR_CODE = {Direction.INGRESS: 0, Direction.EGRESS: 1}
 F_ENFORCED, F_ISOLATED = 1, 2
@@ -292,8 +325,35 @@ def _addr_bytes(ip: IPAddress | int, family: int) -> bytes:
     return ip.packed.ljust(16, b"\0")
 
 
-def k_addr(ip: IPAddress) -> bytes:
-    return struct.pack("<B3x", ip.version) + _addr_bytes(ip, ip.version)
+def k_addr(ip: IPAddress, slot: int = 0) -> bytes:
+    """`addrs` key (under a global slot) or `nodeaddrs` key (slot 0)."""
+    return struct.pack("<BB2x", ip.version, slot) + _addr_bytes(ip, ip.version)
+
+
+def k_ep(ep_id: int, slot: int) -> bytes:
+    return struct.pack("<II", ep_id, slot)
+
+
+def k_if(ifindex: int, slot: int) -> bytes:
+    return struct.pack("<II", ifindex, slot)
+
+
+SLOT_KEY = {"ifcfg": k_if, "epstate": k_ep, "addrs": k_addr}
+SlotContents = dict[str, dict]
+"""One global slot of the slotted maps: map name -> {ifindex / endpoint id / address: value}."""
+
+
+def _empty_slot() -> SlotContents:
+    return {name: {} for name in SLOTTED}
+
+
+def _slot_item(name: str, k: bytes) -> tuple[int, object]:
+    """(slot, item) of a slotted map's key."""
+    if name == "addrs":
+        fam, slot = k[0], k[1]
+        return slot, ipaddress.ip_address(k[4:8] if fam == 4 else k[4:20])
+    item, slot = struct.unpack("<II", k[:8])
+    return slot, item
 
 
 def v_epstate(gen: int, ing: int, eg: int) -> bytes:
@@ -393,7 +453,9 @@ class EbpfDataplane(Dataplane):
         self.prog_fds: dict[int, int] = {}
         self.prog_ids: dict[int, int] = {}
         self.eps: dict[str, EpState] | None = None  # None: not yet loaded/adopted
-        self.ifaces: dict[int, bytes] = {}  # ifindex -> ifcfg value we own
+        self.slot = 0  # the global slot in force (`active`)
+        # what each slot of the slotted maps holds (both alike between applies)
+        self.have: list[SlotContents] = [_empty_slot(), _empty_slot()]
         self.node_addrs: set[IPAddress] = set()
         self.free_slots: list[int] = []
         self.next_slot = 0
@@ -468,23 +530,34 @@ class EbpfDataplane(Dataplane):
             raise DataplaneError(f"cannot open pinned eBPF objects in {self.pin_dir}: {e}") from e
 
     def _adopt(self) -> None:
-        """Rebuild the model from pinned maps a previous agent left behind."""
+        """Rebuild the model from pinned maps a previous agent left behind: the slot in force
+        from `active`, endpoints, generations, addresses and devices from that slot's
+        entries (the other slot may be half-written: it is only ever rewritten), slots."""
         self._load()
+        raw = self.maps["active"].lookup(struct.pack("<I", 0))
+        self.slot = struct.unpack("<I", raw[:4])[0] & 1 if raw else 0
+        self.have = [_empty_slot(), _empty_slot()]
+        for name in SLOTTED:
+            for k, v in self.maps[name].items():
+                slot, item = _slot_item(name, k)
+                if slot > 1:  # never written by us: make sure it goes
+                    self.maps[name].delete(k)
+                    continue
+                self.have[slot][name][item] = v
+        act = self.have[self.slot]
         eps: dict[str, EpState] = {}
         byid: dict[int, EpState] = {}
         for k, v in self.maps["epkeys"].items():
             ep_id = struct.unpack("<I", k)[0]
             name = v.rstrip(b"\0").decode()
-            st = self.maps["epstate"].lookup(k)
+            st = act["epstate"].get(ep_id)
             gen = struct.unpack("<I", st[:4])[0] if st else 0
             eps[name] = byid[ep_id] = EpState(ep_id, gen, None)
             self.next_ep = max(self.next_ep, ep_id + 1)
-        for k, v in self.maps["addrs"].items():
+        for ip, v in act["addrs"].items():
             ep = byid.get(struct.unpack("<I", v)[0])
             if ep is not None:
-                fam = k[0]
-                raw = k[4:8] if fam == 4 else k[4:20]
-                ep.addrs.add(ipaddress.ip_address(raw))
+                ep.addrs.add(ip)
         used = set()
         for k, v in self.maps["slotinfo"].items():
             slot = struct.unpack("<I", k)[0]
@@ -496,21 +569,20 @@ class EbpfDataplane(Dataplane):
         self.next_slot = max(used, default=-1) + 1
         self.free_slots = sorted(set(range(self.next_slot)) - used, reverse=True)
         names: dict[int, str] = {}
-        for k, v in self.maps["ifcfg"].items():
-            idx = struct.unpack("<I", k)[0]
-            self.ifaces[idx] = v
+        for idx, v in act["ifcfg"].items():
             bound = byid.get(struct.unpack("<I", v[4:8])[0])
             if bound is not None:  # an endpoint bound to this device: remember which device
                 if not names:
                     names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in self.ipr.get_links()}
                 bound.iface = names.get(idx)
+        self.node_addrs = set()
         for k in self.maps["nodeaddrs"].all_keys():
             fam = k[0]
             self.node_addrs.add(ipaddress.ip_address(k[4:8] if fam == 4 else k[4:20]))
         self.eps = eps
         self._adopted = bool(eps)
         if eps:
-            log.info("adopted pinned eBPF state: %d endpoints", len(eps))
+            log.info("adopted pinned eBPF state: %d endpoints, slot %d", len(eps), self.slot)
 
     # ---------------------------------------------------------------- apply
 
@@ -602,16 +674,35 @@ class EbpfDataplane(Dataplane):
         compiled = {key: {d: tables_of(ep.direction(d)) for d in Direction}
                     for key, ep in program.endpoints.items()}
         self._check_capacity(program, compiled)
+        try:
+            return self._apply(program, compiled)
+        except BaseException:
+            # The kernel holds the old policy (failure before the flip) or the new one (after):
+            # forget the model, the next apply adopts what is there (and sweeps what is not).
+            self.eps = None
+            raise
+
+    def _apply(self, program: Program, compiled: dict[str, dict[Direction, DirTables]]) -> ApplyStats:
+        assert self.eps is not None
+        old, new = self.slot, 1 - self.slot
         added = removed = written = 0
+        known_devices = set(self.have[old]["ifcfg"]) | set(self.have[new]["ifcfg"])
         cmds = self._write("config", [(struct.pack("<I", 0),
                                        v_config(self.audit, self.sample_rate, self.sample_burst))])
-        stale: list[tuple[str, bytes]] = []
-        retired: list[int] = []  # counter slots of taken-over endpoints, freed after the switch
+        if self._adopted:
+            # entries of generations the slot in force does not use (e.g. written by an agent
+            # killed before its flip) go before any generation is written again
+            removed += self._sweep()
+        stale: list[tuple[str, bytes]] = []  # the replaced generations' entries, deleted after the flip
+        retired: list[int] = []  # counter slots of taken-over endpoints, freed after the flip
         renamed: list[EpState] = []
         # node addresses first: they only ever widen node -> endpoint traffic
         node = self._node_addresses()
         new_na = node - self.node_addrs
         cmds += self._write("nodeaddrs", [(k_addr(ip), b"\1") for ip in new_na])
+        # 1. new generations of every changed endpoint (nothing reads them before the flip)
+        switched: list[tuple[EpState, int, dict[Direction, DirTables]]] = []
+        fresh: list[tuple[str, bytes]] = []
         for key, ep in program.endpoints.items():
             tables = compiled[key]
             st = self.eps.get(key)
@@ -630,63 +721,79 @@ class EbpfDataplane(Dataplane):
                 gen = st.gen + 1
                 peers, ports = _entries(st, tables, gen)
                 try:
-                    cmds += self._write("peers", peers) + self._write("ports", ports)
+                    cmds += self._write("peers", peers)
+                    fresh += [("peers", k) for k, _ in peers]
+                    cmds += self._write("ports", ports)
+                    fresh += [("ports", k) for k, _ in ports]
                 except DataplaneError:
-                    for k, _ in peers:  # never flipped: drop the half-written generation
-                        self.maps["peers"].delete(k)
-                    for k, _ in ports:
-                        self.maps["ports"].delete(k)
+                    for m, k in fresh + [("peers", k) for k, _ in peers] + [("ports", k) for k, _ in ports]:
+                        self.maps[m].delete(k)  # never flipped to: drop the half-written generations
                     raise
                 if st.tables is not None:
                     old_peers, old_ports = _entries(st, st.tables, st.gen)
                     stale += [("peers", k) for k, _ in old_peers] + [("ports", k) for k, _ in old_ports]
-                fl = (tables[Direction.INGRESS].flags, tables[Direction.EGRESS].flags)
-                cmds += self._write("epstate", [(struct.pack("<I", st.ep_id), v_epstate(gen, *fl))])
-                st.gen, st.tables = gen, tables
-                self._release_slots(st, {(DIR_CODE[d], r) for d, t in tables.items() for r in t.rule_ids})
+                switched.append((st, gen, tables))
                 added += len(peers) + len(ports)
                 written += 1
-        # addresses: desired owner per address; updates before deletes (an address moving
-        # between endpoints is one update)
-        want_addrs = {ip: self.eps[key].ep_id for key, ep in program.endpoints.items() for ip in ep.ips}
-        have_addrs = {ip: st.ep_id for st in self.eps.values() for ip in st.addrs}
-        cmds += self._write("addrs", [(k_addr(ip), struct.pack("<I", i)) for ip, i in want_addrs.items()
-                                      if have_addrs.get(ip) != i])
-        for ip in set(have_addrs) - set(want_addrs):
-            self.maps["addrs"].delete(k_addr(ip))
+        gens = {id(st): gen for st, gen, _ in switched}
+        departed = [key for key in self.eps if key not in program.endpoints]
+        # 2. what the slotted maps hold for the new policy
+        want = _empty_slot()
+        for key, ep in program.endpoints.items():
+            st = self.eps[key]
+            fl = (compiled[key][Direction.INGRESS].flags, compiled[key][Direction.EGRESS].flags)
+            want["epstate"][st.ep_id] = v_epstate(gens.get(id(st), st.gen), *fl)
+            for ip in ep.ips:
+                want["addrs"][ip] = struct.pack("<I", st.ep_id)
+        devices = self._find_interfaces(program)
+        for idx, (host, bound) in devices.items():
+            l3 = self._links[idx]["ifi_type"] != 1  # ARPHRD_ETHER
+            want["ifcfg"][idx] = v_ifcfg(l3, host, bound)
+        # 3. the inactive slot gets the new policy whole; devices are attached (a device
+        # without an entry in the slot in force is not judged yet)
+        cmds += self._write_slot(new, want)
+        for idx in devices:
+            self._attach(idx)
+        # 4. the flip: one update switches every endpoint, address and device at once
+        flipped = want != self.have[old]
+        if flipped:
+            self._flip(new)
             cmds += 1
+        for st, gen, tables in switched:
+            st.gen, st.tables = gen, tables
+            self._release_slots(st, {(DIR_CODE[d], r) for d, t in tables.items() for r in t.rule_ids})
         for key, ep in program.endpoints.items():
             self.eps[key].addrs = set(ep.ips)
-        # a taken-over id starts its counters afresh under its new key (its old slots are
-        # only referenced by the old generation, deleted below)
+        # 5. after the grace period nothing reads the previous slot nor the replaced generations
+        gone = [self.eps.pop(key) for key in departed]
+        for st in gone:
+            if st.tables is not None:
+                old_peers, old_ports = _entries(st, st.tables, st.gen)
+                stale += [("peers", k) for k, _ in old_peers] + [("ports", k) for k, _ in old_ports]
+        if flipped or stale or self._adopted:
+            time.sleep(GRACE_S)
+        for name, k in stale:
+            self.maps[name].delete(k)
+        removed += len(stale)
+        cmds += len(stale)
+        # a taken-over id starts its counters afresh under its new key (its old slots were
+        # only referenced by the replaced generation)
         for slot in retired:
             self.maps["slotinfo"].delete(struct.pack("<I", slot))
             self.free_slots.append(slot)
         for st in renamed:
             for d in (0, 1):
                 self.maps["drop_stats"].update(struct.pack("<I", st.ep_id * 2 + d), struct.pack("<QQ", 0, 0))
-        # devices before removals: a device whose endpoint changed points at the new one
-        # before the old one is gone
-        self.node_addrs |= node
-        self._sync_interfaces(program)
-        for key in set(self.eps) - set(program.endpoints):
-            st = self.eps.pop(key)
-            kid = struct.pack("<I", st.ep_id)
-            self.maps["epstate"].delete(kid)
-            self.maps["epkeys"].delete(kid)
-            if st.tables is not None:
-                old_peers, old_ports = _entries(st, st.tables, st.gen)
-                stale += [("peers", k) for k, _ in old_peers] + [("ports", k) for k, _ in old_ports]
+        for st in gone:
+            self.maps["epkeys"].delete(struct.pack("<I", st.ep_id))
             self._release_slots(st, set())
             for d in (0, 1):
                 self.maps["drop_stats"].update(struct.pack("<I", st.ep_id * 2 + d), struct.pack("<QQ", 0, 0))
-            cmds += 3
-        if stale or self._adopted:
-            time.sleep(GRACE_S)
-        for name, k in stale:
-            self.maps[name].delete(k)
-        removed += len(stale)
-        cmds += len(stale)
+            cmds += 1
+        for idx in known_devices - set(want["ifcfg"]):
+            self._detach(idx)
+        # 6. the previous slot catches up: both slots alike until the next apply
+        cmds += self._write_slot(old, want)
         if self._adopted:
             removed += self._sweep()
             self._adopted = False
@@ -697,14 +804,35 @@ class EbpfDataplane(Dataplane):
         return ApplyStats(full=written == len(program.endpoints) and written > 0, commands=cmds,
                           elements_added=added, elements_removed=removed, chains_written=written)
 
+    def _write_slot(self, slot: int, want: SlotContents) -> int:
+        """Make one slot of the slotted maps hold `want` (the slot not in force, or the
+        previous one after the grace period)."""
+        n = 0
+        for name in SLOTTED:
+            have, key = self.have[slot][name], SLOT_KEY[name]
+            for item, v in want[name].items():
+                if have.get(item) != v:
+                    n += self._write(name, [(key(item, slot), v)])
+                    have[item] = v
+            for item in set(have) - set(want[name]):
+                self.maps[name].delete(key(item, slot))
+                del have[item]
+                n += 1
+        return n
+
+    def _flip(self, slot: int) -> None:
+        """Switch every packet judged from now on to `slot`: one array update."""
+        self.maps["active"].update(struct.pack("<I", 0), struct.pack("<I", slot))
+        self.slot = slot
+
     def _take_over(self, ep: EndpointProgram, program: Program, stale: list[tuple[str, bytes]],
                    retired: list[int]) -> EpState | None:
         """A new endpoint bound to a device takes over the id of a departing endpoint bound
         to the same device (NetBird's bootstrap endpoint replaced by the local peer, or the
-        peer renamed): its tables then change by one generation switch, the device's
-        `ifcfg` entry stays as is, and the flows recorded under the id (connections the
-        node opened, whose replies must keep passing) survive. The old generation's
-        entries and counter slots go after the switch."""
+        peer renamed): its tables then change with the flip, the device's `ifcfg` entries
+        stay as they are, and the flows recorded under the id (connections the node opened,
+        whose replies must keep passing) survive. The old generation's entries and counter
+        slots go after the flip."""
         assert self.eps is not None
         if ep.interface is None:
             return None
@@ -718,12 +846,11 @@ class EbpfDataplane(Dataplane):
             stale += [("peers", k) for k, _ in old_peers] + [("ports", k) for k, _ in old_ports]
         retired += st.slots.values()
         st.slots, st.tables = {}, None  # written afresh under generation gen + 1
-        self._adopted = True  # should this apply fail before the switch, the next one sweeps gen
         log.info("eBPF: endpoint %s takes over %s on %s (id %d)", ep.key, prev, ep.interface, st.ep_id)
         return st
 
     def _sweep(self) -> int:
-        """After adoption: delete entries of generations no endpoint uses any more."""
+        """After adoption: delete entries of generations the slot in force does not use."""
         assert self.eps is not None
         live = {(st.ep_id, st.gen) for st in self.eps.values()}
         n = 0
@@ -801,21 +928,6 @@ class EbpfDataplane(Dataplane):
                 log.warning("eBPF: endpoint %s is not enforced: %s", key, why)
         self._links = links
         return out
-
-    def _sync_interfaces(self, program: Program) -> None:
-        want = self._find_interfaces(program)
-        for idx, (host, bound) in want.items():
-            link = self._links[idx]
-            l3 = link["ifi_type"] != 1  # ARPHRD_ETHER
-            cfg = v_ifcfg(l3, host, bound)
-            if self.ifaces.get(idx) != cfg:
-                self._write("ifcfg", [(struct.pack("<I", idx), cfg)])
-                self.ifaces[idx] = cfg
-            self._attach(idx)
-        for idx in set(self.ifaces) - set(want):
-            self._detach(idx)
-            self.maps["ifcfg"].delete(struct.pack("<I", idx))
-            del self.ifaces[idx]
 
     def _filter_names(self, idx: int) -> dict[int, str]:
         out = {}
@@ -1017,7 +1129,7 @@ class EbpfDataplane(Dataplane):
             "peers": (peers, self.sizes.peers),
             "ports": (ports, self.sizes.ports),
             "rule_stats": (sum(len(s.slots) for s in self.eps.values()), self.sizes.slots),
-            "ifcfg": (len(self.ifaces), self.sizes.ifaces),
+            "ifcfg": (len(self.have[self.slot]["ifcfg"]), self.sizes.ifaces),
             "nodeaddrs": (len(self.node_addrs), self.sizes.node_addrs),
         }
         if walk:
@@ -1043,7 +1155,8 @@ class EbpfDataplane(Dataplane):
             m.close()
         for fd in self.prog_fds.values():
             os.close(fd)
-        self.maps, self.prog_fds, self.eps, self.ifaces = {}, {}, None, {}
+        self.maps, self.prog_fds, self.eps = {}, {}, None
+        self.have = [_empty_slot(), _empty_slot()]
         self.node_addrs = set()
         if os.path.isdir(self.pin_root):
             shutil.rmtree(self.pin_root)

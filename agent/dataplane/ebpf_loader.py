@@ -25,7 +25,7 @@ from agent.dataplane import bpfsys
 SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "stockade.c"
 PROGRAMS = ("stk_ingress", "stk_egress")
 MAPS = (
-    "addrs", "epstate", "ifcfg", "nodeaddrs", "peers", "ports", "flows", "frags",
+    "active", "addrs", "epstate", "ifcfg", "nodeaddrs", "peers", "ports", "flows", "frags",
     "rule_stats", "drop_stats", "epkeys", "slotinfo", "config", "sample_tat", "samples",
 )
 
