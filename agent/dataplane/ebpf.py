@@ -930,11 +930,13 @@ class EbpfDataplane(Dataplane):
         return out
 
     def _filter_names(self, idx: int) -> dict[int, str]:
+        from pyroute2.netlink.exceptions import NetlinkError
+
         out = {}
         for hook, parent in PARENTS.items():
             try:
                 msgs = self.ipr.get_filters(index=idx, parent=parent)
-            except Exception:
+            except NetlinkError:  # no clsact qdisc on this device (yet)
                 continue
             for m in msgs:
                 if (m["info"] >> 16) != FILTER_PRIO or m.get_attr("TCA_KIND") != "bpf":
