@@ -46,7 +46,7 @@ def enforce(dataplane: Dataplane, program: Program, strict: bool = True) -> tupl
         try:
             stale = stale_flows(program, dataplane.established(), dataplane.node_addresses())
             cut = dataplane.forget(stale) if stale else 0
-        except OSError as e:  # the policy is in force; only the re-judging failed
+        except Exception as e:  # netlink errors included: the policy is in force, only re-judging failed
             log.warning("strict mode: could not re-judge established flows: %s", e)
         if cut:
             log.info("strict mode: cut %d established flows the new policy denies", cut)
@@ -100,11 +100,13 @@ class Daemon:
             snap = self.pipeline.snapshot()
             self._report(snap.problems)
             stats, cut = enforce(self.dataplane, snap.program, self.strict)
-        except DataplaneError as e:
+        except Exception as e:
             if getattr(e, "transient", False):  # e.g. the initial lists are still arriving
                 log.info("%s", e)
-            else:
+            elif isinstance(e, DataplaneError):
                 log.error("sync failed, previous kernel state stays in force: %s", e)
+            else:  # a bug must not take enforcement down: the kernel keeps the last state
+                log.exception("sync failed unexpectedly, previous kernel state stays in force")
             self.metrics.syncs.labels("error").inc()
             if pending is not None and self._pending_since is None:
                 self._pending_since = pending  # still not in the kernel

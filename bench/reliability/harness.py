@@ -151,6 +151,8 @@ class Agent:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if not self.alive():
+                if self.proc is not None and self.proc.stdout:  # the incarnation that exited
+                    self.logs.append(self.proc.stdout.read())
                 raise RuntimeError(f"agent exited: {self.output()[-2000:]}")
             if self.http.get("/readyz", timeout=1.0)[0] == 200:
                 return time.monotonic()
