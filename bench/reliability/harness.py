@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,12 +259,3 @@ def judge(probes: list[Probe], timeline: list[tuple[float, Verdicts]], windows: 
             s, d, proto, port = p.key
             wrong.append(f"t={p.start:.2f} {s}->{d} {proto}/{port} {'passed' if p.ok else 'blocked'}")
     return wrong
-
-
-def until(cond: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
