@@ -7,15 +7,13 @@ runs the real CLI inside the node namespace, and probes with real TCP/UDP packet
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tests.helpers import ns, pod, policy
-from tests.lab import Lab
+from tests.lab import Lab, until
 
 A, B, C = "10.20.0.1", "10.20.0.2", "10.20.0.3"
 A6, B6 = "fd00:20::1", "fd00:20::2"
@@ -50,15 +48,6 @@ def apply(lab: Lab, src: Path, dataplane: str, expect_rc: int = 0) -> str:
                        "--state-dir", str(src.parent / "state"), check=False)
     assert res.returncode == expect_rc, res.stderr
     return res.stderr
-
-
-def until(cond: Callable[[], bool], timeout: float = 8.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return cond()
 
 
 DENY_B = policy("app/deny-b", {"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]})

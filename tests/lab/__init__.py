@@ -15,7 +15,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,16 @@ def probe_from(
             raise RuntimeError(f"probe from {src} failed: {stderr}")
         out[src] = json.loads(stdout)
     return out
+
+
+def until(cond: Callable[[], bool], timeout: float = 8.0, interval: float = 0.1) -> bool:
+    """Poll `cond` until it holds (True) or `timeout` seconds pass (its last answer)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(interval)
+    return bool(cond())
 
 
 @dataclass

@@ -17,12 +17,11 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.lab import NETPROBE, Lab, probe_from, sh
+from tests.lab import NETPROBE, Lab, probe_from, sh, until
 
 TUNRELAY = Path(__file__).with_name("tunrelay.py")
 DEVICE = "wt0"
@@ -118,10 +117,5 @@ class NetbirdLab:
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 20.0, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
+    """The lab's `until`, with the overlay's slower defaults."""
+    return until(check, timeout, interval)
