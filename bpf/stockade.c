@@ -465,17 +465,22 @@ static __always_inline void record(struct pkt *p, struct flow_key *fk) {
     flows.update(fk, &v);
 }
 
+// The key of a datagram's fragments (first and later ones share it).
+static __always_inline void frag_key_of(struct frag_key *k, struct pkt *p, u32 ep_id, u8 dir) {
+    k->ep_id = ep_id;
+    k->dir = dir;
+    k->id = p->fragid;
+    k->family = p->family;
+    k->proto = p->l4;
+    __builtin_memcpy(k->saddr, p->saddr, 16);
+    __builtin_memcpy(k->daddr, p->daddr, 16);
+}
+
 static __always_inline void record_frag(struct pkt *p, u32 ep_id, u8 dir) {
     if (!p->firstfrag)
         return;
     struct frag_key k = {};
-    k.ep_id = ep_id;
-    k.dir = dir;
-    k.id = p->fragid;
-    k.family = p->family;
-    k.proto = p->l4;
-    __builtin_memcpy(k.saddr, p->saddr, 16);
-    __builtin_memcpy(k.daddr, p->daddr, 16);
+    frag_key_of(&k, p, ep_id, dir);
     u64 now = bpf_ktime_get_ns();
     frags.update(&k, &now);
 }
@@ -537,13 +542,7 @@ static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, 
     // Known flows and their replies.
     if (p->nonfirst) {
         struct frag_key k = {};
-        k.ep_id = ep_id;
-        k.dir = dir;
-        k.id = p->fragid;
-        k.family = p->family;
-        k.proto = p->l4;
-        __builtin_memcpy(k.saddr, p->saddr, 16);
-        __builtin_memcpy(k.daddr, p->daddr, 16);
+        frag_key_of(&k, p, ep_id, dir);
         if (frags.lookup(&k))
             return J_PASS;
     } else if (!p->bad) {
