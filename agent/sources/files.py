@@ -35,9 +35,13 @@ class DirectorySource:
         # until it has been quiet that long. `unsettled` says how long to wait.
         self.settle = settle
         self.unsettled = 0.0
-        # Per file: (mtime_ns, size) and the objects it held when it last parsed.
-        self._cache: dict[Path, tuple[tuple[int, int], list[RawObject]]] = {}
-        self._failed: dict[Path, tuple[int, int] | None] = {}  # stamp of each file's last failure
+        # Per file: (inode, mtime_ns, size) and the objects it held when it last parsed.
+        self._cache: dict[Path, tuple[tuple[int, int, int], list[RawObject]]] = {}
+        self._failed: dict[Path, tuple[int, int, int] | None] = {}  # stamp of each file's last failure
+        # Paths the watcher saw deleted, created or renamed since the last read: a file there
+        # now is another file, even if the filesystem gave it the old inode number again.
+        self._replaced: set[str] = set()  # absolute paths
+        self._lock = threading.Lock()
         self.errors: Counter[str] = Counter()  # fault cause -> occurrences, for metrics
 
     def files(self) -> list[Path]:
@@ -72,11 +76,17 @@ class DirectorySource:
         seen: dict[tuple[str, str, str], ObjectRef] = {}
         current = self.files()
         self.unsettled = 0.0
+        with self._lock:
+            replaced = set(self._replaced)
+            self._replaced.clear()
+        for path, (stamp, objs) in list(self._cache.items()):
+            if os.path.abspath(path) in replaced:
+                self._cache[path] = ((-1, *stamp[1:]), objs)  # never "the same file" again
         for path in current:
             stamp = None
             try:
                 st = path.stat()
-                stamp = (st.st_mtime_ns, st.st_size)
+                stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
                 cached = self._cache.get(path)
                 age = time.time() - st.st_mtime_ns / 1e9
                 if (cached is None or cached[0] != stamp) and 0 <= age < self.settle:
@@ -84,9 +94,10 @@ class DirectorySource:
                     if cached is None:
                         continue  # new and still being written: read it once it settles
                 elif cached is None or cached[0] != stamp:
-                    if st.st_size == 0 and cached is not None and cached[1]:
+                    if st.st_size == 0 and cached is not None and cached[1] and cached[0][0] == st.st_ino:
                         # An in-place writer has truncated it and not written yet: keep
-                        # what it held (delete the file to remove its objects).
+                        # what it held. A new file (renamed over it, or deleted and
+                        # created again) that is empty is just empty.
                         raise OSError("empty file (being written?)")
                     self._cache[path] = (stamp, self._parse_file(path))
             except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
@@ -114,10 +125,17 @@ class DirectorySource:
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
         from watchdog.observers import Observer
 
+        replaced, lock = self._replaced, self._lock
+
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
-                if event.event_type not in ("opened", "closed_no_write"):
-                    on_change()
+                if event.event_type in ("opened", "closed_no_write"):
+                    return
+                if event.event_type in ("deleted", "created", "moved"):
+                    with lock:
+                        paths = (event.src_path, getattr(event, "dest_path", ""))
+                        replaced.update(os.path.abspath(os.fsdecode(p)) for p in paths if p)
+                on_change()
 
         observer = Observer()
         target = self.path if self.path.is_dir() else self.path.parent

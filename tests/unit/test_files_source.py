@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from pathlib import Path
 
 import yaml
 
 from agent.pipeline import DirectoryPipeline
+from agent.sources.files import DirectorySource
 
 POD = """
 apiVersion: v1
@@ -77,11 +81,6 @@ def test_duplicate_objects_are_reported(tmp_path: Path) -> None:
 
 
 def test_file_changed_moments_ago_keeps_its_previous_version_until_it_settles(tmp_path: Path) -> None:
-    import os
-    import time
-
-    from agent.sources.files import DirectorySource
-
     (tmp_path / "pods.yaml").write_text(POD % {"name": "x", "ip": "10.0.0.1"})
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(POLICY % {"port": 80})
@@ -100,3 +99,44 @@ def test_file_changed_moments_ago_keeps_its_previous_version_until_it_settles(tm
     objects, _ = source.read()
     assert not source.unsettled
     assert next(o.body for o in objects if o.ref.kind == "NetworkPolicy")["spec"]["ingress"] == [{}]
+
+
+def _settled_source(tmp_path: Path) -> DirectorySource:
+    (tmp_path / "policy.yaml").write_text(POLICY % {"port": 80})
+    old = time.time() - 10
+    os.utime(tmp_path / "policy.yaml", (old, old))
+    source = DirectorySource(tmp_path, settle=0.0)
+    assert len(source.read()[0]) == 1
+    return source
+
+
+def test_file_truncated_in_place_keeps_its_objects_until_written(tmp_path: Path) -> None:
+    source = _settled_source(tmp_path)
+    with open(tmp_path / "policy.yaml", "r+") as f:
+        f.truncate(0)  # the writer has opened it with O_TRUNC and not written yet
+        objects, problems = source.read()
+    assert len(objects) == 1 and "empty file" in problems[0].message
+
+
+def test_file_replaced_by_an_empty_one_is_empty(tmp_path: Path) -> None:
+    """Write-then-rename of an empty file is a deliberate "no objects", not a writer mid-way."""
+    source = _settled_source(tmp_path)
+    (tmp_path.parent / "staged.yaml").write_text("")
+    os.replace(tmp_path.parent / "staged.yaml", tmp_path / "policy.yaml")
+    assert source.read() == ([], [])
+
+
+def test_file_deleted_and_created_empty_between_reads_is_empty(tmp_path: Path) -> None:
+    """Even when the filesystem hands the new file the old inode number, the watcher saw the
+    delete, so the empty file is not mistaken for one truncated in place."""
+    source = _settled_source(tmp_path)
+    changed = threading.Event()
+    stop = source.watch(changed.set)
+    try:
+        (tmp_path / "policy.yaml").unlink()
+        assert changed.wait(5)
+        (tmp_path / "policy.yaml").write_text("")
+        objects, problems = source.read()
+    finally:
+        stop()
+    assert (objects, problems) == ([], [])
