@@ -44,7 +44,9 @@ def run_scenario(name: str, dataplane: str, p: dict[str, int], seed: int) -> dic
             else:
                 out = scenarios.foreign_tc(lab, dataplane, work, seed)
     except Exception as e:  # one broken scenario must not hide the others' figures
-        out = {"error": f"{type(e).__name__}: {e}"[:3000], "failures": ["scenario crashed"]}
+        text = f"{type(e).__name__}: {e}"  # its tail holds the agent's last words
+        out = {"error": text if len(text) <= 6000 else f"{text[:1500]} [...] {text[-4500:]}",
+               "failures": ["scenario crashed"]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out["seconds"] = round(time.monotonic() - t0, 1)
@@ -97,7 +99,7 @@ def main() -> int:
         report["netbird_fuzz"] = netbird_fuzz(p["netbird"])
         print(f"[pure] netbird_fuzz: {json.dumps(report['netbird_fuzz'])}", flush=True)
     totals = {"probes": 0, "wrong_verdicts": 0, "cross_endpoint_mixtures": 0, "restarts": 0, "kills": 0,
-              "changes": 0, "half_written_wider": 0, "scenario_errors": 0,
+              "changes": 0, "half_written_wider": 0, "scenario_errors": 0, "failures": 0,
               "fuzz_cases": report.get("netbird_fuzz", {}).get("cases", 0)}
     for res in report["dataplanes"].values():
         for name, r in res.items():
@@ -110,6 +112,7 @@ def main() -> int:
             totals["fuzz_cases"] += r.get("cases", 0) if name == "dir_fuzz" else 0
             totals["scenario_errors"] += "error" in r
             totals["half_written_wider"] += r.get("half_written_wider", 0)
+            totals["failures"] += len(r.get("failures", []))  # every broken expectation, wrong verdicts included
     report["totals"] = totals
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"reliability-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -93,7 +93,7 @@ _SYNCS = re.compile(r'^stockade_syncs_total\{result="success"\} ([0-9.e+]+)$', r
 
 @dataclass
 class Agent:
-    """`stockade run` in the node namespace, restartable; its output kept per incarnation."""
+    """`stockade run` in the node namespace, restartable; every incarnation's output kept."""
 
     lab: Lab
     src: Path
@@ -101,22 +101,20 @@ class Agent:
     dataplane: str
     http: NodeHttp
     proc: subprocess.Popen | None = None
-    logs: list[str] = field(default_factory=list)
+    incarnations: list[subprocess.Popen] = field(default_factory=list)
     restarts: int = 0
 
     def start(self) -> None:
         self.proc = self.lab.spawn_agent(
             "run", "--source", str(self.src), "--node", NODE, "--dataplane", self.dataplane,
             "--state-dir", str(self.state), "--metrics-address", METRICS)
+        self.incarnations.append(self.proc)
 
     def kill(self) -> None:
         """SIGKILL: no handler runs, whatever the agent is doing."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
-        if self.proc.stdout:
-            self.logs.append(self.proc.stdout.read())
-            self.proc.stdout.close()
         self.proc = None
 
     def stop(self) -> None:
@@ -127,8 +125,6 @@ class Agent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-            if self.proc.stdout:
-                self.logs.append(self.proc.stdout.read())
             self.proc = None
 
     def restart(self) -> None:
@@ -151,8 +147,6 @@ class Agent:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if not self.alive():
-                if self.proc is not None and self.proc.stdout:  # the incarnation that exited
-                    self.logs.append(self.proc.stdout.read())
                 raise RuntimeError(f"agent exited: {self.output()[-2000:]}")
             if self.http.get("/readyz", timeout=1.0)[0] == 200:
                 return time.monotonic()
@@ -171,10 +165,10 @@ class Agent:
                     return
             else:
                 time.sleep(0.03)
-        raise RuntimeError(f"agent did not sync within {timeout}s: {self.output()[-2000:]}")
+        raise RuntimeError(f"agent did not sync within {timeout}s (alive: {self.alive()}): {self.output()[-3000:]}")
 
     def output(self) -> str:
-        return "".join(self.logs)
+        return "".join(self.lab.agent_output(p) for p in self.incarnations)
 
 
 @dataclass

@@ -166,7 +166,7 @@ def test_daemon_applies_changes_without_restart(lab: Lab, dataplane: str, tmp_pa
     # Policies are deleted: b is open again.
     write(src, cluster())
     assert until(lambda: lab.reachable("app/c", B, 80, timeout=0.5))
-    assert agent.poll() is None, agent.stdout.read() if agent.stdout else ""
+    assert agent.poll() is None, lab.agent_output(agent)
     metrics = lab.http_get("http://127.0.0.1:9754/metrics")[1]
     assert 'stockade_syncs_total{result="success"}' in metrics
 

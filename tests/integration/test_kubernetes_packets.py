@@ -123,7 +123,7 @@ def test_watch_events_change_which_packets_pass(lab: Lab, dataplane: str, tmp_pa
         assert until(lambda: "stockade_pod_ip_to_kernel_seconds_count 1.0"
                      in lab.http_get("http://127.0.0.1:9754/metrics")[1], 5) is not None
 
-        assert agent_proc.poll() is None
+        assert agent_proc.poll() is None, lab.agent_output(agent_proc)
         metrics = lab.http_get("http://127.0.0.1:9754/metrics")[1]
         assert "stockade_event_to_kernel_seconds_count" in metrics
         print(f"\nevent -> packet verdict changed (probe-bounded): policy {t_policy:.2f}s, "

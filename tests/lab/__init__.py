@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,7 @@ class Lab:
     prefix: str = field(default_factory=lambda: f"stk{os.getpid()}x{next(_counter)}")
     pods: dict[str, Pod] = field(default_factory=dict)
     procs: list[subprocess.Popen] = field(default_factory=list)
+    logs: dict[int, Path] = field(default_factory=dict)  # agent pid -> its output file
 
     @property
     def node(self) -> str:
@@ -205,12 +207,24 @@ class Lab:
         return self.node_sh(sys.executable, "-m", "agent.cli", *args, check=check, cwd=ROOT)
 
     def spawn_agent(self, *args: str) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.node, sys.executable, "-m", "agent.cli", *args],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+        """`stockade <args>` in the node namespace, its output going to a file (`agent_output`).
+        A file, not a pipe: nobody reads a pipe while the agent runs, and once its buffer is
+        full the agent would block on its next log line."""
+        fd, name = tempfile.mkstemp(prefix=f"{self.prefix}-agent-", suffix=".log")
+        try:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.node, sys.executable, "-m", "agent.cli", *args],
+                cwd=ROOT, stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(fd)
         self.procs.append(proc)
+        self.logs[proc.pid] = Path(name)
         return proc
+
+    def agent_output(self, proc: subprocess.Popen) -> str:
+        """Everything an agent from `spawn_agent` has written so far."""
+        return self.logs[proc.pid].read_text(errors="replace")
 
     def close(self) -> None:
         for proc in self.procs:
@@ -220,6 +234,8 @@ class Lab:
                 proc.wait(timeout=5)
             if proc.stdout:
                 proc.stdout.close()
+        for log in self.logs.values():
+            log.unlink(missing_ok=True)
         for pod in self.pods.values():
             sh("ip", "netns", "del", pod.netns, check=False)
         sh("ip", "netns", "del", self.node, check=False)
