@@ -2,7 +2,9 @@
 
 Reads every *.yaml, *.yml and *.json file (multi-document YAML and `kind: List`
 included). A file that cannot be parsed keeps the objects it held the last time it
-parsed, so a half-written file never removes a policy. `watch` calls back on change.
+parsed, so a half-written file never removes a policy; a file being written (changed
+in the last `settle` seconds, or, while watched, written and not yet closed) keeps its
+previous version. `watch` calls back on change.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from agent.sources.kubeobjects import KINDS, RawObject, expand, ref_of
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".yaml", ".yml", ".json")
+OPEN_WRITE_MAX = 10.0  # s: a writer that keeps a file open longer is read anyway
 
 
 class DirectorySource:
@@ -41,6 +44,10 @@ class DirectorySource:
         # Paths the watcher saw deleted, created or renamed since the last read: a file there
         # now is another file, even if the filesystem gave it the old inode number again.
         self._replaced: set[str] = set()  # absolute paths
+        # Paths written to (IN_MODIFY) and not yet closed (IN_CLOSE_WRITE), with the time of
+        # the last write: a writer holding the file open may pause for any length of time,
+        # so its content stays the previous version until it closes (or for OPEN_WRITE_MAX).
+        self._writing: dict[str, float] = {}
         self._lock = threading.Lock()
         self.errors: Counter[str] = Counter()  # fault cause -> occurrences, for metrics
 
@@ -88,12 +95,15 @@ class DirectorySource:
                 st = path.stat()
                 stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
                 cached = self._cache.get(path)
+                changed = cached is None or cached[0] != stamp
                 age = time.time() - st.st_mtime_ns / 1e9
-                if (cached is None or cached[0] != stamp) and 0 <= age < self.settle:
-                    self.unsettled = max(self.unsettled, self.settle - age)
+                fresh = 0 <= age < self.settle
+                if changed and (fresh or self._open_for_write(path)):
+                    if fresh:
+                        self.unsettled = max(self.unsettled, self.settle - age)
                     if cached is None:
-                        continue  # new and still being written: read it once it settles
-                elif cached is None or cached[0] != stamp:
+                        continue  # new and still being written: read it once it is done
+                elif changed:
                     if st.st_size == 0 and cached is not None and cached[1] and cached[0][0] == st.st_ino:
                         # An in-place writer has truncated it and not written yet: keep
                         # what it held. A new file (renamed over it, or deleted and
@@ -120,21 +130,35 @@ class DirectorySource:
             del self._cache[gone]
         return objects, problems
 
+    def _open_for_write(self, path: Path) -> bool:
+        with self._lock:
+            since = self._writing.get(os.path.abspath(path))
+        return since is not None and time.monotonic() - since < OPEN_WRITE_MAX
+
     def watch(self, on_change: Callable[[], None]) -> Callable[[], None]:
         """Call `on_change` (from another thread) whenever the directory changes."""
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
         from watchdog.observers import Observer
 
-        replaced, lock = self._replaced, self._lock
+        replaced, writing, lock = self._replaced, self._writing, self._lock
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
-                if event.event_type in ("opened", "closed_no_write"):
+                kind = event.event_type
+                if kind in ("opened", "closed_no_write"):
                     return
-                if event.event_type in ("deleted", "created", "moved"):
+                if not event.is_directory:
+                    src = os.path.abspath(os.fsdecode(event.src_path))
+                    dest = os.path.abspath(os.fsdecode(event.dest_path)) if getattr(event, "dest_path", "") else ""
                     with lock:
-                        paths = (event.src_path, getattr(event, "dest_path", ""))
-                        replaced.update(os.path.abspath(os.fsdecode(p)) for p in paths if p)
+                        if kind == "modified":
+                            writing[src] = time.monotonic()
+                        elif kind in ("closed", "deleted", "created", "moved"):
+                            writing.pop(src, None)
+                            if dest:
+                                writing.pop(dest, None)
+                        if kind in ("deleted", "created", "moved"):
+                            replaced.update(p for p in (src, dest) if p)
                 on_change()
 
         observer = Observer()

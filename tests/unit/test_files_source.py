@@ -12,6 +12,7 @@ import yaml
 
 from agent.pipeline import DirectoryPipeline
 from agent.sources.files import DirectorySource
+from tests.lab import until
 
 POD = """
 apiVersion: v1
@@ -140,3 +141,24 @@ def test_file_deleted_and_created_empty_between_reads_is_empty(tmp_path: Path) -
     finally:
         stop()
     assert (objects, problems) == ([], [])
+
+
+def test_file_written_in_place_keeps_its_previous_version_until_closed(tmp_path: Path) -> None:
+    """A writer that pauses mid-file, however long, holding the file open: what is there
+    parses (and would open every port) but is not taken until the writer closes it."""
+    source = _settled_source(tmp_path)  # settle 0: only the open-for-write rule is at work
+    events = threading.Event()
+    stop = source.watch(events.set)
+    try:
+        with open(tmp_path / "policy.yaml", "w") as f:
+            f.write(POLICY.split("  ingress")[0] + "  ingress: [{}]\n")
+            f.flush()
+            assert events.wait(5)
+            time.sleep(0.3)  # the watcher has seen the write
+            objects, _ = source.read()
+            assert objects[0].body["spec"]["ingress"][0]["ports"][0]["port"] == 80  # the previous version
+            events.clear()
+            f.write("  policyTypes: [Ingress]\n")
+        assert until(lambda: source.read()[0][0].body["spec"]["ingress"] == [{}], 5)
+    finally:
+        stop()
