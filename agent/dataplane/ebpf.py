@@ -150,7 +150,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from agent.dataplane import bpfsys
+from agent.dataplane import bpfsys, child
 from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError, DropEvent, DropLog
 from agent.inventory import IPAddress
 from agent.ir import PORTED, Direction, DirectionProgram, EndpointProgram, Program, Rule, Verdict
@@ -511,7 +511,7 @@ class EbpfDataplane(Dataplane):
             t0 = time.monotonic()
             root = os.path.dirname(os.path.dirname(os.path.abspath(SOURCE)))
             env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            r = child.run(cmd, capture_output=True, text=True, env=env)
             if r.returncode != 0:
                 raise DataplaneError(f"eBPF loader failed: {r.stderr.strip()[-2000:]}")
             self.last_load = json.loads(r.stdout.strip().splitlines()[-1])

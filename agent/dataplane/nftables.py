@@ -22,12 +22,12 @@ import hashlib
 import json
 import logging
 import shutil
-import subprocess
+import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from agent.dataplane import conntrack
+from agent.dataplane import child, conntrack
 from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError, DropEvent, DropLog
 from agent.ir import PORTED, Direction, DirectionProgram, EndpointProgram, PeerSet, Program, Rule, Verdict
 from agent.strict import Flow
@@ -310,12 +310,17 @@ class NftablesDataplane(Dataplane):
         return str(out)
 
     def _run_child(self, text: str) -> None:
-        """A big load through an `nft -f -` child: libnftables keeps most of the memory a
-        load needs, and the agent should not (one transaction all the same)."""
+        """A big load through an `nft -f` child: libnftables keeps most of the memory a load
+        needs, and the agent should not (one transaction all the same). The child reads a
+        complete file, never a pipe an agent killed mid-write would cut at a line end (nft
+        would commit the part it got), and dies with the agent (see child.py)."""
         nft = shutil.which("nft")
         if nft is None:
             raise DataplaneError("the `nft` command is missing: install Debian's nftables package")
-        res = subprocess.run([nft, "-f", "-"], input=text, capture_output=True, text=True)
+        with tempfile.NamedTemporaryFile("w", prefix="stockade-", suffix=".nft") as f:
+            f.write(text)
+            f.flush()
+            res = child.run([nft, "-f", f.name], capture_output=True, text=True)
         if res.returncode != 0:
             raise DataplaneError(f"nft refused the transaction: {res.stderr.strip()[:2000]}")
 
