@@ -31,6 +31,14 @@ def build_lab(lab: Lab) -> None:
         lab.add_pod(key, [ip], ports=(80, 81))
 
 
+_WALL = time.time() - time.monotonic()
+
+
+def wall(t: float) -> str:
+    """A monotonic time as the wall-clock time the agent's log lines carry."""
+    return time.strftime("%H:%M:%S", time.localtime(t + _WALL)) + f".{int((t + _WALL) % 1 * 1000):03d}"
+
+
 def probe_specs() -> dict[str, list[str]]:
     return {s: [f"{proto.lower()}:{LAB_PODS[d][0]}:{port}" for d in LAB_PODS if d != s for proto, port in CHECKS]
             for s in LAB_PODS}
@@ -236,7 +244,7 @@ def judge(probes: list[Probe], timeline: list[tuple[float, Verdicts]], windows: 
                 if p.ok not in acceptable and w.old_dirs and w.new_dirs and \
                         cross_mixture(w.old_dirs, w.new_dirs, p.key, p.ok):
                     s, d, proto, port = p.key
-                    wrong.append(f"cross-endpoint: t={p.start:.2f} {s}->{d} {proto}/{port} "
+                    wrong.append(f"cross-endpoint: {wall(p.start)}-{wall(p.end)} {s}->{d} {proto}/{port} "
                                  f"{'passed' if p.ok else 'blocked'}")
                     acceptable = None
                     p = None  # counted
@@ -251,5 +259,5 @@ def judge(probes: list[Probe], timeline: list[tuple[float, Verdicts]], windows: 
             acceptable = {want[p.key]}
         if p.ok not in acceptable:
             s, d, proto, port = p.key
-            wrong.append(f"t={p.start:.2f} {s}->{d} {proto}/{port} {'passed' if p.ok else 'blocked'}")
+            wrong.append(f"{wall(p.start)}-{wall(p.end)} {s}->{d} {proto}/{port} {'passed' if p.ok else 'blocked'}")
     return wrong

@@ -13,8 +13,6 @@ from bench.reliability import scenarios
 from tests.lab import Lab
 
 SEED = 20261121
-# EbpfDataplane.apply switches every endpoint in one step: no mixture is tolerated any more.
-EBPF_CROSS_ENDPOINT_KNOWN = False
 
 
 def test_restart_loop(lab: Lab, dataplane: str, tmp_path: Path) -> None:
