@@ -88,10 +88,13 @@ def main() -> int:
                 continue
             print(f"[{dp}] {name} ...", flush=True)
             res[name] = run_scenario(name, dp, p, args.seed)
-            shown = {k: v for k, v in res[name].items() if k != "failures"}
+            shown = {k: v for k, v in res[name].items() if k not in ("failures", "notes", "timeline",
+                                                                     "agent_log_tail")}
             print(f"[{dp}] {name}: {json.dumps(shown)}", flush=True)
             for f in res[name].get("failures", [])[:10]:
                 print(f"    ! {f}", flush=True)
+            for f in res[name].get("notes", [])[:10]:
+                print(f"    ? {f}", flush=True)
     if "netbird_fuzz" in names:
         print("[pure] netbird_fuzz ...", flush=True)
         report["netbird_fuzz"] = netbird_fuzz(p["netbird"])
