@@ -144,7 +144,12 @@ def churn(lab: Lab, dataplane: str, work: Path, changes: int, seed: int) -> dict
                 time.sleep(1.0)
                 again = probe_round(lab)
                 probes += len(again)
-                if agent.syncs() != synced:
+                if agent.syncs() != synced:  # the point was not quiescent: judge the one after it
+                    agent.wait_synced(synced)
+                    again = probe_round(lab)
+                    probes += len(again)
+                    lasting = set(disagreements(again, want))
+                    failures += [f"after change {done}, after a late sync: {d}" for d in lasting]
                     late += len(wrong)
                     notes += [f"after change {done} (a sync came after the quiet period): {d}" for d in wrong]
                 else:
