@@ -38,14 +38,22 @@ class Watchable(Protocol):
     def watch(self, on_change: Callable[[], None]) -> Callable[[], None]: ...
 
 
+STRICT_PASSES = 3
+
+
 def enforce(dataplane: Dataplane, program: Program, strict: bool = True) -> tuple[ApplyStats, int]:
     """Apply a program; in strict mode then cut established flows it no longer allows."""
     stats = dataplane.apply(program)
     cut = 0
     if strict:
         try:
-            stale = stale_flows(program, dataplane.established(), dataplane.node_addresses())
-            cut = dataplane.forget(stale) if stale else 0
+            # A flow table dumped while flows come and go is no snapshot: after a cut, look
+            # again (one more dump) until a dump finds nothing stale.
+            for _ in range(STRICT_PASSES):
+                stale = stale_flows(program, dataplane.established(), dataplane.node_addresses())
+                if not stale:
+                    break
+                cut += dataplane.forget(stale)
         except Exception as e:  # netlink errors included: the policy is in force, only re-judging failed
             log.warning("strict mode: could not re-judge established flows: %s", e)
         if cut:
