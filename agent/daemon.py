@@ -49,8 +49,9 @@ def enforce(dataplane: Dataplane, program: Program, strict: bool = True) -> tupl
         try:
             # A flow table dumped while flows come and go is no snapshot: after a cut, look
             # again (one more dump) until a dump finds nothing stale.
+            node = dataplane.node_addresses()
             for _ in range(STRICT_PASSES):
-                stale = stale_flows(program, dataplane.established(), dataplane.node_addresses())
+                stale = stale_flows(program, dataplane.established(), node)
                 if not stale:
                     break
                 cut += dataplane.forget(stale)
