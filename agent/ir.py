@@ -84,6 +84,17 @@ class PortMatch:
         return f"{self.protocol}/{self.first}-{self.last}"
 
 
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Inclusive integer ranges merged where they overlap or touch, in order."""
+    merged: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
 def _prefixes(version: int, first: int, last: int) -> list[Network]:
     """The fewest prefixes covering exactly [first, last]."""
     bits = 32 if version == 4 else 128
@@ -121,16 +132,7 @@ class PeerSet:
                 net = n if isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network) else ipaddress.ip_network(n)
                 a = int(net.network_address)
                 ranges[net.version].append((a, a + net.num_addresses - 1))
-        spans: list[tuple[int, int, int]] = []
-        for version, rs in ranges.items():
-            rs.sort()
-            merged: list[list[int]] = []
-            for a, b in rs:
-                if merged and a <= merged[-1][1] + 1:
-                    merged[-1][1] = max(merged[-1][1], b)
-                else:
-                    merged.append([a, b])
-            spans.extend((version, a, b) for a, b in merged)
+        spans = [(version, a, b) for version, rs in ranges.items() for a, b in merge_ranges(rs)]
         # Most peer sets are unchanged from one sync to the next: reuse the same object (and
         # whatever was derived from it, e.g. its text form) instead of rebuilding prefixes.
         key = tuple(spans)

@@ -29,7 +29,17 @@ from dataclasses import dataclass, field
 
 from agent.dataplane import child, conntrack
 from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError, DropEvent, DropLog
-from agent.ir import PORTED, Direction, DirectionProgram, EndpointProgram, PeerSet, Program, Rule, Verdict
+from agent.ir import (
+    PORTED,
+    Direction,
+    DirectionProgram,
+    EndpointProgram,
+    PeerSet,
+    Program,
+    Rule,
+    Verdict,
+    merge_ranges,
+)
 from agent.strict import Flow
 
 log = logging.getLogger(__name__)
@@ -94,17 +104,12 @@ def _ports_line(rule: Rule) -> list[str]:
     elems = []
     # nft refuses overlapping intervals in one set ("File exists"): a rule may hold e.g.
     # UDP (all ports) and UDP/80, or 80-81 and 80. Merge them per protocol first.
-    spans: dict[str, list[list[int]]] = {}
-    for p in sorted(rule.ports, key=lambda p: (p.protocol, p.first or 0)):
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for p in rule.ports:
         if p.protocol in PORTED:
-            first, last = (0, 65535) if p.first is None else (p.first, p.last or p.first)
-            merged = spans.setdefault(p.protocol, [])
-            if merged and first <= merged[-1][1] + 1:
-                merged[-1][1] = max(merged[-1][1], last)
-            else:
-                merged.append([first, last])
-    for proto, merged in spans.items():
-        for first, last in merged:
+            spans.setdefault(p.protocol, []).append((0, 65535) if p.first is None else (p.first, p.last or p.first))
+    for proto in sorted(spans):
+        for first, last in merge_ranges(spans[proto]):
             elems.append(f"{proto} . {first if first == last else f'{first}-{last}'}")
     if elems:
         out.append(f"meta l4proto . th dport {{ {', '.join(elems)} }} ")
