@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,8 @@ class Agent:
 
 
 def incremental(agent: Agent, cl: Cluster, kind: str, n: int, budget_s: float) -> dict[str, Any]:
-    rng = random.Random(hash(kind) & 0xFFFF ^ cl.seed)
+    # zlib.crc32, not hash(): str hashes are salted per process, and the run must repeat.
+    rng = random.Random(zlib.crc32(kind.encode()) & 0xFFFF ^ cl.seed)
     totals: list[float] = []
     computes: list[float] = []
     applies: list[float] = []
