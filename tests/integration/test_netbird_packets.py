@@ -135,7 +135,6 @@ class NbEnv:
         self.token_file.write_text(TOKEN + "\n")
         self.token_file.chmod(0o600)
         self.agent: subprocess.Popen | None = None
-        self.log = tmp / "agent.log"
 
     def source_args(self, inbound_only: bool = False) -> list[str]:
         return ["--source", "netbird", "--netbird-url", self.url, "--netbird-token-file", str(self.token_file),
@@ -145,14 +144,10 @@ class NbEnv:
         args = ["run", *self.source_args(inbound_only), "--netbird-interval", "0.5",
                 "--dataplane", self.dataplane, "--state-dir", str(self.tmp / "state"),
                 "--metrics-address", METRICS]
-        self.agent = subprocess.Popen(
-            ["ip", "netns", "exec", self.lab.node, sys.executable, "-m", "agent.cli", *args],
-            cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT, text=True,
-        )
-        self.lab.procs.append(self.agent)
+        self.agent = self.lab.spawn_agent(*args)
 
     def agent_log(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
+        return self.lab.agent_output(self.agent) if self.agent is not None else ""
 
     def get(self, path: str) -> tuple[int, str]:
         return self.lab.http_get(f"http://{METRICS}{path}")
