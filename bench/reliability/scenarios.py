@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,13 @@ from bench.reliability.world import (
     base_world,
     cross_mixture,
     expected,
+    expected_with_directions,
     large_update,
     mutate,
-    per_direction,
     random_world,
     write_atomic,
 )
-from tests.lab import ROOT, Lab
+from tests.lab import Lab
 
 
 def _agent(lab: Lab, work: Path, dataplane: str) -> Agent:
@@ -54,7 +53,7 @@ def restart_loop(lab: Lab, dataplane: str, work: Path, restarts: int, filler: in
     src = agent.src
     world = base_world()
     write_atomic(src, world.docs())
-    old, old_dirs = expected(src), per_direction(src)
+    old, old_dirs = expected_with_directions(src)
     agent.start()
     agent.wait_ready()
     timeline = [(0.0, old)]
@@ -70,7 +69,7 @@ def restart_loop(lab: Lab, dataplane: str, work: Path, restarts: int, filler: in
                 if i == big_at:
                     big = large_update(world, filler)
                     write_atomic(work / "next", big.docs())
-                    new, new_dirs = expected(work / "next"), per_direction(work / "next")
+                    new, new_dirs = expected_with_directions(work / "next")
                     t0 = time.monotonic()
                     write_atomic(src, big.docs())
                     events.append(f"{wall(t0)} large update written")
@@ -201,24 +200,23 @@ def crash_safety(lab: Lab, dataplane: str, work: Path, kills: int, filler: int, 
     want, dirs = {}, {}
     for name, w in worlds.items():
         write_atomic(src, w.docs())
-        want[name], dirs[name] = expected(src), per_direction(src)
-    apply_cmd = [sys.executable, "-m", "agent.cli", "apply", "--source", str(src), "--node", NODE,
-                 "--dataplane", dataplane, "--state-dir", str(agent.state)]
+        want[name], dirs[name] = expected_with_directions(src)
+    apply_args = ("apply", "--source", str(src), "--node", NODE, "--dataplane", dataplane,
+                  "--state-dir", str(agent.state))
 
     def apply(kill_after: float | None = None) -> float:
         t0 = time.monotonic()
-        proc = subprocess.Popen(["ip", "netns", "exec", lab.node, *apply_cmd], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = lab.spawn_agent(*apply_args)  # registered with the lab: killed with it on failure
         if kill_after is None:
-            _, err = proc.communicate(timeout=120)
+            proc.wait(timeout=120)
             if proc.returncode != 0:
-                raise RuntimeError(f"apply failed: {err}")
+                raise RuntimeError(f"apply failed: {lab.agent_output(proc)[-2000:]}")
             return time.monotonic() - t0
         try:
             proc.wait(timeout=kill_after)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+            proc.wait()
         return time.monotonic() - t0
 
     outcomes = {"apply": {"old": 0, "new": 0, "mixture": 0, "cross_endpoint": 0, "finished": 0},

@@ -108,9 +108,21 @@ def write_atomic(src: Path, docs: list[dict[str, Any]], name: str = "cluster.yam
     os.replace(tmp, src / name)
 
 
-def expected(src: Path, state_file: Path | None = None) -> Verdicts:
+Directions = dict[tuple[str, str, str, int], tuple[bool, bool]]  # probe -> (egress allows, ingress allows)
+
+
+def expected(src: Path) -> Verdicts:
     """`stockade matrix` for the directory (the very function the CLI prints), lab pods only."""
-    full = DirectoryPipeline(src, None, state_file, readonly=True).snapshot()
+    return _verdicts(DirectoryPipeline(src, None, None, readonly=True).snapshot())
+
+
+def expected_with_directions(src: Path) -> tuple[Verdicts, Directions]:
+    """`expected` and `per_direction` of one simulator snapshot of the directory."""
+    snap = DirectoryPipeline(src, None, None, readonly=True).snapshot()
+    return _verdicts(snap), per_direction(snap)
+
+
+def _verdicts(full: Snapshot) -> Verdicts:
     # Same program, pairs among the lab pods only (matrix() walks every endpoint pair).
     inv = dataclasses.replace(full.inventory, endpoints={k: full.inventory.endpoints[k] for k in LAB_PODS})
     snap = Snapshot(inv, full.program)
@@ -272,10 +284,9 @@ def large_update(w: World, filler: int) -> World:
     return big
 
 
-def per_direction(src: Path) -> dict[tuple[str, str, str, int], tuple[bool, bool]]:
+def per_direction(snap: Snapshot) -> Directions:
     """(source's egress allows, destination's ingress allows) for every lab probe: a dataplane
     that switches endpoint by endpoint can combine one policy's egress with the other's ingress."""
-    snap = DirectoryPipeline(src, None, None, readonly=True).snapshot()
     by_ip = index_by_ip(snap.program)
     out = {}
     for proto, port in CHECKS:
