@@ -109,8 +109,6 @@ def _ncpus() -> int:
 
 NCPUS = _ncpus()
 PERCPU_TYPES = {5, 6, 10, 21}  # percpu hash, percpu array, lru percpu hash, percpu cgroup storage
-MAP_TYPES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash", 11: "lpm_trie",
-             22: "queue"}
 
 
 def is_bpffs(path: str) -> bool:

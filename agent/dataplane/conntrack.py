@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from agent.strict import Flow
 
 log = logging.getLogger(__name__)
-_PROTOS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", 132: "sctp"}
-_NUMBERS = {v: k for k, v in _PROTOS.items()}
+PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", 132: "sctp"}  # what strict mode re-judges
+NUMBERS = {v: k for k, v in PROTOCOLS.items()}
 
 
 def established() -> list[Flow]:
@@ -21,7 +21,7 @@ def established() -> list[Flow]:
     with Conntrack() as ct:
         for e in ct.dump_entries():
             t = e.tuple_orig
-            proto = _PROTOS.get(t.proto)
+            proto = PROTOCOLS.get(t.proto)
             if proto is None or t.sport is None or t.dport is None:
                 continue
             out.append(Flow.of(proto, t.saddr, t.daddr, t.sport, t.dport))
@@ -37,7 +37,7 @@ def forget(flows: Iterable[Flow]) -> int:
     with Conntrack() as ct:
         for f in flows:
             fam = socket.AF_INET if f.src.version == 4 else socket.AF_INET6
-            tup = NFCTAttrTuple(family=fam, saddr=str(f.src), daddr=str(f.dst), proto=_NUMBERS[f.protocol],
+            tup = NFCTAttrTuple(family=fam, saddr=str(f.src), daddr=str(f.dst), proto=NUMBERS[f.protocol],
                                 sport=f.sport, dport=f.dport)
             try:
                 ct.delete(tup)

@@ -150,7 +150,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from agent.dataplane import bpfsys, child
+from agent.dataplane import bpfsys, child, conntrack, nflog
 from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError, DropEvent, DropLog
 from agent.inventory import IPAddress
 from agent.ir import PORTED, Direction, DirectionProgram, EndpointProgram, Program, Rule, Verdict
@@ -176,8 +176,6 @@ PROTO = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1}
 P_OTHER = 0
 PROTO_NAME = {v: k for k, v in PROTO.items()} | {P_OTHER: "other"}
 ALL_PROTOS = (6, 17, 132, 1, P_OTHER)
-FLOW_PROTOS = {6: "tcp", 17: "udp", 132: "sctp"}  # what strict mode re-judges
-L4_NAME = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmpv6"}  # as the NFLOG reader names them
 NO_SLOT = 0xFFFFFFFF  # sample of a default-deny drop
 S_AUDIT, S_PORTS = 1, 2
 
@@ -1057,12 +1055,12 @@ class EbpfDataplane(Dataplane):
         out: dict[tuple, Flow] = {}
         for k in self.maps["flows"].all_keys():
             fam, proto, sa, sp, da, dp = _flow_tuple(k)
-            if proto not in FLOW_PROTOS:
+            if proto not in conntrack.PROTOCOLS:
                 continue
             t = (fam, proto, sa, sp, da, dp)
             index.setdefault(_unordered(t), []).append(k)
             if t not in out:
-                out[t] = Flow(FLOW_PROTOS[proto], ipaddress.ip_address(sa), ipaddress.ip_address(da), sp, dp)
+                out[t] = Flow(conntrack.PROTOCOLS[proto], ipaddress.ip_address(sa), ipaddress.ip_address(da), sp, dp)
         self._flow_keys = index
         return list(out.values())
 
@@ -1074,11 +1072,10 @@ class EbpfDataplane(Dataplane):
         assert self.eps is not None
         by_ip = {ip: st.ep_id for st in self.eps.values() for ip in st.addrs}
         bound = {st.ep_id for st in self.eps.values() if st.iface}  # found by device for node addresses
-        nums = {v: k for k, v in FLOW_PROTOS.items()}
         m = self.maps["flows"]
         n = 0
         for f in flows:
-            fam, proto = f.src.version, nums[f.protocol]
+            fam, proto = f.src.version, conntrack.NUMBERS[f.protocol]
             t = (fam, proto, f.src.packed, f.sport, f.dst.packed, f.dport)
             keys = set(self._flow_keys.pop(_unordered(t), []))
             eps = {by_ip.get(f.src), by_ip.get(f.dst)} - {None}
@@ -1228,7 +1225,7 @@ class EbpfDropLog(DropLog):
         ported = bool(flags & S_PORTS)
         return DropEvent(
             name.rstrip(b"\0").decode(errors="replace"), Direction.INGRESS if d == 0 else Direction.EGRESS,
-            rule_id, L4_NAME.get(l4, str(l4)), str(ipaddress.ip_address(raw[16 : 16 + n])),
+            rule_id, nflog.L4_NAMES.get(l4, str(l4)), str(ipaddress.ip_address(raw[16 : 16 + n])),
             str(ipaddress.ip_address(raw[32 : 32 + n])), sport if ported else None, dport if ported else None,
             audit=bool(flags & S_AUDIT),
         )

@@ -28,7 +28,7 @@ NFULA_PREFIX = 10
 NLM_F_REQUEST = 1
 NLM_F_ACK = 4
 NLMSG_ERROR = 2
-_PROTOS = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmpv6"}
+L4_NAMES = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmpv6"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def decode_payload(packet: bytes) -> tuple[str, str, str, int | None, int | None
     sport = dport = None
     if proto in (6, 17, 132) and len(packet) >= off + 4:
         sport, dport = struct.unpack_from("!HH", packet, off)
-    return _PROTOS.get(proto, str(proto)), str(src), str(dst), sport, dport
+    return L4_NAMES.get(proto, str(proto)), str(src), str(dst), sport, dport
 
 
 class NflogReader:
