@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -113,13 +114,15 @@ def control(dataplanes: list[str], sizes: list[str], seed: int, events: str | No
                 ev, budget = events or EVENTS.get((dp, size), "10"), BUDGET_S.get(size, 120)
             log(f"control plane: {dp} {size} (events {ev})")
             t0 = time.monotonic()
-            with Netns("c") as ns:
-                r = _worker(ns, ["run", "--size", size, "--dataplane", dp, "--seed", str(seed),
-                                 "--events", ev, "--budget", str(budget), "--workdir", work], timeout=900)
-            if dp == "nftables" and "ruleset" in r:
-                with Netns("f") as ns:  # the floor: the same ruleset, `nft -f`, a fresh namespace
-                    r["floor"] = _worker(ns, ["floor", "--ruleset", r["ruleset"]["path"]], timeout=300)
-            subprocess.run(["rm", "-rf", work], check=False)
+            try:
+                with Netns("c") as ns:
+                    r = _worker(ns, ["run", "--size", size, "--dataplane", dp, "--seed", str(seed),
+                                     "--events", ev, "--budget", str(budget), "--workdir", work], timeout=900)
+                if dp == "nftables" and "ruleset" in r:
+                    with Netns("f") as ns:  # the floor: the same ruleset, `nft -f`, a fresh namespace
+                        r["floor"] = _worker(ns, ["floor", "--ruleset", r["ruleset"]["path"]], timeout=300)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
             r["wall_s"] = time.monotonic() - t0
             res[f"{dp}/{label}"] = r
             log(report.control_line(dp, label, r))

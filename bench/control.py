@@ -36,6 +36,7 @@ from typing import Any
 
 from agent.admission import LastGood, kubernetes_inventory
 from agent.dataplane.base import Dataplane, DataplaneError
+from agent.ir import Program
 from agent.policy.kubernetes import compile_inventory
 from agent.sources.kubeobjects import RawObject, ref_of
 from bench.generate import SIZES, Cluster, generate
@@ -111,13 +112,12 @@ class Agent:
         self.node = node
         self.program = None
 
-    def compile(self):  # type: ignore[no-untyped-def]
-        inv = kubernetes_inventory(self.raw, self.store)
-        return compile_inventory(inv, self.node, source=SOURCE), inv
+    def compile(self) -> Program:
+        return compile_inventory(kubernetes_inventory(self.raw, self.store), self.node, source=SOURCE)
 
     def sync(self) -> tuple[float, float, Any]:
         c0, t0 = time.process_time(), time.perf_counter()
-        program, _ = self.compile()
+        program = self.compile()
         c1, t1 = time.process_time(), time.perf_counter()
         stats = self.dp.apply(program)
         c2, t2 = time.process_time(), time.perf_counter()

@@ -14,8 +14,10 @@ second (bench.loadgen crr), request-response latency p50/p99 on one connection
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,8 +38,6 @@ IPERF_PORT, CRR_PORT, RR_PORT = 5201, 7000, 7001
 RR_CPU = str(max(0, (os.cpu_count() or 1) - 1))
 IPERF_CLIENT_CPU, IPERF_SERVER_CPU = "0", RR_CPU
 METRICS = ("tcp_gbps", "crr_per_s", "rr_p50_us", "rr_p99_us", "udp64_kpps")
-HIGHER_IS_BETTER = {"tcp_gbps": True, "crr_per_s": True, "rr_p50_us": False, "rr_p99_us": False,
-                    "udp64_kpps": True}
 
 
 def manifests(peers: int) -> list[dict[str, Any]]:
@@ -80,7 +80,7 @@ def apply_cmd(args: argparse.Namespace) -> int:
     else:
         from agent.dataplane.ebpf import EbpfDataplane
 
-        dp = EbpfDataplane(pin_root=args.pin_root)
+        dp = EbpfDataplane()  # pin root from the environment (tests.conftest.dataplane_env)
     if args.clear:
         dp.cleanup()
         print(json.dumps({"cleared": True}))
@@ -157,12 +157,14 @@ def _agg(values: list[float]) -> dict[str, Any]:
 
 def run(dataplanes: list[str], peer_sizes: list[int], reps: int, seconds: float,
         log: Any = print) -> dict[str, Any]:
+    from tests.conftest import dataplane_env
     from tests.lab import Lab
 
     out: dict[str, Any] = {"seconds_per_test": seconds, "reps": reps, "peer_sizes": peer_sizes,
                            "dataplanes": {}}
     tmp = Path(tempfile.mkdtemp(prefix="stkbench-dp-"))
-    with Lab(prefix=f"stkbench{os.getpid()}d") as lab:
+    with contextlib.ExitStack() as cleanup, Lab(prefix=f"stkbench{os.getpid()}d") as lab:
+        cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
         lab.add_pod("bench/client", [CLIENT_IP], ports=(81,))
         lab.add_pod("bench/server", [SERVER_IP], ports=(81,))
         server = lab.pods["bench/server"].netns
@@ -174,38 +176,27 @@ def run(dataplanes: list[str], peer_sizes: list[int], reps: int, seconds: float,
         time.sleep(0.5)
         bench = Bench(lab, seconds)
         for dpname in dataplanes:
-            pin_root = None
-            mounted = None
-            if dpname == "ebpf":
-                mounted = Path(f"/run/stkbench-{os.getpid()}/bpf")
-                mounted.mkdir(parents=True, exist_ok=True)
-                subprocess.run(["mount", "-t", "bpf", "bpf", str(mounted)], check=True)
-                pin_root = f"{mounted}/stockade"
-            try:
-                out["dataplanes"][dpname] = _run_dataplane(lab, bench, dpname, pin_root, peer_sizes, reps,
-                                                           tmp, log)
-            except Exception as e:  # report, keep the other dataplane's figures
-                log(f"datapath {dpname} failed: {e}")
-                out["dataplanes"][dpname] = {"error": str(e)}
-            finally:
-                _apply(lab, dpname, pin_root, None, clear=True, check=False)
-                if mounted is not None:
-                    subprocess.run(["umount", "-l", str(mounted)], check=False)
+            with dataplane_env(dpname, f"bench-{os.getpid()}"):  # eBPF: a private bpffs, removed after
+                try:
+                    out["dataplanes"][dpname] = _run_dataplane(lab, bench, dpname, peer_sizes, reps, tmp, log)
+                except Exception as e:  # report, keep the other dataplane's figures
+                    log(f"datapath {dpname} failed: {e}")
+                    out["dataplanes"][dpname] = {"error": str(e)}
+                finally:
+                    _apply(lab, dpname, None, clear=True, check=False)
     return out
 
 
-def _apply(lab: Any, dpname: str, pin_root: str | None, manifests_file: Path | None, clear: bool = False,
+def _apply(lab: Any, dpname: str, manifests_file: Path | None, clear: bool = False,
            check: bool = True) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.datapath", "apply", "--dataplane", dpname]
-    if pin_root:
-        cmd += ["--pin-root", pin_root]
     cmd += ["--clear"] if clear else ["--manifests", str(manifests_file)]
     r = lab.node_sh(*cmd, check=check, cwd=ROOT)
     return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else {}
 
 
-def _run_dataplane(lab: Any, bench: Bench, dpname: str, pin_root: str | None, peer_sizes: list[int],
-                   reps: int, tmp: Path, log: Any) -> dict[str, Any]:
+def _run_dataplane(lab: Any, bench: Bench, dpname: str, peer_sizes: list[int], reps: int, tmp: Path,
+                   log: Any) -> dict[str, Any]:
     """Rounds of (floor, 10, ..., 100k): every configuration once per round, so slow drift
     of the machine hits the floor and the policies alike."""
     raw: dict[str, list[dict[str, float]]] = {}
@@ -217,15 +208,15 @@ def _run_dataplane(lab: Any, bench: Bench, dpname: str, pin_root: str | None, pe
         for peers in [0, *peer_sizes]:
             name = "floor" if peers == 0 else str(peers)
             if peers == 0:
-                _apply(lab, dpname, pin_root, None, clear=True)
+                _apply(lab, dpname, None, clear=True)
             else:
-                applied[name] = _apply(lab, dpname, pin_root, tmp / f"{dpname}-{peers}.json")
+                applied[name] = _apply(lab, dpname, tmp / f"{dpname}-{peers}.json")
             m = bench.measure()
             raw.setdefault(name, []).append(m)
             log(f"  {dpname} {name:>6} round {r + 1}: " + " ".join(f"{k}={v:.4g}" for k, v in m.items()))
-    floor = {k: statistics.median(x[k] for x in raw["floor"]) for k in METRICS}
     result: dict[str, Any] = {"applied": applied, "floor": {k: _agg([x[k] for x in raw["floor"]])
                                                             for k in METRICS}, "configs": {}}
+    floor = {k: result["floor"][k]["median"] for k in METRICS}
     for name, ms in raw.items():
         if name == "floor":
             continue
@@ -246,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("apply")
     a.add_argument("--dataplane", default="nftables", choices=["nftables", "ebpf"])
-    a.add_argument("--pin-root")
     a.add_argument("--manifests")
     a.add_argument("--clear", action="store_true")
     args = ap.parse_args(argv)

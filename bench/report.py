@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any
 
-KINDS = ("pod_added", "pod_labels", "policy_changed", "namespace_labels")
+from bench.control import EVENT_KINDS as KINDS
 
 
 def _ms(x: float | None) -> str:

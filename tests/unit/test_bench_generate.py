@@ -5,16 +5,9 @@ from __future__ import annotations
 
 import json
 
-from agent.admission import LastGood, kubernetes_inventory
-from agent.policy.kubernetes import compile_inventory
-from agent.sources.kubeobjects import RawObject, ref_of
 from bench.datapath import manifests
 from bench.generate import LOCAL_NODE, generate, peer_block_addresses
-
-
-def _admit(objects):  # type: ignore[no-untyped-def]
-    inv = kubernetes_inventory([RawObject(ref_of(b, "kubernetes"), b) for b in objects], LastGood())
-    return inv, compile_inventory(inv, LOCAL_NODE, source="kubernetes")
+from tests.helpers import snapshot_of
 
 
 def test_same_seed_same_cluster_other_seed_other_cluster() -> None:
@@ -30,7 +23,8 @@ def test_objects_are_valid_and_the_mix_is_there() -> None:
     cl = generate(1000, 100, seed=1)
     assert len(cl.pod_objs) == 1000 and len(cl.policy_objs) == 100
     assert len(cl.local_pods) == 100  # 10 % on the local node
-    inv, program = _admit(cl.objects())
+    snap = snapshot_of(cl.objects(), LOCAL_NODE)
+    inv, program = snap.inventory, snap.program
     assert inv.problems == []
     assert len(inv.endpoints) == 1000 and len(inv.policies) == 100
     assert len(program.endpoints) == 100
@@ -46,7 +40,7 @@ def test_objects_are_valid_and_the_mix_is_there() -> None:
     # mutations stay valid
     for body in (cl.new_pod(), cl.relabel_pod(cl.pod_objs[0]), cl.change_policy(cl.policy_objs[5]),
                  cl.relabel_namespace(cl.namespaces[3])):
-        inv2, _ = _admit([*cl.objects(), body])
+        inv2 = snapshot_of([*cl.objects(), body], LOCAL_NODE).inventory
         assert inv2.problems == []
 
 
@@ -57,7 +51,8 @@ def test_local_pods_are_capped() -> None:
 def test_datapath_peer_blocks_do_not_collapse() -> None:
     blocks = peer_block_addresses(1000)
     assert len(set(blocks)) == 1000
-    inv, program = _admit(manifests(1000))
+    snap = snapshot_of(manifests(1000), LOCAL_NODE)
+    inv, program = snap.inventory, snap.program
     assert inv.problems == []
     server = program.endpoints["bench/server"]
     (rule,) = server.ingress.rules
