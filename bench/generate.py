@@ -15,7 +15,8 @@ A cluster of P pods and K policies over N namespaces:
   matchExpressions), ipBlocks with excepts (IPv4 and IPv6), endPort ranges, a
   monitoring scrape allow on the named port `metrics`.
 
-`Cluster.mutate_*` produce the incremental events the benchmark times, also seeded.
+`Cluster.new_pod`, `relabel_pod`, `change_policy` and `relabel_namespace` produce the
+incremental events the benchmark times, also seeded.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class Cluster:
         return self._rng
 
     # ------------------------------------------------------------ incremental events
-    # Each returns (index into objects(), new manifest) or a manifest to append; the
+    # Each returns a manifest: a changed copy of an existing object, or a new one; the
     # caller decides how to feed it to the pipeline.
 
     def new_pod(self, local: bool = True) -> dict[str, Any]:
@@ -229,10 +230,10 @@ def _policies_for(rng: random.Random, ns: str, ns_index: int, n_ns: int) -> list
     return out
 
 
-def generate(pods: int, policies: int, seed: int = 1, namespaces: int | None = None) -> Cluster:
+def generate(pods: int, policies: int, seed: int = 1) -> Cluster:
     """A seeded synthetic cluster; the same arguments always give the same manifests."""
     rng = random.Random(seed)
-    n_ns = namespaces or max(4, pods // 100)
+    n_ns = max(4, pods // 100)
     cl = Cluster(seed=seed, pods=pods, policies=policies)
     names = ["kube-system", "monitoring"] + [f"ns{i:04d}" for i in range(n_ns - 2)]
     for i, name in enumerate(names):

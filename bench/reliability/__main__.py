@@ -42,7 +42,7 @@ def run_scenario(name: str, dataplane: str, p: dict[str, int], seed: int) -> dic
             elif name == "crash_safety":
                 out = scenarios.crash_safety(lab, dataplane, work, p["kills"], p["crash_filler"], seed)
             else:
-                out = scenarios.foreign_tc(lab, dataplane, work, seed)
+                out = scenarios.foreign_tc(lab, dataplane, work)
     except Exception as e:  # one broken scenario must not hide the others' figures
         text = f"{type(e).__name__}: {e}"  # its tail holds the agent's last words
         out = {"error": text if len(text) <= 6000 else f"{text[:1500]} [...] {text[-4500:]}",

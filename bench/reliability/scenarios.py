@@ -300,7 +300,7 @@ def _tc_filters(lab: Lab, dev: str) -> dict[str, str]:
     return {hook: lab.node_sh("tc", "filter", "show", "dev", dev, hook).stdout for hook in ("ingress", "egress")}
 
 
-def foreign_tc(lab: Lab, dataplane: str, work: Path, seed: int) -> dict[str, Any]:
+def foreign_tc(lab: Lab, dataplane: str, work: Path) -> dict[str, Any]:
     """tc filters Stockade does not own, on a pod's host veth, survive apply, run, cleanup."""
     build_lab(lab)
     dev = lab.pods["alpha/web"].host_if

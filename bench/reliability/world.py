@@ -34,7 +34,6 @@ LAB_PODS = {  # key -> (ip, labels, named port "http" number)
     "zeta/api": (f"{NET}.3", {"app": "api", "role": "front"}, 80),
     "zeta/job": (f"{NET}.4", {"app": "job", "role": "back"}, 81),
 }
-PORTS = (80, 81)
 CHECKS = (("TCP", "80"), ("TCP", "81"), ("UDP", "80"))  # what every probe round covers
 APPS = ("web", "db", "api", "job")
 ROLES = ("front", "back", "batch")

@@ -39,5 +39,5 @@ def test_kill_mid_transaction(lab: Lab, dataplane: str, tmp_path: Path) -> None:
 
 
 def test_foreign_tc_filters_survive(lab: Lab, dataplane: str, tmp_path: Path) -> None:
-    res = scenarios.foreign_tc(lab, dataplane, tmp_path, seed=SEED)
+    res = scenarios.foreign_tc(lab, dataplane, tmp_path)
     assert not res["failures"], res

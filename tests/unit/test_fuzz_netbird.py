@@ -20,7 +20,7 @@ from tests.unit.test_netbird_semantics import IP, group, peer, policy, rule
 PEER_IDS = ["L", "A", "B", "C"]
 GROUP_IDS = ["all", "devs", "servers", "others", "ghost"]  # "ghost" is never defined
 OUTSIDE = "8.8.8.8"
-FLOWS = [(proto, port) for proto, port in (("tcp", 22), ("tcp", 80), ("udp", 53), ("icmp", None))]
+FLOWS = [("tcp", 22), ("tcp", 80), ("udp", 53), ("icmp", None)]
 
 group_refs = st.one_of(st.none(), st.lists(st.sampled_from(GROUP_IDS), max_size=2))
 ports = st.one_of(st.none(), st.lists(st.sampled_from(["22", "80", "53", 80]), max_size=2))
