@@ -53,6 +53,7 @@ def test_restart_adopts_without_gaps(lab: Lab, pin_root: str, tmp_path: Path) ->
     denied = {"app/c": [f"tcp:{B}:80", f"tcp:{B}:81"], "app/a": [f"tcp:{C}:80"]}
     violations: list[str] = []
     rounds = [0]
+    progress = threading.Condition()
     stop = threading.Event()
 
     def probe() -> None:
@@ -62,19 +63,28 @@ def test_restart_adopts_without_gaps(lab: Lab, pin_root: str, tmp_path: Path) ->
                 for spec, ok in res.items():
                     if ok != (spec in allowed.get(src, [])):
                         violations.append(f"{src} {spec} {'passed' if ok else 'blocked'}")
-            rounds[0] += 1
+            with progress:
+                rounds[0] += 1
+                progress.notify_all()
+
+    def round_after(seen: int) -> None:
+        """Wait (generous deadline) until a probe round that started after `seen` ends."""
+        with progress:
+            assert progress.wait_for(lambda: rounds[0] >= seen + 2, timeout=60), "probes stalled"
 
     t = threading.Thread(target=probe)
     t.start()
     try:
+        round_after(0)  # probes are running before the first restart
         for _ in range(3):  # stop/start the agent a few times while probes run
+            seen = rounds[0]
             again = run_agent(lab, prog_file, pin_root)
             assert not again["load"], again  # adopted the pinned build: no compile
             assert again["written"] == 3  # converged: every endpoint rewritten under a new generation
+            round_after(seen)  # a full round of probes ran after this restart began
     finally:
         stop.set()
         t.join()
-    assert rounds[0] >= 2
     assert not violations, violations
     # filters were never detached or replaced: same program id on the interface
     assert filters(lab, "v1") == before
