@@ -5,6 +5,15 @@ included). A file that cannot be parsed keeps the objects it held the last time 
 parsed, so a half-written file never removes a policy; a file being written (changed
 in the last `settle` seconds, or, while watched, written and not yet closed) keeps its
 previous version. `watch` calls back on change.
+
+Bounds (the input boundary): a file is read only up to `max_file_bytes` (default 4 MiB,
+$STOCKADE_MAX_FILE_BYTES) and each object up to `max_object_bytes` (1 MiB as compact
+JSON, $STOCKADE_MAX_OBJECT_BYTES); YAML aliases (`*name`) are refused, so a few hundred
+bytes can never expand into gigabytes ("billion laughs") or a cycle; nesting is limited
+to MAX_DEPTH; values are JSON values only (a timestamp stays the string it was written
+as). A file over any bound is a file that does not parse: its previous objects stay.
+The walk follows a symbolic link (to a file or a directory) only when it resolves inside
+the directory, and reads each directory once, so links to `.` or link loops cost nothing.
 """
 
 from __future__ import annotations
@@ -12,13 +21,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
+from yaml.composer import Composer, ComposerError
+from yaml.constructor import SafeConstructor
+from yaml.nodes import Node
+from yaml.resolver import Resolver
 
 from agent.inventory import ObjectRef, Problem
 from agent.sources.kubeobjects import KINDS, RawObject, expand, ref_of
@@ -26,13 +41,124 @@ from agent.sources.kubeobjects import KINDS, RawObject, expand, ref_of
 log = logging.getLogger(__name__)
 SUFFIXES = (".yaml", ".yml", ".json")
 OPEN_WRITE_MAX = 10.0  # s: a writer that keeps a file open longer is read anyway
+MAX_FILE_BYTES = 4 << 20
+MAX_OBJECT_BYTES = 1 << 20
+# A NetworkPolicy is about 10 levels deep; 64 leaves room and keeps every recursive
+# walker (composer, json, validators) far from Python's recursion limit.
+MAX_DEPTH = 64
+
+
+class OutOfBounds(ValueError):
+    """A file or object past a bound (size, depth, type): handled as a file that does not parse."""
+
+
+class _Bounded(Composer):
+    """PyYAML's composer, refusing aliases and deep nesting before any node is built."""
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:  # type: ignore[override]
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise ComposerError(None, None, f"YAML aliases are not accepted (*{event.anchor})",
+                                event.start_mark)
+        depth = self.__dict__.get("_depth", 0)
+        if depth >= MAX_DEPTH:
+            raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
+
+try:  # libyaml's parser (C) under the Python composer above: fast, and the bounds are ours
+    from yaml._yaml import CParser
+
+    class _Parser(CParser):  # type: ignore[misc]
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    from yaml.parser import Parser
+    from yaml.reader import Reader
+    from yaml.scanner import Scanner
+
+    class _Parser(Reader, Scanner, Parser):  # type: ignore[no-redef]
+        def __init__(self, stream: str) -> None:
+            Reader.__init__(self, stream)
+            Scanner.__init__(self)
+            Parser.__init__(self)
+
+
+class BoundedLoader(_Bounded, _Parser, SafeConstructor, Resolver):
+    """yaml.SafeLoader's types, without aliases or deep nesting; timestamps stay strings."""
+
+    def __init__(self, stream: str) -> None:
+        _Parser.__init__(self, stream)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+
+
+# A manifest is JSON data: `creationTimestamp: 2024-01-01` stays the string it is in the API.
+BoundedLoader.add_constructor("tag:yaml.org,2002:timestamp", SafeConstructor.construct_yaml_str)
+
+
+def load_yaml(text: str) -> list[Any]:
+    """Every document of `text`, under BoundedLoader's bounds."""
+    loader = BoundedLoader(text)
+    try:
+        docs = []
+        while loader.check_data():
+            docs.append(loader.get_data())
+        return docs
+    finally:
+        loader.dispose()
+
+
+def _env_bytes(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"stockade: {name}={raw!r} is not a number of bytes") from None
+    if value <= 0:
+        raise SystemExit(f"stockade: {name} must be a positive number of bytes")
+    return value
+
+
+def _too_deep(doc: Any) -> bool:
+    """Whether a JSON value nests deeper than MAX_DEPTH (without recursion)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_DEPTH:
+                return True
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return False
+
+
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
 class DirectorySource:
     name = "file"
 
-    def __init__(self, path: str | os.PathLike[str], settle: float = 0.1) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        settle: float = 0.1,
+        max_file_bytes: int | None = None,
+        max_object_bytes: int | None = None,
+    ) -> None:
         self.path = Path(path)
+        self.max_file_bytes = max_file_bytes or _env_bytes("STOCKADE_MAX_FILE_BYTES", MAX_FILE_BYTES)
+        self.max_object_bytes = max_object_bytes or _env_bytes("STOCKADE_MAX_OBJECT_BYTES", MAX_OBJECT_BYTES)
+        # Called with a file that fails before it ever parsed in this process: the objects
+        # it held when it last parsed (DirectoryPipeline restores them from the state dir).
+        self.fallback: Callable[[Path], list[RawObject]] | None = None
+        self._walk_problems: list[Problem] = []
         # A file changed less than `settle` seconds ago may be mid-write (in place) and
         # still parse as a shorter, possibly wider, policy: its previous version stays
         # until it has been quiet that long. `unsettled` says how long to wait.
@@ -52,20 +178,79 @@ class DirectorySource:
         self.errors: Counter[str] = Counter()  # fault cause -> occurrences, for metrics
 
     def files(self) -> list[Path]:
+        """Manifest files under the directory, a directory's own before its subdirectories'.
+
+        Follows a link (to a file or a directory) only when it resolves inside the
+        directory, and enters each directory (by device and inode) once: links to `.`
+        or loops of links cost nothing. A link leading out is reported, not read.
+        """
+        self._walk_problems = []
         if self.path.is_file():
             return [self.path]
-        out = []
-        for root, dirs, names in os.walk(self.path, followlinks=True):
-            # Hidden entries are editor temp files or ConfigMap's ..data twins.
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            out.extend(
-                Path(root, n) for n in sorted(names) if n.endswith(SUFFIXES) and not n.startswith(".")
-            )
+        root = os.path.realpath(self.path)
+        out: list[Path] = []
+        visited: set[tuple[int, int]] = set()
+        stack = [self.path]
+        while stack:
+            here = stack.pop()
+            try:
+                st = os.stat(here)
+                if (st.st_dev, st.st_ino) in visited:
+                    log.debug("%s: directory already read (through a link); skipped", here)
+                    continue
+                visited.add((st.st_dev, st.st_ino))
+                with os.scandir(here) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as e:
+                self._walk_problem(here, f"cannot read directory: {_one_line(e)}")
+                continue
+            subdirs = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue  # editor temp files, ConfigMap's ..data twins
+                manifest = entry.name.endswith(SUFFIXES)
+                try:
+                    if entry.is_symlink():
+                        real = os.path.realpath(entry.path, strict=True)
+                        if not _inside(real, root):
+                            if manifest or os.path.isdir(real):
+                                self._walk_problem(Path(entry.path), f"links outside {self.path} (to {real}); not read")
+                            continue
+                    is_dir = entry.is_dir()
+                except OSError as e:  # a dangling link, or a loop of links
+                    if manifest:
+                        self._walk_problem(Path(entry.path), f"cannot resolve: {_one_line(e)}")
+                    continue
+                if is_dir:
+                    subdirs.append(Path(entry.path))
+                elif manifest:
+                    out.append(Path(entry.path))
+            stack.extend(reversed(subdirs))
         return out
 
+    def _walk_problem(self, path: Path, message: str) -> None:
+        ref = ObjectRef("File", "", path.name, "file", str(path))
+        self._walk_problems.append(Problem(ref, "(file)", message))
+
+    def _read_bounded(self, path: Path) -> str:
+        # O_NONBLOCK: a FIFO named *.yaml must not stall the sync in open().
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OutOfBounds("not a regular file")
+            data = f.read(self.max_file_bytes + 1)
+        if len(data) > self.max_file_bytes:
+            raise OutOfBounds(f"larger than {self.max_file_bytes} bytes")
+        return data.decode("utf-8")
+
     def _parse_file(self, path: Path) -> list[RawObject]:
-        text = path.read_text(encoding="utf-8")
-        docs = [json.loads(text)] if path.suffix == ".json" else list(yaml.safe_load_all(text))
+        text = self._read_bounded(path)
+        if path.suffix == ".json":
+            docs = [json.loads(text)]
+            if _too_deep(docs[0]):
+                raise OutOfBounds(f"nested deeper than {MAX_DEPTH} levels")
+        else:
+            docs = load_yaml(text)
         objs = []
         for doc in docs:
             for body in expand(doc):
@@ -73,7 +258,15 @@ class DirectorySource:
                 if kind not in KINDS:
                     log.debug("%s: ignoring kind %r", path, kind)
                     continue
-                objs.append(RawObject(ref_of(body, "file", str(path)), body))
+                ref = ref_of(body, "file", str(path))
+                try:  # the form the state file keeps it in, which also proves it is JSON data
+                    size = len(json.dumps(body, separators=(",", ":")))
+                except (TypeError, ValueError) as e:
+                    raise OutOfBounds(f"{ref.kind} {ref.namespace}/{ref.name}: not JSON data: {e}") from None
+                if size > self.max_object_bytes:
+                    raise OutOfBounds(f"{ref.kind} {ref.namespace}/{ref.name} is {size} bytes as JSON,"
+                                        f" over the {self.max_object_bytes}-byte limit")
+                objs.append(RawObject(ref, body))
         return objs
 
     def read(self) -> tuple[list[RawObject], list[Problem]]:
@@ -82,6 +275,7 @@ class DirectorySource:
         objects: list[RawObject] = []
         seen: dict[tuple[str, str, str], ObjectRef] = {}
         current = self.files()
+        problems.extend(self._walk_problems)
         self.unsettled = 0.0
         with self._lock:
             replaced = set(self._replaced)
@@ -110,14 +304,18 @@ class DirectorySource:
                         # created again) that is empty is just empty.
                         raise OSError("empty file (being written?)")
                     self._cache[path] = (stamp, self._parse_file(path))
-            except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+            # ValueError: JSON, UTF-8, digits over int()'s limit, the bounds above.
+            except (OSError, ValueError, yaml.YAMLError, RecursionError) as e:
                 ref = ObjectRef("File", "", path.name, "file", str(path))
                 problems.append(Problem(ref, "(file)", f"cannot parse: {_one_line(e)}"))
                 if self._failed.get(path, ()) != stamp:  # count each bad version once
                     self._failed[path] = stamp
                     self.errors["unparsable_file"] += 1
                 if path not in self._cache:
-                    continue  # never parsed: nothing to keep
+                    kept = self.fallback(path) if self.fallback is not None else []
+                    if not kept:
+                        continue  # never parsed: nothing to keep
+                    self._cache[path] = ((-1, -1, -1), kept)  # stamp -1: parsed again next time
             for obj in self._cache[path][1]:
                 if obj.ref.key in seen:
                     problems.append(
