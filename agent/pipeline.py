@@ -7,7 +7,10 @@ Program from here, so they can never disagree.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +18,11 @@ from typing import Any
 
 from agent.admission import LastGood, kubernetes_inventory
 from agent.dataplane.base import DataplaneError
-from agent.inventory import Inventory, Problem
+from agent.inventory import Inventory, ObjectRef, Problem
 from agent.ir import Program
 from agent.policy.kubernetes import compile_inventory
 from agent.sources.files import DirectorySource
+from agent.sources.kubeobjects import RawObject
 
 log = logging.getLogger(__name__)
 MAX_SETTLE_WAITS = 20  # a file rewritten non-stop keeps its last settled version
@@ -35,7 +39,13 @@ class Snapshot:
 
 
 class DirectoryPipeline:
-    """A manifest directory compiled for one node (or every node when node is None)."""
+    """A manifest directory compiled for one node (or every node when node is None).
+
+    With a state file, a second file beside it (`<state>.files.json`) records which
+    objects each manifest file held: a file that does not parse in a new process (a
+    one-shot `apply`, a restart) keeps those objects, in their last good versions, as
+    it would within one process. Only names are recorded; bodies come from the store.
+    """
 
     def __init__(
         self, path: str | Path, node: str | None, state_file: Path | None = None, readonly: bool = False
@@ -44,6 +54,51 @@ class DirectoryPipeline:
         self.node = node
         self.store = LastGood(state_file, readonly=readonly)
         self.errors = self.source.errors
+        self.readonly = readonly
+        self.index_file = state_file.with_name(state_file.stem + ".files.json") if state_file else None
+        self._index: dict[str, list[list[str]]] = {}
+        if self.index_file is not None and self.index_file.exists():
+            try:
+                self._index = json.loads(self.index_file.read_text())
+            except (OSError, ValueError) as e:
+                log.warning("ignoring unreadable state file %s: %s", self.index_file, e)
+        self.source.fallback = self._held_before
+
+    def _held_before(self, path: Path) -> list[RawObject]:
+        held = self._index.get(os.path.abspath(path), []) if isinstance(self._index, dict) else []
+        out = []
+        for key in held if isinstance(held, list) else []:
+            if not (isinstance(key, list) and len(key) == 3 and all(isinstance(k, str) for k in key)):
+                continue
+            ref = ObjectRef(key[0], key[1], key[2], self.source.name, str(path))
+            body = self.store.get(ref)
+            if body is not None:
+                out.append(RawObject(ref, body))
+        if out:
+            log.warning("%s does not parse: keeping the %d objects it held before", path, len(out))
+        return out
+
+    def _save_index(self) -> None:
+        index = {os.path.abspath(path): [[r.kind, r.namespace, r.name] for r in refs]
+                 for path, refs in self.source.held().items()}
+        if index == self._index:
+            return
+        self._index = index
+        if self.index_file is None or self.readonly:
+            return
+        try:
+            self.index_file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.index_file.parent, prefix=".files-")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(index, f)
+                os.replace(tmp, self.index_file)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as e:  # only a later process's fallback is lost: not worth failing the sync
+            self._index = {}  # written again next time
+            log.warning("cannot save %s: %s", self.index_file, e)
 
     def snapshot(self) -> Snapshot:
         objects, problems = self.source.read()
@@ -53,6 +108,7 @@ class DirectoryPipeline:
             time.sleep(self.source.unsettled)
             objects, problems = self.source.read()
         inv = kubernetes_inventory(objects, self.store, problems)
+        self._save_index()
         return Snapshot(inv, compile_inventory(inv, self.node, source=self.source.name))
 
 

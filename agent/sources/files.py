@@ -103,14 +103,19 @@ class BoundedLoader(_Bounded, _Parser, SafeConstructor, Resolver):
 BoundedLoader.add_constructor("tag:yaml.org,2002:timestamp", SafeConstructor.construct_yaml_str)
 
 
-def load_yaml(text: str) -> list[Any]:
-    """Every document of `text`, under BoundedLoader's bounds."""
+def load_yaml(text: str, name: str = "<unicode string>") -> list[Any]:
+    """Every document of `text`, under BoundedLoader's bounds; errors say `name`, line and column."""
     loader = BoundedLoader(text)
     try:
         docs = []
         while loader.check_data():
             docs.append(loader.get_data())
         return docs
+    except yaml.MarkedYAMLError as e:
+        for mark in (e.context_mark, e.problem_mark):
+            if mark is not None:
+                mark.name = name
+        raise
     finally:
         loader.dispose()
 
@@ -250,7 +255,7 @@ class DirectorySource:
             if _too_deep(docs[0]):
                 raise OutOfBounds(f"nested deeper than {MAX_DEPTH} levels")
         else:
-            docs = load_yaml(text)
+            docs = load_yaml(text, str(path))
         objs = []
         for doc in docs:
             for body in expand(doc):
@@ -327,6 +332,10 @@ class DirectorySource:
         for gone in set(self._cache) - set(current):
             del self._cache[gone]
         return objects, problems
+
+    def held(self) -> dict[Path, list[ObjectRef]]:
+        """The objects each file held when it last parsed (as read() delivers them)."""
+        return {path: [obj.ref for obj in objs] for path, (_, objs) in self._cache.items()}
 
     def _open_for_write(self, path: Path) -> bool:
         with self._lock:
