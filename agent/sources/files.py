@@ -112,9 +112,9 @@ def load_yaml(text: str, name: str = "<unicode string>") -> list[Any]:
             docs.append(loader.get_data())
         return docs
     except yaml.MarkedYAMLError as e:
-        for mark in (e.context_mark, e.problem_mark):
-            if mark is not None:
-                mark.name = name
+        for attr in ("context_mark", "problem_mark"):
+            if (mark := getattr(e, attr)) is not None:  # libyaml's marks are read-only
+                setattr(e, attr, yaml.Mark(name, mark.index, mark.line, mark.column, None, None))
         raise
     finally:
         loader.dispose()
