@@ -187,7 +187,9 @@ class DirectorySource:
 
         Follows a link (to a file or a directory) only when it resolves inside the
         directory, and enters each directory (by device and inode) once: links to `.`
-        or loops of links cost nothing. A link leading out is reported, not read.
+        or loops of links cost nothing. A link leading out is reported, not read. A
+        directory that cannot be listed (or the directory itself gone) is reported and
+        keeps the files it last had.
         """
         self._walk_problems = []
         if self.path.is_file():
@@ -208,6 +210,9 @@ class DirectorySource:
                     entries = sorted(it, key=lambda e: e.name)
             except OSError as e:
                 self._walk_problem(here, f"cannot read directory: {_one_line(e)}")
+                # Its files are not known to be gone: they fail to read and keep their objects.
+                gone = os.path.abspath(here)
+                out.extend(p for p in self._cache if _inside(os.path.abspath(p), gone))
                 continue
             subdirs = []
             for entry in entries:

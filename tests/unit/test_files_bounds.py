@@ -213,3 +213,15 @@ def test_links_inside_are_followed_as_a_configmap_mount_needs(src: Path) -> None
     # The same file again through the directory link: read, and reported as a duplicate.
     assert [p.ref.location for p in problems] == [str(src / "linked" / "deny.yaml")]
     assert "duplicate" in problems[0].message
+
+
+def test_a_directory_that_cannot_be_listed_keeps_its_files_objects(src: Path, tmp_path: Path) -> None:
+    (src / "sub").mkdir()
+    (src / "sub" / "deny.yaml").write_text(DENY)
+    source = DirectorySource(src, settle=0)
+    assert len(source.read()[0]) == 3
+    src.rename(tmp_path / "moved")  # the whole directory gone (a remount, say)
+    objects, problems = source.read()
+    assert len(objects) == 3
+    assert problems[0].ref.location == str(src) and "cannot read directory" in problems[0].message
+    assert {p.ref.name for p in problems[1:]} == {"pods.yaml", "deny.yaml"}
