@@ -305,7 +305,7 @@ class DirectorySource:
                 if changed and (fresh or self._open_for_write(path)):
                     if fresh:
                         self.unsettled = max(self.unsettled, self.settle - age)
-                    if cached is None:
+                    if cached is None and not self._restore(path):
                         continue  # new and still being written: read it once it is done
                 elif changed:
                     if st.st_size == 0 and cached is not None and cached[1] and cached[0][0] == st.st_ino:
@@ -321,11 +321,8 @@ class DirectorySource:
                 if self._failed.get(path, ()) != stamp:  # count each bad version once
                     self._failed[path] = stamp
                     self.errors["unparsable_file"] += 1
-                if path not in self._cache:
-                    kept = self.fallback(path) if self.fallback is not None else []
-                    if not kept:
-                        continue  # never parsed: nothing to keep
-                    self._cache[path] = ((-1, -1, -1), kept)  # stamp -1: parsed again next time
+                if path not in self._cache and not self._restore(path):
+                    continue  # never parsed: nothing to keep
             for obj in self._cache[path][1]:
                 if obj.ref.key in seen:
                     problems.append(
@@ -337,6 +334,14 @@ class DirectorySource:
         for gone in set(self._cache) - set(current):
             del self._cache[gone]
         return objects, problems
+
+    def _restore(self, path: Path) -> bool:
+        """Take what `fallback` says `path` held, for a file not readable now that never
+        parsed in this process. Stamped -1: parsed again on the next read."""
+        kept = self.fallback(path) if self.fallback is not None else []
+        if kept:
+            self._cache[path] = ((-1, -1, -1), kept)
+        return bool(kept)
 
     def held(self) -> dict[Path, list[ObjectRef]]:
         """The objects each file held when it last parsed (as read() delivers them)."""

@@ -225,3 +225,15 @@ def test_a_directory_that_cannot_be_listed_keeps_its_files_objects(src: Path, tm
     assert len(objects) == 3
     assert problems[0].ref.location == str(src) and "cannot read directory" in problems[0].message
     assert {p.ref.name for p in problems[1:]} == {"pods.yaml", "deny.yaml"}
+
+
+def test_a_file_being_written_when_a_new_process_starts_keeps_its_objects(src: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state" / "last-good.json"
+    (src / "deny.yaml").write_text(DENY)
+    assert isolated(DirectoryPipeline(src, None, state)) == (True, [])
+    (src / "deny.yaml").write_text(DENY.split("policyTypes")[0])  # half written
+    pipe = DirectoryPipeline(src, None, state)
+    pipe.source.settle = 60.0  # still settling: not read yet
+    objects, _ = pipe.source.read()
+    assert pipe.source.unsettled > 0
+    assert [o.body["spec"]["policyTypes"] for o in objects if o.ref.kind == "NetworkPolicy"] == [["Ingress"]]
