@@ -297,6 +297,7 @@ class _Handler(WSGIRequestHandler):
     """One request per connection (HTTP/1.0), read under a deadline, never a body."""
 
     timeout = IO_TIMEOUT  # StreamRequestHandler.setup puts it on the socket
+    default_request_version = "HTTP/1.0"  # errors get a status line (HTTP/0.9 answers have none)
     server: HttpServer
 
     def log_message(self, format: str, *args: object) -> None:
@@ -307,9 +308,7 @@ class _Handler(WSGIRequestHandler):
         try:
             head = self._read_head()
         except _Refused as e:
-            self.server.rejected(e.reason)
-            self.send_error(e.code)
-            return
+            return self._refuse(e.code, e.reason)
         except (EOFError, OSError):
             return  # the client went away
         self.connection.settimeout(IO_TIMEOUT)
@@ -317,18 +316,33 @@ class _Handler(WSGIRequestHandler):
         self.raw_requestline = self.rfile.readline()
         if not self.parse_request():  # it answered 400 itself
             self.server.rejected("bad_request")
-            return
+            return self._linger()
         if self.command not in ("GET", "HEAD"):
-            self.server.rejected("method")
-            self.send_error(405)
-            return
+            return self._refuse(405, "method")
         if self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers:
-            self.server.rejected("too_large")
-            self.send_error(413, "no request body accepted")
-            return
+            return self._refuse(413, "too_large", "no request body accepted")
         handler = _ServerHandler(self.rfile, self.wfile, self.get_stderr(), self.get_environ(), multithread=True)
         handler.request_handler = self
         handler.run(self.server.get_app())
+
+    def _refuse(self, code: int, reason: str, message: str | None = None) -> None:
+        self.server.rejected(reason)
+        self.send_error(code, message)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Read a little of what the client still sends before closing: closing with
+        unread input resets the connection, and the client would lose the answer."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            end = time.monotonic() + 1.0
+            for _ in range(16):  # at most 64 KiB and one second
+                self.connection.settimeout(max(0.01, end - time.monotonic()))
+                if not self.connection.recv(4096) or time.monotonic() >= end:
+                    break
+        except OSError:
+            pass
 
     def _read_head(self) -> bytes:
         """The request line and headers, within HEAD_DEADLINE in all (a client sending one
