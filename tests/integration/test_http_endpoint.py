@@ -99,7 +99,7 @@ def start_agent(lab: Lab, tmp_path: Path, *extra: str, dataplane: str = "nftable
     agent = lab.spawn_agent("run", "--source", str(src), "--node", "lab", "--dataplane", dataplane,
                             "--state-dir", str(tmp_path / "state"), "--metrics-address", address, *extra)
     if wait:
-        assert until(lambda: lab.http_get(f"http://{LOCAL}/readyz")[0] == 200, 20), lab.agent_output(agent)
+        assert until(lambda: lab.http_get(f"http://{LOCAL}/readyz")[0] == 200, 60), lab.agent_output(agent)
     return agent
 
 
@@ -221,7 +221,7 @@ def test_enforcement_starts_while_the_port_is_taken(lab: Lab, dataplane: str, tm
     holder = hold_port(lab)
     assert lab.reachable("app/c", B, 80)  # nothing enforced yet
     agent = start_agent(lab, tmp_path, dataplane=dataplane, wait=False)
-    assert until(lambda: not lab.reachable("app/c", B, 80, timeout=0.5), 30), lab.agent_output(agent)
+    assert until(lambda: not lab.reachable("app/c", B, 80, timeout=0.5), 90), lab.agent_output(agent)
     assert lab.reachable("app/a", B, 80)
     assert agent.poll() is None
     assert f"cannot listen on {LOCAL}" in lab.agent_output(agent)
