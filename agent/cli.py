@@ -12,11 +12,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.daemon import enforce
+from agent.daemon import ListenAddress, enforce
 from agent.dataplane.base import Dataplane, DataplaneError
 from agent.inventory import Endpoint, Inventory, IPAddress
 from agent.ir import Verdict
@@ -43,9 +44,8 @@ def _flow_protocol(text: str) -> str:
     return "ICMP" if text.upper() == "ICMP" else _protocol(text)
 
 
-def _listen_address(env: str) -> Any:
+def _listen_address(env: str) -> Callable[[str], ListenAddress]:
     """argparse type of a HOST:PORT flag whose default comes from `env`."""
-    from agent.daemon import ListenAddress
 
     def parse(text: str) -> ListenAddress:
         try:
@@ -442,7 +442,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--metrics-address", default=os.environ.get("STOCKADE_METRICS_ADDRESS", DEFAULT_METRICS),
                     type=_listen_address("STOCKADE_METRICS_ADDRESS"), metavar="HOST:PORT",
                     help="IP:PORT ([IPv6]:PORT) for /metrics, /healthz, /readyz, /drops "
-                         "(default: $STOCKADE_METRICS_ADDRESS or %(default)s)")
+                         f"(default: $STOCKADE_METRICS_ADDRESS or {DEFAULT_METRICS})")
     sp.add_argument("--drops-public", action="store_true",
                     help="answer /drops (flows and pod names) to any client, not only loopback ones")
     sp.add_argument("--resync", type=float, default=60.0, help="full resync period in seconds")
@@ -459,7 +459,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--agent", default=os.environ.get("STOCKADE_METRICS_ADDRESS", DEFAULT_METRICS),
                     type=_listen_address("STOCKADE_METRICS_ADDRESS"), metavar="HOST:PORT",
                     help="the running agent's metrics address; 0.0.0.0 or [::] mean loopback "
-                         "(default: $STOCKADE_METRICS_ADDRESS or %(default)s)")
+                         f"(default: $STOCKADE_METRICS_ADDRESS or {DEFAULT_METRICS})")
     sp.add_argument("--follow", "-f", action="store_true", help="keep printing new drops")
     sp.add_argument("--output", choices=["text", "json"], default="text")
     sp.set_defaults(func=cmd_drops)

@@ -507,7 +507,6 @@ class HttpEndpoint:
         self.app = http_app(daemon, drops_public)
         self.server: HttpServer | None = None
         self.error = ""  # the last bind error
-        self.listening = threading.Event()
         self._stop = threading.Event()
         self._retry: threading.Thread | None = None
 
@@ -530,7 +529,6 @@ class HttpEndpoint:
         server.set_app(self.app)
         self.server = server
         threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-        self.listening.set()
         if not first:
             log.info("http: listening on %s", self.address)
         return True
@@ -551,8 +549,6 @@ class HttpEndpoint:
             self.server.server_close()
 
 
-def serve_http(daemon: Daemon, address: ListenAddress | str, drops_public: bool = False) -> HttpEndpoint:
+def serve_http(daemon: Daemon, address: ListenAddress, drops_public: bool = False) -> HttpEndpoint:
     """Start the HTTP endpoint; a taken address is retried in the background."""
-    if isinstance(address, str):
-        address = ListenAddress.parse(address)
     return HttpEndpoint(daemon, address, drops_public).start()
