@@ -10,12 +10,14 @@ import os
 import socket
 import sys
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.daemon import enforce
+from agent.daemon import ListenAddress, enforce
 from agent.dataplane.base import Dataplane, DataplaneError
 from agent.inventory import Endpoint, Inventory, IPAddress
 from agent.ir import Verdict
@@ -40,6 +42,19 @@ def _protocol(text: str) -> str:
 def _flow_protocol(text: str) -> str:
     """explain also takes ICMP (NetBird rules can allow it)."""
     return "ICMP" if text.upper() == "ICMP" else _protocol(text)
+
+
+def _listen_address(env: str) -> Callable[[str], ListenAddress]:
+    """argparse type of a HOST:PORT flag whose default comes from `env`."""
+
+    def parse(text: str) -> ListenAddress:
+        try:
+            return ListenAddress.parse(text)
+        except ValueError as e:
+            origin = f" (from ${env})" if os.environ.get(env) == text else ""
+            raise argparse.ArgumentTypeError(f"{e}{origin}") from None
+
+    return parse
 
 
 def _dataplane(name: str, args: argparse.Namespace | None = None) -> Dataplane:
@@ -274,13 +289,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         daemon.on_synced.append(EventLatency(daemon.registry).observe)
     daemon.install_signal_handlers()
-    server = serve_http(daemon, args.metrics_address)
+    # Never fatal: a taken port is retried in the background while the kernel is enforced.
+    server = serve_http(daemon, args.metrics_address, drops_public=args.drops_public)
     log.info("stockade %s enforcing %s on node %s with %s; http on %s", __version__,
              args.source, _node(args), args.dataplane, args.metrics_address)
     try:
         daemon.run()
     finally:
-        server.shutdown()
+        server.close()
     return 0
 
 
@@ -320,14 +336,18 @@ def _print_drop(d: dict[str, Any]) -> None:
 
 def cmd_drops(args: argparse.Namespace) -> int:
     """Recent drops sampled by the running agent, with the policies that decided."""
-    url = f"http://{args.agent}/drops?since="
+    agent = args.agent.client()  # a wildcard listener is reached on loopback
+    url = f"http://{agent}/drops?since="
     seq = 0
     while True:
         try:
             with urllib.request.urlopen(url + str(seq), timeout=5) as resp:
                 drops = json.load(resp)
+        except urllib.error.HTTPError as e:
+            detail = e.read(200).decode(errors="replace").strip()
+            raise SystemExit(f"stockade: the agent at {agent} refused: {e.code} {detail}") from None
         except OSError as e:
-            raise SystemExit(f"stockade: cannot reach the agent at {args.agent}: {e}") from None
+            raise SystemExit(f"stockade: cannot reach the agent at {agent}: {e}") from None
         for d in drops:
             seq = max(seq, d["seq"])
             if args.output == "json":
@@ -420,7 +440,11 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="the daemon: watch the source and keep the kernel in sync")
     common(sp)
     sp.add_argument("--metrics-address", default=os.environ.get("STOCKADE_METRICS_ADDRESS", DEFAULT_METRICS),
-                    help="HOST:PORT for /metrics, /healthz, /readyz (default %(default)s)")
+                    type=_listen_address("STOCKADE_METRICS_ADDRESS"), metavar="HOST:PORT",
+                    help="IP:PORT ([IPv6]:PORT) for /metrics, /healthz, /readyz, /drops "
+                         f"(default: $STOCKADE_METRICS_ADDRESS or {DEFAULT_METRICS})")
+    sp.add_argument("--drops-public", action="store_true",
+                    help="answer /drops (flows and pod names) to any client, not only loopback ones")
     sp.add_argument("--resync", type=float, default=60.0, help="full resync period in seconds")
     sp.add_argument("--debounce", type=float, default=0.02,
                     help="seconds to gather a burst of source events into one sync (default %(default)s)")
@@ -433,7 +457,9 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("drops", help="recent drops and the policies that decided them")
     sp.add_argument("--agent", default=os.environ.get("STOCKADE_METRICS_ADDRESS", DEFAULT_METRICS),
-                    help="the running agent's metrics address (default %(default)s)")
+                    type=_listen_address("STOCKADE_METRICS_ADDRESS"), metavar="HOST:PORT",
+                    help="the running agent's metrics address; 0.0.0.0 or [::] mean loopback "
+                         f"(default: $STOCKADE_METRICS_ADDRESS or {DEFAULT_METRICS})")
     sp.add_argument("--follow", "-f", action="store_true", help="keep printing new drops")
     sp.add_argument("--output", choices=["text", "json"], default="text")
     sp.set_defaults(func=cmd_drops)

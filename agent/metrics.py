@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 RULE_LABELS = ["source", "namespace", "policy", "direction", "rule", "verdict"]
 DROP_LABELS = ["endpoint", "direction", "reason", "policies"]
+# busy: connection limit of a peer or in all; timeout: no full request head in time;
+# too_large: request line, headers or a body; forbidden: /drops from a remote peer.
+HTTP_REJECT_REASONS = ("busy", "timeout", "too_large", "bad_request", "method", "forbidden")
 
 
 class KernelCollector(Collector):
@@ -120,7 +123,13 @@ class AgentMetrics:
                                  "because a policy change no longer allows them", registry=r)
         self.map_fill = Gauge("stockade_dataplane_map_fill_ratio", "Entries / capacity of fixed-size kernel maps",
                               ["map"], registry=r)
+        self.http_bind_failures = Counter("stockade_http_bind_failures", "Failed attempts to bind the HTTP "
+                                          "endpoint (enforcement goes on; binding is retried)", registry=r)
+        self.http_rejected = Counter("stockade_http_requests_rejected", "HTTP connections or requests refused, "
+                                     "by reason", ["reason"], registry=r)
         for result in ("success", "error"):
             self.syncs.labels(result)
+        for reason in HTTP_REJECT_REASONS:
+            self.http_rejected.labels(reason)
         Info("stockade_build", "Build information", registry=r).info({"version": __version__})
         self.lock = threading.Lock()

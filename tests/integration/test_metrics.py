@@ -65,7 +65,7 @@ def test_prometheus_sees_rule_and_drop_counters(lab: Lab, dataplane: str, tmp_pa
     write(src, [*cluster(a={"app": "a", "role": "client"}), DENY_B, ALLOW_A_TO_B])
     lab.spawn_agent("run", "--source", str(src), "--node", "lab", "--dataplane", dataplane,
                     "--state-dir", str(tmp_path / "state"), "--metrics-address", METRICS)
-    assert until(lambda: lab.http_get(f"http://{METRICS}/readyz")[0] == 200)
+    assert until(lambda: lab.http_get(f"http://{METRICS}/readyz")[0] == 200, 60)  # eBPF compiles first
     start_prometheus(lab, tmp_path)
     assert until(lambda: value(lab, 'up{job="stockade"}') == 1, timeout=30), "prometheus never scraped"
     rule = ('stockade_rule_packets_total{source="file",namespace="app",policy="a-to-b",'
@@ -100,7 +100,7 @@ def test_drops_name_the_deciding_policy_and_audit_lets_it_pass(lab: Lab, datapla
     write(src, [*cluster(a={"app": "a", "role": "client"}), DENY_B, ALLOW_A_TO_B])
     agent = lab.spawn_agent("run", "--source", str(src), "--node", "lab", "--dataplane", dataplane,
                             "--state-dir", str(tmp_path / "state"), "--metrics-address", METRICS)
-    assert until(lambda: lab.http_get(f"http://{METRICS}/readyz")[0] == 200)
+    assert until(lambda: lab.http_get(f"http://{METRICS}/readyz")[0] == 200, 60)  # eBPF compiles first
     assert not lab.reachable("app/c", B, 80)
 
     def denied_probe(audit: bool) -> list[dict]:
@@ -119,7 +119,7 @@ def test_drops_name_the_deciding_policy_and_audit_lets_it_pass(lab: Lab, datapla
     agent.wait(timeout=10)
     lab.spawn_agent("run", "--source", str(src), "--node", "lab", "--dataplane", dataplane, "--mode", "audit",
                     "--state-dir", str(tmp_path / "state"), "--metrics-address", METRICS)
-    assert until(lambda: lab.http_get(f"http://{METRICS}/readyz")[0] == 200)
+    assert until(lambda: lab.http_get(f"http://{METRICS}/readyz")[0] == 200, 60)  # eBPF compiles first
     assert until(lambda: lab.reachable("app/c", B, 80, timeout=0.5))
     assert until(lambda: bool(denied_probe(True)))
     metrics = lab.http_get(f"http://{METRICS}/metrics")[1]
