@@ -151,7 +151,8 @@ def test_daemon_applies_changes_without_restart(lab: Lab, dataplane: str, tmp_pa
     write(src, [*cluster(a={"app": "a", "role": "client"}), DENY_B, ALLOW_A_TO_B])
     agent = lab.spawn_agent("run", "--source", str(src), "--node", "lab", "--dataplane", dataplane,
                             "--state-dir", str(tmp_path / "state"), "--metrics-address", "127.0.0.1:9754")
-    assert until(lambda: lab.http_get("http://127.0.0.1:9754/readyz")[0] == 200), "agent never ready"
+    # generous: the eBPF dataplane compiles its program before the first sync
+    assert until(lambda: lab.http_get("http://127.0.0.1:9754/readyz")[0] == 200, 60), "agent never ready"
     assert lab.http_get("http://127.0.0.1:9754/healthz")[0] == 200
     assert lab.reachable("app/a", B, 80) and not lab.reachable("app/c", B, 80)
 

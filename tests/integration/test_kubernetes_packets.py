@@ -92,7 +92,7 @@ def test_watch_events_change_which_packets_pass(lab: Lab, dataplane: str, tmp_pa
         agent_proc = lab.spawn_agent("run", "--source", "kubernetes", "--kubeconfig", str(kubeconfig),
                                      "--node", "lab", "--dataplane", dataplane, "--state-dir", "",
                                      "--metrics-address", "127.0.0.1:9754")
-        assert until(lambda: lab.http_get("http://127.0.0.1:9754/readyz")[0] == 200, 20), "never ready"
+        assert until(lambda: lab.http_get("http://127.0.0.1:9754/readyz")[0] == 200, 60), "never ready"
         assert lab.reachable("x/a", B, 80) and lab.reachable("y/c", B, 80)
 
         # A policy is added: b accepts only pods labelled role=client, from any namespace.
@@ -149,7 +149,7 @@ def test_unknown_endpoints_deny_closes_the_start_up_window(lab: Lab, dataplane: 
         lab.spawn_agent("run", "--source", "kubernetes", "--kubeconfig", str(kubeconfig), "--node", "lab",
                         "--dataplane", dataplane, "--state-dir", "", "--metrics-address", "127.0.0.1:9754",
                         "--unknown-endpoints", "deny", "--pod-cidr", "10.10.0.0/24")
-        assert until(lambda: lab.http_get("http://127.0.0.1:9754/readyz")[0] == 200, 20), "never ready"
+        assert until(lambda: lab.http_get("http://127.0.0.1:9754/readyz")[0] == 200, 60), "never ready"
         assert lab.reachable("x/a", B, 80)
         # x/d exists on the node but the API has not reported it: both ways denied.
         assert not lab.reachable("x/a", D, 80, timeout=0.3)
