@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.daemon import ListenAddress, enforce
+from agent.daemon import enforce
 from agent.dataplane.base import Dataplane, DataplaneError
+from agent.endpoint import ListenAddress
 from agent.inventory import Endpoint, Inventory, IPAddress
 from agent.ir import Verdict
 from agent.pipeline import DirectoryPipeline, Snapshot
@@ -278,7 +279,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.daemon import Daemon, serve_http
+    from agent.daemon import Daemon
+    from agent.endpoint import serve_http
 
     pipe = _pipeline(args, _node(args))
     watch = pipe if args.source == "netbird" else pipe.source

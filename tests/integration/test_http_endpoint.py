@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent import cli
-from agent.daemon import MAX_PER_PEER, ListenAddress
+from agent.endpoint import MAX_PER_PEER, ListenAddress
 from tests.integration.test_enforcement import ALLOW_A_TO_B, DENY_B, B, build, cluster, write
 from tests.lab import GATEWAY4, Lab, until
 
