@@ -495,6 +495,8 @@ class EbpfDataplane(Dataplane):
         # epkeys values stored as a digest -> their key, for drop events (read on the drop
         # log's thread: only single get/set operations on it)
         self.hashed_names: dict[bytes, str] = {}
+        # adopted endpoints whose epkeys value is a digest: placeholder -> their key in eps
+        self._unresolved: dict[str, str] = {}
         self.last_load: dict[str, object] = {}
         self._ipr = None
 
@@ -566,6 +568,7 @@ class EbpfDataplane(Dataplane):
         from `active`, endpoints, generations, addresses and devices from that slot's
         entries (the other slot may be half-written: it is only ever rewritten), slots."""
         self._load()
+        self._unresolved = {}
         raw = self.maps["active"].lookup(struct.pack("<I", 0))
         self.slot = struct.unpack("<I", raw[:4])[0] & 1 if raw else 0
         self.have = [_empty_slot(), _empty_slot()]
@@ -582,6 +585,8 @@ class EbpfDataplane(Dataplane):
         for k, v in self.maps["epkeys"].items():
             ep_id = struct.unpack("<I", k)[0]
             name = epkey_name(v)
+            if v[:1] == _HASHED:
+                self._unresolved[name] = name
             st = act["epstate"].get(ep_id)
             gen = struct.unpack("<I", st[:4])[0] if st else 0
             eps[name] = byid[ep_id] = EpState(ep_id, gen, None)
@@ -719,14 +724,22 @@ class EbpfDataplane(Dataplane):
         """Adopted endpoints whose key was stored as a digest get their key back from the
         program (one that no longer has it departs under its placeholder)."""
         assert self.eps is not None
-        if not any(k.startswith("\0") for k in self.eps):
+        if not self._unresolved:
             return
+        # out of the way first: a program key may spell another endpoint's placeholder
+        pending = {ph: self.eps.pop(k) for ph, k in self._unresolved.items() if k in self.eps}
         for key in program.endpoints:
             value = epkey_value(key)
-            placeholder = epkey_name(value)
-            if placeholder != key and placeholder in self.eps and key not in self.eps:
-                self.eps[key] = self.eps.pop(placeholder)
+            if value[:1] == _HASHED and (st := pending.pop(epkey_name(value), None)) is not None:
+                self.eps[key] = st
                 self.hashed_names[value] = key
+        self._unresolved = {}
+        for ph, st in pending.items():  # not in this program (yet): back under a free name
+            k = ph
+            while k in program.endpoints or k in self.eps:
+                k += "\0"
+            self.eps[k] = st
+            self._unresolved[ph] = k
 
     def _apply(self, program: Program, compiled: dict[str, dict[Direction, DirTables]]) -> ApplyStats:
         assert self.eps is not None

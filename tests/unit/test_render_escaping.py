@@ -25,11 +25,11 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.dataplane.base import Count, Counters, Dataplane
-from agent.dataplane.ebpf import EPKEY_SIZE, EbpfDataplane, epkey_name, epkey_value
+from agent.dataplane.ebpf import EPKEY_SIZE, EbpfDataplane, EpState, epkey_name, epkey_value
 from agent.dataplane.escape import ELLIPSIS, display
 from agent.dataplane.nftables import COMMENT_MAX, build_model, render_diff, render_full
 from agent.inventory import Endpoint, Inventory, Namespace, ObjectRef, RawPolicy
-from agent.ir import Direction, Program, Verdict
+from agent.ir import Direction, EndpointProgram, Program, Verdict
 from agent.metrics import KernelCollector
 from agent.policy import netbird as nb
 from agent.policy.kubernetes import compile_inventory
@@ -260,6 +260,22 @@ def test_long_keys_sharing_255_bytes_stay_apart() -> None:
     a, b = "ns/" + "x" * 300 + "a", "ns/" + "x" * 300 + "b"
     assert epkey_name(epkey_value(a)) != epkey_name(epkey_value(b))
     assert epkey_name(epkey_value("shop/db")) == "shop/db"
+
+
+def test_adopted_digests_resolve_to_their_keys_and_never_to_a_lookalike() -> None:
+    """After a restart, endpoints stored as digests are found again by the program's keys;
+    a program key that spells another endpoint's placeholder does not take its state."""
+    dp = EbpfDataplane(pin_root="/nonexistent")
+    long, other = "ns/" + "x" * 300, "ns/" + "y" * 300
+    ph, ph2 = (epkey_name(epkey_value(k)) for k in (long, other))
+    dp.eps = {ph: EpState(1, 1, None), ph2: EpState(2, 1, None), "app/plain": EpState(3, 1, None)}
+    dp._unresolved = {ph: ph, ph2: ph2}
+    dp._resolve_hashed(Program("file", {k: EndpointProgram(k, ()) for k in (long, ph2, "app/plain")}))
+    assert dp.eps[long].ep_id == 1 and dp.eps["app/plain"].ep_id == 3
+    assert ph2 not in dp.eps  # the lookalike starts afresh; the real one waits, unmatched
+    assert dp.hashed_names[epkey_value(long)] == long
+    dp._resolve_hashed(Program("file", {k: EndpointProgram(k, ()) for k in (long, other)}))
+    assert dp.eps[other].ep_id == 2 and dp.eps[long].ep_id == 1 and not dp._unresolved
 
 
 def test_ebpf_compile_output_has_one_line_per_endpoint() -> None:
