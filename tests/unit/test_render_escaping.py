@@ -24,12 +24,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.dataplane.base import Count, Counters, Dataplane
+from agent.dataplane.base import Count, Counters, Dataplane, DataplaneError
 from agent.dataplane.ebpf import EPKEY_SIZE, EbpfDataplane, EpState, epkey_name, epkey_value
 from agent.dataplane.escape import ELLIPSIS, display
 from agent.dataplane.nftables import COMMENT_MAX, build_model, render_diff, render_full
 from agent.inventory import Endpoint, Inventory, Namespace, ObjectRef, RawPolicy
-from agent.ir import Direction, EndpointProgram, Program, Verdict
+from agent.ir import Direction, DirectionProgram, EndpointProgram, Origin, PeerSet, Program, Rule, Verdict
 from agent.metrics import KernelCollector
 from agent.policy import netbird as nb
 from agent.policy.kubernetes import compile_inventory
@@ -321,3 +321,32 @@ def test_metrics_scrape_survives_any_name() -> None:
     text = generate_latest(reg).decode()
     assert "stockade_rule_packets_total{" in text and "stockade_drop_packets_total{" in text
     assert "\\ud800" in text  # the surrogate written as an escape, the rest escaped by the client
+
+
+# ------------------------------------------------------------------ nft identifiers
+
+
+def _ep(key: str, ip: str, rules: tuple[Rule, ...], interface: str | None = None) -> EndpointProgram:
+    return EndpointProgram(key, (ipaddress.ip_address(ip),), ingress=DirectionProgram(True, rules),
+                           interface=interface)
+
+
+def test_one_rule_key_with_two_peer_sets_keeps_both(netns: str) -> None:
+    """Names like "a/b"+"c" and "a"+"b/c" can make one rule key for two policies: each
+    keeps its own peers, and the sync goes on (it used to fail for every object)."""
+    o = Origin("file", "a", "b/c", Direction.INGRESS, 0)
+    r1 = Rule(o, PeerSet.of([ipaddress.ip_network("10.1.0.0/24")]), key="file:a/b/c/ingress/0")
+    r2 = Rule(o, PeerSet.of([ipaddress.ip_network("10.2.0.0/24")]), key="file:a/b/c/ingress/0")
+    m = build_model(Program("file", {"x": _ep("x", "10.0.0.1", (r1,)), "y": _ep("y", "10.0.0.2", (r2,))}))
+    assert sorted(e for _, elems in m.sets.values() for e in elems) == ["10.1.0.0/24", "10.2.0.0/24"]
+    sets_of = {c: re.findall(r"@(p_\w+_4)", " ".join(rules)) for c, rules in m.chains.items()}
+    assert len({s for v in sets_of.values() for s in v}) == 2
+    nft_check(netns, render_full(m))
+
+
+def test_a_device_name_nft_cannot_spell_is_refused_naming_the_field() -> None:
+    rule = Rule(Origin("netbird", "", "p", Direction.INGRESS, 0), None, ())
+    assert build_model(Program("netbird", {"peer": _ep("peer", "100.64.0.1", (rule,), "wt0")})).maps["ingress_if"]
+    for bad in ('wt0" accept', "wt\n0", "wt*", "a" * 16, "", "é"):
+        with pytest.raises(DataplaneError, match=r"peer.*field interface"):
+            build_model(Program("netbird", {"peer": _ep("peer", "100.64.0.1", (rule,), bad)}))
