@@ -6,8 +6,8 @@ escape sequences inside a quoted string (its scanner takes everything up to the 
 `"`), so nothing is escaped for nft: a name is turned into a *display form* that holds
 only printable characters other than `"` and `\\`, everything else written as a
 Python-style `\\xHH` / `\\uHHHH` / `\\UHHHHHHHH` escape, and cut to a byte budget on a
-character boundary. Identifiers (chain, set and map names) never carry a name at all:
-they are hashes (see nftables.chain_name, ir.Rule.id).
+character boundary. Identifiers (chain and set names, rule comments, log prefixes) never
+carry a name at all: they are hashes (nftables.chain_name and _peer_sets, ir.Rule.id).
 """
 
 from __future__ import annotations

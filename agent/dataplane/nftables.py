@@ -9,8 +9,12 @@ Layout (see README "The nft table"):
 - per endpoint and enforced direction a chain `in_<id>` / `out_<id>`; each IR rule
   becomes one line per address family that `return`s (allow, so the other side is
   still judged) or drops, with a counter; an isolated chain ends in a counted drop.
-- per IR rule key a pair of interval sets `p_<id>_4` / `p_<id>_6` holding the peers,
+- per IR rule key a pair of interval sets `p_<hash>_4` / `p_<hash>_6` holding the peers,
   so a membership change is element adds and deletes, not a rule rewrite.
+- names never reach the text: chains and sets are named by 128-bit hashes of the endpoint
+  key and the rule key, rule comments carry the IR's `r:<Rule.id>` (read back by
+  `counters`), and a chain's comment shows its endpoint's escaped, byte-capped display
+  form (agent.dataplane.escape) for people only.
 
 Per-packet cost is one hash lookup per direction plus the rules selecting that endpoint;
 it does not grow with the number of pods or peers.
