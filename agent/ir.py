@@ -199,7 +199,8 @@ class Rule:
     @property
     def id(self) -> str:
         """Short stable id a dataplane can store in the kernel (comment, map value)."""
-        return hashlib.blake2s(self.key.encode(), digest_size=6).hexdigest()
+        # surrogatepass: a name from JSON may hold a lone surrogate; hash it, never crash
+        return hashlib.blake2s(self.key.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
 
     def matches(self, peer: IPAddress, protocol: str, port: int | None) -> bool:
         if self.peers is not None and not self.peers.contains(peer):

@@ -30,6 +30,13 @@ DROP_LABELS = ["endpoint", "direction", "reason", "policies"]
 HTTP_REJECT_REASONS = ("busy", "timeout", "too_large", "bad_request", "method", "forbidden")
 
 
+def _label(value: str) -> str:
+    """A label value the exposition can encode: prometheus_client escapes quotes, `\\` and
+    newlines itself, but a lone surrogate (JSON may carry one in a name) would make the
+    whole scrape fail; it is written as a `\\udXXX` escape instead."""
+    return value.encode("utf-8", "backslashreplace").decode()
+
+
 class KernelCollector(Collector):
     """Reads the dataplane's counters at scrape time and labels them with their origins."""
 
@@ -73,11 +80,11 @@ class KernelCollector(Collector):
                 dkey = (ep, Direction(d).value, "default-deny", by)
                 drops[dkey] = drops.get(dkey, Count()) + c
             for key, c in sorted(per_rule.items()):
-                rp.add_metric(list(key), c.packets)
-                rb.add_metric(list(key), c.bytes)
+                rp.add_metric([_label(v) for v in key], c.packets)
+                rb.add_metric([_label(v) for v in key], c.bytes)
             for key, c in sorted(drops.items()):
-                dp.add_metric(list(key), c.packets)
-                db.add_metric(list(key), c.bytes)
+                dp.add_metric([_label(v) for v in key], c.packets)
+                db.add_metric([_label(v) for v in key], c.bytes)
         yield from (rp, rb, dp, db, up)
 
 

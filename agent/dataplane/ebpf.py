@@ -152,6 +152,7 @@ from dataclasses import dataclass, field
 
 from agent.dataplane import bpfsys, child, conntrack, nflog
 from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError, DropEvent, DropLog
+from agent.dataplane.escape import display, utf8
 from agent.inventory import IPAddress
 from agent.ir import PORTED, Direction, DirectionProgram, EndpointProgram, Program, Rule, Verdict
 from agent.strict import Flow
@@ -422,6 +423,36 @@ def _entries(ep: EpState, tables: dict[Direction, DirTables], gen: int) -> tuple
     return peers, ports
 
 
+EPKEY_SIZE = 256  # struct ep_name in bpf/stockade.c
+_HASHED = b"\xff"  # a byte no UTF-8 text starts with: the value holds the key's digest
+_DIGEST = 16
+
+
+def epkey_value(key: str) -> bytes:
+    """The `epkeys` value of an endpoint key: its UTF-8 when that reads back exactly (at
+    most 255 bytes, no NUL, no lone surrogate), else 0xff, a 128-bit digest of the key and
+    its escaped display form cut to fit; never a key cut mid-character, and two keys never
+    share a value (a cut prefix would: adoption would merge their endpoints)."""
+    raw = utf8(key)
+    if len(raw) < EPKEY_SIZE and b"\0" not in raw:
+        try:
+            raw.decode()
+            return raw.ljust(EPKEY_SIZE, b"\0")
+        except UnicodeDecodeError:
+            pass  # a lone surrogate: decode() would not give the key back
+    digest = hashlib.blake2s(raw, digest_size=_DIGEST).digest()
+    shown = display(key, EPKEY_SIZE - 2 - _DIGEST).encode()
+    return (_HASHED + digest + shown).ljust(EPKEY_SIZE, b"\0")
+
+
+def epkey_name(value: bytes) -> str:
+    """The key an `epkeys` value names, or, for a digest, a placeholder ("\0" + digest;
+    no key stored as plain text holds a NUL) that `apply` resolves against its program."""
+    if value[:1] == _HASHED:
+        return "\0" + value[1 : 1 + _DIGEST].hex()
+    return value.rstrip(b"\0").decode(errors="surrogateescape")  # an older agent's cut key: never matches
+
+
 def build_id(sizes: Sizes) -> str:
     with open(SOURCE, "rb") as f:
         src = f.read()
@@ -461,6 +492,11 @@ class EbpfDataplane(Dataplane):
         self.unattached: dict[str, str] = {}
         self._adopted = False
         self._links: dict[int, object] = {}  # endpoint key -> why it has no interface
+        # epkeys values stored as a digest -> their key, for drop events (read on the drop
+        # log's thread: only single get/set operations on it)
+        self.hashed_names: dict[bytes, str] = {}
+        # adopted endpoints whose epkeys value is a digest: placeholder -> their key in eps
+        self._unresolved: dict[str, str] = {}
         self.last_load: dict[str, object] = {}
         self._ipr = None
 
@@ -532,6 +568,7 @@ class EbpfDataplane(Dataplane):
         from `active`, endpoints, generations, addresses and devices from that slot's
         entries (the other slot may be half-written: it is only ever rewritten), slots."""
         self._load()
+        self._unresolved = {}
         raw = self.maps["active"].lookup(struct.pack("<I", 0))
         self.slot = struct.unpack("<I", raw[:4])[0] & 1 if raw else 0
         self.have = [_empty_slot(), _empty_slot()]
@@ -547,7 +584,9 @@ class EbpfDataplane(Dataplane):
         byid: dict[int, EpState] = {}
         for k, v in self.maps["epkeys"].items():
             ep_id = struct.unpack("<I", k)[0]
-            name = v.rstrip(b"\0").decode()
+            name = epkey_name(v)
+            if v[:1] == _HASHED:
+                self._unresolved[name] = name
             st = act["epstate"].get(ep_id)
             gen = struct.unpack("<I", st[:4])[0] if st else 0
             eps[name] = byid[ep_id] = EpState(ep_id, gen, None)
@@ -662,6 +701,7 @@ class EbpfDataplane(Dataplane):
         if self.eps is None:
             self._adopt()
         assert self.eps is not None
+        self._resolve_hashed(program)
         memo: dict[DirectionProgram, DirTables] = {}  # endpoints selected alike share tables
 
         def tables_of(dp: DirectionProgram) -> DirTables:
@@ -679,6 +719,27 @@ class EbpfDataplane(Dataplane):
             # forget the model, the next apply adopts what is there (and sweeps what is not).
             self.eps = None
             raise
+
+    def _resolve_hashed(self, program: Program) -> None:
+        """Adopted endpoints whose key was stored as a digest get their key back from the
+        program (one that no longer has it departs under its placeholder)."""
+        assert self.eps is not None
+        if not self._unresolved:
+            return
+        # out of the way first: a program key may spell another endpoint's placeholder
+        pending = {ph: self.eps.pop(k) for ph, k in self._unresolved.items() if k in self.eps}
+        for key in program.endpoints:
+            value = epkey_value(key)
+            if value[:1] == _HASHED and (st := pending.pop(epkey_name(value), None)) is not None:
+                self.eps[key] = st
+                self.hashed_names[value] = key
+        self._unresolved = {}
+        for ph, st in pending.items():  # not in this program (yet): back under a free name
+            k = ph
+            while k in program.endpoints or k in self.eps:
+                k += "\0"
+            self.eps[k] = st
+            self._unresolved[ph] = k
 
     def _apply(self, program: Program, compiled: dict[str, dict[Direction, DirTables]]) -> ApplyStats:
         assert self.eps is not None
@@ -711,8 +772,10 @@ class EbpfDataplane(Dataplane):
                 else:
                     st = EpState(self._alloc_ep(), 0, None)
                 self.eps[key] = st
-                name = key.encode()[:255].ljust(256, b"\0")
-                cmds += self._write("epkeys", [(struct.pack("<I", st.ep_id), name)])
+                value = epkey_value(key)
+                if value[:1] == _HASHED:
+                    self.hashed_names[value] = key
+                cmds += self._write("epkeys", [(struct.pack("<I", st.ep_id), value)])
             st.iface = ep.interface
             if st.tables != tables:
                 self._sync_slots(st, tables)
@@ -764,6 +827,8 @@ class EbpfDataplane(Dataplane):
             self.eps[key].addrs = set(ep.ips)
         # 5. after the grace period nothing reads the previous slot nor the replaced generations
         gone = [self.eps.pop(key) for key in departed]
+        for key in departed:
+            self.hashed_names.pop(epkey_value(key), None)
         for st in gone:
             if st.tables is not None:
                 old_peers, old_ports = _entries(st, st.tables, st.gen)
@@ -844,7 +909,8 @@ class EbpfDataplane(Dataplane):
             stale += [("peers", k) for k, _ in old_peers] + [("ports", k) for k, _ in old_ports]
         retired += st.slots.values()
         st.slots, st.tables = {}, None  # written afresh under generation gen + 1
-        log.info("eBPF: endpoint %s takes over %s on %s (id %d)", ep.key, prev, ep.interface, st.ep_id)
+        log.info("eBPF: endpoint %s takes over %s on %s (id %d)", display(ep.key, 300), display(prev, 300),
+                 display(ep.interface, 64), st.ep_id)
         return st
 
     def _sweep(self) -> int:
@@ -923,7 +989,7 @@ class EbpfDataplane(Dataplane):
                 out[i] = (h or host, b)
         for key, why in self.unattached.items():
             if before.get(key) != why:
-                log.warning("eBPF: endpoint %s is not enforced: %s", key, why)
+                log.warning("eBPF: endpoint %s is not enforced: %s", display(key, 300), display(why, 300))
         self._links = links
         return out
 
@@ -1000,10 +1066,11 @@ class EbpfDataplane(Dataplane):
                         slot += 1
             fl = {d.value: f"{'enforced' if t.flags & 1 else 'open'}{',isolated' if t.flags & 2 else ''}"
                   for d, t in tables.items()}
-            iface = f" interface={ep.interface}" if ep.interface else ""
-            out.append(f"endpoint {n} {key}{iface} ingress={fl['ingress']} egress={fl['egress']}")
+            # names escaped: one endpoint per line whatever its name holds
+            iface = f" interface={display(ep.interface)}" if ep.interface else ""
+            out.append(f"endpoint {n} {display(key)}{iface} ingress={fl['ingress']} egress={fl['egress']}")
             if ep.interface:
-                out.append(f"  ifcfg {ep.interface} -> {n} (node addresses on it)")
+                out.append(f"  ifcfg {display(ep.interface)} -> {n} (node addresses on it)")
             for ip in ep.ips:
                 out.append(f"  addrs {ip} -> {n}")
             for d, t in tables.items():
@@ -1028,6 +1095,8 @@ class EbpfDataplane(Dataplane):
                 return c  # nothing loaded: nothing counted (and no compile just to read)
             self._adopt()
         assert self.eps is not None
+        if program is not None:
+            self._resolve_hashed(program)
         stats, drops = self.maps["rule_stats"], self.maps["drop_stats"]
         for key, st in self.eps.items():
             if program is not None and key not in program.endpoints:
@@ -1098,7 +1167,7 @@ class EbpfDataplane(Dataplane):
         asks before its first sync may have compiled the build)."""
         if self.sample_rate <= 0:
             return None
-        return EbpfDropLog(self.pin_dir)
+        return EbpfDropLog(self.pin_dir, self.hashed_names)
 
     def map_fill(self) -> dict[str, float]:
         if self.eps is None:
@@ -1182,8 +1251,9 @@ class EbpfDropLog(DropLog):
 
     POLL_S = 0.05
 
-    def __init__(self, pin_dir: str) -> None:
+    def __init__(self, pin_dir: str, hashed_names: dict[bytes, str] | None = None) -> None:
         self.pin_dir = pin_dir
+        self.hashed_names = {} if hashed_names is None else hashed_names  # see EbpfDataplane
         self.maps: dict[str, bpfsys.Map] = {}
 
     def _open(self) -> bool:
@@ -1212,8 +1282,8 @@ class EbpfDropLog(DropLog):
     def _event(self, raw: bytes) -> DropEvent | None:
         ep_id, slot, d, fam, l4, flags = struct.unpack("<IIBBBB", raw[:12])
         sport, dport = struct.unpack(">HH", raw[12:16])
-        name = self.maps["epkeys"].lookup(struct.pack("<I", ep_id))
-        if name is None:
+        value = self.maps["epkeys"].lookup(struct.pack("<I", ep_id))
+        if value is None:
             return None  # endpoint gone meanwhile
         rule_id = None
         if slot != NO_SLOT:
@@ -1224,7 +1294,7 @@ class EbpfDropLog(DropLog):
         n = 4 if fam == 4 else 16
         ported = bool(flags & S_PORTS)
         return DropEvent(
-            name.rstrip(b"\0").decode(errors="replace"), Direction.INGRESS if d == 0 else Direction.EGRESS,
+            self.hashed_names.get(value) or epkey_name(value), Direction.INGRESS if d == 0 else Direction.EGRESS,
             rule_id, nflog.L4_NAMES.get(l4, str(l4)), str(ipaddress.ip_address(raw[16 : 16 + n])),
             str(ipaddress.ip_address(raw[32 : 32 + n])), sport if ported else None, dport if ported else None,
             audit=bool(flags & S_AUDIT),

@@ -9,8 +9,12 @@ Layout (see README "The nft table"):
 - per endpoint and enforced direction a chain `in_<id>` / `out_<id>`; each IR rule
   becomes one line per address family that `return`s (allow, so the other side is
   still judged) or drops, with a counter; an isolated chain ends in a counted drop.
-- per IR rule key a pair of interval sets `p_<id>_4` / `p_<id>_6` holding the peers,
+- per IR rule key a pair of interval sets `p_<hash>_4` / `p_<hash>_6` holding the peers,
   so a membership change is element adds and deletes, not a rule rewrite.
+- names never reach the text: chains and sets are named by 128-bit hashes of the endpoint
+  key and the rule key, rule comments carry the IR's `r:<Rule.id>` (read back by
+  `counters`), and a chain's comment shows its endpoint's escaped, byte-capped display
+  form (agent.dataplane.escape) for people only.
 
 Per-packet cost is one hash lookup per direction plus the rules selecting that endpoint;
 it does not grow with the number of pods or peers.
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 
 from agent.dataplane import child, conntrack
 from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError, DropEvent, DropLog
+from agent.dataplane.escape import display, utf8, valid_ifname
 from agent.ir import (
     PORTED,
     Direction,
@@ -53,6 +58,7 @@ MAPS = {"ingress4": "ipv4_addr", "ingress6": "ipv6_addr", "egress4": "ipv4_addr"
         "ingress_if": "ifname", "egress_if": "ifname"}
 PREROUTING_PRIORITY = -150  # after conntrack (-200), before NAT and filter
 DEFAULT_LOG_GROUP = 7354
+COMMENT_MAX = 128  # bytes: nft refuses a longer comment (NFTNL_UDATA_COMMENT_MAXLEN)
 CHUNK = 5000  # elements per command line; keeps single commands a sane size
 BIG_LOAD = 1 << 20  # bytes of nft text above which a full load goes to an `nft -f` child
 
@@ -89,11 +95,32 @@ def _base_chains() -> str:
 
 
 def _short(text: str) -> str:
-    return hashlib.blake2s(text.encode(), digest_size=5).hexdigest()
+    """A name-safe digest of any string. 128 bits: names are attacker-chosen, and a shorter
+    digest could be matched on purpose (a pod named to share a victim's chain or set)."""
+    return hashlib.blake2s(utf8(text), digest_size=16).hexdigest()
 
 
 def chain_name(endpoint: str, d: Direction) -> str:
     return f"{'in' if d is Direction.INGRESS else 'out'}_{_short(endpoint)}"
+
+
+def _peer_sets(m: Model, rule: Rule, peers: PeerSet) -> str:
+    """Stem of the pair of sets holding `rule`'s peers, named after its key so every
+    endpoint the key applies to shares them and a membership change is element updates.
+    The IR promises one peer set per key; should two policies' names still make one key
+    (e.g. "a/b"+"c" and "a"+"b/c"), the other peer set gets sets of its own instead of
+    failing the whole sync."""
+    stem = rule.key
+    seen = m.peers.get(stem)
+    if seen is not None and seen is not peers and seen != peers:
+        stem = f"{rule.key}\0{_short(' '.join(str(n) for n in peers.nets))}"
+        seen = m.peers.get(stem)
+    name = f"p_{_short(stem)}"
+    if seen is None:
+        m.peers[stem] = peers
+        for fam, typ in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+            m.sets[f"{name}_{fam}"] = (typ, peers.texts(fam))
+    return name
 
 
 def _ports_line(rule: Rule) -> list[str]:
@@ -127,7 +154,7 @@ class Model:
     maps: dict[str, dict[str, str]] = field(default_factory=lambda: {m: {} for m in MAPS})
     # chain -> (endpoint, direction), written into the chain's comment
     owners: dict[str, tuple[str, Direction]] = field(default_factory=dict)
-    # rule id -> its peers, so a set shared by many endpoints is rendered once
+    # rule key (see _peer_sets) -> its peers, so a set shared by many endpoints is rendered once
     peers: dict[str, PeerSet] = field(default_factory=dict, compare=False)
 
 
@@ -156,6 +183,11 @@ def build_model(program: Program, opts: Options = Options()) -> Model:
             rules = _chain_rules(m, dp, d, name, opts)
             m.owners[name] = (ep.key, d)
             if ep.interface is not None:
+                if not valid_ifname(ep.interface):
+                    # nft cannot name such a device in a quoted string; refuse loudly rather
+                    # than render it (or leave the endpoint's traffic unjudged).
+                    raise DataplaneError(f"endpoint {display(ep.key, 200)}: field interface: "
+                                         f"{display(ep.interface, 64)!r} is not a valid device name")
                 # The host behind a device: keyed by the device, so an endpoint whose
                 # addresses are not known yet (NetBird before its first sync) is covered too.
                 m.maps[f"{d.value}_if"][f'"{ep.interface}"'] = f"jump {name}"
@@ -187,15 +219,9 @@ def _chain_rules(m: Model, dp: DirectionProgram, d: Direction, chain: str, opts:
         if rule.peers is None:
             matches = ports
         else:
-            seen = m.peers.get(rule.id)
-            if seen is None:
-                m.peers[rule.id] = rule.peers
-                for fam, typ in ((4, "ipv4_addr"), (6, "ipv6_addr")):
-                    m.sets[f"p_{rule.id}_{fam}"] = (typ, rule.peers.texts(fam))
-            elif seen is not rule.peers and seen != rule.peers:
-                raise DataplaneError(f"IR invariant broken: rule key {rule.key} has two peer sets")
+            sets = _peer_sets(m, rule, rule.peers)
             for fam, proto in ((4, "ip"), (6, "ip6")):
-                matches += [f"{proto} {peer_key} @p_{rule.id}_{fam} {p}" for p in ports]
+                matches += [f"{proto} {peer_key} @{sets}_{fam} {p}" for p in ports]
         for match in matches:
             if logged:
                 lines.append(f"{match}{_log(opts, chain, 'r:' + rule.id)}".rstrip())
@@ -208,8 +234,10 @@ def _chain_rules(m: Model, dp: DirectionProgram, d: Direction, chain: str, opts:
 
 
 def _chain_comment(m: Model, chain: str) -> str:
+    """A comment naming the chain's endpoint for people reading `nft list`; nothing parses
+    it back (owners come from the model). Escaped and cut to nft's byte cap."""
     ep, d = m.owners[chain]
-    return f'comment "{ep[:110]} {d.value}"'  # nft caps comments at 128 bytes
+    return f'comment "{display(ep, COMMENT_MAX - len(d.value) - 1)} {d.value}"'
 
 
 def _elements(elems: Iterable[str]) -> list[str]:
