@@ -73,6 +73,7 @@ class ObjectRef:
 
     def __str__(self) -> str:
         nsname = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        nsname = nsname if nsname.isprintable() else repr(nsname)  # no hostile line breaks in logs
         where = f"{self.location}: " if self.location else ""
         return f"{where}{self.kind} {nsname}"
 

@@ -17,6 +17,12 @@ class Invalid(ValueError):
         self.message = message
 
 
+def unknown_field(field: str, keys: set[Any]) -> str:
+    """The path of the first unknown key; a hostile key is quoted, never printed raw."""
+    key = sorted(map(str, keys))[0]
+    return f"{field}.{key}" if key.isidentifier() else f"{field}.{key!r}"
+
+
 def as_list(obj: Any, field: str) -> list[Any]:
     """A JSON list; `null` reads as empty (APIs send it for empty lists)."""
     if obj is None:

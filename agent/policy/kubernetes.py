@@ -8,6 +8,13 @@ Follows the API reference (networking.k8s.io/v1):
   protocol; a port entry without `port` means every port of its protocol;
 - named ports resolve against the destination pod: for ingress the selected pod, for
   egress each peer pod (so one egress rule may become one IR rule per port number).
+
+Validation is the API server's (see `parse_policy`), and bad input fails closed: an
+invalid peer, port or rule matches nothing; a policy whose podSelector or policyTypes do
+not parse isolates every pod of its namespace (in every direction it could apply to) and
+allows nothing; a pod whose labels do not parse is isolated by every policy of its
+namespace, gets the rules only of policies selecting every pod, and is no peer of any
+rule; a namespace whose labels do not parse is matched by no namespaceSelector.
 """
 
 from __future__ import annotations
@@ -31,7 +38,14 @@ from agent.ir import (
     Program,
     Rule,
 )
-from agent.policy.errors import Invalid, is_dns_label, is_dns_subdomain, safe_name, valid_port_name
+from agent.policy.errors import (
+    Invalid,
+    is_dns_label,
+    is_dns_subdomain,
+    safe_name,
+    unknown_field,
+    valid_port_name,
+)
 from agent.policy.errors import as_list as _list
 from agent.policy.errors import as_map as _map
 from agent.policy.selectors import INVALID, Selector, parse_selector
@@ -148,7 +162,7 @@ def _parse_ip_block(obj: Any, field: str) -> IPBlock:
     block = _map(obj, field)
     unknown = set(block) - {"cidr", "except"}
     if unknown:
-        raise Invalid(f"{field}.{sorted(map(str, unknown))[0]}", "unknown ipBlock field")
+        raise Invalid(unknown_field(field, unknown), "unknown ipBlock field")
     cidr = _network(block.get("cidr"), f"{field}.cidr")
     excepts = []
     for i, e in enumerate(_list(block.get("except"), f"{field}.except")):
@@ -163,7 +177,7 @@ def _parse_peer(obj: Any, field: str) -> Peer:
     peer = _map(obj, field)
     unknown = set(peer) - {"podSelector", "namespaceSelector", "ipBlock"}
     if unknown:
-        raise Invalid(f"{field}.{sorted(map(str, unknown))[0]}", "unknown peer field")
+        raise Invalid(unknown_field(field, unknown), "unknown peer field")
     if "ipBlock" in peer and peer["ipBlock"] is not None:
         if peer.get("podSelector") is not None or peer.get("namespaceSelector") is not None:
             raise Invalid(field, "ipBlock cannot be combined with podSelector/namespaceSelector")
@@ -182,7 +196,7 @@ def _parse_port(obj: Any, field: str) -> PortSpec:
     entry = _map(obj, field)
     unknown = set(entry) - {"protocol", "port", "endPort"}
     if unknown:
-        raise Invalid(f"{field}.{sorted(map(str, unknown))[0]}", "unknown port field")
+        raise Invalid(unknown_field(field, unknown), "unknown port field")
     proto = entry.get("protocol")
     if proto is None:
         proto = "TCP"
@@ -219,7 +233,7 @@ def _parse_rule(obj: Any, field: str, peers_key: str, issues: list[Invalid]) -> 
         rule = _map(obj, field)
         unknown = set(rule) - {peers_key, "ports"}
         if unknown:
-            raise Invalid(f"{field}.{sorted(map(str, unknown))[0]}", "unknown rule field")
+            raise Invalid(unknown_field(field, unknown), "unknown rule field")
     except Invalid as e:
         issues.append(e)
         return None
@@ -263,7 +277,9 @@ def _parse_types(spec: Mapping[str, Any], issues: list[Invalid]) -> tuple[frozen
     if not isinstance(raw, list):
         issues.append(Invalid("spec.policyTypes", f"must be a list, got {type(raw).__name__}"))
         return frozenset(POLICY_TYPES), False
-    ok = True
+    ok = len(raw) <= len(POLICY_TYPES)
+    if not ok:
+        issues.append(Invalid("spec.policyTypes", f"may not have more than {len(POLICY_TYPES)} entries"))
     for i, t in enumerate(raw):
         if not isinstance(t, str) or t not in POLICY_TYPES:
             issues.append(Invalid(f"spec.policyTypes[{i}]", f"must be Ingress or Egress, got {t!r}"))
@@ -293,6 +309,10 @@ def parse_policy(raw: RawPolicy, issues: list[Invalid] | None = None) -> Network
     collect: list[Invalid] = [] if issues is None else issues
     start = len(collect)
     ref = raw.ref
+    meta = raw.body.get("metadata")
+    for key in ("name", "namespace"):  # ref_of made strings of them; the API has only strings
+        if isinstance(meta, Mapping) and meta.get(key) is not None and not isinstance(meta[key], str):
+            collect.append(Invalid(f"metadata.{key}", f"must be a string, got {type(meta[key]).__name__}"))
     if not ref.name:
         collect.append(Invalid("metadata.name", "missing"))
     elif not is_dns_subdomain(ref.name):

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.policy.errors import Invalid
+from agent.policy.errors import Invalid, unknown_field
 
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 # Label values and key names: <= 63 chars of [A-Za-z0-9_.-], alphanumeric at both ends
@@ -123,7 +123,7 @@ def parse_selector(obj: Any, field: str) -> Selector:
         raise Invalid(field, f"must be an object, got {type(obj).__name__}")
     unknown = set(obj) - {"matchLabels", "matchExpressions"}
     if unknown:
-        raise Invalid(f"{field}.{sorted(map(str, unknown))[0]}", "unknown selector field")
+        raise Invalid(unknown_field(field, unknown), "unknown selector field")
     reqs: list[Requirement] = []
     match_labels = obj.get("matchLabels")
     if match_labels is None:
@@ -144,7 +144,7 @@ def parse_selector(obj: Any, field: str) -> Selector:
             raise Invalid(f, "must be an object")
         unknown = set(e) - {"key", "operator", "values"}
         if unknown:
-            raise Invalid(f"{f}.{sorted(map(str, unknown))[0]}", "unknown field")
+            raise Invalid(unknown_field(f, unknown), "unknown field")
         key = _check_key(e.get("key"), f"{f}.key")
         op = e.get("operator")
         if not isinstance(op, str) or op not in OPERATORS:

@@ -152,18 +152,17 @@ def parse_pod(body: Mapping[str, Any], issues: list[Invalid]) -> Endpoint | None
     Bad parts are appended to `issues` and read fail-closed: a pod whose name, namespace
     or labels do not validate stays an endpoint (so it stays isolated), flagged
     `labels_invalid`; a bad name never travels further (see `safe_name`); a bad address
-    or container port is left out. Raises `Invalid` only for a pod without a name.
+    or container port is left out.
     """
     meta = _meta(body, issues)
     spec = _section(body, "spec", issues)
     status = _section(body, "status", issues)
     name = meta.get("name")
-    if not isinstance(name, str) or not name:
-        raise Invalid("metadata.name", "missing")
     namespace = str(meta.get("namespace") or "default")  # as ref_of reads it, like policies
     names_ok = True
     if not is_dns_subdomain(name):
-        issues.append(Invalid("metadata.name", f"{name!r} is not a DNS-1123 subdomain"))
+        issues.append(Invalid("metadata.name", "missing" if name in (None, "") else
+                              f"{name!r} is not a DNS-1123 subdomain"))
         names_ok = False
     if not is_dns_label(namespace):
         issues.append(Invalid("metadata.namespace", f"{namespace!r} is not a DNS-1123 label"))
@@ -201,7 +200,8 @@ def parse_pod(body: Mapping[str, Any], issues: list[Invalid]) -> Endpoint | None
         return None
     return Endpoint(
         namespace=safe_name(namespace, is_dns_label(namespace)),  # as parse_policy does
-        name=safe_name(name, is_dns_subdomain(name)),
+        # Unnamed: a stand-in per address set, so two unnamed pods stay two endpoints.
+        name=safe_name(name or ("unnamed", tuple(map(str, ips))), is_dns_subdomain(name)),
         ips=tuple(ips),
         labels=labels,
         node=str(spec.get("nodeName") or ""),

@@ -258,6 +258,8 @@ def _policy_problems(spec: dict[str, Any], name: str = "p", namespace: str = "a"
     ({"podSelector": {}, "ingress": [{"ports": [{"protocol": "tcp"}]}]}, "spec.ingress[0].ports[0].protocol"),
     ({"podSelector": {}, "ingress": [{"ports": [{"protocol": 0}]}]}, "spec.ingress[0].ports[0].protocol"),
     ({"podSelector": {}, "policyTypes": "Ingress"}, "spec.policyTypes"),
+    ({"podSelector": {}, "policyTypes": ["Ingress", "Egress", "Ingress"]}, "spec.policyTypes"),
+    ({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}, "x\ny": 1}]}]}, "spec.ingress[0].from[0].'x\\ny'"),
 ])
 def test_policy_validation_names_the_field(spec: dict[str, Any], field: str) -> None:
     assert _policy_problems(spec) == [field]
@@ -304,3 +306,17 @@ def test_pod_validation_keeps_what_it_can_and_flags_the_rest() -> None:
                                          "spec.containers[0].ports[3].protocol", "status.podIPs[1].ip"]
     assert ep is not None and ep.labels_invalid and dict(ep.labels) == {"app": "x"}
     assert [p.name for p in ep.ports] == ["http"] and ep.ips == (ipaddress.ip_address("10.0.0.5"),)
+
+
+def test_unnamed_and_non_string_names_stay_isolated_and_logs_stay_one_line() -> None:
+    unnamed = pod("a/u", "10.0.0.7", {"app": "web"})
+    del unnamed["metadata"]["name"]
+    numbered = pod("a/n", "10.0.0.8", {"app": "web"})
+    numbered["metadata"]["name"] = 5
+    liar = policy("a/x", {"podSelector": {}})
+    liar["metadata"]["name"] = 'x\ny'
+    program, problems = compile_docs([*WORLD, unnamed, numbered, liar])
+    assert sorted(f for _, f in fields(problems)) == ["metadata.name"] * 3
+    assert all("\n" not in str(p) for p in problems)
+    for ip in ("10.0.0.7", "10.0.0.8"):
+        assert not allowed(program, "10.0.1.1", ip)  # still endpoints, isolated by a/_invalid_…
