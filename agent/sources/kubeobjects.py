@@ -169,8 +169,11 @@ def parse_pod(body: Mapping[str, Any], issues: list[Invalid]) -> Endpoint | None
         names_ok = False
     labels, labels_ok = parse_labels(meta.get("labels"), "metadata.labels", issues)
     ports = _container_ports(spec, issues)
-    if spec.get("hostNetwork") is True:
+    host_network = spec.get("hostNetwork")
+    if host_network is True:
         return None
+    if host_network not in (None, False):  # unknown: enforced as a pod (fail closed)
+        issues.append(Invalid("spec.hostNetwork", f"must be a boolean, got {host_network!r}"))
     if status.get("phase") in ("Succeeded", "Failed"):
         return None
     ips: list[IPAddress] = []
