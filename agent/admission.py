@@ -87,21 +87,24 @@ class LastGood:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
 
-    def _parse_previous(self, obj: RawObject, parse: Callable[[RawObject], T], problems: list[Problem]) -> Any:
-        """The last good version of `obj` parsed, or _NOT_PARSED when there is none or it
-        no longer validates (say, after an upgrade made validation stricter): then it is
-        forgotten, reported, and the current version is read fail-closed instead."""
+    def _parse_previous(
+        self, obj: RawObject, parse: Callable[[RawObject], T], problems: list[Problem]
+    ) -> tuple[RawObject, T] | None:
+        """The last good version of `obj`, parsed; None when there is none or it no longer
+        validates (say, after an upgrade made validation stricter): then it is forgotten,
+        reported, and the current version is read fail-closed instead."""
         previous = self.get(obj.ref)
         if previous is None:
-            return _NOT_PARSED
+            return None
+        prev = RawObject(obj.ref, previous)
         try:
-            return parse(RawObject(obj.ref, previous))
+            return prev, parse(prev)
         except Invalid as e:
             why = f"{e.field}: {e.message}"
         except (TypeError, AttributeError, ValueError, KeyError) as e:
             why = f"malformed: {e}"
         problems.append(Problem(obj.ref, "(last good version)", f"no longer valid, forgotten ({why})"))
-        return _NOT_PARSED
+        return None
 
     def admit(
         self,
@@ -132,11 +135,9 @@ class LastGood:
             except (TypeError, AttributeError, ValueError, KeyError) as e:  # shapes no validator foresaw
                 problems.append(Problem(obj.ref, "(object)", f"malformed: {e}"))
             previous = self._parse_previous(obj, parse, problems)
-            if previous is not _NOT_PARSED:
-                prev = self.get(obj.ref)
-                assert prev is not None
-                good[key] = prev
-                out.append((RawObject(obj.ref, prev), previous))
+            if previous is not None:
+                good[key] = previous[0].body
+                out.append(previous)
             elif fallback is not _NOT_PARSED:
                 out.append((obj, fallback))  # enforced, but never saved as good
         self._parsed = parsed

@@ -172,7 +172,7 @@ def parse_pod(body: Mapping[str, Any], issues: list[Invalid]) -> Endpoint | None
     host_network = spec.get("hostNetwork")
     if host_network is True:
         return None
-    if host_network not in (None, False):  # unknown: enforced as a pod (fail closed)
+    if host_network is not None and host_network is not False:  # unknown: enforced as a pod
         issues.append(Invalid("spec.hostNetwork", f"must be a boolean, got {host_network!r}"))
     if status.get("phase") in ("Succeeded", "Failed"):
         return None
