@@ -127,7 +127,7 @@ def _pipeline(args: argparse.Namespace, node: str | None, readonly: bool = False
 
 def _report(snap: Snapshot) -> None:
     for p in snap.problems:
-        log.warning("invalid object skipped (last good version kept): %s", p)
+        log.warning("invalid input (last good version kept, else read fail-closed): %s", p)
 
 
 # ------------------------------------------------------------------ simulator

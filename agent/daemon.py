@@ -159,7 +159,7 @@ class Daemon:
         """Log each problem once while it persists, not on every resync."""
         now = {str(p): p for p in problems}
         for text in sorted(set(now) - self._reported):
-            log.warning("invalid object skipped (last good version kept): %s", text)
+            log.warning("invalid input (last good version kept, else read fail-closed): %s", text)
             self.metrics.rejected.labels(now[text].ref.kind).inc()
         self._reported = set(now)
 

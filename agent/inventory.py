@@ -38,6 +38,9 @@ class Endpoint:
     # Set by a source whose endpoints live behind one known device (NetBird's wt0);
     # None means "find the host-side device from the routing table".
     interface: str | None = None
+    # The source's labels did not all validate (`labels` holds the valid ones). Fail
+    # closed: every isolation of its namespace selects it, no accept peer matches it.
+    labels_invalid: bool = False
 
     @property
     def key(self) -> str:
@@ -54,6 +57,8 @@ class Endpoint:
 class Namespace:
     name: str
     labels: Mapping[str, str] = field(default_factory=dict)
+    # Labels (or name) did not validate: no namespaceSelector matches it, not even NotIn.
+    labels_invalid: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class ObjectRef:
 
     def __str__(self) -> str:
         nsname = f"{self.namespace}/{self.name}" if self.namespace else self.name
+        nsname = nsname if nsname.isprintable() else repr(nsname)  # no hostile line breaks in logs
         where = f"{self.location}: " if self.location else ""
         return f"{where}{self.kind} {nsname}"
 
@@ -82,11 +88,14 @@ class RawPolicy:
 
     ref: ObjectRef
     body: Mapping[str, Any]
+    # What admission made of it (e.g. a partially valid NetworkPolicy), so semantics
+    # need not parse it again; None: not parsed yet.
+    parsed: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
 class Problem:
-    """An invalid object: reported, skipped, its last good version kept."""
+    """An invalid object or part: reported; its last good version kept, else read fail-closed."""
 
     ref: ObjectRef
     field: str

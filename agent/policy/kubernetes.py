@@ -8,6 +8,13 @@ Follows the API reference (networking.k8s.io/v1):
   protocol; a port entry without `port` means every port of its protocol;
 - named ports resolve against the destination pod: for ingress the selected pod, for
   egress each peer pod (so one egress rule may become one IR rule per port number).
+
+Validation is the API server's (see `parse_policy`), and bad input fails closed: an
+invalid peer, port or rule matches nothing; a policy whose podSelector or policyTypes do
+not parse isolates every pod of its namespace (in every direction it could apply to) and
+allows nothing; a pod whose labels do not parse is isolated by every policy of its
+namespace, gets the rules only of policies selecting every pod, and is no peer of any
+rule; a namespace whose labels do not parse is matched by no namespaceSelector.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,15 +38,20 @@ from agent.ir import (
     Program,
     Rule,
 )
-from agent.policy.errors import Invalid
+from agent.policy.errors import (
+    Invalid,
+    is_dns_label,
+    is_dns_subdomain,
+    safe_name,
+    unknown_field,
+    valid_port_name,
+)
 from agent.policy.errors import as_list as _list
 from agent.policy.errors import as_map as _map
-from agent.policy.selectors import Selector, parse_selector
+from agent.policy.selectors import INVALID, Selector, parse_selector
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 POLICY_TYPES = ("Ingress", "Egress")
-# IANA service name, as Kubernetes validates named ports.
-_PORT_NAME = re.compile(r"^(?=.{1,15}$)(?=.*[a-z])[a-z0-9]+(-[a-z0-9]+)*$")
 
 
 @dataclass(frozen=True)
@@ -101,23 +113,62 @@ class NetworkPolicy:
 # ---------------------------------------------------------------- parsing
 
 
+_DIGITS = re.compile(r"[0-9]+")
+_SLOPPY_V4 = re.compile(r"([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)")
+_V6_CHARS = re.compile(r"[0-9A-Fa-f:.]+")
+
+
+def _sloppy_v4(text: str) -> str:
+    m = _SLOPPY_V4.fullmatch(text)
+    if m is None or any(int(o) > 255 for o in m.groups()):
+        raise ValueError(f"invalid IPv4 address {text!r}")
+    return ".".join(str(int(o)) for o in m.groups())
+
+
+def parse_cidr_sloppy(text: Any) -> Network:
+    """A CIDR as the API server reads it (k8s.io/utils netutils.ParseCIDRSloppy, Go 1.16's
+    parser): IPv4 octets and the prefix length may have leading zeros, read as DECIMAL
+    (010.0.2.0/24 is 10.0.2.0/24); host bits may be set. Raises ValueError."""
+    if not isinstance(text, str):
+        raise ValueError(f"must be a string, got {type(text).__name__}")
+    addr, slash, prefix = text.partition("/")
+    if not slash or not _DIGITS.fullmatch(prefix):
+        raise ValueError("needs /<prefix length>")
+    if ":" in addr:
+        if not _V6_CHARS.fullmatch(addr):  # no zone ("%eth0"), no spaces
+            raise ValueError(f"invalid IPv6 address {addr!r}")
+        if "." in addr:  # an embedded IPv4 tail: same sloppy octets
+            cut = addr.rindex(":") + 1
+            addr = addr[:cut] + _sloppy_v4(addr[cut:])
+        ip: IPAddress = ipaddress.IPv6Address(addr)
+    else:
+        ip = ipaddress.IPv4Address(_sloppy_v4(addr))
+    length = int(prefix)
+    if length > ip.max_prefixlen:
+        raise ValueError(f"prefix length {length} out of range")
+    return ipaddress.ip_network((ip, length), strict=False)
+
+
 def _network(text: Any, field: str) -> Network:
-    if not isinstance(text, str) or "/" not in text:
-        raise Invalid(field, f"invalid CIDR {text!r}")
     try:
-        return ipaddress.ip_network(text, strict=False)
+        return parse_cidr_sloppy(text)
     except ValueError as e:
         raise Invalid(field, f"invalid CIDR {text!r}: {e}") from None
 
 
 def _parse_ip_block(obj: Any, field: str) -> IPBlock:
+    """Raises Invalid for any bad part, except entries included: dropping a bad except
+    would widen the block, so the whole peer must match nothing instead."""
     block = _map(obj, field)
+    unknown = set(block) - {"cidr", "except"}
+    if unknown:
+        raise Invalid(unknown_field(field, unknown), "unknown ipBlock field")
     cidr = _network(block.get("cidr"), f"{field}.cidr")
     excepts = []
     for i, e in enumerate(_list(block.get("except"), f"{field}.except")):
         net = _network(e, f"{field}.except[{i}]")
-        if net.version != cidr.version or not net.subnet_of(cidr) or net == cidr:  # type: ignore[arg-type]
-            raise Invalid(f"{field}.except[{i}]", f"{e} must be a strict subset of {cidr}")
+        if net.version != cidr.version or not net.subnet_of(cidr) or net.prefixlen <= cidr.prefixlen:  # type: ignore[arg-type]
+            raise Invalid(f"{field}.except[{i}]", f"{e!r} must be a strict subset of {cidr}")
         excepts.append(net)
     return IPBlock(cidr, tuple(excepts))
 
@@ -126,7 +177,7 @@ def _parse_peer(obj: Any, field: str) -> Peer:
     peer = _map(obj, field)
     unknown = set(peer) - {"podSelector", "namespaceSelector", "ipBlock"}
     if unknown:
-        raise Invalid(f"{field}.{sorted(unknown)[0]}", "unknown peer field")
+        raise Invalid(unknown_field(field, unknown), "unknown peer field")
     if "ipBlock" in peer and peer["ipBlock"] is not None:
         if peer.get("podSelector") is not None or peer.get("namespaceSelector") is not None:
             raise Invalid(field, "ipBlock cannot be combined with podSelector/namespaceSelector")
@@ -143,21 +194,25 @@ def _parse_peer(obj: Any, field: str) -> Peer:
 
 def _parse_port(obj: Any, field: str) -> PortSpec:
     entry = _map(obj, field)
-    proto = entry.get("protocol") or "TCP"
-    if proto not in PROTOCOLS:
+    unknown = set(entry) - {"protocol", "port", "endPort"}
+    if unknown:
+        raise Invalid(unknown_field(field, unknown), "unknown port field")
+    proto = entry.get("protocol")
+    if proto is None:
+        proto = "TCP"
+    if not isinstance(proto, str) or proto not in PROTOCOLS:
         raise Invalid(f"{field}.protocol", f"must be one of TCP, UDP, SCTP, got {proto!r}")
     port = entry.get("port")
     end = entry.get("endPort")
     if isinstance(port, bool):
         raise Invalid(f"{field}.port", f"invalid port {port!r}")
-    if isinstance(port, str) and port.isdigit():
-        port = int(port)  # an IntOrString written as a string of digits
     if isinstance(port, int):
         if not 1 <= port <= 65535:
             raise Invalid(f"{field}.port", f"{port} is out of range 1-65535")
     elif isinstance(port, str):
-        if not _PORT_NAME.match(port):
-            raise Invalid(f"{field}.port", f"invalid named port {port!r}")
+        # An IntOrString given as a string is a name: "80" has no letter, so it is invalid.
+        if not valid_port_name(port):
+            raise Invalid(f"{field}.port", f"invalid named port {port!r} (IANA_SVC_NAME)")
     elif port is not None:
         raise Invalid(f"{field}.port", f"must be a number or a name, got {port!r}")
     if end is not None:
@@ -170,52 +225,122 @@ def _parse_port(obj: Any, field: str) -> PortSpec:
     return PortSpec(proto, port, end)
 
 
-def _parse_rule(obj: Any, field: str, peers_key: str) -> PolicyRule:
-    rule = _map(obj, field)
-    unknown = set(rule) - {peers_key, "ports"}
-    if unknown:
-        raise Invalid(f"{field}.{sorted(unknown)[0]}", "unknown rule field")
-    raw_peers = _list(rule.get(peers_key), f"{field}.{peers_key}")
-    peers = tuple(_parse_peer(p, f"{field}.{peers_key}[{i}]") for i, p in enumerate(raw_peers))
-    ports = tuple(
-        _parse_port(p, f"{field}.ports[{i}]")
-        for i, p in enumerate(_list(rule.get("ports"), f"{field}.ports"))
-    )
-    return PolicyRule(peers or None, ports)
+def _parse_rule(obj: Any, field: str, peers_key: str, issues: list[Invalid]) -> PolicyRule | None:
+    """One rule, fail-closed: invalid peers and ports are left out and reported; None when
+    the rule as a whole is invalid or every peer (or every port) was, so that it matches
+    nothing rather than any peer (or any port)."""
+    try:
+        rule = _map(obj, field)
+        unknown = set(rule) - {peers_key, "ports"}
+        if unknown:
+            raise Invalid(unknown_field(field, unknown), "unknown rule field")
+    except Invalid as e:
+        issues.append(e)
+        return None
+    ok = True
+    peers: list[Peer] = []
+    ports: list[PortSpec] = []
+    for key, parse, out in ((peers_key, _parse_peer, peers), ("ports", _parse_port, ports)):
+        try:
+            items = _list(rule.get(key), f"{field}.{key}")
+        except Invalid as e:
+            issues.append(e)
+            ok = False
+            continue
+        for i, item in enumerate(items):
+            try:
+                out.append(parse(item, f"{field}.{key}[{i}]"))  # type: ignore[operator]
+            except Invalid as e:
+                issues.append(e)
+        if items and not out:
+            ok = False  # every entry was invalid: "none" must not become "any"
+    return PolicyRule(tuple(peers) or None, tuple(ports)) if ok else None
 
 
-def parse_policy(raw: RawPolicy) -> NetworkPolicy:
-    """Validate one NetworkPolicy; raise `Invalid` naming the first bad field."""
-    body = raw.body
-    spec = _map(body.get("spec"), "spec")
-    pod_selector = parse_selector(spec.get("podSelector"), "spec.podSelector")
-    ingress = tuple(
-        _parse_rule(r, f"spec.ingress[{i}]", "from")
-        for i, r in enumerate(_list(spec.get("ingress"), "spec.ingress"))
-    )
-    egress = tuple(
-        _parse_rule(r, f"spec.egress[{i}]", "to")
-        for i, r in enumerate(_list(spec.get("egress"), "spec.egress"))
-    )
-    raw_types = spec.get("policyTypes")
-    if raw_types is None or raw_types == []:
-        # Defaulting: Ingress always; Egress when the policy has egress rules.
-        types = {"Ingress"} | ({"Egress"} if egress else set())
+def _parse_rules(spec: Mapping[str, Any], key: str, peers_key: str, issues: list[Invalid]) -> tuple[PolicyRule, ...]:
+    try:
+        raw = _list(spec.get(key), f"spec.{key}")
+    except Invalid as e:
+        issues.append(e)
+        return ()
+    rules = (_parse_rule(r, f"spec.{key}[{i}]", peers_key, issues) for i, r in enumerate(raw))
+    return tuple(r for r in rules if r is not None)
+
+
+def _parse_types(spec: Mapping[str, Any], issues: list[Invalid]) -> tuple[frozenset[str], bool]:
+    """(policy types, whether they parsed). Unparsable types read as both directions."""
+    raw = spec.get("policyTypes")
+    if raw is None or raw == []:
+        # Defaulting: Ingress always; Egress when the policy has egress rules (judged on the
+        # raw field, so an unparsable egress list still counts).
+        return frozenset({"Ingress"} | ({"Egress"} if spec.get("egress") not in (None, []) else set())), True
+    if not isinstance(raw, list):
+        issues.append(Invalid("spec.policyTypes", f"must be a list, got {type(raw).__name__}"))
+        return frozenset(POLICY_TYPES), False
+    ok = len(raw) <= len(POLICY_TYPES)
+    if not ok:
+        issues.append(Invalid("spec.policyTypes", f"may not have more than {len(POLICY_TYPES)} entries"))
+    for i, t in enumerate(raw):
+        if not isinstance(t, str) or t not in POLICY_TYPES:
+            issues.append(Invalid(f"spec.policyTypes[{i}]", f"must be Ingress or Egress, got {t!r}"))
+            ok = False
+    return (frozenset(raw), True) if ok else (frozenset(POLICY_TYPES), False)
+
+
+def isolation_only(namespace: str, name: str, source: str = "file") -> NetworkPolicy:
+    """The most a policy of which nothing parses can mean: every pod of its namespace
+    isolated both ways, nothing allowed."""
+    return NetworkPolicy(namespace, name, INVALID, frozenset(POLICY_TYPES), (), (), source)
+
+
+def parse_policy(raw: RawPolicy, issues: list[Invalid] | None = None) -> NetworkPolicy:
+    """One NetworkPolicy, validated like the API server, read fail-closed.
+
+    Every bad field is appended to `issues` (with `issues=None`, the first one is raised
+    as `Invalid` instead, for callers that want all-or-nothing). What is returned never
+    allows more than any valid reading of the object:
+    - an invalid peer or port is left out; a rule whose peers (or ports) were all invalid,
+      or that is itself malformed, is left out (it matches nothing);
+    - an invalid podSelector selects every pod of the namespace, an invalid policyTypes
+      means both directions, and in either case no rule of the policy applies (it only
+      isolates); valid sibling rules of a valid policy still apply;
+    - an invalid name or namespace is reported and replaced by a stand-in (`safe_name`).
+    """
+    collect: list[Invalid] = [] if issues is None else issues
+    start = len(collect)
+    ref = raw.ref
+    meta = raw.body.get("metadata")
+    for key in ("name", "namespace"):  # ref_of made strings of them; the API has only strings
+        if isinstance(meta, Mapping) and meta.get(key) is not None and not isinstance(meta[key], str):
+            collect.append(Invalid(f"metadata.{key}", f"must be a string, got {type(meta[key]).__name__}"))
+    if not ref.name:
+        collect.append(Invalid("metadata.name", "missing"))
+    elif not is_dns_subdomain(ref.name):
+        collect.append(Invalid("metadata.name", f"{ref.name!r} is not a DNS-1123 subdomain"))
+    if not is_dns_label(ref.namespace):
+        collect.append(Invalid("metadata.namespace", f"{ref.namespace!r} is not a DNS-1123 label"))
+    namespace = safe_name(ref.namespace, is_dns_label(ref.namespace))
+    name = safe_name(ref.name, is_dns_subdomain(ref.name))
+    try:
+        spec = _map(raw.body.get("spec"), "spec")
+    except Invalid as e:
+        collect.append(e)
+        pol = isolation_only(namespace, name, ref.source)
     else:
-        types = set()
-        for i, t in enumerate(_list(raw_types, "spec.policyTypes")):
-            if t not in POLICY_TYPES:
-                raise Invalid(f"spec.policyTypes[{i}]", f"must be Ingress or Egress, got {t!r}")
-            types.add(t)
-    return NetworkPolicy(
-        namespace=raw.ref.namespace,
-        name=raw.ref.name,
-        pod_selector=pod_selector,
-        types=frozenset(types),
-        ingress=ingress,
-        egress=egress,
-        source=raw.ref.source,
-    )
+        try:
+            pod_selector = parse_selector(spec.get("podSelector"), "spec.podSelector")
+        except Invalid as e:
+            collect.append(e)
+            pod_selector = INVALID
+        ingress = _parse_rules(spec, "ingress", "from", collect)
+        egress = _parse_rules(spec, "egress", "to", collect)
+        types, types_ok = _parse_types(spec, collect)
+        if pod_selector.invalid or not types_ok:
+            ingress, egress = (), ()  # selection or direction unknown: isolate only
+        pol = NetworkPolicy(namespace, name, pod_selector, types, ingress, egress, ref.source)
+    if issues is None and len(collect) > start:
+        raise collect[start]
+    return pol
 
 
 # ---------------------------------------------------------------- compiling
@@ -232,8 +357,15 @@ class _Resolver:
         self._cache: dict[tuple[Any, ...], tuple[Endpoint, ...]] = {}
 
     def namespaces(self, sel: Selector) -> list[str]:
+        """Namespaces a namespaceSelector matches; never one whose labels did not validate
+        (its real labels are unknown: not even NotIn or DoesNotExist may match it)."""
         names = set(self.by_namespace) | set(self.inv.namespaces)
-        return sorted(n for n in names if sel.matches(self.inv.namespace(n).labels))
+        out = []
+        for n in names:
+            ns = self.inv.namespace(n)
+            if not ns.labels_invalid and sel.matches(ns.labels):
+                out.append(n)
+        return sorted(out)
 
     def pods(self, peer: Peer, policy_ns: str) -> tuple[Endpoint, ...]:
         key = (peer.pod_selector, peer.namespace_selector, policy_ns)
@@ -241,7 +373,11 @@ class _Resolver:
         if hit is None:
             nss = [policy_ns] if peer.namespace_selector is None else self.namespaces(peer.namespace_selector)
             psel = peer.pod_selector or Selector()
-            hit = tuple(ep for ns in nss for ep in self.by_namespace.get(ns, ()) if psel.matches(ep.labels))
+            # A pod whose labels did not validate is matched by no peer (fail closed).
+            hit = tuple(
+                ep for ns in nss for ep in self.by_namespace.get(ns, ())
+                if not ep.labels_invalid and psel.matches(ep.labels)
+            )
             self._cache[key] = hit
         return hit
 
@@ -360,14 +496,23 @@ class _Compiler:
         ing_by: list[str] = []
         eg_by: list[str] = []
         for pol in self.by_ns.get(ep.namespace, ()):
-            if not pol.pod_selector.matches(ep.labels):
+            # Fail closed on either side: an invalid podSelector, or a pod whose labels did
+            # not validate, means selected for isolation; the policy's rules apply only when
+            # the selection is certain (a pod with bad labels: only an empty podSelector).
+            if pol.pod_selector.invalid or ep.labels_invalid:
+                isolates, rules = True, pol.pod_selector.empty
+            else:
+                isolates = rules = pol.pod_selector.matches(ep.labels)
+            if not isolates:
                 continue
             if "Ingress" in pol.types:
                 ing_by.append(pol.key)
-                ing_rules.extend(self._ingress_rules(pol, ep))
+                if rules:
+                    ing_rules.extend(self._ingress_rules(pol, ep))
             if "Egress" in pol.types:
                 eg_by.append(pol.key)
-                eg_rules.extend(self._egress_rules(pol))
+                if rules:
+                    eg_rules.extend(self._egress_rules(pol))
         return EndpointProgram(
             key=ep.key,
             ips=ep.ips,
@@ -394,11 +539,13 @@ def compile_program(
 
 
 def compile_inventory(inv: Inventory, node: str | None = None, source: str = "file") -> Program:
-    """Compile the (already admitted) policies of an inventory."""
+    """Compile the admitted policies of an inventory (as admission read them, fail-closed)."""
     policies = []
     for raw in inv.policies.values():
-        try:
-            policies.append(parse_policy(raw))
-        except Invalid as e:  # admission normally filtered these out
-            inv.problems.append(Problem(raw.ref, e.field, e.message))
+        if isinstance(raw.parsed, NetworkPolicy):
+            policies.append(raw.parsed)
+            continue
+        issues: list[Invalid] = []
+        policies.append(parse_policy(raw, issues))
+        inv.problems.extend(Problem(raw.ref, e.field, e.message) for e in issues)
     return compile_program(inv, policies, node=node, source=source)

@@ -362,7 +362,8 @@ def dir_fuzz(lab: Lab, dataplane: str, work: Path, examples: int, seed: int) -> 
     """Hypothesis-generated policies (tests/unit/test_fuzz_kubernetes strategies), some made
     invalid, plus garbage files and half-written files (in place and via rename) while the
     daemon runs: it keeps running, reports every invalid object, never enforces a verdict
-    wider than the same input without the invalid objects, and while an in-place writer holds
+    wider than the same input with each invalid object replaced by a valid reading of it
+    (tests/unit/test_fuzz_kubernetes: its bad parts matching nothing), and while an in-place writer holds
     the file open (part written) the previous version stays exactly in force."""
     import json
 
@@ -401,8 +402,8 @@ def dir_fuzz(lab: Lab, dataplane: str, work: Path, examples: int, seed: int) -> 
                    "spec": json.loads(json.dumps(spec))}
             if mutation is None:
                 docs_valid.append(doc)
-            else:
-                MUTATIONS[mutation](doc["spec"])
+            else:  # the reference holds a valid reading of it (bad parts matching nothing)
+                docs_valid.append({**doc, "spec": MUTATIONS[mutation](doc["spec"])[0]})
                 bad += 1
             docs_all.append(doc)
         figures["invalid_objects"] += bad

@@ -222,12 +222,16 @@ def test_node_filter_compiles_only_local_endpoints() -> None:
 def test_invalid_policy_is_rejected_naming_the_field(spec: dict[str, Any], field: str) -> None:
     snap = snapshot_of([*BASE, policy("a/bad", spec), policy("a/good", {"podSelector": {}})])
     assert [(p.ref.name, p.field) for p in snap.problems] == [("bad", field)]
-    # The good policy still applies; the bad one contributes nothing.
-    assert snap.program.endpoints["a/web"].ingress.isolated_by == ("a/good",)
+    # The good policy still applies; the bad one still isolates (fail closed) but its
+    # invalid rule allows nothing.
+    assert snap.program.endpoints["a/web"].ingress.isolated_by == ("a/bad", "a/good")
+    rules = [r for ep in snap.program.endpoints.values() for r in (*ep.ingress.rules, *ep.egress.rules)]
+    assert not [r for r in rules if r.origin.policy == "bad"]
 
 
 def test_invalid_pod_is_reported_and_skipped() -> None:
     bad = pod("a/bad", "10.0.0.300")
     snap = snapshot_of([*BASE, bad])
-    assert [(p.ref.kind, p.ref.name, p.field) for p in snap.problems] == [("Pod", "bad", "status.podIPs[0].ip")]
+    assert [(p.ref.kind, p.ref.name, p.field) for p in snap.problems] == [("Pod", "bad", "status.podIPs[0].ip"),
+                                                                              ("Pod", "bad", "status.podIP")]
     assert "a/bad" not in snap.program.endpoints and "a/web" in snap.program.endpoints
