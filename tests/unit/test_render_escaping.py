@@ -11,6 +11,7 @@ and real `nft -c -f` must accept them, in a throwaway network namespace.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import ipaddress
 import os
 import re
@@ -32,7 +33,7 @@ from agent.inventory import Endpoint, Inventory, Namespace, ObjectRef, RawPolicy
 from agent.ir import Direction, DirectionProgram, EndpointProgram, Origin, PeerSet, Program, Rule, Verdict
 from agent.metrics import KernelCollector
 from agent.policy import netbird as nb
-from agent.policy.kubernetes import compile_inventory
+from agent.policy.kubernetes import compile_inventory, parse_policy
 from tests.conftest import require_privileges
 
 NASTY = [
@@ -106,8 +107,12 @@ def k8s_program(names: list[str], variant: int = 0) -> Program:
     port = 80 + variant
 
     def add(ns: str, pname: str, spec: dict) -> None:
+        # Admission would replace an invalid name by a stand-in: parse under a valid one,
+        # then give the parsed policy the hostile names, so that they reach the renderer.
+        valid = RawPolicy(ObjectRef("NetworkPolicy", "ns", "pol"), {"spec": spec})
+        parsed = dataclasses.replace(parse_policy(valid), namespace=ns, name=pname)
         ref = ObjectRef("NetworkPolicy", ns, pname)
-        inv.policies[ref.key] = RawPolicy(ref, {"metadata": {"namespace": ns, "name": pname}, "spec": spec})
+        inv.policies[ref.key] = RawPolicy(ref, {"metadata": {"namespace": ns, "name": pname}, "spec": spec}, parsed)
 
     add(ns_a, pol1, {"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [
         {"from": [{"podSelector": {"matchLabels": {"app": "db"}}},
