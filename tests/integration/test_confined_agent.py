@@ -21,6 +21,7 @@ import pytest
 
 from tests.integration import test_netbird_packets as nb
 from tests.lab import sandbox
+from tests.lab.netbird import wait_for
 
 env = nb.env  # the NetBird lab: overlay, management-API server, agent command line
 
@@ -42,6 +43,14 @@ def test_netbird_agent_under_the_units_confinement(env: nb.NbEnv) -> None:
     # in turn, so the pid we spawned is the agent's).
     status = Path(f"/proc/{env.agent.pid}/status").read_text()
     assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status, status
+    # Drop samples (NFLOG over nfnetlink, or the BPF queue map) came through: bob's
+    # tcp/80 was dropped by block-bob.
+    assert wait_for(lambda: any("block-bob" in " ".join(d["policies"]) for d in json.loads(env.get("/drops")[1])),
+                       timeout=30), env.get("/drops")[1]
+    # Nothing the confinement refused was merely logged: strict mode's flow dump after
+    # every sync and the drop sampler log a warning when they fail.
+    log = env.agent_log()
+    assert " WARNING " not in log and "Traceback" not in log, log
 
 
 @pytest.mark.parametrize("dataplane_files", ["nftables", "ebpf"])
