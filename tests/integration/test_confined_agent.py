@@ -2,16 +2,19 @@
 confinement is really in force.
 
 systemd is not PID 1 here, so the unit cannot be started; tests/lab/sandbox.py applies
-what the unit does to the process itself (capabilities, no_new_privs, the seccomp
-filters of SystemCallFilter=, RestrictAddressFamilies=, MemoryDenyWriteExecute=), read
-from the unit's text, plus the eBPF drop-in on the eBPF dataplane. The mount-namespace
-settings (ProtectSystem= and friends) are not reproduced.
+what the unit does to the process itself, read from the unit's text (plus the eBPF
+drop-in on the eBPF dataplane): capabilities, no_new_privs, the seccomp filters of
+SystemCallFilter= and the Restrict*/LockPersonality/MemoryDenyWriteExecute settings, and
+the file-system protections (ProtectSystem=strict, ProtectKernel*, ProtectHome,
+ProtectProc) in a mount namespace. Its docstring lists what it does not reproduce.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.dataplane.ebpf import PIN_ROOT_ENV
 from tests.integration import test_netbird_packets as nb
 from tests.lab import sandbox
 from tests.lab.netbird import wait_for
@@ -36,13 +40,21 @@ def test_netbird_agent_under_the_units_confinement(env: nb.NbEnv) -> None:
     conf = sandbox.confinement(*_files(env.dataplane))
     # The test machine itself lacks CAP_SYS_RESOURCE; it only matters on kernels < 5.11.
     assert set(conf.caps) - sandbox.available_caps() <= {"sys_resource"}
-    env.lab.spawn_agent = functools.partial(sandbox.spawn_agent, env.lab, conf)  # type: ignore[method-assign]
+    # The unit's writable paths, as this test has them: the agent's --state-dir, and for
+    # eBPF the bpffs the tests mount (the pin root's parent; /sys/fs/bpf in production).
+    paths = {"/var/lib/stockade": str(env.tmp / "state")}
+    if env.dataplane == "ebpf":
+        paths["/sys/fs/bpf"] = os.path.dirname(os.environ[PIN_ROOT_ENV])
+    env.lab.spawn_agent = functools.partial(sandbox.spawn_agent, env.lab, conf, paths=paths)  # type: ignore[method-assign]
     nb.test_netbird_policies_enforced_on_wt0_both_directions(env)
     assert env.agent is not None
     # The agent we probed is the confined one (`ip netns exec`, setpriv and the sandbox exec
     # in turn, so the pid we spawned is the agent's).
     status = Path(f"/proc/{env.agent.pid}/status").read_text()
     assert "Seccomp:\t2" in status and "NoNewPrivs:\t1" in status, status
+    root = [line.split() for line in Path(f"/proc/{env.agent.pid}/mountinfo").read_text().splitlines()
+            if line.split()[4] == "/"]
+    assert root and all(fields[5].split(",")[0] == "ro" for fields in root), root  # ProtectSystem=strict
     # Drop samples (NFLOG over nfnetlink, or the BPF queue map) came through: bob's
     # tcp/80 was dropped by block-bob.
     assert wait_for(lambda: any("block-bob" in " ".join(d["policies"]) for d in json.loads(env.get("/drops")[1])),
@@ -83,6 +95,26 @@ def test_the_confinement_is_in_force(dataplane_files: str) -> None:
     # MemoryDenyWriteExecute=
     wx = run("import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)")
     assert wx.returncode == 1 and "Errno 1" in wx.stderr
+    # RestrictNamespaces=: unshare(CLONE_NEWNET) is refused.
+    ns = run("import ctypes; print(ctypes.CDLL(None, use_errno=True).unshare(0x40000000), ctypes.get_errno())")
+    assert ns.stdout.split() == ["-1", "1"], ns.stdout + ns.stderr
+    # The file-system protections.
+    files = run("import os, json\n"
+                "def t(f):\n"
+                "    try:\n        f()\n        return 0\n"
+                "    except OSError as e:\n        return e.errno\n"
+                "print(json.dumps({'usr': t(lambda: open('/usr/stockade-probe', 'w')),"
+                " 'tmp': t(lambda: os.unlink(open('/tmp/stockade-sandbox-probe', 'w').name)),"
+                " 'kallsyms': t(lambda: open('/proc/kallsyms').read(1)),"
+                " 'modules': t(lambda: os.listdir('/usr/lib/modules')),"
+                " 'sysctl': t(lambda: open('/proc/sys/net/ipv4/ip_forward', 'w')),"
+                " 'home': t(lambda: os.listdir('/root'))}))")
+    assert files.returncode == 0, files.stderr
+    assert json.loads(files.stdout) == {
+        "usr": errno.EROFS, "tmp": 0, "kallsyms": errno.EACCES, "sysctl": errno.EROFS, "home": errno.EACCES,
+        # bcc reads the kernel headers there: the eBPF drop-in turns ProtectKernelModules off.
+        "modules": 0 if dataplane_files == "ebpf" else errno.EACCES,
+    }
 
 
 def _cap_numbers(caps: tuple[str, ...]) -> list[int]:

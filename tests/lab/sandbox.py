@@ -7,18 +7,27 @@ its settings do to the process itself is reproduced here from the unit's own tex
   as root, the permitted and effective sets after exec are the bounding set.
 - SystemCallFilter= (with the groups systemd itself expands: `systemd-analyze
   syscall-filter`), SystemCallErrorNumber=, SystemCallArchitectures=native,
-  RestrictAddressFamilies= and MemoryDenyWriteExecute=: seccomp filters built with
-  libseccomp (Debian python3-seccomp) following systemd's semantics: an allow-list
-  (always with @default), `~` lines remove from it, later plain lines add back; a
-  denied call kills the process unless an errno is set; socket() of another family fails
-  with EAFNOSUPPORT; mmap W+X, mprotect/pkey_mprotect +X and shmat SHM_EXEC fail with
-  EPERM.
+  RestrictAddressFamilies=, RestrictNamespaces=yes, LockPersonality= and
+  MemoryDenyWriteExecute=: seccomp filters built with libseccomp (Debian python3-seccomp)
+  following systemd's semantics: an allow-list (always with @default), `~` lines remove
+  from it, later plain lines add back; a denied call kills the process unless an errno is
+  set; socket() of another family fails with EAFNOSUPPORT; setns(), unshare() and clone()
+  of namespaces fail with EPERM and clone3() with ENOSYS (glibc falls back to clone());
+  personality() other than PER_LINUX fails with EPERM; mmap W+X, mprotect/pkey_mprotect +X and shmat
+  SHM_EXEC fail with EPERM.
+- In a mount namespace of its own: ProtectSystem=strict (every mount read-only but /proc,
+  /sys, /dev and the writable paths), ReadWritePaths=/StateDirectory= (mapped to the
+  test's own paths), PrivateTmp= (stood in for by a writable /tmp: the test's files live
+  there), ProtectKernelTunables= (/sys and /proc/sys read-only, /proc/kallsyms and
+  /proc/kcore inaccessible), ProtectKernelModules= (/usr/lib/modules inaccessible),
+  ProtectHome= and ProtectProc= (a procfs with hidepid=).
 
-Not reproduced (they need systemd's mount namespace): ProtectSystem=, Private*=,
-Protect{Home,Proc,Kernel*,ControlGroups}=, ProcSubset=, ReadWritePaths=, UMask=.
+Not reproduced: PrivateDevices=, PrivateMounts=, ProcSubset=, RemoveIPC=, UMask=,
+LimitMEMLOCK=.
 
-`python -m tests.lab.sandbox CONFINEMENT_JSON -- CMD...` installs the filters and execs
-CMD; `command()` builds the full command line, `spawn_agent()` runs the agent with it.
+`command()` builds the command line: `unshare --mount` runs this module's `mounts` step as
+root, which execs `setpriv`, which execs its `seccomp` step, which execs the command; the
+pid stays the same throughout. `spawn_agent()` runs the agent with it.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +55,8 @@ UNIT = ROOT / "systemd" / "stockade.service"
 EBPF_DROPIN = ROOT / "systemd" / "stockade.service.d" / "ebpf.conf"
 AF_MAX = 46  # linux/socket.h (6.x); families at or above it are refused too
 SHM_EXEC = 0o100000
+# CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET, NEWTIME (linux/sched.h)
+NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x00000080)
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,15 @@ class Confinement:
     families: tuple[str, ...] | None  # RestrictAddressFamilies= allow-list (AF_* names)
     mdwe: bool  # MemoryDenyWriteExecute=
     nnp: bool  # NoNewPrivileges=
+    namespaces: bool  # RestrictNamespaces=yes
+    personality: bool  # LockPersonality=
+    protect_system: str  # ProtectSystem=: "strict" or "no" (others are not reproduced)
+    private_tmp: bool
+    protect_home: bool
+    protect_tunables: bool  # ProtectKernelTunables=
+    protect_modules: bool  # ProtectKernelModules=
+    protect_proc: str  # ProtectProc=: "default", "invisible", "noaccess" or "ptraceable"
+    writable: tuple[str, ...]  # ReadWritePaths= and /var/lib/<StateDirectory=>
 
 
 def unit_settings(*files: Path) -> dict[str, list[str]]:
@@ -142,11 +162,24 @@ def confinement(*files: Path) -> Confinement:
     families: set[str] | None = None
     for value in s.get("RestrictAddressFamilies", []):
         families = None if not value else (families or set()) | set(value.split())
+    protect_system = s.get("ProtectSystem", ["no"])[-1]
+    if protect_system not in ("strict", "no"):
+        raise ValueError(f"ProtectSystem={protect_system} is not reproduced")
+    namespaces = s.get("RestrictNamespaces", ["no"])[-1]
+    if namespaces not in ("yes", "no"):
+        raise ValueError(f"RestrictNamespaces={namespaces} is not reproduced (only yes/no)")
+    writable = [p.lstrip("-") for v in s.get("ReadWritePaths", []) for p in v.split()]
+    writable += [f"/var/lib/{d}" for v in s.get("StateDirectory", []) for d in v.split()]
     return Confinement(
         caps=tuple(sorted(caps)), syscalls=tuple(sorted(allowed)),
         errno=getattr(errno, err) if err else None,
         families=tuple(sorted(families)) if families is not None else None,
         mdwe=_bool(s.get("MemoryDenyWriteExecute")), nnp=_bool(s.get("NoNewPrivileges")),
+        namespaces=namespaces == "yes", personality=_bool(s.get("LockPersonality")),
+        protect_system=protect_system, private_tmp=_bool(s.get("PrivateTmp")),
+        protect_home=_bool(s.get("ProtectHome")), protect_tunables=_bool(s.get("ProtectKernelTunables")),
+        protect_modules=_bool(s.get("ProtectKernelModules")),
+        protect_proc=s.get("ProtectProc", ["default"])[-1], writable=tuple(dict.fromkeys(writable)),
     )
 
 
@@ -160,21 +193,27 @@ def available_caps() -> frozenset[str]:
     return frozenset(n for i, n in enumerate(names) if mask >> i & 1)
 
 
-def command(conf: Confinement, argv: Sequence[str]) -> list[str]:
-    """setpriv + this module + argv. Capabilities the test machine itself lacks cannot be
-    granted: they are left out (the caller checks `available_caps()`)."""
+def command(conf: Confinement, argv: Sequence[str], paths: Mapping[str, str] | None = None) -> list[str]:
+    """The full command line. `paths` maps the unit's writable paths to the test's (e.g.
+    /var/lib/stockade to the test's --state-dir); unmapped ones stay writable if they exist.
+    Capabilities the test machine itself lacks cannot be granted: they are left out (the
+    caller checks `available_caps()`)."""
     caps = ",".join(["-all", *(f"+{c}" for c in conf.caps if c in available_caps())])
-    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", f"--ambient-caps={caps}",
+    spec = json.dumps(asdict(conf))
+    return ["unshare", "--mount", "--propagation", "private", "--",
+            sys.executable, "-m", "tests.lab.sandbox", "mounts", spec, json.dumps(paths or {}), "--",
+            "setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", f"--ambient-caps={caps}",
             *(["--no-new-privs"] if conf.nnp else []),
-            sys.executable, "-m", "tests.lab.sandbox", json.dumps(asdict(conf)), "--", *argv]
+            sys.executable, "-m", "tests.lab.sandbox", "seccomp", spec, "--", *argv]
 
 
-def spawn_agent(lab: Lab, conf: Confinement, *args: str) -> subprocess.Popen:
+def spawn_agent(lab: Lab, conf: Confinement, *args: str, paths: Mapping[str, str] | None = None) -> subprocess.Popen:
     """Lab.spawn_agent, confined: `stockade <args>` in the node namespace, output to a file."""
     fd, name = tempfile.mkstemp(prefix=f"{lab.prefix}-agent-", suffix=".log")
     try:
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab.node, *command(conf, [sys.executable, "-m", "agent.cli", *args])],
+            ["ip", "netns", "exec", lab.node,
+             *command(conf, [sys.executable, "-m", "agent.cli", *args], paths)],
             cwd=ROOT, stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
     finally:
@@ -204,6 +243,14 @@ def _install(conf: Confinement) -> None:
             args.add_rule(seccomp.ERRNO(errno.EPERM), call,
                           seccomp.Arg(2, seccomp.MASKED_EQ, mmap.PROT_EXEC, mmap.PROT_EXEC))
         args.add_rule(seccomp.ERRNO(errno.EPERM), "shmat", seccomp.Arg(2, seccomp.MASKED_EQ, SHM_EXEC, SHM_EXEC))
+    if conf.namespaces:
+        args.add_rule(seccomp.ERRNO(errno.EPERM), "setns")
+        for flag in NAMESPACE_FLAGS:
+            args.add_rule(seccomp.ERRNO(errno.EPERM), "unshare", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+            args.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+        args.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")  # flags out of seccomp's reach
+    if conf.personality:  # anything but the current personality (PER_LINUX), as systemd does
+        args.add_rule(seccomp.ERRNO(errno.EPERM), "personality", seccomp.Arg(0, seccomp.NE, 0))
     args.load()
 
     deny = seccomp.KILL_PROCESS if conf.errno is None else seccomp.ERRNO(conf.errno)
@@ -216,13 +263,94 @@ def _install(conf: Confinement) -> None:
     calls.load()
 
 
+def _mount(*args: str, gone_ok: str | None = None) -> None:
+    """mount(8); with `gone_ok`, a failure because that mount point vanished meanwhile (the
+    host is busy: other tests' namespaces and bpffs come and go) is not an error."""
+    res = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if res.returncode != 0 and not (gone_ok and (not os.path.exists(gone_ok) or gone_ok not in _mountpoints())):
+        raise SystemExit(f"sandbox: mount {' '.join(args)}: {res.stderr.strip()}")
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _mountpoints() -> list[str]:
+    """Mount points of this namespace, parents first (mountinfo escapes blanks as octal)."""
+    points = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+              for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return list(dict.fromkeys(points))
+
+
+def _mounts(conf: Confinement, paths: Mapping[str, str]) -> None:
+    """The file-system part, as root in a fresh mount namespace (`unshare --mount`)."""
+    # Inaccessible as systemd makes paths: a mode-000 file or directory mounted over them
+    # (no capability the command keeps overrides file modes). Made first, while /tmp is
+    # writable; the mounts keep them after they are unlinked at the end.
+    fd, empty_file = tempfile.mkstemp(prefix="stockade-sandbox-")
+    os.close(fd)
+    empty_dir = tempfile.mkdtemp(prefix="stockade-sandbox-")
+    try:
+        os.chmod(empty_file, 0)
+        os.chmod(empty_dir, 0)
+        _confine_files(conf, paths, empty_file, empty_dir)
+    finally:
+        os.unlink(empty_file)
+        os.rmdir(empty_dir)
+
+
+def _confine_files(conf: Confinement, paths: Mapping[str, str], empty_file: str, empty_dir: str) -> None:
+    if conf.protect_proc != "default":
+        _mount("-t", "proc", "-o", f"hidepid={conf.protect_proc}", "proc", "/proc")
+    writable = []
+    for unit_path in conf.writable:
+        path = paths.get(unit_path, unit_path)
+        if unit_path in paths:
+            os.makedirs(path, exist_ok=True)  # as StateDirectory= would
+        if os.path.isdir(path):
+            writable.append(os.path.realpath(path))
+    if conf.private_tmp:
+        writable.append("/tmp")
+    for path in writable:  # a mount of their own, left writable below
+        _mount("--bind", path, path)
+    api = ("/proc", "/sys", "/dev")
+    for point in _mountpoints():
+        if any(_under(point, w) for w in writable) or not os.path.exists(point):
+            continue  # (a mount whose directory is gone: lazily unmounted elsewhere)
+        if (conf.protect_system == "strict" and not any(_under(point, a) for a in api)) or \
+                (conf.protect_tunables and _under(point, "/sys")):
+            _mount("-o", "remount,bind,ro", point, gone_ok=point)
+    hidden = []
+    if conf.protect_tunables:
+        for path in ("/proc/sys", "/proc/sysrq-trigger"):
+            if not os.path.exists(path):
+                continue  # (no CONFIG_MAGIC_SYSRQ)
+            _mount("--bind", path, path)
+            _mount("-o", "remount,bind,ro", path)
+        hidden += ["/proc/kallsyms", "/proc/kcore"]
+    if conf.protect_modules:
+        hidden += ["/usr/lib/modules", "/lib/modules"]
+    if conf.protect_home:
+        hidden += ["/home", "/root", "/run/user"]
+    for path in dict.fromkeys(os.path.realpath(p) for p in hidden):
+        if os.path.exists(path):
+            _mount("--bind", empty_dir if os.path.isdir(path) else empty_file, path)
+
+
+def _confinement(text: str) -> Confinement:
+    raw = json.loads(text)
+    return Confinement(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) < 3 or argv[1] != "--":
-        raise SystemExit("usage: python -m tests.lab.sandbox CONFINEMENT_JSON -- CMD...")
-    raw = json.loads(argv[0])
-    conf = Confinement(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-    _install(conf)
-    os.execvp(argv[2], argv[2:])
+    if len(argv) >= 4 and argv[0] == "mounts" and argv[3] == "--":
+        _mounts(_confinement(argv[1]), json.loads(argv[2]))
+        os.execvp(argv[4], argv[4:])
+    if len(argv) >= 3 and argv[0] == "seccomp" and argv[2] == "--":
+        _install(_confinement(argv[1]))
+        os.execvp(argv[3], argv[3:])
+    raise SystemExit("usage: python -m tests.lab.sandbox mounts CONFINEMENT PATHS -- CMD... | "
+                     "seccomp CONFINEMENT -- CMD...")
 
 
 if __name__ == "__main__":
