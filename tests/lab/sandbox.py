@@ -45,7 +45,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tests.lab import Lab
@@ -62,7 +62,7 @@ NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0
 @dataclass(frozen=True)
 class Confinement:
     caps: tuple[str, ...]  # lower-case names without CAP_, as setpriv wants them
-    syscalls: tuple[str, ...]  # allowed system calls (groups expanded)
+    syscalls: tuple[str, ...] | None  # allowed system calls (groups expanded); None: no allow-list
     errno: int | None  # SystemCallErrorNumber=; None: a denied call kills the process
     families: tuple[str, ...] | None  # RestrictAddressFamilies= allow-list (AF_* names)
     mdwe: bool  # MemoryDenyWriteExecute=
@@ -193,6 +193,31 @@ def available_caps() -> frozenset[str]:
     return frozenset(n for i, n in enumerate(names) if mask >> i & 1)
 
 
+def cap_mask(caps: Iterable[str]) -> int:
+    """The capability bit mask of /proc/PID/status for `caps` (those this machine has)."""
+    names = subprocess.run(["setpriv", "--list-caps"], capture_output=True, text=True, check=True).stdout.split()
+    return sum(1 << names.index(c) for c in caps if c in available_caps())
+
+
+def from_container(container: dict[str, Any]) -> Confinement:
+    """What a Kubernetes container spec grants, as far as it can be reproduced here: its
+    capabilities (as root, the container's sets are the added ones), no_new_privs
+    (allowPrivilegeEscalation: false) and readOnlyRootFilesystem (everything read-only
+    but its writable volumes and the API file systems). Not its seccomp profile:
+    RuntimeDefault is the container runtime's own, which is not on this machine."""
+    sc = container["securityContext"]
+    caps = sc["capabilities"]
+    assert caps.get("drop") == ["ALL"], "only drop: [ALL] plus additions is reproduced"
+    writable = tuple(m["mountPath"] for m in container.get("volumeMounts", []) if not m.get("readOnly"))
+    return Confinement(
+        caps=tuple(sorted(c.lower() for c in caps.get("add", []))), syscalls=None, errno=None, families=None,
+        mdwe=False, nnp=sc.get("allowPrivilegeEscalation") is False, namespaces=False, personality=False,
+        protect_system="strict" if sc.get("readOnlyRootFilesystem") else "no", private_tmp=False,
+        protect_home=False, protect_tunables=False, protect_modules=False, protect_proc="default",
+        writable=writable,
+    )
+
+
 def command(conf: Confinement, argv: Sequence[str], paths: Mapping[str, str] | None = None) -> list[str]:
     """The full command line. `paths` maps the unit's writable paths to the test's (e.g.
     /var/lib/stockade to the test's --state-dir); unmapped ones stay writable if they exist.
@@ -253,6 +278,8 @@ def _install(conf: Confinement) -> None:
         args.add_rule(seccomp.ERRNO(errno.EPERM), "personality", seccomp.Arg(0, seccomp.NE, 0))
     args.load()
 
+    if conf.syscalls is None:
+        return
     deny = seccomp.KILL_PROCESS if conf.errno is None else seccomp.ERRNO(conf.errno)
     calls = seccomp.SyscallFilter(deny)  # native architecture only: other ABIs get KILL
     for name in conf.syscalls:
@@ -340,6 +367,14 @@ def _confine_files(conf: Confinement, paths: Mapping[str, str], empty_file: str,
 def _confinement(text: str) -> Confinement:
     raw = json.loads(text)
     return Confinement(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+def run_cli(lab: Lab, conf: Confinement, *args: str, check: bool = True,
+            paths: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Lab.stockade, confined: the CLI once, in the node namespace."""
+    from tests.lab import sh
+
+    return sh(*command(conf, [sys.executable, "-m", "agent.cli", *args], paths), check=check, ns=lab.node, cwd=ROOT)
 
 
 def main(argv: list[str]) -> None:
