@@ -9,9 +9,11 @@ SOURCE ?= examples
 NODE ?= demo
 # Debian packages: nftables and its Python bindings (nftables dataplane), bcc and headers
 # (eBPF dataplane), iproute2 (namespace lab, tc), conntrack (strict mode), iperf3 (bench),
-# prometheus (server and promtool for the metrics tests), python3-systemd (sd_notify).
+# prometheus (server and promtool for the metrics tests), python3-systemd (sd_notify),
+# python3-seccomp (libseccomp bindings: the tests run the agent under the systemd unit's
+# system-call filter, tests/lab/sandbox.py).
 APT_PACKAGES := nftables python3-nftables python3-bpfcc bpfcc-tools linux-headers-amd64 \
-	iproute2 conntrack iperf3 prometheus python3-systemd systemd python3-venv
+	iproute2 conntrack iperf3 prometheus python3-systemd systemd python3-venv python3-seccomp
 KREL := $(shell uname -r)
 
 .PHONY: setup system kernel-headers venv run test lint demo bench bench-reliability cleanup clean
