@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -35,6 +36,21 @@ HEADERS_HINT = (
     "and run `make kernel-headers` (it links them to the generic Debian headers)."
 )
 
+# What loading and pinning the tc programs takes (include/uapi/linux/capability.h bits):
+# NET_ADMIN for a tc program, BPF for maps and programs, PERFMON for the verifier to accept
+# pointer arithmetic. SYS_ADMIN also counts as BPF and PERFMON (kernels before 5.8 have only it).
+NEEDED_CAPS = {"CAP_NET_ADMIN": 12, "CAP_PERFMON": 38, "CAP_BPF": 39}
+CAP_SYS_ADMIN = 21
+
+
+def missing_capabilities(status: str) -> list[str]:
+    """The capabilities in NEEDED_CAPS that a /proc/PID/status text's CapEff lacks."""
+    m = re.search(r"^CapEff:\s*([0-9a-fA-F]+)$", status, re.M)
+    eff = int(m[1], 16) if m else 0
+    admin = bool(eff >> CAP_SYS_ADMIN & 1)
+    return [name for name, bit in NEEDED_CAPS.items()
+            if not eff >> bit & 1 and not (admin and name != "CAP_NET_ADMIN")]
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
@@ -46,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"bcc is not importable ({e}): install python3-bpfcc and build the venv with "
               "--system-site-packages (make setup)", file=sys.stderr)
+        return 1
+    # Without them bcc fails on its first map with a message that blames the kernel headers.
+    missing = missing_capabilities(Path("/proc/self/status").read_text())
+    if missing:
+        print(f"the eBPF dataplane needs capabilities {', '.join(NEEDED_CAPS)} (CAP_SYS_ADMIN also covers "
+              f"CAP_BPF and CAP_PERFMON); this process lacks {', '.join(missing)}", file=sys.stderr)
         return 1
     t0 = time.monotonic()
     cflags = [f"-D{d}" for d in args.defines] + ["-w"]

@@ -69,6 +69,9 @@ else
         --build-arg BASE="$base_ref" -f "$ctx/Containerfile" \
         -t "$ref" -t "localhost/stockade:$VERSION" "$ctx" >&2
 fi
+# Older builds of the agent go (their layers stay as the build cache).
+podman images --filter reference=localhost/stockade --format '{{.Repository}}:{{.Tag}}' |
+    grep -v -x -e "$ref" -e "localhost/stockade:$VERSION" | xargs -r podman rmi >/dev/null 2>&1 || true
 size=$(podman image inspect --format '{{.Size}}' "$ref")
 echo "image: $ref, $((size / 1000000)) MB uncompressed" >&2
 echo "$ref"
