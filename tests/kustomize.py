@@ -3,8 +3,9 @@ manifests say instead of repeating it.
 
 It covers what deploy/ uses: resources (files and directories), patches (strategic merge
 or JSON 6902, from a file or inline, with an optional kind/name target),
-patchesStrategicMerge, namespace and images. Anything else in a kustomization raises:
-a field this renderer silently ignored would make a test check the wrong thing.
+patchesStrategicMerge, namespace and images; labels are accepted and not applied (no test
+reads them). Anything else in a kustomization raises: a field this renderer silently
+ignored would make a test check the wrong thing.
 """
 
 from __future__ import annotations
