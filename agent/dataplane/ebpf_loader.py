@@ -13,6 +13,7 @@ exits 1.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -52,6 +53,20 @@ def missing_capabilities(status: str) -> list[str]:
             if not eff >> bit & 1 and not (admin and name != "CAP_NET_ADMIN")]
 
 
+def bpf_refused() -> OSError | None:
+    """Why the kernel refuses to create a one-entry array map, if it does. With the
+    capabilities above this is a seccomp profile or an LSM: runtimes' default seccomp
+    profiles allowed bpf(2) only with CAP_SYS_ADMIN for years."""
+    attr = bpfsys._attr()
+    for offset, value in ((0, 2), (4, 4), (8, 4), (12, 1)):  # BPF_MAP_TYPE_ARRAY, key, value, entries
+        bpfsys._put(attr, offset, ctypes.c_uint32, value)
+    try:
+        os.close(bpfsys._bpf(bpfsys.MAP_CREATE, attr))
+    except OSError as e:
+        return e
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pin-dir", required=True)
@@ -68,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"the eBPF dataplane needs capabilities {', '.join(NEEDED_CAPS)} (CAP_SYS_ADMIN also covers "
               f"CAP_BPF and CAP_PERFMON); this process lacks {', '.join(missing)}", file=sys.stderr)
+        return 1
+    refused = bpf_refused()
+    if refused is not None:
+        print(f"the kernel refused bpf(2) ({refused.strerror}) although this process has the capabilities it "
+              "needs: a seccomp profile or LSM blocks it (container runtimes' default seccomp profiles allow "
+              "bpf(2) only with CAP_SYS_ADMIN; the eBPF deployment needs a profile that allows it)", file=sys.stderr)
         return 1
     t0 = time.monotonic()
     cflags = [f"-D{d}" for d in args.defines] + ["-w"]

@@ -121,8 +121,9 @@ def container_args(spec: PodSpec, env: dict[str, str]) -> list[str]:
 
 
 def podman_run(spec: PodSpec, image: str, name: str, netns: str, dataplane: str, node: str,
-               host_paths: dict[str, str], without: str | None = None) -> list[str]:
-    """`podman run` arguments for the pod spec, with capability `without` left out."""
+               host_paths: dict[str, str], without: str | None = None, seccomp: str | None = None) -> list[str]:
+    """`podman run` arguments for the pod spec, with capability `without` left out and the
+    seccomp profile type replaced by `seccomp` if given."""
     sec = spec.security
     assert sec.get("privileged") is not True
     grantable = caps_of(Path("/proc/self/status").read_text(), "CapBnd")
@@ -143,10 +144,11 @@ def podman_run(spec: PodSpec, image: str, name: str, netns: str, dataplane: str,
         args += ["--read-only", "--read-only-tmpfs=false"]  # no tmpfs the pod spec does not list
     if "runAsUser" in sec:
         args += ["--user", str(sec["runAsUser"])]
-    if spec.seccomp == "Unconfined":
+    profile = seccomp or spec.seccomp
+    if profile == "Unconfined":
         args += ["--security-opt", "seccomp=unconfined"]
-    elif spec.seccomp != "RuntimeDefault":  # RuntimeDefault: the runtime's own profile, as CRI-O
-        raise AssertionError(f"seccompProfile {spec.seccomp}: no mapping in this test")
+    elif profile != "RuntimeDefault":  # RuntimeDefault: the runtime's own profile, as CRI-O
+        raise AssertionError(f"seccompProfile {profile}: no mapping in this test")
     memory = spec.container.get("resources", {}).get("limits", {}).get("memory")
     if memory:
         args += ["--memory", memory.replace("Mi", "m").replace("Gi", "g")]
@@ -204,7 +206,8 @@ class Agent:
 
 
 @contextlib.contextmanager
-def agent_container(lab: Lab, image: str, dataplane: str, without: str | None = None) -> Iterator[Agent]:
+def agent_container(lab: Lab, image: str, dataplane: str, without: str | None = None,
+                    seccomp: str | None = None) -> Iterator[Agent]:
     spec = SPECS[dataplane]
     node = DirectoryPipeline(ROOT_EXAMPLES, None).snapshot().inventory.endpoints
     [node_name] = {e.node for e in node.values()}
@@ -218,7 +221,7 @@ def agent_container(lab: Lab, image: str, dataplane: str, without: str | None = 
         name = f"{lab.prefix}-agent"
         log = Path(stack.enter_context(tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log")).name)
         cmd = [*RUNTIME_WRAPPER, *podman_run(spec, image, name, lab.node, dataplane, node_name, host_paths,
-                                             without)]
+                                             without, seccomp)]
         with log.open("w") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
@@ -251,6 +254,18 @@ def build_lab(lab: Lab) -> list[Any]:
     for e in eps:
         lab.add_pod(e.key, [str(ip) for ip in e.ips], ports=ports)
     return eps
+
+
+def wait_for_failure(lab: Lab, agent: Agent) -> str:
+    """The last line of the agent's first failed sync (it must never become ready)."""
+    failed = until(lambda: "sync failed" in agent.output() or agent.proc.poll() not in (None, 0),
+                   timeout=READY_DEADLINE)
+    out = agent.output()
+    assert failed, out[-4000:]
+    if agent.proc.poll() is None:
+        assert lab.http_get(f"http://127.0.0.1:{METRICS_PORT}/readyz")[0] != 200
+    record = out[out.index("sync failed"):] if "sync failed" in out else out
+    return re.split(r"\n\d{4}-\d\d-\d\d \d\d:", record)[0].strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("dataplane", list(KUSTOMIZATIONS))
@@ -306,15 +321,21 @@ def test_each_listed_capability_is_needed(image: str, dataplane: str, cap: str) 
     with Lab() as lab:
         build_lab(lab)
         with agent_container(lab, image, dataplane, without=cap) as agent:
-            failed = until(lambda: "sync failed" in agent.output() or agent.proc.poll() not in (None, 0),
-                           timeout=READY_DEADLINE)
-            out = agent.output()
-            assert failed, out[-4000:]
-            if agent.proc.poll() is None:
-                assert lab.http_get(f"http://127.0.0.1:{METRICS_PORT}/readyz")[0] != 200
-            # The error's last line says what is missing: the eBPF loader names the capability,
-            # nftables passes on the kernel's EPERM.
-            record = out[out.index("sync failed"):] if "sync failed" in out else out
-            record = re.split(r"\n\d{4}-\d\d-\d\d \d\d:", record)[0].strip()
+            last = wait_for_failure(lab, agent)
+            # It says what is missing: the eBPF loader names the capability, nftables passes on
+            # the kernel's EPERM.
             expected = f"lacks .*CAP_{cap}" if dataplane == "ebpf" else "Operation not permitted"
-            assert re.search(expected, record.splitlines()[-1]), record[-2000:]
+            assert re.search(expected, last), last
+
+
+@pytest.mark.skipif(SPECS["ebpf"].seccomp != "Unconfined", reason="the eBPF deployment keeps the runtime's profile")
+def test_ebpf_needs_its_seccomp_exception(image: str) -> None:
+    """The eBPF deployment asks for no seccomp profile because the runtime's default one
+    (containers-common's here, like containerd's and CRI-O's) allows bpf(2) only with
+    CAP_SYS_ADMIN: with it, the agent fails and says so."""
+    require_privileges()
+    with Lab() as lab:
+        build_lab(lab)
+        with agent_container(lab, image, "ebpf", seccomp="RuntimeDefault") as agent:
+            last = wait_for_failure(lab, agent)
+            assert "refused bpf(2)" in last and "seccomp" in last, last
