@@ -20,7 +20,10 @@ PY=${PY:-.venv/bin/python}
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 # minbase (essential + apt, like debian:bookworm-slim); no docs, man pages or locales (they
 # would be a fifth of the image), no recommends, also for the Containerfile's apt-get later.
+# Merged /usr by directory symlinks as debootstrap makes it (the default hook installs the
+# usrmerge package instead, which pulls in perl: 50 MB).
 BASE_OPTS=(--variant=minbase --mode=root --format=tar
+           --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr
            --aptopt='APT::Install-Recommends "false"'
            --dpkgopt='path-exclude=/usr/share/man/*'
            --dpkgopt='path-exclude=/usr/share/locale/*'
@@ -69,9 +72,13 @@ else
         --build-arg BASE="$base_ref" -f "$ctx/Containerfile" \
         -t "$ref" -t "localhost/stockade:$VERSION" "$ctx" >&2
 fi
-# Older builds of the agent go (their layers stay as the build cache).
-podman images --filter reference=localhost/stockade --format '{{.Repository}}:{{.Tag}}' |
-    grep -v -x -e "$ref" -e "localhost/stockade:$VERSION" | xargs -r podman rmi >/dev/null 2>&1 || true
+# Older builds and bases go (layers still used stay as the build cache).
+podman images --format '{{.Repository}}:{{.Tag}}' |
+    grep -E '^localhost/stockade(-base)?:' | grep -v -x -e "$ref" -e "localhost/stockade:$VERSION" -e "$base_ref" |
+    xargs -r podman rmi >/dev/null 2>&1 || true
+if [ -n "${base_tar:-}" ]; then
+    find "$CACHE" -maxdepth 1 -name 'base-*.tar' ! -path "$base_tar" -delete
+fi
 size=$(podman image inspect --format '{{.Size}}' "$ref")
 echo "image: $ref, $((size / 1000000)) MB uncompressed" >&2
 echo "$ref"
