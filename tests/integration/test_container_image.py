@@ -209,8 +209,8 @@ class Agent:
 def agent_container(lab: Lab, image: str, dataplane: str, without: str | None = None,
                     seccomp: str | None = None) -> Iterator[Agent]:
     spec = SPECS[dataplane]
-    node = DirectoryPipeline(ROOT_EXAMPLES, None).snapshot().inventory.endpoints
-    [node_name] = {e.node for e in node.values()}
+    endpoints = DirectoryPipeline(ROOT_EXAMPLES, None).snapshot().inventory.endpoints
+    [node_name] = {e.node for e in endpoints.values()}  # examples/ puts every pod on one node
     with contextlib.ExitStack() as stack:
         state = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{lab.prefix}-state-"))
         host_paths = {"/var/lib/stockade": state}
