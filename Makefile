@@ -14,21 +14,38 @@ NODE ?= demo
 # system-call filter, tests/lab/sandbox.py).
 APT_PACKAGES := nftables python3-nftables python3-bpfcc bpfcc-tools linux-headers-amd64 \
 	iproute2 conntrack iperf3 prometheus python3-systemd systemd python3-venv python3-seccomp
+# The container image (`make image`, also built by the image test in `make test`): mmdebstrap
+# makes the Debian base without a registry, buildah builds deploy/Containerfile on it, podman
+# (with crun) runs it.
+IMAGE_PACKAGES := mmdebstrap buildah podman crun
 KREL := $(shell uname -r)
 
-.PHONY: setup system kernel-headers venv run test lint demo bench bench-reliability cleanup clean
+.PHONY: setup system image-tools image kernel-headers venv run test lint demo bench bench-reliability cleanup clean
 
 setup: system venv
 
-system:
-	@missing=""; for p in $(APT_PACKAGES); do \
+# Install the Debian packages in $(1) that are missing.
+define apt_install
+	@missing=""; for p in $(1); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+endef
+
+system:
+	$(call apt_install,$(APT_PACKAGES))
 	@$(MAKE) -s kernel-headers
+
+image-tools:
+	$(call apt_install,$(IMAGE_PACKAGES))
+
+# localhost/stockade:<inputs hash> and :<version>; the base tarball is cached under
+# /var/cache/stockade-image. BASE=<registry image> builds FROM that instead of mmdebstrap's.
+image: image-tools venv
+	BASE=$(BASE) deploy/image/build.sh
 
 # bcc needs /lib/modules/$(uname -r)/{build,source}; the running kernel has no headers
 # package, so point them at Debian's generic ones (uapi headers are all tc programs use).
@@ -55,7 +72,7 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/stockade run --source $(SOURCE) --node $(NODE)
 
-test: setup
+test: setup image-tools
 	$(VENV)/bin/ruff check agent tests bench
 	$(PY) -m pytest -q -p no:cacheprovider tests
 

@@ -13,8 +13,10 @@ exits 1.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -35,6 +37,35 @@ HEADERS_HINT = (
     "and run `make kernel-headers` (it links them to the generic Debian headers)."
 )
 
+# What loading and pinning the tc programs takes (include/uapi/linux/capability.h bits):
+# NET_ADMIN for a tc program, BPF for maps and programs, PERFMON for the verifier to accept
+# pointer arithmetic. SYS_ADMIN also counts as BPF and PERFMON (kernels before 5.8 have only it).
+NEEDED_CAPS = {"CAP_NET_ADMIN": 12, "CAP_PERFMON": 38, "CAP_BPF": 39}
+CAP_SYS_ADMIN = 21
+
+
+def missing_capabilities(status: str) -> list[str]:
+    """The capabilities in NEEDED_CAPS that a /proc/PID/status text's CapEff lacks."""
+    m = re.search(r"^CapEff:\s*([0-9a-fA-F]+)$", status, re.M)
+    eff = int(m[1], 16) if m else 0
+    admin = bool(eff >> CAP_SYS_ADMIN & 1)
+    return [name for name, bit in NEEDED_CAPS.items()
+            if not eff >> bit & 1 and not (admin and name != "CAP_NET_ADMIN")]
+
+
+def bpf_refused() -> OSError | None:
+    """Why the kernel refuses to create a one-entry array map, if it does. With the
+    capabilities above this is a seccomp profile or an LSM: runtimes' default seccomp
+    profiles allowed bpf(2) only with CAP_SYS_ADMIN for years."""
+    attr = bpfsys._attr()
+    for offset, value in ((0, 2), (4, 4), (8, 4), (12, 1)):  # BPF_MAP_TYPE_ARRAY, key, value, entries
+        bpfsys._put(attr, offset, ctypes.c_uint32, value)
+    try:
+        os.close(bpfsys._bpf(bpfsys.MAP_CREATE, attr))
+    except OSError as e:
+        return e
+    return None
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
@@ -46,6 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"bcc is not importable ({e}): install python3-bpfcc and build the venv with "
               "--system-site-packages (make setup)", file=sys.stderr)
+        return 1
+    # Without them bcc fails on its first map with a message that blames the kernel headers.
+    missing = missing_capabilities(Path("/proc/self/status").read_text())
+    if missing:
+        print(f"the eBPF dataplane needs capabilities {', '.join(NEEDED_CAPS)} (CAP_SYS_ADMIN also covers "
+              f"CAP_BPF and CAP_PERFMON); this process lacks {', '.join(missing)}", file=sys.stderr)
+        return 1
+    refused = bpf_refused()
+    if refused is not None:
+        print(f"the kernel refused bpf(2) ({refused.strerror}) although this process has the capabilities it "
+              "needs: a seccomp profile or LSM blocks it (container runtimes' default seccomp profiles allow "
+              "bpf(2) only with CAP_SYS_ADMIN; the eBPF deployment needs a profile that allows it)", file=sys.stderr)
         return 1
     t0 = time.monotonic()
     cflags = [f"-D{d}" for d in args.defines] + ["-w"]
