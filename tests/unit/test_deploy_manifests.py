@@ -222,7 +222,7 @@ def test_ebpf_overlay_adds_exactly_what_ebpf_needs() -> None:
     sc = c["securityContext"]
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert sc["capabilities"]["drop"] == ["ALL"]
-    assert sorted(sc["capabilities"]["add"]) == ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]
+    assert sorted(sc["capabilities"]["add"]) == ["BPF", "NET_ADMIN", "PERFMON"]
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
     paths = _host_paths(EBPF)
     assert set(paths) == {"/sys/fs/bpf", "/lib/modules", "/usr/src"}
