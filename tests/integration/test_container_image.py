@@ -136,11 +136,17 @@ def runtime_default_profile() -> str:
     """RuntimeDefault as a current runtime has it: this machine's stock profile plus CAP_RULES
     where it lacks them (unchanged rules otherwise). Written once per test process."""
     profile = json.loads(STOCK_PROFILE.read_text())
-    have = {(n, tuple(r.get("includes", {}).get("caps", []))) for r in profile["syscalls"]
-            if r["action"] == "SCMP_ACT_ALLOW" for n in r["names"]}
     for rule in CAP_RULES:
-        if (rule["names"][0], tuple(rule["includes"]["caps"])) not in have:
-            profile["syscalls"].append(rule)
+        [name], [cap] = rule["names"], rule["includes"]["caps"]
+        if any(name in r["names"] and cap in r.get("includes", {}).get("caps", []) for r in profile["syscalls"]):
+            continue  # a current profile already
+        profile["syscalls"].append(rule)
+        # The stock profile's explicit EPERM rule for it applies unless the container has one of
+        # its excluded capabilities: the new capability must exempt it too.
+        for r in profile["syscalls"]:
+            excludes = r.get("excludes", {}).get("caps")
+            if name in r["names"] and r["action"] == "SCMP_ACT_ERRNO" and excludes:
+                excludes.append(cap)
     fd, path = tempfile.mkstemp(prefix="stockade-runtime-default-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(profile, f)
