@@ -23,7 +23,7 @@ from agent.endpoint import ListenAddress
 from agent.inventory import Endpoint, Inventory, IPAddress
 from agent.ir import Verdict
 from agent.pipeline import DirectoryPipeline, Snapshot
-from agent.policy.evaluate import Decision, evaluate, index_by_ip
+from agent.simulate import Decision, evaluate, index_by_ip
 
 log = logging.getLogger("stockade")
 

@@ -24,7 +24,7 @@ import yaml
 from agent.cli import matrix
 from agent.ir import Verdict
 from agent.pipeline import DirectoryPipeline, Snapshot
-from agent.policy.evaluate import evaluate, index_by_ip
+from agent.simulate import evaluate, index_by_ip
 
 NODE = "lab"
 NET = "10.30.0"

@@ -24,7 +24,7 @@ import pytest
 from agent.daemon import Daemon
 from agent.dataplane.base import ApplyStats, Counters, Dataplane
 from agent.ir import Program, Verdict
-from agent.policy.evaluate import evaluate
+from agent.simulate import evaluate
 from agent.sources import netbird as src
 from agent.sources.netbird import NetbirdClient, NetbirdPipeline, NetbirdSource, TokenError, load_token
 from tests.netbird_api import LOCAL, RESTRICTED, TOKEN, A, B, ManagementApi, serve
