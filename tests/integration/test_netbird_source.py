@@ -322,7 +322,7 @@ def test_daemon_drives_the_pipeline_bootstrap_first(api):
     state.fault = "500"
     pipe = pipeline(url, interval=0.05, jitter=0.0, max_backoff=0.1)
     dp = RecordingDataplane()
-    daemon = Daemon(pipe, dp, watch=pipe, debounce=0.01, resync=60)
+    daemon = Daemon(pipe, dp, debounce=0.01, resync=60)
     t = threading.Thread(target=daemon.run, daemon=True)
     t.start()
     try:
