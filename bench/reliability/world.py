@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 
-from agent.cli import matrix
 from agent.ir import Verdict
 from agent.pipeline import DirectoryPipeline, Snapshot
+from agent.query import matrix
 from agent.simulate import evaluate, index_by_ip
 
 NODE = "lab"
