@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from agent.dataplane.base import ApplyStats, Counters, Dataplane, DataplaneError
+from agent.dataplane.base import ApplyStats, Counters, Dataplane
 from agent.ir import Program
-from agent.pipeline import DirectoryPipeline, KubernetesPipeline, SourceNotSynced
+from agent.pipeline import DirectoryPipeline, KubernetesPipeline, PipelineError, SourceNotSynced
 from agent.query import matrix
 from agent.sources.kubernetes import Backoff, KubernetesSource, api_client
 from tests.helpers import ns, pod, policy
@@ -377,7 +377,7 @@ def test_pipeline_never_hands_out_a_partial_view(api, make_source) -> None:
     assert not pipe.ready.is_set()
     with pytest.raises(SourceNotSynced) as exc:
         pipe.snapshot()
-    assert isinstance(exc.value, DataplaneError)  # the daemon keeps the kernel as it is
+    assert isinstance(exc.value, PipelineError) and exc.value.transient  # the daemon keeps the kernel as it is
     assert "NetworkPolicys" in str(exc.value)
     api.faults.clear()
     assert src.synced.wait(10)
