@@ -85,7 +85,7 @@ def compile_kubernetes(
 
     `problems` are the source's own (unreadable files, ...); admission adds its rejections.
     """
-    inv = kubernetes_inventory(list(objects), store, list(problems))
+    inv = kubernetes_inventory(objects, store, list(problems))
     return Snapshot(inv, compile_inventory(inv, node, source=source))
 
 
