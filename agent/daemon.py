@@ -75,9 +75,6 @@ class Daemon:
         self.program: Program | None = None  # what the kernel enforces now
         self.registry.register(KernelCollector(dataplane, lambda: self.program))
         self.registry.register(SourceErrorsCollector(lambda: pipeline.errors))
-        # A source may hold readiness back (NetBird before its first good poll, Kubernetes
-        # before its initial lists): the kernel then enforces a bootstrap program only.
-        self.source_ready: threading.Event = pipeline.ready
         self._notified = False
         self.ready = threading.Event()
         self._pending_since: float | None = None  # first source event not yet in the kernel
@@ -144,8 +141,12 @@ class Daemon:
         return True
 
     def is_ready(self) -> bool:
-        """The kernel enforces what the source says (not just a bootstrap program)."""
-        return self.ready.is_set() and self.source_ready.is_set()
+        """The kernel enforces what the source says (not just a bootstrap program).
+
+        A pipeline may hold readiness back (NetBird before its first good poll, Kubernetes
+        before its initial lists): the kernel then enforces a bootstrap program only.
+        """
+        return self.ready.is_set() and self.pipeline.ready.is_set()
 
     def _report(self, problems: list[Problem]) -> None:
         """Log each problem once while it persists, not on every resync."""
@@ -157,12 +158,12 @@ class Daemon:
 
     def start_drop_log(self) -> None:
         try:
-            source = self.dataplane.drop_log()
+            drop_log = self.dataplane.drop_log()
         except OSError as e:
             log.warning("drop sampling unavailable (%s): `stockade drops` will show nothing", e)
             return
-        if source is not None:
-            self.drops = DropRecorder(source, lambda: self.program).start()
+        if drop_log is not None:
+            self.drops = DropRecorder(drop_log, lambda: self.program).start()
 
     def run(self) -> None:
         stop_watch = self.pipeline.watch(self.trigger)
