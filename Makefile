@@ -74,6 +74,7 @@ run: setup
 
 test: setup image-tools
 	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/lint-imports --no-cache  # the layering contracts in pyproject.toml
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 lint: venv

@@ -1,4 +1,7 @@
-"""stockade run | apply | compile | explain | matrix | cleanup."""
+"""stockade run | apply | compile | explain | matrix | counters | drops | cleanup: arguments and printing.
+
+What the commands compute lives in agent.query (questions) and agent.daemon (enforcement).
+"""
 
 from __future__ import annotations
 
@@ -20,10 +23,9 @@ from agent import __version__
 from agent.daemon import enforce
 from agent.dataplane.base import Dataplane, DataplaneError
 from agent.endpoint import ListenAddress
-from agent.inventory import Endpoint, Inventory, IPAddress
-from agent.ir import Verdict
-from agent.pipeline import DirectoryPipeline, Snapshot
-from agent.policy.evaluate import Decision, evaluate, index_by_ip
+from agent.pipeline import DirectoryPipeline, Pipeline, Snapshot
+from agent.query import DataplaneOptions, QueryError, explain, make_dataplane, matrix
+from agent.query import counters as counter_table
 
 log = logging.getLogger("stockade")
 
@@ -59,18 +61,12 @@ def _listen_address(env: str) -> Callable[[str], ListenAddress]:
 
 
 def _dataplane(name: str, args: argparse.Namespace | None = None) -> Dataplane:
-    audit = getattr(args, "mode", "enforce") == "audit"
-    if name == "nftables":
-        from agent.dataplane.nftables import NftablesDataplane, Options
-
-        return NftablesDataplane(Options(audit=audit))
-    if name == "ebpf":
-        if getattr(args, "unknown_endpoints", "allow") == "deny":
-            raise SystemExit("stockade: --unknown-endpoints=deny needs the nftables dataplane")
-        from agent.dataplane.ebpf import EbpfDataplane
-
-        return EbpfDataplane(audit=audit)
-    raise SystemExit(f"stockade: unknown dataplane {name!r} (available: nftables, ebpf)")
+    options = DataplaneOptions(audit=getattr(args, "mode", "enforce") == "audit",
+                               guard_unknown=getattr(args, "unknown_endpoints", "allow") == "deny")
+    try:
+        return make_dataplane(name, options)
+    except QueryError as e:
+        raise SystemExit(f"stockade: {e}") from None
 
 
 def _node(args: argparse.Namespace) -> str:
@@ -83,7 +79,7 @@ def _state_file(args: argparse.Namespace) -> Path | None:
     return Path(args.state_dir) / "last-good.json"
 
 
-def _netbird_pipeline(args: argparse.Namespace, readonly: bool) -> Any:
+def _netbird_pipeline(args: argparse.Namespace, readonly: bool) -> Pipeline:
     from agent.sources.netbird import TokenError, make_pipeline
 
     try:
@@ -98,7 +94,7 @@ def _netbird_pipeline(args: argparse.Namespace, readonly: bool) -> Any:
         raise SystemExit(f"stockade: {e}") from None
 
 
-def _kubernetes_pipeline(args: argparse.Namespace, node: str | None, readonly: bool) -> Any:
+def _kubernetes_pipeline(args: argparse.Namespace, node: str | None, readonly: bool) -> Pipeline:
     from agent.pipeline import KubernetesPipeline
 
     guard = getattr(args, "unknown_endpoints", "allow") == "deny" and node is not None
@@ -115,7 +111,7 @@ def _kubernetes_pipeline(args: argparse.Namespace, node: str | None, readonly: b
         raise SystemExit(f"stockade: cannot configure the Kubernetes client: {e}") from None
 
 
-def _pipeline(args: argparse.Namespace, node: str | None, readonly: bool = False) -> Any:
+def _pipeline(args: argparse.Namespace, node: str | None, readonly: bool = False) -> Pipeline:
     if args.source == "netbird":
         return _netbird_pipeline(args, readonly)
     if args.source == "kubernetes":
@@ -133,106 +129,27 @@ def _report(snap: Snapshot) -> None:
 # ------------------------------------------------------------------ simulator
 
 
-def _resolve(inv: Inventory, text: str) -> tuple[IPAddress, Endpoint | None]:
-    try:
-        ip = ipaddress.ip_address(text)
-        return ip, inv.endpoint_by_ip(ip)
-    except ValueError:
-        ep = inv.endpoints.get(text)
-        if ep is None:
-            raise SystemExit(f"stockade: no pod {text!r} with an IP in the source") from None
-        return ep.ips[0], ep
-
-
-def _pick(ep: Endpoint, version: int | None) -> IPAddress | None:
-    for ip in ep.ips:
-        if version is None or ip.version == version:
-            return ip
-    return None
-
-
-def _port_on(ep: Endpoint | None, port: str, protocol: str) -> int | None:
-    if port.isdigit():
-        return int(port)
-    return ep.named_port(port, protocol) if ep else None
-
-
-def _decision_json(d: Decision | None) -> dict[str, Any] | None:
-    if d is None:
-        return None
-    return {
-        "endpoint": d.endpoint,
-        "verdict": "allow" if d.verdict is Verdict.ACCEPT else "deny",
-        "isolated_by": list(d.isolated_by),
-        "rule": None if d.rule is None else {
-            "policy": f"{d.rule.origin.namespace}/{d.rule.origin.policy}".lstrip("/"),
-            "direction": d.rule.origin.direction.value,
-            "index": d.rule.origin.index,
-            "name": d.rule.origin.name or None,
-            "verdict": d.rule.verdict.value,
-        },
-        "reason": d.reason,
-    }
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
     snap = _pipeline(args, None, readonly=True).snapshot()
     _report(snap)
-    inv = snap.inventory
-    src, src_ep = _resolve(inv, args.from_)
-    dst, dst_ep = _resolve(inv, args.to)
-    if src.version != dst.version and src_ep and dst_ep:
-        src = _pick(src_ep, dst.version) or src
-    if args.protocol == "ICMP":
-        port = None
-    elif args.port is None:
-        raise SystemExit(f"stockade: --port is required for {args.protocol}")
-    else:
-        port = _port_on(dst_ep, args.port, args.protocol)
-        if port is None:
-            raise SystemExit(f"stockade: {args.to} has no {args.protocol} port named {args.port!r}")
-    fv = evaluate(snap.program, src, dst, args.protocol.lower(), port)
-    verdict = "allow" if fv.verdict is Verdict.ACCEPT else "deny"
+    try:
+        ex = explain(snap, args.from_, args.to, args.protocol, args.port)
+    except QueryError as e:
+        raise SystemExit(f"stockade: {e}") from None
     if args.output == "json":
-        print(json.dumps({
-            "verdict": verdict,
-            "from": {"ip": str(src), "endpoint": src_ep.key if src_ep else None},
-            "to": {"ip": str(dst), "endpoint": dst_ep.key if dst_ep else None},
-            "protocol": args.protocol,
-            "port": port,
-            "egress": _decision_json(fv.egress),
-            "ingress": _decision_json(fv.ingress),
-        }, indent=2))
+        print(json.dumps(ex.to_json(), indent=2))
         return 0
-    flow = args.protocol if port is None else f"{args.protocol}/{port}"
-    print(f"{verdict.upper()}: {args.from_} ({src}) -> {args.to} ({dst}) {flow}")
-    if src == dst:
+    flow = args.protocol if ex.port is None else f"{args.protocol}/{ex.port}"
+    verdict = "ALLOW" if ex.allowed else "DENY"
+    print(f"{verdict}: {args.from_} ({ex.src}) -> {args.to} ({ex.dst}) {flow}")
+    if ex.src == ex.dst:
         print("  same address: traffic never leaves the pod")
-    for label, d, who in (("egress ", fv.egress, args.from_), ("ingress", fv.ingress, args.to)):
+    for label, d, who in (("egress ", ex.flow.egress, args.from_), ("ingress", ex.flow.ingress, args.to)):
         if d is None:
             print(f"  {label} of {who}: not a pod here, not judged")
         else:
             print(f"  {label} of {d.endpoint}: {d.reason}")
     return 0
-
-
-def matrix(snap: Snapshot, port: str, protocol: str, family: int | None) -> dict[str, dict[str, str]]:
-    """Verdict for every ordered pair of pods (self pairs: allowed, never leaves the pod)."""
-    eps = sorted(snap.inventory.endpoints.values(), key=lambda e: e.key)
-    by_ip = index_by_ip(snap.program)
-    out: dict[str, dict[str, str]] = {}
-    for s in eps:
-        row = out.setdefault(s.key, {})
-        for d in eps:
-            dst = _pick(d, family)
-            src = _pick(s, dst.version) if dst else None
-            num = _port_on(d, port, protocol)
-            if src is None or dst is None or num is None:
-                row[d.key] = "deny"  # no address of that family, or no such named port
-                continue
-            fv = evaluate(snap.program, src, dst, protocol.lower(), num, by_ip)
-            row[d.key] = "allow" if fv.verdict is Verdict.ACCEPT else "deny"
-    return out
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
@@ -283,13 +200,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.endpoint import serve_http
 
     pipe = _pipeline(args, _node(args))
-    watch = pipe if args.source == "netbird" else pipe.source
-    daemon = Daemon(pipe, _dataplane(args.dataplane, args), watch=watch, resync=args.resync,
+    daemon = Daemon(pipe, _dataplane(args.dataplane, args), resync=args.resync,
                     strict=not args.keep_established, debounce=args.debounce)
-    if args.source == "kubernetes":
-        from agent.pipeline import EventLatency
-
-        daemon.on_synced.append(EventLatency(daemon.registry).observe)
     daemon.install_signal_handlers()
     # Never fatal: a taken port is retried in the background while the kernel is enforced.
     server = serve_http(daemon, args.metrics_address, drops_public=args.drops_public)
@@ -305,18 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_counters(args: argparse.Namespace) -> int:
     """Kernel counters of every rule and default deny, labelled with their policy."""
     snap = _pipeline(args, _node(args), readonly=True).snapshot()
-    rules = snap.program.rules()
-    counters = _dataplane(args.dataplane).counters(snap.program)
-    rows = []
-    for (ep, rule_id, d), c in sorted(counters.rules.items()):
-        rule = rules.get(rule_id)
-        rows.append({"endpoint": ep, "direction": d.value, "policy": str(rule.origin) if rule else "?",
-                     "verdict": rule.verdict.value if rule else "?", "packets": c.packets, "bytes": c.bytes})
-    for (ep, d), c in sorted(counters.drops.items()):
-        prog = snap.program.endpoints.get(ep)
-        by = prog.direction(d).isolated_by if prog else ()
-        rows.append({"endpoint": ep, "direction": d.value, "policy": "default deny of " + ", ".join(by),
-                     "verdict": "drop", "packets": c.packets, "bytes": c.bytes})
+    rows = counter_table(snap, _dataplane(args.dataplane))
     if args.output == "json":
         print(json.dumps(rows, indent=2))
     else:

@@ -11,7 +11,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry
 
@@ -19,24 +18,12 @@ from agent.dataplane.base import ApplyStats, Dataplane, DataplaneError
 from agent.drops import DropRecorder
 from agent.inventory import Problem
 from agent.ir import Program
-from agent.metrics import AgentMetrics, KernelCollector, SourceErrorsCollector
-from agent.pipeline import Snapshot
+from agent.metrics import AgentMetrics, EventLatency, KernelCollector, SourceErrorsCollector
+from agent.pipeline import Pipeline, PipelineError, Snapshot
 from agent.strict import stale_flows
 from agent.systemd import notify
 
-if TYPE_CHECKING:
-    pass
-
 log = logging.getLogger(__name__)
-
-
-class Pipeline(Protocol):
-    def snapshot(self) -> Snapshot: ...
-
-
-class Watchable(Protocol):
-    def watch(self, on_change: Callable[[], None]) -> Callable[[], None]: ...
-
 
 STRICT_PASSES = 3
 
@@ -63,11 +50,16 @@ def enforce(dataplane: Dataplane, program: Program, strict: bool = True) -> tupl
 
 
 class Daemon:
+    """Keeps the kernel in step with one pipeline: syncs on its changes and periodically.
+
+    Metrics: the agent's own, the kernel's counters, the source's faults and the event ->
+    kernel latency (`event_latency`, fed by every snapshot's `events`).
+    """
+
     def __init__(
         self,
         pipeline: Pipeline,
         dataplane: Dataplane,
-        watch: Watchable | None = None,
         debounce: float = 0.1,
         resync: float = 60.0,
         registry: CollectorRegistry | None = None,
@@ -76,24 +68,21 @@ class Daemon:
         self.strict = strict
         self.pipeline = pipeline
         self.dataplane = dataplane
-        self.watch_source = watch
         self.debounce = debounce
         self.resync = resync
         self.registry = registry or CollectorRegistry()
         self.metrics = AgentMetrics(self.registry)
         self.program: Program | None = None  # what the kernel enforces now
         self.registry.register(KernelCollector(dataplane, lambda: self.program))
-        self.registry.register(SourceErrorsCollector(lambda: getattr(pipeline, "errors", None)))
-        # A source may hold readiness back (NetBird before its first good poll, Kubernetes
-        # before its initial lists): the kernel then enforces a bootstrap program only.
-        self.source_ready: threading.Event | None = getattr(pipeline, "ready", None)
+        self.registry.register(SourceErrorsCollector(lambda: pipeline.errors))
         self._notified = False
         self.ready = threading.Event()
         self._pending_since: float | None = None  # first source event not yet in the kernel
         self.stopping = threading.Event()
         self._wake = threading.Event()
         self._reported: set[str] = set()
-        self.on_synced: list[Callable[[Snapshot], None]] = []
+        self.event_latency = EventLatency(self.registry)
+        self.on_synced: list[Callable[[Snapshot], None]] = [self.event_latency.observe]
         self.drops: DropRecorder | None = None
 
     def trigger(self) -> None:
@@ -110,9 +99,9 @@ class Daemon:
             self._report(snap.problems)
             stats, cut = enforce(self.dataplane, snap.program, self.strict)
         except Exception as e:
-            if getattr(e, "transient", False):  # e.g. the initial lists are still arriving
+            if isinstance(e, PipelineError) and e.transient:  # e.g. the initial lists are still arriving
                 log.info("%s", e)
-            elif isinstance(e, DataplaneError):
+            elif isinstance(e, (PipelineError, DataplaneError)):
                 log.error("sync failed, previous kernel state stays in force: %s", e)
             else:  # a bug must not take enforcement down: the kernel keeps the last state
                 log.exception("sync failed unexpectedly, previous kernel state stays in force")
@@ -152,8 +141,12 @@ class Daemon:
         return True
 
     def is_ready(self) -> bool:
-        """The kernel enforces what the source says (not just a bootstrap program)."""
-        return self.ready.is_set() and (self.source_ready is None or self.source_ready.is_set())
+        """The kernel enforces what the source says (not just a bootstrap program).
+
+        A pipeline may hold readiness back (NetBird before its first good poll, Kubernetes
+        before its initial lists): the kernel then enforces a bootstrap program only.
+        """
+        return self.ready.is_set() and self.pipeline.ready.is_set()
 
     def _report(self, problems: list[Problem]) -> None:
         """Log each problem once while it persists, not on every resync."""
@@ -165,15 +158,15 @@ class Daemon:
 
     def start_drop_log(self) -> None:
         try:
-            source = self.dataplane.drop_log()
+            drop_log = self.dataplane.drop_log()
         except OSError as e:
             log.warning("drop sampling unavailable (%s): `stockade drops` will show nothing", e)
             return
-        if source is not None:
-            self.drops = DropRecorder(source, lambda: self.program).start()
+        if drop_log is not None:
+            self.drops = DropRecorder(drop_log, lambda: self.program).start()
 
     def run(self) -> None:
-        stop_watch = self.watch_source.watch(self.trigger) if self.watch_source else None
+        stop_watch = self.pipeline.watch(self.trigger)
         self.start_drop_log()
         try:
             next_resync = 0.0
@@ -188,8 +181,7 @@ class Daemon:
                 # Retry soon after a failure; otherwise resync periodically to repair drift.
                 next_resync = time.monotonic() + (self.resync if ok else min(5.0, self.resync))
         finally:
-            if stop_watch:
-                stop_watch()
+            stop_watch()
             if self.drops:
                 self.drops.stop()
 

@@ -41,8 +41,8 @@ def describe(ev: DropEvent, program: Program | None) -> dict[str, Any]:
 class DropRecorder:
     """Reads a DropLog on its own thread into a bounded ring buffer."""
 
-    def __init__(self, source: DropLog, program: Callable[[], Program | None], size: int = 1000) -> None:
-        self.source = source
+    def __init__(self, drop_log: DropLog, program: Callable[[], Program | None], size: int = 1000) -> None:
+        self.drop_log = drop_log
         self.program = program
         self.buffer: deque[dict[str, Any]] = deque(maxlen=size)
         self._seq = itertools.count(1)
@@ -57,7 +57,7 @@ class DropRecorder:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                events = self.source.read(timeout=0.5)
+                events = self.drop_log.read(timeout=0.5)
             except OSError as e:
                 if self._stop.is_set():
                     break  # closed under us on shutdown
@@ -75,4 +75,4 @@ class DropRecorder:
 
     def stop(self) -> None:
         self._stop.set()
-        self.source.close()
+        self.drop_log.close()

@@ -8,18 +8,24 @@ endpoints it applies to — and one drop series per (local endpoint, direction, 
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from agent import __version__
-from agent.dataplane.base import Count, Dataplane
-from agent.ir import Direction, Program, Verdict
+from agent.dataplane.base import Count, Counters, Dataplane
+from agent.ir import Direction, Program, Rule, Verdict
+
+if TYPE_CHECKING:
+    from agent.pipeline import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,33 @@ def _label(value: str) -> str:
     newlines itself, but a lone surrogate (JSON may carry one in a name) would make the
     whole scrape fail; it is written as a `\\udXXX` escape instead."""
     return value.encode("utf-8", "backslashreplace").decode()
+
+
+@dataclass(frozen=True)
+class CounterRow:
+    """One kernel counter with what it counts: a rule's matches or a default deny's drops."""
+
+    endpoint: str
+    direction: Direction
+    rule: Rule | None  # the matching rule; None for a default deny, or a rule the program no longer has
+    default_deny: bool
+    isolated_by: tuple[str, ...]  # the policies isolating this direction (default deny rows)
+    count: Count
+
+
+def counter_rows(program: Program, counters: Counters) -> list[CounterRow]:
+    """The dataplane's counters joined with the program's rules and isolations: rule rows
+    in (endpoint, rule id, direction) order, then default-deny rows in (endpoint, direction)
+    order. `stockade counters` prints them; KernelCollector sums them into series."""
+    rules = program.rules()
+    rows = []
+    for (ep, rule_id, d), c in sorted(counters.rules.items()):
+        rows.append(CounterRow(ep, Direction(d), rules.get(rule_id), False, (), c))
+    for (ep, d), c in sorted(counters.drops.items()):
+        prog = program.endpoints.get(ep)
+        by = prog.direction(Direction(d)).isolated_by if prog else ()
+        rows.append(CounterRow(ep, Direction(d), None, True, tuple(by), c))
+    return rows
 
 
 class KernelCollector(Collector):
@@ -61,24 +94,22 @@ class KernelCollector(Collector):
             counters = None
         up.add_metric([], 0 if counters is None and program is not None else 1)
         if counters is not None and program is not None:
-            rules = program.rules()
             per_rule: dict[tuple[str, ...], Count] = {}
             drops: dict[tuple[str, ...], Count] = {}
-            for (ep, rule_id, d), c in counters.rules.items():
-                rule = rules.get(rule_id)
-                if rule is None:
-                    continue
-                o = rule.origin
-                key = (o.source, o.namespace, o.policy, d.value, str(o.index), rule.verdict.value)
-                per_rule[key] = per_rule.get(key, Count()) + c
-                if rule.verdict is Verdict.DROP:
-                    dkey = (ep, d.value, "drop-rule", f"{o.namespace}/{o.policy}".lstrip("/"))
+            for row in counter_rows(program, counters):
+                d, c = row.direction.value, row.count
+                if row.default_deny:
+                    dkey = (row.endpoint, d, "default-deny", ",".join(row.isolated_by))
                     drops[dkey] = drops.get(dkey, Count()) + c
-            for (ep, d), c in counters.drops.items():
-                prog = program.endpoints.get(ep)
-                by = ",".join(prog.direction(Direction(d)).isolated_by) if prog else ""
-                dkey = (ep, Direction(d).value, "default-deny", by)
-                drops[dkey] = drops.get(dkey, Count()) + c
+                    continue
+                if row.rule is None:
+                    continue
+                o = row.rule.origin
+                key = (o.source, o.namespace, o.policy, d, str(o.index), row.rule.verdict.value)
+                per_rule[key] = per_rule.get(key, Count()) + c
+                if row.rule.verdict is Verdict.DROP:
+                    dkey = (row.endpoint, d, "drop-rule", f"{o.namespace}/{o.policy}".lstrip("/"))
+                    drops[dkey] = drops.get(dkey, Count()) + c
             for key, c in sorted(per_rule.items()):
                 rp.add_metric([_label(v) for v in key], c.packets)
                 rb.add_metric([_label(v) for v in key], c.bytes)
@@ -99,6 +130,41 @@ class SourceErrorsCollector(Collector):
         for cause, n in sorted((self.errors() or {}).items()):
             fam.add_metric([cause], n)
         yield fam
+
+
+class EventLatency:
+    """Event -> kernel latency: hook `observe` into Daemon.on_synced (runs after a successful apply).
+
+    stockade_event_to_kernel_seconds: from a watch event read off the wire to the sync
+    that put it in the kernel; stockade_pod_ip_to_kernel_seconds: the same for the event
+    that first showed a pod's IP (the start-up window of --unknown-endpoints).
+    Fed by `Snapshot.events`, which only a watch stream fills (Kubernetes): for the other
+    sources the histograms stay empty.
+    """
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self, registry: CollectorRegistry | None = None, keep: int = 1000) -> None:
+        self._now = time.monotonic
+        kw = {"registry": registry} if registry is not None else {}
+        self.event = Histogram("stockade_event_to_kernel_seconds", "Watch event read to kernel updated",
+                               ["kind"], buckets=self.BUCKETS, **kw)
+        self.pod_ip = Histogram("stockade_pod_ip_to_kernel_seconds",
+                                "A pod's first IP seen in a watch event to kernel updated",
+                                buckets=self.BUCKETS, **kw)
+        self.samples: collections.deque[tuple[str, str, float]] = collections.deque(maxlen=keep)
+
+    def observe(self, snap: Snapshot) -> None:
+        now = self._now()
+        for ev in snap.events:
+            if ev.type == "LIST":
+                continue  # found by a list, not an event: its wait is the list's, not ours
+            dt = now - ev.at
+            self.event.labels(ev.ref.kind).observe(dt)
+            self.samples.append((ev.ref.kind, ev.type, dt))
+            if ev.new_ips:
+                self.pod_ip.observe(dt)
+                self.samples.append(("PodIP", ev.type, dt))
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Source -> admission -> semantics: one function per source kind, shared by every command.
+"""Source -> admission -> semantics: one pipeline per source kind, shared by every command.
 
 The simulator (`explain`, `matrix`) and the enforcer (`apply`, `run`) both get their
-Program from here, so they can never disagree.
+Program from here, so they can never disagree. Every pipeline implements `Pipeline`;
+the daemon and the CLI know nothing else of them.
 """
 
 from __future__ import annotations
@@ -11,18 +12,22 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.admission import LastGood, kubernetes_inventory
-from agent.dataplane.base import DataplaneError
 from agent.inventory import Inventory, ObjectRef, Problem
 from agent.ir import Program
 from agent.policy.kubernetes import compile_inventory
 from agent.sources.files import DirectorySource
 from agent.sources.kubeobjects import RawObject
+
+if TYPE_CHECKING:
+    from agent.sources.kubernetes import Observed
 
 log = logging.getLogger(__name__)
 MAX_SETTLE_WAITS = 20  # a file rewritten non-stop keeps its last settled version
@@ -30,12 +35,58 @@ MAX_SETTLE_WAITS = 20  # a file rewritten non-stop keeps its last settled versio
 
 @dataclass
 class Snapshot:
+    """What a pipeline hands the daemon: the admitted inventory and its compiled Program.
+
+    Every pipeline fills every field (empty where it has nothing), so the daemon and its
+    hooks never ask which source they are running.
+    """
+
     inventory: Inventory
     program: Program
+    # Changes observed on the wire since the previous snapshot, for the event -> kernel
+    # latency histograms (agent.metrics.EventLatency); only watch streams have them.
+    events: Sequence[Observed] = field(default_factory=list)
 
     @property
     def problems(self) -> list[Problem]:
         return self.inventory.problems
+
+
+class PipelineError(Exception):
+    """A snapshot could not be made. The daemon keeps the kernel's state and retries."""
+
+    transient = False  # True: expected (e.g. at start-up), logged at info, not as an error
+
+
+class SourceNotSynced(PipelineError):
+    """The initial lists are not complete: nothing may reach the kernel yet."""
+
+    transient = True
+
+
+class Pipeline(Protocol):
+    """What the daemon and the CLI need of a source's pipeline."""
+
+    name: str                     # the source's name: "file" | "kubernetes" | "netbird" (metrics, origins)
+    errors: Mapping[str, int]     # source fault cause -> occurrences (stockade_source_errors_total)
+    ready: threading.Event        # set once a complete view can be compiled; set at once for the directory
+    def snapshot(self) -> Snapshot: ...   # the current Program; raises SourceNotSynced (transient) while not ready
+    def watch(self, on_change: Callable[[], None]) -> Callable[[], None]: ...  # start watching; returns stop()
+
+
+def compile_kubernetes(
+    objects: Iterable[RawObject],
+    store: LastGood,
+    node: str | None,
+    source: str,
+    problems: Iterable[Problem] = (),
+) -> Snapshot:
+    """Kubernetes objects (Pods, Namespaces, NetworkPolicies) -> admission -> the Program for `node`.
+
+    `problems` are the source's own (unreadable files, ...); admission adds its rejections.
+    """
+    inv = kubernetes_inventory(objects, store, list(problems))
+    return Snapshot(inv, compile_inventory(inv, node, source=source))
 
 
 class DirectoryPipeline:
@@ -51,9 +102,12 @@ class DirectoryPipeline:
         self, path: str | Path, node: str | None, state_file: Path | None = None, readonly: bool = False
     ) -> None:
         self.source = DirectorySource(path)
+        self.name = self.source.name
         self.node = node
         self.store = LastGood(state_file, readonly=readonly)
         self.errors = self.source.errors
+        self.ready = threading.Event()
+        self.ready.set()  # every read is a complete view
         self.readonly = readonly
         self.index_file = state_file.with_name(state_file.stem + ".files.json") if state_file else None
         self._index: dict[str, list[list[str]]] = {}
@@ -107,31 +161,16 @@ class DirectoryPipeline:
                 break
             time.sleep(self.source.unsettled)
             objects, problems = self.source.read()
-        inv = kubernetes_inventory(objects, self.store, problems)
+        snap = compile_kubernetes(objects, self.store, self.node, self.name, problems)
         self._save_index()
-        return Snapshot(inv, compile_inventory(inv, self.node, source=self.source.name))
+        return snap
+
+    def watch(self, on_change: Callable[[], None]) -> Callable[[], None]:
+        return self.source.watch(on_change)
 
 
 # ------------------------------------------------------------------ Kubernetes API source
 # Imports are local to keep the directory-only commands free of the kubernetes client.
-
-
-
-class SourceNotSynced(DataplaneError):
-    """The initial lists are not complete: nothing may reach the kernel yet.
-
-    A DataplaneError so the daemon's loop keeps the previous kernel state and retries.
-    """
-
-    transient = True  # expected at start-up: logged, not alarmed
-
-
-@dataclass
-class KubernetesSnapshot(Snapshot):
-    # Changes observed on the wire since the previous snapshot (agent.sources.kubernetes.Observed).
-    events: list[Any] = field(default_factory=list)
-    # This node's pod CIDRs (flag or node.spec.podCIDRs), for --unknown-endpoints=deny.
-    pod_cidrs: tuple[Any, ...] = ()
 
 
 class KubernetesPipeline:
@@ -158,6 +197,7 @@ class KubernetesPipeline:
         self.guard_unknown = guard_unknown  # --unknown-endpoints=deny
         self.source = source if source is not None else KubernetesSource(node=node, **source_options)
         self.node = node
+        self.name = self.source.name
         self.store = LastGood(state_file, readonly=readonly)
         self.errors = self.source.errors
         # The daemon's /readyz waits for this: every initial list (and the pod CIDRs, if
@@ -165,7 +205,7 @@ class KubernetesPipeline:
         self.ready = self.source.synced
         self.sync_wait = sync_wait
 
-    def snapshot(self) -> KubernetesSnapshot:
+    def snapshot(self) -> Snapshot:
         if not self.source.synced.is_set():
             if not self.source.watching:
                 self.source.sync()
@@ -176,47 +216,12 @@ class KubernetesPipeline:
                     + (", ".join(f"{k}s" for k in missing) or "the node's pod CIDRs") + ")"
                 )
         objects, problems, events = self.source.read_with_events()
-        inv = kubernetes_inventory(objects, self.store, problems)
-        program = compile_inventory(inv, self.node, source=self.source.name)
-        pod_cidrs = tuple(self.source.pod_cidrs or ())
-        if self.guard_unknown:
-            program = dataclasses.replace(program, guard=pod_cidrs)
-        return KubernetesSnapshot(inv, program, events=events, pod_cidrs=pod_cidrs)
+        snap = compile_kubernetes(objects, self.store, self.node, self.name, problems)
+        snap.events = events
+        if self.guard_unknown:  # this node's pod CIDRs (flag or node.spec.podCIDRs)
+            snap.program = dataclasses.replace(snap.program, guard=tuple(self.source.pod_cidrs or ()))
+        return snap
 
+    def watch(self, on_change: Callable[[], None]) -> Callable[[], None]:
+        return self.source.watch(on_change)
 
-class EventLatency:
-    """Event -> kernel latency: hook `observe` into Daemon.on_synced (runs after a successful apply).
-
-    stockade_event_to_kernel_seconds: from a watch event read off the wire to the sync
-    that put it in the kernel; stockade_pod_ip_to_kernel_seconds: the same for the event
-    that first showed a pod's IP (the start-up window of --unknown-endpoints).
-    """
-
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-    def __init__(self, registry: Any = None, keep: int = 1000) -> None:
-        import collections
-        import time
-
-        from prometheus_client import Histogram
-
-        self._now = time.monotonic
-        kw = {"registry": registry} if registry is not None else {}
-        self.event = Histogram("stockade_event_to_kernel_seconds", "Watch event read to kernel updated",
-                               ["kind"], buckets=self.BUCKETS, **kw)
-        self.pod_ip = Histogram("stockade_pod_ip_to_kernel_seconds",
-                                "A pod's first IP seen in a watch event to kernel updated",
-                                buckets=self.BUCKETS, **kw)
-        self.samples: collections.deque[tuple[str, str, float]] = collections.deque(maxlen=keep)
-
-    def observe(self, snap: Snapshot) -> None:
-        now = self._now()
-        for ev in getattr(snap, "events", ()):
-            if ev.type == "LIST":
-                continue  # found by a list, not an event: its wait is the list's, not ours
-            dt = now - ev.at
-            self.event.labels(ev.ref.kind).observe(dt)
-            self.samples.append((ev.ref.kind, ev.type, dt))
-            if ev.new_ips:
-                self.pod_ip.observe(dt)
-                self.samples.append(("PodIP", ev.type, dt))

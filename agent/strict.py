@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from agent.inventory import IPAddress
 from agent.ir import Program, Verdict
-from agent.policy.evaluate import evaluate, index_by_ip
+from agent.simulate import evaluate, index_by_ip
 
 
 @dataclass(frozen=True)

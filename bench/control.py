@@ -34,10 +34,12 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from agent.admission import LastGood, kubernetes_inventory
+from agent.admission import LastGood
 from agent.dataplane.base import Dataplane, DataplaneError
 from agent.ir import Program
-from agent.policy.kubernetes import compile_inventory
+from agent.pipeline import compile_kubernetes
+from agent.query import DataplaneOptions
+from agent.query import make_dataplane as build_dataplane
 from agent.sources.kubeobjects import RawObject, ref_of
 from bench.generate import SIZES, Cluster, generate
 
@@ -83,22 +85,19 @@ def size_of(name: str) -> tuple[int, int]:
 
 
 def make_dataplane(name: str, workdir: Path, big: bool = False) -> Dataplane:
-    if name == "nftables":
-        from agent.dataplane.nftables import NftablesDataplane, Options
+    """The agent's dataplane with a deployed agent's options (NFLOG drop sampling on); eBPF
+    pinned in a private bpffs, with room for the big sizes when `big`."""
+    if name != "ebpf":
+        return build_dataplane(name)
+    from agent.dataplane.ebpf import Sizes
 
-        # Default agent options (NFLOG drop sampling on): what a deployed agent programs.
-        return NftablesDataplane(Options())
-    if name == "ebpf":
-        from agent.dataplane.ebpf import EbpfDataplane, Sizes
-
-        root = workdir / "bpffs"
-        if not root.exists():
-            root.mkdir()
-            # We run in our own mount namespace (ip netns exec): this bpffs dies with us.
-            subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True, capture_output=True)
-        sizes = Sizes(peers=1 << 20, ports=1 << 20) if big else None
-        return EbpfDataplane(sizes, pin_root=f"{root}/stockade")
-    raise SystemExit(f"unknown dataplane {name}")
+    root = workdir / "bpffs"
+    if not root.exists():
+        root.mkdir()
+        # We run in our own mount namespace (ip netns exec): this bpffs dies with us.
+        subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True, capture_output=True)
+    sizes = Sizes(peers=1 << 20, ports=1 << 20) if big else None
+    return build_dataplane(name, DataplaneOptions(ebpf_sizes=sizes, pin_root=f"{root}/stockade"))
 
 
 class Agent:
@@ -113,7 +112,7 @@ class Agent:
         self.program = None
 
     def compile(self) -> Program:
-        return compile_inventory(kubernetes_inventory(self.raw, self.store), self.node, source=SOURCE)
+        return compile_kubernetes(self.raw, self.store, self.node, SOURCE).program
 
     def sync(self) -> tuple[float, float, Any]:
         c0, t0 = time.process_time(), time.perf_counter()

@@ -68,27 +68,20 @@ def manifests(peers: int) -> list[dict[str, Any]]:
 
 def apply_cmd(args: argparse.Namespace) -> int:
     """Program the manifests with the agent's pipeline (inside the node namespace)."""
-    from agent.admission import LastGood, kubernetes_inventory
-    from agent.policy.kubernetes import compile_inventory
+    from agent.admission import LastGood
+    from agent.pipeline import compile_kubernetes
+    from agent.query import make_dataplane
     from agent.sources.kubeobjects import RawObject, ref_of
 
     t0 = time.perf_counter()
-    if args.dataplane == "nftables":
-        from agent.dataplane.nftables import NftablesDataplane
-
-        dp: Any = NftablesDataplane()
-    else:
-        from agent.dataplane.ebpf import EbpfDataplane
-
-        dp = EbpfDataplane()  # pin root from the environment (tests.conftest.dataplane_env)
+    dp = make_dataplane(args.dataplane)  # eBPF: pin root from the environment (tests.conftest.dataplane_env)
     if args.clear:
         dp.cleanup()
         print(json.dumps({"cleared": True}))
         return 0
     objs = json.loads(Path(args.manifests).read_text())
     raw = [RawObject(ref_of(b, "kubernetes"), b) for b in objs]
-    inv = kubernetes_inventory(raw, LastGood())
-    program = compile_inventory(inv, LOCAL_NODE, source="kubernetes")
+    program = compile_kubernetes(raw, LastGood(), LOCAL_NODE, "kubernetes").program
     t1 = time.perf_counter()
     stats = dp.apply(program)
     t2 = time.perf_counter()

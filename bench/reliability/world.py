@@ -21,10 +21,10 @@ from typing import Any
 
 import yaml
 
-from agent.cli import matrix
 from agent.ir import Verdict
 from agent.pipeline import DirectoryPipeline, Snapshot
-from agent.policy.evaluate import evaluate, index_by_ip
+from agent.query import matrix
+from agent.simulate import evaluate, index_by_ip
 
 NODE = "lab"
 NET = "10.30.0"

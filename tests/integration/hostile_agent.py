@@ -17,9 +17,10 @@ import ipaddress
 import json
 import sys
 
-from agent.dataplane.base import Dataplane, DataplaneError, DropLog
+from agent.dataplane.base import DataplaneError, DropLog
 from agent.drops import describe
 from agent.ir import Direction, DirectionProgram, EndpointProgram, Origin, PeerSet, PortMatch, Program, Rule, Verdict
+from agent.query import make_dataplane
 
 A, B, C = "10.40.0.1", "10.40.0.2", "10.40.0.3"
 # Everything at once: nft syntax, a forged command, a NUL, a lone surrogate, a bidi
@@ -60,18 +61,8 @@ def program(phase: int) -> Program:
     })
 
 
-def _dataplane(name: str) -> Dataplane:
-    if name == "ebpf":
-        from agent.dataplane.ebpf import EbpfDataplane
-
-        return EbpfDataplane()
-    from agent.dataplane.nftables import NftablesDataplane
-
-    return NftablesDataplane()
-
-
 def main() -> None:
-    dp = _dataplane(sys.argv[1])
+    dp = make_dataplane(sys.argv[1])
     drops: DropLog | None = None
     prog: Program | None = None
     for line in sys.stdin:

@@ -34,8 +34,8 @@ from typing import Any
 
 import pytest
 
-from agent.cli import matrix
 from agent.pipeline import DirectoryPipeline
+from agent.query import matrix
 from tests.conftest import ROOT_EXAMPLES, private_bpffs, require_privileges
 from tests.kustomize import build
 from tests.lab import ROOT, Lab, until

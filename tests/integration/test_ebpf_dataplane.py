@@ -28,7 +28,7 @@ from agent.ir import (
     Rule,
     Verdict,
 )
-from agent.policy.evaluate import evaluate
+from agent.simulate import evaluate
 from tests.lab import Lab, sh
 
 PROBE = Path(__file__).with_name("ebpf_probe.py")

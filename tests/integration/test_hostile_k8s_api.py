@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from agent.cli import matrix
 from agent.pipeline import DirectoryPipeline, KubernetesPipeline
+from agent.query import matrix
 from agent.sources.kubernetes import KubernetesSource
 from tests.helpers import ns, pod, policy
 from tests.integration.kubeapi import FakeKubeAPI

@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from agent.ir import Direction, Verdict
-from agent.policy.evaluate import evaluate
+from agent.simulate import evaluate
 from tests.integration.hostile_agent import HOSTILE, HOSTILE_C, A, B, C, program
 from tests.lab import ROOT, Lab, until
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from agent.cli import matrix
-from agent.dataplane.base import ApplyStats, Counters, Dataplane, DataplaneError
+from agent.dataplane.base import ApplyStats, Counters, Dataplane
 from agent.ir import Program
-from agent.pipeline import DirectoryPipeline, EventLatency, KubernetesPipeline, SourceNotSynced
+from agent.pipeline import DirectoryPipeline, KubernetesPipeline, PipelineError, SourceNotSynced
+from agent.query import matrix
 from agent.sources.kubernetes import Backoff, KubernetesSource, api_client
 from tests.helpers import ns, pod, policy
 from tests.integration.kubeapi import TOKEN, FakeKubeAPI
@@ -377,7 +377,7 @@ def test_pipeline_never_hands_out_a_partial_view(api, make_source) -> None:
     assert not pipe.ready.is_set()
     with pytest.raises(SourceNotSynced) as exc:
         pipe.snapshot()
-    assert isinstance(exc.value, DataplaneError)  # the daemon keeps the kernel as it is
+    assert isinstance(exc.value, PipelineError) and exc.value.transient  # the daemon keeps the kernel as it is
     assert "NetworkPolicys" in str(exc.value)
     api.faults.clear()
     assert src.synced.wait(10)
@@ -405,9 +405,8 @@ def test_daemon_readiness_and_event_to_program_latency(api, make_source) -> None
     pipe = KubernetesPipeline("n1", source=src, sync_wait=0.2)
     dp = RecordingDataplane()
     registry = CollectorRegistry()
-    daemon = Daemon(pipe, dp, watch=src, debounce=0.01, resync=30, registry=registry)
-    latency = EventLatency(registry)
-    daemon.on_synced.append(latency.observe)
+    daemon = Daemon(pipe, dp, debounce=0.01, resync=30, registry=registry)
+    latency = daemon.event_latency
     import threading
 
     t = threading.Thread(target=daemon.run, daemon=True)

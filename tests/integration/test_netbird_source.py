@@ -24,7 +24,7 @@ import pytest
 from agent.daemon import Daemon
 from agent.dataplane.base import ApplyStats, Counters, Dataplane
 from agent.ir import Program, Verdict
-from agent.policy.evaluate import evaluate
+from agent.simulate import evaluate
 from agent.sources import netbird as src
 from agent.sources.netbird import NetbirdClient, NetbirdPipeline, NetbirdSource, TokenError, load_token
 from tests.netbird_api import LOCAL, RESTRICTED, TOKEN, A, B, ManagementApi, serve
@@ -322,7 +322,7 @@ def test_daemon_drives_the_pipeline_bootstrap_first(api):
     state.fault = "500"
     pipe = pipeline(url, interval=0.05, jitter=0.0, max_backoff=0.1)
     dp = RecordingDataplane()
-    daemon = Daemon(pipe, dp, watch=pipe, debounce=0.01, resync=60)
+    daemon = Daemon(pipe, dp, debounce=0.01, resync=60)
     t = threading.Thread(target=daemon.run, daemon=True)
     t.start()
     try:

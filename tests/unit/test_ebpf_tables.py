@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from agent.dataplane.ebpf import ALL_PROTOS, PROTO, PROTO_NAME, V_CODE, compile_direction, port_prefixes
 from agent.ir import Direction, DirectionProgram, Origin, PeerSet, PortMatch, Rule, Verdict
-from agent.policy.evaluate import decide
+from agent.simulate import decide
 
 
 def lookup(dp: DirectionProgram, peer, proto: int, port: int | None):  # type: ignore[no-untyped-def]

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from agent.admission import LastGood, kubernetes_inventory
 from agent.ir import Verdict
-from agent.policy.evaluate import evaluate, index_by_ip
 from agent.policy.kubernetes import compile_inventory
+from agent.simulate import evaluate, index_by_ip
 from agent.sources.kubeobjects import RawObject, ref_of
 from tests.helpers import ns, pod, policy
 

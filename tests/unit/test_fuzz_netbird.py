@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.ir import Verdict
-from agent.policy.evaluate import evaluate, index_by_ip
+from agent.simulate import evaluate, index_by_ip
 from agent.sources.netbird import NetbirdPipeline, NetbirdSource
 from tests.unit.test_netbird_semantics import IP, group, peer, policy, rule
 

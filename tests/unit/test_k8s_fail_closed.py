@@ -19,8 +19,8 @@ from agent.admission import LastGood, kubernetes_inventory
 from agent.inventory import Problem
 from agent.ir import Program, Verdict
 from agent.policy.errors import Invalid
-from agent.policy.evaluate import evaluate
 from agent.policy.kubernetes import compile_inventory, parse_cidr_sloppy
+from agent.simulate import evaluate
 from agent.sources.kubeobjects import RawObject, parse_pod, ref_of
 from tests.helpers import ns, pod, policy
 

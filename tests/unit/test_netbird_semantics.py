@@ -12,7 +12,7 @@ from agent.inventory import ObjectRef, RawPolicy
 from agent.ir import Direction, Origin, Program, Verdict
 from agent.policy import netbird as nb
 from agent.policy.errors import Invalid
-from agent.policy.evaluate import evaluate
+from agent.simulate import evaluate
 
 # ---------------------------------------------------------------- fixtures
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from agent.ir import Direction, Verdict
-from agent.policy.evaluate import evaluate
+from agent.simulate import evaluate
 from tests.helpers import ns, pod, policy, snapshot_of
 
 

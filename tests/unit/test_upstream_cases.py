@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.cli import matrix
+from agent.query import matrix
 from tests.helpers import snapshot_of
 from tests.lab.cases import all_probes, expected_grid, off_diagonal, pod_keys, step_objects
 
