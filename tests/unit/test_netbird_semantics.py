@@ -494,7 +494,7 @@ def test_rule_keys_are_stable_across_ip_changes_and_unique_per_peer_set():
 
     kb, ka = keyed(before), keyed(after)
     assert set(kb) == set(ka)
-    assert kb["netbird:p/0/dst"] != ka["netbird:p/0/dst"]
+    assert kb['netbird:"p"/0/dst'] != ka['netbird:"p"/0/dst']
 
 
 def test_compile_is_deterministic_and_does_not_mutate_input():
