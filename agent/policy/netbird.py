@@ -20,6 +20,17 @@ shared/notes/netbird.md; management `networkmap_components.go`, `account.go`):
   address outside it, so dataplanes need no special case. `inbound_only` leaves egress
   unenforced, like NetBird's client.
 
+Invalid input fails closed (read_policy): every invalid part of a rule is reported (policy,
+rule id and name, field path) and resolved to the stricter side. In a drop rule it matches
+everything: unknown protocol = every protocol, bad ports or ranges = every port,
+bidirectional invalid or missing = both ways, enabled invalid or missing = enabled, a bad
+group reference or resource = every peer, no sources/destinations at all = every peer. In
+an accept rule it matches nothing (bad entries drop out; nothing valid left = the rule is
+void, never "every port"). An unknown action counts as drop; an unreadable rule is a drop
+of everything; a policy whose `enabled` is invalid keeps its drops and loses its accepts.
+The source keeps an invalid policy's last good version in force and adds the drops of the
+invalid one (agent/sources/netbird.py).
+
 Posture checks are evaluated per source peer with three outcomes. `nb_version_check` and
 `geo_location_check` are evaluated from /api/peers data. Checks the REST data cannot
 evaluate (os_version_check, peer_network_range_check, process_check, unknown kinds, or a
