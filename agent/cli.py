@@ -87,8 +87,10 @@ def _netbird_pipeline(args: argparse.Namespace, readonly: bool) -> Pipeline:
             args.netbird_url, args.netbird_token_file, args.netbird_ca_file,
             peer_id=args.netbird_peer_id, interface=args.interface, interval=args.netbird_interval,
             inbound_only=args.netbird_inbound_only,
-            # The simulator never writes the enforcer's state.
-            state_file=None if readonly or not args.state_dir else Path(args.state_dir) / "netbird.json",
+            # The simulator reads the enforcer's admitted state (same last good versions,
+            # same verdicts) and never writes it.
+            state_file=None if not args.state_dir else Path(args.state_dir) / "netbird.json",
+            readonly=readonly,
         )
     except (TokenError, ValueError) as e:
         raise SystemExit(f"stockade: {e}") from None

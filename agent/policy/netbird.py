@@ -20,6 +20,17 @@ shared/notes/netbird.md; management `networkmap_components.go`, `account.go`):
   address outside it, so dataplanes need no special case. `inbound_only` leaves egress
   unenforced, like NetBird's client.
 
+Invalid input fails closed (read_policy): every invalid part of a rule is reported (policy,
+rule id and name, field path) and resolved to the stricter side. In a drop rule it matches
+everything: unknown protocol = every protocol, bad ports or ranges = every port,
+bidirectional invalid or missing = both ways, enabled invalid or missing = enabled, a bad
+group reference or resource = every peer, no sources/destinations at all = every peer. In
+an accept rule it matches nothing (bad entries drop out; nothing valid left = the rule is
+void, never "every port"). An unknown action counts as drop; an unreadable rule is a drop
+of everything; a policy whose `enabled` is invalid keeps its drops and loses its accepts.
+The source keeps an invalid policy's last good version in force and adds the drops of the
+invalid one (agent/sources/netbird.py).
+
 Posture checks are evaluated per source peer with three outcomes. `nb_version_check` and
 `geo_location_check` are evaluated from /api/peers data. Checks the REST data cannot
 evaluate (os_version_check, peer_network_range_check, process_check, unknown kinds, or a
@@ -31,8 +42,10 @@ exist at all is skipped (passes), as NetBird does.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +63,7 @@ from agent.ir import (
     Program,
     Rule,
     Verdict,
+    merge_ranges,
 )
 from agent.policy.errors import Invalid, as_map
 from agent.policy.errors import as_list as _list
@@ -93,6 +107,12 @@ class NbRule:
     destinations: tuple[str, ...] | None
     source_resource: ResourceRef | None = None
     destination_resource: ResourceRef | None = None
+    # Fail-closed resolution of invalid parts (see read_policy): "sources"/"destinations"
+    # that mean every peer (a drop) or nobody (an accept); `void`: the rule matches nothing.
+    any_sides: frozenset[str] = frozenset()
+    void_sides: frozenset[str] = frozenset()
+    void: bool = False
+    invalid: bool = False  # some part was invalid (already reported)
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,18 @@ class Policy:
     enabled: bool
     posture_checks: tuple[str, ...]
     rules: tuple[NbRule, ...]
+    # An invalid posture-check reference: its outcome is unknown (stricter side).
+    posture_unknown: bool = False
+    # Every invalid part found, in order; the rules above are already resolved fail-closed.
+    problems: tuple[Invalid, ...] = ()
+    # Appended to rule keys: the drops of an invalid version enforced next to the last good
+    # version of the same policy need peer-set keys of their own.
+    variant: str = ""
+
+    def drops_only(self, variant: str) -> Policy:
+        """This policy reduced to its drop rules (the stricter half of an invalid version)."""
+        return dataclasses.replace(self, rules=tuple(r for r in self.rules if r.action is Verdict.DROP),
+                                   variant=variant)
 
 
 @dataclass(frozen=True)
@@ -184,35 +216,16 @@ def _str(obj: Mapping[str, Any], key: str, field: str, required: bool = True) ->
     return v
 
 
-def _bool(obj: Mapping[str, Any], key: str, field: str, default: bool | None = None) -> bool:
-    v = obj.get(key, default)
-    if not isinstance(v, bool):
-        raise Invalid(f"{field}{key}", f"must be true or false, got {v!r}")
-    return v
+_DIGITS = re.compile(r"[0-9]{1,5}", re.ASCII)  # not str.isdigit(): "²" is a digit int() refuses
 
 
 def _port(v: Any, field: str) -> int:
     """Ports come as strings ("80") in responses; plain ints are accepted too."""
-    if isinstance(v, str) and v.strip().isdigit():
+    if isinstance(v, str) and _DIGITS.fullmatch(v.strip()):
         v = int(v.strip())
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
         raise Invalid(field, f"invalid port {v!r} (1-65535)")
     return v
-
-
-def _group_ids(obj: Any, field: str) -> tuple[str, ...] | None:
-    """Group references: objects `{id, name, ...}` in responses, id strings in requests."""
-    if obj is None:
-        return None
-    out = []
-    for i, g in enumerate(_list(obj, field)):
-        if isinstance(g, str) and g:
-            out.append(g)
-        elif isinstance(g, Mapping):
-            out.append(_str(g, "id", f"{field}[{i}]."))
-        else:
-            raise Invalid(f"{field}[{i}]", f"must be a group id or group object, got {g!r}")
-    return tuple(out)
 
 
 def _resource(obj: Any, field: str) -> ResourceRef | None:
@@ -228,70 +241,210 @@ def _resource(obj: Any, field: str) -> ResourceRef | None:
     return ResourceRef(rid, rtype)
 
 
-def _parse_rule(obj: Any, index: int, field: str) -> NbRule:
-    r = _map(obj, field)
-    f = f"{field}."
+class _RuleReader:
+    """Reads one rule, collecting every invalid part and resolving it fail-closed.
+
+    The action decides the side: in a drop (and in a rule whose action is unknown, which
+    counts as a drop) an invalid part matches everything; in an accept it matches nothing.
+    """
+
+    def __init__(self, policy: str, index: int, rid: str, name: str, drop: bool) -> None:
+        self.where = f"rules[{index}]"
+        self.who = f"policy {policy!r}, rule {name!r} (id {rid!r})" if rid or name else f"policy {policy!r}"
+        self.drop = drop
+        self.problems: list[Invalid] = []
+
+    def bad(self, field: str, message: str, drop_means: str, accept_means: str = "matches nothing") -> None:
+        outcome = f"drop rule {drop_means}" if self.drop else f"accept rule {accept_means}"
+        self.problems.append(Invalid(f"{self.where}.{field}", f"{self.who}: {message}; {outcome}"))
+
+    def flag(self, r: Mapping[str, Any], key: str, drop_means: str, accept_means: str) -> bool:
+        v = r.get(key)
+        if isinstance(v, bool):
+            return v
+        self.bad(key, f"must be true or false, got {v!r}", drop_means, accept_means)
+        return self.drop
+
+    def ports(self, r: Mapping[str, Any]) -> tuple[list[int], list[tuple[int, int]], bool, bool]:
+        """(valid ports, valid ranges, any given, all valid)."""
+        ports: list[int] = []
+        ranges: list[tuple[int, int]] = []
+        given, ok = False, True
+        for key in ("ports", "port_ranges"):
+            raw = r.get(key)
+            if raw is None:
+                continue
+            if not isinstance(raw, list):
+                given, ok = True, False
+                self.bad(key, f"must be a list, got {type(raw).__name__}", "applies to every port")
+                continue
+            given = given or bool(raw)
+            for i, item in enumerate(raw):
+                field = f"{key}[{i}]"
+                try:
+                    if key == "ports":
+                        ports.append(_port(item, field))
+                        continue
+                    m = _map(item, field)
+                    start = _port(m.get("start"), f"{field}.start")
+                    end = _port(m.get("end"), f"{field}.end")
+                    if start > end:
+                        raise Invalid(field, f"start {start} is after end {end}")
+                    ranges.append((start, end))
+                except Invalid as e:
+                    ok = False
+                    self.bad(e.field, e.message, "applies to every port", "matches nothing on it")
+        return ports, ranges, given, ok
+
+    def side(self, raw: Any, key: str) -> tuple[tuple[str, ...] | None, bool, bool]:
+        """Group references (`{id, name, ...}` in responses, id strings in requests), whether
+        the whole side is unreadable and whether any entry is."""
+        if raw is None:
+            return None, False, False
+        if not isinstance(raw, list):
+            self.bad(key, f"must be a list of groups, got {type(raw).__name__}", "applies to every peer")
+            return (), True, True
+        out: list[str] = []
+        bad = False
+        for i, g in enumerate(raw):
+            gid = g.get("id") if isinstance(g, Mapping) else g
+            if isinstance(gid, str) and gid:
+                out.append(gid)
+            else:
+                bad = True
+                self.bad(f"{key}[{i}]", f"must be a group id or group object with an id, got {g!r}",
+                         "applies to every peer", "matches nobody from it")
+        return tuple(out), False, bad
+
+
+def _read_rule(obj: Any, index: int, policy: str) -> tuple[NbRule, list[Invalid]]:
+    if not isinstance(obj, Mapping):
+        rd = _RuleReader(policy, index, "", "", drop=True)
+        rd.problems.append(Invalid(rd.where, f"policy {policy!r}: must be an object, got {type(obj).__name__};"
+                                             " its action is unknown: treated as a drop of everything"))
+        return _drop_everything(index), rd.problems
+    r = obj
+    rid = r.get("id") if isinstance(r.get("id"), str) else ""
+    name = r.get("name") if isinstance(r.get("name"), str) else ""
     action = r.get("action")
+    rd = _RuleReader(policy, index, rid, name, drop=action not in ("accept",))
     if action not in ACTIONS:
-        raise Invalid(f"{f}action", f"must be accept or drop, got {action!r}")
+        rd.bad("action", f"must be accept or drop, got {action!r}", "(the action is unknown) applies")
+    enabled = rd.flag(r, "enabled", "is enabled", "is disabled")
+    bidirectional = rd.flag(r, "bidirectional", "applies both ways", "applies one way")
     protocol = r.get("protocol")
-    if not isinstance(protocol, str) or protocol.lower() not in PROTOCOLS:
-        raise Invalid(f"{f}protocol", f"must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    protocol = protocol.lower()
-    ports = tuple(_port(p, f"{f}ports[{i}]") for i, p in enumerate(_list(r.get("ports"), f"{f}ports")))
-    ranges = []
-    for i, pr in enumerate(_list(r.get("port_ranges"), f"{f}port_ranges")):
-        m = _map(pr, f"{f}port_ranges[{i}]")
-        start = _port(m.get("start"), f"{f}port_ranges[{i}].start")
-        end = _port(m.get("end"), f"{f}port_ranges[{i}].end")
-        if start > end:
-            raise Invalid(f"{f}port_ranges[{i}]", f"start {start} is after end {end}")
-        ranges.append((start, end))
-    if protocol in ("all", "icmp") and (ports or ranges):
+    proto: str | None = protocol.lower() if isinstance(protocol, str) else None
+    if proto not in PROTOCOLS:
+        rd.bad("protocol", f"must be one of {', '.join(PROTOCOLS)}, got {protocol!r}", "applies to every protocol")
+        proto = None
+    ports, ranges, given, ports_ok = rd.ports(r)
+    void = False
+    if proto in ("all", "icmp") and given:
         # The API refuses this; guessing which half was meant could widen a drop or an accept.
-        raise Invalid(f"{f}ports", f"protocol {protocol} takes no ports")
-    name = r.get("name")
-    rid = r.get("id")
-    return NbRule(
-        index=index,
-        id=rid if isinstance(rid, str) else "",
-        name=name if isinstance(name, str) else "",
-        enabled=_bool(r, "enabled", f),
-        action=Verdict(action),
-        bidirectional=_bool(r, "bidirectional", f, default=False),
-        protocol=protocol,
-        ports=ports,
-        port_ranges=tuple(ranges),
-        sources=_group_ids(r.get("sources"), f"{f}sources"),
-        destinations=_group_ids(r.get("destinations"), f"{f}destinations"),
-        source_resource=_resource(r.get("sourceResource"), f"{f}sourceResource"),
-        destination_resource=_resource(r.get("destinationResource"), f"{f}destinationResource"),
+        rd.bad("ports", f"protocol {proto} takes no ports", "applies to every protocol")
+        proto = None
+    if proto is None:
+        proto, ports, ranges, void = "all", [], [], not rd.drop
+    elif not ports_ok:
+        if rd.drop:
+            ports, ranges = [], []
+        else:  # the valid entries stay; nothing valid left must not mean "every port"
+            void = not (ports if r.get("ports") else ranges)
+    sources, src_unreadable, src_bad = rd.side(r.get("sources"), "sources")
+    destinations, dst_unreadable, dst_bad = rd.side(r.get("destinations"), "destinations")
+    # A drop with any bad group entry applies to every peer on that side; an accept keeps
+    # its valid entries (bad ones match nobody) and is empty on an unreadable side.
+    bad_sides = {k for k, bad in (("sources", src_bad), ("destinations", dst_bad)) if bad} if rd.drop else \
+        {k for k, bad in (("sources", src_unreadable), ("destinations", dst_unreadable)) if bad}
+    resources: list[ResourceRef | None] = []
+    for key, which in (("sourceResource", "sources"), ("destinationResource", "destinations")):
+        try:
+            resources.append(_resource(r.get(key), key))
+        except Invalid as e:
+            rd.bad(e.field, e.message, "applies to every peer", "matches nobody there")
+            resources.append(None)
+            bad_sides.add(which)
+    rule = NbRule(
+        index=index, id=rid, name=name, enabled=enabled,
+        action=Verdict.DROP if rd.drop else Verdict.ACCEPT,
+        bidirectional=bidirectional, protocol=proto, ports=tuple(ports), port_ranges=tuple(ranges),
+        sources=sources, destinations=destinations,
+        source_resource=resources[0], destination_resource=resources[1],
+        any_sides=frozenset(bad_sides) if rd.drop else frozenset(),
+        void_sides=frozenset() if rd.drop else frozenset(bad_sides),
+        void=void, invalid=bool(rd.problems),
     )
+    return rule, rd.problems
 
 
-def parse_policy(raw: RawPolicy) -> Policy:
-    """Validate one policy (response or request shape); raise `Invalid` naming the field."""
-    body = _map(raw.body, "(policy)")
-    pid = _str(body, "id", "")
+def _drop_everything(index: int) -> NbRule:
+    """A rule nothing can be read from: its action is unknown, so it counts as a drop of
+    every protocol between every peer, both ways."""
+    return NbRule(index=index, id="", name="", enabled=True, action=Verdict.DROP, bidirectional=True,
+                  protocol="all", ports=(), port_ranges=(), sources=None, destinations=None,
+                  any_sides=frozenset({"sources", "destinations"}), invalid=True)
+
+
+def read_policy(raw: RawPolicy) -> Policy:
+    """Read one policy (response or request shape) without raising: every invalid part is
+    in `problems` (field path, policy and rule named) and resolved fail-closed — in a drop
+    rule it matches everything (unknown protocol: every protocol; bad ports: every port;
+    bidirectional invalid: both ways; enabled invalid or missing: enabled; bad groups:
+    every peer), in an accept rule it matches nothing. An unknown action counts as drop.
+    """
+    problems: list[Invalid] = []
+    if not isinstance(raw.body, Mapping):
+        problems.append(Invalid("(policy)", f"must be an object, got {type(raw.body).__name__}"))
+        return Policy(raw.ref, raw.ref.name, raw.ref.name, True, (), (), problems=tuple(problems))
+    body = raw.body
+    pid = body.get("id")
+    if not isinstance(pid, str) or not pid:
+        problems.append(Invalid("id", f"must be a non-empty string, got {pid!r}"))
+        pid = raw.ref.name
     name = body.get("name")
-    checks = []
-    for i, c in enumerate(_list(body.get("source_posture_checks"), "source_posture_checks")):
+    name = name if isinstance(name, str) and name else pid
+    checks: list[str] = []
+    posture_unknown = False
+    raw_checks = body.get("source_posture_checks")
+    if raw_checks is not None and not isinstance(raw_checks, list):
+        problems.append(Invalid("source_posture_checks", f"policy {name!r}: must be a list, got "
+                                f"{type(raw_checks).__name__}; counts as failing for accepts, passing for drops"))
+        posture_unknown = True
+    for i, c in enumerate(raw_checks if isinstance(raw_checks, list) else []):
         if isinstance(c, Mapping):  # tolerate expanded objects
             c = c.get("id")
         if not isinstance(c, str) or not c:
-            raise Invalid(f"source_posture_checks[{i}]", f"must be a posture-check id, got {c!r}")
+            problems.append(Invalid(f"source_posture_checks[{i}]", f"policy {name!r}: must be a posture-check id, "
+                                    f"got {c!r}; counts as failing for accepts, passing for drops"))
+            posture_unknown = True
+            continue
         checks.append(c)
-    rules = tuple(
-        _parse_rule(r, i, f"rules[{i}]") for i, r in enumerate(_list(body.get("rules"), "rules"))
-    )
-    return Policy(
-        ref=raw.ref,
-        id=pid,
-        name=name if isinstance(name, str) and name else pid,
-        enabled=_bool(body, "enabled", ""),
-        posture_checks=tuple(checks),
-        rules=rules,
-    )
+    raw_rules = body.get("rules")
+    rules: list[NbRule] = []
+    if raw_rules is not None and not isinstance(raw_rules, list):
+        problems.append(Invalid("rules", f"policy {name!r}: must be a list, got {type(raw_rules).__name__}; "
+                                "the rules are unknown: treated as a drop of everything"))
+        rules.append(_drop_everything(0))
+    for i, r in enumerate(raw_rules if isinstance(raw_rules, list) else []):
+        rule, errs = _read_rule(r, i, name)
+        rules.append(rule)
+        problems.extend(errs)
+    enabled = body.get("enabled")
+    if not isinstance(enabled, bool):
+        problems.append(Invalid("enabled", f"policy {name!r}: must be true or false, got {enabled!r}; "
+                                "its drop rules are enabled, its accept rules disabled"))
+        rules = [r if r.action is Verdict.DROP else dataclasses.replace(r, enabled=False) for r in rules]
+        enabled = True
+    return Policy(ref=raw.ref, id=pid, name=name, enabled=enabled, posture_checks=tuple(checks),
+                  rules=tuple(rules), posture_unknown=posture_unknown, problems=tuple(problems))
+
+
+def parse_policy(raw: RawPolicy) -> Policy:
+    """Validate one policy strictly: raise `Invalid` for its first invalid part."""
+    policy = read_policy(raw)
+    if policy.problems:
+        raise policy.problems[0]
+    return policy
 
 
 def parse_group(body: Any) -> Group:
@@ -530,7 +683,11 @@ class _Compiler:
         groups = rule.sources if is_src else rule.destinations
         field = f"rules[{rule.index}].{which}"
         ids: list[str] = []
-        if res is not None and res.type == "peer" and res.id:
+        if which in rule.void_sides:  # invalid in an accept: already reported, matches nobody
+            return [], False
+        if which in rule.any_sides:  # invalid in a drop: already reported, every peer
+            ids = list(self.account.peers)
+        elif res is not None and res.type == "peer" and res.id:
             ids = [res.id]
         else:
             if res is not None:
@@ -538,9 +695,16 @@ class _Compiler:
                           f"resource type {res.type!r} is not supported here; using the groups")
             if not groups:
                 key = "sourceResource" if is_src else "destinationResource"
-                self.warn(policy, field, f"rule {rule.name!r} has neither {which} nor {key}: matches nothing")
-                return [], False
-            for gid in groups:
+                if rule.action is Verdict.DROP:
+                    # NetBird issue #3583 loses sides of later rules: a drop that lost one
+                    # must not let the accepts it was meant to override win.
+                    self.warn(policy, field, f"rule {rule.name!r} has neither {which} nor {key}: "
+                                             "drop rule applied to every peer there")
+                    ids = list(self.account.peers)
+                else:
+                    self.warn(policy, field, f"rule {rule.name!r} has neither {which} nor {key}: matches nothing")
+                    return [], False
+            for gid in groups or ():
                 ids.extend(self._group_peers(policy, rule, field, gid))
         peers: list[Peer] = []
         seen: set[str] = set()
@@ -549,8 +713,10 @@ class _Compiler:
                 continue
             seen.add(pid)
             peer = self.account.peers[pid]
-            if is_src and policy.posture_checks:
+            if is_src and (policy.posture_checks or policy.posture_unknown):
                 p = posture(self.account, policy.posture_checks, peer)
+                if policy.posture_unknown and p is Posture.PASS:
+                    p = Posture.UNKNOWN  # an unreadable check reference
                 # UNKNOWN takes the stricter side: out of accepts, kept in drops.
                 keep = p is Posture.PASS or (p is Posture.UNKNOWN and rule.action is Verdict.DROP)
                 if not keep:
@@ -569,7 +735,9 @@ class _Compiler:
         if rule.ports:  # ports win; the API refuses both, but old data may carry both
             return PortMatch.canonical(PortMatch(proto, p, p) for p in rule.ports)
         if rule.port_ranges:
-            return tuple(sorted({PortMatch(proto, a, b) for a, b in rule.port_ranges}))
+            # Merged: overlapping or adjacent ranges are one match (and PortMatch has no order
+            # of its own: a plain sort of two or more of them raised TypeError).
+            return PortMatch.canonical(PortMatch(proto, a, b) for a, b in merge_ranges(rule.port_ranges))
         return (PortMatch(proto),)
 
     def rules(self, policy: Policy) -> tuple[list[Rule], list[Rule]]:
@@ -577,7 +745,7 @@ class _Compiler:
         ingress: list[Rule] = []
         egress: list[Rule] = []
         for rule in policy.rules:
-            if not rule.enabled:
+            if not rule.enabled or rule.void:
                 continue
             if rule.ports and rule.port_ranges:
                 self.warn(policy, f"rules[{rule.index}].port_ranges",
@@ -596,7 +764,9 @@ class _Compiler:
                     rule.action,
                     # The peer set is "this rule's sources" or "... destinations", whichever
                     # direction uses it: one key per side, stable across IP changes.
-                    key=f"{SOURCE}:{policy.id}/{rule.index}/{side}",
+                    # The id quoted: no id can spell another's key (or a variant's), which
+                    # would give one key two peer sets and fail the whole apply.
+                    key=f"{SOURCE}:{json.dumps(policy.id)}{policy.variant}/{rule.index}/{side}",
                 )
 
             if local_in_dst:

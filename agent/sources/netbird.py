@@ -15,6 +15,7 @@ error messages.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -240,6 +241,18 @@ class NetbirdSource:
         return RawAccount(policies, groups, peers, checks)
 
 
+class _Store(LastGood):
+    """Per-object last good versions, in memory; what it keeps goes into the state file."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.kept: dict[str, Mapping[str, Any]] = {}
+
+    def replace(self, good: dict[str, Mapping[str, Any]]) -> None:
+        super().replace(good)
+        self.kept = dict(good)
+
+
 _KINDS = (  # (kind, RawAccount attribute, API path)
     ("Policy", "policies", "policies"),
     ("Group", "groups", "groups"),
@@ -270,6 +283,7 @@ class NetbirdPipeline:
         max_backoff: float = 300.0,
         state_file: Path | None = None,
         address_lookup: Callable[[str], list[IPAddress]] = interface_addresses,
+        readonly: bool = False,
     ) -> None:
         self.source = source
         self.peer_id = peer_id
@@ -280,8 +294,9 @@ class NetbirdPipeline:
         self.jitter = jitter
         self.max_backoff = max(max_backoff, interval)
         self.state_file = state_file
+        self.readonly = readonly  # explain/matrix read the enforcer's state, never write it
         self.address_lookup = address_lookup
-        self.store = LastGood(None)  # per-object last good versions (in memory)
+        self.store = _Store()  # per-object last good versions (in memory; saved with the state)
         self.errors: Counter[str] = Counter()  # fault cause -> occurrences
         self.polls: Counter[str] = Counter()  # "success" | "error"
         self.ready = threading.Event()  # set at the first good state (API or state file)
@@ -296,15 +311,22 @@ class NetbirdPipeline:
     # ------------------------------------------------------------ state file
 
     def _load_state(self) -> None:
-        """A good state saved by a previous run, so a restart with the API down does not
-        fall back to the bootstrap program."""
+        """The state saved by a previous run, so a restart with the API down does not fall
+        back to the bootstrap program — and enforces exactly what that run enforced: the
+        saved answer is admitted again against the saved last good versions."""
         if self.state_file is None or not self.state_file.exists():
             return
         try:
             data = json.loads(self.state_file.read_text())
             raw = RawAccount.from_json(data["account"])
+            last_good = data.get("last_good", {})
+            if not isinstance(last_good, dict) or not all(
+                    isinstance(k, str) and isinstance(v, Mapping) for k, v in last_good.items()):
+                raise ValueError("last_good is not a map of objects")
+            self.store.replace(last_good)
             snap = self._build(raw, data.get("local_peer"))
         except (OSError, ValueError, KeyError, TypeError, FetchError) as e:
+            self.store = _Store()
             log.warning("ignoring unusable NetBird state file %s: %s", self.state_file, _reason(e))
             return
         self._snapshot = snap
@@ -312,13 +334,15 @@ class NetbirdPipeline:
         log.info("NetBird: enforcing the state saved in %s until the API answers", self.state_file)
 
     def _save_state(self, raw: RawAccount, local: str) -> None:
-        if self.state_file is None:
+        """The admitted state: the answer and the last good versions admission kept (after
+        this answer was admitted), from which _load_state rebuilds the same program."""
+        if self.state_file is None or self.readonly:
             return
         try:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=".netbird-")
             with os.fdopen(fd, "w") as f:  # mkstemp creates it 0600
-                json.dump({"account": raw.to_json(), "local_peer": local}, f)
+                json.dump({"account": raw.to_json(), "last_good": self.store.kept, "local_peer": local}, f)
             os.replace(tmp, self.state_file)
         except OSError as e:
             log.warning("cannot save NetBird state to %s: %s", self.state_file, e)
@@ -326,23 +350,60 @@ class NetbirdPipeline:
     # ------------------------------------------------------------ compile
 
     def _admit(self, raw: RawAccount, problems: list[Problem]) -> tuple[nb.Account, list[RawObject]]:
+        """Validate every object; each invalid one keeps its last good version.
+
+        Policies are read part by part (nb.read_policy): an invalid policy with a last good
+        version enforces that version plus the drop rules of the invalid one (its invalid
+        parts resolved fail-closed), so a broken drop never lets an accept win; without a
+        last good version the invalid policy is enforced as read, fail-closed. An object
+        without an id has no last good version: a policy's drops are still enforced.
+        Duplicate ids are reported: every copy of a policy is reduced to its drops, a group
+        or posture check becomes unknown (stricter side).
+        """
         objects: list[RawObject] = []
         raw_ids: dict[str, set[str]] = {k: set() for k, _, _ in _KINDS}
+        dups: dict[str, set[str]] = {k: set() for k, _, _ in _KINDS}
+        anonymous: list[nb.Policy] = []
+        copies: list[nb.Policy] = []  # later copies of a duplicated policy id
         for kind, attr, path in _KINDS:
             loc = self.source.client.location(path)
             for i, body in enumerate(getattr(raw, attr)):
                 oid = body.get("id") if isinstance(body, Mapping) else None
                 if not isinstance(oid, str) or not oid:
-                    problems.append(Problem(ObjectRef(kind, "", f"[{i}]", "netbird", loc), "id",
-                                            "missing or not a string; object ignored"))
+                    ref = ObjectRef(kind, "", f"[{i}]", "netbird", loc)
+                    problems.append(Problem(ref, "id", "missing or not a string; object ignored" if kind != "Policy"
+                                            or not isinstance(body, Mapping) else
+                                            "missing or not a string; only its drop rules are enforced"))
+                    if kind == "Policy" and isinstance(body, Mapping):
+                        pol = nb.read_policy(RawPolicy(ref, body))
+                        problems.extend(Problem(ref, e.field, e.message) for e in pol.problems[1:])
+                        anonymous.append(dataclasses.replace(pol.drops_only(f"#{i}"), id=""))
+                    continue
+                if oid in raw_ids[kind]:
+                    dups[kind].add(oid)
+                    ref = ObjectRef(kind, "", oid, "netbird", loc)
+                    problems.append(Problem(ref, "id", f"duplicate id (object [{i}]); " + (
+                        "every copy enforces only its drop rules" if kind == "Policy" else "treated as invalid")))
+                    if kind == "Policy":
+                        pol = nb.read_policy(RawPolicy(ref, body))
+                        problems.extend(Problem(ref, e.field, e.message) for e in pol.problems)
+                        copies.append(pol.drops_only(f"#{i}"))
                     continue
                 raw_ids[kind].add(oid)
                 objects.append(RawObject(ObjectRef(kind, "", oid, "netbird", loc), body))
+        invalid: dict[str, nb.Policy] = {}
+        extra: list[Problem] = []  # the problems after the first of each invalid policy
 
         def parse(obj: RawObject) -> Any:
             kind = obj.ref.kind
             if kind == "Policy":
-                return nb.parse_policy(RawPolicy(obj.ref, obj.body))
+                pol = nb.read_policy(RawPolicy(obj.ref, obj.body))
+                # The last good body itself (admission's fallback) is never rejected again.
+                if pol.problems and obj.body is not self.store.get(obj.ref):
+                    invalid[obj.ref.name] = pol
+                    extra.extend(Problem(obj.ref, e.field, e.message) for e in pol.problems[1:])
+                    raise pol.problems[0]  # reported by admission; the last good version stays
+                return pol
             if kind == "Group":
                 return nb.parse_group(obj.body)
             if kind == "Peer":
@@ -350,19 +411,42 @@ class NetbirdPipeline:
             return nb.parse_posture_check(obj.body)
 
         admitted = self.store.admit(objects, parse, problems)
+        problems.extend(extra)
         by_kind: dict[str, dict[str, Any]] = {k: {} for k, _, _ in _KINDS}
-        policy_objs = []
+        in_force: dict[str, RawObject] = {}
         for obj, value in admitted:
             by_kind[obj.ref.kind][obj.ref.name] = value
             if obj.ref.kind == "Policy":
-                policy_objs.append(obj)
+                in_force[obj.ref.name] = obj
+        policies: list[nb.Policy] = []
+        policy_objs: list[RawObject] = []
+        for obj in objects:
+            if obj.ref.kind != "Policy":
+                continue
+            name = obj.ref.name
+            good: nb.Policy | None = by_kind["Policy"].get(name)
+            bad = invalid.get(name)
+            dup = name in dups["Policy"]
+            if good is not None:
+                policies.append(good.drops_only("") if dup else good)
+                policy_objs.append(in_force[name])
+            if bad is not None:
+                if good is None and not dup:
+                    policies.append(bad)
+                    policy_objs.append(obj)
+                else:
+                    policies.append(bad.drops_only("~invalid"))
+        policies.extend(copies)
+        policies.extend(anonymous)
+        groups = {k: v for k, v in by_kind["Group"].items() if k not in dups["Group"]}
+        checks = {k: v for k, v in by_kind["PostureCheck"].items() if k not in dups["PostureCheck"]}
         account = nb.Account(
-            policies=tuple(by_kind["Policy"].values()),
-            groups=by_kind["Group"],
+            policies=tuple(policies),
+            groups=groups,
             peers=by_kind["Peer"],
-            posture_checks=by_kind["PostureCheck"],
-            unknown_groups=frozenset(raw_ids["Group"] - set(by_kind["Group"])),
-            unknown_posture_checks=frozenset(raw_ids["PostureCheck"] - set(by_kind["PostureCheck"])),
+            posture_checks=checks,
+            unknown_groups=frozenset(raw_ids["Group"] - set(groups)),
+            unknown_posture_checks=frozenset(raw_ids["PostureCheck"] - set(checks)),
         )
         return account, policy_objs
 

@@ -27,6 +27,7 @@ from agent.ir import Program, Verdict
 from agent.simulate import evaluate
 from agent.sources import netbird as src
 from agent.sources.netbird import NetbirdClient, NetbirdPipeline, NetbirdSource, TokenError, load_token
+from tests.lab import until
 from tests.netbird_api import LOCAL, RESTRICTED, TOKEN, A, B, ManagementApi, serve
 
 
@@ -331,6 +332,8 @@ def test_daemon_drives_the_pipeline_bootstrap_first(api):
             time.sleep(0.02)
         assert dp.applied and is_bootstrap(dp.applied[0])
         assert not pipe.ready.is_set()
+        # The bootstrap program may be applied before the first poll: let one fail first.
+        assert until(lambda: pipe.errors["server"] >= 1, timeout=10)
         state.fault = None
         assert pipe.ready.wait(5)
         deadline = time.monotonic() + 5
@@ -380,3 +383,120 @@ def test_tls_is_verified_and_a_ca_file_can_be_given(tmp_path, caplog):
                                address_lookup=addresses)
         assert list(pipe.snapshot().program.endpoints) == ["local"]
         assert not pipe.errors
+
+
+# ---------------------------------------------------------------- fail closed (issue 16)
+
+ALL_GROUP = {"id": "ch8i4ug6lnn4g9hqv7a1", "name": "All"}
+DEVS_GROUP = {"id": "ch8i4ug6lnn4g9hqv7m0", "name": "devs"}
+
+
+def nb_policy(pid: str, action: str, **rule_kw: Any) -> dict[str, Any]:
+    """A one-rule policy from All to devs, both ways, in the API's response shape."""
+    r = {"id": pid, "name": f"{pid}-rule", "description": "", "enabled": True, "action": action,
+         "bidirectional": True, "protocol": "all", "ports": None, "port_ranges": None,
+         "sources": [ALL_GROUP], "destinations": [DEVS_GROUP]}
+    r.update(rule_kw)
+    return {"id": pid, "name": pid, "description": "", "enabled": True, "source_posture_checks": None,
+            "rules": [r]}
+
+
+def with_allow_all(state: ManagementApi, *extra: dict[str, Any]) -> None:
+    state.data["policies"] = [nb_policy("allow-all", "accept"), *extra]
+
+
+FLOWS = [(A, LOCAL, "tcp", 22), (A, LOCAL, "tcp", 80), (LOCAL, A, "tcp", 22), (B, LOCAL, "udp", 53),
+         (B, LOCAL, "icmp", None), (LOCAL, B, "tcp", 8080)]
+
+
+def verdicts(program: Program) -> list[str]:
+    return [verdict(program, *f) for f in FLOWS]
+
+
+def test_several_port_ranges_no_longer_fail_the_account(api):
+    # Two or more port_ranges raised TypeError while compiling: no policy of the account
+    # was enforced or updated any more.
+    state, url = api
+    ranges = [{"start": 8000, "end": 8100}, {"start": 8050, "end": 8200}, {"start": 21, "end": 22}]
+    with_allow_all(state, nb_policy("block", "drop", protocol="tcp", port_ranges=ranges))
+    pipe = pipeline(url)
+    p = pipe.snapshot().program
+    assert not pipe.errors and not is_bootstrap(p)
+    assert [verdict(p, A, LOCAL, "tcp", port) for port in (20, 21, 22, 7999, 8000, 8150, 8200, 8201)] == \
+        ["allow", "deny", "deny", "allow", "deny", "deny", "deny", "allow"]
+
+
+def test_invalid_drop_without_last_good_fails_closed(api):
+    state, url = api
+    with_allow_all(state, nb_policy("block-ssh", "drop", protocol="gre", ports=["22"], bidirectional=None))
+    pipe = pipeline(url)
+    snap = pipe.snapshot()
+    # Unknown protocol: every protocol; bidirectional null: both ways.
+    assert verdicts(snap.program) == ["deny", "deny", "deny", "deny", "deny", "deny"]
+    assert sorted((p.ref.name, p.field) for p in snap.problems) == [
+        ("block-ssh", "rules[0].bidirectional"), ("block-ssh", "rules[0].protocol")]
+    assert all("'block-ssh-rule'" in p.message for p in snap.problems)
+    assert not pipe.errors
+
+
+def test_invalid_drop_keeps_its_last_good_version_and_adds_its_own_drops(api):
+    state, url = api
+    with_allow_all(state, nb_policy("block-ssh", "drop", protocol="tcp", ports=["22"]))
+    pipe = pipeline(url)
+    assert verdicts(pipe.snapshot().program) == ["deny", "allow", "deny", "allow", "allow", "allow"]
+    # Now the operator's edit arrives broken: ports ["0"]. The last good drop (tcp/22)
+    # stays, and the broken drop applies to every tcp port.
+    state.data["policies"][1]["rules"][0]["ports"] = ["22", "0"]
+    snap = pipe.snapshot()
+    assert [(p.ref.name, p.field) for p in snap.problems] == [("block-ssh", "rules[0].ports[1]")]
+    assert verdicts(snap.program) == ["deny", "deny", "deny", "allow", "allow", "deny"]
+    # An invalid version that has no drop at all: only the last good version is in force.
+    state.data["policies"][1]["rules"][0].update(action="accept", ports=["ssh"])
+    assert verdicts(pipe.snapshot().program) == ["deny", "allow", "deny", "allow", "allow", "allow"]
+
+
+def test_restart_from_the_state_file_enforces_the_admitted_state(api, tmp_path):
+    state, url = api
+    path = tmp_path / "state" / "netbird.json"
+    with_allow_all(state, nb_policy("block-ssh", "drop", protocol="tcp", ports=["22"]))
+    pipe = pipeline(url, state_file=path)
+    pipe.snapshot()
+    # The drop is edited into an invalid accept: the last good drop stays in force.
+    state.data["policies"][1]["rules"][0].update(action="accept", ports=["ssh"])
+    before = pipe.snapshot().program
+    assert verdicts(before) == ["deny", "allow", "deny", "allow", "allow", "allow"]
+    # Restart with the API down: the saved state gives exactly the same program (the old
+    # state file held the raw answer only, so the drop kept as last good was gone).
+    state.fault = "500"
+    down = pipeline(url, state_file=path)
+    assert down.ready.is_set()
+    assert down.snapshot().program == before
+    # The API answers again with the same invalid policy: the last good version survived
+    # the restart in the saved store too.
+    state.fault = None
+    assert down.snapshot().program == before and down.last_error is None
+    assert [(p.ref.name, p.field) for p in down.snapshot().problems] == [("block-ssh", "rules[0].ports[0]")]
+    # explain/matrix read the same state read-only: same verdicts, the file untouched.
+    saved = path.read_bytes()
+    state.data["policies"][1]["rules"][0]["ports"] = ["http"]
+    ro = pipeline(url, state_file=path, readonly=True)
+    assert verdicts(ro.snapshot().program) == verdicts(before)
+    assert path.read_bytes() == saved
+
+
+def test_policies_without_an_id_or_with_a_duplicate_id_keep_their_drops(api):
+    state, url = api
+    anonymous = nb_policy("x", "drop", protocol="tcp", ports=["22"])
+    del anonymous["id"]
+    dup_accept = nb_policy("allow-all", "accept")  # a second copy of the accept's id
+    dup_drop = nb_policy("allow-all", "drop", protocol="udp")
+    with_allow_all(state, anonymous, dup_accept, dup_drop)
+    pipe = pipeline(url)
+    snap = pipe.snapshot()
+    problems = sorted((p.ref.name, p.field) for p in snap.problems)
+    assert problems == [("[1]", "id"), ("allow-all", "id"), ("allow-all", "id")]
+    # The accept's id is duplicated: every copy keeps only its drops, so nothing opens.
+    assert verdicts(snap.program) == ["deny"] * 6
+    state.data["policies"] = [nb_policy("allow-all", "accept"), anonymous, dup_drop | {"id": "block-udp"}]
+    p = pipe.snapshot().program
+    assert verdicts(p) == ["deny", "allow", "deny", "deny", "allow", "allow"]

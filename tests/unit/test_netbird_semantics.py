@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import itertools
 from typing import Any
 
 import pytest
@@ -77,8 +78,10 @@ GROUPS = [
 def account(policies: list[dict[str, Any]], peers: list[dict[str, Any]] | None = None,
             groups: list[dict[str, Any]] | None = None,
             checks: list[dict[str, Any]] | None = None) -> nb.Account:
+    # read_policy: what the source admits when no last good version exists (invalid parts
+    # resolved fail-closed); for valid policies the same as parse_policy.
     pols = tuple(
-        nb.parse_policy(RawPolicy(ObjectRef("Policy", "", p["id"], "netbird"), p)) for p in policies
+        nb.read_policy(RawPolicy(ObjectRef("Policy", "", p["id"], "netbird"), p)) for p in policies
     )
     ps = [nb.parse_peer(p) for p in (PEERS if peers is None else peers)]
     gs = [nb.parse_group(g) for g in (GROUPS if groups is None else groups)]
@@ -494,7 +497,7 @@ def test_rule_keys_are_stable_across_ip_changes_and_unique_per_peer_set():
 
     kb, ka = keyed(before), keyed(after)
     assert set(kb) == set(ka)
-    assert kb["netbird:p/0/dst"] != ka["netbird:p/0/dst"]
+    assert kb['netbird:"p"/0/dst'] != ka['netbird:"p"/0/dst']
 
 
 def test_compile_is_deterministic_and_does_not_mutate_input():
@@ -527,3 +530,174 @@ def test_bootstrap_program_denies_inbound_on_the_interface():
 )
 def test_partial_view(groups, peers, partial):
     assert (nb.partial_view(groups, peers) is not None) == partial
+
+
+# ---------------------------------------------------------------- fail closed (issue 16)
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        [{"start": 8000, "end": 8010}, {"start": 9000, "end": 9005}],  # disjoint
+        [{"start": 8000, "end": 8010}, {"start": 8005, "end": 9005}],  # overlapping
+        [{"start": 8000, "end": 8010}, {"start": 8011, "end": 9005}, {"start": 9000, "end": 9000}],  # adjacent
+        [{"start": 9000, "end": 9005}, {"start": 8000, "end": 8010}, {"start": 9000, "end": 9005}],  # unsorted, dup
+    ],
+)
+@pytest.mark.parametrize("action", ["accept", "drop"])
+def test_several_port_ranges(ranges, action):
+    # Two or more ranges used to raise TypeError (PortMatch has no order) and fail the account.
+    covered = {p for r in ranges for p in range(r["start"], r["end"] + 1)}
+    r = rule(["servers"], ["devs"], action=action, protocol="tcp", port_ranges=ranges)
+    pols = [policy("r", r)] + ([policy("a", rule(["all"], ["devs"]))] if action == "drop" else [])
+    p = prog(pols)
+    inside = "allow" if action == "accept" else "deny"
+    outside = "deny" if action == "accept" else "allow"
+    for port in (7999, 8000, 8010, 8011, 8999, 9000, 9005, 9006):
+        assert v(p, "B", "L", "tcp", port) == (inside if port in covered else outside), port
+    assert v(p, "B", "L", "udp", 8000) == outside
+    (ir_rule,) = [x for x in p.endpoints["peer-l"].ingress.rules if x.origin.policy == "pol-r"]
+    spans = [(m.first, m.last) for m in ir_rule.ports]
+    assert spans == sorted(spans) and all(a[1] + 1 < b[0] for a, b in itertools.pairwise(spans))
+
+
+ACCEPT_ALL_TO_DEVS = policy("a", rule(["all"], ["devs"], bidirectional=True))
+
+# (invalid part, what a drop rule then covers that a valid reading might not: probes that
+# must be denied), all through an accept that would allow them.
+BAD_DROPS = [
+    ({"protocol": "gre"}, [("B", "L", "tcp", 80), ("B", "L", "udp", 53), ("B", "L", "icmp", None)]),
+    ({"protocol": None}, [("B", "L", "tcp", 80), ("B", "L", "icmp", None)]),
+    ({"protocol": 6}, [("B", "L", "udp", 9)]),
+    ({"protocol": "tcp", "ports": ["0"]}, [("B", "L", "tcp", 1), ("B", "L", "tcp", 65535)]),
+    ({"protocol": "tcp", "ports": ["22", "http"]}, [("B", "L", "tcp", 22), ("B", "L", "tcp", 80)]),
+    ({"protocol": "tcp", "ports": ["²"]}, [("B", "L", "tcp", 2)]),  # a unicode digit int() refuses
+    ({"protocol": "tcp", "ports": "22"}, [("B", "L", "tcp", 80)]),
+    ({"protocol": "udp", "port_ranges": [{"start": 9, "end": 1}]}, [("B", "L", "udp", 5), ("B", "L", "udp", 500)]),
+    ({"protocol": "udp", "port_ranges": [{"start": "x", "end": 2}, {"start": 5, "end": 6}]},
+     [("B", "L", "udp", 5), ("B", "L", "udp", 7)]),
+    ({"protocol": "icmp", "ports": ["8"]}, [("B", "L", "icmp", None), ("B", "L", "tcp", 8)]),
+    ({"bidirectional": None}, [("B", "L", "tcp", 22), ("L", "B", "tcp", 22)]),
+    ({"bidirectional": "yes"}, [("L", "B", "tcp", 22)]),
+    ({"enabled": None}, [("B", "L", "tcp", 22)]),
+    ({"enabled": "false"}, [("B", "L", "tcp", 22)]),
+    ({"sources": "servers"}, [("B", "L", "tcp", 22), ("C", "L", "tcp", 22), ("A", "L", "tcp", 22)]),
+    ({"sources": [gref("servers"), 17]}, [("C", "L", "tcp", 22)]),
+    ({"sourceResource": {"id": 3, "type": "peer"}}, [("C", "L", "tcp", 22)]),
+    ({"action": "reject"}, [("B", "L", "tcp", 22)]),  # unknown action: counts as drop
+    ({"action": None}, [("B", "L", "tcp", 22)]),
+]
+
+
+@pytest.mark.parametrize(("bad", "denied"), BAD_DROPS)
+def test_invalid_drop_rule_never_lets_the_accept_win(bad, denied):
+    drop = rule(["servers"], ["devs"], action="drop", protocol="tcp", ports=["22"])
+    drop.update(bad)
+    c = compile_([ACCEPT_ALL_TO_DEVS, policy("d", drop)])
+    for s, d, proto, port in denied:
+        assert v(c.program, s, d, proto, port) == "deny", (s, d, proto, port)
+    # The accept still works where the bad drop cannot reach: the drop's destination side
+    # (devs) is valid, so L -> C stays allowed.
+    assert v(c.program, "L", "C", "tcp", 22) == "allow"
+
+
+def test_drop_rule_with_enabled_missing_counts_as_enabled():
+    drop = rule(["servers"], ["devs"], action="drop")
+    del drop["enabled"]
+    del drop["bidirectional"]  # required by the API: missing is invalid, so both ways
+    p = prog([ACCEPT_ALL_TO_DEVS, policy("d", drop)])
+    assert flows(p, ("B", "L"), ("L", "B"), ("C", "L")) == ["deny", "deny", "allow"]
+
+
+GRID = [(s, d, proto, port) for s, d in (("B", "L"), ("L", "B"), ("C", "L"), ("A", "L"), ("L", "A"))
+        for proto, port in (("tcp", 22), ("tcp", 80), ("tcp", 2), ("udp", 5), ("icmp", None))]
+
+
+@pytest.mark.parametrize(("bad", "denied"), BAD_DROPS)
+def test_the_same_invalid_part_in_an_accept_matches_nothing(bad, denied):
+    if "action" in bad:
+        return  # an unknown action is never an accept
+    base = rule(["servers"], ["devs"], protocol="tcp", ports=["22"])
+    broken = {**base, **bad}
+    valid, p = prog([policy("a", base)]), prog([policy("a", broken)])
+    # Never more than the valid rule allowed: the invalid part itself opens nothing.
+    widened = [f for f in GRID if v(p, *f) == "allow" and v(valid, *f) == "deny"]
+    assert not widened
+    for f in denied:
+        if v(valid, *f) == "deny":
+            assert v(p, *f) == "deny", f
+
+
+def test_valid_ports_of_a_partly_invalid_accept_still_apply_and_nothing_else():
+    p = prog([policy("a", rule(["servers"], ["devs"], protocol="tcp", ports=["22", "http", "0"]))])
+    assert [v(p, "B", "L", "tcp", port) for port in (22, 80, 0, 23)] == ["allow", "deny", "deny", "deny"]
+    # nothing valid left must not mean "every port"
+    p = prog([policy("a", rule(["servers"], ["devs"], protocol="tcp", ports=["http"]))])
+    assert [v(p, "B", "L", "tcp", port) for port in (22, 80, 1)] == ["deny"] * 3
+    p = prog([policy("a", rule(["servers"], ["devs"], protocol="tcp", port_ranges=[{"start": 5, "end": 1}]))])
+    assert v(p, "B", "L", "tcp", 3) == "deny"
+
+
+def test_invalid_policy_enabled_keeps_its_drops_and_disables_its_accepts():
+    pol = policy("x", rule(["servers"], ["devs"], action="drop", protocol="tcp", ports=["22"]),
+                 rule(["others"], ["devs"]), enabled=None)
+    c = compile_([ACCEPT_ALL_TO_DEVS, pol])
+    assert v(c.program, "B", "L", "tcp", 22) == "deny"  # the drop stays
+    assert v(c.program, "B", "L", "tcp", 80) == "allow"  # through the valid accept policy
+    c = compile_([pol])
+    assert v(c.program, "C", "L") == "deny"  # the accept of the invalid policy is off
+
+
+def test_invalid_posture_check_reference_is_failing_for_accepts_and_passing_for_drops():
+    acc = policy("a", rule(["all"], ["devs"]), source_posture_checks=[7])
+    drop = policy("d", rule(["servers"], ["devs"], action="drop"), source_posture_checks=[{"no": "id"}])
+    p = prog([acc, drop, policy("ok", rule(["others"], ["devs"]))])
+    assert flows(p, ("A", "L"), ("B", "L"), ("C", "L")) == ["deny", "deny", "allow"]
+    p = prog([ACCEPT_ALL_TO_DEVS, drop])
+    assert flows(p, ("B", "L"), ("C", "L")) == ["deny", "allow"]
+
+
+@pytest.mark.parametrize("rules_value", ["accept everything", None, 7, []])
+def test_unreadable_rule_is_a_drop_of_everything(rules_value):
+    pol = policy("x")
+    pol["rules"] = [rules_value] if rules_value != [] else {"a": 1}
+    c = compile_([ACCEPT_ALL_TO_DEVS, pol])
+    assert flows(c.program, ("A", "L"), ("L", "A"), ("B", "L")) == ["deny"] * 3
+    assert v(c.program, "L", "8.8.8.8") == "allow"  # outside the NetBird network: untouched
+
+
+def test_drop_that_lost_its_sources_applies_to_every_peer():
+    # NetBird issue #3583 shape (sources: null) on a drop: never "nobody".
+    c = compile_([ACCEPT_ALL_TO_DEVS, policy("d", rule(None, ["devs"], action="drop", protocol="tcp",
+                                                         ports=["22"]))])
+    assert [v(c.program, s, "L", "tcp", 22) for s in ("A", "B", "C")] == ["deny"] * 3
+    assert v(c.program, "B", "L", "tcp", 80) == "allow"
+    assert any(w.field == "rules[0].sources" and "every peer" in w.message for w in c.warnings)
+
+
+def test_errors_name_the_policy_the_rule_and_the_field():
+    r0 = rule(["servers"], ["devs"], id="r-ok", name="fine")
+    r1 = rule(["servers"], ["devs"], id="r-bad", name="ssh-block", action="drop", protocol="gre",
+              ports=["0"], bidirectional=None)
+    pol = nb.read_policy(RawPolicy(ObjectRef("Policy", "", "p", "netbird"), policy("p", r0, r1)))
+    fields = [e.field for e in pol.problems]
+    assert fields == ["rules[1].bidirectional", "rules[1].protocol", "rules[1].ports[0]"]
+    for e in pol.problems:
+        assert "'pol-p'" in e.message and "'ssh-block'" in e.message and "'r-bad'" in e.message
+    assert "every protocol" in pol.problems[1].message
+    with pytest.raises(Invalid) as exc:
+        nb.parse_policy(RawPolicy(ObjectRef("Policy", "", "p", "netbird"), policy("p", r0, r1)))
+    assert exc.value.field == "rules[1].bidirectional"
+
+
+def test_rule_keys_cannot_collide_through_hostile_ids():
+    # Without quoting, id 'p~invalid' or 'p/0' could spell another rule's key: one key,
+    # two peer sets, and the dataplane refuses the whole program.
+    pols = [policy("p", rule(["servers"], ["devs"])), policy("p/0", rule(["others"], ["devs"])),
+            policy('p"/0', rule(["all"], ["devs"]))]
+    acct = account(pols)
+    extra = acct.policies[0].drops_only("~invalid")
+    acct = nb.Account((*acct.policies, extra), acct.groups, acct.peers)
+    p = nb.compile_account(acct, "L").program
+    keys = [r.key for ep in p.endpoints.values() for r in ep.ingress.rules]
+    assert len(keys) == len(set(keys))
