@@ -151,11 +151,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from agent.dataplane import bpfsys, child, conntrack, nflog
-from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError, DropEvent, DropLog
+from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError, DropEvent, DropLog, Flow
 from agent.dataplane.escape import display, utf8
-from agent.inventory import IPAddress
-from agent.ir import PORTED, Direction, DirectionProgram, EndpointProgram, Program, Rule, Verdict
-from agent.strict import Flow
+from agent.ir import PORTED, Direction, DirectionProgram, EndpointProgram, IPAddress, Program, Rule, Verdict
 
 log = logging.getLogger(__name__)
 
