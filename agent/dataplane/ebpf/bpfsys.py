@@ -1,9 +1,9 @@
 """A minimal ctypes binding of the bpf(2) syscall for pinned maps and programs.
 
 The long-lived agent manages the kernel objects the short-lived loader child pinned
-(`agent.dataplane.ebpf_loader`) through these few commands, so it never imports bcc
-and never carries LLVM. Keys and values are raw bytes; callers pack them with
-`struct`.
+(`agent.dataplane.ebpf.loader`) through these few commands, so it never imports bcc
+and never carries LLVM. Keys and values are raw bytes; callers pack them with the
+structures of `agent.dataplane.ebpf.layout`.
 """
 
 from __future__ import annotations
@@ -146,13 +146,16 @@ class Map:
             os.close(self.fd)
             self.fd = -1
 
-    def _elem(self, cmd: int, key: bytes, value: ctypes.Array | None, flags: int = 0) -> int:  # type: ignore[type-arg]
-        if len(key) != self.key_size:
-            raise ValueError(f"{self.name}: key is {len(key)} bytes, map wants {self.key_size}")
-        k = ctypes.create_string_buffer(key, len(key))
+    def _elem(self, cmd: int, key: bytes | None, value: ctypes.Array | None, flags: int = 0) -> int:  # type: ignore[type-arg]
+        """One element command; `key` None for the commands of keyless maps (queues)."""
+        k = None
+        if key is not None:
+            if len(key) != self.key_size:
+                raise ValueError(f"{self.name}: key is {len(key)} bytes, map wants {self.key_size}")
+            k = ctypes.create_string_buffer(key, len(key))
         attr = _attr()
         _put(attr, 0, ctypes.c_uint32, self.fd)
-        _put(attr, 8, ctypes.c_uint64, ctypes.addressof(k))
+        _put(attr, 8, ctypes.c_uint64, _addr(k))
         _put(attr, 16, ctypes.c_uint64, _addr(value))
         _put(attr, 24, ctypes.c_uint64, flags)
         return _bpf(cmd, attr)
@@ -195,11 +198,8 @@ class Map:
     def pop(self) -> bytes | None:
         """Take the oldest value of a queue map (None: empty)."""
         v = ctypes.create_string_buffer(self.value_size)
-        attr = _attr()
-        _put(attr, 0, ctypes.c_uint32, self.fd)
-        _put(attr, 16, ctypes.c_uint64, ctypes.addressof(v))
         try:
-            _bpf(MAP_LOOKUP_AND_DELETE_ELEM, attr)
+            self._elem(MAP_LOOKUP_AND_DELETE_ELEM, None, v)
         except BpfError as e:
             if e.errno == errno.ENOENT:
                 return None
