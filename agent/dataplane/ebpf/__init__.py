@@ -6,9 +6,10 @@ interface, driven by pinned maps. Design notes: docs/ebpf.md.
 - `reconcile`: the double-buffered switch and restart adoption; `dataplane`: `EbpfDataplane`
 - `attach`: devices (routes, bound interfaces) and tc filters
 - `flows`: the flow table for strict mode; `droplog`: sampled drops
-- `loader`: the bcc compile child and the pinned builds; `bpfsys`: bpf(2) via ctypes
+- `builds`: the pinned builds; `loader`: the bcc compile child; `bpfsys`: bpf(2) via ctypes
 """
 
+from agent.dataplane.ebpf.builds import PIN_ROOT, PIN_ROOT_ENV
 from agent.dataplane.ebpf.dataplane import EbpfDataplane
 from agent.dataplane.ebpf.droplog import EbpfDropLog
 from agent.dataplane.ebpf.layout import (
@@ -22,7 +23,6 @@ from agent.dataplane.ebpf.layout import (
     k_flow,
     v_ifcfg,
 )
-from agent.dataplane.ebpf.loader import PIN_ROOT, PIN_ROOT_ENV
 from agent.dataplane.ebpf.reconcile import EpState
 from agent.dataplane.ebpf.tables import ALL_PROTOS, PROTO, PROTO_NAME, V_CODE, compile_direction, port_prefixes
 

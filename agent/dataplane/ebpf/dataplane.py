@@ -7,7 +7,7 @@ import os
 import shutil
 
 from agent.dataplane.base import Count, Counters, Dataplane, DropLog, Flow
-from agent.dataplane.ebpf import loader
+from agent.dataplane.ebpf import builds
 from agent.dataplane.ebpf.droplog import EbpfDropLog
 from agent.dataplane.ebpf.layout import F_ISOLATED, read_u32, stat_sum, u32
 from agent.dataplane.ebpf.reconcile import Reconciler, empty_half
@@ -39,7 +39,7 @@ class EbpfDataplane(Reconciler, Dataplane):
         `program` restricts the answer to its endpoints."""
         c = Counters()
         if self.eps is None:
-            if not loader.is_built(self.pin_dir):
+            if not builds.is_built(self.pin_dir):
                 return c  # nothing loaded: nothing counted (and no compile just to read)
             self._adopt()
         assert self.eps is not None

@@ -1,5 +1,4 @@
-"""Builds: compile bpf/stockade.c with bcc in a short-lived child, load it, pin programs
-and maps under `<pin_root>/<build>/`, exit; and the agent's side of it (`open_build`).
+"""Short-lived child: compile bpf/stockade.c with bcc, load it, pin programs and maps, exit.
 
     python -m agent.dataplane.ebpf.loader --pin-dir DIR [-D NAME=VALUE ...]
 
@@ -11,83 +10,25 @@ with `layout.MAPS` and refuses a build where they differ. Everything is pinned i
 does not exist. `build` hashes the C source and the map sizes, so a changed source or
 size loads a new build next to the old one (which the agent removes after its first
 apply). Prints one JSON line (timings) on success; on failure prints the cause on
-stderr and exits 1.
+stderr and exits 1. The agent runs it through `agent.dataplane.ebpf.builds`, and never
+imports this module (nor bcc).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
 import json
-import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from agent.dataplane import child
-from agent.dataplane.base import DataplaneError
 from agent.dataplane.ebpf import bpfsys, layout
-
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "stockade.c"
-PROGRAMS = ("stk_ingress", "stk_egress")  # index: the tc hook (0 ingress, 1 egress)
-MAPS = tuple(layout.MAPS)
-PIN_ROOT = "/sys/fs/bpf/stockade"
-# Overrides the pin root (e.g. a bpffs the tests mount where `ip netns exec` still sees it).
-PIN_ROOT_ENV = "STOCKADE_BPF_PIN_ROOT"
-
-
-def build_id(sizes: layout.Sizes) -> str:
-    """The pin directory's name: a hash of the C source and the map sizes."""
-    src = SOURCE.read_bytes()
-    return hashlib.blake2s(src + json.dumps(sizes.defines()).encode(), digest_size=6).hexdigest()
-
-
-def ensure_bpffs(pin_root: str) -> None:
-    base = os.path.dirname(pin_root.rstrip("/")) or "/"
-    if not bpfsys.is_bpffs(base):
-        try:
-            os.makedirs(base, exist_ok=True)
-            subprocess.run(["mount", "-t", "bpf", "bpf", base], check=True, capture_output=True)
-        except (OSError, subprocess.CalledProcessError) as e:
-            raise DataplaneError(
-                f"no BPF filesystem at {base} and mounting one failed ({e}); run as root or "
-                f"`mount -t bpf bpf {base}`"
-            ) from e
-    os.makedirs(pin_root, exist_ok=True)
-
-
-def is_built(pin_dir: str) -> bool:
-    return os.path.exists(f"{pin_dir}/{PROGRAMS[-1]}")  # pinned last of all, in one rename
-
-
-def compile_build(pin_dir: str, sizes: layout.Sizes, python: str) -> dict[str, Any]:
-    """Run the loader child for this build (the caller checked `is_built`); its timings."""
-    cmd = [python, "-m", "agent.dataplane.ebpf.loader", "--pin-dir", pin_dir]
-    for d in sizes.defines():
-        cmd += ["-D", d]
-    t0 = time.monotonic()
-    root = str(SOURCE.parents[1])
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = child.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise DataplaneError(f"eBPF loader failed: {r.stderr.strip()[-2000:]}")
-    out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
-    out["total_s"] = round(time.monotonic() - t0, 3)
-    return out
-
-
-def drop_old_builds(pin_root: str, build: str) -> None:
-    for entry in os.listdir(pin_root):
-        if entry != build:
-            shutil.rmtree(f"{pin_root}/{entry}", ignore_errors=True)
+from agent.dataplane.ebpf.builds import MAPS, PROGRAMS, SOURCE
 
 
 def layout_errors(b: Any) -> list[str]:
@@ -98,7 +39,8 @@ def layout_errors(b: Any) -> list[str]:
             t = b[name]
         except KeyError:
             continue
-        tables[name] = (getattr(t, "Key", None), t.Leaf)
+        # per-CPU tables: Leaf is the array of one value per CPU, sLeaf the value
+        tables[name] = (getattr(t, "Key", None), getattr(t, "sLeaf", t.Leaf))
     return layout.check(tables)
 
 HEADERS_HINT = (
@@ -141,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pin-dir", required=True)
     ap.add_argument("-D", dest="defines", action="append", default=[])
+    ap.add_argument("--source", default=str(SOURCE), help="the C source (a test's variant)")
     args = ap.parse_args(argv)
     try:
         from bcc import BPF  # heavy: LLVM
@@ -163,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     cflags = [f"-D{d}" for d in args.defines] + ["-w"]
     try:
-        b = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+        b = BPF(src_file=args.source.encode(), cflags=cflags)
     except Exception as e:
         print(f"{HEADERS_HINT} ({type(e).__name__}: {e})", file=sys.stderr)
         return 1

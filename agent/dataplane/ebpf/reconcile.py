@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from agent.dataplane.base import ApplyStats, DataplaneError
-from agent.dataplane.ebpf import bpfsys, loader
+from agent.dataplane.ebpf import bpfsys, builds
 from agent.dataplane.ebpf.attach import Devices
 from agent.dataplane.ebpf.flows import FlowTable
 from agent.dataplane.ebpf.layout import (
@@ -92,10 +92,10 @@ class Reconciler:
         self.audit = audit
         self.sample_rate = sample_rate
         self.sample_burst = sample_burst
-        self.pin_root = (pin_root or os.environ.get(loader.PIN_ROOT_ENV) or loader.PIN_ROOT).rstrip("/")
+        self.pin_root = (pin_root or os.environ.get(builds.PIN_ROOT_ENV) or builds.PIN_ROOT).rstrip("/")
         self.netns = netns  # named netns for routes, addresses and tc (None: the current one)
         self.python = python or sys.executable
-        self.build = loader.build_id(self.sizes)
+        self.build = builds.build_id(self.sizes)
         self.pin_dir = f"{self.pin_root}/{self.build}"
         self.devices = Devices(netns, self.build)
         self.flow_table = FlowTable()
@@ -133,14 +133,14 @@ class Reconciler:
         """Open the pinned objects of this build, compiling them in a child if absent."""
         if self.maps:
             return
-        loader.ensure_bpffs(self.pin_root)
-        if not loader.is_built(self.pin_dir):
-            self.last_load = loader.compile_build(self.pin_dir, self.sizes, self.python)
+        builds.ensure_bpffs(self.pin_root)
+        if not builds.is_built(self.pin_dir):
+            self.last_load = builds.compile_build(self.pin_dir, self.sizes, self.python)
             log.info("compiled and pinned eBPF build %s: %s", self.build, self.last_load)
         try:
-            for name in loader.MAPS:
+            for name in builds.MAPS:
                 self.maps[name] = bpfsys.Map.pinned(f"{self.pin_dir}/{name}")
-            for hook, name in enumerate(loader.PROGRAMS):
+            for hook, name in enumerate(builds.PROGRAMS):
                 self.prog_fds[hook] = bpfsys.obj_get(f"{self.pin_dir}/{name}")
                 self.prog_ids[hook] = bpfsys.prog_id(self.prog_fds[hook])
         except OSError as e:
@@ -429,7 +429,7 @@ class Reconciler:
         for ip in self.node_addrs - node:
             self.maps["nodeaddrs"].delete(k_addr(ip))
         self.node_addrs = node
-        loader.drop_old_builds(self.pin_root, self.build)
+        builds.drop_old_builds(self.pin_root, self.build)
         return ApplyStats(full=written == len(program.endpoints) and written > 0, commands=cmds,
                           elements_added=added, elements_removed=removed, chains_written=written)
 
