@@ -160,15 +160,19 @@ class Map:
         _put(attr, 24, ctypes.c_uint64, flags)
         return _bpf(cmd, attr)
 
-    def lookup(self, key: bytes) -> bytes | None:
-        v = ctypes.create_string_buffer(self._vsize)
+    def _found(self, cmd: int, key: bytes | None, value: ctypes.Array | None) -> bool:  # type: ignore[type-arg]
+        """An element command on an element that may be absent (ENOENT: False)."""
         try:
-            self._elem(MAP_LOOKUP_ELEM, key, v)
+            self._elem(cmd, key, value)
         except BpfError as e:
             if e.errno == errno.ENOENT:
-                return None
+                return False
             raise
-        return v.raw
+        return True
+
+    def lookup(self, key: bytes) -> bytes | None:
+        v = ctypes.create_string_buffer(self._vsize)
+        return v.raw if self._found(MAP_LOOKUP_ELEM, key, v) else None
 
     def lookup_percpu(self, key: bytes) -> list[bytes]:
         raw = self.lookup(key)
@@ -187,24 +191,12 @@ class Map:
         self._elem(MAP_UPDATE_ELEM, key, v, flags)
 
     def delete(self, key: bytes) -> bool:
-        try:
-            self._elem(MAP_DELETE_ELEM, key, None)
-        except BpfError as e:
-            if e.errno == errno.ENOENT:
-                return False
-            raise
-        return True
+        return self._found(MAP_DELETE_ELEM, key, None)
 
     def pop(self) -> bytes | None:
         """Take the oldest value of a queue map (None: empty)."""
         v = ctypes.create_string_buffer(self.value_size)
-        try:
-            self._elem(MAP_LOOKUP_AND_DELETE_ELEM, None, v)
-        except BpfError as e:
-            if e.errno == errno.ENOENT:
-                return None
-            raise
-        return v.raw
+        return v.raw if self._found(MAP_LOOKUP_AND_DELETE_ELEM, None, v) else None
 
     def all_keys(self) -> Iterator[bytes]:
         attr = _attr()

@@ -15,7 +15,11 @@ from agent.dataplane.ebpf.layout import (
     DIR_INGRESS,
     F_ENFORCED,
     F_ISOLATED,
+    P_ICMP,
     P_OTHER,
+    P_SCTP,
+    P_TCP,
+    P_UDP,
     V_ACCEPT,
     V_DROP,
     k_peer,
@@ -29,9 +33,9 @@ from agent.ir import PORTED, Direction, DirectionProgram, Program, Rule, Verdict
 DIR_CODE = {Direction.INGRESS: DIR_INGRESS, Direction.EGRESS: DIR_EGRESS}
 V_CODE = {Verdict.ACCEPT: V_ACCEPT, Verdict.DROP: V_DROP}
 V_NAME = {V_ACCEPT: "accept", V_DROP: "drop"}
-PROTO = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1}  # the IR's protocols -> codes in port keys
+PROTO = {"tcp": P_TCP, "udp": P_UDP, "sctp": P_SCTP, "icmp": P_ICMP}  # the IR's protocols -> codes in port keys
 PROTO_NAME = {v: k for k, v in PROTO.items()} | {P_OTHER: "other"}
-ALL_PROTOS = (6, 17, 132, 1, P_OTHER)
+ALL_PROTOS = (*PROTO.values(), P_OTHER)
 
 
 def port_prefixes(first: int, last: int) -> list[tuple[int, int]]:
@@ -92,7 +96,8 @@ def _class_ports(rules: tuple[Rule, ...], members: tuple[int, ...]) -> PortEntri
 
 @dataclass(frozen=True)
 class DirTables:
-    """One endpoint direction's map contents, independent of ids, slots, generations."""
+    """One endpoint direction's map contents, independent of endpoint ids, halves,
+    generations and rule counters."""
 
     flags: int
     peers: tuple[tuple[int, int, int, int], ...] = ()  # (family, address int, prefixlen, class)
