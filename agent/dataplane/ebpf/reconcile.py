@@ -21,6 +21,7 @@ from agent.dataplane.ebpf.layout import (
     HALVED,
     ZERO_STAT,
     AddrKey,
+    HalfKey,
     IfCfg,
     PeerKey,
     PortKey,
@@ -62,8 +63,8 @@ def _half_item(name: str, k: bytes) -> tuple[int, object]:
     if name == "addrs":
         a = unpack(AddrKey, k)
         return a.half, ipaddress.ip_address(ip_of(a.family, a.addr))
-    item, half = read_u32(k[:4]), read_u32(k[4:8])
-    return half, item
+    h = unpack(HalfKey, k)
+    return h.half, h.id
 
 
 @dataclass
