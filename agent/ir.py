@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 
-from agent.inventory import IPAddress
+from agent.inventory import IPAddress  # re-exported: dataplanes import only agent.ir
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -7,28 +7,14 @@ allowed, its entry must go so that its next packet is judged (and dropped).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+from agent.dataplane.base import Flow
 from agent.inventory import IPAddress
 from agent.ir import Program, Verdict
 from agent.simulate import evaluate, index_by_ip
 
-
-@dataclass(frozen=True)
-class Flow:
-    """A tracked connection in its original direction (the side that opened it first)."""
-
-    protocol: str  # tcp | udp | sctp
-    src: IPAddress
-    dst: IPAddress
-    sport: int
-    dport: int
-
-    @classmethod
-    def of(cls, protocol: str, src: str, dst: str, sport: int, dport: int) -> Flow:
-        return cls(protocol, ipaddress.ip_address(src), ipaddress.ip_address(dst), sport, dport)
+__all__ = ["Flow", "stale_flows"]
 
 
 def stale_flows(program: Program, flows: Iterable[Flow], node_addresses: Iterable[IPAddress] = ()) -> list[Flow]:

@@ -1,6 +1,7 @@
 // Stockade eBPF dataplane: tc (clsact, direct-action) classifiers for the host-side
-// interface of every local endpoint. Compiled by bcc in agent/dataplane/ebpf_loader.py;
-// the maps are filled by agent/dataplane/ebpf.py (see its docstring for the layout).
+// interface of every local endpoint. Compiled by bcc in agent/dataplane/ebpf/loader.py;
+// the maps are filled by agent/dataplane/ebpf/ (layouts: layout.py, checked against the
+// structs below when the loader compiles this file; design notes: docs/ebpf.md).
 //
 // Per packet: parse (Ethernet or raw IP), find which direction this hook judges on this
 // interface (ifcfg), find the local endpoint by its own address (addrs) -- or, on a device
@@ -13,11 +14,11 @@
 // endpoint's current generation (epstate). Constant cost: at most 2 flow lookups,
 // 1 peer LPM and 1 port LPM per judged endpoint, whatever the number of rules or peers.
 //
-// Atomic updates: `addrs`, `epstate` and `ifcfg` are keyed by a global slot (0/1). A packet
-// reads the current slot from `active` once, before any other lookup, and uses it for every
-// lookup of its judgement; the agent writes the inactive slot, then flips `active` with one
-// update. A packet leaving an endpoint for another local endpoint is judged here for both:
-// the source's egress and the destination's ingress, under the one slot read, and the flow
+// Atomic updates: `addrs`, `epstate` and `ifcfg` are double-buffered: keyed by a half (0/1)
+// of the buffer. A packet reads the active half from `active` once, before any other lookup,
+// and uses it for every lookup of its judgement; the agent writes the inactive half, then
+// flips `active` with one update. A packet leaving an endpoint for another local endpoint is judged here for both:
+// the source's egress and the destination's ingress, under the one half read, and the flow
 // is remembered at both (so the destination's own hook passes it as a known flow). A packet
 // is thus never judged by one endpoint's old tables and another's new ones.
 // A packet judged a drop is counted, sampled into the `samples` queue (rate-limited per
@@ -51,8 +52,8 @@
 #ifndef MAX_FRAGS
 #define MAX_FRAGS 16384
 #endif
-#ifndef MAX_SLOTS
-#define MAX_SLOTS 65536
+#ifndef MAX_COUNTERS
+#define MAX_COUNTERS 65536
 #endif
 #ifndef MAX_IFACES
 #define MAX_IFACES 4096
@@ -79,10 +80,10 @@
 #define P_UDP 17
 #define P_SCTP 132
 
-// Sample flags, and the slot of a default-deny sample
+// Sample flags, and the rule counter of a default-deny sample (none)
 #define S_AUDIT 1
 #define S_PORTS 2
-#define NO_SLOT 0xffffffff
+#define NO_COUNTER 0xffffffff
 
 // Flow flags
 #define FL_FIN_ORIG 1
@@ -96,19 +97,19 @@
 
 struct addr_key {
     u8 family;  // 4 or 6
-    u8 slot;    // global slot (addrs); always 0 in nodeaddrs
+    u8 half;    // half of the double buffer (addrs); always 0 in nodeaddrs
     u8 pad[2];
     u8 addr[16];
 };
 
 struct ep_key {
     u32 ep_id;
-    u32 slot;
+    u32 half;  // half of the double buffer
 };
 
 struct if_key {
     u32 ifindex;
-    u32 slot;
+    u32 half;  // half of the double buffer
 };
 
 struct ep_state {
@@ -145,7 +146,7 @@ struct port_key {
 } __attribute__((packed));
 
 struct port_val {
-    u32 slot;  // counter slot of the deciding rule
+    u32 counter;  // rule_stats index of the deciding rule
     u8 verdict;
     u8 pad[3];
 };
@@ -191,10 +192,10 @@ struct config {
     u64 sample_interval;   // ns between samples after the burst (0: no sampling)
 };
 
-// One sampled drop, drained by the agent (agent/dataplane/ebpf.py, EbpfDropLog).
+// One sampled drop, drained by the agent (agent/dataplane/ebpf/droplog.py).
 struct sample {
     u32 ep_id;
-    u32 slot;  // counter slot of the deciding drop rule, NO_SLOT for the default deny
+    u32 counter;  // rule_stats index of the deciding drop rule, NO_COUNTER for the default deny
     u8 dir;
     u8 family;
     u8 l4;     // IANA protocol number
@@ -205,8 +206,8 @@ struct sample {
     u8 daddr[16];
 };
 
-// Used by the programs. `active` holds the global slot that `addrs`, `epstate` and `ifcfg`
-// are read under (each holds up to one copy of its entries per slot).
+// Used by the programs. `active` holds the half of the double buffer that `addrs`,
+// `epstate` and `ifcfg` are read under (each holds up to one copy of its entries per half).
 BPF_ARRAY(active, u32, 1);
 BPF_HASH(addrs, struct addr_key, u32, MAX_ADDRS * 2);
 BPF_HASH(epstate, struct ep_key, struct ep_state, MAX_ENDPOINTS * 2);
@@ -216,7 +217,7 @@ BPF_LPM_TRIE(peers, struct peer_key, u32, MAX_PEERS);
 BPF_LPM_TRIE(ports, struct port_key, struct port_val, MAX_PORTS);
 BPF_TABLE("lru_hash", struct flow_key, struct flow_val, flows, MAX_FLOWS);
 BPF_TABLE("lru_hash", struct frag_key, u64, frags, MAX_FRAGS);
-BPF_PERCPU_ARRAY(rule_stats, struct stat, MAX_SLOTS);
+BPF_PERCPU_ARRAY(rule_stats, struct stat, MAX_COUNTERS);
 BPF_PERCPU_ARRAY(drop_stats, struct stat, MAX_ENDPOINTS * 2);
 BPF_ARRAY(config, struct config, 1);
 // Drop sampling: a GCRA token bucket per (endpoint id * 2 + direction) and CPU (the
@@ -226,18 +227,18 @@ BPF_PERCPU_ARRAY(sample_tat, u64, MAX_ENDPOINTS * 2);
 BPF_QUEUE(samples, struct sample, MAX_SAMPLES);
 
 // Bookkeeping for the agent only (restart adoption): endpoint id -> endpoint key,
-// counter slot -> (endpoint id, direction, rule id).
+// rule counter -> (endpoint id, direction, rule id).
 struct ep_name {
     char name[256];
 };
-struct slot_info {
+struct counter_info {
     u32 ep_id;
     u8 dir;
     u8 rule[6];
     u8 pad;
 };
 BPF_HASH(epkeys, u32, struct ep_name, MAX_ENDPOINTS);
-BPF_HASH(slotinfo, u32, struct slot_info, MAX_SLOTS);
+BPF_HASH(counterinfo, u32, struct counter_info, MAX_COUNTERS);
 
 struct pkt {
     u8 family;
@@ -485,9 +486,15 @@ static __always_inline void record_frag(struct pkt *p, u32 ep_id, u8 dir) {
     frags.update(&k, &now);
 }
 
+// A packet that passes at an endpoint: its flow, and its datagram if it is a first fragment.
+static __always_inline void remember(struct pkt *p, struct flow_key *fk, u32 ep_id, u8 dir) {
+    record(p, fk);
+    record_frag(p, ep_id, dir);
+}
+
 // A judged drop (already counted): sample it, then drop it -- or, in audit mode, let it
 // pass and remember its flow like an allowed packet's, as conntrack would.
-static __always_inline int drop(struct pkt *p, struct flow_key *fk, u32 ep_id, u8 dir, u32 slot) {
+static __always_inline int drop(struct pkt *p, struct flow_key *fk, u32 ep_id, u8 dir, u32 counter) {
     u32 zero = 0;
     struct config *c = config.lookup(&zero);
     u32 audit = c ? c->audit : 0;
@@ -501,7 +508,7 @@ static __always_inline int drop(struct pkt *p, struct flow_key *fk, u32 ep_id, u
                 *tat = t + c->sample_interval;
                 struct sample sm = {};
                 sm.ep_id = ep_id;
-                sm.slot = slot;
+                sm.counter = counter;
                 sm.dir = dir;
                 sm.family = p->family;
                 sm.l4 = p->l4;
@@ -516,20 +523,19 @@ static __always_inline int drop(struct pkt *p, struct flow_key *fk, u32 ep_id, u
     }
     if (!audit)
         return TC_ACT_SHOT;
-    record(p, fk);
-    record_frag(p, ep_id, dir);
+    remember(p, fk, ep_id, dir);
     return TC_ACT_OK;
 }
 
 #define J_PASS 0    // passes without a judgement of its own (known flow, no endpoint state)
 #define J_ACCEPT 1  // judged and passes: its flow is to be remembered
-#define J_DROP 2    // judged a drop (already counted); *slot: deciding rule or NO_SLOT
+#define J_DROP 2    // judged a drop (already counted); *counter: deciding rule's or NO_COUNTER
 
-// Judge one endpoint direction under global slot `s`: known flows and fragments, traffic
+// Judge one endpoint direction under half `half` of the double buffer: known flows and fragments, traffic
 // from the node's own addresses (ingress), then the endpoint's tables. Fills `fk` with the
 // flow key of the packet at this endpoint; counts the deciding rule or default deny.
-static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, u8 dir, u32 s, u32 len,
-                                 u32 *slot) {
+static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, u8 dir, u32 half, u32 len,
+                                 u32 *counter) {
     fk->ep_id = ep_id;
     fk->dir = dir;
     fk->family = p->family;
@@ -599,7 +605,7 @@ static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, 
 
     struct ep_key sk = {};
     sk.ep_id = ep_id;
-    sk.slot = s;
+    sk.half = half;
     struct ep_state *st = epstate.lookup(&sk);
     if (!st)
         return J_PASS;
@@ -637,15 +643,15 @@ static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, 
         }
     }
     if (pv) {
-        u32 rs = pv->slot;
-        struct stat *c = rule_stats.lookup(&rs);
+        u32 rc = pv->counter;
+        struct stat *c = rule_stats.lookup(&rc);
         if (c) {
             c->packets += 1;
             c->bytes += len;
         }
         if (pv->verdict == V_ACCEPT)
             return J_ACCEPT;
-        *slot = rs;
+        *counter = rc;
         return J_DROP;
     }
     // A header chain we could not walk is never allowed by a rule, nor by a
@@ -657,20 +663,20 @@ static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, 
             c->packets += 1;
             c->bytes += len;
         }
-        *slot = NO_SLOT;
+        *counter = NO_COUNTER;
         return J_DROP;
     }
     return J_ACCEPT;
 }
 
 static __always_inline int handle(struct __sk_buff *skb, int hook) {
-    // The global slot, read once, before any lookup it selects.
+    // The active half of the double buffer, read once, before any lookup it selects.
     u32 zero = 0;
     u32 *ap = active.lookup(&zero);
-    u32 s = ap ? (*ap & 1) : 0;
+    u32 half = ap ? (*ap & 1) : 0;
     struct if_key ik = {};
     ik.ifindex = skb->ifindex;
-    ik.slot = s;
+    ik.half = half;
     struct if_cfg *cfg = ifcfg.lookup(&ik);
     if (!cfg)
         return TC_ACT_OK;
@@ -692,7 +698,7 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
 
     struct addr_key ek = {};
     ek.family = p.family;
-    ek.slot = s;
+    ek.half = half;
     if (dir == DIR_EGRESS)
         __builtin_memcpy(ek.addr, p.saddr, 16);
     else
@@ -702,7 +708,7 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
     if (epp) {
         ep_id = *epp;
     } else {
-        ek.slot = 0;  // nodeaddrs keys carry no slot
+        ek.half = 0;  // nodeaddrs keys carry no half
         if (bound && nodeaddrs.lookup(&ek))
             // The node behind this device: arriving for it (ingress) or leaving from it
             // (egress) is its endpoint's traffic, with or without addresses in `addrs`.
@@ -714,40 +720,38 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
 
     u32 len = skb->len;
     struct flow_key fk = {};
-    u32 slot = NO_SLOT;
-    int v = judge(&p, &fk, ep_id, dir, s, len, &slot);
+    u32 counter = NO_COUNTER;
+    int v = judge(&p, &fk, ep_id, dir, half, len, &counter);
     if (v == J_DROP)
-        return drop(&p, &fk, ep_id, dir, slot);
+        return drop(&p, &fk, ep_id, dir, counter);
     if (v == J_PASS)
         return TC_ACT_OK;
 
     // Leaving for another local endpoint (not for the node itself): that endpoint's ingress
-    // is judged here too, under the same slot, and the flow is remembered at both ends; its
+    // is judged here too, under the same half, and the flow is remembered at both ends; its
     // own hook then passes the packet as a known flow.
     if (dir == DIR_EGRESS) {
         struct addr_key dk = {};
         dk.family = p.family;
         __builtin_memcpy(dk.addr, p.daddr, 16);
         if (!nodeaddrs.lookup(&dk)) {
-            dk.slot = s;
+            dk.half = half;
             u32 *dst = addrs.lookup(&dk);
             if (dst && *dst != ep_id) {
                 u32 peer = *dst;
                 struct flow_key pk = {};
-                u32 pslot = NO_SLOT;
-                int pv = judge(&p, &pk, peer, DIR_INGRESS, s, len, &pslot);
+                u32 pcounter = NO_COUNTER;
+                int pv = judge(&p, &pk, peer, DIR_INGRESS, half, len, &pcounter);
                 if (pv == J_DROP) {
-                    if (drop(&p, &pk, peer, DIR_INGRESS, pslot) != TC_ACT_OK)
+                    if (drop(&p, &pk, peer, DIR_INGRESS, pcounter) != TC_ACT_OK)
                         return TC_ACT_SHOT;
                 } else if (pv == J_ACCEPT) {
-                    record(&p, &pk);
-                    record_frag(&p, peer, DIR_INGRESS);
+                    remember(&p, &pk, peer, DIR_INGRESS);
                 }
             }
         }
     }
-    record(&p, &fk);
-    record_frag(&p, ep_id, dir);
+    remember(&p, &fk, ep_id, dir);
     return TC_ACT_OK;
 }
 

@@ -7,9 +7,22 @@ import ipaddress
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from agent.inventory import IPAddress
-from agent.ir import Direction, Program
-from agent.strict import Flow
+from agent.ir import Direction, IPAddress, Program
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A tracked connection in its original direction (the side that opened it first)."""
+
+    protocol: str  # tcp | udp | sctp
+    src: IPAddress
+    dst: IPAddress
+    sport: int
+    dport: int
+
+    @classmethod
+    def of(cls, protocol: str, src: str, dst: str, sport: int, dport: int) -> Flow:
+        return cls(protocol, ipaddress.ip_address(src), ipaddress.ip_address(dst), sport, dport)
 
 
 class DataplaneError(RuntimeError):

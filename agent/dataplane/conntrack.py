@@ -6,7 +6,7 @@ import logging
 import socket
 from collections.abc import Iterable
 
-from agent.strict import Flow
+from agent.dataplane.base import Flow
 
 log = logging.getLogger(__name__)
 PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", 132: "sctp"}  # what strict mode re-judges

@@ -32,7 +32,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from agent.dataplane import child, conntrack
-from agent.dataplane.base import ApplyStats, Count, Counters, Dataplane, DataplaneError, DropEvent, DropLog
+from agent.dataplane.base import (
+    ApplyStats,
+    Count,
+    Counters,
+    Dataplane,
+    DataplaneError,
+    DropEvent,
+    DropLog,
+    Flow,
+)
 from agent.dataplane.escape import display, utf8, valid_ifname
 from agent.ir import (
     PORTED,
@@ -45,7 +54,6 @@ from agent.ir import (
     Verdict,
     merge_ranges,
 )
-from agent.strict import Flow
 
 log = logging.getLogger(__name__)
 

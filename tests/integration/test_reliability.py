@@ -2,7 +2,7 @@
 
 Target everywhere: zero wrong verdicts, cross-endpoint mixtures included (one pod's new
 egress with another pod's old ingress): the eBPF dataplane switches every endpoint with one
-flip and judges a pod-to-pod packet for both ends under one slot (agent/dataplane/ebpf.py).
+flip and judges a pod-to-pod packet for both ends under one half of its double buffer (docs/ebpf.md).
 """
 
 from __future__ import annotations

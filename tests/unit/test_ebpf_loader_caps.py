@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.dataplane.ebpf_loader import missing_capabilities
+from agent.dataplane.ebpf.loader import missing_capabilities
 
 
 def status(*bits: int) -> str:

@@ -116,7 +116,10 @@ def test_render_prints_map_contents_without_touching_the_kernel() -> None:
 def test_flow_keys_and_drop_samples_decode() -> None:
     import struct
 
-    from agent.dataplane.ebpf import NO_SLOT, S_AUDIT, S_PORTS, EbpfDropLog, _flow_tuple, _unordered, k_flow
+    from agent.dataplane.ebpf import NO_COUNTER as NO_SLOT
+    from agent.dataplane.ebpf import S_AUDIT, S_PORTS, EbpfDropLog, k_flow
+    from agent.dataplane.ebpf.flows import flow_tuple as _flow_tuple
+    from agent.dataplane.ebpf.flows import unordered as _unordered
 
     a, b = ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("fd00::2")
     k = k_flow(7, 1, 4, 6, a.packed, 40000, ipaddress.ip_address("10.0.0.2").packed, 80)
@@ -132,7 +135,7 @@ def test_flow_keys_and_drop_samples_decode() -> None:
 
     log = EbpfDropLog("/nonexistent")
     log.maps = {"epkeys": FakeMap({struct.pack("<I", 3): b"app/b".ljust(256, b"\0")}),
-                "slotinfo": FakeMap({struct.pack("<I", 9): struct.pack("<IB", 3, 0) + bytes.fromhex("a1b2c3d4e5f6")
+                "counterinfo": FakeMap({struct.pack("<I", 9): struct.pack("<IB", 3, 0) + bytes.fromhex("a1b2c3d4e5f6")
                                      + b"\0"})}
 
     def sample(slot: int, d: int, flags: int) -> bytes:

@@ -1,9 +1,9 @@
 """A minimal ctypes binding of the bpf(2) syscall for pinned maps and programs.
 
 The long-lived agent manages the kernel objects the short-lived loader child pinned
-(`agent.dataplane.ebpf_loader`) through these few commands, so it never imports bcc
-and never carries LLVM. Keys and values are raw bytes; callers pack them with
-`struct`.
+(`agent.dataplane.ebpf.loader`) through these few commands, so it never imports bcc
+and never carries LLVM. Keys and values are raw bytes; callers pack them with the
+structures of `agent.dataplane.ebpf.layout`.
 """
 
 from __future__ import annotations
@@ -146,26 +146,33 @@ class Map:
             os.close(self.fd)
             self.fd = -1
 
-    def _elem(self, cmd: int, key: bytes, value: ctypes.Array | None, flags: int = 0) -> int:  # type: ignore[type-arg]
-        if len(key) != self.key_size:
-            raise ValueError(f"{self.name}: key is {len(key)} bytes, map wants {self.key_size}")
-        k = ctypes.create_string_buffer(key, len(key))
+    def _elem(self, cmd: int, key: bytes | None, value: ctypes.Array | None, flags: int = 0) -> int:  # type: ignore[type-arg]
+        """One element command; `key` None for the commands of keyless maps (queues)."""
+        k = None
+        if key is not None:
+            if len(key) != self.key_size:
+                raise ValueError(f"{self.name}: key is {len(key)} bytes, map wants {self.key_size}")
+            k = ctypes.create_string_buffer(key, len(key))
         attr = _attr()
         _put(attr, 0, ctypes.c_uint32, self.fd)
-        _put(attr, 8, ctypes.c_uint64, ctypes.addressof(k))
+        _put(attr, 8, ctypes.c_uint64, _addr(k))
         _put(attr, 16, ctypes.c_uint64, _addr(value))
         _put(attr, 24, ctypes.c_uint64, flags)
         return _bpf(cmd, attr)
 
-    def lookup(self, key: bytes) -> bytes | None:
-        v = ctypes.create_string_buffer(self._vsize)
+    def _found(self, cmd: int, key: bytes | None, value: ctypes.Array | None) -> bool:  # type: ignore[type-arg]
+        """An element command on an element that may be absent (ENOENT: False)."""
         try:
-            self._elem(MAP_LOOKUP_ELEM, key, v)
+            self._elem(cmd, key, value)
         except BpfError as e:
             if e.errno == errno.ENOENT:
-                return None
+                return False
             raise
-        return v.raw
+        return True
+
+    def lookup(self, key: bytes) -> bytes | None:
+        v = ctypes.create_string_buffer(self._vsize)
+        return v.raw if self._found(MAP_LOOKUP_ELEM, key, v) else None
 
     def lookup_percpu(self, key: bytes) -> list[bytes]:
         raw = self.lookup(key)
@@ -184,27 +191,12 @@ class Map:
         self._elem(MAP_UPDATE_ELEM, key, v, flags)
 
     def delete(self, key: bytes) -> bool:
-        try:
-            self._elem(MAP_DELETE_ELEM, key, None)
-        except BpfError as e:
-            if e.errno == errno.ENOENT:
-                return False
-            raise
-        return True
+        return self._found(MAP_DELETE_ELEM, key, None)
 
     def pop(self) -> bytes | None:
         """Take the oldest value of a queue map (None: empty)."""
         v = ctypes.create_string_buffer(self.value_size)
-        attr = _attr()
-        _put(attr, 0, ctypes.c_uint32, self.fd)
-        _put(attr, 16, ctypes.c_uint64, ctypes.addressof(v))
-        try:
-            _bpf(MAP_LOOKUP_AND_DELETE_ELEM, attr)
-        except BpfError as e:
-            if e.errno == errno.ENOENT:
-                return None
-            raise
-        return v.raw
+        return v.raw if self._found(MAP_LOOKUP_AND_DELETE_ELEM, None, v) else None
 
     def all_keys(self) -> Iterator[bytes]:
         attr = _attr()

@@ -1,13 +1,17 @@
 """Short-lived child: compile bpf/stockade.c with bcc, load it, pin programs and maps, exit.
 
-    python -m agent.dataplane.ebpf_loader --pin-dir DIR [-D NAME=VALUE ...]
+    python -m agent.dataplane.ebpf.loader --pin-dir DIR [-D NAME=VALUE ...]
 
 bcc leaves ~160 MB of LLVM in the process that compiles, so the agent runs this in a
 child and then works on the pinned objects with plain bpf(2) syscalls
-(`agent.dataplane.bpfsys`). Everything is pinned into `DIR-partial` and renamed to
-`DIR` at the end, so `DIR` either holds a complete set or does not exist.
-Prints one JSON line (timings) on success; on failure prints the cause on stderr and
-exits 1.
+(`agent.dataplane.ebpf.bpfsys`). The child compares every map's key and value layout
+with `layout.MAPS` and refuses a build where they differ. Everything is pinned into
+`DIR-partial` and renamed to `DIR` at the end, so `DIR` either holds a complete set or
+does not exist. `build` hashes the C source and the map sizes, so a changed source or
+size loads a new build next to the old one (which the agent removes after its first
+apply). Prints one JSON line (timings) on success; on failure prints the cause on
+stderr and exits 1. The agent runs it through `agent.dataplane.ebpf.builds`, and never
+imports this module (nor bcc).
 """
 
 from __future__ import annotations
@@ -21,15 +25,23 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from agent.dataplane import bpfsys
+from agent.dataplane.ebpf import bpfsys, layout
+from agent.dataplane.ebpf.builds import MAPS, PROGRAMS, SOURCE
 
-SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "stockade.c"
-PROGRAMS = ("stk_ingress", "stk_egress")
-MAPS = (
-    "active", "addrs", "epstate", "ifcfg", "nodeaddrs", "peers", "ports", "flows", "frags",
-    "rule_stats", "drop_stats", "epkeys", "slotinfo", "config", "sample_tat", "samples",
-)
+
+def layout_errors(b: Any) -> list[str]:
+    """How the maps bcc compiled (`b`: a bcc.BPF) differ from `layout.MAPS`."""
+    tables = {}
+    for name in MAPS:
+        try:
+            t = b[name]
+        except KeyError:
+            continue
+        # per-CPU tables: Leaf is the array of one value per CPU, sLeaf the value
+        tables[name] = (getattr(t, "Key", None), getattr(t, "sLeaf", t.Leaf))
+    return layout.check(tables)
 
 HEADERS_HINT = (
     "bcc could not compile the eBPF program. The usual cause on a kernel without a headers "
@@ -71,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pin-dir", required=True)
     ap.add_argument("-D", dest="defines", action="append", default=[])
+    ap.add_argument("--source", default=str(SOURCE), help="the C source (a test's variant)")
     args = ap.parse_args(argv)
     try:
         from bcc import BPF  # heavy: LLVM
@@ -93,11 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     cflags = [f"-D{d}" for d in args.defines] + ["-w"]
     try:
-        b = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+        b = BPF(src_file=args.source.encode(), cflags=cflags)
     except Exception as e:
         print(f"{HEADERS_HINT} ({type(e).__name__}: {e})", file=sys.stderr)
         return 1
     t1 = time.monotonic()
+    errors = layout_errors(b)
+    if errors:
+        print("the map layouts in agent/dataplane/ebpf/layout.py do not match bpf/stockade.c:\n  "
+              + "\n  ".join(errors), file=sys.stderr)
+        return 1
     try:
         fns = {name: b.load_func(name.encode(), BPF.SCHED_CLS) for name in PROGRAMS}
     except Exception as e:

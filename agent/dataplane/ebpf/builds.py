@@ -1,0 +1,72 @@
+"""Pinned builds, the agent's side: a build is bpf/stockade.c compiled with one set of map
+sizes, pinned under `<pin_root>/<build>/` by the loader child (`agent.dataplane.ebpf.loader`),
+`build` a hash of the source and the sizes. A changed source or size loads a new build
+next to the old one, which the agent removes after its first apply on the new one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.dataplane import child
+from agent.dataplane.base import DataplaneError
+from agent.dataplane.ebpf import bpfsys, layout
+
+SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "stockade.c"
+PROGRAMS = ("stk_ingress", "stk_egress")  # index: the tc hook (0 ingress, 1 egress)
+MAPS = tuple(layout.MAPS)
+PIN_ROOT = "/sys/fs/bpf/stockade"
+# Overrides the pin root (e.g. a bpffs the tests mount where `ip netns exec` still sees it).
+PIN_ROOT_ENV = "STOCKADE_BPF_PIN_ROOT"
+
+
+def build_id(sizes: layout.Sizes) -> str:
+    """The pin directory's name: a hash of the C source and the map sizes."""
+    src = SOURCE.read_bytes()
+    return hashlib.blake2s(src + json.dumps(sizes.defines()).encode(), digest_size=6).hexdigest()
+
+
+def ensure_bpffs(pin_root: str) -> None:
+    base = os.path.dirname(pin_root.rstrip("/")) or "/"
+    if not bpfsys.is_bpffs(base):
+        try:
+            os.makedirs(base, exist_ok=True)
+            subprocess.run(["mount", "-t", "bpf", "bpf", base], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise DataplaneError(
+                f"no BPF filesystem at {base} and mounting one failed ({e}); run as root or "
+                f"`mount -t bpf bpf {base}`"
+            ) from e
+    os.makedirs(pin_root, exist_ok=True)
+
+
+def is_built(pin_dir: str) -> bool:
+    return os.path.exists(f"{pin_dir}/{PROGRAMS[-1]}")  # pinned last of all, in one rename
+
+
+def compile_build(pin_dir: str, sizes: layout.Sizes, python: str) -> dict[str, Any]:
+    """Run the loader child for this build (the caller checked `is_built`); its timings."""
+    cmd = [python, "-m", "agent.dataplane.ebpf.loader", "--pin-dir", pin_dir]
+    for d in sizes.defines():
+        cmd += ["-D", d]
+    t0 = time.monotonic()
+    root = str(SOURCE.parents[1])
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = child.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise DataplaneError(f"eBPF loader failed: {r.stderr.strip()[-2000:]}")
+    out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    out["total_s"] = round(time.monotonic() - t0, 3)
+    return out
+
+
+def drop_old_builds(pin_root: str, build: str) -> None:
+    for entry in os.listdir(pin_root):
+        if entry != build:
+            shutil.rmtree(f"{pin_root}/{entry}", ignore_errors=True)

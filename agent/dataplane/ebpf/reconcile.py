@@ -1,0 +1,498 @@
+"""The double-buffered switch: `Reconciler` makes the pinned maps hold a Program, every
+change switched in with one map update (docs/ebpf.md, "Atomicity"), and rebuilds its
+model from the pinned maps after a restart ("Restart adoption")."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from agent.dataplane.base import ApplyStats, DataplaneError
+from agent.dataplane.ebpf import bpfsys, builds
+from agent.dataplane.ebpf.attach import Devices
+from agent.dataplane.ebpf.flows import FlowTable
+from agent.dataplane.ebpf.layout import (
+    HALVED,
+    ZERO_STAT,
+    AddrKey,
+    HalfKey,
+    IfCfg,
+    PeerKey,
+    PortKey,
+    Sizes,
+    counter_owner,
+    epkey_name,
+    epkey_value,
+    ip_of,
+    is_hashed,
+    k_addr,
+    k_half,
+    read_u32,
+    u32,
+    unpack,
+    v_config,
+    v_counter_info,
+    v_epstate,
+    v_ifcfg,
+)
+from agent.dataplane.ebpf.tables import DIR_CODE, DirTables, Entry, compile_direction, entries, entry_keys
+from agent.dataplane.escape import display
+from agent.ir import Direction, DirectionProgram, EndpointProgram, IPAddress, Program
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 0.02  # after a flip: packets judged under the previous half are done (in flight)
+
+HalfContents = dict[str, dict]
+"""One half of the double-buffered maps: map name -> {ifindex / endpoint id / address: value}."""
+HALF_KEY = {"ifcfg": k_half, "epstate": k_half, "addrs": k_addr}
+
+
+def empty_half() -> HalfContents:
+    return {name: {} for name in HALVED}
+
+
+def _half_item(name: str, k: bytes) -> tuple[int, object]:
+    """(half, item) of a double-buffered map's key."""
+    if name == "addrs":
+        a = unpack(AddrKey, k)
+        return a.half, ipaddress.ip_address(ip_of(a.family, a.addr))
+    h = unpack(HalfKey, k)
+    return h.half, h.id
+
+
+@dataclass
+class EpState:
+    """What the kernel holds for one endpoint (besides its double-buffered entries)."""
+
+    ep_id: int
+    gen: int  # the generation of its peers/ports entries in force
+    tables: dict[Direction, DirTables] | None  # None: adopted, contents unknown
+    counters: dict[tuple[int, str], int] = field(default_factory=dict)  # (dir, rule id) -> rule_stats index
+    iface: str | None = None  # device the endpoint is bound to (EndpointProgram.interface)
+
+
+class Reconciler:
+    """Keeps the pinned maps equal to the last applied Program: loads (or compiles) the
+    build, adopts what a previous agent left, and switches every change in at once
+    through the double-buffered maps (docs/ebpf.md, "Atomicity")."""
+
+    def __init__(self, sizes: Sizes | None = None, pin_root: str | None = None, netns: str | None = None,
+                 python: str | None = None, audit: bool = False, sample_rate: float = 10.0,
+                 sample_burst: int = 20) -> None:
+        self.sizes = sizes or Sizes()
+        # Runtime settings (the `config` map, written by apply): audit mode passes judged
+        # drops; drops are sampled at `sample_rate` per second (0: not at all) after a
+        # burst of `sample_burst`, per endpoint, direction and CPU.
+        self.audit = audit
+        self.sample_rate = sample_rate
+        self.sample_burst = sample_burst
+        self.pin_root = (pin_root or os.environ.get(builds.PIN_ROOT_ENV) or builds.PIN_ROOT).rstrip("/")
+        self.netns = netns  # named netns for routes, addresses and tc (None: the current one)
+        self.python = python or sys.executable
+        self.build = builds.build_id(self.sizes)
+        self.pin_dir = f"{self.pin_root}/{self.build}"
+        self.devices = Devices(netns, self.build)
+        self.flow_table = FlowTable()
+        self.maps: dict[str, bpfsys.Map] = {}
+        self.prog_fds: dict[int, int] = {}
+        self.prog_ids: dict[int, int] = {}
+        self.eps: dict[str, EpState] | None = None  # None: not yet loaded/adopted
+        self.half = 0  # the half of the double buffer in force (`active`)
+        # what each half of the double-buffered maps holds (both alike between applies)
+        self.have: list[HalfContents] = [empty_half(), empty_half()]
+        self.node_addrs: set[IPAddress] = set()
+        self.free_counters: list[int] = []
+        self.next_counter = 0
+        self.next_ep = 1
+        self._config: bytes | None = None  # the `config` value written (None: unknown)
+        self._adopted = False
+        # epkeys values stored as a digest -> their key, for drop events (read on the drop
+        # log's thread: only single get/set operations on it)
+        self.hashed_names: dict[bytes, str] = {}
+        # adopted endpoints whose epkeys value is a digest: placeholder -> their key in eps
+        self._unresolved: dict[str, str] = {}
+        self.last_load: dict[str, object] = {}
+
+    # ---------------------------------------------------------------- plumbing
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        for fd in self.prog_fds.values():
+            os.close(fd)
+        self.maps, self.prog_fds, self.eps = {}, {}, None
+        self.devices.close()
+
+    def _load(self) -> None:
+        """Open the pinned objects of this build, compiling them in a child if absent."""
+        if self.maps:
+            return
+        builds.ensure_bpffs(self.pin_root)
+        if not builds.is_built(self.pin_dir):
+            self.last_load = builds.compile_build(self.pin_dir, self.sizes, self.python)
+            log.info("compiled and pinned eBPF build %s: %s", self.build, self.last_load)
+        try:
+            for name in builds.MAPS:
+                self.maps[name] = bpfsys.Map.pinned(f"{self.pin_dir}/{name}")
+            for hook, name in enumerate(builds.PROGRAMS):
+                self.prog_fds[hook] = bpfsys.obj_get(f"{self.pin_dir}/{name}")
+                self.prog_ids[hook] = bpfsys.prog_id(self.prog_fds[hook])
+        except OSError as e:
+            self.close()
+            raise DataplaneError(f"cannot open pinned eBPF objects in {self.pin_dir}: {e}") from e
+
+    def _adopt(self) -> None:
+        """Rebuild the model from pinned maps a previous agent left behind: the half in force
+        from `active`, endpoints, generations and devices from that half's entries (the
+        other half may be half-written: it is only ever rewritten), rule counters."""
+        self._load()
+        self._unresolved = {}
+        self._config = None
+        raw = self.maps["active"].lookup(u32(0))
+        self.half = read_u32(raw) & 1 if raw else 0
+        self.have = [empty_half(), empty_half()]
+        for name in HALVED:
+            for k, v in self.maps[name].items():
+                half, item = _half_item(name, k)
+                if half > 1:  # never written by us: make sure it goes
+                    self.maps[name].delete(k)
+                    continue
+                self.have[half][name][item] = v
+        act = self.have[self.half]
+        eps: dict[str, EpState] = {}
+        byid: dict[int, EpState] = {}
+        for k, v in self.maps["epkeys"].items():
+            ep_id = read_u32(k)
+            name = epkey_name(v)
+            if is_hashed(v):
+                self._unresolved[name] = name
+            st = act["epstate"].get(ep_id)
+            gen = read_u32(st) if st else 0
+            eps[name] = byid[ep_id] = EpState(ep_id, gen, None)
+            self.next_ep = max(self.next_ep, ep_id + 1)
+        used = set()
+        for k, v in self.maps["counterinfo"].items():
+            counter = read_u32(k)
+            ep_id, d, rid = counter_owner(v)
+            if ep_id in byid:
+                byid[ep_id].counters[(d, rid)] = counter
+                used.add(counter)
+        self.next_counter = max(used, default=-1) + 1
+        self.free_counters = sorted(set(range(self.next_counter)) - used, reverse=True)
+        names: dict[int, str] = {}
+        for idx, v in act["ifcfg"].items():
+            bound = byid.get(unpack(IfCfg, v).ep_id)
+            if bound is not None:  # an endpoint bound to this device: remember which device
+                names = names or self.devices.names()
+                bound.iface = names.get(idx)
+        self.node_addrs = set()
+        for k in self.maps["nodeaddrs"].all_keys():
+            a = unpack(AddrKey, k)
+            self.node_addrs.add(ipaddress.ip_address(ip_of(a.family, a.addr)))
+        self.eps = eps
+        self._adopted = bool(eps)
+        if eps:
+            log.info("adopted pinned eBPF state: %d endpoints, half %d", len(eps), self.half)
+
+    # ---------------------------------------------------------------- apply
+
+    def _alloc_counter(self) -> int:
+        if self.free_counters:
+            counter = self.free_counters.pop()
+        else:
+            if self.next_counter >= self.sizes.counters:
+                raise DataplaneError(f"eBPF map rule_stats is full ({self.sizes.counters} rule counters)")
+            counter = self.next_counter
+            self.next_counter += 1
+        self.maps["rule_stats"].update(u32(counter), ZERO_STAT)
+        return counter
+
+    def _alloc_ep(self) -> int:
+        assert self.eps is not None
+        used = {e.ep_id for e in self.eps.values()}
+        for _ in range(self.sizes.endpoints):
+            cand = self.next_ep if self.next_ep < self.sizes.endpoints else 1
+            self.next_ep = cand + 1
+            if cand not in used:
+                return cand
+        raise DataplaneError(f"eBPF map epstate is full ({self.sizes.endpoints} endpoints)")
+
+    def _write(self, name: str, items: Iterable[tuple[bytes, bytes]]) -> int:
+        m = self.maps[name]
+        n = 0
+        for k, v in items:
+            try:
+                m.update(k, v)
+            except bpfsys.BpfError as e:
+                if e.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+                    raise DataplaneError(
+                        f"eBPF map {name} is full ({m.max_entries} entries): raise its size"
+                    ) from e
+                raise DataplaneError(f"updating eBPF map {name} failed: {e}") from e
+            n += 1
+        return n
+
+    def _sync_counters(self, ep: EpState, tables: dict[Direction, DirTables]) -> None:
+        want = {(DIR_CODE[d], rid) for d, t in tables.items() for rid in t.rule_ids}
+        for key in want - set(ep.counters):
+            counter = self._alloc_counter()
+            ep.counters[key] = counter
+            self._write("counterinfo", [(u32(counter), v_counter_info(ep.ep_id, *key))])
+
+    def _release_counters(self, counters: Iterable[int]) -> None:
+        for counter in counters:
+            self.maps["counterinfo"].delete(u32(counter))
+            self.free_counters.append(counter)
+
+    def _check_capacity(self, program: Program, compiled: dict[str, dict[Direction, DirTables]]) -> None:
+        assert self.eps is not None
+        peers = ports = 0
+        for key, tables in compiled.items():
+            old = self.eps.get(key)
+            for t in tables.values():
+                a, b = t.entries
+                peers, ports = peers + a, ports + b
+            if old is not None and old.tables is not None and old.tables != tables:
+                for t in old.tables.values():  # both generations live for a moment
+                    a, b = t.entries
+                    peers, ports = peers + a, ports + b
+        addrs = sum(len(ep.ips) for ep in program.endpoints.values())
+        counters = sum(len(t.rule_ids) for tables in compiled.values() for t in tables.values())
+        for name, need, cap in (("peers", peers, self.sizes.peers), ("ports", ports, self.sizes.ports),
+                                ("addrs", addrs, self.sizes.addrs),
+                                ("epstate", len(compiled), self.sizes.endpoints - 1),
+                                ("rule_stats", counters, self.sizes.counters)):
+            if need > cap:
+                raise DataplaneError(f"eBPF map {name} would need {need} entries, capacity is {cap}: "
+                                     "raise its size")
+
+    def apply(self, program: Program) -> ApplyStats:
+        if self.eps is None:
+            self._adopt()
+        assert self.eps is not None
+        self._resolve_hashed(program)
+        memo: dict[DirectionProgram, DirTables] = {}  # endpoints selected alike share tables
+
+        def tables_of(dp: DirectionProgram) -> DirTables:
+            if dp not in memo:
+                memo[dp] = compile_direction(dp)
+            return memo[dp]
+
+        compiled = {key: {d: tables_of(ep.direction(d)) for d in Direction}
+                    for key, ep in program.endpoints.items()}
+        self._check_capacity(program, compiled)
+        try:
+            return self._apply(program, compiled)
+        except BaseException:
+            # The kernel holds the old policy (failure before the flip) or the new one (after):
+            # forget the model, the next apply adopts what is there (and sweeps what is not).
+            self.eps = None
+            raise
+
+    def _resolve_hashed(self, program: Program) -> None:
+        """Adopted endpoints whose key was stored as a digest get their key back from the
+        program (one that no longer has it departs under its placeholder)."""
+        assert self.eps is not None
+        if not self._unresolved:
+            return
+        # out of the way first: a program key may spell another endpoint's placeholder
+        pending = {ph: self.eps.pop(k) for ph, k in self._unresolved.items() if k in self.eps}
+        for key in program.endpoints:
+            value = epkey_value(key)
+            if is_hashed(value) and (st := pending.pop(epkey_name(value), None)) is not None:
+                self.eps[key] = st
+                self.hashed_names[value] = key
+        self._unresolved = {}
+        for ph, st in pending.items():  # not in this program (yet): back under a free name
+            k = ph
+            while k in program.endpoints or k in self.eps:
+                k += "\0"
+            self.eps[k] = st
+            self._unresolved[ph] = k
+
+    def _apply(self, program: Program, compiled: dict[str, dict[Direction, DirTables]]) -> ApplyStats:
+        assert self.eps is not None
+        old, new = self.half, 1 - self.half
+        added = removed = written = cmds = 0
+        known_devices = set(self.have[old]["ifcfg"]) | set(self.have[new]["ifcfg"])
+        config = v_config(self.audit, self.sample_rate, self.sample_burst)
+        if config != self._config:  # runtime settings: written when they change
+            cmds += self._write("config", [(u32(0), config)])
+            self._config = config
+        if self._adopted:
+            # entries of generations the half in force does not use (e.g. written by an agent
+            # killed before its flip) go before any generation is written again
+            removed += self._sweep()
+        stale: list[Entry] = []  # the replaced generations' entries, deleted after the flip
+        retired: list[int] = []  # rule counters of departed or taken-over endpoints, freed after the flip
+        renamed: list[EpState] = []
+        # node addresses first: they only ever widen node -> endpoint traffic
+        node = self.devices.node_addresses()
+        cmds += self._write("nodeaddrs", [(k_addr(ip), b"\1") for ip in node - self.node_addrs])
+        # 1. new generations of every changed endpoint (nothing reads them before the flip)
+        switched: list[tuple[EpState, int, dict[Direction, DirTables]]] = []
+        fresh: list[Entry] = []
+        for key, ep in program.endpoints.items():
+            tables = compiled[key]
+            st = self.eps.get(key)
+            if st is None:
+                st = self._take_over(ep, program, stale, retired)
+                if st is not None:
+                    renamed.append(st)
+                else:
+                    st = EpState(self._alloc_ep(), 0, None)
+                self.eps[key] = st
+                value = epkey_value(key)
+                if is_hashed(value):
+                    self.hashed_names[value] = key
+                cmds += self._write("epkeys", [(u32(st.ep_id), value)])
+            st.iface = ep.interface
+            if st.tables != tables:
+                self._sync_counters(st, tables)
+                gen = st.gen + 1
+                peers, ports = entries(st.ep_id, st.counters, tables, gen)
+                try:
+                    cmds += self._write("peers", peers)
+                    fresh += [("peers", k) for k, _ in peers]
+                    cmds += self._write("ports", ports)
+                    fresh += [("ports", k) for k, _ in ports]
+                except DataplaneError:
+                    for m, k in fresh + [("peers", k) for k, _ in peers] + [("ports", k) for k, _ in ports]:
+                        self.maps[m].delete(k)  # never flipped to: drop the half-written generations
+                    raise
+                if st.tables is not None:
+                    stale += entry_keys(st.ep_id, st.counters, st.tables, st.gen)
+                switched.append((st, gen, tables))
+                added += len(peers) + len(ports)
+                written += 1
+        gens = {id(st): gen for st, gen, _ in switched}
+        departed = [key for key in self.eps if key not in program.endpoints]
+        # 2. what the double-buffered maps hold for the new policy
+        want = empty_half()
+        for key, ep in program.endpoints.items():
+            st = self.eps[key]
+            fl = (compiled[key][Direction.INGRESS].flags, compiled[key][Direction.EGRESS].flags)
+            want["epstate"][st.ep_id] = v_epstate(gens.get(id(st), st.gen), *fl)
+            for ip in ep.ips:
+                want["addrs"][ip] = u32(st.ep_id)
+        devices = self.devices.find(program, {k: st.ep_id for k, st in self.eps.items()}, self.node_addrs)
+        for idx, (host, bound) in devices.items():
+            want["ifcfg"][idx] = v_ifcfg(self.devices.is_l3(idx), host, bound)
+        # 3. the inactive half gets the new policy whole; devices are attached (a device
+        # without an entry in the half in force is not judged yet)
+        cmds += self._write_half(new, want)
+        for idx in devices:
+            self.devices.attach(idx, self.prog_fds, self.prog_ids)
+        # 4. the flip: one update switches every endpoint, address and device at once
+        flipped = want != self.have[old]
+        if flipped:
+            self._flip(new)
+            cmds += 1
+        for st, gen, tables in switched:
+            st.gen, st.tables = gen, tables
+            keep = {(DIR_CODE[d], r) for d, t in tables.items() for r in t.rule_ids}
+            self._release_counters([st.counters.pop(k) for k in list(st.counters) if k not in keep])
+        # 5. after the grace period nothing reads the previous half nor the replaced generations
+        gone = [self.eps.pop(key) for key in departed]
+        for key in departed:
+            self.hashed_names.pop(epkey_value(key), None)
+        for st in gone:
+            self._retire(st, stale, retired)
+        if flipped or stale or self._adopted:
+            time.sleep(GRACE_S)
+        for name, k in stale:
+            self.maps[name].delete(k)
+        removed += len(stale)
+        cmds += len(stale)
+        # a taken-over id starts its counters afresh under its new key (its old counters
+        # were only referenced by the replaced generation)
+        self._release_counters(retired)
+        for st in renamed + gone:
+            for d in (0, 1):
+                self.maps["drop_stats"].update(u32(st.ep_id * 2 + d), ZERO_STAT)
+        for st in gone:
+            self.maps["epkeys"].delete(u32(st.ep_id))
+            cmds += 1
+        for idx in known_devices - set(want["ifcfg"]):
+            self.devices.detach(idx)
+        # 6. the previous half catches up: both halves alike until the next apply
+        cmds += self._write_half(old, want)
+        if self._adopted:
+            removed += self._sweep()
+            self._adopted = False
+        for ip in self.node_addrs - node:
+            self.maps["nodeaddrs"].delete(k_addr(ip))
+        self.node_addrs = node
+        builds.drop_old_builds(self.pin_root, self.build)
+        return ApplyStats(full=written == len(program.endpoints) and written > 0, commands=cmds,
+                          elements_added=added, elements_removed=removed, chains_written=written)
+
+    def _write_half(self, half: int, want: HalfContents) -> int:
+        """Make one half of the double-buffered maps hold `want` (the half not in force, or
+        the previous one after the grace period)."""
+        n = 0
+        for name in HALVED:
+            have, key = self.have[half][name], HALF_KEY[name]
+            for item, v in want[name].items():
+                if have.get(item) != v:
+                    n += self._write(name, [(key(item, half), v)])
+                    have[item] = v
+            for item in set(have) - set(want[name]):
+                self.maps[name].delete(key(item, half))
+                del have[item]
+                n += 1
+        return n
+
+    def _flip(self, half: int) -> None:
+        """Switch every packet judged from now on to `half`: one array update."""
+        self.maps["active"].update(u32(0), u32(half))
+        self.half = half
+
+    def _retire(self, st: EpState, stale: list[Entry], retired: list[int]) -> None:
+        """An endpoint departs, or its id is taken over: its generation's entries and its
+        rule counters go after the flip."""
+        if st.tables is not None:
+            stale += entry_keys(st.ep_id, st.counters, st.tables, st.gen)
+        retired += st.counters.values()
+        st.counters, st.tables = {}, None
+
+    def _take_over(self, ep: EndpointProgram, program: Program, stale: list[Entry],
+                   retired: list[int]) -> EpState | None:
+        """A new endpoint bound to a device takes over the id of a departing endpoint bound
+        to the same device (NetBird's bootstrap endpoint replaced by the local peer, or the
+        peer renamed): its tables then change with the flip, the device's `ifcfg` entries
+        stay as they are, and the flows recorded under the id (connections the node opened,
+        whose replies must keep passing) survive. Written afresh under generation gen + 1."""
+        assert self.eps is not None
+        if ep.interface is None:
+            return None
+        prev = next((k for k, st in self.eps.items()
+                     if st.iface == ep.interface and k not in program.endpoints), None)
+        if prev is None:
+            return None
+        st = self.eps.pop(prev)
+        self._retire(st, stale, retired)
+        log.info("eBPF: endpoint %s takes over %s on %s (id %d)", display(ep.key, 300), display(prev, 300),
+                 display(ep.interface, 64), st.ep_id)
+        return st
+
+    def _sweep(self) -> int:
+        """After adoption: delete entries of generations the half in force does not use."""
+        assert self.eps is not None
+        live = {(st.ep_id, st.gen) for st in self.eps.values()}
+        n = 0
+        for name, t in (("peers", PeerKey), ("ports", PortKey)):
+            m = self.maps[name]
+            for k in list(m.all_keys()):
+                e = unpack(t, k)
+                if (e.ep_id, e.gen) not in live:
+                    m.delete(k)
+                    n += 1
+        return n

@@ -1,0 +1,205 @@
+"""The pure compiler: one endpoint direction of the IR -> the contents of its `peers` and
+`ports` maps (peer classes, first-match port prefixes), independent of endpoint ids,
+generations and counters; `entries`, those contents as map items for one endpoint id
+and generation; and `render`, the text form `stockade compile` prints. No
+kernel, no I/O. The construction is described in docs/ebpf.md."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+from dataclasses import dataclass
+
+from agent.dataplane.ebpf.layout import (
+    DIR_EGRESS,
+    DIR_INGRESS,
+    F_ENFORCED,
+    F_ISOLATED,
+    P_ICMP,
+    P_OTHER,
+    P_SCTP,
+    P_TCP,
+    P_UDP,
+    V_ACCEPT,
+    V_DROP,
+    k_peer,
+    k_port,
+    u32,
+    v_port,
+)
+from agent.dataplane.escape import display
+from agent.ir import PORTED, Direction, DirectionProgram, Program, Rule, Verdict
+
+DIR_CODE = {Direction.INGRESS: DIR_INGRESS, Direction.EGRESS: DIR_EGRESS}
+V_CODE = {Verdict.ACCEPT: V_ACCEPT, Verdict.DROP: V_DROP}
+V_NAME = {V_ACCEPT: "accept", V_DROP: "drop"}
+PROTO = {"tcp": P_TCP, "udp": P_UDP, "sctp": P_SCTP, "icmp": P_ICMP}  # the IR's protocols -> codes in port keys
+PROTO_NAME = {v: k for k, v in PROTO.items()} | {P_OTHER: "other"}
+ALL_PROTOS = (*PROTO.values(), P_OTHER)
+
+
+def port_prefixes(first: int, last: int) -> list[tuple[int, int]]:
+    """[first, last] as aligned (port, prefix length) blocks, at most 30 of them."""
+    out = []
+    a = first
+    while a <= last:
+        size = a & -a if a else 1 << 16
+        while a + size - 1 > last:
+            size >>= 1
+        out.append((a, 16 - size.bit_length() + 1))
+        a += size
+    return out
+
+
+def _rule_matches(rule: Rule, proto: int, port: int | None) -> bool:
+    if not rule.ports:
+        return True
+    if proto == P_OTHER:
+        return False
+    return any(pm.matches(PROTO_NAME[proto], port) for pm in rule.ports)
+
+
+PortEntries = dict[tuple[int, int, int, int], tuple[int, int]]
+"""(proto, has_port, port, port prefix length) -> (verdict code, rule index)."""
+
+
+def _class_ports(rules: tuple[Rule, ...], members: tuple[int, ...]) -> PortEntries:
+    out: PortEntries = {}
+    for proto in ALL_PROTOS:
+        # no port known: first rule matching every port of the protocol
+        for i in members:
+            if _rule_matches(rules[i], proto, None):
+                out[(proto, 0, 0, 16)] = (V_CODE[rules[i].verdict], i)
+                break
+        if proto not in (PROTO[p] for p in PORTED):
+            continue
+        cuts = {0, 65536}
+        for i in members:
+            for pm in rules[i].ports:
+                if pm.protocol == PROTO_NAME[proto] and pm.first is not None and pm.last is not None:
+                    cuts |= {pm.first, pm.last + 1}
+        edges = sorted(cuts)
+        segs: list[tuple[int, int, int | None]] = []
+        for a, b in itertools.pairwise(edges):
+            who = next((i for i in members if _rule_matches(rules[i], proto, a)), None)
+            if segs and segs[-1][2] == who:
+                segs[-1] = (segs[-1][0], b, who)
+            else:
+                segs.append((a, b, who))
+        for a, b, who in segs:
+            if who is None:
+                continue
+            for port, plen in port_prefixes(a, b - 1):
+                out[(proto, 1, port, plen)] = (V_CODE[rules[who].verdict], who)
+    return out
+
+
+@dataclass(frozen=True)
+class DirTables:
+    """One endpoint direction's map contents, independent of endpoint ids, halves,
+    generations and rule counters."""
+
+    flags: int
+    peers: tuple[tuple[int, int, int, int], ...] = ()  # (family, address int, prefixlen, class)
+    ports: tuple[tuple[int, PortEntries], ...] = ()  # (class, entries)
+    rule_ids: tuple[str, ...] = ()
+
+    def __hash__(self) -> int:
+        return hash((self.flags, self.peers, self.rule_ids))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DirTables) and (
+            self.flags, self.peers, self.ports, self.rule_ids
+        ) == (other.flags, other.peers, other.ports, other.rule_ids)
+
+    @property
+    def entries(self) -> tuple[int, int]:
+        return len(self.peers), sum(len(e) for _, e in self.ports)
+
+
+def compile_direction(dp: DirectionProgram) -> DirTables:
+    flags = (F_ENFORCED if dp.enforced else 0) | (F_ISOLATED if dp.isolated else 0)
+    rules = dp.rules
+    if not dp.enforced or not rules:
+        return DirTables(flags, rule_ids=tuple(r.id for r in rules))
+    anyone = tuple(i for i, r in enumerate(rules) if r.peers is None)
+    classes: dict[tuple[int, ...], int] = {}
+    peers = []
+    for fam, width in ((4, 32), (6, 128)):
+        holders: dict[tuple[int, int], set[int]] = {}
+        for i, r in enumerate(rules):
+            if r.peers is None:
+                continue
+            for n in r.peers.family(fam):
+                holders.setdefault((int(n.network_address), n.prefixlen), set()).add(i)
+        prefixes = set(holders)
+        if anyone:
+            prefixes.add((0, 0))
+        for addr, plen in sorted(prefixes):
+            members = set(anyone)
+            for ln in range(plen + 1):  # every ancestor (or the prefix itself) that a rule holds
+                mask = ((1 << ln) - 1) << (width - ln) if ln else 0
+                members |= holders.get((addr & mask, ln), set())
+            key = tuple(sorted(members))
+            cls = classes.setdefault(key, len(classes) + 1)
+            peers.append((fam, addr, plen, cls))
+    ports = tuple((cls, _class_ports(rules, members)) for members, cls in classes.items())
+    return DirTables(flags, tuple(peers), ports, tuple(r.id for r in rules))
+
+
+
+Entry = tuple[str, bytes]  # (map name, key)
+
+
+def entries(ep_id: int, counters: dict[tuple[int, str], int], tables: dict[Direction, DirTables],
+            gen: int) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """(`peers` items, `ports` items) of one generation of an endpoint's tables, given its
+    rule counters ((direction code, rule id) -> rule_stats index)."""
+    peers, ports = [], []
+    for d, t in tables.items():
+        dc = DIR_CODE[d]
+        for fam, addr, plen, cls in t.peers:
+            peers.append((k_peer(ep_id, gen, dc, fam, addr, plen), u32(cls)))
+        for cls, items in t.ports:
+            for (proto, has_port, port, plen), (verdict, idx) in items.items():
+                ports.append((k_port(ep_id, gen, cls, dc, proto, has_port, port, plen),
+                              v_port(counters[(dc, t.rule_ids[idx])], verdict)))
+    return peers, ports
+
+
+def entry_keys(ep_id: int, counters: dict[tuple[int, str], int], tables: dict[Direction, DirTables],
+               gen: int) -> list[Entry]:
+    peers, ports = entries(ep_id, counters, tables, gen)
+    return [("peers", k) for k, _ in peers] + [("ports", k) for k, _ in ports]
+
+
+def render(program: Program, header: list[str]) -> str:
+    """The maps `program` compiles to, as text: endpoints numbered from 1 in key order,
+    generation 1, rule counters numbered from 0 (a running agent's ids differ)."""
+    out = list(header)
+    counters: dict[tuple[str, int, str], int] = {}
+    for n, (key, ep) in enumerate(sorted(program.endpoints.items()), start=1):
+        tables = {d: compile_direction(ep.direction(d)) for d in Direction}
+        for d, t in tables.items():
+            for rid in t.rule_ids:
+                counters.setdefault((key, DIR_CODE[d], rid), len(counters))
+        fl = {d.value: f"{'enforced' if t.flags & F_ENFORCED else 'open'}{',isolated' if t.flags & F_ISOLATED else ''}"
+              for d, t in tables.items()}
+        # names escaped: one endpoint per line whatever its name holds
+        iface = f" interface={display(ep.interface)}" if ep.interface else ""
+        out.append(f"endpoint {n} {display(key)}{iface} ingress={fl['ingress']} egress={fl['egress']}")
+        if ep.interface:
+            out.append(f"  ifcfg {display(ep.interface)} -> {n} (node addresses on it)")
+        for ip in ep.ips:
+            out.append(f"  addrs {ip} -> {n}")
+        for d, t in tables.items():
+            for fam, addr, plen, cls in t.peers:
+                net = ipaddress.IPv4Network((addr, plen)) if fam == 4 else ipaddress.IPv6Network((addr, plen))
+                out.append(f"  peers {d.value} {net} -> class {cls}")
+            for cls, entries in t.ports:
+                for (proto, has_port, port, plen), (verdict, idx) in sorted(entries.items()):
+                    where = f"{port}/{plen}" if has_port else "no-port"
+                    out.append(f"  ports {d.value} class {cls} {PROTO_NAME[proto]} {where} -> "
+                               f"{V_NAME[verdict]} rule {t.rule_ids[idx]} counter "
+                               f"{counters[(key, DIR_CODE[d], t.rule_ids[idx])]}")
+    return "\n".join(out) + "\n"

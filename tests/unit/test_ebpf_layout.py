@@ -1,0 +1,53 @@
+"""The map layouts (agent/dataplane/ebpf/layout.py): the comparison the loader makes with
+the C structs, and keys and values packed byte for byte as the C side reads them."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import struct
+
+from agent.dataplane.ebpf import layout
+
+
+def test_identical_layouts_agree_and_every_difference_is_named() -> None:
+    assert layout.check(dict(layout.MAPS)) == []
+
+    class Narrow(ctypes.Structure):  # struct port_val with a u16 counter
+        _fields_ = [("counter", ctypes.c_uint16), ("verdict", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 5)]
+
+    class Shifted(ctypes.Structure):  # same size, fields moved
+        _fields_ = [("l3", ctypes.c_uint8), ("pad", ctypes.c_uint8), ("hook_dir", ctypes.c_uint8 * 2),
+                    ("ep_id", ctypes.c_uint32)]
+
+    tables = dict(layout.MAPS)
+    tables["ports"] = (layout.PortKey, Narrow)
+    tables["ifcfg"] = (layout.HalfKey, Shifted)
+    tables["rule_stats"] = (ctypes.c_uint64, layout.Stat)
+    del tables["counterinfo"]
+    tables["extra"] = (ctypes.c_uint32, ctypes.c_uint32)
+    errors = layout.check(tables)
+    assert any(e.startswith("ports value field counter") and "size 2 in C" in e for e in errors)
+    assert any(e.startswith("ifcfg value field hook_dir") for e in errors)
+    assert "rule_stats key: 8 bytes in C, 4 in layout.py" in errors
+    assert "counterinfo: no such map in the C source" in errors
+    assert "extra: map not described in layout.py" in errors
+
+
+def test_keys_and_values_are_packed_as_the_c_structs() -> None:
+    ip = ipaddress.ip_address("10.0.0.2")
+    assert layout.k_addr(ip, 1) == struct.pack("<BB2x", 4, 1) + ip.packed.ljust(16, b"\0")
+    assert layout.k_half(7, 1) == struct.pack("<II", 7, 1)
+    assert layout.v_epstate(3, 1, 3) == struct.pack("<IBB2x", 3, 1, 3)
+    assert layout.k_peer(5, 2, 1, 4, int(ip), 24) == struct.pack("<IIIBB", 104, 5, 2, 1, 4) + ip.packed + bytes(12)
+    assert layout.k_port(5, 2, 3, 0, 6, 1, 8080, 16) == struct.pack("<IIIIBBB", 136, 5, 2, 3, 0, 6, 1) + \
+        struct.pack(">H", 8080)
+    assert layout.k_port(5, 2, 3, 0, 1, 0, 0, 16)[:4] == struct.pack("<I", 136)  # no port: whole key
+    assert layout.v_port(9, 2) == struct.pack("<IB3x", 9, 2)
+    assert layout.v_config(True, 10.0, 20) == struct.pack("<IIQ", 1, 20, 100_000_000)
+    info = struct.pack("<IB", 3, 1) + bytes.fromhex("a1b2c3d4e5f6") + b"\0"
+    assert layout.v_counter_info(3, 1, "a1b2c3d4e5f6") == info
+    assert layout.counter_owner(layout.v_counter_info(3, 1, "a1b2c3d4e5f6")) == (3, 1, "a1b2c3d4e5f6")
+    assert layout.stat_sum([struct.pack("<QQ", 1, 60), struct.pack("<QQ", 2, 100)]) == (3, 160)
+    for t in (layout.PeerKey, layout.PortKey):  # LPM keys: packed, as in C
+        assert ctypes.sizeof(t) == {layout.PeerKey: 30, layout.PortKey: 21}[t]
