@@ -1,4 +1,4 @@
-"""Datapath benchmark in the namespace lab (tests/lab): two local pods through a node namespace.
+"""Datapath benchmark in the namespace lab (tests/kit): two local pods through a node namespace.
 
 Configurations, measured in one run: no policy at all (the floor, measured before and
 after the policy configurations), then an ingress policy on the server pod whose rule
@@ -80,7 +80,7 @@ def apply_cmd(args: argparse.Namespace) -> int:
     else:
         from agent.dataplane.ebpf import EbpfDataplane
 
-        dp = EbpfDataplane()  # pin root from the environment (tests.conftest.dataplane_env)
+        dp = EbpfDataplane()  # pin root from the environment (tests.kit.privileges.dataplane_env)
     if args.clear:
         dp.cleanup()
         print(json.dumps({"cleared": True}))
@@ -157,8 +157,8 @@ def _agg(values: list[float]) -> dict[str, Any]:
 
 def run(dataplanes: list[str], peer_sizes: list[int], reps: int, seconds: float,
         log: Any = print) -> dict[str, Any]:
-    from tests.conftest import dataplane_env
-    from tests.lab import Lab
+    from tests.kit.privileges import dataplane_env
+    from tests.kit import Lab
 
     out: dict[str, Any] = {"seconds_per_test": seconds, "reps": reps, "peer_sizes": peer_sizes,
                            "dataplanes": {}}

@@ -1,6 +1,6 @@
 """Seeded synthetic clusters: Namespaces, Pods and NetworkPolicies as Kubernetes manifests.
 
-The same shapes as tests/helpers.py (what the directory and API sources deliver).
+The same shapes as tests/kit/builders.py (what the directory and API sources deliver).
 A cluster of P pods and K policies over N namespaces:
 
 - namespaces carry `team`, `env` and (some) `monitoring` labels; one `kube-system`

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.reliability.world import CHECKS, LAB_PODS, NODE, Verdicts, cross_mixture
-from tests.lab import Lab
+from tests.kit import Lab
 
 CLONE_NEWNET = 0x40000000
 METRICS = "127.0.0.1:9754"

@@ -34,7 +34,7 @@ from bench.reliability.world import (
     random_world,
     write_atomic,
 )
-from tests.lab import Lab
+from tests.kit import Lab
 
 
 def _agent(lab: Lab, work: Path, dataplane: str) -> Agent:

@@ -1,7 +1,7 @@
 """The NetBird agent works under the confinement of systemd/stockade.service, and the
 confinement is really in force.
 
-systemd is not PID 1 here, so the unit cannot be started; tests/lab/sandbox.py applies
+systemd is not PID 1 here, so the unit cannot be started; tests/kit/sandbox.py applies
 what the unit does to the process itself, read from the unit's text (plus the eBPF
 drop-in on the eBPF dataplane): capabilities, no_new_privs, the seccomp filters of
 SystemCallFilter= and the Restrict*/LockPersonality/MemoryDenyWriteExecute settings, and
@@ -24,8 +24,8 @@ import pytest
 
 from agent.dataplane.ebpf import PIN_ROOT_ENV
 from tests.integration import test_netbird_packets as nb
-from tests.lab import sandbox
-from tests.lab.netbird import wait_for
+from tests.kit import sandbox
+from tests.kit.netbird_lab import wait_for
 
 env = nb.env  # the NetBird lab: overlay, management-API server, agent command line
 

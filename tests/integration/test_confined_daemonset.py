@@ -1,7 +1,7 @@
 """The Kubernetes agent works with exactly the privileges the DaemonSet grants it:
 deploy/ (nftables) and deploy/overlays/ebpf (eBPF), as rendered by the manifest tests.
 
-tests/lab/sandbox.py reproduces the container's capabilities, allowPrivilegeEscalation:
+tests/kit/sandbox.py reproduces the container's capabilities, allowPrivilegeEscalation:
 false (no_new_privs) and readOnlyRootFilesystem (writable: its volumes only), not the
 runtime's RuntimeDefault seccomp profile, which belongs to containerd or CRI-O (see
 deploy/overlays/ebpf/daemonset.yaml for what those allow). Two existing packet tests run
@@ -22,7 +22,7 @@ import pytest
 from agent.dataplane.ebpf import PIN_ROOT_ENV
 from tests.integration import test_enforcement as enforcement
 from tests.integration import test_kubernetes_packets as kube
-from tests.lab import Lab, sandbox
+from tests.kit import Lab, sandbox
 from tests.unit import test_deploy_manifests as manifests
 
 

@@ -29,7 +29,7 @@ from agent.ir import (
     Verdict,
 )
 from agent.policy.evaluate import evaluate
-from tests.lab import Lab, sh
+from tests.kit import Lab, sh
 
 PROBE = Path(__file__).with_name("ebpf_probe.py")
 A, B, C = "10.30.0.1", "10.30.0.2", "10.30.0.3"

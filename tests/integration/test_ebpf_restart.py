@@ -14,7 +14,7 @@ from pathlib import Path
 
 from agent.dataplane.ebpf import PIN_ROOT_ENV
 from tests.integration.test_ebpf_dataplane import A, B, C, build, program
-from tests.lab import ROOT, Lab
+from tests.kit import ROOT, Lab
 
 AGENT = """
 import json, pickle, sys

@@ -18,7 +18,7 @@ from pathlib import Path
 from agent.dataplane.ebpf import EbpfDataplane
 from agent.ir import Direction, DirectionProgram, EndpointProgram, Origin, PeerSet, PortMatch, Program, Rule
 from agent.policy.netbird import bootstrap_program
-from tests.lab import NETPROBE, Lab, sh
+from tests.kit import NETPROBE, Lab, sh
 
 PROBE = Path(__file__).with_name("ebpf_probe.py")
 HOST4, PEER4 = "100.64.0.1", "100.64.0.2"

@@ -13,9 +13,9 @@ import pytest
 from agent.cli import matrix
 from agent.pipeline import DirectoryPipeline, KubernetesPipeline
 from agent.sources.kubernetes import KubernetesSource
-from tests.helpers import ns, pod, policy
-from tests.integration.kubeapi import FakeKubeAPI
-from tests.lab.cases import write_dir
+from tests.kit.builders import ns, pod, policy
+from tests.kit.kubeapi import FakeKubeAPI
+from tests.kit.cases import write_dir
 
 pytest.importorskip("kubernetes")
 

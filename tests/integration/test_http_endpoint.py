@@ -22,7 +22,7 @@ import pytest
 from agent import cli
 from agent.endpoint import MAX_PER_PEER, ListenAddress
 from tests.integration.test_enforcement import ALLOW_A_TO_B, DENY_B, B, build, cluster, write
-from tests.lab import GATEWAY4, Lab, until
+from tests.kit import GATEWAY4, Lab, until
 
 PORT = 9754
 LOCAL = f"127.0.0.1:{PORT}"

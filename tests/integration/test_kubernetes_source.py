@@ -1,6 +1,6 @@
 """The Kubernetes API source against a fake API server, driven by the real `kubernetes` client.
 
-The fake server (tests/integration/kubeapi.py) speaks the list/watch protocol over
+The fake server (tests/kit/kubeapi.py) speaks the list/watch protocol over
 HTTP on 127.0.0.1; the client reaches it through a generated kubeconfig. No kernel,
 no privileges: the kernel side is the recording dataplane below, or the simulator.
 """
@@ -21,9 +21,9 @@ from agent.dataplane.base import ApplyStats, Counters, Dataplane, DataplaneError
 from agent.ir import Program
 from agent.pipeline import DirectoryPipeline, EventLatency, KubernetesPipeline, SourceNotSynced
 from agent.sources.kubernetes import Backoff, KubernetesSource, api_client
-from tests.helpers import ns, pod, policy
-from tests.integration.kubeapi import TOKEN, FakeKubeAPI
-from tests.lab.cases import expected_grid, load_cases, off_diagonal, pod_keys, step_objects, write_dir
+from tests.kit.builders import ns, pod, policy
+from tests.kit.kubeapi import TOKEN, FakeKubeAPI
+from tests.kit.cases import expected_grid, load_cases, off_diagonal, pod_keys, step_objects, write_dir
 
 pytest.importorskip("kubernetes")
 

@@ -19,7 +19,7 @@ from tests.integration.test_enforcement import (
     until,
     write,
 )
-from tests.lab import Lab
+from tests.kit import Lab
 
 METRICS = "127.0.0.1:9754"
 PROM = "127.0.0.1:9090"

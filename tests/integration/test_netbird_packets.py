@@ -1,7 +1,7 @@
-"""NetBird peer mode with real packets on a simulated wt0 (tests/lab/netbird.py).
+"""NetBird peer mode with real packets on a simulated wt0 (tests/kit/netbird_lab.py).
 
 The local peer is the lab's node namespace; alice, bob and carol are peer namespaces
-reaching it through the TUN relay. The management-API test server (tests/netbird_api.py)
+reaching it through the TUN relay. The management-API test server (tests/kit/netbird_api.py)
 listens on 127.0.0.1 inside the node namespace, where `stockade run --source netbird`
 polls it. Every flow is probed in both directions and must match both the expected
 table below and `stockade explain --source netbird --output json`.
@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from tests.lab import ROOT, Lab
-from tests.lab.netbird import LOCAL, NetbirdLab, wait_for
-from tests.netbird_api import TOKEN, ManagementApi, peer, serve
+from tests.kit import ROOT, Lab
+from tests.kit.netbird_lab import LOCAL, NetbirdLab, wait_for
+from tests.kit.netbird_api import TOKEN, ManagementApi, peer, serve
 
 METRICS = "127.0.0.1:9754"
 PORTS = (80, 81)

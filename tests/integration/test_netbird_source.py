@@ -27,7 +27,7 @@ from agent.ir import Program, Verdict
 from agent.policy.evaluate import evaluate
 from agent.sources import netbird as src
 from agent.sources.netbird import NetbirdClient, NetbirdPipeline, NetbirdSource, TokenError, load_token
-from tests.netbird_api import LOCAL, RESTRICTED, TOKEN, A, B, ManagementApi, serve
+from tests.kit.netbird_api import LOCAL, RESTRICTED, TOKEN, A, B, ManagementApi, serve
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.reliability import scenarios
-from tests.lab import Lab
+from tests.kit import Lab
 
 SEED = 20261121
 

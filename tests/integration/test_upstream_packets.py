@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATAPLANES, dataplane_env, require_privileges
-from tests.lab import Lab
-from tests.lab.cases import (
+from tests.kit.privileges import DATAPLANES, dataplane_env, require_privileges
+from tests.kit import Lab
+from tests.kit.cases import (
     expected_grid,
     load_cases,
     off_diagonal,

@@ -7,7 +7,7 @@ import json
 
 from bench.datapath import manifests
 from bench.generate import LOCAL_NODE, generate, peer_block_addresses
-from tests.helpers import snapshot_of
+from tests.kit.builders import snapshot_of
 
 
 def test_same_seed_same_cluster_other_seed_other_cluster() -> None:

@@ -16,7 +16,7 @@ import yaml
 
 from agent.pipeline import DirectoryPipeline
 from agent.sources.files import MAX_DEPTH, DirectorySource, load_yaml
-from tests.helpers import ns, pod, policy
+from tests.kit.builders import ns, pod, policy
 
 GOOD = yaml.safe_dump_all([ns("a"), pod("a/x", "10.0.0.1", nodeName="n1")])
 DENY = yaml.safe_dump(policy("a/default-deny", {"podSelector": {}, "policyTypes": ["Ingress"]}))

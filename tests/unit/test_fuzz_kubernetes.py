@@ -27,7 +27,7 @@ from agent.ir import Verdict
 from agent.policy.evaluate import evaluate, index_by_ip
 from agent.policy.kubernetes import compile_inventory
 from agent.sources.kubeobjects import RawObject, ref_of
-from tests.helpers import ns, pod, policy
+from tests.kit.builders import ns, pod, policy
 
 NAMESPACES = {"a": {"team": "red"}, "b": {"team": "blue"}}
 PODS = {

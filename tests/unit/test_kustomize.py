@@ -1,4 +1,4 @@
-"""tests/kustomize.py, the renderer the container test reads deploy/ through, does what
+"""tests/kit/kustomize.py, the renderer the container test reads deploy/ through, does what
 `kustomize build` does for the fields it implements, and refuses the rest."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.kustomize import KustomizeError, build
-from tests.lab import ROOT
+from tests.kit.kustomize import KustomizeError, build
+from tests.kit import ROOT
 
 BASE_DS = {
     "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "agent"},

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.dataplane.nftables import build_model, render_diff
-from tests.helpers import ns, pod, policy, snapshot_of
+from tests.kit.builders import ns, pod, policy, snapshot_of
 from tests.unit.test_semantics import BASE
 
 POLICIES = [

@@ -9,7 +9,7 @@ import pytest
 
 from agent.ir import Direction, Verdict
 from agent.policy.evaluate import evaluate
-from tests.helpers import ns, pod, policy, snapshot_of
+from tests.kit.builders import ns, pod, policy, snapshot_of
 
 
 def verdict(docs: list[dict[str, Any]], src: str, dst: str, port: int, proto: str = "tcp") -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 from agent.strict import Flow, stale_flows
-from tests.helpers import policy, snapshot_of
+from tests.kit.builders import policy, snapshot_of
 from tests.unit.test_semantics import BASE
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from agent.cli import matrix
-from tests.helpers import snapshot_of
-from tests.lab.cases import all_probes, expected_grid, off_diagonal, pod_keys, step_objects
+from tests.kit.builders import snapshot_of
+from tests.kit.cases import all_probes, expected_grid, off_diagonal, pod_keys, step_objects
 
 PROBES = all_probes()
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.lab import NETPROBE, Lab, probe_from, sh, until
+from tests.kit import NETPROBE, Lab, probe_from, sh, until
 
 TUNRELAY = Path(__file__).with_name("tunrelay.py")
 DEVICE = "wt0"
