@@ -157,8 +157,8 @@ def _agg(values: list[float]) -> dict[str, Any]:
 
 def run(dataplanes: list[str], peer_sizes: list[int], reps: int, seconds: float,
         log: Any = print) -> dict[str, Any]:
-    from tests.kit.privileges import dataplane_env
     from tests.kit import Lab
+    from tests.kit.privileges import dataplane_env
 
     out: dict[str, Any] = {"seconds_per_test": seconds, "reps": reps, "peer_sizes": peer_sizes,
                            "dataplanes": {}}

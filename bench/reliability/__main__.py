@@ -26,8 +26,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def run_scenario(name: str, dataplane: str, p: dict[str, int], seed: int) -> dict[str, Any]:
-    from tests.kit.privileges import dataplane_env
     from tests.kit import Lab
+    from tests.kit.privileges import dataplane_env
 
     work = Path(tempfile.mkdtemp(prefix=f"stk-rel-{name}-"))
     t0 = time.monotonic()

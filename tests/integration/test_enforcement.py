@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from tests.kit.builders import ns, pod, policy
 from tests.kit import Lab, until
+from tests.kit.builders import ns, pod, policy
 
 A, B, C = "10.20.0.1", "10.20.0.2", "10.20.0.3"
 A6, B6 = "fd00:20::1", "fd00:20::2"

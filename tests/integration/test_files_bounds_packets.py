@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.kit.builders import ns, pod, policy
 from tests.kit import ROOT, Lab
+from tests.kit.builders import ns, pod, policy
 from tests.unit.test_files_bounds import BOMB, SELF_ALIAS
 
 A, B = "10.21.0.1", "10.21.0.2"

@@ -14,8 +14,8 @@ from agent.cli import matrix
 from agent.pipeline import DirectoryPipeline, KubernetesPipeline
 from agent.sources.kubernetes import KubernetesSource
 from tests.kit.builders import ns, pod, policy
-from tests.kit.kubeapi import FakeKubeAPI
 from tests.kit.cases import write_dir
+from tests.kit.kubeapi import FakeKubeAPI
 
 pytest.importorskip("kubernetes")
 

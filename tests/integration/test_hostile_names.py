@@ -19,8 +19,8 @@ from typing import Any
 
 from agent.ir import Direction, Verdict
 from agent.policy.evaluate import evaluate
-from tests.kit.hostile_agent import HOSTILE, HOSTILE_C, A, B, C, program
 from tests.kit import ROOT, Lab, until
+from tests.kit.hostile_agent import HOSTILE, HOSTILE_C, A, B, C, program
 
 PODS = {"a": A, "b": B, "c": C}
 PORTS = (80, 81, 82)

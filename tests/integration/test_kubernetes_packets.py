@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.kit import Lab
 from tests.kit.builders import ns, pod, policy
 from tests.kit.kubeapi import FakeKubeAPI
-from tests.kit import Lab
 
 CLONE_NEWNET = 0x40000000
 A, B, C, D = "10.10.0.11", "10.10.0.12", "10.10.0.21", "10.10.0.13"

@@ -22,8 +22,8 @@ from agent.ir import Program
 from agent.pipeline import DirectoryPipeline, EventLatency, KubernetesPipeline, SourceNotSynced
 from agent.sources.kubernetes import Backoff, KubernetesSource, api_client
 from tests.kit.builders import ns, pod, policy
-from tests.kit.kubeapi import TOKEN, FakeKubeAPI
 from tests.kit.cases import expected_grid, load_cases, off_diagonal, pod_keys, step_objects, write_dir
+from tests.kit.kubeapi import TOKEN, FakeKubeAPI
 
 pytest.importorskip("kubernetes")
 

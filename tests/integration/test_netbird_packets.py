@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from tests.kit import ROOT, Lab
-from tests.kit.netbird_lab import LOCAL, NetbirdLab, wait_for
 from tests.kit.netbird_api import TOKEN, ManagementApi, peer, serve
+from tests.kit.netbird_lab import LOCAL, NetbirdLab, wait_for
 
 METRICS = "127.0.0.1:9754"
 PORTS = (80, 81)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.kit.kustomize import KustomizeError, build
 from tests.kit import ROOT
+from tests.kit.kustomize import KustomizeError, build
 
 BASE_DS = {
     "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "agent"},
