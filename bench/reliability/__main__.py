@@ -56,7 +56,7 @@ def run_scenario(name: str, dataplane: str, p: dict[str, int], seed: int) -> dic
 def netbird_fuzz(examples: int) -> dict[str, Any]:
     import logging
 
-    from tests.unit.test_fuzz_netbird import check
+    from tests.kit.fuzz_netbird import check
 
     logging.getLogger("agent").setLevel(logging.CRITICAL)
     counter = [0]

@@ -372,7 +372,7 @@ def dir_fuzz(lab: Lab, dataplane: str, work: Path, examples: int, seed: int) -> 
     from hypothesis import strategies as st
 
     from agent.pipeline import DirectoryPipeline
-    from tests.unit.test_fuzz_kubernetes import MUTATIONS, policies
+    from tests.kit.fuzz_kubernetes import MUTATIONS, policies
 
     build_lab(lab)
     agent = _agent(lab, work, dataplane)

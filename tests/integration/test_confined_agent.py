@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.dataplane.ebpf import PIN_ROOT_ENV
-from tests.integration import test_netbird_packets as nb
+from tests.kit import netbird_env as nb
 from tests.kit import sandbox
 from tests.kit.netbird_lab import wait_for
 
@@ -46,7 +46,7 @@ def test_netbird_agent_under_the_units_confinement(env: nb.NbEnv) -> None:
     if env.dataplane == "ebpf":
         paths["/sys/fs/bpf"] = os.path.dirname(os.environ[PIN_ROOT_ENV])
     env.lab.spawn_agent = functools.partial(sandbox.spawn_agent, env.lab, conf, paths=paths)  # type: ignore[method-assign]
-    nb.test_netbird_policies_enforced_on_wt0_both_directions(env)
+    nb.netbird_policies_enforced_on_wt0_both_directions(env)
     assert env.agent is not None
     # The agent we probed is the confined one (`ip netns exec`, setpriv and the sandbox exec
     # in turn, so the pid we spawned is the agent's).

@@ -21,8 +21,8 @@ import pytest
 
 from agent import cli
 from agent.endpoint import MAX_PER_PEER, ListenAddress
-from tests.integration.test_enforcement import ALLOW_A_TO_B, DENY_B, B, build, cluster, write
 from tests.kit import GATEWAY4, Lab, until
+from tests.kit.enforcement import ALLOW_A_TO_B, DENY_B, B, build, cluster, write
 
 PORT = 9754
 LOCAL = f"127.0.0.1:{PORT}"

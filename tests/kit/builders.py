@@ -37,3 +37,14 @@ def policy(key: str, spec: dict[str, Any]) -> dict[str, Any]:
     namespace, name = key.split("/")
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+BASE = [
+    ns("a", team="red"), ns("b", team="blue"),
+    pod("a/web", "10.0.0.1", {"app": "web", "tier": "front"},
+        ports=[{"name": "http", "containerPort": 8080}]),
+    pod("a/api", "10.0.0.2", {"app": "api", "tier": "back"},
+        ports=[{"name": "http", "containerPort": 9090}, {"name": "dns", "containerPort": 53,
+                                                          "protocol": "UDP"}]),
+    pod("b/cli", "10.0.1.1", {"app": "cli"}),
+]

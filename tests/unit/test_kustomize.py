@@ -48,8 +48,8 @@ def test_overlay_strategic_merge_and_json6902(tmp_path: Path) -> None:
     spec = ds["spec"]["template"]["spec"]
     agent, sidecar = spec["containers"]
     assert agent["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "BPF", "PERFMON"]}
-    assert [m["mountPath"] for m in agent["volumeMounts"]] == ["/tmp", "/sys/fs/bpf"]
-    assert [v["name"] for v in spec["volumes"]] == ["tmp", "bpffs"]
+    assert [m["mountPath"] for m in agent["volumeMounts"]] == ["/sys/fs/bpf", "/tmp"]  # new items first, as kustomize
+    assert [v["name"] for v in spec["volumes"]] == ["bpffs", "tmp"]
     assert agent["image"] == "agent:0.1" and sidecar == {"name": "sidecar", "image": "other:1"}
     assert ds["metadata"]["namespace"] == "kube-system"
 
