@@ -12,7 +12,6 @@ import ipaddress
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -27,15 +26,13 @@ from agent.ir import (
     Verdict,
 )
 from agent.policy.evaluate import evaluate
-from tests.kit import Lab, sh
+from tests.kit import NETPROBE, Lab, sh
 from tests.kit.ebpf_lab import A6, B6, B_PORTS, A, B, C, build, net, origin, program
-
-PROBE = Path(__file__).with_name("ebpf_probe.py")
 
 
 def ping(lab: Lab, src: str, *addrs: str) -> dict[str, bool]:
-    out = sh(sys.executable, str(PROBE), "icmp", "1", *addrs, ns=lab.pods[src].netns)
-    return json.loads(out.stdout)
+    seen = lab.probe_many({src: [f"icmp:{a}" for a in addrs]}, timeout=1)[src]
+    return {spec.removeprefix("icmp:"): ok for spec, ok in seen.items()}
 
 
 def expect(prog: Program, src: str, dst: str, proto: str, port: int | None) -> bool:
@@ -100,10 +97,10 @@ def test_resets_and_icmp_errors_of_allowed_flows_pass(lab: Lab, pin_root: str) -
     try:
         dp.apply(program())
         specs = [f"tcp:{B}:50000", f"udp:{B}:8001", f"tcp:{B6}:50000", f"udp:{B6}:8002"]
-        out = json.loads(sh(sys.executable, str(PROBE), "refused", "1", *specs, ns=lab.pods["app/a"].netns).stdout)
+        out = json.loads(sh(sys.executable, str(NETPROBE), "refused", "1", *specs, ns=lab.pods["app/a"].netns).stdout)
         assert out == dict.fromkeys(specs, "refused")
         # from c, udp/8001 is denied at b's ingress: no error comes back either
-        out = json.loads(sh(sys.executable, str(PROBE), "refused", "1", f"udp:{B}:8001",
+        out = json.loads(sh(sys.executable, str(NETPROBE), "refused", "1", f"udp:{B}:8001",
                             ns=lab.pods["app/c"].netns).stdout)
         assert out == {f"udp:{B}:8001": "timeout"}
     finally:
@@ -118,7 +115,7 @@ def test_fragments_follow_their_first_fragment(lab: Lab, pin_root: str) -> None:
     try:
         dp.apply(program())
         big = lambda src, *specs: json.loads(sh(  # noqa: E731
-            sys.executable, str(PROBE), "big", "1", "4000", *specs, ns=lab.pods[src].netns).stdout)
+            sys.executable, str(NETPROBE), "big", "1", "4000", *specs, ns=lab.pods[src].netns).stdout)
         assert big("app/a", f"udp:{B}:8000", f"udp:{B6}:8003") == {f"udp:{B}:8000": True, f"udp:{B6}:8003": True}
         assert big("app/c", f"udp:{B}:8000") == {f"udp:{B}:8000": False}
         assert dp.fill()["frags"][0] > 0

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.kit import Lab, kubernetes_lab
+from tests.kit import Lab, kubernetes_lab, seconds_until
 from tests.kit.builders import ns
-from tests.kit.kubernetes_lab import A, B, D, api_in_netns, lab_pod, until
+from tests.kit.kubernetes_lab import A, B, D, api_in_netns, lab_pod
 
 
 def test_watch_events_change_which_packets_pass(lab: Lab, dataplane: str, tmp_path: Path) -> None:
@@ -33,13 +33,13 @@ def test_unknown_endpoints_deny_closes_the_start_up_window(lab: Lab, dataplane: 
         lab.spawn_agent("run", "--source", "kubernetes", "--kubeconfig", str(kubeconfig), "--node", "lab",
                         "--dataplane", dataplane, "--state-dir", "", "--metrics-address", "127.0.0.1:9754",
                         "--unknown-endpoints", "deny", "--pod-cidr", "10.10.0.0/24")
-        assert until(lambda: lab.http_get("http://127.0.0.1:9754/readyz")[0] == 200, 60), "never ready"
+        assert seconds_until(lambda: lab.http_get("http://127.0.0.1:9754/readyz")[0] == 200, 60), "never ready"
         assert lab.reachable("x/a", B, 80)
         # x/d exists on the node but the API has not reported it: both ways denied.
         assert not lab.reachable("x/a", D, 80, timeout=0.3)
         assert not lab.reachable("x/d", B, 80, timeout=0.3)
         api.put(lab_pod("x/d", D, {"app": "d"}))
-        assert until(lambda: lab.reachable("x/a", D, 80, timeout=0.3)) is not None
+        assert seconds_until(lambda: lab.reachable("x/a", D, 80, timeout=0.3)) is not None
         assert lab.reachable("x/d", B, 80)
     finally:
         api.close()

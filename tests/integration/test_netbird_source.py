@@ -27,6 +27,7 @@ from agent.ir import Program, Verdict
 from agent.policy.evaluate import evaluate
 from agent.sources import netbird as src
 from agent.sources.netbird import NetbirdClient, NetbirdPipeline, NetbirdSource, TokenError, load_token
+from tests.kit import until
 from tests.kit.netbird_api import LOCAL, RESTRICTED, TOKEN, A, B, ManagementApi, serve
 
 
@@ -326,16 +327,12 @@ def test_daemon_drives_the_pipeline_bootstrap_first(api):
     t = threading.Thread(target=daemon.run, daemon=True)
     t.start()
     try:
-        deadline = time.monotonic() + 5
-        while not dp.applied and time.monotonic() < deadline:
-            time.sleep(0.02)
+        until(lambda: dp.applied, 5, 0.02)
         assert dp.applied and is_bootstrap(dp.applied[0])
         assert not pipe.ready.is_set()
         state.fault = None
         assert pipe.ready.wait(5)
-        deadline = time.monotonic() + 5
-        while is_bootstrap(dp.applied[-1]) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        until(lambda: not is_bootstrap(dp.applied[-1]), 5, 0.02)
         assert list(dp.applied[-1].endpoints) == ["local"]
         assert pipe.errors["server"] >= 1
     finally:

@@ -20,12 +20,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[2]
 NETPROBE = Path(__file__).with_name("netprobe.py")
 GATEWAY4 = "169.254.1.1"
 GATEWAY6 = "fe80::1"
 _counter = itertools.count()
+T = TypeVar("T")
 
 
 def sh(*args: str, check: bool = True, ns: str | None = None, **kw) -> subprocess.CompletedProcess:
@@ -56,14 +58,29 @@ def probe_from(
     return out
 
 
-def until(cond: Callable[[], bool], timeout: float = 8.0, interval: float = 0.1) -> bool:
-    """Poll `cond` until it holds (True) or `timeout` seconds pass (its last answer)."""
+def until(cond: Callable[[], T], timeout: float = 8.0, interval: float = 0.1) -> T:
+    """Poll `cond` until it answers something true, or `timeout` seconds pass; returns
+    that answer (or, on time-out, its last, false, one). The one poll-with-a-deadline."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if cond():
-            return True
+        if value := cond():
+            return value
         time.sleep(interval)
-    return bool(cond())
+    return cond()
+
+
+def seconds_until(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> float | None:
+    """How long `cond` took to hold, or None if it did not within `timeout` seconds."""
+    start = time.monotonic()
+    return time.monotonic() - start if until(cond, timeout, interval) else None
+
+
+def expect(cond: Callable[[], T], timeout: float = 10.0, what: str = "condition", interval: float = 0.01) -> T:
+    """until(), failing the test on time-out."""
+    value = until(cond, timeout, interval)
+    if not value:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return value
 
 
 @dataclass
