@@ -39,7 +39,7 @@ from agent.dataplane.base import Dataplane, DataplaneError
 from agent.ir import Program
 from agent.policy.kubernetes import compile_inventory
 from agent.sources.kubeobjects import RawObject, ref_of
-from bench.generate import SIZES, Cluster, generate
+from tests.kit.generate import SIZES, Cluster, generate
 
 SOURCE = "kubernetes"
 EVENT_KINDS = ("pod_added", "pod_labels", "policy_changed", "namespace_labels")

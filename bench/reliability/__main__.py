@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.reliability import scenarios
+from tests.kit.reliability import scenarios
 
 SHORT = {"restarts": 3, "filler": 300, "changes": 30, "fuzz": 3, "kills": 1, "crash_filler": 150, "netbird": 200}
 LONG = {"restarts": 50, "filler": 300, "changes": 1000, "fuzz": 40, "kills": 10, "crash_filler": 300,

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.reliability.world import CHECKS, LAB_PODS, NODE, Verdicts, cross_mixture
 from tests.kit import Lab, netns
+from tests.kit.reliability.world import CHECKS, LAB_PODS, NODE, Verdicts, cross_mixture
 
 METRICS = "127.0.0.1:9754"
 
