@@ -1,7 +1,7 @@
 """A NetBird management-API server for tests: the seed's response shapes, token checks,
 and faults on demand (5xx, garbage, slow answers, redirects, 403, a restricted token).
 
-Shared by the source tests (tests/integration/test_netbird_source.py) and the packet
+Shared by the source tests (tests/unit/test_netbird_source.py) and the packet
 tests (tests/integration/test_netbird_packets.py), which serve it inside a lab namespace.
 """
 
