@@ -58,6 +58,14 @@ def probe_from(
     return out
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Kill `proc` if it still runs and reap it (a process stuck in the kernel is left after 5 s)."""
+    if proc.poll() is None:
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
 def until(cond: Callable[[], T], timeout: float = 8.0, interval: float = 0.1) -> T:
     """Poll `cond` until it answers something true, or `timeout` seconds pass; returns
     that answer (or, on time-out, its last, false, one). The one poll-with-a-deadline."""
@@ -224,13 +232,17 @@ class Lab:
         return self.node_sh(sys.executable, "-m", "agent.cli", *args, check=check, cwd=ROOT)
 
     def spawn_agent(self, *args: str) -> subprocess.Popen:
-        """`stockade <args>` in the node namespace, its output going to a file (`agent_output`).
+        """`stockade <args>` in the node namespace, its output going to a file (`agent_output`)."""
+        return self.spawn_in_node([sys.executable, "-m", "agent.cli", *args])
+
+    def spawn_in_node(self, argv: Sequence[str]) -> subprocess.Popen:
+        """`argv` in the node namespace, its output going to a file (`agent_output`).
         A file, not a pipe: nobody reads a pipe while the agent runs, and once its buffer is
         full the agent would block on its next log line."""
         fd, name = tempfile.mkstemp(prefix=f"{self.prefix}-agent-", suffix=".log")
         try:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.node, sys.executable, "-m", "agent.cli", *args],
+                ["ip", "netns", "exec", self.node, *argv],
                 cwd=ROOT, stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         finally:
@@ -245,10 +257,7 @@ class Lab:
 
     def close(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+            stop(proc)
             if proc.stdout:
                 proc.stdout.close()
         for log in self.logs.values():

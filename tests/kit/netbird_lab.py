@@ -14,13 +14,12 @@ the peers' namespaces, and runs even after failures (use it as a context manager
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from tests.kit import NETPROBE, ROOT, Lab, probe_from, sh, tunrelay, until
+from tests.kit import NETPROBE, ROOT, Lab, probe_from, sh, stop, tunrelay, until
 
 DEVICE = "wt0"
 PREFIX4, PREFIX6 = 16, 64
@@ -105,10 +104,7 @@ class NetbirdLab:
     def close(self) -> None:
         """Stop the relay and servers (the Lab would too) and delete the peers' namespaces."""
         for proc in [*self.servers, *([self.relay] if self.relay else [])]:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+            stop(proc)
         for netns in self._created:
             sh("ip", "netns", "del", netns, check=False)
 

@@ -234,18 +234,7 @@ def command(conf: Confinement, argv: Sequence[str], paths: Mapping[str, str] | N
 
 def spawn_agent(lab: Lab, conf: Confinement, *args: str, paths: Mapping[str, str] | None = None) -> subprocess.Popen:
     """Lab.spawn_agent, confined: `stockade <args>` in the node namespace, output to a file."""
-    fd, name = tempfile.mkstemp(prefix=f"{lab.prefix}-agent-", suffix=".log")
-    try:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab.node,
-             *command(conf, [sys.executable, "-m", "agent.cli", *args], paths)],
-            cwd=ROOT, stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-    finally:
-        os.close(fd)
-    lab.procs.append(proc)
-    lab.logs[proc.pid] = Path(name)
-    return proc
+    return lab.spawn_in_node(command(conf, [sys.executable, "-m", "agent.cli", *args], paths))
 
 
 def _install(conf: Confinement) -> None:

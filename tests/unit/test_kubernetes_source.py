@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 
 from agent.cli import matrix
-from agent.dataplane.base import ApplyStats, Counters, Dataplane, DataplaneError
-from agent.ir import Program
+from agent.dataplane.base import DataplaneError
 from agent.pipeline import DirectoryPipeline, EventLatency, KubernetesPipeline, SourceNotSynced
 from agent.sources.kubernetes import Backoff, KubernetesSource, api_client
 from tests.kit import expect
 from tests.kit.builders import ns, pod, policy
 from tests.kit.cases import expected_grid, load_cases, off_diagonal, pod_keys, step_objects, write_dir
 from tests.kit.kubeapi import TOKEN, FakeKubeAPI
+from tests.kit.recording import RecordingDataplane
 
 pytest.importorskip("kubernetes")
 
@@ -335,28 +335,6 @@ def test_backoff_is_exponential_with_jitter_and_capped() -> None:
 
 
 # ---------------------------------------------------------------------- pipeline and daemon
-
-
-class RecordingDataplane(Dataplane):
-    """Stands in for the kernel: keeps the last program applied."""
-
-    name = "recording"
-
-    def __init__(self) -> None:
-        self.programs: list[Program] = []
-
-    def render(self, program: Program) -> str:
-        return ""
-
-    def apply(self, program: Program) -> ApplyStats:
-        self.programs.append(program)
-        return ApplyStats(full=len(self.programs) == 1, commands=0)
-
-    def counters(self) -> Counters:
-        return Counters()
-
-    def cleanup(self) -> None:
-        pass
 
 
 def test_pipeline_never_hands_out_a_partial_view(api, make_source) -> None:
