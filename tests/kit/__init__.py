@@ -1,9 +1,22 @@
-"""The namespace lab: one "node" network namespace with no route off the machine, and
-one namespace per pod joined to it by a veth pair with /32 and /128 routes.
+"""The test kit: every helper the tests and the benchmarks share (they import helpers from
+here only; no test module imports another, and nothing here imports a test module).
 
-Every test that sends packets uses this one fixture. Packets never leave the lab's
+This module is the namespace lab: one "node" network namespace with no route off the
+machine, and one namespace per pod joined to it by a veth pair with /32 and /128 routes;
+plus `sh`, `probe_from`, and the one poll-with-a-deadline `until` (`seconds_until`,
+`expect`). Every test that sends packets uses this one lab. Packets never leave the lab's
 namespaces; the agent and nft/tc run inside the node namespace; `close()` removes
 everything even after a failure.
+
+Beside it: builders (manifests, `snapshot_of`), netbird_model (NetBird API objects),
+fuzz_kubernetes / fuzz_netbird (hypothesis strategies and checks), generate (the seeded
+benchmark clusters), kubeapi / netbird_api (fake API servers), netns (the one setns
+helper), netprobe / tunrelay (processes run in lab namespaces), netbird_lab, kubernetes_lab,
+enforcement, ebpf_lab, netbird_env (lab set-ups and scenarios more than one suite runs),
+cases (upstream NetworkPolicy cases), kustomize / manifests (deploy/ rendered), sandbox (the
+systemd unit's confinement), privileges (root, bpffs, dataplane environment), recording (a
+dataplane that records), hostile_agent / hostile_files (hostile input), reliability/ (the
+soak run), demo (`make demo`).
 """
 
 from __future__ import annotations

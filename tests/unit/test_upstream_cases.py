@@ -1,6 +1,6 @@
 """The upstream Kubernetes e2e network-policy cases through the simulator (IPv4 and IPv6).
 
-The same data drives the packet tests (tests/integration/test_packets.py)."""
+The same data drives the packet tests (tests/integration/test_upstream_packets.py)."""
 
 from __future__ import annotations
 
