@@ -12,8 +12,6 @@ from tests.kit import Lab
 from tests.kit.builders import ns, pod, policy
 
 A, B, C = "10.20.0.1", "10.20.0.2", "10.20.0.3"
-
-
 A6, B6 = "fd00:20::1", "fd00:20::2"
 
 
@@ -49,7 +47,6 @@ def apply(lab: Lab, src: Path, dataplane: str, expect_rc: int = 0) -> str:
 
 
 DENY_B = policy("app/deny-b", {"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]})
-
 
 ALLOW_A_TO_B = policy("app/a-to-b", {"podSelector": {"matchLabels": {"app": "b"}}, "ingress": [
     {"from": [{"podSelector": {"matchLabels": {"role": "client"}}}], "ports": [{"port": 80}]}]})

@@ -11,14 +11,10 @@ from hypothesis import strategies as st
 
 # Valid stand-ins that match nothing here: no generated flow is from 203.0.113.0/24 or SCTP.
 NOTHING_PEER = {"ipBlock": {"cidr": "203.0.113.77/32"}}
-
-
 NOTHING_PORT = {"protocol": "SCTP", "port": 9}
-
 
 labels = st.dictionaries(st.sampled_from(["app", "tier", "team"]), st.sampled_from(["x", "y", "z", "web", "red"]),
                          max_size=2)
-
 
 selector = st.one_of(
     st.just({}),
@@ -30,10 +26,8 @@ selector = st.one_of(
               st.sampled_from(["app", "tier", "team"]), st.sampled_from(["Exists", "DoesNotExist"])),
 )
 
-
 # Leading zeros are decimal to the API server (ParseCIDRSloppy): these are all valid.
 CIDRS = ["10.1.0.0/30", "010.001.000.000/30", "0.0.0.0/0", "fd00::/64", "10.1.0.2/031"]
-
 
 peer = st.one_of(
     st.builds(lambda s: {"podSelector": s}, selector),
@@ -43,7 +37,6 @@ peer = st.one_of(
     st.just({"ipBlock": {"cidr": "10.1.0.0/24", "except": ["010.1.0.2/32"]}}),
 )
 
-
 port = st.one_of(
     st.builds(lambda p, proto: {"port": p, "protocol": proto}, st.sampled_from([80, 53, 8080, "http"]),
               st.sampled_from(["TCP", "UDP"])),
@@ -51,14 +44,11 @@ port = st.one_of(
     st.just({"protocol": "UDP"}),
 )
 
-
 rule_in = st.builds(lambda f, p: {k: v for k, v in (("from", f), ("ports", p)) if v is not None},
                     st.one_of(st.none(), st.lists(peer, max_size=2)), st.one_of(st.none(), st.lists(port, max_size=2)))
 
-
 rule_out = st.builds(lambda f, p: {k: v for k, v in (("to", f), ("ports", p)) if v is not None},
                      st.one_of(st.none(), st.lists(peer, max_size=2)), st.one_of(st.none(), st.lists(port, max_size=2)))
-
 
 spec = st.builds(
     lambda s, i, e, t: {k: v for k, v in (("podSelector", s), ("ingress", i), ("egress", e), ("policyTypes", t))
@@ -67,10 +57,8 @@ spec = st.builds(
     st.one_of(st.none(), st.sampled_from([["Ingress"], ["Egress"], ["Ingress", "Egress"]])),
 )
 
-
 # Hostile shapes where a string, map or list belongs: ints, nulls, lists, newlines, quotes.
 HOSTILE = [0, 2, None, [], ["x"], {}, True, 1.5, "", "x\n", 'x" ; flush ruleset', "-x", "a" * 64, "\u0661"]
-
 
 BAD_PEERS = [
     {"ipBlock": {"cidr": "10.1.0.0/33"}}, {"ipBlock": {"cidr": 10}}, {"ipBlock": {"cidr": "10.1.0.0"}},
@@ -87,14 +75,12 @@ BAD_PEERS = [
     {"namespaceSelector": {"matchExpressions": "team!=red"}},
 ]
 
-
 BAD_PORTS = [
     {"port": 70000}, {"port": 0}, {"port": "80"}, {"port": "HTTP"}, {"port": "http-"}, {"port": "a--b"},
     {"port": "abcdefghijklmnop"}, {"port": [80]}, {"port": 1.5}, {"port": True}, {"port": 90, "endPort": 80},
     {"endPort": 90}, {"port": "http", "endPort": 90}, {"protocol": "ICMP"}, {"protocol": "tcp"}, {"protocol": 0},
     {"port": 80, "proto": "UDP"}, "80",
 ]
-
 
 BAD_RULES = ["everything", 7, [], {"from": "x"}, {"to": 1}, {"ports": {"port": 80}}, {"ports": "80"},
              {"peers": [{}]}]
@@ -178,7 +164,6 @@ MUTATIONS: list[Mutation] = [
     *(bad_types(i) for i in range(5)),
     bad_rules_list("ingress"), bad_rules_list("egress"),
 ]
-
 
 policies = st.lists(
     st.tuples(spec, st.sampled_from(["a", "b"]), st.one_of(st.none(), st.integers(0, len(MUTATIONS) - 1))),

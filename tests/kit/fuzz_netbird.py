@@ -16,26 +16,14 @@ from agent.sources.netbird import NetbirdPipeline, NetbirdSource
 from tests.kit.netbird_model import IP, group, peer, policy, rule
 
 PEER_IDS = ["L", "A", "B", "C"]
-
-
 GROUP_IDS = ["all", "devs", "servers", "others", "ghost"]  # "ghost" is never defined
-
-
 OUTSIDE = "8.8.8.8"
-
-
 FLOWS = [("tcp", 22), ("tcp", 80), ("udp", 53), ("icmp", None)]
-
-
 group_refs = st.one_of(st.none(), st.lists(st.sampled_from(GROUP_IDS), max_size=2))
-
-
 ports = st.one_of(st.none(), st.lists(st.sampled_from(["22", "80", "53", 80]), max_size=2))
-
 
 port_ranges = st.one_of(st.none(), st.lists(st.sampled_from([{"start": 1, "end": 100}, {"start": 53, "end": 53}]),
                                             max_size=1))
-
 
 rules = st.builds(
     lambda src, dst, action, proto, p, pr, bidi, enabled: rule(
@@ -47,13 +35,10 @@ rules = st.builds(
     st.booleans() | st.just(True),
 )
 
-
 policy_bodies = st.builds(lambda rs, enabled: (rs, enabled), st.lists(rules, min_size=1, max_size=2),
                           st.booleans() | st.just(True))
 
-
 members = st.lists(st.sampled_from(PEER_IDS), unique=True, max_size=3)
-
 
 # Each mutation makes an object certainly invalid.
 POLICY_MUTATIONS = [
@@ -70,20 +55,17 @@ POLICY_MUTATIONS = [
     lambda p: p["rules"].append("accept everything"),
 ]
 
-
 GROUP_MUTATIONS = [
     lambda g: g.update(peers="A"),
     lambda g: g.update(peers=[17]),
     lambda g: g.update(id=""),  # reported as an object without an id
 ]
 
-
 PEER_MUTATIONS = [  # never applied to the local peer
     lambda p: p.update(ip="100.64.0.300"),
     lambda p: p.update(ipv6="fd00::zz"),
     lambda p: p.update(name=None),
 ]
-
 
 account_answers = st.fixed_dictionaries({
     "policies": st.lists(st.tuples(policy_bodies, st.none() | st.integers(0, len(POLICY_MUTATIONS) - 1)),

@@ -8,7 +8,6 @@ from tests.kit.builders import policy
 
 DENY = yaml.safe_dump(policy("a/default-deny", {"podSelector": {}, "policyTypes": ["Ingress"]}))
 
-
 # "Billion laughs": 9 levels of 9 aliases, about 600 bytes, 9**9 strings once expanded.
 BOMB = "\n".join(
     ["apiVersion: networking.k8s.io/v1", "kind: NetworkPolicy",
@@ -17,6 +16,5 @@ BOMB = "\n".join(
     + [f"x{i}: &x{i} [" + ",".join([f"*x{i - 1}"] * 9) + "]" for i in range(1, 9)]
     + ["bomb: [" + ",".join(["*x8"] * 9) + "]", ""]
 )
-
 
 SELF_ALIAS = DENY + "loop: &me [*me]\n"

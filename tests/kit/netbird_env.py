@@ -20,10 +20,7 @@ from tests.kit.netbird_api import TOKEN, ManagementApi, peer, serve
 from tests.kit.netbird_lab import LOCAL, NetbirdLab, wait_for
 
 METRICS = "127.0.0.1:9754"
-
-
 PORTS = (80, 81)
-
 
 IPS = {  # peer -> (overlay IPv4, IPv6)
     LOCAL: ("100.64.0.1", "fd00:4e42::1"),
@@ -31,7 +28,6 @@ IPS = {  # peer -> (overlay IPv4, IPv6)
     "bob": ("100.64.0.3", "fd00:4e42::3"),
     "carol": ("100.64.0.4", "fd00:4e42::4"),
 }
-
 
 IDS = {LOCAL: "pL", "alice": "pA", "bob": "pB", "carol": "pC"}
 
@@ -115,7 +111,6 @@ INBOUND = {  # peer -> local peer: judged by the agent's ingress on wt0
     F("carol", LOCAL, "udp", 81, 6): "allow",
     F("carol", LOCAL, "icmp", None, 6): "allow",
 }
-
 
 OUTBOUND = {  # local peer -> peer: judged by the agent's egress on wt0 (stricter than NetBird)
     F(LOCAL, "alice", "tcp", 81): "allow",  # admin

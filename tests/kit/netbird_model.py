@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 IP = {"L": "100.64.0.1", "A": "100.64.0.2", "B": "100.64.0.3", "C": "100.64.0.4"}
-
-
 IP6 = {"L": "fd00:4e42::1", "A": "fd00:4e42::2"}
 
 
