@@ -11,7 +11,7 @@ NODE ?= demo
 # (eBPF dataplane), iproute2 (namespace lab, tc), conntrack (strict mode), iperf3 (bench),
 # prometheus (server and promtool for the metrics tests), python3-systemd (sd_notify),
 # python3-seccomp (libseccomp bindings: the tests run the agent under the systemd unit's
-# system-call filter, tests/lab/sandbox.py).
+# system-call filter, tests/kit/sandbox.py).
 APT_PACKAGES := nftables python3-nftables python3-bpfcc bpfcc-tools linux-headers-amd64 \
 	iproute2 conntrack iperf3 prometheus python3-systemd systemd python3-venv python3-seccomp
 # The container image (`make image`, also built by the image test in `make test`): mmdebstrap
@@ -81,7 +81,7 @@ lint: venv
 	$(VENV)/bin/ruff check agent tests bench
 
 demo: setup
-	$(PY) -m tests.lab.demo examples
+	$(PY) -m tests.kit.demo examples
 
 # Benchmarks print a table and write bench/results/<time>.json; they never pass or fail.
 bench: setup

@@ -41,7 +41,7 @@ from agent.pipeline import compile_kubernetes
 from agent.query import DataplaneOptions
 from agent.query import make_dataplane as build_dataplane
 from agent.sources.kubeobjects import RawObject, ref_of
-from bench.generate import SIZES, Cluster, generate
+from tests.kit.generate import SIZES, Cluster, generate
 
 SOURCE = "kubernetes"
 EVENT_KINDS = ("pod_added", "pod_labels", "policy_changed", "namespace_labels")

@@ -1,4 +1,4 @@
-"""Datapath benchmark in the namespace lab (tests/lab): two local pods through a node namespace.
+"""Datapath benchmark in the namespace lab (tests/kit): two local pods through a node namespace.
 
 Configurations, measured in one run: no policy at all (the floor, measured before and
 after the policy configurations), then an ingress policy on the server pod whose rule
@@ -26,11 +26,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.generate import LOCAL_NODE, ns_manifest, peer_block_addresses, pod_manifest, policy_manifest
+from tests.kit.generate import (
+    CLIENT_IP,
+    CRR_PORT,
+    IPERF_PORT,
+    LOCAL_NODE,
+    RR_PORT,
+    SERVER_IP,
+    datapath_manifests,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-CLIENT_IP, SERVER_IP = "10.99.0.1", "10.99.0.2"
-IPERF_PORT, CRR_PORT, RR_PORT = 5201, 7000, 7001
 # CPU placement, fixed so rounds are comparable on a 2-core VM (unpinned, the scheduler
 # flips request-response between same-core ~7 us and cross-core ~60 us wake-ups):
 # request-response and connection tests run client and server on one core (CPU-bound,
@@ -38,29 +44,6 @@ IPERF_PORT, CRR_PORT, RR_PORT = 5201, 7000, 7001
 RR_CPU = str(max(0, (os.cpu_count() or 1) - 1))
 IPERF_CLIENT_CPU, IPERF_SERVER_CPU = "0", RR_CPU
 METRICS = ("tcp_gbps", "crr_per_s", "rr_p50_us", "rr_p99_us", "udp64_kpps")
-
-
-def manifests(peers: int) -> list[dict[str, Any]]:
-    """The lab's two pods and (peers > 0) the server's policy with `peers` extra /32s."""
-    objs = [
-        ns_manifest("bench", {"team": "bench"}),
-        pod_manifest("bench", "client", [CLIENT_IP], {"app": "client"}, LOCAL_NODE, []),
-        pod_manifest("bench", "server", [SERVER_IP], {"app": "server"}, LOCAL_NODE,
-                     [{"name": "iperf", "containerPort": IPERF_PORT, "protocol": "TCP"}]),
-    ]
-    if peers:
-        blocks = [{"ipBlock": {"cidr": c}} for c in peer_block_addresses(peers)]
-        objs.append(policy_manifest("bench", "server-allow", {
-            "podSelector": {"matchLabels": {"app": "server"}},
-            "policyTypes": ["Ingress"],
-            "ingress": [{
-                "from": [{"podSelector": {"matchLabels": {"app": "client"}}}, *blocks],
-                "ports": [{"protocol": "TCP", "port": "iperf"},
-                          {"protocol": "TCP", "port": CRR_PORT, "endPort": RR_PORT},
-                          {"protocol": "UDP", "port": IPERF_PORT}],
-            }],
-        }))
-    return objs
 
 
 # ------------------------------------------------------------------ inside the node namespace
@@ -74,7 +57,7 @@ def apply_cmd(args: argparse.Namespace) -> int:
     from agent.sources.kubeobjects import RawObject, ref_of
 
     t0 = time.perf_counter()
-    dp = make_dataplane(args.dataplane)  # eBPF: pin root from the environment (tests.conftest.dataplane_env)
+    dp = make_dataplane(args.dataplane)  # eBPF: pin root from the environment (tests.kit.privileges.dataplane_env)
     if args.clear:
         dp.cleanup()
         print(json.dumps({"cleared": True}))
@@ -150,8 +133,8 @@ def _agg(values: list[float]) -> dict[str, Any]:
 
 def run(dataplanes: list[str], peer_sizes: list[int], reps: int, seconds: float,
         log: Any = print) -> dict[str, Any]:
-    from tests.conftest import dataplane_env
-    from tests.lab import Lab
+    from tests.kit import Lab
+    from tests.kit.privileges import dataplane_env
 
     out: dict[str, Any] = {"seconds_per_test": seconds, "reps": reps, "peer_sizes": peer_sizes,
                            "dataplanes": {}}
@@ -196,7 +179,7 @@ def _run_dataplane(lab: Any, bench: Bench, dpname: str, peer_sizes: list[int], r
     applied: dict[str, Any] = {}
     for peers in peer_sizes:
         f = tmp / f"{dpname}-{peers}.json"
-        f.write_text(json.dumps(manifests(peers)))
+        f.write_text(json.dumps(datapath_manifests(peers)))
     for r in range(reps):
         for peers in [0, *peer_sizes]:
             name = "floor" if peers == 0 else str(peers)

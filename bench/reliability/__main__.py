@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.reliability import scenarios
+from tests.kit.reliability import scenarios
 
 SHORT = {"restarts": 3, "filler": 300, "changes": 30, "fuzz": 3, "kills": 1, "crash_filler": 150, "netbird": 200}
 LONG = {"restarts": 50, "filler": 300, "changes": 1000, "fuzz": 40, "kills": 10, "crash_filler": 300,
@@ -26,8 +26,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def run_scenario(name: str, dataplane: str, p: dict[str, int], seed: int) -> dict[str, Any]:
-    from tests.conftest import dataplane_env
-    from tests.lab import Lab
+    from tests.kit import Lab
+    from tests.kit.privileges import dataplane_env
 
     work = Path(tempfile.mkdtemp(prefix=f"stk-rel-{name}-"))
     t0 = time.monotonic()
@@ -56,7 +56,7 @@ def run_scenario(name: str, dataplane: str, p: dict[str, int], seed: int) -> dic
 def netbird_fuzz(examples: int) -> dict[str, Any]:
     import logging
 
-    from tests.unit.test_fuzz_netbird import check
+    from tests.kit.fuzz_netbird import check
 
     logging.getLogger("agent").setLevel(logging.CRITICAL)
     counter = [0]

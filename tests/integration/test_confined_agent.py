@@ -1,7 +1,7 @@
 """The NetBird agent works under the confinement of systemd/stockade.service, and the
 confinement is really in force.
 
-systemd is not PID 1 here, so the unit cannot be started; tests/lab/sandbox.py applies
+systemd is not PID 1 here, so the unit cannot be started; tests/kit/sandbox.py applies
 what the unit does to the process itself, read from the unit's text (plus the eBPF
 drop-in on the eBPF dataplane): capabilities, no_new_privs, the seccomp filters of
 SystemCallFilter= and the Restrict*/LockPersonality/MemoryDenyWriteExecute settings, and
@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from agent.dataplane.ebpf import PIN_ROOT_ENV
-from tests.integration import test_netbird_packets as nb
-from tests.lab import sandbox
-from tests.lab.netbird import wait_for
+from tests.kit import netbird_env as nb
+from tests.kit import sandbox
+from tests.kit.netbird_lab import wait_for
 
 env = nb.env  # the NetBird lab: overlay, management-API server, agent command line
 
@@ -46,7 +46,7 @@ def test_netbird_agent_under_the_units_confinement(env: nb.NbEnv) -> None:
     if env.dataplane == "ebpf":
         paths["/sys/fs/bpf"] = os.path.dirname(os.environ[PIN_ROOT_ENV])
     env.lab.spawn_agent = functools.partial(sandbox.spawn_agent, env.lab, conf, paths=paths)  # type: ignore[method-assign]
-    nb.test_netbird_policies_enforced_on_wt0_both_directions(env)
+    nb.netbird_policies_enforced_on_wt0_both_directions(env)
     assert env.agent is not None
     # The agent we probed is the confined one (`ip netns exec`, setpriv and the sandbox exec
     # in turn, so the pid we spawned is the agent's).

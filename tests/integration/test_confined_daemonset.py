@@ -1,7 +1,7 @@
 """The Kubernetes agent works with exactly the privileges the DaemonSet grants it:
 deploy/ (nftables) and deploy/overlays/ebpf (eBPF), as rendered by the manifest tests.
 
-tests/lab/sandbox.py reproduces the container's capabilities, allowPrivilegeEscalation:
+tests/kit/sandbox.py reproduces the container's capabilities, allowPrivilegeEscalation:
 false (no_new_privs) and readOnlyRootFilesystem (writable: its volumes only), not the
 runtime's RuntimeDefault seccomp profile, which belongs to containerd or CRI-O (see
 deploy/overlays/ebpf/daemonset.yaml for what those allow). Two existing packet tests run
@@ -20,17 +20,15 @@ from pathlib import Path
 import pytest
 
 from agent.dataplane.ebpf import PIN_ROOT_ENV
-from tests.integration import test_enforcement as enforcement
-from tests.integration import test_kubernetes_packets as kube
-from tests.lab import Lab, sandbox
-from tests.unit import test_deploy_manifests as manifests
+from tests.kit import Lab, enforcement, manifests, sandbox
+from tests.kit import kubernetes_lab as kube
 
 
 def _confine(lab: Lab, dataplane: str, writable: tuple[str, ...] = ()) -> sandbox.Confinement:
     """Run the lab's agent and CLI under the container of `dataplane`'s manifests."""
     rendered = manifests.MANIFESTS if dataplane == "nftables" else manifests.EBPF
-    container = manifests._container(rendered)
-    assert manifests._objects(rendered)[("ConfigMap", "stockade")]["data"]["STOCKADE_DATAPLANE"] == dataplane
+    container = manifests.container(rendered)
+    assert manifests.objects(rendered)[("ConfigMap", "stockade")]["data"]["STOCKADE_DATAPLANE"] == dataplane
     conf = sandbox.from_container(container)
     conf = dataclasses.replace(conf, writable=conf.writable + writable)
     assert set(conf.caps) <= sandbox.available_caps(), "deploy/ lists a capability this machine cannot grant"
@@ -46,7 +44,7 @@ def test_kubernetes_agent_with_the_daemonsets_privileges(lab: Lab, dataplane: st
     assert conf.caps == (("net_admin",) if dataplane == "nftables" else
                          ("bpf", "net_admin", "perfmon"))
     assert conf.nnp and conf.protect_system == "strict"
-    kube.test_watch_events_change_which_packets_pass(lab, dataplane, tmp_path)
+    kube.watch_events_change_which_packets_pass(lab, dataplane, tmp_path)
     agent = lab.procs[-1]
     assert agent.poll() is None, lab.agent_output(agent)
     status = dict(line.split(":\t", 1) for line in Path(f"/proc/{agent.pid}/status").read_text().splitlines())
@@ -55,7 +53,7 @@ def test_kubernetes_agent_with_the_daemonsets_privileges(lab: Lab, dataplane: st
 
 def test_strict_mode_with_the_daemonsets_privileges(lab: Lab, dataplane: str, tmp_path: Path) -> None:
     _confine(lab, dataplane)
-    enforcement.test_strict_mode_cuts_flows_no_longer_allowed(lab, dataplane, tmp_path)
+    enforcement.strict_mode_cuts_flows_no_longer_allowed(lab, dataplane, tmp_path)
 
 
 @pytest.mark.parametrize("dataplane", ["ebpf"], indirect=True)  # (for its private bpffs)

@@ -36,9 +36,9 @@ import pytest
 
 from agent.pipeline import DirectoryPipeline
 from agent.query import matrix
-from tests.conftest import ROOT_EXAMPLES, private_bpffs, require_privileges
-from tests.kustomize import build
-from tests.lab import ROOT, Lab, until
+from tests.kit import ROOT, Lab, until
+from tests.kit.kustomize import build
+from tests.kit.privileges import ROOT_EXAMPLES, private_bpffs, require_privileges
 
 DEPLOY = ROOT / "deploy"
 # The deploy tree under test; STOCKADE_DEPLOY points at another (e.g. a site's overlays).

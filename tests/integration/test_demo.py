@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tests.conftest import ROOT_EXAMPLES, require_privileges
-from tests.lab.demo import main
+from tests.kit.demo import main
+from tests.kit.privileges import ROOT_EXAMPLES, require_privileges
 
 
 def test_demo_on_examples_agrees() -> None:

@@ -9,11 +9,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import dataplane_env, require_privileges
-from tests.helpers import ns, pod, policy
-from tests.integration.test_enforcement import write
-from tests.lab import Lab
-from tests.unit.test_fuzz_kubernetes import spec
+from tests.kit import Lab
+from tests.kit.builders import ns, pod, policy
+from tests.kit.enforcement import write
+from tests.kit.fuzz_kubernetes import spec
+from tests.kit.privileges import dataplane_env, require_privileges
 
 PODS = {"a/x": "10.30.0.1", "a/y": "10.30.0.2", "b/z": "10.30.0.3", "b/w": "10.30.0.4"}
 LABELS = {"a/x": {"app": "x", "tier": "web"}, "a/y": {"app": "y"}, "b/z": {"app": "z", "tier": "web"},

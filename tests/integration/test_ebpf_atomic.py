@@ -21,7 +21,7 @@ import time
 
 from agent.dataplane.ebpf import EbpfDataplane
 from agent.ir import Direction, DirectionProgram, EndpointProgram, Origin, PeerSet, PortMatch, Program, Rule
-from tests.lab import Lab
+from tests.kit import Lab
 
 A, B, C = "10.30.0.1", "10.30.0.2", "10.30.0.3"
 FILLER = 300

@@ -12,7 +12,6 @@ import ipaddress
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -21,61 +20,19 @@ from agent.ir import (
     Direction,
     DirectionProgram,
     EndpointProgram,
-    Origin,
-    PeerSet,
     PortMatch,
     Program,
     Rule,
     Verdict,
 )
 from agent.simulate import evaluate
-from tests.lab import Lab, sh
-
-PROBE = Path(__file__).with_name("ebpf_probe.py")
-A, B, C = "10.30.0.1", "10.30.0.2", "10.30.0.3"
-A6, B6 = "fd00:30::1", "fd00:30::2"
-NODE4 = "10.30.255.254"
-B_PORTS = (80, 81, 1023, 1024, 8000, 8003, 8004, 40000, 65535)
-
-
-def origin(i: int, d: Direction = Direction.INGRESS, pol: str = "p") -> Origin:
-    return Origin("file", "app", pol, d, i)
-
-
-def net(*xs: str) -> PeerSet:
-    return PeerSet.of(ipaddress.ip_network(x) for x in xs)
-
-
-def program() -> Program:
-    eg = Direction.EGRESS
-    b_in = DirectionProgram(True, (
-        Rule(origin(0), net(C), (PortMatch("tcp", 80, 80),), Verdict.DROP, key="c-drop"),
-        Rule(origin(1), net("10.30.0.0/24", "fd00:30::/64"), (PortMatch("tcp", 1024, 65535),), key="wide"),
-        Rule(origin(2), net(A, A6), (PortMatch("tcp", 80, 80), PortMatch("udp", 8000, 8003)), key="a-web"),
-        Rule(origin(3), None, (PortMatch("icmp"),), key="icmp"),
-    ))
-    a_eg = DirectionProgram(True, (
-        Rule(origin(0, eg, "q"), net(B, B6), (), key="to-b"),
-    ))
-    return Program("file", {
-        "app/a": EndpointProgram("app/a", tuple(map(ipaddress.ip_address, (A, A6))),
-                                 ingress=DirectionProgram(True), egress=a_eg),
-        "app/b": EndpointProgram("app/b", tuple(map(ipaddress.ip_address, (B, B6))), ingress=b_in,
-                                 egress=DirectionProgram(True)),
-        "app/c": EndpointProgram("app/c", (ipaddress.ip_address(C),)),
-    })
-
-
-def build(lab: Lab) -> None:
-    lab.add_pod("app/a", [A, A6], ports=(80, 81))
-    lab.add_pod("app/b", [B, B6], ports=B_PORTS)
-    lab.add_pod("app/c", [C], ports=(80, 81))
-    lab.node_sh("ip", "addr", "add", f"{NODE4}/32", "dev", "lo")
+from tests.kit import NETPROBE, Lab, sh
+from tests.kit.ebpf_lab import A6, B6, B_PORTS, A, B, C, build, net, origin, program
 
 
 def ping(lab: Lab, src: str, *addrs: str) -> dict[str, bool]:
-    out = sh(sys.executable, str(PROBE), "icmp", "1", *addrs, ns=lab.pods[src].netns)
-    return json.loads(out.stdout)
+    seen = lab.probe_many({src: [f"icmp:{a}" for a in addrs]}, timeout=1)[src]
+    return {spec.removeprefix("icmp:"): ok for spec, ok in seen.items()}
 
 
 def expect(prog: Program, src: str, dst: str, proto: str, port: int | None) -> bool:
@@ -140,10 +97,10 @@ def test_resets_and_icmp_errors_of_allowed_flows_pass(lab: Lab, pin_root: str) -
     try:
         dp.apply(program())
         specs = [f"tcp:{B}:50000", f"udp:{B}:8001", f"tcp:{B6}:50000", f"udp:{B6}:8002"]
-        out = json.loads(sh(sys.executable, str(PROBE), "refused", "1", *specs, ns=lab.pods["app/a"].netns).stdout)
+        out = json.loads(sh(sys.executable, str(NETPROBE), "refused", "1", *specs, ns=lab.pods["app/a"].netns).stdout)
         assert out == dict.fromkeys(specs, "refused")
         # from c, udp/8001 is denied at b's ingress: no error comes back either
-        out = json.loads(sh(sys.executable, str(PROBE), "refused", "1", f"udp:{B}:8001",
+        out = json.loads(sh(sys.executable, str(NETPROBE), "refused", "1", f"udp:{B}:8001",
                             ns=lab.pods["app/c"].netns).stdout)
         assert out == {f"udp:{B}:8001": "timeout"}
     finally:
@@ -158,7 +115,7 @@ def test_fragments_follow_their_first_fragment(lab: Lab, pin_root: str) -> None:
     try:
         dp.apply(program())
         big = lambda src, *specs: json.loads(sh(  # noqa: E731
-            sys.executable, str(PROBE), "big", "1", "4000", *specs, ns=lab.pods[src].netns).stdout)
+            sys.executable, str(NETPROBE), "big", "1", "4000", *specs, ns=lab.pods[src].netns).stdout)
         assert big("app/a", f"udp:{B}:8000", f"udp:{B6}:8003") == {f"udp:{B}:8000": True, f"udp:{B6}:8003": True}
         assert big("app/c", f"udp:{B}:8000") == {f"udp:{B}:8000": False}
         assert dp.fill()["frags"][0] > 0

@@ -13,8 +13,8 @@ import threading
 from pathlib import Path
 
 from agent.dataplane.ebpf import PIN_ROOT_ENV
-from tests.integration.test_ebpf_dataplane import A, B, C, build, program
-from tests.lab import ROOT, Lab
+from tests.kit import ROOT, Lab
+from tests.kit.ebpf_lab import A, B, C, build, program
 
 AGENT = """
 import json, pickle, sys

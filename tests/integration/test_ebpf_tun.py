@@ -13,14 +13,12 @@ import ipaddress
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 from agent.dataplane.ebpf import EbpfDataplane
 from agent.ir import Direction, DirectionProgram, EndpointProgram, Origin, PeerSet, PortMatch, Program, Rule
 from agent.policy.netbird import bootstrap_program
-from tests.lab import NETPROBE, Lab, sh
+from tests.kit import NETPROBE, ROOT, Lab, sh, tunrelay
 
-PROBE = Path(__file__).with_name("ebpf_probe.py")
 HOST4, PEER4 = "100.64.0.1", "100.64.0.2"
 HOST6, PEER6 = "fd00:64::1", "fd00:64::2"
 ROUTED = "10.31.0.5"  # behind the node, not on wt0
@@ -40,8 +38,8 @@ def tun_pair(lab: Lab) -> Iterator[str]:
     sh("ip", "netns", "add", peer)
     procs: list[subprocess.Popen[str]] = []
     try:
-        relay = subprocess.Popen([sys.executable, str(PROBE), "relay", lab.node, "wt0", peer, "wt0"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        relay = subprocess.Popen(tunrelay.command("wt0", {lab.node: "*", peer: "*"}),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         procs.append(relay)
         assert relay.stdout is not None and relay.stdout.readline().strip() == "ready", relay.stderr
         for ns, a4, a6 in ((lab.node, HOST4, HOST6), (peer, PEER4, PEER6)):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from tests.helpers import ns, pod, policy
-from tests.lab import ROOT, Lab
-from tests.unit.test_files_bounds import BOMB, SELF_ALIAS
+from tests.kit import ROOT, Lab
+from tests.kit.builders import ns, pod, policy
+from tests.kit.hostile_files import BOMB, SELF_ALIAS
 
 A, B = "10.21.0.1", "10.21.0.2"
 DENY_B = policy("app/deny-b", {"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]})

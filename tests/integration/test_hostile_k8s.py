@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ns, pod, policy
-from tests.integration.test_enforcement import write
-from tests.lab import Lab
+from tests.kit import Lab
+from tests.kit.builders import ns, pod, policy
+from tests.kit.enforcement import write
 
 PODS = {"app/a": "10.20.0.1", "app/b": "10.20.0.2", "app/c": "10.20.0.3", "prod/p": "10.20.0.4"}
 PORT = 80

@@ -1,7 +1,7 @@
 """Hostile names on real packets, both dataplanes (issue 16, injection slice).
 
 Endpoints and policies whose names hold nft syntax, a forged command, NUL, a lone
-surrogate and over-long multi-byte text (tests/integration/hostile_agent.py) are applied
+surrogate and over-long multi-byte text (tests/kit/hostile_agent.py) are applied
 next to an ordinary policy, as IR directly (admission would refuse such names; the
 dataplanes must be safe without it). Every verdict matches the simulator by packets, a
 later update of the ordinary and the hostile policies reaches the kernel as a diff,
@@ -19,8 +19,8 @@ from typing import Any
 
 from agent.ir import Direction, Verdict
 from agent.simulate import evaluate
-from tests.integration.hostile_agent import HOSTILE, HOSTILE_C, A, B, C, program
-from tests.lab import ROOT, Lab, until
+from tests.kit import ROOT, Lab, until
+from tests.kit.hostile_agent import HOSTILE, HOSTILE_C, A, B, C, program
 
 PODS = {"a": A, "b": B, "c": C}
 PORTS = (80, 81, 82)
@@ -28,7 +28,7 @@ PORTS = (80, 81, 82)
 
 def start(lab: Lab, dataplane: str) -> subprocess.Popen:
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", lab.node, sys.executable, "-m", "tests.integration.hostile_agent", dataplane],
+        ["ip", "netns", "exec", lab.node, sys.executable, "-m", "tests.kit.hostile_agent", dataplane],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     lab.procs.append(proc)  # killed by the lab even if the test fails

@@ -7,53 +7,26 @@ calling thread); the agent is the real CLI in the node namespace.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent import cli
 from agent.endpoint import MAX_PER_PEER, ListenAddress
-from tests.integration.test_enforcement import ALLOW_A_TO_B, DENY_B, B, build, cluster, write
-from tests.lab import GATEWAY4, Lab, until
+from tests.kit import GATEWAY4, Lab, until
+from tests.kit.enforcement import ALLOW_A_TO_B, DENY_B, B, build, cluster, write
+from tests.kit.netns import inside
 
 PORT = 9754
 LOCAL = f"127.0.0.1:{PORT}"
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def netns(name: str) -> Iterator[None]:
-    """Sockets opened inside belong to network namespace `name`."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(home)
-        os.close(target)
 
 
 def connect(ns: str, host: str = "127.0.0.1", port: int = PORT, timeout: float = 10.0) -> socket.socket:
-    with netns(ns):
+    with inside(ns):
         return socket.create_connection((host, port), timeout=timeout)
 
 

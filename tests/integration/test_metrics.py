@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_enforcement import (
+from tests.kit import Lab, until
+from tests.kit.enforcement import (
     ALLOW_A_TO_B,
     DENY_B,
     B,
     build,
     cluster,
-    until,
     write,
 )
-from tests.lab import Lab
 
 METRICS = "127.0.0.1:9754"
 PROM = "127.0.0.1:9090"

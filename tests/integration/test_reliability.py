@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.reliability import scenarios
-from tests.lab import Lab
+from tests.kit import Lab
+from tests.kit.reliability import scenarios
 
 SEED = 20261121
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATAPLANES, dataplane_env, require_privileges
-from tests.lab import Lab
-from tests.lab.cases import (
+from tests.kit import Lab
+from tests.kit.cases import (
     expected_grid,
     load_cases,
     off_diagonal,
@@ -25,6 +24,7 @@ from tests.lab.cases import (
     step_objects,
     write_dir,
 )
+from tests.kit.privileges import DATAPLANES, dataplane_env, require_privileges
 
 CASES = [c for c in load_cases() if any(
     p["protocol"] in ("TCP", "UDP") for s in c["steps"] for p in s["probes"])]

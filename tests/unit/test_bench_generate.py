@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 
-from bench.datapath import manifests
-from bench.generate import LOCAL_NODE, generate, peer_block_addresses
-from tests.helpers import snapshot_of
+from tests.kit.builders import snapshot_of
+from tests.kit.generate import LOCAL_NODE, datapath_manifests, generate, peer_block_addresses
 
 
 def test_same_seed_same_cluster_other_seed_other_cluster() -> None:
@@ -51,7 +50,7 @@ def test_local_pods_are_capped() -> None:
 def test_datapath_peer_blocks_do_not_collapse() -> None:
     blocks = peer_block_addresses(1000)
     assert len(set(blocks)) == 1000
-    snap = snapshot_of(manifests(1000), LOCAL_NODE)
+    snap = snapshot_of(datapath_manifests(1000), LOCAL_NODE)
     inv, program = snap.inventory, snap.program
     assert inv.problems == []
     server = program.endpoints["bench/server"]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.lab import ROOT, until
+from tests.kit import ROOT, until
 
 PARENT = """
 from agent.dataplane import child

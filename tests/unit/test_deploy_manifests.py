@@ -7,7 +7,7 @@ PodMonitor (a prometheus-operator CRD, in deploy/monitoring/): its embedded Kube
 types (ObjectMeta, LabelSelector) against the same bundled schemas, the rest against the
 fields the CRD documents (see the test for why). kustomization.yaml files are
 kustomize's, not API objects: checked for the files they name, and rendered here (their
-resources plus strategic-merge patches, see `kustomize`) so that the eBPF overlay is
+resources plus patches, by the kit's renderer tests/kit/kustomize.py) so that the eBPF overlay is
 validated as applied. No kustomize ships in Debian 12 or on PyPI (Debian's
 kubernetes-client 1.20 bundles kustomize 2, which knows neither `labels:` nor
 `patches:`); where a newer `kubectl` is installed, the render is compared with its own.
@@ -26,67 +26,16 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.kit.manifests import DEPLOY, EBPF, MANIFESTS, Rendered, container, objects
+
 kv = pytest.importorskip("kubernetes_validate")
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 # The oldest Kubernetes this targets (CAP_BPF/PERFMON in container runtimes, seccompProfile
 # field, system-node-critical outside kube-system) and the newest the validator knows.
 VERSIONS = ["1.28.0", "1.31.0", kv.utils.latest_version()]
 CRD_KINDS = {"PodMonitor"}
 
 
-# patchMergeKey of the list fields the patches touch, as the Kubernetes types declare
-# them; any other list in a patch replaces the base's (strategic-merge semantics).
-MERGE_KEYS = {"containers": "name", "initContainers": "name", "volumes": "name", "volumeMounts": "mountPath",
-              "env": "name"}
-Doc = tuple[str, int, dict[str, Any]]
-
-
-def strategic_merge(base: Any, patch: Any, field: str = "") -> Any:
-    if isinstance(base, dict) and isinstance(patch, dict):
-        out = dict(base)
-        for k, v in patch.items():
-            out[k] = strategic_merge(base[k], v, k) if k in base else v
-        return out
-    if isinstance(base, list) and isinstance(patch, list) and field in MERGE_KEYS:
-        # Items merge by key; new ones go first, in the patch's order (as kustomize does).
-        key = MERGE_KEYS[field]
-        patched = {item[key]: item for item in patch}
-        merged = [strategic_merge(b, patched[b[key]], field) if b[key] in patched else b for b in base]
-        have = {b[key] for b in base}
-        return [item for item in patch if item[key] not in have] + merged
-    return patch
-
-
-def kustomize(root: Path) -> list[Doc]:
-    """The objects a kustomization builds: its resources (files, or directories holding a
-    kustomization), then its patches applied to the object of the same kind and name."""
-    k = yaml.safe_load((root / "kustomization.yaml").read_text())
-    out: list[Doc] = []
-    for res in k.get("resources", []):
-        path = (root / res).resolve()
-        if path.is_dir():
-            out += kustomize(path)
-            continue
-        for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
-            if doc:
-                out.append((str(path.relative_to(DEPLOY)), i, doc))
-    for patch in k.get("patches", []):
-        pdoc = yaml.safe_load((root / patch["path"]).read_text())
-        hits = [n for n, (*_, d) in enumerate(out)
-                if (d["kind"], d["metadata"]["name"]) == (pdoc["kind"], pdoc["metadata"]["name"])]
-        assert len(hits) == 1, f"{root / patch['path']}: {len(hits)} targets"
-        where, index, doc = out[hits[0]]
-        out[hits[0]] = (f"{where}+{(root / patch['path']).relative_to(DEPLOY)}", index, strategic_merge(doc, pdoc))
-    return out
-
-
-def manifests() -> list[Doc]:
-    return kustomize(DEPLOY) + kustomize(DEPLOY / "monitoring")
-
-
-MANIFESTS = manifests()
-EBPF = kustomize(DEPLOY / "overlays" / "ebpf")
 # The overlay's objects as patched (the others are the base's, validated once).
 BUILTIN = [m for m in MANIFESTS + [m for m in EBPF if "+" in m[0]] if m[2]["kind"] not in CRD_KINDS]
 
@@ -159,30 +108,22 @@ def test_podmonitor_parts_that_are_kubernetes_types() -> None:
         _validate_as({"matchLabels": ["not", "a", "map"]}, "labelselector-meta-v1.json", version)
 
 
-def _objects(docs: list[Doc]) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(d["kind"], d["metadata"]["name"]): d for *_, d in docs}
-
-
-def _container(docs: list[Doc]) -> dict[str, Any]:
-    return _objects(docs)[("DaemonSet", "stockade")]["spec"]["template"]["spec"]["containers"][0]
-
-
-def _host_paths(docs: list[Doc]) -> dict[str, dict[str, Any]]:
-    spec = _objects(docs)[("DaemonSet", "stockade")]["spec"]["template"]["spec"]
+def _host_paths(docs: list[Rendered]) -> dict[str, dict[str, Any]]:
+    spec = objects(docs)[("DaemonSet", "stockade")]["spec"]["template"]["spec"]
     return {v["hostPath"]["path"]: v for v in spec.get("volumes", []) if "hostPath" in v}
 
 
-def _agent_args(docs: list[Doc]) -> argparse.Namespace:
+def _agent_args(docs: list[Rendered]) -> argparse.Namespace:
     """The DaemonSet's args as `stockade run` parses them, $(VAR)s from the ConfigMap."""
     from agent.cli import parser
 
-    cm = _objects(docs)[("ConfigMap", "stockade")]["data"]
-    args = [re.sub(r"\$\((\w+)\)", lambda m: cm[m.group(1)], a) for a in _container(docs)["args"]]
+    cm = objects(docs)[("ConfigMap", "stockade")]["data"]
+    args = [re.sub(r"\$\((\w+)\)", lambda m: cm[m.group(1)], a) for a in container(docs)["args"]]
     return parser().parse_args(args)
 
 
 @pytest.mark.parametrize(("docs", "dataplane"), [(MANIFESTS, "nftables"), (EBPF, "ebpf")], ids=["base", "ebpf"])
-def test_the_agent_parses_the_daemonsets_arguments(docs: list[Doc], dataplane: str) -> None:
+def test_the_agent_parses_the_daemonsets_arguments(docs: list[Rendered], dataplane: str) -> None:
     args = _agent_args(docs)
     assert (args.command, args.source, args.dataplane) == ("run", "kubernetes", dataplane)
     assert args.state_dir == ""  # no state directory, hence no host path for one
@@ -202,23 +143,23 @@ def test_the_kubernetes_source_writes_no_state(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_base_runs_nftables_with_least_privilege() -> None:
-    c = _container(MANIFESTS)
+    c = container(MANIFESTS)
     sc = c["securityContext"]
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
-    spec = _objects(MANIFESTS)[("DaemonSet", "stockade")]["spec"]["template"]["spec"]
+    spec = objects(MANIFESTS)[("DaemonSet", "stockade")]["spec"]["template"]["spec"]
     assert "securityContext" not in spec or spec["securityContext"].get("seccompProfile", {}).get(
         "type") != "Unconfined"
     assert not spec.get("hostPID") and not spec.get("hostIPC")
     assert _host_paths(MANIFESTS) == {}
     assert [m["mountPath"] for m in c["volumeMounts"]] == ["/tmp"]
-    assert _objects(MANIFESTS)[("ConfigMap", "stockade")]["data"]["STOCKADE_DATAPLANE"] == "nftables"
+    assert objects(MANIFESTS)[("ConfigMap", "stockade")]["data"]["STOCKADE_DATAPLANE"] == "nftables"
 
 
 def test_ebpf_overlay_adds_exactly_what_ebpf_needs() -> None:
-    c = _container(EBPF)
+    c = container(EBPF)
     sc = c["securityContext"]
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert sc["capabilities"]["drop"] == ["ALL"]
@@ -231,11 +172,11 @@ def test_ebpf_overlay_adds_exactly_what_ebpf_needs() -> None:
     assert not mounts[paths["/sys/fs/bpf"]["name"]].get("readOnly")  # pins are written
     for headers in ("/lib/modules", "/usr/src"):
         assert mounts[paths[headers]["name"]]["readOnly"] is True
-    assert _objects(EBPF)[("ConfigMap", "stockade")]["data"]["STOCKADE_DATAPLANE"] == "ebpf"
+    assert objects(EBPF)[("ConfigMap", "stockade")]["data"]["STOCKADE_DATAPLANE"] == "ebpf"
 
     # Nothing else differs from the base: take the additions out again and compare.
-    base = _objects(MANIFESTS)
-    back = _objects(EBPF)
+    base = objects(MANIFESTS)
+    back = objects(EBPF)
     ds = copy.deepcopy(back[("DaemonSet", "stockade")])
     spec = ds["spec"]["template"]["spec"]
     added = {v["name"] for v in paths.values()}
@@ -252,9 +193,9 @@ def test_ebpf_overlay_adds_exactly_what_ebpf_needs() -> None:
 
 
 def test_the_render_agrees_with_kustomize() -> None:
-    """Cross-check `kustomize()` against kubectl's kustomize where one that reads these
+    """Cross-check the kit's renderer against kubectl's kustomize where one that reads these
     files (v4+) is installed; the pod spec and ConfigMap data must match (kustomize also
-    applies the base's image tag and labels, which the render leaves out)."""
+    applies labels, which the render leaves out)."""
     kubectl = shutil.which("kubectl")
     version = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True).stdout \
         if kubectl else ""
@@ -264,17 +205,15 @@ def test_the_render_agrees_with_kustomize() -> None:
     for root, ours in ((DEPLOY, MANIFESTS), (DEPLOY / "overlays" / "ebpf", EBPF)):
         out = subprocess.run([kubectl, "kustomize", str(root)], capture_output=True, text=True, check=True).stdout
         theirs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
-        mine = _objects(ours)
+        mine = objects(ours)
         pod = theirs[("DaemonSet", "stockade")]["spec"]["template"]["spec"]
-        for ctr in pod["containers"]:
-            ctr["image"] = ctr["image"].split(":")[0]
         assert pod == mine[("DaemonSet", "stockade")]["spec"]["template"]["spec"], root
         assert theirs[("ConfigMap", "stockade")]["data"] == mine[("ConfigMap", "stockade")]["data"], root
 
 
 def test_daemonset_wiring() -> None:
     """What the schema cannot say: the pieces refer to each other and to the agent's port."""
-    docs = _objects(MANIFESTS)
+    docs = objects(MANIFESTS)
     ds = docs[("DaemonSet", "stockade")]
     pod = ds["spec"]["template"]
     spec = pod["spec"]
@@ -293,7 +232,7 @@ def test_daemonset_wiring() -> None:
     assert c["resources"]["requests"] and c["resources"]["limits"]
     # Every mount names a volume of the pod (base and overlay).
     for rendered in (MANIFESTS, EBPF):
-        pod_spec = _objects(rendered)[("DaemonSet", "stockade")]["spec"]["template"]["spec"]
+        pod_spec = objects(rendered)[("DaemonSet", "stockade")]["spec"]["template"]["spec"]
         volumes = {v["name"] for v in pod_spec["volumes"]}
         assert {m["name"] for m in pod_spec["containers"][0]["volumeMounts"]} <= volumes
     # Every $(VAR) in args comes from the ConfigMap or env.

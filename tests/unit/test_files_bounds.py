@@ -16,19 +16,10 @@ import yaml
 
 from agent.pipeline import DirectoryPipeline
 from agent.sources.files import MAX_DEPTH, DirectorySource, load_yaml
-from tests.helpers import ns, pod, policy
+from tests.kit.builders import ns, pod
+from tests.kit.hostile_files import BOMB, DENY, SELF_ALIAS
 
 GOOD = yaml.safe_dump_all([ns("a"), pod("a/x", "10.0.0.1", nodeName="n1")])
-DENY = yaml.safe_dump(policy("a/default-deny", {"podSelector": {}, "policyTypes": ["Ingress"]}))
-# "Billion laughs": 9 levels of 9 aliases, about 600 bytes, 9**9 strings once expanded.
-BOMB = "\n".join(
-    ["apiVersion: networking.k8s.io/v1", "kind: NetworkPolicy",
-     "metadata: {name: default-deny, namespace: a}", "spec: {podSelector: {}, policyTypes: [Ingress]}",
-     'x0: &x0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    + [f"x{i}: &x{i} [" + ",".join([f"*x{i - 1}"] * 9) + "]" for i in range(1, 9)]
-    + ["bomb: [" + ",".join(["*x8"] * 9) + "]", ""]
-)
-SELF_ALIAS = DENY + "loop: &me [*me]\n"
 
 
 def isolated(pipe: DirectoryPipeline) -> tuple[bool, list[str]]:

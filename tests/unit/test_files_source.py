@@ -12,7 +12,7 @@ import yaml
 
 from agent.pipeline import DirectoryPipeline
 from agent.sources.files import DirectorySource
-from tests.lab import until
+from tests.kit import until
 
 POD = """
 apiVersion: v1

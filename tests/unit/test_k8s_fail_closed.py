@@ -22,7 +22,7 @@ from agent.policy.errors import Invalid
 from agent.policy.kubernetes import compile_inventory, parse_cidr_sloppy
 from agent.simulate import evaluate
 from agent.sources.kubeobjects import RawObject, parse_pod, ref_of
-from tests.helpers import ns, pod, policy
+from tests.kit.builders import ns, pod, policy
 
 WORLD = [
     ns("a", team="red"), ns("prod", env="prod"), ns("dev", env="dev"),

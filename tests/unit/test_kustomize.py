@@ -1,4 +1,4 @@
-"""tests/kustomize.py, the renderer the container test reads deploy/ through, does what
+"""tests/kit/kustomize.py, the renderer the container test reads deploy/ through, does what
 `kustomize build` does for the fields it implements, and refuses the rest."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.kustomize import KustomizeError, build
-from tests.lab import ROOT
+from tests.kit import ROOT
+from tests.kit.kustomize import KustomizeError, build
 
 BASE_DS = {
     "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "agent"},
@@ -48,8 +48,8 @@ def test_overlay_strategic_merge_and_json6902(tmp_path: Path) -> None:
     spec = ds["spec"]["template"]["spec"]
     agent, sidecar = spec["containers"]
     assert agent["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "BPF", "PERFMON"]}
-    assert [m["mountPath"] for m in agent["volumeMounts"]] == ["/tmp", "/sys/fs/bpf"]
-    assert [v["name"] for v in spec["volumes"]] == ["tmp", "bpffs"]
+    assert [m["mountPath"] for m in agent["volumeMounts"]] == ["/sys/fs/bpf", "/tmp"]  # new items first, as kustomize
+    assert [v["name"] for v in spec["volumes"]] == ["bpffs", "tmp"]
     assert agent["image"] == "agent:0.1" and sidecar == {"name": "sidecar", "image": "other:1"}
     assert ds["metadata"]["namespace"] == "kube-system"
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from agent.dataplane.nftables import build_model, render_diff
-from tests.helpers import ns, pod, policy, snapshot_of
-from tests.unit.test_semantics import BASE
+from tests.kit.builders import BASE, ns, pod, policy, snapshot_of
 
 POLICIES = [
     policy("a/api", {"podSelector": {"matchLabels": {"app": "api"}}, "ingress": [

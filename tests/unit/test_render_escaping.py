@@ -34,7 +34,7 @@ from agent.ir import Direction, DirectionProgram, EndpointProgram, Origin, PeerS
 from agent.metrics import KernelCollector
 from agent.policy import netbird as nb
 from agent.policy.kubernetes import compile_inventory, parse_policy
-from tests.conftest import require_privileges
+from tests.kit.privileges import require_privileges
 
 NASTY = [
     'x"\n}\ndelete table inet stockade\n#',

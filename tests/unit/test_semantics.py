@@ -9,7 +9,7 @@ import pytest
 
 from agent.ir import Direction, Verdict
 from agent.simulate import evaluate
-from tests.helpers import ns, pod, policy, snapshot_of
+from tests.kit.builders import BASE, pod, policy, snapshot_of
 
 
 def verdict(docs: list[dict[str, Any]], src: str, dst: str, port: int, proto: str = "tcp") -> str:
@@ -17,17 +17,6 @@ def verdict(docs: list[dict[str, Any]], src: str, dst: str, port: int, proto: st
     assert not snap.problems, [str(p) for p in snap.problems]
     fv = evaluate(snap.program, ipaddress.ip_address(src), ipaddress.ip_address(dst), proto, port)
     return "allow" if fv.verdict is Verdict.ACCEPT else "deny"
-
-
-BASE = [
-    ns("a", team="red"), ns("b", team="blue"),
-    pod("a/web", "10.0.0.1", {"app": "web", "tier": "front"},
-        ports=[{"name": "http", "containerPort": 8080}]),
-    pod("a/api", "10.0.0.2", {"app": "api", "tier": "back"},
-        ports=[{"name": "http", "containerPort": 9090}, {"name": "dns", "containerPort": 53,
-                                                          "protocol": "UDP"}]),
-    pod("b/cli", "10.0.1.1", {"app": "cli"}),
-]
 
 
 def test_no_policy_allows_everything() -> None:

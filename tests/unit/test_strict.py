@@ -5,8 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 from agent.strict import Flow, stale_flows
-from tests.helpers import policy, snapshot_of
-from tests.unit.test_semantics import BASE
+from tests.kit.builders import BASE, policy, snapshot_of
 
 
 def test_only_flows_the_program_denies_are_stale() -> None:

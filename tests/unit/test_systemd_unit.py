@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import sandbox
+from tests.kit import sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "stockade.service"

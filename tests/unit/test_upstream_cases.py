@@ -1,14 +1,14 @@
 """The upstream Kubernetes e2e network-policy cases through the simulator (IPv4 and IPv6).
 
-The same data drives the packet tests (tests/integration/test_packets.py)."""
+The same data drives the packet tests (tests/integration/test_upstream_packets.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from agent.query import matrix
-from tests.helpers import snapshot_of
-from tests.lab.cases import all_probes, expected_grid, off_diagonal, pod_keys, step_objects
+from tests.kit.builders import snapshot_of
+from tests.kit.cases import all_probes, expected_grid, off_diagonal, pod_keys, step_objects
 
 PROBES = all_probes()
 

@@ -25,6 +25,7 @@ from agent.ir import Verdict
 from agent.pipeline import DirectoryPipeline, Snapshot
 from agent.query import matrix
 from agent.simulate import evaluate, index_by_ip
+from tests.kit.builders import ns, pod, policy
 
 NODE = "lab"
 NET = "10.30.0"
@@ -42,25 +43,9 @@ TEAMS = ("red", "blue", None)
 Verdicts = dict[tuple[str, str, str, int], bool]  # (src, dst, proto, port) -> allowed
 
 
-def ns_doc(name: str, labels: dict[str, str]) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": dict(labels)}}
-
-
 def pod_doc(key: str, ip: str, labels: dict[str, str], http: int | None = None, node: str = NODE) -> dict[str, Any]:
-    namespace, name = key.split("/")
-    ports = [{"name": "http", "containerPort": http}] if http else []
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "ports": ports}]},
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
-    }
-
-
-def policy_doc(key: str, spec: dict[str, Any]) -> dict[str, Any]:
-    namespace, name = key.split("/")
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": name, "namespace": namespace}, "spec": copy.deepcopy(spec)}
+    """A lab pod, its port `http` named "http"."""
+    return pod(key, ip, labels, [{"name": "http", "containerPort": http}] if http else [], nodeName=node)
 
 
 @dataclass
@@ -74,20 +59,20 @@ class World:
     variant: int = 0  # changes every filler policy's ports: a large diff for every filler endpoint
 
     def docs(self) -> list[dict[str, Any]]:
-        out = [ns_doc(n, lab) for n, lab in sorted(self.ns_labels.items())]
+        out = [ns(n, **lab) for n, lab in sorted(self.ns_labels.items())]
         out += [pod_doc(k, ip, self.pod_labels[k], http) for k, (ip, _, http) in LAB_PODS.items()]
         if self.filler:
-            out.append(ns_doc("mid", {"team": "grey"}))
+            out.append(ns("mid", team="grey"))
             for i in range(self.filler):
                 ip = f"10.31.{i // 250}.{i % 250 + 1}"
                 out.append(pod_doc(f"mid/f{i:04d}", ip, {"app": f"f{i}", "role": "filler"}, 80))
-                out.append(policy_doc(f"mid/fp{i:04d}", {
+                out.append(policy(f"mid/fp{i:04d}", {
                     "podSelector": {"matchLabels": {"app": f"f{i}"}},
                     "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "red"}},
                                            "podSelector": {"matchLabels": {"role": "front"}}}],
                                  "ports": [{"port": 80 + (i + self.variant) % 5}]}],
                 }))
-        out += [policy_doc(k, s) for k, s in sorted(self.policies.items())]
+        out += [policy(k, s) for k, s in sorted(self.policies.items())]
         return out
 
     def copy(self) -> World:

@@ -1,6 +1,6 @@
 """The Kubernetes API source against a fake API server, driven by the real `kubernetes` client.
 
-The fake server (tests/integration/kubeapi.py) speaks the list/watch protocol over
+The fake server (tests/kit/kubeapi.py) speaks the list/watch protocol over
 HTTP on 127.0.0.1; the client reaches it through a generated kubeconfig. No kernel,
 no privileges: the kernel side is the recording dataplane below, or the simulator.
 """
@@ -16,28 +16,18 @@ from typing import Any
 
 import pytest
 
-from agent.dataplane.base import ApplyStats, Counters, Dataplane
-from agent.ir import Program
 from agent.pipeline import DirectoryPipeline, KubernetesPipeline, PipelineError, SourceNotSynced
 from agent.query import matrix
 from agent.sources.kubernetes import Backoff, KubernetesSource, api_client
-from tests.helpers import ns, pod, policy
-from tests.integration.kubeapi import TOKEN, FakeKubeAPI
-from tests.lab.cases import expected_grid, load_cases, off_diagonal, pod_keys, step_objects, write_dir
+from tests.kit import expect
+from tests.kit.builders import ns, pod, policy
+from tests.kit.cases import expected_grid, load_cases, off_diagonal, pod_keys, step_objects, write_dir
+from tests.kit.kubeapi import TOKEN, FakeKubeAPI
+from tests.kit.recording import RecordingDataplane
 
 pytest.importorskip("kubernetes")
 
 FAST = {"backoff_base": 0.05, "backoff_cap": 0.4, "connect_timeout": 2.0, "read_slack": 2.0}
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture
@@ -103,7 +93,7 @@ def test_initial_lists_paginate_and_watch_from_their_resource_version(api, make_
     assert all(q["limit"] == "4" for qs in pages.values() for q in qs)
     assert "continue" not in pages["Pod"][0] and all("continue" in q for q in pages["Pod"][1:])
 
-    wait_for(lambda: len(api.watches()) == 3, what="three watches")
+    expect(lambda: len(api.watches()) == 3, what="three watches")
     for w in api.watches():
         assert w.query["resourceVersion"] == str(api.rv)  # the list's resourceVersion
         assert w.query["allowWatchBookmarks"] == "true"
@@ -117,7 +107,7 @@ def test_events_update_the_cache_and_call_back(api, make_source) -> None:
     calls: list[float] = []
     src = make_source(on_change=lambda: calls.append(time.monotonic()))
     assert src.synced.wait(10)
-    wait_for(lambda: len(api.watches()) == 3, what="watches")
+    expect(lambda: len(api.watches()) == 3, what="watches")
     src.read_with_events()  # drain the initial list's changes
     before = len(calls)
 
@@ -127,7 +117,7 @@ def test_events_update_the_cache_and_call_back(api, make_source) -> None:
     api.put(ns("ns1", team="other"))  # namespace label
     api.put(policy("ns1/allow", {"podSelector": {}, "ingress": [{}]}))
     api.delete("NetworkPolicy", "ns0", "deny")
-    wait_for(lambda: converged(src, api), what="convergence")
+    expect(lambda: converged(src, api), what="convergence")
     assert len(calls) - before == 6
 
     objects, _, events = src.read_with_events()
@@ -146,13 +136,13 @@ def test_changes_the_semantics_ignore_do_not_wake_the_loop(api, make_source) -> 
     calls: list[int] = []
     src = make_source(on_change=lambda: calls.append(1))
     assert src.synced.wait(10)
-    wait_for(lambda: len(api.watches()) == 3, what="watches")
+    expect(lambda: len(api.watches()) == 3, what="watches")
     before = len(calls)
     heartbeat = pod("ns0/p0", "10.1.0.1", {"app": "a0"})
     heartbeat["metadata"]["annotations"] = {"touched": "now"}
     heartbeat["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
     rv = api.put(heartbeat)
-    wait_for(lambda: src.resource_version("Pod") == str(rv), what="event seen")
+    expect(lambda: src.resource_version("Pod") == str(rv), what="event seen")
     assert len(calls) == before
 
 
@@ -161,7 +151,7 @@ def test_objects_are_trimmed(api, make_source) -> None:
     src = make_source()
     assert src.synced.wait(10)
     api.put(pod("ns0/late", "10.1.0.50"))  # via a watch event, not the list
-    wait_for(lambda: converged(src, api), what="convergence")
+    expect(lambda: converged(src, api), what="convergence")
     for o in src.read()[0]:
         meta = o.body["metadata"]
         assert set(meta) <= {"name", "namespace", "labels"}, meta
@@ -175,14 +165,14 @@ def test_bookmark_advances_the_resource_version_and_the_resume_point(api, make_s
     small_cluster(api, namespaces=1, pods=1)
     src = make_source()
     assert src.synced.wait(10)
-    wait_for(lambda: len(api.watches()) == 3, what="watches")
+    expect(lambda: len(api.watches()) == 3, what="watches")
     rv = api.bookmark()
-    wait_for(lambda: all(src.resource_version(k) == str(rv) for k in ("Namespace", "Pod", "NetworkPolicy")),
+    expect(lambda: all(src.resource_version(k) == str(rv) for k in ("Namespace", "Pod", "NetworkPolicy")),
              what="bookmark rv")
     assert src.stats[("Pod", "bookmarks")] == 1
     lists = len(api.lists())
     api.cut_watches()  # reconnect: must resume from the bookmark, not relist
-    wait_for(lambda: len(api.watches()) == 6, what="reconnected watches")
+    expect(lambda: len(api.watches()) == 6, what="reconnected watches")
     assert all(w.query["resourceVersion"] == str(rv) for w in api.watches()[3:])
     assert len(api.lists()) == lists
 
@@ -191,30 +181,30 @@ def test_410_gone_on_a_watch_relists_and_repairs_what_was_missed(api, make_sourc
     small_cluster(api)
     src = make_source()
     assert src.synced.wait(10)
-    wait_for(lambda: len(api.watches()) == 3, what="watches")
+    expect(lambda: len(api.watches()) == 3, what="watches")
     # History the watch never hears of, then the server compacts and expires the watch.
     api.delete("Pod", "ns1", "p1", silent=True)
     api.put(pod("ns1/p0", "10.1.1.1", {"app": "moved"}), silent=True)
     api.put(policy("ns2/quiet", {"podSelector": {}, "policyTypes": ["Egress"]}), silent=True)
     api.compact(gone=True)
-    wait_for(lambda: converged(src, api), what="convergence after 410")
+    expect(lambda: converged(src, api), what="convergence after 410")
     assert src.stats[("Pod", "gone")] >= 1 and src.errors["watch_expired"] >= 3
     assert len(api.lists("Pod")) >= 2
     # The new watch resumes from the relist's resourceVersion, which is not compacted.
-    wait_for(lambda: api.open_watches == 3, what="watches after relist")
+    expect(lambda: api.open_watches == 3, what="watches after relist")
     api.put(pod("ns1/after", "10.1.1.77"))
-    wait_for(lambda: converged(src, api), what="events after relist")
+    expect(lambda: converged(src, api), what="events after relist")
 
 
 def test_watch_from_a_compacted_resource_version_relists(api, make_source) -> None:
     small_cluster(api, namespaces=1, pods=2)
     src = make_source()
     assert src.synced.wait(10)
-    wait_for(lambda: len(api.watches()) == 3, what="watches")
+    expect(lambda: len(api.watches()) == 3, what="watches")
     api.delete("Pod", "ns0", "p1", silent=True)
     api.compact(gone=False)  # open watches go on; the next watch from an old rv gets 410
     api.cut_watches()
-    wait_for(lambda: converged(src, api), what="convergence")
+    expect(lambda: converged(src, api), what="convergence")
     assert src.stats[("Pod", "gone")] >= 1
 
 
@@ -234,7 +224,7 @@ def test_5xx_reconnects_with_jittered_exponential_backoff(api, make_source) -> N
     api.fail(lambda r: r.kind == "Namespace" and not r.watch, times=2, status=503)
     src = make_source(backoff_base=0.1, backoff_cap=10.0)
     assert src.synced.wait(10)
-    wait_for(lambda: len(api.watches("Pod")) == 6, what="sixth pod watch")
+    expect(lambda: len(api.watches("Pod")) == 6, what="sixth pod watch")
     times = [r.at for r in api.watches("Pod")]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     for i, gap in enumerate(gaps):
@@ -244,26 +234,26 @@ def test_5xx_reconnects_with_jittered_exponential_backoff(api, make_source) -> N
     assert src.stats[("Pod", "errors")] == 5 and src.stats[("Namespace", "errors")] == 2
     assert src.errors["watch_http_5xx"] == 5 and src.errors["list_http_5xx"] == 2
     api.put(pod("ns0/after", "10.1.0.9"))
-    wait_for(lambda: converged(src, api), what="events after 5xx")
+    expect(lambda: converged(src, api), what="events after 5xx")
 
 
 def test_stream_cut_mid_event_resumes_without_loss_or_duplicates(api, make_source) -> None:
     small_cluster(api, namespaces=1, pods=2)
     src = make_source()
     assert src.synced.wait(10)
-    wait_for(lambda: api.open_watches == 3, what="watches")
+    expect(lambda: api.open_watches == 3, what="watches")
     rv_before = src.resource_version("Pod")
     lists = len(api.lists())
     api.cut_watches()
-    wait_for(lambda: len(api.watches("Pod")) == 2, what="pod watch reconnect")
+    expect(lambda: len(api.watches("Pod")) == 2, what="pod watch reconnect")
     assert api.watches("Pod")[1].query["resourceVersion"] == rv_before
-    wait_for(lambda: api.open_watches == 3, what="watches back")
+    expect(lambda: api.open_watches == 3, what="watches back")
     # Events while the stream was cut, and after, both arrive once.
     for i in range(5):
         api.put(pod(f"ns0/burst{i}", f"10.1.0.{100 + i}"))
     api.cut_watches()
     api.put(ns("ns0", team="after-cut"))
-    wait_for(lambda: converged(src, api), what="convergence after cuts")
+    expect(lambda: converged(src, api), what="convergence after cuts")
     assert len(api.lists()) == lists  # a cut never costs a relist
     assert src.errors["watch_disconnected"] >= 2
     _, _, events = src.read_with_events()
@@ -280,9 +270,9 @@ def test_slow_responses_and_a_dead_watch_connection(api, make_source) -> None:
     assert src.synced.wait(10)
     assert time.monotonic() - t0 >= 0.5
     # The client's read timeout (timeoutSeconds + slack) notices the dead connection.
-    wait_for(lambda: len(api.watches("Pod")) >= 2, timeout=6, what="watch after read timeout")
+    expect(lambda: len(api.watches("Pod")) >= 2, timeout=6, what="watch after read timeout")
     api.put(pod("ns0/after", "10.1.0.9"))
-    wait_for(lambda: converged(src, api), what="convergence")
+    expect(lambda: converged(src, api), what="convergence")
 
 
 def test_periodic_relist_repairs_drift(api, make_source) -> None:
@@ -291,7 +281,7 @@ def test_periodic_relist_repairs_drift(api, make_source) -> None:
     assert src.synced.wait(10)
     api.delete("Pod", "ns0", "p0", silent=True)  # a change no watch reports
     api.put(ns("ns0", team="drifted"), silent=True)
-    wait_for(lambda: converged(src, api), timeout=5, what="resync")
+    expect(lambda: converged(src, api), timeout=5, what="resync")
     assert src.stats[("Pod", "resyncs")] >= 1
 
 
@@ -299,7 +289,7 @@ def test_node_pod_cidrs_gate_synced(api, make_source) -> None:
     small_cluster(api, namespaces=1, pods=1)
     api.nodes["n1"] = {"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n1"}, "spec": {}}
     src = make_source(node="n1", want_pod_cidrs=True)
-    wait_for(lambda: all(e.is_set() for e in src.listed.values()), what="lists")
+    expect(lambda: all(e.is_set() for e in src.listed.values()), what="lists")
     time.sleep(0.2)
     assert not src.synced.is_set()  # no podCIDRs allocated yet
     api.nodes["n1"]["spec"] = {"podCIDR": "10.1.0.0/24", "podCIDRs": ["10.1.0.0/24", "fd00:1::/64"]}
@@ -314,7 +304,7 @@ def test_stop_ends_the_threads_promptly(api, make_source, tmp_path) -> None:
     src = KubernetesSource(kubeconfig=str(api.kubeconfig(tmp_path / "kc")), **FAST)
     stop = src.watch(lambda: None)
     assert src.synced.wait(10)
-    wait_for(lambda: api.open_watches == 3, what="watches")
+    expect(lambda: api.open_watches == 3, what="watches")
     t0 = time.monotonic()
     stop()
     assert time.monotonic() - t0 < 2
@@ -346,34 +336,12 @@ def test_backoff_is_exponential_with_jitter_and_capped() -> None:
 # ---------------------------------------------------------------------- pipeline and daemon
 
 
-class RecordingDataplane(Dataplane):
-    """Stands in for the kernel: keeps the last program applied."""
-
-    name = "recording"
-
-    def __init__(self) -> None:
-        self.programs: list[Program] = []
-
-    def render(self, program: Program) -> str:
-        return ""
-
-    def apply(self, program: Program) -> ApplyStats:
-        self.programs.append(program)
-        return ApplyStats(full=len(self.programs) == 1, commands=0)
-
-    def counters(self) -> Counters:
-        return Counters()
-
-    def cleanup(self) -> None:
-        pass
-
-
 def test_pipeline_never_hands_out_a_partial_view(api, make_source) -> None:
     small_cluster(api)
     api.fail(lambda r: r.kind == "NetworkPolicy", times=1000, status=503)
     src = make_source()
     pipe = KubernetesPipeline(None, source=src, sync_wait=0.3)
-    wait_for(lambda: src.listed["Pod"].is_set() and src.listed["Namespace"].is_set(), what="lists")
+    expect(lambda: src.listed["Pod"].is_set() and src.listed["Namespace"].is_set(), what="lists")
     assert not pipe.ready.is_set()
     with pytest.raises(SourceNotSynced) as exc:
         pipe.snapshot()
@@ -421,8 +389,8 @@ def test_daemon_readiness_and_event_to_program_latency(api, make_source) -> None
         for i in range(20):
             n = len(dp.programs)
             api.put(pod(f"ns1/w{i}", f"10.1.1.{100 + i}", {"app": "a0"}))
-            wait_for(lambda n=n: len(dp.programs) > n, what="sync")
-            wait_for(lambda i=i: f"ns1/w{i}" in dp.programs[-1].endpoints, what="pod in program")
+            expect(lambda n=n: len(dp.programs) > n, what="sync")
+            expect(lambda i=i: f"ns1/w{i}" in dp.programs[-1].endpoints, what="pod in program")
         samples = [dt for kind, _, dt in latency.samples if kind == "PodIP"]
         assert len(samples) == 20
         median = statistics.median(samples)
@@ -450,7 +418,7 @@ def test_watch_protocol_gives_the_directory_sources_verdicts(api, make_source, t
         for i, step in enumerate(case["steps"]):
             objects = step_objects(step)
             api.set_state(objects)
-            wait_for(lambda: converged(src, api), what=f"{case['name']} step {i}")
+            expect(lambda: converged(src, api), what=f"{case['name']} step {i}")
             snap = pipe.snapshot()
             assert not snap.problems
             directory = DirectoryPipeline(write_dir(tmp_path / "dir", objects), None).snapshot()
@@ -466,6 +434,6 @@ def test_watch_protocol_gives_the_directory_sources_verdicts(api, make_source, t
     for key in [k for k in api.objects["Pod"] if k[0] == "z"]:
         api.delete("Pod", *key)
     api.delete("Namespace", "", "z")
-    wait_for(lambda: converged(src, api), what="namespace deletion")
+    expect(lambda: converged(src, api), what="namespace deletion")
     snap = pipe.snapshot()
     assert not any(k.startswith("z/") for k in snap.inventory.endpoints) and "z" not in snap.inventory.namespaces

@@ -1,7 +1,9 @@
-"""Shared test helpers (pure: no kernel, no namespaces)."""
+"""Manifest builders (Namespace, Pod, NetworkPolicy: what the directory and API sources
+deliver) and `snapshot_of`, objects through admission and semantics. Pure: no kernel."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from agent.admission import LastGood
@@ -25,7 +27,7 @@ def pod(key: str, ips: str | list[str], labels: dict[str, str] | None = None,
     ips = [ips] if isinstance(ips, str) else ips
     return {
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels or {"app": name}},
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {"app": name})},
         "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": ports or []}], **spec},
         "status": {"phase": "Running", "podIP": ips[0], "podIPs": [{"ip": i} for i in ips]},
     }
@@ -34,4 +36,15 @@ def pod(key: str, ips: str | list[str], labels: dict[str, str] | None = None,
 def policy(key: str, spec: dict[str, Any]) -> dict[str, Any]:
     namespace, name = key.split("/")
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+            "metadata": {"name": name, "namespace": namespace}, "spec": copy.deepcopy(spec)}
+
+
+BASE = [
+    ns("a", team="red"), ns("b", team="blue"),
+    pod("a/web", "10.0.0.1", {"app": "web", "tier": "front"},
+        ports=[{"name": "http", "containerPort": 8080}]),
+    pod("a/api", "10.0.0.2", {"app": "api", "tier": "back"},
+        ports=[{"name": "http", "containerPort": 9090}, {"name": "dns", "containerPort": 53,
+                                                          "protocol": "UDP"}]),
+    pod("b/cli", "10.0.1.1", {"app": "cli"}),
+]

@@ -1,7 +1,7 @@
 """A NetBird management-API server for tests: the seed's response shapes, token checks,
 and faults on demand (5xx, garbage, slow answers, redirects, 403, a restricted token).
 
-Shared by the source tests (tests/integration/test_netbird_source.py) and the packet
+Shared by the source tests (tests/unit/test_netbird_source.py) and the packet
 tests (tests/integration/test_netbird_packets.py), which serve it inside a lab namespace.
 """
 
@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import json
-import os
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
+from tests.kit.netns import call_in
 
 TOKEN = "nbp_FullAccessTokenForTheTest0123456789"
 RESTRICTED = "nbp_RestrictedTokenSeesTwoPeers987654321"
@@ -156,7 +153,7 @@ def serve(state: ManagementApi, cert: tuple[Path, Path] | None = None,
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = _in_netns(netns, lambda: ThreadingHTTPServer(("127.0.0.1", 0), Handler))
+    server = call_in(netns, lambda: ThreadingHTTPServer(("127.0.0.1", 0), Handler))
     server.daemon_threads = True
     scheme = "http"
     if cert is not None:
@@ -171,34 +168,3 @@ def serve(state: ManagementApi, cert: tuple[Path, Path] | None = None,
     finally:
         server.shutdown()
         server.server_close()
-
-
-def _in_netns(netns: str | None, make: Callable[[], T]) -> T:
-    """Call `make` in a thread that joined network namespace `netns` (None: here).
-
-    setns(CLONE_NEWNET) changes only the calling thread; sockets keep the namespace they
-    were created in, so the server created there can be served from any thread.
-    """
-    if netns is None:
-        return make()
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns into {netns} failed")
-            finally:
-                os.close(fd)
-            out["value"] = make()
-        except BaseException as e:  # re-raised in the caller
-            out["error"] = e
-
-    t = threading.Thread(target=run, name=f"setns-{netns}")
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]

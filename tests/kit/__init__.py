@@ -1,9 +1,22 @@
-"""The namespace lab: one "node" network namespace with no route off the machine, and
-one namespace per pod joined to it by a veth pair with /32 and /128 routes.
+"""The test kit: every helper the tests and the benchmarks share (they import helpers from
+here only; no test module imports another, and nothing here imports a test module).
 
-Every test that sends packets uses this one fixture. Packets never leave the lab's
+This module is the namespace lab: one "node" network namespace with no route off the
+machine, and one namespace per pod joined to it by a veth pair with /32 and /128 routes;
+plus `sh`, `probe_from`, and the one poll-with-a-deadline `until` (`seconds_until`,
+`expect`). Every test that sends packets uses this one lab. Packets never leave the lab's
 namespaces; the agent and nft/tc run inside the node namespace; `close()` removes
 everything even after a failure.
+
+Beside it: builders (manifests, `snapshot_of`), netbird_model (NetBird API objects),
+fuzz_kubernetes / fuzz_netbird (hypothesis strategies and checks), generate (the seeded
+benchmark clusters), kubeapi / netbird_api (fake API servers), netns (the one setns
+helper), netprobe / tunrelay (processes run in lab namespaces), netbird_lab, kubernetes_lab,
+enforcement, ebpf_lab, netbird_env (lab set-ups and scenarios more than one suite runs),
+cases (upstream NetworkPolicy cases), kustomize / manifests (deploy/ rendered), sandbox (the
+systemd unit's confinement), privileges (root, bpffs, dataplane environment), recording (a
+dataplane that records), hostile_agent / hostile_files (hostile input), reliability/ (the
+soak run), demo (`make demo`).
 """
 
 from __future__ import annotations
@@ -20,12 +33,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[2]
 NETPROBE = Path(__file__).with_name("netprobe.py")
 GATEWAY4 = "169.254.1.1"
 GATEWAY6 = "fe80::1"
 _counter = itertools.count()
+T = TypeVar("T")
 
 
 def sh(*args: str, check: bool = True, ns: str | None = None, **kw) -> subprocess.CompletedProcess:
@@ -56,14 +71,37 @@ def probe_from(
     return out
 
 
-def until(cond: Callable[[], bool], timeout: float = 8.0, interval: float = 0.1) -> bool:
-    """Poll `cond` until it holds (True) or `timeout` seconds pass (its last answer)."""
+def stop(proc: subprocess.Popen) -> None:
+    """Kill `proc` if it still runs and reap it (a process stuck in the kernel is left after 5 s)."""
+    if proc.poll() is None:
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def until(cond: Callable[[], T], timeout: float = 8.0, interval: float = 0.1) -> T:
+    """Poll `cond` until it answers something true, or `timeout` seconds pass; returns
+    that answer (or, on time-out, its last, false, one). The one poll-with-a-deadline."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if cond():
-            return True
+        if value := cond():
+            return value
         time.sleep(interval)
-    return bool(cond())
+    return cond()
+
+
+def seconds_until(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> float | None:
+    """How long `cond` took to hold, or None if it did not within `timeout` seconds."""
+    start = time.monotonic()
+    return time.monotonic() - start if until(cond, timeout, interval) else None
+
+
+def expect(cond: Callable[[], T], timeout: float = 10.0, what: str = "condition", interval: float = 0.01) -> T:
+    """until(), failing the test on time-out."""
+    value = until(cond, timeout, interval)
+    if not value:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return value
 
 
 @dataclass
@@ -207,13 +245,17 @@ class Lab:
         return self.node_sh(sys.executable, "-m", "agent.cli", *args, check=check, cwd=ROOT)
 
     def spawn_agent(self, *args: str) -> subprocess.Popen:
-        """`stockade <args>` in the node namespace, its output going to a file (`agent_output`).
+        """`stockade <args>` in the node namespace, its output going to a file (`agent_output`)."""
+        return self.spawn_in_node([sys.executable, "-m", "agent.cli", *args])
+
+    def spawn_in_node(self, argv: Sequence[str]) -> subprocess.Popen:
+        """`argv` in the node namespace, its output going to a file (`agent_output`).
         A file, not a pipe: nobody reads a pipe while the agent runs, and once its buffer is
         full the agent would block on its next log line."""
         fd, name = tempfile.mkstemp(prefix=f"{self.prefix}-agent-", suffix=".log")
         try:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.node, sys.executable, "-m", "agent.cli", *args],
+                ["ip", "netns", "exec", self.node, *argv],
                 cwd=ROOT, stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         finally:
@@ -228,10 +270,7 @@ class Lab:
 
     def close(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+            stop(proc)
             if proc.stdout:
                 proc.stdout.close()
         for log in self.logs.values():

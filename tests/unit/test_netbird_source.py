@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 
 from agent.daemon import Daemon
-from agent.dataplane.base import ApplyStats, Counters, Dataplane
 from agent.ir import Program, Verdict
 from agent.simulate import evaluate
 from agent.sources import netbird as src
 from agent.sources.netbird import NetbirdClient, NetbirdPipeline, NetbirdSource, TokenError, load_token
-from tests.lab import until
-from tests.netbird_api import LOCAL, RESTRICTED, TOKEN, A, B, ManagementApi, serve
+from tests.kit import until
+from tests.kit.netbird_api import LOCAL, RESTRICTED, TOKEN, A, B, ManagementApi, serve
+from tests.kit.recording import RecordingDataplane
 
 
 @pytest.fixture
@@ -298,26 +298,6 @@ def test_backoff_grows_on_faults_and_has_jitter(api):
     assert pipe.next_delay(8) >= 108
 
 
-class RecordingDataplane(Dataplane):
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.applied: list[Program] = []
-
-    def render(self, program: Program) -> str:
-        return ""
-
-    def apply(self, program: Program) -> ApplyStats:
-        self.applied.append(program)
-        return ApplyStats(full=True, commands=1)
-
-    def counters(self, program: Program | None = None) -> Counters:
-        return Counters()
-
-    def cleanup(self) -> None:
-        pass
-
-
 def test_daemon_drives_the_pipeline_bootstrap_first(api):
     state, url = api
     state.fault = "500"
@@ -327,19 +307,15 @@ def test_daemon_drives_the_pipeline_bootstrap_first(api):
     t = threading.Thread(target=daemon.run, daemon=True)
     t.start()
     try:
-        deadline = time.monotonic() + 5
-        while not dp.applied and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert dp.applied and is_bootstrap(dp.applied[0])
+        until(lambda: dp.programs, 5, 0.02)
+        assert dp.programs and is_bootstrap(dp.programs[0])
         assert not pipe.ready.is_set()
         # The bootstrap program may be applied before the first poll: let one fail first.
         assert until(lambda: pipe.errors["server"] >= 1, timeout=10)
         state.fault = None
         assert pipe.ready.wait(5)
-        deadline = time.monotonic() + 5
-        while is_bootstrap(dp.applied[-1]) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert list(dp.applied[-1].endpoints) == ["local"]
+        until(lambda: not is_bootstrap(dp.programs[-1]), 5, 0.02)
+        assert list(dp.programs[-1].endpoints) == ["local"]
         assert pipe.errors["server"] >= 1
     finally:
         daemon.stop()

@@ -1,7 +1,7 @@
 """`make demo`: enforce a manifest directory in a throwaway namespace lab and show
 `stockade matrix` next to what real probes saw. Needs root; removes the lab at the end.
 
-    python -m tests.lab.demo examples
+    python -m tests.kit.demo examples
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from agent.pipeline import DirectoryPipeline
-from tests.lab import Lab
+from tests.kit import Lab
 
 
 def main(source: str) -> int:

@@ -1,6 +1,6 @@
 """Seeded synthetic clusters: Namespaces, Pods and NetworkPolicies as Kubernetes manifests.
 
-The same shapes as tests/helpers.py (what the directory and API sources deliver).
+Built with tests/kit/builders.py (what the directory and API sources deliver).
 A cluster of P pods and K policies over N namespaces:
 
 - namespaces carry `team`, `env` and (some) `monitoring` labels; one `kube-system`
@@ -27,6 +27,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.kit import builders
+
 LOCAL_NODE = "bench-node"
 LOCAL_SHARE = 0.10
 LOCAL_CAP = 250
@@ -41,25 +43,6 @@ ROLES = ("frontend", "backend", "db", "cache", "worker")
 APPS_PER_NS = 8
 V4_BASE = int(ipaddress.IPv4Address("10.0.0.0"))  # pod addresses: 10.0.0.0/12 and up
 V6_BASE = int(ipaddress.IPv6Address("fd00:10::"))
-
-
-def ns_manifest(name: str, labels: dict[str, str]) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": dict(labels)}}
-
-
-def pod_manifest(namespace: str, name: str, ips: list[str], labels: dict[str, str], node: str,
-                 ports: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "ports": ports}]},
-        "status": {"phase": "Running", "podIP": ips[0], "podIPs": [{"ip": i} for i in ips]},
-    }
-
-
-def policy_manifest(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
 
 
 @dataclass
@@ -153,7 +136,7 @@ def _make_pod(rng: random.Random, ns: str, i: int, dual: bool, node: str, apps: 
     if app_n % 4 == 3:
         ports.append({"name": "dns", "containerPort": 53, "protocol": "UDP"})
     labels = {"app": app, "role": role, "version": f"v{rng.randint(1, 3)}"}
-    return pod_manifest(ns, f"{app}-{i:06d}", _ips(i, dual), labels, node, ports)
+    return builders.pod(f"{ns}/{app}-{i:06d}", _ips(i, dual), labels, ports, nodeName=node)
 
 
 def _policies_for(rng: random.Random, ns: str, ns_index: int, n_ns: int) -> list[dict[str, Any]]:
@@ -161,18 +144,18 @@ def _policies_for(rng: random.Random, ns: str, ns_index: int, n_ns: int) -> list
     out: list[dict[str, Any]] = []
     egress_deny = ns_index % 3 == 0
     if egress_deny:
-        out.append(policy_manifest(ns, "default-deny", {
+        out.append(builders.policy(f"{ns}/default-deny", {
             "podSelector": {}, "policyTypes": ["Ingress", "Egress"],
             "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name":
                                                                        "kube-system"}}}],
                         "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}],
         }))
     else:
-        out.append(policy_manifest(ns, "default-deny", {"podSelector": {}, "policyTypes": ["Ingress"]}))
+        out.append(builders.policy(f"{ns}/default-deny", {"podSelector": {}, "policyTypes": ["Ingress"]}))
     # label-selected allows with named ports: role tiers
     for a in range(APPS_PER_NS):
         app = f"app{a}"
-        out.append(policy_manifest(ns, f"allow-{app}-from-frontend", {
+        out.append(builders.policy(f"{ns}/allow-{app}-from-frontend", {
             "podSelector": {"matchLabels": {"app": app}},
             "policyTypes": ["Ingress"],
             "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "frontend"}}}],
@@ -181,7 +164,7 @@ def _policies_for(rng: random.Random, ns: str, ns_index: int, n_ns: int) -> list
         kind = (ns_index + a) % 4
         if kind == 0:  # namespaceSelector peers AND'd with a podSelector, matchExpressions
             team = rng.choice(TEAMS)
-            out.append(policy_manifest(ns, f"allow-{app}-team-{team}", {
+            out.append(builders.policy(f"{ns}/allow-{app}-team-{team}", {
                 "podSelector": {"matchLabels": {"app": app}},
                 "ingress": [{"from": [{
                     "namespaceSelector": {"matchLabels": {"team": team},
@@ -193,7 +176,7 @@ def _policies_for(rng: random.Random, ns: str, ns_index: int, n_ns: int) -> list
             }))
         elif kind == 1:  # ipBlocks with excepts, both families
             octet = rng.randrange(1, 250)
-            out.append(policy_manifest(ns, f"allow-{app}-external", {
+            out.append(builders.policy(f"{ns}/allow-{app}-external", {
                 "podSelector": {"matchLabels": {"app": app}},
                 "ingress": [{"from": [
                     {"ipBlock": {"cidr": f"172.{16 + octet % 16}.0.0/16",
@@ -202,7 +185,7 @@ def _policies_for(rng: random.Random, ns: str, ns_index: int, n_ns: int) -> list
                 ], "ports": [{"protocol": "TCP", "port": 443}]}],
             }))
         elif kind == 2:  # endPort ranges from a whole namespace by label
-            out.append(policy_manifest(ns, f"allow-{app}-ephemeral", {
+            out.append(builders.policy(f"{ns}/allow-{app}-ephemeral", {
                 "podSelector": {"matchLabels": {"app": app}},
                 "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"env": rng.choice(ENVS)}}}],
                              "ports": [{"protocol": "TCP", "port": 30000, "endPort": 32767},
@@ -210,7 +193,7 @@ def _policies_for(rng: random.Random, ns: str, ns_index: int, n_ns: int) -> list
             }))
         else:  # egress to a peer app in another namespace, plus a broad ipBlock egress
             other = f"ns{(ns_index + 1 + a) % n_ns:04d}"
-            out.append(policy_manifest(ns, f"egress-{app}", {
+            out.append(builders.policy(f"{ns}/egress-{app}", {
                 "podSelector": {"matchLabels": {"app": app}},
                 "policyTypes": ["Egress"],
                 "egress": [
@@ -222,7 +205,7 @@ def _policies_for(rng: random.Random, ns: str, ns_index: int, n_ns: int) -> list
                      "ports": [{"protocol": "TCP", "port": 443}]},
                 ],
             }))
-    out.append(policy_manifest(ns, "allow-monitoring", {
+    out.append(builders.policy(f"{ns}/allow-monitoring", {
         "podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]},
         "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"monitoring": "true"}}}],
                      "ports": [{"port": "metrics"}]}],
@@ -240,7 +223,7 @@ def generate(pods: int, policies: int, seed: int = 1) -> Cluster:
         labels = {"team": TEAMS[i % len(TEAMS)], "env": ENVS[rng.randrange(len(ENVS))]}
         if name == "monitoring":
             labels["monitoring"] = "true"
-        cl.namespaces.append(ns_manifest(name, labels))
+        cl.namespaces.append(builders.ns(name, **labels))
     local = min(LOCAL_CAP, int(pods * LOCAL_SHARE))
     remote_nodes = max(1, (pods - local) // PODS_PER_NODE)
     local_slots = set(rng.sample(range(pods), local))
@@ -264,3 +247,31 @@ def peer_block_addresses(n: int, base: str = "100.64.0.0") -> list[str]:
     """n distinct /32s that never collapse into a shorter prefix (every other address)."""
     start = int(ipaddress.IPv4Address(base))
     return [f"{ipaddress.IPv4Address(start + 1 + 2 * i)}/32" for i in range(n)]
+
+
+# The datapath benchmark's two pods and ports.
+CLIENT_IP, SERVER_IP = "10.99.0.1", "10.99.0.2"
+IPERF_PORT, CRR_PORT, RR_PORT = 5201, 7000, 7001
+
+
+def datapath_manifests(peers: int) -> list[dict[str, Any]]:
+    """The lab's two pods and (peers > 0) the server's policy with `peers` extra /32s."""
+    objs = [
+        builders.ns("bench", team="bench"),
+        builders.pod("bench/client", [CLIENT_IP], {"app": "client"}, [], nodeName=LOCAL_NODE),
+        builders.pod("bench/server", [SERVER_IP], {"app": "server"},
+            [{"name": "iperf", "containerPort": IPERF_PORT, "protocol": "TCP"}], nodeName=LOCAL_NODE),
+    ]
+    if peers:
+        blocks = [{"ipBlock": {"cidr": c}} for c in peer_block_addresses(peers)]
+        objs.append(builders.policy("bench/server-allow", {
+            "podSelector": {"matchLabels": {"app": "server"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [{"podSelector": {"matchLabels": {"app": "client"}}}, *blocks],
+                "ports": [{"protocol": "TCP", "port": "iperf"},
+                          {"protocol": "TCP", "port": CRR_PORT, "endPort": RR_PORT},
+                          {"protocol": "UDP", "port": IPERF_PORT}],
+            }],
+        }))
+    return objs

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.reliability.harness import (
+from tests.kit import Lab
+from tests.kit.reliability.harness import (
     Agent,
     NodeHttp,
     Prober,
@@ -22,7 +23,7 @@ from bench.reliability.harness import (
     probe_round,
     wall,
 )
-from bench.reliability.world import (
+from tests.kit.reliability.world import (
     NODE,
     World,
     base_world,
@@ -34,7 +35,6 @@ from bench.reliability.world import (
     random_world,
     write_atomic,
 )
-from tests.lab import Lab
 
 
 def _agent(lab: Lab, work: Path, dataplane: str) -> Agent:
@@ -372,7 +372,7 @@ def dir_fuzz(lab: Lab, dataplane: str, work: Path, examples: int, seed: int) -> 
     from hypothesis import strategies as st
 
     from agent.pipeline import DirectoryPipeline
-    from tests.unit.test_fuzz_kubernetes import MUTATIONS, policies
+    from tests.kit.fuzz_kubernetes import MUTATIONS, policies
 
     build_lab(lab)
     agent = _agent(lab, work, dataplane)

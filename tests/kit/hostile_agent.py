@@ -8,7 +8,7 @@ test_hostile_names.py: endpoints and policies with hostile names, built as IR di
   {"cmd": "drops", "timeout": s}  -> {"drops": [describe(event)...]} (what arrived, waiting
                                       up to s seconds for the first)
 
-Run as `python -m tests.integration.hostile_agent nftables|ebpf`.
+Run as `python -m tests.kit.hostile_agent nftables|ebpf`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@
     netprobe.py probe TIMEOUT SPEC...    SPEC = proto:addr:port (tcp, udp) or icmp:addr (echo
                                          request, raw socket); prints one JSON object
                                          {"SPEC": true|false} (true: a reply came back)
+    netprobe.py refused TIMEOUT SPEC...  SPEC = proto:addr:port, a closed port; prints
+                                         {"SPEC": "refused"|"timeout"|"answered"}
+                                         (refused: the RST / ICMP error came back)
+    netprobe.py big TIMEOUT SIZE SPEC... UDP datagrams of SIZE bytes (fragmented both ways);
+                                         prints {"SPEC": true|false} (true: the echo came back)
 """
 
 from __future__ import annotations
@@ -130,6 +135,39 @@ def probe_one(spec: str, timeout: float) -> bool:
             return False
 
 
+def refused(spec: str, timeout: float) -> str:
+    """What a connection to a closed port meets: "refused" (RST or ICMP error), "timeout"."""
+    proto, rest = spec.split(":", 1)
+    addr, port = rest.rsplit(":", 1)
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect((addr, int(port)))
+            s.send(b"ping")
+            s.recv(64)
+            return "answered"
+        except ConnectionRefusedError:
+            return "refused"
+        except OSError:
+            return "timeout"
+
+
+def big(spec: str, size: int, timeout: float) -> bool:
+    """One UDP datagram of `size` bytes; True if the (as large) echo came back."""
+    _, rest = spec.split(":", 1)
+    addr, port = rest.rsplit(":", 1)
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect((addr, int(port)))
+            s.send(b"x" * size)
+            return len(s.recv(65536)) > 1500
+        except OSError:
+            return False
+
+
 def probe(timeout: float, specs: list[str]) -> None:
     results: dict[str, bool] = {}
 
@@ -149,5 +187,9 @@ if __name__ == "__main__":
         serve([int(p) for p in sys.argv[2:]])
     elif sys.argv[1] == "hold":
         hold(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1] == "refused":
+        print(json.dumps({spec: refused(spec, float(sys.argv[2])) for spec in sys.argv[3:]}))
+    elif sys.argv[1] == "big":
+        print(json.dumps({spec: big(spec, int(sys.argv[3]), float(sys.argv[2])) for spec in sys.argv[4:]}))
     else:
         probe(float(sys.argv[2]), sys.argv[3:])

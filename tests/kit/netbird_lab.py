@@ -3,7 +3,7 @@
 The local peer is the lab's node namespace; every other peer is a namespace of its own.
 Each holds a TUN device `wt0` (NetBird's interface under userspace WireGuard: an L3
 device, packets start at the IP header) with the peer's overlay IPv4 (/16 inside
-100.64.0.0/10) and IPv6 (/64). A relay process (tunrelay.py) owns every wt0 and moves
+100.64.0.0/10) and IPv6 (/64). A relay process (tests/kit/tunrelay.py) owns every wt0 and moves
 packets between them by destination address, as NetBird's userspace WireGuard does.
 Each peer runs netprobe TCP/UDP servers.
 
@@ -14,16 +14,13 @@ the peers' namespaces, and runs even after failures (use it as a context manager
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from tests.lab import NETPROBE, Lab, probe_from, sh, until
+from tests.kit import NETPROBE, ROOT, Lab, probe_from, sh, stop, tunrelay, until
 
-TUNRELAY = Path(__file__).with_name("tunrelay.py")
 DEVICE = "wt0"
 PREFIX4, PREFIX6 = 16, 64
 LOCAL = "local"
@@ -78,10 +75,9 @@ class NetbirdLab:
 
     def start(self) -> None:
         """Create every wt0 through the relay, address them, start the servers."""
-        specs = [f"{p.netns}={','.join(p.ips)}" for p in self.peers.values()]
         self.relay = subprocess.Popen(
-            [sys.executable, str(TUNRELAY), self.device, *specs],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            tunrelay.command(self.device, {p.netns: ",".join(p.ips) for p in self.peers.values()}),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )
         self.lab.procs.append(self.relay)
         assert self.relay.stdout is not None
@@ -108,10 +104,7 @@ class NetbirdLab:
     def close(self) -> None:
         """Stop the relay and servers (the Lab would too) and delete the peers' namespaces."""
         for proc in [*self.servers, *([self.relay] if self.relay else [])]:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+            stop(proc)
         for netns in self._created:
             sh("ip", "netns", "del", netns, check=False)
 

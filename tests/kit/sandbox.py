@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tests.lab import Lab
+    from tests.kit import Lab
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "stockade.service"
@@ -226,26 +226,15 @@ def command(conf: Confinement, argv: Sequence[str], paths: Mapping[str, str] | N
     caps = ",".join(["-all", *(f"+{c}" for c in conf.caps if c in available_caps())])
     spec = json.dumps(asdict(conf))
     return ["unshare", "--mount", "--propagation", "private", "--",
-            sys.executable, "-m", "tests.lab.sandbox", "mounts", spec, json.dumps(paths or {}), "--",
+            sys.executable, "-m", "tests.kit.sandbox", "mounts", spec, json.dumps(paths or {}), "--",
             "setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", f"--ambient-caps={caps}",
             *(["--no-new-privs"] if conf.nnp else []),
-            sys.executable, "-m", "tests.lab.sandbox", "seccomp", spec, "--", *argv]
+            sys.executable, "-m", "tests.kit.sandbox", "seccomp", spec, "--", *argv]
 
 
 def spawn_agent(lab: Lab, conf: Confinement, *args: str, paths: Mapping[str, str] | None = None) -> subprocess.Popen:
     """Lab.spawn_agent, confined: `stockade <args>` in the node namespace, output to a file."""
-    fd, name = tempfile.mkstemp(prefix=f"{lab.prefix}-agent-", suffix=".log")
-    try:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab.node,
-             *command(conf, [sys.executable, "-m", "agent.cli", *args], paths)],
-            cwd=ROOT, stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-    finally:
-        os.close(fd)
-    lab.procs.append(proc)
-    lab.logs[proc.pid] = Path(name)
-    return proc
+    return lab.spawn_in_node(command(conf, [sys.executable, "-m", "agent.cli", *args], paths))
 
 
 def _install(conf: Confinement) -> None:
@@ -372,7 +361,7 @@ def _confinement(text: str) -> Confinement:
 def run_cli(lab: Lab, conf: Confinement, *args: str, check: bool = True,
             paths: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     """Lab.stockade, confined: the CLI once, in the node namespace."""
-    from tests.lab import sh
+    from tests.kit import sh
 
     return sh(*command(conf, [sys.executable, "-m", "agent.cli", *args], paths), check=check, ns=lab.node, cwd=ROOT)
 
@@ -384,7 +373,7 @@ def main(argv: list[str]) -> None:
     if len(argv) >= 3 and argv[0] == "seccomp" and argv[2] == "--":
         _install(_confinement(argv[1]))
         os.execvp(argv[3], argv[3:])
-    raise SystemExit("usage: python -m tests.lab.sandbox mounts CONFINEMENT PATHS -- CMD... | "
+    raise SystemExit("usage: python -m tests.kit.sandbox mounts CONFINEMENT PATHS -- CMD... | "
                      "seccomp CONFINEMENT -- CMD...")
 
 

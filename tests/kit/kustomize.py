@@ -31,24 +31,41 @@ class KustomizeError(ValueError):
 
 def build(directory: Path) -> list[Doc]:
     """The objects `kustomize build directory` would print (for the fields above)."""
+    return [doc for _, _, doc in render(directory)]
+
+
+def render(directory: Path, top: Path | None = None) -> list[tuple[str, int, Doc]]:
+    """`build`, each object with where it comes from: its file (relative to `top`, by
+    default `directory`) and index in it, plus "+PATCH" for every patch file applied."""
+    top = (top or directory).resolve()
     kfile = directory / "kustomization.yaml"
     k = yaml.safe_load(kfile.read_text()) or {}
     unknown = set(k) - KNOWN
     if unknown:
         raise KustomizeError(f"{kfile}: fields this renderer does not implement: {sorted(unknown)}")
-    docs: list[Doc] = []
+    entries: list[list[Any]] = []  # [where, index, doc]
     for res in k.get("resources", []):
         path = directory / res
         if path.is_dir():
-            docs.extend(build(path))
+            entries.extend(list(e) for e in render(path, top))
         else:
-            docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+            docs = yaml.safe_load_all(path.read_text())
+            entries.extend([_relative(path, top), i, d] for i, d in enumerate(docs) if d)
+    docs = [doc for *_, doc in entries]
+
+    def applied(hits: list[Doc], source: str) -> None:
+        for e in entries:
+            if any(e[2] is d for d in hits):
+                e[0] += f"+{source}"
+
     for entry in k.get("patchesStrategicMerge", []):
-        patch = entry if "\n" in entry else (directory / entry).read_text()
+        inline = "\n" in entry
+        patch = entry if inline else (directory / entry).read_text()
         for p in yaml.safe_load_all(patch):
-            _apply_smp(docs, p, kfile)
+            applied(_apply_smp(docs, p, kfile), "inline" if inline else _relative(directory / entry, top))
     for entry in k.get("patches", []):
         text = entry["patch"] if "patch" in entry else (directory / entry["path"]).read_text()
+        source = _relative(directory / entry["path"], top) if "path" in entry else "inline"
         patch = yaml.safe_load(text)
         target = entry.get("target") or {}
         if isinstance(patch, list):  # JSON 6902
@@ -57,8 +74,9 @@ def build(directory: Path) -> list[Doc]:
                 raise KustomizeError(f"{kfile}: patch target {target} matches nothing")
             for d in hits:
                 _apply_json6902(d, patch)
+            applied(hits, source)
         else:
-            _apply_smp(docs, patch, kfile, target)
+            applied(_apply_smp(docs, patch, kfile, target), source)
     if "namespace" in k:
         for d in docs:
             if d.get("kind") not in {"ClusterRole", "ClusterRoleBinding", "Namespace"}:
@@ -69,7 +87,12 @@ def build(directory: Path) -> list[Doc]:
                 name, _, _ = c.get("image", "").partition(":")
                 if name == img["name"]:
                     c["image"] = f"{img.get('newName', name)}:{img.get('newTag', 'latest')}"
-    return docs
+    return [(where, index, doc) for where, index, doc in entries]
+
+
+def _relative(path: Path, top: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(top)) if path.is_relative_to(top) else str(path)
 
 
 def _containers(d: Doc) -> list[Doc]:
@@ -82,7 +105,7 @@ def _matches(d: Doc, target: dict[str, Any]) -> bool:
         "name" not in target or d.get("metadata", {}).get("name") == target["name"])
 
 
-def _apply_smp(docs: list[Doc], patch: Doc, where: Path, target: dict[str, Any] | None = None) -> None:
+def _apply_smp(docs: list[Doc], patch: Doc, where: Path, target: dict[str, Any] | None = None) -> list[Doc]:
     sel = {"kind": patch.get("kind"), "name": patch.get("metadata", {}).get("name"), **(target or {})}
     hits = [d for d in docs if _matches(d, sel)]
     if not hits:
@@ -91,6 +114,7 @@ def _apply_smp(docs: list[Doc], patch: Doc, where: Path, target: dict[str, Any] 
         merged = _merge(d, patch, "")
         d.clear()
         d.update(merged)
+    return hits
 
 
 def _merge(base: Any, patch: Any, field: str) -> Any:
@@ -109,16 +133,17 @@ def _merge(base: Any, patch: Any, field: str) -> Any:
     if isinstance(patch, list) and isinstance(base, list) and field in MERGE_KEYS:
         mk = MERGE_KEYS[field]
         out = copy.deepcopy(base)
+        new: list[Doc] = []
         for item in patch:
             at = next((i for i, b in enumerate(out) if b.get(mk) == item.get(mk)), None)
             if item.get("$patch") == "delete":
                 if at is not None:
                     del out[at]
             elif at is None:
-                out.append(copy.deepcopy(item))
+                new.append(copy.deepcopy(item))
             else:
                 out[at] = _merge(out[at], item, field)
-        return out
+        return new + out  # kustomize (kyaml, ListPrepend) puts new items first, in the patch's order
     return copy.deepcopy(patch)  # scalars and atomic lists (e.g. capabilities.add) are replaced
 
 

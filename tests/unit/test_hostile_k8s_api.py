@@ -3,7 +3,6 @@ problems (object and field path) as the manifest directory. No kernel: the simul
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,10 @@ import pytest
 from agent.pipeline import DirectoryPipeline, KubernetesPipeline
 from agent.query import matrix
 from agent.sources.kubernetes import KubernetesSource
-from tests.helpers import ns, pod, policy
-from tests.integration.kubeapi import FakeKubeAPI
-from tests.lab.cases import write_dir
+from tests.kit import until
+from tests.kit.builders import ns, pod, policy
+from tests.kit.cases import write_dir
+from tests.kit.kubeapi import FakeKubeAPI
 
 pytest.importorskip("kubernetes")
 
@@ -56,9 +56,7 @@ def test_api_source_reads_hostile_objects_like_the_directory(source, tmp_path: P
     objects = hostile()
     api.set_state(objects)
     pipe = KubernetesPipeline(None, source=src)
-    deadline = time.monotonic() + 30
-    while len(src.read()[0]) < len(objects) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    until(lambda: len(src.read()[0]) >= len(objects), 30, 0.05)
     snap = pipe.snapshot()
     directory = DirectoryPipeline(write_dir(tmp_path / "dir", objects), None).snapshot()
     problems = sorted((p.ref.kind, p.ref.namespace, p.ref.name, p.field) for p in snap.problems)

@@ -5,8 +5,6 @@ records every probe's outcome with its time window."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import re
 import signal
 import subprocess
@@ -15,14 +13,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.reliability.world import CHECKS, LAB_PODS, NODE, Verdicts, cross_mixture
-from tests.lab import Lab
+from tests.kit import Lab, netns
+from tests.kit.reliability.world import CHECKS, LAB_PODS, NODE, Verdicts, cross_mixture
 
-CLONE_NEWNET = 0x40000000
 METRICS = "127.0.0.1:9754"
 
 
@@ -69,17 +65,7 @@ class NodeHttp:
     """HTTP GETs from a thread that lives in the lab's node namespace (no process per call)."""
 
     def __init__(self, lab: Lab) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-
-        def enter() -> None:
-            fd = os.open(f"/run/netns/{lab.node}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-
-        self.pool = ThreadPoolExecutor(max_workers=1, initializer=enter)
+        self.pool = netns.worker(lab.node)
 
     def get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
         def fetch() -> tuple[int, str]:

@@ -1,8 +1,0 @@
-"""Shared pieces of the eBPF packet tests."""
-
-from __future__ import annotations
-
-
-
-
-
