@@ -12,22 +12,16 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_netbird_packets import (  # noqa: F401  (env is a fixture)
-    INBOUND,
-    LOCAL,
-    F,
-    Flow,
-    NbEnv,
-    _diff,
-    _group,
-    _rule,
-    env,
-)
-from tests.lab.netbird import wait_for
+from tests.kit import netbird_env
+from tests.kit.netbird_env import INBOUND, F, Flow, NbEnv, _group, _rule
+from tests.kit.netbird_env import diff_flows as _diff
+from tests.kit.netbird_lab import LOCAL, wait_for
+
+env = netbird_env.env  # the fixture of the NetBird packet tests
 
 
 @pytest.fixture
-def nbenv(env: NbEnv) -> NbEnv:  # noqa: F811  (the lab, overlay and API of the NetBird packet tests)
+def nbenv(env: NbEnv) -> NbEnv:  # the lab, overlay and API of the NetBird packet tests
     return env
 
 
