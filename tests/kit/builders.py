@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import yaml
+
 from agent.admission import LastGood
 from agent.pipeline import Snapshot, compile_kubernetes
 from agent.sources.kubeobjects import RawObject, expand, ref_of
@@ -48,3 +50,16 @@ BASE = [
                                                           "protocol": "UDP"}]),
     pod("b/cli", "10.0.1.1", {"app": "cli"}),
 ]
+
+
+class _NoAliases(yaml.SafeDumper):
+    """PyYAML writes an anchor and an alias for an object it meets twice; the manifest
+    directory refuses aliases (bounded input), so manifests are written in full."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_manifests(docs: list[dict[str, Any]]) -> str:
+    """Multi-document YAML of `docs` as an operator's tooling writes it: no anchors or aliases."""
+    return yaml.dump_all(docs, Dumper=_NoAliases)

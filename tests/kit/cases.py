@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from tests.kit.builders import dump_manifests
+
 DATA = Path(__file__).resolve().parents[1] / "data" / "upstream"
 V6_BASE = int(ipaddress.IPv6Address("fd00:10::"))
 _V4 = re.compile(r"^(10\.10\.\d+\.\d+)(/\d+)?$")
@@ -73,9 +75,9 @@ def write_dir(path: Path, objects: list[dict[str, Any]]) -> Path:
         old.unlink()
     cluster = [o for o in objects if o["kind"] != "NetworkPolicy"]
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
-    (path / "cluster.yaml").write_text(yaml.safe_dump_all(cluster))
+    (path / "cluster.yaml").write_text(dump_manifests(cluster))
     if policies:
-        (path / "policies.yaml").write_text(yaml.safe_dump_all(policies))
+        (path / "policies.yaml").write_text(dump_manifests(policies))
     return path
 
 

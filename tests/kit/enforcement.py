@@ -6,10 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tests.kit import Lab
-from tests.kit.builders import ns, pod, policy
+from tests.kit.builders import dump_manifests, ns, pod, policy
 
 A, B, C = "10.20.0.1", "10.20.0.2", "10.20.0.3"
 A6, B6 = "fd00:20::1", "fd00:20::2"
@@ -29,7 +27,7 @@ def cluster(**labels: dict[str, str]) -> list[dict[str, Any]]:
 def write(src: Path, docs: list[dict[str, Any]]) -> None:
     src.mkdir(exist_ok=True)
     tmp = src / ".manifests.tmp"
-    tmp.write_text(yaml.safe_dump_all(docs))
+    tmp.write_text(dump_manifests(docs))
     tmp.rename(src / "manifests.yaml")  # atomic, as an operator's tooling would
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.kit import Lab
+from tests.kit.builders import dump_manifests
 from tests.kit.reliability.harness import (
     Agent,
     NodeHttp,
@@ -367,7 +368,6 @@ def dir_fuzz(lab: Lab, dataplane: str, work: Path, examples: int, seed: int) -> 
     the file open (part written) the previous version stays exactly in force."""
     import json
 
-    import yaml
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
@@ -422,7 +422,7 @@ def dir_fuzz(lab: Lab, dataplane: str, work: Path, examples: int, seed: int) -> 
             later = "lasting" if disagreements(probe_round(lab), ref) else "gone 1 s later"
             failures.extend(f"case {figures['cases']} valid-only ({later}): {d}" for d in wrong)
         # 2. everything, invalid objects and a garbage file included, written per `mode`
-        text = json.dumps({"kind": "List", "items": docs_all}) if mode == "json" else yaml.safe_dump_all(docs_all)
+        text = json.dumps({"kind": "List", "items": docs_all}) if mode == "json" else dump_manifests(docs_all)
         name = "fuzz.json" if mode == "json" else "fuzz.yaml"
         target = src / name
         if mode == "in_place":  # truncate, write part, pause (the daemon syncs), write the rest

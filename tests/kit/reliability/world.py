@@ -19,13 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent.ir import Verdict
 from agent.pipeline import DirectoryPipeline, Snapshot
 from agent.query import matrix
 from agent.simulate import evaluate, index_by_ip
-from tests.kit.builders import ns, pod, policy
+from tests.kit.builders import dump_manifests, ns, pod, policy
 
 NODE = "lab"
 NET = "10.30.0"
@@ -86,7 +84,7 @@ def write_atomic(src: Path, docs: list[dict[str, Any]], name: str = "cluster.yam
     staging.mkdir(exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=staging, suffix=".yaml")
     with os.fdopen(fd, "w") as f:
-        yaml.safe_dump_all(docs, f)
+        f.write(dump_manifests(docs))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, src / name)
