@@ -1,0 +1,231 @@
+"""NetworkPolicy semantics: admitted policies and the inventory -> the IR, per local endpoint."""
+
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from agent.inventory import Endpoint, Inventory, IPAddress, Problem
+from agent.ir import (
+    Direction,
+    DirectionProgram,
+    EndpointProgram,
+    Network,
+    Origin,
+    PeerSet,
+    PortMatch,
+    Program,
+    Rule,
+)
+from agent.policy.errors import (
+    Invalid,
+)
+from agent.policy.kubernetes.parse import NetworkPolicy, Peer, PolicyRule, PortSpec, parse_policy
+from agent.policy.selectors import Selector
+
+
+class _Resolver:
+    """Resolves peers to addresses, memoised per selector pair (many policies share them)."""
+
+    def __init__(self, inv: Inventory) -> None:
+        self.inv = inv
+        self.by_namespace: dict[str, list[Endpoint]] = defaultdict(list)
+        for ep in inv.endpoints.values():
+            self.by_namespace[ep.namespace].append(ep)
+        self._cache: dict[tuple[Any, ...], tuple[Endpoint, ...]] = {}
+
+    def namespaces(self, sel: Selector) -> list[str]:
+        """Namespaces a namespaceSelector matches; never one whose labels did not validate
+        (its real labels are unknown: not even NotIn or DoesNotExist may match it)."""
+        names = set(self.by_namespace) | set(self.inv.namespaces)
+        out = []
+        for n in names:
+            ns = self.inv.namespace(n)
+            if not ns.labels_invalid and sel.matches(ns.labels):
+                out.append(n)
+        return sorted(out)
+
+    def pods(self, peer: Peer, policy_ns: str) -> tuple[Endpoint, ...]:
+        key = (peer.pod_selector, peer.namespace_selector, policy_ns)
+        hit = self._cache.get(key)
+        if hit is None:
+            nss = [policy_ns] if peer.namespace_selector is None else self.namespaces(peer.namespace_selector)
+            psel = peer.pod_selector or Selector()
+            # A pod whose labels did not validate is matched by no peer (fail closed).
+            hit = tuple(
+                ep for ns in nss for ep in self.by_namespace.get(ns, ())
+                if not ep.labels_invalid and psel.matches(ep.labels)
+            )
+            self._cache[key] = hit
+        return hit
+
+    def peer_set(self, peers: tuple[Peer, ...], policy_ns: str) -> PeerSet:
+        nets: list[Network | IPAddress] = []
+        for p in peers:
+            if p.ip_block is not None:
+                nets.extend(p.ip_block.nets())
+            else:
+                for ep in self.pods(p, policy_ns):
+                    nets.extend(ep.ips)
+        return PeerSet.of(nets)
+
+
+def _numeric_ports(ports: Iterable[PortSpec]) -> list[PortMatch]:
+    out = []
+    for p in ports:
+        proto = p.protocol.lower()
+        if p.port is None:
+            out.append(PortMatch(proto))
+        elif isinstance(p.port, int):
+            out.append(PortMatch(proto, p.port, p.end_port or p.port))
+    return out
+
+
+def _named(ports: Iterable[PortSpec]) -> list[PortSpec]:
+    return [p for p in ports if isinstance(p.port, str)]
+
+
+class _Compiler:
+    def __init__(self, inv: Inventory, policies: list[NetworkPolicy]) -> None:
+        self.inv = inv
+        self.res = _Resolver(inv)
+        self.by_ns: dict[str, list[NetworkPolicy]] = defaultdict(list)
+        for p in sorted(policies, key=lambda p: (p.namespace, p.name)):
+            self.by_ns[p.namespace].append(p)
+        # Peer sets depend only on (policy, direction, rule): compute once, share by key.
+        self._peers: dict[str, PeerSet | None] = {}
+        self._egress_named: dict[str, list[Rule]] = {}
+
+    def _rule_peers(self, key: str, rule: PolicyRule, ns: str) -> PeerSet | None:
+        if key not in self._peers:
+            self._peers[key] = None if rule.peers is None else self.res.peer_set(rule.peers, ns)
+        return self._peers[key]
+
+    def _ingress_rules(self, pol: NetworkPolicy, ep: Endpoint) -> list[Rule]:
+        out = []
+        for i, rule in enumerate(pol.ingress):
+            key = f"{pol.source}:{pol.key}/ingress/{i}"
+            origin = Origin(pol.source, pol.namespace, pol.name, Direction.INGRESS, i)
+            ports = _numeric_ports(rule.ports)
+            for p in _named(rule.ports):  # resolved against the selected (destination) pod
+                num = ep.named_port(str(p.port), p.protocol)
+                if num is not None:
+                    ports.append(PortMatch(p.protocol.lower(), num, num))
+            if rule.ports and not ports:
+                continue  # every port was a name this pod lacks: the rule matches nothing
+            peers = self._rule_peers(key, rule, pol.namespace)
+            out.append(Rule(origin, peers, PortMatch.canonical(ports), key=key))
+        return out
+
+    def _candidates(self, rule: PolicyRule, ns: str) -> list[Endpoint]:
+        """Pods that may be this rule's destinations: the selected ones, plus any pod whose
+        address an ipBlock covers (every pod when the rule has no peers)."""
+        if rule.peers is None:
+            return list(self.inv.endpoints.values())
+        out: dict[str, Endpoint] = {}
+        blocks: list[Network] = []
+        for p in rule.peers:
+            if p.ip_block is not None:
+                blocks.extend(p.ip_block.nets())
+            else:
+                out.update((ep.key, ep) for ep in self.res.pods(p, ns))
+        if blocks:
+            covered = PeerSet.of(blocks)
+            out.update((ep.key, ep) for ep in self.inv.endpoints.values() if any(map(covered.contains, ep.ips)))
+        return list(out.values())
+
+    def _egress_rules(self, pol: NetworkPolicy) -> list[Rule]:
+        """Egress rules do not depend on the selected pod: compute once per policy."""
+        cache_key = f"{pol.source}:{pol.key}"
+        if cache_key in self._egress_named:
+            return self._egress_named[cache_key]
+        out: list[Rule] = []
+        for i, rule in enumerate(pol.egress):
+            key = f"{pol.source}:{pol.key}/egress/{i}"
+            origin = Origin(pol.source, pol.namespace, pol.name, Direction.EGRESS, i)
+            peers = self._rule_peers(key, rule, pol.namespace)
+            numeric = _numeric_ports(rule.ports)
+            if numeric or not rule.ports:
+                out.append(Rule(origin, peers, PortMatch.canonical(numeric), key=key))
+            named = _named(rule.ports)
+            if not named:
+                continue
+            # Named ports resolve on each destination pod: group peer addresses by number.
+            buckets: dict[tuple[str, int], list[IPAddress]] = defaultdict(list)
+            for ep in self._candidates(rule, pol.namespace):
+                ips = [ip for ip in ep.ips if peers is None or peers.contains(ip)]
+                if not ips:
+                    continue
+                for p in named:
+                    num = ep.named_port(str(p.port), p.protocol)
+                    if num is not None:
+                        buckets[(p.protocol.lower(), num)].extend(ips)
+            for (proto, num), ips in sorted(buckets.items()):
+                nkey = f"{key}/{proto}/{num}"
+                out.append(
+                    Rule(origin, PeerSet.of(ips), (PortMatch(proto, num, num),), key=nkey)
+                )
+        self._egress_named[cache_key] = out
+        return out
+
+    def endpoint(self, ep: Endpoint) -> EndpointProgram:
+        ing_rules: list[Rule] = []
+        eg_rules: list[Rule] = []
+        ing_by: list[str] = []
+        eg_by: list[str] = []
+        for pol in self.by_ns.get(ep.namespace, ()):
+            # Fail closed on either side: an invalid podSelector, or a pod whose labels did
+            # not validate, means selected for isolation; the policy's rules apply only when
+            # the selection is certain (a pod with bad labels: only an empty podSelector).
+            if pol.pod_selector.invalid or ep.labels_invalid:
+                isolates, rules = True, pol.pod_selector.empty
+            else:
+                isolates = rules = pol.pod_selector.matches(ep.labels)
+            if not isolates:
+                continue
+            if "Ingress" in pol.types:
+                ing_by.append(pol.key)
+                if rules:
+                    ing_rules.extend(self._ingress_rules(pol, ep))
+            if "Egress" in pol.types:
+                eg_by.append(pol.key)
+                if rules:
+                    eg_rules.extend(self._egress_rules(pol))
+        return EndpointProgram(
+            key=ep.key,
+            ips=ep.ips,
+            ingress=DirectionProgram(bool(ing_by), tuple(ing_rules), tuple(ing_by)),
+            egress=DirectionProgram(bool(eg_by), tuple(eg_rules), tuple(eg_by)),
+            interface=ep.interface,
+        )
+
+
+def compile_program(
+    inv: Inventory,
+    policies: list[NetworkPolicy],
+    node: str | None = None,
+    source: str = "file",
+) -> Program:
+    """The IR for the endpoints on `node` (every endpoint when node is None)."""
+    comp = _Compiler(inv, policies)
+    eps = {
+        key: comp.endpoint(ep)
+        for key, ep in sorted(inv.endpoints.items())
+        if node is None or ep.node == node
+    }
+    return Program(source=source, endpoints=eps)
+
+
+def compile_inventory(inv: Inventory, node: str | None = None, source: str = "file") -> Program:
+    """Compile the admitted policies of an inventory (as admission read them, fail-closed)."""
+    policies = []
+    for raw in inv.policies.values():
+        if isinstance(raw.parsed, NetworkPolicy):
+            policies.append(raw.parsed)
+            continue
+        issues: list[Invalid] = []
+        policies.append(parse_policy(raw, issues))
+        inv.problems.extend(Problem(raw.ref, e.field, e.message) for e in issues)
+    return compile_program(inv, policies, node=node, source=source)
