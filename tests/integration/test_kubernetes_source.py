@@ -20,7 +20,8 @@ from agent.dataplane.base import ApplyStats, Counters, Dataplane
 from agent.ir import Program
 from agent.pipeline import DirectoryPipeline, KubernetesPipeline, PipelineError, SourceNotSynced
 from agent.query import matrix
-from agent.sources.kubernetes import Backoff, KubernetesSource, api_client
+from agent.sources.backoff import Backoff
+from agent.sources.kubernetes import KubernetesSource, api_client
 from tests.helpers import ns, pod, policy
 from tests.integration.kubeapi import TOKEN, FakeKubeAPI
 from tests.lab.cases import expected_grid, load_cases, off_diagonal, pod_keys, step_objects, write_dir
