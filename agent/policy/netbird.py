@@ -29,7 +29,7 @@ an accept rule it matches nothing (bad entries drop out; nothing valid left = th
 void, never "every port"). An unknown action counts as drop; an unreadable rule is a drop
 of everything; a policy whose `enabled` is invalid keeps its drops and loses its accepts.
 The source keeps an invalid policy's last good version in force and adds the drops of the
-invalid one (agent/sources/netbird.py).
+invalid one (agent/admission/netbird.py).
 
 Posture checks are evaluated per source peer with three outcomes. `nb_version_check` and
 `geo_location_check` are evaluated from /api/peers data. Checks the REST data cannot
@@ -528,31 +528,6 @@ def parse_posture_check(body: Any) -> PostureCheck:
             checks.append(UnevaluableCheck(kind))
     return PostureCheck(id=_str(pc, "id", ""), name=_str(pc, "name", "", required=False),
                         checks=tuple(checks))
-
-
-def partial_view(groups: Any, peers: Any) -> str | None:
-    """Why this /api/groups + /api/peers pair is not the whole account, or None if it is.
-
-    A token whose user may see only some peers gets a partial /api/peers; the `All`
-    group still names (or at least counts) every peer. Tolerates any shape: what cannot
-    be verified counts as partial.
-    """
-    if not isinstance(groups, list) or not isinstance(peers, list):
-        return "groups or peers is not a list"
-    visible = {p.get("id") for p in peers if isinstance(p, Mapping)}
-    alls = [g for g in groups if isinstance(g, Mapping) and g.get("name") == ALL_GROUP]
-    if len(alls) != 1:
-        return f"expected exactly one '{ALL_GROUP}' group, found {len(alls)}"
-    all_group = alls[0]
-    members = all_group.get("peers")
-    ids = {m.get("id") if isinstance(m, Mapping) else m for m in members or []}
-    missing = ids - visible
-    if missing:
-        return f"{len(missing)} of the {len(ids)} peers in group '{ALL_GROUP}' are not in /api/peers"
-    count = all_group.get("peers_count")
-    if isinstance(count, int) and count > len(visible):
-        return f"group '{ALL_GROUP}' counts {count} peers but /api/peers lists {len(visible)}"
-    return None
 
 
 # ---------------------------------------------------------------- posture
