@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -157,15 +156,7 @@ class DirectoryPipeline:
         if self.index_file is None or self.readonly:
             return
         try:
-            self.index_file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.index_file.parent, prefix=".files-")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(index, f)
-                os.replace(tmp, self.index_file)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            write_json(self.index_file, index, prefix=".files-")
         except OSError as e:  # only a later process's fallback is lost: not worth failing the sync
             self._index = {}  # written again next time
             log.warning("cannot save %s: %s", self.index_file, e)

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from agent.admission import LastGood
+from agent.admission.lastgood import LastGood
 from agent.inventory import ObjectRef, Problem, RawPolicy
 from agent.policy import netbird as nb
 from agent.sources.kubeobjects import RawObject
