@@ -8,20 +8,13 @@ the fields the semantics read, so memory follows what matters. Validation is adm
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from agent.inventory import ObjectRef
+from agent.inventory import ObjectRef, RawObject
+
+__all__ = ["KINDS", "RawObject", "expand", "ref_of", "trim"]  # RawObject: the raw shape every source yields
 
 KINDS = ("Namespace", "Pod", "NetworkPolicy")
-
-
-@dataclass(frozen=True)
-class RawObject:
-    """One Kubernetes object as delivered, with where it came from."""
-
-    ref: ObjectRef
-    body: Mapping[str, Any]
 
 
 def expand(doc: Any) -> Iterator[Mapping[str, Any]]:

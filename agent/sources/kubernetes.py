@@ -1,5 +1,7 @@
 """The Kubernetes API source: cluster-wide list+watch of Namespaces, Pods and NetworkPolicies.
 
+(Over 500 lines: reflector, cache, pod CIDRs and client setup are one source; parts would reach into each other.)
+
 One reflector thread per resource keeps an in-memory cache of trimmed objects:
 
 - a paginated list (`limit` / `continue`) fills the cache and gives a resourceVersion;
