@@ -322,7 +322,7 @@ class NetbirdPipeline:
             snap = self._build(_Fetched(raw, self._addresses()), data.get("local_peer"))
         except (OSError, ValueError, KeyError, TypeError, FetchError) as e:
             self.store = AccountStore()
-            log.warning("ignoring unusable NetBird state file %s: %s", self.state_file, e)
+            log.warning("ignoring unusable NetBird state file %s: %s: %s", self.state_file, type(e).__name__, e)
             return
         self._snapshot = snap
         self.ready.set()
