@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.admission import LastGood, kubernetes_inventory
-from agent.admission.netbird import AccountStore, admit_account, check_complete
+from agent.admission.netbird import AccountStore, admit_account, check_complete, local_peer
 from agent.inventory import Inventory, IPAddress, ObjectRef, Problem, RawPolicy
 from agent.ir import Network, Program
 from agent.policy import netbird as nb
@@ -353,28 +353,11 @@ class NetbirdPipeline:
         raw = self.source.fetch()
         return _Fetched(raw, self._addresses())
 
-    def _local_peer(self, account: nb.Account, addresses: list[IPAddress] | FetchError | None,
-                    saved: str | None = None) -> str:
-        if self.peer_id is not None:
-            if self.peer_id not in account.peers:
-                raise FetchError("local_peer", f"peer id {self.peer_id} (--netbird-peer-id) is not in /api/peers")
-            return self.peer_id
-        if isinstance(addresses, FetchError) or addresses is None:
-            if saved and saved in account.peers:
-                return saved  # interface down, e.g. while NetBird restarts: keep the peer we knew
-            raise addresses or FetchError("local_peer", f"no addresses read from {self.interface}")
-        addrs = set(addresses)
-        for p in account.peers.values():
-            if addrs.intersection(p.ips):
-                return p.id
-        shown = ", ".join(sorted(map(str, addrs))) or "none"
-        raise FetchError("local_peer", f"no peer in /api/peers has an address of {self.interface} ({shown})")
-
     def _build(self, fetched: _Fetched, saved_local: str | None = None) -> Snapshot:
         check_complete(fetched.raw)
         problems: list[Problem] = []
         account, policy_objs = admit_account(fetched.raw, self.store, self.source.client.location, problems)
-        local = self._local_peer(account, fetched.addresses, saved_local or self._local_id)
+        local = local_peer(account, self.interface, self.peer_id, fetched.addresses, saved_local or self._local_id)
         compiled = nb.compile_account(account, local, interface=self.interface, ranges=self.ranges,
                                       inbound_only=self.inbound_only)
         inv = nb.account_inventory(account, local, self.interface, problems)

@@ -2,17 +2,18 @@
 
 Every object is validated; an invalid one keeps its last good version (`AccountStore`,
 saved with the NetBird state file). A token that sees only part of the account is
-refused whole (`partial_view`): a partial view must never be enforced.
+refused whole (`partial_view`): a partial view must never be enforced; so is an account
+without the local peer (`local_peer`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from agent.admission.lastgood import LastGood
-from agent.inventory import ObjectRef, Problem, RawPolicy
+from agent.inventory import IPAddress, ObjectRef, Problem, RawPolicy
 from agent.policy import netbird as nb
 from agent.sources.kubeobjects import RawObject
 from agent.sources.netbird import FetchError, RawAccount
@@ -68,6 +69,27 @@ def partial_view(groups: Any, peers: Any) -> str | None:
     if isinstance(count, int) and count > len(visible):
         return f"group '{nb.ALL_GROUP}' counts {count} peers but /api/peers lists {len(visible)}"
     return None
+
+
+def local_peer(account: nb.Account, interface: str, peer_id: str | None,
+               addresses: Sequence[IPAddress] | FetchError | None, saved: str | None = None) -> str:
+    """The local peer's id: `peer_id` if given (it must be in the account), else the peer
+    holding an address of `interface` (`addresses`, or why they could not be read).
+    Raises FetchError("local_peer")."""
+    if peer_id is not None:
+        if peer_id not in account.peers:
+            raise FetchError("local_peer", f"peer id {peer_id} (--netbird-peer-id) is not in /api/peers")
+        return peer_id
+    if isinstance(addresses, FetchError) or addresses is None:
+        if saved and saved in account.peers:
+            return saved  # interface down, e.g. while NetBird restarts: keep the peer we knew
+        raise addresses or FetchError("local_peer", f"no addresses read from {interface}")
+    addrs = set(addresses)
+    for p in account.peers.values():
+        if addrs.intersection(p.ips):
+            return p.id
+    shown = ", ".join(sorted(map(str, addrs))) or "none"
+    raise FetchError("local_peer", f"no peer in /api/peers has an address of {interface} ({shown})")
 
 
 def admit_account(
