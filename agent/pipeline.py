@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,7 +24,6 @@ from agent.inventory import Inventory, IPAddress, ObjectRef, Problem, RawPolicy
 from agent.ir import Network, Program
 from agent.policy import netbird as nb
 from agent.policy.kubernetes import compile_inventory
-from agent.sources.backoff import Backoff
 from agent.sources.files import DirectorySource
 from agent.sources.kubeobjects import RawObject
 from agent.sources.netbird import DEFAULT_INTERVAL as NETBIRD_INTERVAL
@@ -35,6 +33,7 @@ from agent.sources.netbird import (
     FetchError,
     NetbirdClient,
     NetbirdSource,
+    Poller,
     RawAccount,
     interface_addresses,
     load_token,
@@ -278,15 +277,12 @@ class NetbirdPipeline:
         self.interface = interface
         self.ranges = tuple(ranges)
         self.inbound_only = inbound_only
-        self.interval = interval
-        self.jitter = jitter
-        self.max_backoff = max(max_backoff, interval)
-        self.backoff = Backoff(min(5.0, interval), self.max_backoff, spread=jitter)
         self.state_file = state_file
         self.readonly = readonly  # explain/matrix read the enforcer's state, never write it
         self.address_lookup = address_lookup
         self.store = AccountStore()  # per-object last good versions (in memory; saved with the state)
         self.faults = Faults()
+        self.poller = Poller(self.faults, interval, jitter, max_backoff)  # the poll thread: fetches only
         self.errors = self.faults.errors  # fault cause -> occurrences
         self.polls = self.faults.polls  # "success" | "error"
         self.ready = threading.Event()  # set at the first good state (API or state file)
@@ -424,10 +420,8 @@ class NetbirdPipeline:
             return self._snapshot.program
 
     def next_delay(self, failures: int) -> float:
-        """Seconds until the next poll: the interval, or exponential backoff after faults."""
-        if failures == 0:
-            return max(0.05, self.interval * (1 + random.uniform(-self.jitter, self.jitter)))
-        return max(0.05, self.backoff.delay(failures - 1))
+        """Seconds until the next poll (the poller's)."""
+        return self.poller.next_delay(failures)
 
     def _poll(self) -> bool:
         """Fetch once (poll thread). True if the daemon should compile."""
@@ -446,29 +440,11 @@ class NetbirdPipeline:
             return changed
 
     def watch(self, on_change: Callable[[], None]) -> Callable[[], None]:
-        stop = threading.Event()
         self._watching = True
-
-        def loop() -> None:
-            failures = 0
-            while not stop.is_set():
-                try:
-                    changed = self._poll()
-                except Exception:  # a bug must not end polling silently
-                    log.exception("NetBird poll failed unexpectedly; last good state stays")
-                    changed = False
-                    self.faults.internal()
-                failures = 0 if self.last_error is None else failures + 1
-                if changed:
-                    on_change()
-                stop.wait(self.next_delay(failures))
-
-        t = threading.Thread(target=loop, name="netbird-poll", daemon=True)
-        t.start()
+        stop = self.poller.start(self._poll, on_change)
 
         def stop_watch() -> None:
-            stop.set()
-            t.join(timeout=5)
+            stop()
             self._watching = False
 
         return stop_watch

@@ -19,10 +19,12 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import stat
 import subprocess
+import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from urllib.parse import urlsplit
 import requests
 
 from agent.inventory import IPAddress
+from agent.sources.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -262,3 +265,49 @@ class Faults:
             self.last_error = None
 
 
+
+
+class Poller:
+    """The poll loop: every `interval` seconds (+-jitter), backing off exponentially
+    (the shared Backoff) while `faults` has a fault pending."""
+
+    def __init__(self, faults: Faults, interval: float = DEFAULT_INTERVAL, jitter: float = 0.1,
+                 max_backoff: float = 300.0) -> None:
+        self.faults = faults
+        self.interval = interval
+        self.jitter = jitter
+        self.backoff = Backoff(min(5.0, interval), max(max_backoff, interval), spread=jitter)
+
+    def next_delay(self, failures: int) -> float:
+        """Seconds until the next poll: the interval, or exponential backoff after faults."""
+        if failures == 0:
+            return max(0.05, self.interval * (1 + random.uniform(-self.jitter, self.jitter)))
+        return max(0.05, self.backoff.delay(failures - 1))
+
+    def start(self, poll: Callable[[], bool], on_change: Callable[[], None]) -> Callable[[], None]:
+        """Call `poll` (fetch; True: something to hand on) on a thread, `on_change` when it
+        says so. Returns stop()."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            failures = 0
+            while not stop.is_set():
+                try:
+                    changed = poll()
+                except Exception:  # a bug must not end polling silently
+                    log.exception("NetBird poll failed unexpectedly; last good state stays")
+                    changed = False
+                    self.faults.internal()
+                failures = 0 if self.faults.last_error is None else failures + 1
+                if changed:
+                    on_change()
+                stop.wait(self.next_delay(failures))
+
+        t = threading.Thread(target=loop, name="netbird-poll", daemon=True)
+        t.start()
+
+        def stop_poll() -> None:
+            stop.set()
+            t.join(timeout=5)
+
+        return stop_poll
