@@ -80,10 +80,11 @@ def _state_file(args: argparse.Namespace) -> Path | None:
 
 
 def _netbird_pipeline(args: argparse.Namespace, readonly: bool) -> Pipeline:
-    from agent.sources.netbird import TokenError, make_pipeline
+    from agent.pipeline import make_netbird_pipeline
+    from agent.sources.netbird import TokenError
 
     try:
-        return make_pipeline(
+        return make_netbird_pipeline(
             args.netbird_url, args.netbird_token_file, args.netbird_ca_file,
             peer_id=args.netbird_peer_id, interface=args.interface, interval=args.netbird_interval,
             inbound_only=args.netbird_inbound_only,

@@ -83,14 +83,18 @@ class ObjectRef:
 
 
 @dataclass(frozen=True)
-class RawPolicy:
-    """A policy object as the source delivered it; semantics parse and validate it."""
+class RawObject:
+    """One object as its source delivered it (ref: where from; body: its JSON), for every
+    source and kind; admission validates it, semantics read it."""
 
     ref: ObjectRef
     body: Mapping[str, Any]
     # What admission made of it (e.g. a partially valid NetworkPolicy), so semantics
     # need not parse it again; None: not parsed yet.
     parsed: Any = field(default=None, compare=False)
+
+
+RawPolicy = RawObject  # a policy's raw object, as Inventory.policies holds it
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,11 +19,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.admission import LastGood, kubernetes_inventory
-from agent.inventory import Inventory, ObjectRef, Problem
-from agent.ir import Program
+from agent.admission.netbird import AccountStore, admit_account, check_complete, local_peer
+from agent.inventory import Inventory, IPAddress, ObjectRef, Problem, RawPolicy
+from agent.ir import Network, Program
+from agent.policy import netbird as nb
 from agent.policy.kubernetes import compile_inventory
 from agent.sources.files import DirectorySource
 from agent.sources.kubeobjects import RawObject
+from agent.sources.netbird import DEFAULT_INTERVAL as NETBIRD_INTERVAL
+from agent.sources.netbird import DEFAULT_URL as NETBIRD_URL
+from agent.sources.netbird import (
+    Faults,
+    FetchError,
+    NetbirdClient,
+    NetbirdSource,
+    Poller,
+    RawAccount,
+    interface_addresses,
+    load_token,
+)
+from agent.statefile import write_json
 
 if TYPE_CHECKING:
     from agent.sources.kubernetes import Observed
@@ -141,15 +155,7 @@ class DirectoryPipeline:
         if self.index_file is None or self.readonly:
             return
         try:
-            self.index_file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.index_file.parent, prefix=".files-")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(index, f)
-                os.replace(tmp, self.index_file)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            write_json(self.index_file, index, prefix=".files-")
         except OSError as e:  # only a later process's fallback is lost: not worth failing the sync
             self._index = {}  # written again next time
             log.warning("cannot save %s: %s", self.index_file, e)
@@ -225,3 +231,231 @@ class KubernetesPipeline:
     def watch(self, on_change: Callable[[], None]) -> Callable[[], None]:
         return self.source.watch(on_change)
 
+
+
+# ------------------------------------------------------------------ NetBird management API
+
+
+@dataclass
+class _Fetched:
+    """One poll's answer: the account and the local interface's addresses (or why not)."""
+
+    raw: RawAccount
+    addresses: list[IPAddress] | FetchError | None  # None: the peer id is given
+
+
+class NetbirdPipeline:
+    """The NetBird account (source -> admission -> semantics) for the local peer.
+
+    `snapshot()` compiles, on the caller's thread, the last account fetched (fetching it
+    first when nobody is watching); before the first good state it returns the bootstrap
+    program (inbound on the interface denied). `watch` starts the poll thread, which only
+    fetches: every `interval` seconds (+-jitter), backing off exponentially on faults,
+    calling back when the answer changed or a fault is pending. Faults (fetch, partial
+    view, local peer) keep the last good state and are counted in `errors`.
+    """
+
+    name = "netbird"
+
+    def __init__(
+        self,
+        source: NetbirdSource,
+        *,
+        peer_id: str | None = None,
+        interface: str = nb.DEFAULT_INTERFACE,
+        ranges: Sequence[Network] = nb.DEFAULT_RANGES,
+        inbound_only: bool = False,
+        interval: float = NETBIRD_INTERVAL,
+        jitter: float = 0.1,
+        max_backoff: float = 300.0,
+        state_file: Path | None = None,
+        address_lookup: Callable[[str], list[IPAddress]] = interface_addresses,
+        readonly: bool = False,
+    ) -> None:
+        self.source = source
+        self.peer_id = peer_id
+        self.interface = interface
+        self.ranges = tuple(ranges)
+        self.inbound_only = inbound_only
+        self.state_file = state_file
+        self.readonly = readonly  # explain/matrix read the enforcer's state, never write it
+        self.address_lookup = address_lookup
+        self.store = AccountStore()  # per-object last good versions (in memory; saved with the state)
+        self.faults = Faults()
+        self.poller = Poller(self.faults, interval, jitter, max_backoff)  # the poll thread: fetches only
+        self.errors = self.faults.errors  # fault cause -> occurrences
+        self.polls = self.faults.polls  # "success" | "error"
+        self.ready = threading.Event()  # set at the first good state (API or state file)
+        self._lock = threading.RLock()  # the poll thread hands fetches to the compiling thread
+        self._snapshot = Snapshot(nb.account_inventory(nb.Account(), ""), nb.bootstrap_program(interface))
+        self._watching = False
+        self._pending: _Fetched | None = None  # fetched, not compiled yet
+        self._last_fetched: _Fetched | None = None
+        self._local_id: str | None = peer_id
+        self._warned: set[str] = set()
+        self._load_state()
+
+    @property
+    def last_error(self) -> FetchError | None:
+        return self.faults.last_error
+
+    # ------------------------------------------------------------ state file
+
+    def _load_state(self) -> None:
+        """The state saved by a previous run, so a restart with the API down does not fall
+        back to the bootstrap program — and enforces exactly what that run enforced: the
+        saved answer is admitted again against the saved last good versions."""
+        if self.state_file is None or not self.state_file.exists():
+            return
+        try:
+            data = json.loads(self.state_file.read_text())
+            raw = RawAccount.from_json(data["account"])
+            last_good = data.get("last_good", {})
+            if not isinstance(last_good, dict) or not all(
+                    isinstance(k, str) and isinstance(v, Mapping) for k, v in last_good.items()):
+                raise ValueError("last_good is not a map of objects")
+            self.store.replace(last_good)
+            snap = self._build(_Fetched(raw, self._addresses()), data.get("local_peer"))
+        except (OSError, ValueError, KeyError, TypeError, FetchError) as e:
+            self.store = AccountStore()
+            log.warning("ignoring unusable NetBird state file %s: %s: %s", self.state_file, type(e).__name__, e)
+            return
+        self._snapshot = snap
+        self.ready.set()
+        log.info("NetBird: enforcing the state saved in %s until the API answers", self.state_file)
+
+    def _save_state(self, raw: RawAccount, local: str) -> None:
+        """The admitted state: the answer and the last good versions admission kept (after
+        this answer was admitted), from which _load_state rebuilds the same program."""
+        if self.state_file is None or self.readonly:
+            return
+        try:
+            write_json(self.state_file, {"account": raw.to_json(), "last_good": self.store.kept, "local_peer": local},
+                       prefix=".netbird-")
+        except (OSError, TypeError, ValueError) as e:
+            log.warning("cannot save NetBird state to %s: %s", self.state_file, e)
+
+    # ------------------------------------------------------------ fetch (any thread) and compile
+
+    def _addresses(self) -> list[IPAddress] | FetchError | None:
+        if self.peer_id is not None:
+            return None
+        try:
+            return self.address_lookup(self.interface)
+        except FetchError as e:
+            return e
+
+    def _fetch(self) -> _Fetched:
+        raw = self.source.fetch()
+        return _Fetched(raw, self._addresses())
+
+    def _build(self, fetched: _Fetched, saved_local: str | None = None) -> Snapshot:
+        check_complete(fetched.raw)
+        problems: list[Problem] = []
+        account, policy_objs = admit_account(fetched.raw, self.store, self.source.client.location, problems)
+        local = local_peer(account, self.interface, self.peer_id, fetched.addresses, saved_local or self._local_id)
+        compiled = nb.compile_account(account, local, interface=self.interface, ranges=self.ranges,
+                                      inbound_only=self.inbound_only)
+        inv = nb.account_inventory(account, local, self.interface, problems)
+        for obj in policy_objs:
+            inv.policies[obj.ref.key] = RawPolicy(obj.ref, obj.body)
+        inv.context["netbird.warnings"] = compiled.warnings
+        self._report_warnings(compiled.warnings)
+        self._local_id = local
+        return Snapshot(inv, compiled.program)
+
+    def _report_warnings(self, warnings: list[Problem]) -> None:
+        now = {str(w) for w in warnings}
+        for text in sorted(now - self._warned):
+            log.warning("NetBird policy warning: %s", text)
+        self._warned = now
+
+    def _failed(self, e: FetchError) -> None:
+        kept = "last good state stays in force" if self.ready.is_set() else \
+            "inbound on " + self.interface + " stays denied (no good state yet)"
+        self.faults.failed(e, kept)
+
+    def _apply(self, fetched: _Fetched) -> bool:
+        """Admit and compile one fetched answer. True if the state changed."""
+        try:
+            snap = self._build(fetched)
+        except FetchError as e:
+            self._failed(e)
+            return False
+        self.faults.succeeded()
+        self._save_state(fetched.raw, snap.inventory.context[nb.CTX_LOCAL_PEER])
+        old, self._snapshot = self._snapshot, snap
+        first = not self.ready.is_set()
+        self.ready.set()
+        return first or old.program != snap.program or [str(p) for p in old.problems] != [
+            str(p) for p in snap.problems
+        ]
+
+    def refresh(self) -> bool:
+        """Fetch and compile once, on this thread. True if the state changed."""
+        with self._lock:
+            try:
+                fetched = self._fetch()
+            except FetchError as e:
+                self._failed(e)
+                return False
+            return self._apply(fetched)
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            if not self._watching:
+                self.refresh()
+            elif self._pending is not None:
+                fetched, self._pending = self._pending, None
+                try:
+                    self._apply(fetched)
+                except Exception:  # a bug must not end enforcement: the last good state stays
+                    log.exception("NetBird compile failed unexpectedly; last good state stays")
+                    self.faults.internal()
+            return self._snapshot
+
+    @property
+    def program(self) -> Program:
+        with self._lock:
+            return self._snapshot.program
+
+    def next_delay(self, failures: int) -> float:
+        """Seconds until the next poll (the poller's)."""
+        return self.poller.next_delay(failures)
+
+    def _poll(self) -> bool:
+        """Fetch once (poll thread). True if the daemon should compile."""
+        try:
+            fetched = self._fetch()
+        except FetchError as e:
+            with self._lock:
+                self._failed(e)
+            return False
+        with self._lock:
+            # A pending fault (fetch or compile) is retried and counted on every poll.
+            changed = fetched != self._last_fetched or self.last_error is not None
+            self._last_fetched = fetched
+            if changed:
+                self._pending = fetched
+            return changed
+
+    def watch(self, on_change: Callable[[], None]) -> Callable[[], None]:
+        self._watching = True
+        stop = self.poller.start(self._poll, on_change)
+
+        def stop_watch() -> None:
+            stop()
+            self._watching = False
+
+        return stop_watch
+
+
+def make_netbird_pipeline(
+    url: str = NETBIRD_URL,
+    token_file: str | None = None,
+    ca_file: str | None = None,
+    **kwargs: Any,
+) -> NetbirdPipeline:
+    """Everything the CLI needs in one call; raises TokenError / ValueError on bad config."""
+    client = NetbirdClient(url, load_token(token_file), ca_file=ca_file)
+    return NetbirdPipeline(NetbirdSource(client), **kwargs)

@@ -1,5 +1,7 @@
 """The Kubernetes API source: cluster-wide list+watch of Namespaces, Pods and NetworkPolicies.
 
+(Over 500 lines: reflector, cache, pod CIDRs and client setup are one source; parts would reach into each other.)
+
 One reflector thread per resource keeps an in-memory cache of trimmed objects:
 
 - a paginated list (`limit` / `continue`) fills the cache and gives a resourceVersion;
@@ -30,7 +32,6 @@ import ipaddress
 import json
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.inventory import ObjectRef, Problem
+from agent.sources.backoff import Backoff
 from agent.sources.kubeobjects import KINDS, RawObject, ref_of, trim
 
 log = logging.getLogger(__name__)
@@ -80,22 +82,6 @@ class Observed:
     type: str  # ADDED | MODIFIED | DELETED (watch) or LIST (found by a list / relist)
     at: float
     new_ips: tuple[str, ...] = ()  # pod IPs this pod did not have before (start-up window)
-
-
-class Backoff:
-    """Exponential backoff with equal jitter: delay in [d/2, d], d = min(cap, base * 2**n)."""
-
-    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: Callable[[], float] = random.random):
-        self.base, self.cap, self.rng = base, cap, rng
-        self.failures = 0
-
-    def next(self) -> float:
-        d = min(self.cap, self.base * (2**self.failures))
-        self.failures += 1
-        return d / 2 + self.rng() * d / 2
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 def api_client(kubeconfig: str | None = None, context: str | None = None) -> Any:

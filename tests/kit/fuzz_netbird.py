@@ -28,8 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.ir import Verdict
+from agent.pipeline import NetbirdPipeline
 from agent.simulate import evaluate, index_by_ip
-from agent.sources.netbird import FetchError, NetbirdPipeline, NetbirdSource
+from agent.sources.netbird import FetchError, NetbirdSource
 from tests.kit.netbird_model import IP, group, peer
 
 PEER_IDS = ["L", "A", "B", "C"]

@@ -14,14 +14,15 @@ from typing import Any
 
 import pytest
 
-from agent import admission
+from agent import statefile
 from agent.admission import LastGood, kubernetes_inventory
+from agent.admission.kubernetes import parse_pod
 from agent.inventory import Problem
 from agent.ir import Program, Verdict
 from agent.policy.errors import Invalid
 from agent.policy.kubernetes import compile_inventory, parse_cidr_sloppy
 from agent.simulate import evaluate
-from agent.sources.kubeobjects import RawObject, parse_pod, ref_of
+from agent.sources.kubeobjects import RawObject, ref_of
 from tests.kit.builders import ns, pod, policy
 
 WORLD = [
@@ -142,7 +143,7 @@ def test_state_writer_removes_its_temp_file_on_every_error(tmp_path: Path, monke
     def broken_dump(*args: Any, **kwargs: Any) -> None:
         raise TypeError("cannot serialise")
 
-    monkeypatch.setattr(admission.json, "dump", broken_dump)
+    monkeypatch.setattr(statefile.json, "dump", broken_dump)
     store.replace({"k": {"kind": "Pod"}})  # logged, not raised: enforcement goes on
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()

@@ -18,7 +18,8 @@ import pytest
 
 from agent.pipeline import DirectoryPipeline, KubernetesPipeline, PipelineError, SourceNotSynced
 from agent.query import matrix
-from agent.sources.kubernetes import Backoff, KubernetesSource, api_client
+from agent.sources.backoff import Backoff
+from agent.sources.kubernetes import KubernetesSource, api_client
 from tests.kit import expect
 from tests.kit.builders import ns, pod, policy
 from tests.kit.cases import expected_grid, load_cases, off_diagonal, pod_keys, step_objects, write_dir

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from agent.admission.netbird import partial_view
 from agent.inventory import ObjectRef, RawPolicy
 from agent.ir import Direction, Origin, Program, Verdict
 from agent.policy import netbird as nb
@@ -483,7 +484,7 @@ def test_bootstrap_program_denies_inbound_on_the_interface():
     ],
 )
 def test_partial_view(groups, peers, partial):
-    assert (nb.partial_view(groups, peers) is not None) == partial
+    assert (partial_view(groups, peers) is not None) == partial
 
 
 # ---------------------------------------------------------------- fail closed (issue 16)

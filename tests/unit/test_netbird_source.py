@@ -23,9 +23,10 @@ import pytest
 
 from agent.daemon import Daemon
 from agent.ir import Program, Verdict
+from agent.pipeline import NetbirdPipeline
 from agent.simulate import evaluate
 from agent.sources import netbird as src
-from agent.sources.netbird import NetbirdClient, NetbirdPipeline, NetbirdSource, TokenError, load_token
+from agent.sources.netbird import NetbirdClient, NetbirdSource, TokenError, load_token
 from tests.kit import until
 from tests.kit.netbird_api import LOCAL, RESTRICTED, TOKEN, A, B, ManagementApi, serve
 from tests.kit.recording import RecordingDataplane

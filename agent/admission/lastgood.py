@@ -1,31 +1,17 @@
-"""Admission: validate raw objects into an Inventory, keeping each object's last good version.
-
-Fail closed. An invalid object is reported (object and field path). Then:
-(a) if a version of it validated before (its last good version), that version stays in
-    force, as long as it still validates today;
-(b) otherwise the object is read fail-closed: its invalid parts match nothing in accept
-    rules and everything in isolations (see `parse_policy`, `parse_pod`,
-    `parse_namespace`), so it never allows more than any valid reading of it would.
-One bad object never blocks the others. The store of last good versions can be persisted
-(only bodies that validated are written), so a restart, or a one-shot `apply`, admits
-exactly what the running agent admitted.
-"""
+"""The last good version of every object, optionally kept on disk (agent.statefile)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.inventory import Inventory, Namespace, ObjectRef, Problem, RawPolicy
-from agent.policy.errors import Invalid, Partial, is_dns_label, is_dns_subdomain, safe_name
-from agent.policy.kubernetes import isolation_only, parse_policy
-from agent.sources.kubeobjects import RawObject, parse_namespace, parse_pod
+from agent.inventory import ObjectRef, Problem
+from agent.policy.errors import Invalid, Partial
+from agent.sources.kubeobjects import RawObject
+from agent.statefile import write_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,22 +56,12 @@ class LastGood:
         self._bodies = good
         if not changed or self.path is None or self.readonly:
             return
-        tmp: str | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")
-            with os.fdopen(fd, "w") as f:
-                json.dump(good, f, default=str)  # YAML timestamps in fields no one reads
-            os.replace(tmp, self.path)
-            tmp = None
+            write_json(self.path, good, default=str)  # YAML timestamps in fields no one reads
             self._saved = True
         except (OSError, TypeError, ValueError) as e:
             self._saved = False
             log.error("cannot save state file %s: %s", self.path, e)
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
 
     def _parse_previous(
         self, obj: RawObject, parse: Callable[[RawObject], T], problems: list[Problem]
@@ -143,62 +119,3 @@ class LastGood:
         self._parsed = parsed
         self.replace(good)
         return out
-
-
-def _strict(parse: Callable[[Any, list[Invalid]], T], fallback: Callable[[], T]) -> Callable[[Any], T]:
-    """A fail-closed parser as admission wants it: the value when valid, else `Partial`.
-    A shape no validator foresaw still yields the fail-closed `fallback`."""
-
-    def run(body: Any) -> T:
-        issues: list[Invalid] = []
-        try:
-            value = parse(body, issues)
-        except Partial:
-            raise
-        except Invalid as e:
-            raise Partial(fallback(), [*issues, e]) from None
-        except (TypeError, AttributeError, ValueError, KeyError) as e:
-            raise Partial(fallback(), [*issues, Invalid("(object)", f"malformed: {e}")]) from None
-        if issues:
-            raise Partial(value, issues)
-        return value
-
-    return run
-
-
-def kubernetes_inventory(
-    objects: Iterable[RawObject], store: LastGood, problems: list[Problem] | None = None
-) -> Inventory:
-    """Namespaces, pods and NetworkPolicies into an Inventory, invalid objects reported
-    and read fail-closed (see the module docstring)."""
-    inv = Inventory(problems=list(problems or []))
-
-    def parse(obj: RawObject) -> Any:
-        ref = obj.ref
-        if not isinstance(obj.body, Mapping):
-            raise Invalid("(object)", "must be an object")
-        if ref.kind == "Namespace":
-            # Unreadable: kept by name, matched by no namespaceSelector; without a name
-            # nothing can refer to it.
-            return _strict(parse_namespace, lambda: Namespace(
-                safe_name(ref.name, is_dns_label(ref.name)), {}, labels_invalid=True) if ref.name else None,
-            )(obj.body)
-        if ref.kind == "Pod":
-            # A pod that cannot be read has no address we could isolate: left out.
-            return _strict(parse_pod, lambda: None)(obj.body)
-        return _strict(
-            lambda body, issues: parse_policy(RawPolicy(ref, body), issues),
-            lambda: isolation_only(safe_name(ref.namespace, is_dns_label(ref.namespace)),
-                                   safe_name(ref.name, is_dns_subdomain(ref.name)), ref.source),
-        )(obj.body)
-
-    for obj, value in store.admit(objects, parse, inv.problems):
-        if value is None:
-            continue
-        if obj.ref.kind == "Namespace":
-            inv.namespaces[value.name] = value
-        elif obj.ref.kind == "Pod":
-            inv.endpoints[value.key] = value
-        else:
-            inv.policies[obj.ref.key] = RawPolicy(obj.ref, obj.body, parsed=value)
-    return inv

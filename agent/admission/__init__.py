@@ -1,0 +1,10 @@
+"""Admission: what the sources fetched, validated into parsed objects; last good versions kept.
+
+`lastgood` (the store, shared by every source), `kubernetes` (Pods, Namespaces,
+NetworkPolicies), `netbird` (the NetBird account).
+"""
+
+from agent.admission.kubernetes import kubernetes_inventory
+from agent.admission.lastgood import LastGood
+
+__all__ = ["LastGood", "kubernetes_inventory"]

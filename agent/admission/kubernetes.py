@@ -1,0 +1,251 @@
+"""Admission: validate raw objects into an Inventory, keeping each object's last good version.
+
+Fail closed. An invalid object is reported (object and field path). Then:
+(a) if a version of it validated before (its last good version), that version stays in
+    force, as long as it still validates today;
+(b) otherwise the object is read fail-closed: its invalid parts match nothing in accept
+    rules and everything in isolations (see `parse_policy`, `parse_pod`,
+    `parse_namespace`), so it never allows more than any valid reading of it would.
+One bad object never blocks the others. The store of last good versions can be persisted
+(only bodies that validated are written), so a restart, or a one-shot `apply`, admits
+exactly what the running agent admitted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from agent.admission.lastgood import LastGood
+from agent.inventory import (
+    NAMESPACE_NAME_LABEL,
+    ContainerPort,
+    Endpoint,
+    Inventory,
+    IPAddress,
+    Namespace,
+    Problem,
+    RawPolicy,
+)
+from agent.policy.errors import Invalid, Partial, is_dns_label, is_dns_subdomain, safe_name, valid_port_name
+from agent.policy.kubernetes import PROTOCOLS, isolation_only, parse_policy
+from agent.policy.selectors import parse_labels
+from agent.sources.kubeobjects import RawObject
+
+T = TypeVar("T")
+
+
+def _meta(body: Mapping[str, Any], issues: list[Invalid]) -> Mapping[str, Any]:
+    meta = body.get("metadata")
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping):
+        issues.append(Invalid("metadata", f"must be an object, got {type(meta).__name__}"))
+        return {}
+    return meta
+
+
+def parse_namespace(body: Mapping[str, Any], issues: list[Invalid]) -> Namespace:
+    """The namespace; bad parts are appended to `issues` and read fail-closed.
+
+    A namespace whose name or labels do not validate is kept (its pods and policies still
+    work by name) but flagged so that no namespaceSelector matches it. Raises `Invalid`
+    only when it has no name at all.
+    """
+    meta = _meta(body, issues)
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise Invalid("metadata.name", "missing")
+    name_ok = is_dns_label(name)
+    if not name_ok:
+        issues.append(Invalid("metadata.name", f"{name!r} is not a DNS-1123 label"))
+    labels, labels_ok = parse_labels(meta.get("labels"), "metadata.labels", issues)
+    name = safe_name(name, name_ok)
+    labels[NAMESPACE_NAME_LABEL] = name  # the API server always sets it
+    return Namespace(name, labels, labels_invalid=not (name_ok and labels_ok))
+
+
+def _ip(text: Any, field: str) -> IPAddress:
+    try:
+        if not isinstance(text, str):
+            raise ValueError
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise Invalid(field, f"invalid IP address {text!r}") from None
+
+
+def _container_ports(spec: Mapping[str, Any], issues: list[Invalid]) -> tuple[ContainerPort, ...]:
+    """Named ports; an invalid entry is left out (a policy naming it then matches nothing)."""
+    out = []
+    containers = spec.get("containers")
+    if containers is None:
+        containers = []
+    if not isinstance(containers, list):
+        issues.append(Invalid("spec.containers", "must be a list"))
+        return ()
+    for i, c in enumerate(containers):
+        ports = c.get("ports") if isinstance(c, Mapping) else None
+        if ports is None:
+            continue
+        if not isinstance(ports, list):
+            issues.append(Invalid(f"spec.containers[{i}].ports", "must be a list"))
+            continue
+        for j, p in enumerate(ports):
+            field = f"spec.containers[{i}].ports[{j}]"
+            if not isinstance(p, Mapping):
+                issues.append(Invalid(field, "must be an object"))
+                continue
+            num = p.get("containerPort")
+            if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= 65535:
+                issues.append(Invalid(f"{field}.containerPort", f"invalid port {num!r}"))
+                continue
+            proto = p.get("protocol")
+            if proto is None:
+                proto = "TCP"
+            if not isinstance(proto, str) or proto not in PROTOCOLS:
+                issues.append(Invalid(f"{field}.protocol", f"must be TCP, UDP or SCTP, got {proto!r}"))
+                continue
+            name = p.get("name")
+            if name is not None and not valid_port_name(name):
+                issues.append(Invalid(f"{field}.name", f"invalid port name {name!r}"))
+                continue
+            out.append(ContainerPort(num, proto, name or None))
+    return tuple(out)
+
+
+def _section(body: Mapping[str, Any], key: str, issues: list[Invalid]) -> Mapping[str, Any]:
+    value = body.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        issues.append(Invalid(key, f"must be an object, got {type(value).__name__}"))
+        return {}
+    return value
+
+
+def parse_pod(body: Mapping[str, Any], issues: list[Invalid]) -> Endpoint | None:
+    """The pod as an endpoint, or None when it is not one (no IP, finished, hostNetwork).
+
+    Bad parts are appended to `issues` and read fail-closed: a pod whose name, namespace
+    or labels do not validate stays an endpoint (so it stays isolated), flagged
+    `labels_invalid`; a bad name never travels further (see `safe_name`); a bad address
+    or container port is left out.
+    """
+    meta = _meta(body, issues)
+    spec = _section(body, "spec", issues)
+    status = _section(body, "status", issues)
+    name = meta.get("name")
+    namespace = str(meta.get("namespace") or "default")  # as ref_of reads it, like policies
+    names_ok = True
+    if not is_dns_subdomain(name):
+        issues.append(Invalid("metadata.name", "missing" if name in (None, "") else
+                              f"{name!r} is not a DNS-1123 subdomain"))
+        names_ok = False
+    if not is_dns_label(namespace):
+        issues.append(Invalid("metadata.namespace", f"{namespace!r} is not a DNS-1123 label"))
+        names_ok = False
+    labels, labels_ok = parse_labels(meta.get("labels"), "metadata.labels", issues)
+    ports = _container_ports(spec, issues)
+    host_network = spec.get("hostNetwork")
+    if host_network is True:
+        return None
+    if host_network is not None and host_network is not False:  # unknown: enforced as a pod
+        issues.append(Invalid("spec.hostNetwork", f"must be a boolean, got {host_network!r}"))
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return None
+    ips: list[IPAddress] = []
+    pod_ips = status.get("podIPs")
+    if pod_ips is None:
+        pod_ips = []
+    if not isinstance(pod_ips, list):
+        issues.append(Invalid("status.podIPs", "must be a list"))
+        pod_ips = []
+    for i, entry in enumerate(pod_ips):
+        try:
+            ip = _ip(entry.get("ip") if isinstance(entry, Mapping) else None, f"status.podIPs[{i}].ip")
+        except Invalid as e:
+            issues.append(e)
+            continue
+        if ip not in ips:
+            ips.append(ip)
+    if status.get("podIP") is not None:
+        try:
+            primary = _ip(status["podIP"], "status.podIP")
+            if primary in ips:
+                ips.remove(primary)
+            ips.insert(0, primary)  # podIP is the primary address
+        except Invalid as e:
+            issues.append(e)
+    if not ips:
+        return None
+    return Endpoint(
+        namespace=safe_name(namespace, is_dns_label(namespace)),  # as parse_policy does
+        # Unnamed: a stand-in per address set, so two unnamed pods stay two endpoints.
+        name=safe_name(name or ("unnamed", tuple(map(str, ips))), is_dns_subdomain(name)),
+        ips=tuple(ips),
+        labels=labels,
+        node=str(spec.get("nodeName") or ""),
+        ports=ports,
+        labels_invalid=not (labels_ok and names_ok),
+    )
+
+
+
+def _strict(parse: Callable[[Any, list[Invalid]], T], fallback: Callable[[], T]) -> Callable[[Any], T]:
+    """A fail-closed parser as admission wants it: the value when valid, else `Partial`.
+    A shape no validator foresaw still yields the fail-closed `fallback`."""
+
+    def run(body: Any) -> T:
+        issues: list[Invalid] = []
+        try:
+            value = parse(body, issues)
+        except Partial:
+            raise
+        except Invalid as e:
+            raise Partial(fallback(), [*issues, e]) from None
+        except (TypeError, AttributeError, ValueError, KeyError) as e:
+            raise Partial(fallback(), [*issues, Invalid("(object)", f"malformed: {e}")]) from None
+        if issues:
+            raise Partial(value, issues)
+        return value
+
+    return run
+
+
+def kubernetes_inventory(
+    objects: Iterable[RawObject], store: LastGood, problems: list[Problem] | None = None
+) -> Inventory:
+    """Namespaces, pods and NetworkPolicies into an Inventory, invalid objects reported
+    and read fail-closed (see the module docstring)."""
+    inv = Inventory(problems=list(problems or []))
+
+    def parse(obj: RawObject) -> Any:
+        ref = obj.ref
+        if not isinstance(obj.body, Mapping):
+            raise Invalid("(object)", "must be an object")
+        if ref.kind == "Namespace":
+            # Unreadable: kept by name, matched by no namespaceSelector; without a name
+            # nothing can refer to it.
+            return _strict(parse_namespace, lambda: Namespace(
+                safe_name(ref.name, is_dns_label(ref.name)), {}, labels_invalid=True) if ref.name else None,
+            )(obj.body)
+        if ref.kind == "Pod":
+            # A pod that cannot be read has no address we could isolate: left out.
+            return _strict(parse_pod, lambda: None)(obj.body)
+        return _strict(
+            lambda body, issues: parse_policy(RawPolicy(ref, body), issues),
+            lambda: isolation_only(safe_name(ref.namespace, is_dns_label(ref.namespace)),
+                                   safe_name(ref.name, is_dns_subdomain(ref.name)), ref.source),
+        )(obj.body)
+
+    for obj, value in store.admit(objects, parse, inv.problems):
+        if value is None:
+            continue
+        if obj.ref.kind == "Namespace":
+            inv.namespaces[value.name] = value
+        elif obj.ref.kind == "Pod":
+            inv.endpoints[value.key] = value
+        else:
+            inv.policies[obj.ref.key] = RawPolicy(obj.ref, obj.body, parsed=value)
+    return inv
