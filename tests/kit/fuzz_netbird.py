@@ -331,7 +331,7 @@ class Reference:
         raw_p, raw_r = r.get("ports"), r.get("port_ranges")
         for raw in (raw_p, raw_r):
             if raw is not None and not isinstance(raw, list):
-                ok = given = True
+                ok, given = False, True  # not a list: invalid (a drop then matches every port)
             elif raw:
                 given = True
         for v in raw_p if isinstance(raw_p, list) else []:
