@@ -29,7 +29,7 @@ from agent.inventory import (
     RawPolicy,
 )
 from agent.policy.errors import Invalid, Partial, is_dns_label, is_dns_subdomain, safe_name, valid_port_name
-from agent.policy.kubernetes import PROTOCOLS, isolation_only, parse_policy
+from agent.policy.kubernetes import API_PROTOCOLS, isolation_only, parse_policy
 from agent.policy.selectors import parse_labels
 from agent.sources.kubeobjects import RawObject
 
@@ -103,7 +103,7 @@ def _container_ports(spec: Mapping[str, Any], issues: list[Invalid]) -> tuple[Co
             proto = p.get("protocol")
             if proto is None:
                 proto = "TCP"
-            if not isinstance(proto, str) or proto not in PROTOCOLS:
+            if not isinstance(proto, str) or proto not in API_PROTOCOLS:
                 issues.append(Invalid(f"{field}.protocol", f"must be TCP, UDP or SCTP, got {proto!r}"))
                 continue
             name = p.get("name")

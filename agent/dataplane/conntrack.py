@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from agent.dataplane.base import Flow
 
 log = logging.getLogger(__name__)
-PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", 132: "sctp"}  # what strict mode re-judges
-NUMBERS = {v: k for k, v in PROTOCOLS.items()}
+REJUDGED = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", 132: "sctp"}  # what strict mode re-judges
+NUMBERS = {v: k for k, v in REJUDGED.items()}
 
 
 def established() -> list[Flow]:
@@ -21,7 +21,7 @@ def established() -> list[Flow]:
     with Conntrack() as ct:
         for e in ct.dump_entries():
             t = e.tuple_orig
-            proto = PROTOCOLS.get(t.proto)
+            proto = REJUDGED.get(t.proto)
             if proto is None or t.sport is None or t.dport is None:
                 continue
             out.append(Flow.of(proto, t.saddr, t.daddr, t.sport, t.dport))

@@ -46,11 +46,11 @@ class FlowTable:
         for k in flows.all_keys():
             t = flow_tuple(k)
             _, proto, sa, sp, da, dp = t
-            if proto not in conntrack.PROTOCOLS:
+            if proto not in conntrack.REJUDGED:
                 continue
             index.setdefault(unordered(t), []).append(k)
             if t not in out:
-                out[t] = Flow(conntrack.PROTOCOLS[proto], ipaddress.ip_address(sa), ipaddress.ip_address(da), sp, dp)
+                out[t] = Flow(conntrack.REJUDGED[proto], ipaddress.ip_address(sa), ipaddress.ip_address(da), sp, dp)
         self._keys = index
         return list(out.values())
 

@@ -19,8 +19,8 @@ rule; a namespace whose labels do not parse is matched by no namespaceSelector.
 
 from agent.policy.kubernetes.compile import compile_inventory, compile_program
 from agent.policy.kubernetes.parse import (
+    API_PROTOCOLS,
     POLICY_TYPES,
-    PROTOCOLS,
     IPBlock,
     NetworkPolicy,
     Peer,
@@ -32,6 +32,16 @@ from agent.policy.kubernetes.parse import (
 )
 
 __all__ = [
-    "POLICY_TYPES", "PROTOCOLS", "IPBlock", "NetworkPolicy", "Peer", "PolicyRule", "PortSpec",
-    "compile_inventory", "compile_program", "isolation_only", "parse_cidr_sloppy", "parse_policy",
+    "API_PROTOCOLS",
+    "POLICY_TYPES",
+    "IPBlock",
+    "NetworkPolicy",
+    "Peer",
+    "PolicyRule",
+    "PortSpec",
+    "compile_inventory",
+    "compile_program",
+    "isolation_only",
+    "parse_cidr_sloppy",
+    "parse_policy",
 ]

@@ -25,7 +25,7 @@ from agent.policy.errors import as_list as _list
 from agent.policy.errors import as_map as _map
 from agent.policy.selectors import INVALID, Selector, parse_selector
 
-PROTOCOLS = ("TCP", "UDP", "SCTP")
+API_PROTOCOLS = ("TCP", "UDP", "SCTP")
 POLICY_TYPES = ("Ingress", "Egress")
 
 
@@ -175,7 +175,7 @@ def _parse_port(obj: Any, field: str) -> PortSpec:
     proto = entry.get("protocol")
     if proto is None:
         proto = "TCP"
-    if not isinstance(proto, str) or proto not in PROTOCOLS:
+    if not isinstance(proto, str) or proto not in API_PROTOCOLS:
         raise Invalid(f"{field}.protocol", f"must be one of TCP, UDP, SCTP, got {proto!r}")
     port = entry.get("port")
     end = entry.get("endPort")

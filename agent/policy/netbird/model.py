@@ -19,7 +19,7 @@ SOURCE = "netbird"
 DEFAULT_INTERFACE = "wt0"
 DEFAULT_RANGES: tuple[Network, ...] = (ipaddress.ip_network("100.64.0.0/10"),)
 ALL_GROUP = "All"
-PROTOCOLS = ("all", "tcp", "udp", "icmp", "netbird-ssh")
+NETBIRD_PROTOCOLS = ("all", "tcp", "udp", "icmp", "netbird-ssh")
 ACTIONS = ("accept", "drop")
 # Inventory.context keys account_inventory fills in (the pipeline reads the local peer).
 CTX_ACCOUNT = "netbird.account"
@@ -47,7 +47,7 @@ class NbRule:
     enabled: bool
     action: Verdict
     bidirectional: bool
-    protocol: str  # one of PROTOCOLS
+    protocol: str  # one of NETBIRD_PROTOCOLS
     ports: tuple[int, ...]
     port_ranges: tuple[tuple[int, int], ...]
     sources: tuple[str, ...] | None  # group ids; None when the API sent null / nothing

@@ -17,7 +17,7 @@ from agent.policy.errors import as_list as _list
 from agent.policy.netbird.model import (
     _VERSION,
     ACTIONS,
-    PROTOCOLS,
+    NETBIRD_PROTOCOLS,
     Check,
     GeoCheck,
     Group,
@@ -164,8 +164,9 @@ def _read_rule(obj: Any, index: int, policy: str) -> tuple[NbRule, list[Invalid]
     bidirectional = rd.flag(r, "bidirectional", "applies both ways", "applies one way")
     protocol = r.get("protocol")
     proto: str | None = protocol.lower() if isinstance(protocol, str) else None
-    if proto not in PROTOCOLS:
-        rd.bad("protocol", f"must be one of {', '.join(PROTOCOLS)}, got {protocol!r}", "applies to every protocol")
+    if proto not in NETBIRD_PROTOCOLS:
+        rd.bad("protocol", f"must be one of {', '.join(NETBIRD_PROTOCOLS)}, got {protocol!r}",
+               "applies to every protocol")
         proto = None
     ports, ranges, given, ports_ok = rd.ports(r)
     void = False
