@@ -14,8 +14,6 @@ from agent.inventory import IPAddress
 from agent.ir import Program, Verdict
 from agent.simulate import evaluate, index_by_ip
 
-__all__ = ["Flow", "stale_flows"]
-
 
 def stale_flows(program: Program, flows: Iterable[Flow], node_addresses: Iterable[IPAddress] = ()) -> list[Flow]:
     """Flows the program would not allow any more.

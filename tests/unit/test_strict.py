@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from agent.strict import Flow, stale_flows
+from agent.dataplane.base import Flow
+from agent.strict import stale_flows
 from tests.kit.builders import BASE, policy, snapshot_of
 
 
