@@ -62,6 +62,17 @@ class Namespace:
 
 
 @dataclass(frozen=True)
+class Node:
+    """A cluster node: ClusterNetworkPolicy `nodes` egress peers select nodes by labels and
+    match their addresses (status.addresses of type InternalIP and ExternalIP)."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ips: tuple[IPAddress, ...] = ()
+    labels_invalid: bool = False  # matched by no node selector (fail closed)
+
+
+@dataclass(frozen=True)
 class ObjectRef:
     """Where an object came from, for error messages and metric labels."""
 
@@ -115,7 +126,10 @@ class Inventory:
 
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
     namespaces: dict[str, Namespace] = field(default_factory=dict)
+    # Every kind of policy by ObjectRef.key: NetworkPolicy, ClusterNetworkPolicy (namespace
+    # ""), AdminNetworkPolicy / BaselineAdminNetworkPolicy (v1alpha1), NetBird policies.
     policies: dict[tuple[str, str, str], RawPolicy] = field(default_factory=dict)
+    nodes: dict[str, Node] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     # Free-form settings a policy language needs (e.g. NetBird's local peer id).
     context: dict[str, Any] = field(default_factory=dict)

@@ -12,13 +12,18 @@ Invariants the semantics guarantee and dataplanes rely on:
   a dataplane may keep one kernel set per key and update its elements in place when
   memberships change.
 - Drop rules come before accept rules when the policy language says drops win.
+- Tiers (ClusterNetworkPolicy): a direction's rules are ordered by tier -- ADMIN, then
+  POLICY (NetworkPolicy, NetBird), then BASELINE. A matching ADMIN rule with verdict PASS
+  skips the rest of the ADMIN tier; an isolated direction that no ADMIN or POLICY rule
+  decides is dropped before BASELINE is reached; a matching BASELINE PASS allows.
+  `first_match` is that order, the one copy every dataplane compiler and the simulator use.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
@@ -35,6 +40,19 @@ PORTED = ("tcp", "udp", "sctp")
 class Verdict(StrEnum):
     ACCEPT = "accept"
     DROP = "drop"
+    PASS = "pass"  # ClusterNetworkPolicy Pass: leave the ADMIN tier (in BASELINE: allow)
+
+
+class Tier(StrEnum):
+    """Where a rule sits in a direction's evaluation order (see the module docstring)."""
+
+    ADMIN = "admin"
+    POLICY = "policy"  # NetworkPolicy and NetBird: the namespace owners' tier
+    BASELINE = "baseline"
+
+    @property
+    def title(self) -> str:
+        return {"admin": "Admin", "policy": "NetworkPolicy", "baseline": "Baseline"}[self.value]
 
 
 class Direction(StrEnum):
@@ -177,12 +195,18 @@ class Origin:
     policy: str
     direction: Direction
     index: int  # rule index inside the policy's ingress/egress (or NetBird rules) list
-    name: str = ""  # rule name where the language has one (NetBird)
+    name: str = ""  # rule name where the language has one (NetBird, ClusterNetworkPolicy)
+    tier: Tier = Tier.POLICY
+    kind: str = ""  # the policy's kind when it is not the source's usual one (ClusterNetworkPolicy)
+    priority: int | None = None  # ClusterNetworkPolicy priority
 
     def __str__(self) -> str:
         pol = f"{self.namespace}/{self.policy}" if self.namespace else self.policy
         rule = f" ({self.name})" if self.name else ""
-        return f"{pol} {self.direction.value}[{self.index}]{rule}"
+        if self.tier is Tier.POLICY and not self.kind:
+            return f"{pol} {self.direction.value}[{self.index}]{rule}"
+        prio = "" if self.priority is None else f", priority {self.priority}"
+        return f"{self.kind or 'policy'} {pol} ({self.tier.title}{prio}) {self.direction.value} rule {self.index}{rule}"
 
 
 @dataclass(frozen=True)
@@ -197,6 +221,16 @@ class Rule:
     key: str = ""
 
     @property
+    def tier(self) -> Tier:
+        return self.origin.tier
+
+    @property
+    def effect(self) -> Verdict:
+        """What a deciding match does to the packet: a BASELINE Pass allows (nothing further
+        applies); an ADMIN Pass never decides (see `first_match`)."""
+        return Verdict.ACCEPT if self.verdict is Verdict.PASS else self.verdict
+
+    @property
     def id(self) -> str:
         """Short stable id a dataplane can store in the kernel (comment, map value)."""
         # surrogatepass: a name from JSON may hold a lone surrogate; hash it, never crash
@@ -206,6 +240,32 @@ class Rule:
         if self.peers is not None and not self.peers.contains(peer):
             return False
         return not self.ports or any(p.matches(protocol, port) for p in self.ports)
+
+
+def first_match(
+    rules: Sequence[Rule], isolated: bool, matches: Callable[[int], bool], order: Iterable[int] | None = None
+) -> tuple[int | None, list[int]]:
+    """The tiered first match: (index of the deciding rule, or None for the default --
+    drop when `isolated`, else allow; indices of the ADMIN Pass rules that matched on the
+    way). `matches(i)` says whether rule i matches the packet; `order` restricts the walk
+    to some rule indices (ascending), e.g. those whose peers hold the packet's peer."""
+    passed: list[int] = []
+    skipping = False
+    for i in range(len(rules)) if order is None else order:
+        r = rules[i]
+        if r.origin.tier is Tier.ADMIN:
+            if skipping or not matches(i):
+                continue
+            if r.verdict is Verdict.PASS:
+                passed.append(i)
+                skipping = True
+                continue
+            return i, passed
+        if r.origin.tier is Tier.BASELINE and isolated:
+            return None, passed  # NetworkPolicy isolation decides before the Baseline tier
+        if matches(i):
+            return i, passed
+    return None, passed
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from agent.dataplane.base import Dataplane
 from agent.inventory import Endpoint, Inventory, IPAddress
-from agent.ir import Verdict
+from agent.ir import Rule, Verdict
 from agent.metrics import counter_rows
 from agent.pipeline import Snapshot
 from agent.simulate import Decision, FlowVerdict, evaluate, index_by_ip
@@ -122,14 +122,23 @@ def decision_json(d: Decision | None) -> dict[str, Any] | None:
         "endpoint": d.endpoint,
         "verdict": "allow" if d.verdict is Verdict.ACCEPT else "deny",
         "isolated_by": list(d.isolated_by),
-        "rule": None if d.rule is None else {
-            "policy": f"{d.rule.origin.namespace}/{d.rule.origin.policy}".lstrip("/"),
-            "direction": d.rule.origin.direction.value,
-            "index": d.rule.origin.index,
-            "name": d.rule.origin.name or None,
-            "verdict": d.rule.verdict.value,
-        },
+        "rule": None if d.rule is None else rule_json(d.rule),
+        "passed": [rule_json(r) for r in d.passed],
         "reason": d.reason,
+    }
+
+
+def rule_json(r: Rule) -> dict[str, Any]:
+    o = r.origin
+    return {
+        "policy": f"{o.namespace}/{o.policy}".lstrip("/"),
+        "kind": o.kind or None,
+        "tier": o.tier.value,
+        "priority": o.priority,
+        "direction": o.direction.value,
+        "index": o.index,
+        "name": o.name or None,
+        "verdict": r.verdict.value,
     }
 
 

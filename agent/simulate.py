@@ -1,7 +1,7 @@
 """The simulator: evaluate the IR for one flow. `explain` and `matrix` use it.
 
 It reads the same Program the dataplanes program, so what it says is what the
-kernel does: first matching rule decides; no match drops when isolated.
+kernel does: the tiered first match of `ir.first_match`; no match drops when isolated.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.inventory import IPAddress
-from agent.ir import Direction, DirectionProgram, EndpointProgram, Program, Rule, Verdict
+from agent.ir import Direction, DirectionProgram, EndpointProgram, Program, Rule, Tier, Verdict, first_match
 
 
 @dataclass(frozen=True)
@@ -21,14 +21,20 @@ class Decision:
     verdict: Verdict
     rule: Rule | None  # the rule that decided; None: not isolated, or default deny
     isolated_by: tuple[str, ...]
+    passed: tuple[Rule, ...] = ()  # ADMIN Pass rules that sent the packet on to NetworkPolicy
 
     @property
     def reason(self) -> str:
+        head = "".join(f"pass by {r.origin} → " for r in self.passed)
         if self.rule is not None:
-            return f"{self.verdict.value} by rule {self.rule.origin}"
+            if self.rule.origin.kind or self.rule.tier is not Tier.POLICY:
+                what = "pass (nothing further applies): accept" if self.rule.verdict is Verdict.PASS \
+                    else self.verdict.value
+                return f"{head}{what} by {self.rule.origin}"
+            return f"{head}{self.verdict.value} by rule {self.rule.origin}"
         if self.verdict is Verdict.DROP:
-            return "default deny of " + ", ".join(self.isolated_by or ("(isolation)",))
-        return "not isolated"
+            return head + "default deny of " + ", ".join(self.isolated_by or ("(isolation)",))
+        return head + "not isolated"
 
 
 @dataclass(frozen=True)
@@ -41,11 +47,13 @@ class FlowVerdict:
 def decide(
     ep: str, d: Direction, prog: DirectionProgram, peer: IPAddress, protocol: str, port: int | None
 ) -> Decision:
-    for rule in prog.rules:
-        if rule.matches(peer, protocol, port):
-            return Decision(ep, d, rule.verdict, rule, prog.isolated_by)
+    rules = prog.rules
+    who, passed = first_match(rules, prog.isolated, lambda i: rules[i].matches(peer, protocol, port))
+    through = tuple(rules[i] for i in passed)
+    if who is not None:
+        return Decision(ep, d, rules[who].effect, rules[who], prog.isolated_by, through)
     verdict = Verdict.DROP if prog.isolated else Verdict.ACCEPT
-    return Decision(ep, d, verdict, None, prog.isolated_by)
+    return Decision(ep, d, verdict, None, prog.isolated_by, through)
 
 
 def index_by_ip(program: Program) -> dict[IPAddress, EndpointProgram]:

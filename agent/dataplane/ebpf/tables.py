@@ -28,7 +28,7 @@ from agent.dataplane.ebpf.layout import (
     v_port,
 )
 from agent.dataplane.escape import display
-from agent.ir import PORTED, Direction, DirectionProgram, Program, Rule, Verdict
+from agent.ir import PORTED, Direction, DirectionProgram, Program, Rule, Verdict, first_match
 
 DIR_CODE = {Direction.INGRESS: DIR_INGRESS, Direction.EGRESS: DIR_EGRESS}
 V_CODE = {Verdict.ACCEPT: V_ACCEPT, Verdict.DROP: V_DROP}
@@ -63,14 +63,19 @@ PortEntries = dict[tuple[int, int, int, int], tuple[int, int]]
 """(proto, has_port, port, port prefix length) -> (verdict code, rule index)."""
 
 
-def _class_ports(rules: tuple[Rule, ...], members: tuple[int, ...]) -> PortEntries:
+def _class_ports(rules: tuple[Rule, ...], members: tuple[int, ...], isolated: bool) -> PortEntries:
+    """The deciding rule per protocol and port interval for peers in one class: the tiered
+    first match of `ir.first_match` over the rules holding those peers. No entry: the
+    default (drop when isolated), which the program reads from the endpoint's flags."""
     out: PortEntries = {}
+
+    def who(proto: int, port: int | None) -> int | None:
+        return first_match(rules, isolated, lambda i: _rule_matches(rules[i], proto, port), members)[0]
+
     for proto in ALL_PROTOS:
         # no port known: first rule matching every port of the protocol
-        for i in members:
-            if _rule_matches(rules[i], proto, None):
-                out[(proto, 0, 0, 16)] = (V_CODE[rules[i].verdict], i)
-                break
+        if (i := who(proto, None)) is not None:
+            out[(proto, 0, 0, 16)] = (V_CODE[rules[i].effect], i)
         if proto not in (PROTO[p] for p in PORTED):
             continue
         cuts = {0, 65536}
@@ -81,16 +86,16 @@ def _class_ports(rules: tuple[Rule, ...], members: tuple[int, ...]) -> PortEntri
         edges = sorted(cuts)
         segs: list[tuple[int, int, int | None]] = []
         for a, b in itertools.pairwise(edges):
-            who = next((i for i in members if _rule_matches(rules[i], proto, a)), None)
-            if segs and segs[-1][2] == who:
-                segs[-1] = (segs[-1][0], b, who)
+            decider = who(proto, a)
+            if segs and segs[-1][2] == decider:
+                segs[-1] = (segs[-1][0], b, decider)
             else:
-                segs.append((a, b, who))
-        for a, b, who in segs:
-            if who is None:
+                segs.append((a, b, decider))
+        for a, b, decider in segs:
+            if decider is None:
                 continue
             for port, plen in port_prefixes(a, b - 1):
-                out[(proto, 1, port, plen)] = (V_CODE[rules[who].verdict], who)
+                out[(proto, 1, port, plen)] = (V_CODE[rules[decider].effect], decider)
     return out
 
 
@@ -143,7 +148,7 @@ def compile_direction(dp: DirectionProgram) -> DirTables:
             key = tuple(sorted(members))
             cls = classes.setdefault(key, len(classes) + 1)
             peers.append((fam, addr, plen, cls))
-    ports = tuple((cls, _class_ports(rules, members)) for members, cls in classes.items())
+    ports = tuple((cls, _class_ports(rules, members, dp.isolated)) for members, cls in classes.items())
     return DirTables(flags, tuple(peers), ports, tuple(r.id for r in rules))
 
 
