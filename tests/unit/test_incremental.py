@@ -9,6 +9,7 @@ whole sequence, and afresh with `compile_inventory`, the reference.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -18,9 +19,10 @@ from agent.admission import LastGood, kubernetes_inventory
 from agent.dataplane.ebpf import tables
 from agent.dataplane.nftables import build_model, render_full
 from agent.inventory import Inventory
-from agent.ir import Program
+from agent.ir import PeerSet, Program
 from agent.policy.kubernetes import compile_inventory
 from agent.policy.kubernetes.incremental import IncrementalCompiler
+from agent.policy.kubernetes.spans import Spans
 from agent.sources.kubeobjects import RawObject, ref_of
 from tests.kit.builders import ns, pod, policy
 
@@ -201,3 +203,26 @@ def test_unknown_kinds_fall_back_to_the_full_compile() -> None:
     inv = kubernetes_inventory(objs, LastGood())
     assert inc.compile(inv) == compile_inventory(inv, "n1")
     assert inc.stats.full
+
+
+addresses = st.sampled_from([ipaddress.ip_address(a) for a in (
+    *(f"10.0.0.{i}" for i in range(12)), "10.0.1.0", "10.0.0.255", "fd00::", "fd00::1", "fd00::2", "fd00::3")])
+
+
+@settings(max_examples=100, deadline=None)
+@given(start=st.sets(addresses), static=st.sampled_from([(), ("10.0.0.4/30",), ("10.0.0.0/29", "fd00::2/127")]),
+       edits=st.lists(st.tuples(st.booleans(), addresses), max_size=20))
+def test_spans_edited_by_address_equal_a_fresh_collapse(
+        start: set[Any], static: tuple[str, ...], edits: list[tuple[bool, Any]]) -> None:
+    blocks = [ipaddress.ip_network(n) for n in static]
+    members = set(start)
+    spans = Spans(PeerSet.of([*members, *blocks]), PeerSet.of(blocks))
+    for add, ip in edits:
+        if add:
+            members.add(ip)
+            spans.add(ip)
+        else:
+            members.discard(ip)
+            if not spans.static_holds(ip):
+                spans.remove(ip)
+        assert spans.peer_set() == PeerSet.of([*members, *blocks])

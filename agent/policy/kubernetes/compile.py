@@ -32,8 +32,8 @@ class _Resolver:
     """Resolves peers to addresses, memoised per selector pair (many policies share them).
 
     Kept across compiles by the incremental compiler: `move` keeps the per-namespace pod
-    index current and `entries`/`forget` let it drop exactly the memoised results a change
-    touches."""
+    index current, and it edits the memoised entries (`entries()`: entry -> its pods by
+    key) in place as pods and namespaces change."""
 
     def __init__(self, inv: Inventory) -> None:
         self.inv = inv
@@ -42,7 +42,7 @@ class _Resolver:
         self.by_namespace: dict[str, dict[str, Endpoint]] = defaultdict(dict)
         for ep in inv.endpoints.values():
             self.by_namespace[ep.namespace][ep.key] = ep
-        self._cache: dict[EntryKey, tuple[Endpoint, ...]] = {}
+        self._cache: dict[EntryKey, dict[str, Endpoint]] = {}
 
     def move(self, old: Endpoint | None, new: Endpoint | None) -> None:
         """One pod removed, added or replaced."""
@@ -55,8 +55,8 @@ class _Resolver:
         if new is not None:
             self.by_namespace[new.namespace][new.key] = new
 
-    def entries(self) -> list[EntryKey]:
-        return list(self._cache)
+    def entries(self) -> dict[EntryKey, dict[str, Endpoint]]:
+        return self._cache
 
     def forget(self, key: EntryKey) -> None:
         self._cache.pop(key, None)
@@ -76,19 +76,19 @@ class _Resolver:
     def entry_key(peer: Peer, policy_ns: str) -> EntryKey:
         return (peer.pod_selector, peer.namespace_selector, policy_ns)
 
-    def pods(self, peer: Peer, policy_ns: str) -> tuple[Endpoint, ...]:
+    def pods(self, peer: Peer, policy_ns: str) -> Iterable[Endpoint]:
         key = self.entry_key(peer, policy_ns)
         hit = self._cache.get(key)
         if hit is None:
             nss = [policy_ns] if peer.namespace_selector is None else self.namespaces(peer.namespace_selector)
             psel = peer.pod_selector or Selector()
             # A pod whose labels did not validate is matched by no peer (fail closed).
-            hit = tuple(
-                ep for ns in nss for ep in self.by_namespace.get(ns, {}).values()
+            hit = {
+                ep.key: ep for ns in nss for ep in self.by_namespace.get(ns, {}).values()
                 if not ep.labels_invalid and psel.matches(ep.labels)
-            )
+            }
             self._cache[key] = hit
-        return hit
+        return hit.values()
 
     def peer_set(self, peers: tuple[Peer, ...], policy_ns: str) -> PeerSet:
         nets: list[Network | IPAddress] = []
@@ -150,6 +150,7 @@ class _Compiler:
         # whether every pod's were)
         self.named_deps: dict[str, tuple[str, PeerSet | None, bool]] = {}
         self.touched: set[str] = set()  # namespaces whose policies' memoised results were forgotten
+        self.rule_defs: dict[str, PolicyRule] = {}  # rule key -> the rule its peer set is of
 
     def set_policies(self, policies: Iterable[NetworkPolicy]) -> None:
         by_ns: dict[str, list[NetworkPolicy]] = defaultdict(list)
@@ -164,6 +165,7 @@ class _Compiler:
                              for p in rule.peers or () if p.ip_block is None})
             self.rule_entries[key] = entries
             self.rule_owner[key] = (f"{pol.source}:{pol.key}", pol.namespace)
+            self.rule_defs[key] = rule
             for e in entries:
                 self.entry_rules[e].add(key)
         return self._peers[key]
@@ -174,6 +176,7 @@ class _Compiler:
         """Drop a rule's peer set (and its policy's egress rules); resolver entries no rule
         reads any more are dropped too."""
         self._peers.pop(key, None)
+        self.rule_defs.pop(key, None)
         owner = self.rule_owner.pop(key, None)
         if owner is not None:
             self.forget_egress(*owner)
@@ -185,12 +188,16 @@ class _Compiler:
                     del self.entry_rules[e]
                     self.res.forget(e)
 
-    def forget_entry(self, e: EntryKey) -> None:
-        """A resolver entry is stale: it and every rule reading it are recomputed."""
-        for key in list(self.entry_rules.get(e, ())):
-            self.forget_rule(key)
-        self.entry_rules.pop(e, None)
-        self.res.forget(e)
+    def peers(self, key: str) -> PeerSet | None:
+        return self._peers.get(key)
+
+    def set_peers(self, key: str, peers: PeerSet) -> None:
+        """A rule's peer set edited in place (its members changed): its policy's egress
+        rules and its namespace's endpoints are rebuilt from it."""
+        self._peers[key] = peers
+        owner = self.rule_owner.get(key)
+        if owner is not None:
+            self.forget_egress(*owner)
 
     def forget_egress(self, cache_key: str, namespace: str) -> None:
         self._egress_named.pop(cache_key, None)

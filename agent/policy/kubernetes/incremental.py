@@ -22,15 +22,18 @@ afresh is as fast.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.inventory import Endpoint, Inventory, Namespace, Problem
-from agent.ir import DirectionProgram, EndpointProgram, Program, Rule
+from agent.inventory import Endpoint, Inventory, IPAddress, Namespace, Problem
+from agent.ir import DirectionProgram, EndpointProgram, PeerSet, Program, Rule
 from agent.policy.errors import Invalid
 from agent.policy.kubernetes.compile import EntryKey, _Compiler, compile_inventory, entry_holds
 from agent.policy.kubernetes.parse import NetworkPolicy, parse_policy
+from agent.policy.kubernetes.spans import Spans
+from agent.policy.selectors import Selector
 
 KINDS = ("NetworkPolicy",)  # policy kinds this compiler follows; any other: full compile
 # Above this share of changed objects a fresh compile is as cheap as forgetting piecemeal.
@@ -112,6 +115,8 @@ class IncrementalCompiler:
         self._inv: Inventory | None = None
         self._policies: dict[tuple[str, str, str], NetworkPolicy] = {}
         self._program: Program | None = None
+        self._by_ip: dict[IPAddress, dict[str, Endpoint]] = {}  # address -> the pods holding it
+        self._spans: dict[str, Spans] = {}  # rule key -> its peer set, editable (made on first edit)
 
     def _local(self, ep: Endpoint | None) -> bool:
         return ep is not None and (self.node is None or ep.node == self.node)
@@ -146,36 +151,31 @@ class IncrementalCompiler:
         comp = self._comp
         comp.inv = comp.res.inv = inv
         comp.touched = set()
-        # 1. Resolver entries a changed pod or namespace enters or leaves.
+        # 1. Resolver entries a changed pod or namespace enters or leaves, edited in place.
         for _, o, n in pods:
             comp.res.move(o, n)
-        def pod_moves(e: EntryKey) -> bool:
-            return any((o is not None and entry_holds(e, o, old_inv)) or (n is not None and entry_holds(e, n, inv))
-                       for _, o, n in pods)
-
-        def namespace_moves(e: EntryKey) -> bool:
-            sel = e[1]
-            return sel is not None and any(
-                not ns.labels_invalid and sel.matches(ns.labels) for _, o, v in nss for ns in (o, v))
-
-        stale = [e for e in comp.res.entries() if pod_moves(e) or namespace_moves(e)]
-        for e in stale:
-            comp.forget_entry(e)
-        self.stats.entries = len(stale)
-        # 2. Egress named-port rules whose candidates (ipBlock-covered or any pod) changed.
+            self._index_ips(o, n)
+        moved = self._move_pods(pods, inv)
+        self._move_namespaces(nss, moved)
+        self.stats.entries = len(moved)
+        # 2. The peer sets reading those entries, edited by the addresses that moved.
+        self._edit_peer_sets(moved)
+        # 3. Egress named-port rules whose candidates (ipBlock-covered or any pod) changed.
         if pods:
             for cache_key, (ns, blocks, anyone) in list(comp.named_deps.items()):
                 if anyone or (blocks is not None and any(
                         ep is not None and any(map(blocks.contains, ep.ips)) for _, o, n in pods for ep in (o, n))):
                     comp.forget_egress(cache_key, ns)
-        # 3. Changed policies: their rules are forgotten, their namespaces recompiled.
+        # 4. Changed policies: their rules are forgotten, their namespaces recompiled.
         for _, o, n in pols:
             for pol in (o, n):
                 if pol is not None:
                     comp.forget_policy(pol)
         if pols:
             comp.set_policies(policies.values())
-        # 4. Local endpoints: the changed ones and those of namespaces whose rules moved.
+            for key in [k for k in self._spans if comp.peers(k) is None]:
+                del self._spans[key]  # rules gone
+        # 5. Local endpoints: the changed ones and those of namespaces whose rules moved.
         old_eps = self._program.endpoints
         eps = dict(old_eps)
         redo: dict[str, Endpoint] = {}
@@ -196,12 +196,99 @@ class IncrementalCompiler:
         self._inv, self._policies = inv, policies
         return self._program
 
+    # ------------------------------------------------------------ editing peer sets
+
+    def _index_ips(self, old: Endpoint | None, new: Endpoint | None) -> None:
+        if old is not None:
+            for ip in old.ips:
+                holders = self._by_ip.get(ip)
+                if holders is not None:
+                    holders.pop(old.key, None)
+                    if not holders:
+                        del self._by_ip[ip]
+        if new is not None:
+            for ip in new.ips:
+                self._by_ip.setdefault(ip, {})[new.key] = new
+
+    def _move_pods(self, pods: list[tuple[Any, Any, Any]], inv: Inventory) -> dict[EntryKey, set[IPAddress]]:
+        """Each changed pod leaves the entries that held it and joins those that now hold
+        it; returns entry -> addresses that may have come or gone."""
+        moved: dict[EntryKey, set[IPAddress]] = defaultdict(set)
+        for e, members in self._comp_entries().items():
+            for _, o, n in pods:
+                if o is not None and members.pop(o.key, None) is not None:
+                    moved[e].update(o.ips)
+                if n is not None and entry_holds(e, n, inv):
+                    members[n.key] = n
+                    moved[e].update(n.ips)
+        return moved
+
+    def _move_namespaces(self, nss: list[tuple[str, Namespace, Namespace]],
+                         moved: dict[EntryKey, set[IPAddress]]) -> None:
+        """A namespace entering or leaving a namespaceSelector brings or takes its pods."""
+        assert self._comp is not None
+        res = self._comp.res
+        for e, members in res.entries().items():
+            psel, sel = e[0] or Selector(), e[1]
+            if sel is None:
+                continue
+            for name, o, v in nss:
+                was = not o.labels_invalid and sel.matches(o.labels)
+                now = not v.labels_invalid and sel.matches(v.labels)
+                if was and not now:
+                    for key in [k for k, ep in members.items() if ep.namespace == name]:
+                        moved[e].update(members.pop(key).ips)
+                elif now and not was:
+                    for ep in res.by_namespace.get(name, {}).values():
+                        if not ep.labels_invalid and psel.matches(ep.labels):
+                            members[ep.key] = ep
+                            moved[e].update(ep.ips)
+
+    def _edit_peer_sets(self, moved: dict[EntryKey, set[IPAddress]]) -> None:
+        """Each address that moved in an entry is in a rule's peer set exactly when an ipBlock
+        of the rule covers it or a pod holding it is in one of the rule's entries."""
+        comp = self._comp
+        assert comp is not None
+        entries = comp.res.entries()
+        todo: dict[str, set[IPAddress]] = defaultdict(set)
+        for e, addrs in moved.items():
+            for key in comp.entry_rules.get(e, ()):
+                todo[key] |= addrs
+                owner = comp.rule_owner.get(key)
+                if owner is not None and owner[0] in comp.named_deps:  # named ports read these pods
+                    comp.forget_egress(*owner)
+        for key, addrs in todo.items():
+            current, rule = comp.peers(key), comp.rule_defs.get(key)
+            if current is None or rule is None:
+                continue
+            spans = self._spans.get(key)
+            if spans is None or spans.peer_set_was is not current:
+                static = PeerSet.of([n for p in rule.peers or () if p.ip_block is not None for n in p.ip_block.nets()])
+                spans = self._spans[key] = Spans(current, static)
+            readers = [entries[e] for e in comp.rule_entries.get(key, ()) if e in entries]
+            for ip in addrs:
+                if spans.static_holds(ip) or any(
+                        holder in members for holder in self._by_ip.get(ip, {}) for members in readers):
+                    spans.add(ip)
+                else:
+                    spans.remove(ip)
+            if spans.dirty:
+                comp.set_peers(key, spans.peer_set())
+
+    def _comp_entries(self) -> dict[EntryKey, dict[str, Endpoint]]:
+        assert self._comp is not None
+        return self._comp.res.entries()
+
     def _full(self, inv: Inventory, policies: dict[tuple[str, str, str], NetworkPolicy], why: str) -> Program:
         old = self._program.endpoints if self._program is not None else {}
         comp = _Compiler(inv, list(policies.values()))
         eps = {key: _reuse(comp.endpoint(ep), old.get(key))
                for key, ep in sorted(inv.endpoints.items()) if self._local(ep)}
         self._comp, self._inv, self._policies = comp, inv, policies
+        self._by_ip = {}
+        for ep in inv.endpoints.values():
+            self._index_ips(None, ep)
+        self._spans = {}
         self._program = Program(source=self.source, endpoints=eps)
         self.stats = Stats(full=True, reason=why, endpoints=len(eps))
         return self._program
