@@ -29,7 +29,8 @@ class _Admitted:
     """What admission made of one delivered version: reused while the source delivers an
     equal body, and (when it fell back) the last good version it fell back to is unchanged."""
 
-    ref: ObjectRef
+    key: str
+    obj: RawObject  # as delivered
     body: Mapping[str, Any]
     previous: Mapping[str, Any] | None  # the last good body it was admitted against
     entry: tuple[RawObject, Any] | None  # what is enforced (None: left out)
@@ -45,8 +46,11 @@ class LastGood:
         self.readonly = readonly  # the simulator reads the state but never writes it
         self._bodies: dict[str, Mapping[str, Any]] = {}
         self._saved = True  # False after a failed write: retried on the next sync
-        # key -> what admission made of the body last delivered (see _Admitted)
+        # key -> what admission made of the body last delivered (see _Admitted); and the same
+        # by the delivered RawObject's id (held by the _Admitted, so never reused meanwhile):
+        # a source handing over the very same object costs one lookup
         self._admitted: dict[str, _Admitted] = {}
+        self._by_id: dict[int, _Admitted] = {}
         # key -> (body, `"key": body` as JSON): the state file is joined from these
         self._texts: dict[str, tuple[Mapping[str, Any], str]] = {}
         if path is not None and path.exists():
@@ -86,16 +90,13 @@ class LastGood:
     def _write(self, f: TextIO) -> None:
         """The bodies as one JSON object, each object's text encoded once per version."""
         texts: dict[str, tuple[Mapping[str, Any], str]] = {}
-        f.write("{")
-        for i, (key, body) in enumerate(self._bodies.items()):
+        for key, body in self._bodies.items():
             hit = self._texts.get(key)
             if hit is None or hit[0] is not body:
                 # default=str: YAML timestamps in fields no one reads
                 hit = (body, f"{json.dumps(key)}: {json.dumps(body, default=str)}")
             texts[key] = hit
-            f.write(", " if i else "")
-            f.write(hit[1])
-        f.write("}")
+        f.write("{" + ", ".join(t for _, t in texts.values()) + "}")
         self._texts = texts
 
     def _parse_previous(
@@ -128,30 +129,42 @@ class LastGood:
         out: list[tuple[RawObject, T]] = []
         good: dict[str, Mapping[str, Any]] = {}
         admitted: dict[str, _Admitted] = {}
+        by_id: dict[int, _Admitted] = {}
+        bodies = self._bodies
         for obj in objects:
-            key = self._key(obj.ref)
-            hit = self._admitted.get(key)
-            if hit is None or hit.ref != obj.ref or not (hit.body is obj.body or hit.body == obj.body) or (
-                    hit.previous is not None and hit.previous is not self._bodies.get(key)):
-                hit = self._admit_one(obj, parse)
-            elif hit.entry is not None and hit.previous is None and hit.entry[0] is not obj:
-                hit = _Admitted(obj.ref, obj.body, None, (obj, hit.entry[1]), obj.body, hit.problems)
-            admitted[key] = hit
-            problems.extend(hit.problems)
+            hit = self._by_id.get(id(obj))
+            if hit is None or hit.obj is not obj:
+                hit = self._again(obj, parse)
+            elif hit.previous is not None and hit.previous is not bodies.get(hit.key):
+                hit = self._admit_one(hit.key, obj, parse)
+            admitted[hit.key] = by_id[id(obj)] = hit
+            if hit.problems:
+                problems.extend(hit.problems)
             if hit.entry is not None:
                 out.append(hit.entry)
             if hit.good is not None:
-                good[key] = hit.good
-        self._admitted = admitted
+                good[hit.key] = hit.good
+        self._admitted, self._by_id = admitted, by_id
         self.replace(good)
         return out
 
-    def _admit_one(self, obj: RawObject, parse: Callable[[RawObject], T]) -> _Admitted:
+    def _again(self, obj: RawObject, parse: Callable[[RawObject], T]) -> _Admitted:
+        """A delivered object seen before as another object: reused when equal."""
+        key = self._key(obj.ref)
+        hit = self._admitted.get(key)
+        if hit is None or hit.obj.ref != obj.ref or not (hit.body is obj.body or hit.body == obj.body) or (
+                hit.previous is not None and hit.previous is not self._bodies.get(key)):
+            return self._admit_one(key, obj, parse)
+        if hit.previous is None and hit.entry is not None:  # valid: enforce the object as delivered
+            return _Admitted(key, obj, obj.body, None, (obj, hit.entry[1]), obj.body, hit.problems)
+        return _Admitted(key, obj, obj.body, hit.previous, hit.entry, hit.good, hit.problems)
+
+    def _admit_one(self, key: str, obj: RawObject, parse: Callable[[RawObject], T]) -> _Admitted:
         found: list[Problem] = []
         fallback: Any = _NOT_PARSED
         try:
             value = parse(obj)
-            return _Admitted(obj.ref, obj.body, None, (obj, value), obj.body, ())
+            return _Admitted(key, obj, obj.body, None, (obj, value), obj.body, ())
         except Partial as e:
             fallback = e.value
             found.extend(Problem(obj.ref, i.field, i.message) for i in e.issues)
@@ -162,7 +175,7 @@ class LastGood:
         was = self.get(obj.ref)
         previous = self._parse_previous(obj, parse, found)
         if previous is not None:
-            return _Admitted(obj.ref, obj.body, was, previous, previous[0].body, tuple(found))
+            return _Admitted(key, obj, obj.body, was, previous, previous[0].body, tuple(found))
         # enforced fail-closed (or left out), never saved as good
         entry = None if fallback is _NOT_PARSED else (obj, fallback)
-        return _Admitted(obj.ref, obj.body, was, entry, None, tuple(found))
+        return _Admitted(key, obj, obj.body, was, entry, None, tuple(found))
