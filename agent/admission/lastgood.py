@@ -24,7 +24,7 @@ T = TypeVar("T")
 _NOT_PARSED = object()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Admitted:
     """What admission made of one delivered version: reused while the source delivers an
     equal body, and (when it fell back) the last good version it fell back to is unchanged."""

@@ -83,8 +83,9 @@ class _Resolver:
             nss = [policy_ns] if peer.namespace_selector is None else self.namespaces(peer.namespace_selector)
             psel = peer.pod_selector or Selector()
             # A pod whose labels did not validate is matched by no peer (fail closed).
+            # keyed by the index's own key strings: Endpoint.key makes a new one per call
             hit = {
-                ep.key: ep for ns in nss for ep in self.by_namespace.get(ns, {}).values()
+                key: ep for ns in nss for key, ep in self.by_namespace.get(ns, {}).items()
                 if not ep.labels_invalid and psel.matches(ep.labels)
             }
             self._cache[key] = hit

@@ -115,7 +115,7 @@ class IncrementalCompiler:
         self._inv: Inventory | None = None
         self._policies: dict[tuple[str, str, str], NetworkPolicy] = {}
         self._program: Program | None = None
-        self._by_ip: dict[IPAddress, dict[str, Endpoint]] = {}  # address -> the pods holding it
+        self._by_ip: dict[IPAddress, tuple[str, ...]] = {}  # address -> the pods holding it (keys)
         self._spans: dict[str, Spans] = {}  # rule key -> its peer set, editable (made on first edit)
 
     def _local(self, ep: Endpoint | None) -> bool:
@@ -201,25 +201,26 @@ class IncrementalCompiler:
     def _index_ips(self, old: Endpoint | None, new: Endpoint | None) -> None:
         if old is not None:
             for ip in old.ips:
-                holders = self._by_ip.get(ip)
-                if holders is not None:
-                    holders.pop(old.key, None)
-                    if not holders:
-                        del self._by_ip[ip]
+                rest = tuple(k for k in self._by_ip.get(ip, ()) if k != old.key)
+                if rest:
+                    self._by_ip[ip] = rest
+                else:
+                    self._by_ip.pop(ip, None)
         if new is not None:
             for ip in new.ips:
-                self._by_ip.setdefault(ip, {})[new.key] = new
+                self._by_ip[ip] = (*self._by_ip.get(ip, ()), new.key)
 
     def _move_pods(self, pods: list[tuple[Any, Any, Any]], inv: Inventory) -> dict[EntryKey, set[IPAddress]]:
         """Each changed pod leaves the entries that held it and joins those that now hold
         it; returns entry -> addresses that may have come or gone."""
         moved: dict[EntryKey, set[IPAddress]] = defaultdict(set)
+        keyed = [(o.key if o is not None else "", o, n.key if n is not None else "", n) for _, o, n in pods]
         for e, members in self._comp_entries().items():
-            for _, o, n in pods:
-                if o is not None and members.pop(o.key, None) is not None:
+            for okey, o, nkey, n in keyed:
+                if o is not None and members.pop(okey, None) is not None:
                     moved[e].update(o.ips)
                 if n is not None and entry_holds(e, n, inv):
-                    members[n.key] = n
+                    members[nkey] = n
                     moved[e].update(n.ips)
         return moved
 
@@ -239,9 +240,9 @@ class IncrementalCompiler:
                     for key in [k for k, ep in members.items() if ep.namespace == name]:
                         moved[e].update(members.pop(key).ips)
                 elif now and not was:
-                    for ep in res.by_namespace.get(name, {}).values():
+                    for key, ep in res.by_namespace.get(name, {}).items():
                         if not ep.labels_invalid and psel.matches(ep.labels):
-                            members[ep.key] = ep
+                            members[key] = ep
                             moved[e].update(ep.ips)
 
     def _edit_peer_sets(self, moved: dict[EntryKey, set[IPAddress]]) -> None:
