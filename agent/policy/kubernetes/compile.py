@@ -40,8 +40,8 @@ class _Resolver:
         # namespace -> pod key -> pod: a dict, so one pod moves in O(1) (order never matters:
         # every consumer collapses addresses into a PeerSet)
         self.by_namespace: dict[str, dict[str, Endpoint]] = defaultdict(dict)
-        for ep in inv.endpoints.values():
-            self.by_namespace[ep.namespace][ep.key] = ep
+        for key, ep in inv.endpoints.items():
+            self.by_namespace[ep.namespace][key] = ep
         self._cache: dict[EntryKey, dict[str, Endpoint]] = {}
 
     def move(self, old: Endpoint | None, new: Endpoint | None) -> None:

@@ -287,8 +287,9 @@ class IncrementalCompiler:
                for key, ep in sorted(inv.endpoints.items()) if self._local(ep)}
         self._comp, self._inv, self._policies = comp, inv, policies
         self._by_ip = {}
-        for ep in inv.endpoints.values():
-            self._index_ips(None, ep)
+        for key, ep in inv.endpoints.items():
+            for ip in ep.ips:
+                self._by_ip[ip] = (*self._by_ip.get(ip, ()), key)
         self._spans = {}
         self._program = Program(source=self.source, endpoints=eps)
         self.stats = Stats(full=True, reason=why, endpoints=len(eps))
