@@ -39,6 +39,7 @@ from agent.sources.kubeobjects import RawObject
 
 T = TypeVar("T")
 CLUSTER_SCOPED = (*CLUSTER_KINDS, "Node", "Namespace")
+KINDS = ("Namespace", "Pod", "Node", "NetworkPolicy", *CLUSTER_KINDS)  # what admission reads
 NODE_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
 
 
@@ -300,7 +301,10 @@ def kubernetes_inventory(
                                    safe_name(ref.name, is_dns_subdomain(ref.name)), ref.source),
         )(obj.body)
 
-    for obj, value in store.admit(map(_cluster_scoped, objects), parse, inv.problems):
+    # Kinds no semantics reads (a StatefulSet beside the policies) are not admitted: read as
+    # a NetworkPolicy, a spec without podSelector would isolate a whole namespace.
+    ours = (_cluster_scoped(o) for o in objects if o.ref.kind in KINDS)
+    for obj, value in store.admit(ours, parse, inv.problems):
         if value is None:
             continue
         if obj.ref.kind == "Namespace":
