@@ -4,8 +4,11 @@ Fail closed. An invalid object is reported (object and field path). Then:
 (a) if a version of it validated before (its last good version), that version stays in
     force, as long as it still validates today;
 (b) otherwise the object is read fail-closed: its invalid parts match nothing in accept
-    rules and everything in isolations (see `parse_policy`, `parse_pod`,
-    `parse_namespace`), so it never allows more than any valid reading of it would.
+    rules and everything in deny rules and isolations (see `parse_policy`,
+    `parse_cluster_policy`, `parse_pod`, `parse_namespace`, `parse_node`), so it never
+    allows more than any valid reading of it would.
+Cluster-scoped kinds (ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy,
+Node) are keyed with namespace "" whatever the source's reference says.
 One bad object never blocks the others. The store of last good versions can be persisted
 (only bodies that validated are written), so a restart, or a one-shot `apply`, admits
 exactly what the running agent admitted.
