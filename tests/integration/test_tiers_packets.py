@@ -12,7 +12,8 @@ What the packets show (b's ingress is isolated by a NetworkPolicy; a's is not):
   Baseline Pass allows with nothing further applying (c -> a:81, before a Baseline
   deny-all) and a Baseline Accept allows (b -> a:80);
 - an Admin Deny on egress (a -> b:82) wins over b's ingress accept.
-Counters count the deciding rule, a drop by an Admin Deny is sampled naming its rule,
+Counters count the deciding rule (and `stockade counters` and /metrics name its tier), a
+drop by an Admin Deny is sampled naming its rule (as `stockade drops` prints it),
 an update from one tiered program to another (nftables: render_diff) and a restarted
 dataplane (eBPF: adopting the pinned maps; nftables: replacing the table) enforce the
 same, and the simulator agrees with every probe.
@@ -30,7 +31,8 @@ import pytest
 from agent.dataplane.base import Counters, Dataplane, DropEvent, DropLog
 from agent.dataplane.ebpf import EbpfDataplane
 from agent.dataplane.nftables import NftablesDataplane
-from agent.drops import describe
+from agent.drops import describe, drop_text
+from agent.inventory import Inventory
 from agent.ir import (
     Direction,
     DirectionProgram,
@@ -43,7 +45,9 @@ from agent.ir import (
     Tier,
     Verdict,
 )
-from agent.metrics import KernelCollector
+from agent.metrics import KernelCollector, counter_text
+from agent.pipeline import Snapshot
+from agent.query import counters as counter_table
 from agent.simulate import evaluate
 from tests.kit import Lab, until
 from tests.kit.netns import worker
@@ -266,6 +270,12 @@ def test_tiers_decide_count_and_log(lab: Lab, plane: Plane) -> None:
     assert samples["web"].labels["tier"] == "policy" and samples["web"].labels["kind"] == ""
     assert samples["default"].labels["tier"] == "baseline"
 
+    # `stockade counters` names the tier (text and JSON)
+    rows = plane.call(lambda: counter_table(Snapshot(Inventory(), prog), plane.dp))
+    (row,) = [r for r in rows if r["endpoint"] == "app/b" and "deny-c" in r["policy"]]
+    assert (row["tier"], row["kind"], row["verdict"]) == ("admin", CNP, "drop") and row["packets"] > 0
+    assert counter_text(row).endswith(f"app/b ingress: drop by {CNP} deny-c (Admin, priority 10) ingress rule 0 (no-c)")
+
     # the Admin Deny's drop is sampled naming its rule, tier and priority
     got: list[dict[str, Any]] = []
 
@@ -278,6 +288,8 @@ def test_tiers_decide_count_and_log(lab: Lab, plane: Plane) -> None:
     d = next(d for d in got if d["src"] == C and d["dst"] == B and d["dport"] == 80)
     assert d["endpoint"] == "app/b" and d["direction"] == "ingress" and d["tier"] == "admin"
     assert d["policies"] == [f"{CNP} deny-c (Admin, priority 10) ingress rule 0 (no-c)"]
+    assert drop_text({**d, "time": 0}).endswith(  # as `stockade drops` prints it
+        f"app/b ingress: deny by {CNP} deny-c (Admin, priority 10) ingress rule 0 (no-c)")
 
 
 def test_tiered_update_and_restart(lab: Lab, plane: Plane) -> None:
