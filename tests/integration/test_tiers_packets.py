@@ -30,7 +30,7 @@ import pytest
 
 from agent.dataplane.base import Counters, Dataplane, DropEvent, DropLog
 from agent.dataplane.ebpf import EbpfDataplane
-from agent.dataplane.nftables import NftablesDataplane
+from agent.dataplane.nftables import NftablesDataplane, Options
 from agent.drops import describe, drop_text
 from agent.inventory import Inventory
 from agent.ir import (
@@ -169,14 +169,16 @@ class Plane:
     """One dataplane driven in the lab's node namespace: eBPF takes the namespace as an
     argument; nftables (libnftables, the NFLOG socket) runs on a thread inside it."""
 
-    def __init__(self, lab: Lab, name: str) -> None:
-        self.lab, self.name = lab, name
+    def __init__(self, lab: Lab, name: str, audit: bool = False) -> None:
+        self.lab, self.name, self.audit = lab, name, audit
         self.pool: ThreadPoolExecutor | None = worker(lab.node) if name == "nftables" else None
         self.dp: Dataplane = self.call(self._make)
         self.log: DropLog | None = None
 
     def _make(self) -> Dataplane:
-        return NftablesDataplane() if self.name == "nftables" else EbpfDataplane(netns=self.lab.node)
+        if self.name == "nftables":
+            return NftablesDataplane(Options(audit=self.audit))
+        return EbpfDataplane(netns=self.lab.node, audit=self.audit)
 
     def call(self, fn: Callable[[], T]) -> T:
         return fn() if self.pool is None else self.pool.submit(fn).result()
@@ -213,12 +215,26 @@ class Plane:
             self.pool.shutdown()
 
 
-@pytest.fixture
-def plane(lab: Lab, dataplane: str) -> Iterator[Plane]:
+def pods(lab: Lab) -> None:
     lab.add_pod("app/a", [A, A6], ports=(80, 81, 82))
     lab.add_pod("app/b", [B, B6], ports=(80, 81, 82, 8000, 8001))
     lab.add_pod("app/c", [C, C6], ports=(80, 81))
+
+
+@pytest.fixture
+def plane(lab: Lab, dataplane: str) -> Iterator[Plane]:
+    pods(lab)
     p = Plane(lab, dataplane)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def audit_plane(lab: Lab, dataplane: str) -> Iterator[Plane]:
+    pods(lab)
+    p = Plane(lab, dataplane, audit=True)
     try:
         yield p
     finally:
@@ -284,7 +300,13 @@ def test_tiers_decide_count_and_log(lab: Lab, plane: Plane) -> None:
         return any(d["src"] == C and d["dst"] == B and d["dport"] == 80 and d["reason"] == "drop-rule"
                    for d in got)
 
-    assert until(sampled, timeout=20), got
+    def by_baseline() -> bool:  # nftables: logged from a's tail chain (a's ingress has an Admin Pass)
+        return any(d["src"] == C and d["dst"] == A and d["dport"] == 80 for d in got)
+
+    assert until(lambda: sampled() and by_baseline(), timeout=20), got
+    b = next(d for d in got if d["src"] == C and d["dst"] == A and d["dport"] == 80)
+    assert (b["endpoint"], b["tier"], b["policies"]) == (
+        "app/a", "baseline", [f"{CNP} default (Baseline) ingress rule 1 (no-c-80)"])
     d = next(d for d in got if d["src"] == C and d["dst"] == B and d["dport"] == 80)
     assert d["endpoint"] == "app/b" and d["direction"] == "ingress" and d["tier"] == "admin"
     assert d["policies"] == [f"{CNP} deny-c (Admin, priority 10) ingress rule 0 (no-c)"]
@@ -307,3 +329,33 @@ def test_tiered_update_and_restart(lab: Lab, plane: Plane) -> None:
     c = plane.counters(prog2)  # counters of the adopted state still name the rules
     assert c.rules.get(("app/b", NP_WEB.id, IN)) is not None
     assert c.rules.get(("app/a", BASE_DENY_ALL.id, IN)) is not None
+
+
+def test_audit_passes_tiered_drops_and_reports_them(lab: Lab, audit_plane: Plane) -> None:
+    """Audit mode: an Admin Deny, a Baseline Deny and the default deny are counted and
+    sampled as would-be drops and pass (replies too); an Admin Pass still skips the rest
+    of the Admin tier."""
+    prog = program()
+    audit_plane.apply(prog)
+    audit_plane.open_log()
+    seen = lab.probe_many(PROBES, timeout=1.0)
+    assert all(ok for results in seen.values() for ok in results.values()), seen
+    c = audit_plane.counters(prog)
+    for key, rule in (("app/b", DENY_C), ("app/a", BASE_DENY_C)):
+        got = c.rules.get((key, rule.id, IN))
+        assert got is not None and got.packets > 0, rule.origin
+    for key, rule in (("app/b", SKIPPED), ("app/a", DENY_C_80)):  # skipped by a Pass, audit or not
+        got = c.rules.get((key, rule.id, IN))
+        assert got is None or got.packets == 0, rule.origin
+    samples: list[dict[str, Any]] = []
+
+    def sampled() -> bool:
+        samples.extend(describe(ev, prog) for ev in audit_plane.drops())
+        return {(d["protocol"], d["dst"], d["dport"], d["tier"]) for d in samples if d["src"] == C and d["audit"]} \
+            >= {("tcp", B, 80, "admin"), ("tcp", A, 80, "baseline")}
+
+    assert until(sampled, timeout=20), samples
+    d = next(d for d in samples if d["src"] == C and d["dst"] == B and d["dport"] == 80 and d["protocol"] == "tcp")
+    assert drop_text({**d, "time": 0}).endswith(
+        f"would drop (audit) tcp {C} -> {B} {d['sport']} -> 80  app/b ingress: "
+        f"deny by {CNP} deny-c (Admin, priority 10) ingress rule 0 (no-c)")
