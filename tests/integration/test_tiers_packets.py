@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agent.dataplane.base import Counters, Dataplane, DropEvent, DropLog
+from agent.dataplane.base import ApplyStats, Counters, Dataplane, DropEvent, DropLog
 from agent.dataplane.ebpf import EbpfDataplane
 from agent.dataplane.nftables import NftablesDataplane, Options
 from agent.drops import describe, drop_text
@@ -183,8 +183,8 @@ class Plane:
     def call(self, fn: Callable[[], T]) -> T:
         return fn() if self.pool is None else self.pool.submit(fn).result()
 
-    def apply(self, prog: Program) -> None:
-        self.call(lambda: self.dp.apply(prog))
+    def apply(self, prog: Program) -> ApplyStats:
+        return self.call(lambda: self.dp.apply(prog))
 
     def counters(self, prog: Program) -> Counters:
         return self.call(lambda: self.dp.counters(prog))
@@ -318,12 +318,15 @@ def test_tiered_update_and_restart(lab: Lab, plane: Plane) -> None:
     plane.apply(program())
     check(lab, program(), WANT1)
     prog2 = program2()
-    plane.apply(prog2)  # nftables: a diff (chains split and joined, tail chains added and removed)
+    # nftables: diffs (a's chain joined and split again, its tail chain deleted and added)
+    assert not plane.apply(prog2).full
     check(lab, prog2, WANT2)
-    plane.apply(program())  # and back
+    assert not plane.apply(program()).full  # and back
     check(lab, program(), WANT1)
 
-    plane.restart()  # a new agent takes over what the old one left and converges
+    # A new agent takes over what the old one left and converges (eBPF: adopting the pinned
+    # maps and filters; nftables: replacing the table in one transaction).
+    plane.restart()
     plane.apply(prog2)
     check(lab, prog2, WANT2)
     c = plane.counters(prog2)  # counters of the adopted state still name the rules
