@@ -16,7 +16,8 @@ Counters count the deciding rule (and `stockade counters` and /metrics name its 
 drop by an Admin Deny is sampled naming its rule (as `stockade drops` prints it),
 an update from one tiered program to another (nftables: render_diff) and a restarted
 dataplane (eBPF: adopting the pinned maps; nftables: replacing the table) enforce the
-same, and the simulator agrees with every probe.
+same, audit mode passes tiered drops and reports them, and the simulator agrees with every
+probe, also for seeded random tiered programs applied one after another.
 """
 
 from __future__ import annotations
