@@ -19,6 +19,7 @@ import pytest
 from agent.pipeline import DirectoryPipeline, KubernetesPipeline, PipelineError, SourceNotSynced
 from agent.query import matrix
 from agent.sources.backoff import Backoff
+from agent.sources.kubeobjects import KINDS
 from agent.sources.kubernetes import KubernetesSource, api_client
 from tests.kit import expect
 from tests.kit.builders import ns, pod, policy
@@ -29,6 +30,7 @@ from tests.kit.recording import RecordingDataplane
 pytest.importorskip("kubernetes")
 
 FAST = {"backoff_base": 0.05, "backoff_cap": 0.4, "connect_timeout": 2.0, "read_slack": 2.0}
+WATCHES = len(KINDS)  # one watch per kind (the fake serves every CRD unless told otherwise)
 
 
 @pytest.fixture
@@ -94,7 +96,7 @@ def test_initial_lists_paginate_and_watch_from_their_resource_version(api, make_
     assert all(q["limit"] == "4" for qs in pages.values() for q in qs)
     assert "continue" not in pages["Pod"][0] and all("continue" in q for q in pages["Pod"][1:])
 
-    expect(lambda: len(api.watches()) == 3, what="three watches")
+    expect(lambda: len(api.watches()) == WATCHES, what="one watch per kind")
     for w in api.watches():
         assert w.query["resourceVersion"] == str(api.rv)  # the list's resourceVersion
         assert w.query["allowWatchBookmarks"] == "true"
@@ -108,7 +110,7 @@ def test_events_update_the_cache_and_call_back(api, make_source) -> None:
     calls: list[float] = []
     src = make_source(on_change=lambda: calls.append(time.monotonic()))
     assert src.synced.wait(10)
-    expect(lambda: len(api.watches()) == 3, what="watches")
+    expect(lambda: len(api.watches()) == WATCHES, what="watches")
     src.read_with_events()  # drain the initial list's changes
     before = len(calls)
 
@@ -137,7 +139,7 @@ def test_changes_the_semantics_ignore_do_not_wake_the_loop(api, make_source) -> 
     calls: list[int] = []
     src = make_source(on_change=lambda: calls.append(1))
     assert src.synced.wait(10)
-    expect(lambda: len(api.watches()) == 3, what="watches")
+    expect(lambda: len(api.watches()) == WATCHES, what="watches")
     before = len(calls)
     heartbeat = pod("ns0/p0", "10.1.0.1", {"app": "a0"})
     heartbeat["metadata"]["annotations"] = {"touched": "now"}
@@ -166,15 +168,15 @@ def test_bookmark_advances_the_resource_version_and_the_resume_point(api, make_s
     small_cluster(api, namespaces=1, pods=1)
     src = make_source()
     assert src.synced.wait(10)
-    expect(lambda: len(api.watches()) == 3, what="watches")
+    expect(lambda: len(api.watches()) == WATCHES, what="watches")
     rv = api.bookmark()
-    expect(lambda: all(src.resource_version(k) == str(rv) for k in ("Namespace", "Pod", "NetworkPolicy")),
+    expect(lambda: all(src.resource_version(k) == str(rv) for k in KINDS),
              what="bookmark rv")
     assert src.stats[("Pod", "bookmarks")] == 1
     lists = len(api.lists())
     api.cut_watches()  # reconnect: must resume from the bookmark, not relist
-    expect(lambda: len(api.watches()) == 6, what="reconnected watches")
-    assert all(w.query["resourceVersion"] == str(rv) for w in api.watches()[3:])
+    expect(lambda: len(api.watches()) == 2 * WATCHES, what="reconnected watches")
+    assert all(w.query["resourceVersion"] == str(rv) for w in api.watches()[WATCHES:])
     assert len(api.lists()) == lists
 
 
@@ -182,7 +184,7 @@ def test_410_gone_on_a_watch_relists_and_repairs_what_was_missed(api, make_sourc
     small_cluster(api)
     src = make_source()
     assert src.synced.wait(10)
-    expect(lambda: len(api.watches()) == 3, what="watches")
+    expect(lambda: len(api.watches()) == WATCHES, what="watches")
     # History the watch never hears of, then the server compacts and expires the watch.
     api.delete("Pod", "ns1", "p1", silent=True)
     api.put(pod("ns1/p0", "10.1.1.1", {"app": "moved"}), silent=True)
@@ -192,7 +194,7 @@ def test_410_gone_on_a_watch_relists_and_repairs_what_was_missed(api, make_sourc
     assert src.stats[("Pod", "gone")] >= 1 and src.errors["watch_expired"] >= 3
     assert len(api.lists("Pod")) >= 2
     # The new watch resumes from the relist's resourceVersion, which is not compacted.
-    expect(lambda: api.open_watches == 3, what="watches after relist")
+    expect(lambda: api.open_watches == WATCHES, what="watches after relist")
     api.put(pod("ns1/after", "10.1.1.77"))
     expect(lambda: converged(src, api), what="events after relist")
 
@@ -201,7 +203,7 @@ def test_watch_from_a_compacted_resource_version_relists(api, make_source) -> No
     small_cluster(api, namespaces=1, pods=2)
     src = make_source()
     assert src.synced.wait(10)
-    expect(lambda: len(api.watches()) == 3, what="watches")
+    expect(lambda: len(api.watches()) == WATCHES, what="watches")
     api.delete("Pod", "ns0", "p1", silent=True)
     api.compact(gone=False)  # open watches go on; the next watch from an old rv gets 410
     api.cut_watches()
@@ -215,7 +217,7 @@ def test_expired_continue_token_restarts_the_list(api, make_source) -> None:
     src = make_source(page_size=3)
     assert src.synced.wait(10)
     assert converged(src, api)
-    assert sum(src.stats[(k, "list_restarts")] for k in ("Namespace", "Pod", "NetworkPolicy")) == 1
+    assert sum(src.stats[(k, "list_restarts")] for k in KINDS) == 1
     assert src.errors["continue_expired"] == 1
 
 
@@ -242,13 +244,13 @@ def test_stream_cut_mid_event_resumes_without_loss_or_duplicates(api, make_sourc
     small_cluster(api, namespaces=1, pods=2)
     src = make_source()
     assert src.synced.wait(10)
-    expect(lambda: api.open_watches == 3, what="watches")
+    expect(lambda: api.open_watches == WATCHES, what="watches")
     rv_before = src.resource_version("Pod")
     lists = len(api.lists())
     api.cut_watches()
     expect(lambda: len(api.watches("Pod")) == 2, what="pod watch reconnect")
     assert api.watches("Pod")[1].query["resourceVersion"] == rv_before
-    expect(lambda: api.open_watches == 3, what="watches back")
+    expect(lambda: api.open_watches == WATCHES, what="watches back")
     # Events while the stream was cut, and after, both arrive once.
     for i in range(5):
         api.put(pod(f"ns0/burst{i}", f"10.1.0.{100 + i}"))
@@ -288,12 +290,13 @@ def test_periodic_relist_repairs_drift(api, make_source) -> None:
 
 def test_node_pod_cidrs_gate_synced(api, make_source) -> None:
     small_cluster(api, namespaces=1, pods=1)
-    api.nodes["n1"] = {"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n1"}, "spec": {}}
+    api.put({"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n1"}, "spec": {}})
     src = make_source(node="n1", want_pod_cidrs=True)
     expect(lambda: all(e.is_set() for e in src.listed.values()), what="lists")
     time.sleep(0.2)
     assert not src.synced.is_set()  # no podCIDRs allocated yet
-    api.nodes["n1"]["spec"] = {"podCIDR": "10.1.0.0/24", "podCIDRs": ["10.1.0.0/24", "fd00:1::/64"]}
+    api.put({"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n1"},
+             "spec": {"podCIDR": "10.1.0.0/24", "podCIDRs": ["10.1.0.0/24", "fd00:1::/64"]}})
     assert src.synced.wait(10)
     assert [str(c) for c in src.pod_cidrs] == ["10.1.0.0/24", "fd00:1::/64"]
     flag = make_source(watch=False, node="n1", want_pod_cidrs=True, pod_cidrs=["10.9.0.0/16"])
@@ -305,7 +308,7 @@ def test_stop_ends_the_threads_promptly(api, make_source, tmp_path) -> None:
     src = KubernetesSource(kubeconfig=str(api.kubeconfig(tmp_path / "kc")), **FAST)
     stop = src.watch(lambda: None)
     assert src.synced.wait(10)
-    expect(lambda: api.open_watches == 3, what="watches")
+    expect(lambda: api.open_watches == WATCHES, what="watches")
     t0 = time.monotonic()
     stop()
     assert time.monotonic() - t0 < 2
