@@ -431,9 +431,9 @@ class KubernetesSource:
         if kind not in self.unserved:
             self.unserved.add(kind)
             self.errors["crd_missing"] += 1
-            log.warning("%s (%s/%s) is not served by this cluster (CRD not installed): %ss are not "
+            log.warning("%s (%s/%s) is not served by this cluster (CRD not installed): none are "
                         "enforced; asking again every %.0fs", kind, RESOURCES[kind].api_version,
-                        RESOURCES[kind].plural, kind, self.crd_retry)
+                        RESOURCES[kind].plural, self.crd_retry)
         self.stats[(kind, "not_served")] += 1
         self.listed[kind].set()
         self._check_synced()
