@@ -3,7 +3,7 @@
 by each ClusterNetworkPolicy rule (Admin and Baseline tiers) that decides one. Needs root;
 removes the lab at the end.
 
-    python -m tests.kit.demo examples
+    python -m tests.kit.demo examples [nftables|ebpf]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from agent.query import explain
 from agent.sources.files import DirectorySource
 from agent.sources.kubeobjects import CLUSTER_POLICY_KINDS
 from tests.kit import Lab
+from tests.kit.privileges import dataplane_env
 
 
 def _network_targets(source: str) -> Iterator[tuple[str, str]]:
@@ -74,7 +75,7 @@ def tier_flows(snap: Snapshot, eps: list[Endpoint], ports: list[int], source: st
     return out
 
 
-def main(source: str) -> int:
+def main(source: str, dataplane: str = "nftables") -> int:
     snap = DirectoryPipeline(source, None).snapshot()
     eps = sorted(snap.inventory.endpoints.values(), key=lambda e: e.key)
     ports = sorted({p.port for e in eps for p in e.ports if p.protocol == "TCP"})
@@ -83,11 +84,13 @@ def main(source: str) -> int:
         print(f"demo wants every pod on one node, found {nodes}", file=sys.stderr)
         return 1
     disagreements = 0
-    with Lab() as lab, tempfile.TemporaryDirectory() as state:
-        print(f"lab: node namespace {lab.node}, {len(eps)} pods; enforcing {source} on node {nodes[0]}")
+    with dataplane_env(dataplane, "demo"), Lab() as lab, tempfile.TemporaryDirectory() as state:
+        print(f"lab: node namespace {lab.node}, {len(eps)} pods; enforcing {source} on node {nodes[0]} "
+              f"({dataplane})")
         for e in eps:
             lab.add_pod(e.key, [str(ip) for ip in e.ips], ports=ports)
-        lab.stockade("apply", "--source", source, "--node", nodes[0], "--state-dir", state)
+        lab.stockade("apply", "--source", source, "--node", nodes[0], "--state-dir", state,
+                     "--dataplane", dataplane)
         width = max(len(e.key) for e in eps)
         for port in ports:
             sim = json.loads(lab.stockade("matrix", "--source", source, "--port", str(port),
@@ -115,7 +118,7 @@ def main(source: str) -> int:
                                "--state-dir", state).stdout
             print("$ stockade explain --from", src, "--to", dst, "--port", port)
             print(out.rstrip())
-        lab.stockade("cleanup")
+        lab.stockade("cleanup", "--dataplane", dataplane)
     print("\ncolumns:", ", ".join(f"{i}={e.key}" for i, e in enumerate(eps)))
     print("matrix and kernel agree on every probe" if not disagreements
           else f"{disagreements} DISAGREEMENTS between matrix and kernel")
@@ -123,4 +126,4 @@ def main(source: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(str(Path(sys.argv[1] if len(sys.argv) > 1 else "examples").resolve())))
+    sys.exit(main(str(Path(sys.argv[1] if len(sys.argv) > 1 else "examples").resolve()), *sys.argv[2:3]))
