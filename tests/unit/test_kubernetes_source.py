@@ -526,6 +526,42 @@ def test_manifest_directory_reads_cluster_kinds(tmp_path) -> None:
         ("ClusterNetworkPolicy", "", "deny-metadata"), ("Node", "", "n1")]
 
 
+def test_cluster_policies_over_the_watch_decide_as_from_the_directory(api, make_source, tmp_path) -> None:
+    """A CNP and a Node peer arriving over the watch: the same verdicts as the manifest
+    directory; the CRD going away takes its policies with it."""
+    from agent.query import explain
+
+    base = [ns("a", team="red"), ns("b", team="blue"), pod("a/web", "10.0.0.1", {"app": "web"}),
+            pod("b/cli", "10.0.1.1", {"app": "cli"}), node("n1", "192.0.2.11", role="infra")]
+    deny = cnp("red-closed")
+    deny["spec"] = {"tier": "Admin", "priority": 10, "subject": {"namespaces": {"matchLabels": {"team": "red"}}},
+                    "ingress": [{"name": "from-blue", "action": "Deny",
+                                 "from": [{"namespaces": {"matchLabels": {"team": "blue"}}}]}],
+                    "egress": [{"name": "no-infra-nodes", "action": "Deny", "to": [{"nodes": {
+                        "matchLabels": {"role": "infra"}}}]}]}
+    api.set_state(base)
+    src = make_source()
+    pipe = KubernetesPipeline(None, source=src)
+    assert src.synced.wait(10)
+    assert matrix(pipe.snapshot(), "80", "TCP", None)["b/cli"]["a/web"] == "allow"
+
+    api.put(deny)
+    expect(lambda: converged(src, api), what="CNP over the watch")
+    snap = pipe.snapshot()
+    assert not snap.problems
+    directory = DirectoryPipeline(write_dir(tmp_path / "dir", [*base, deny]), None).snapshot()
+    got = matrix(snap, "80", "TCP", None)
+    assert got == matrix(directory, "80", "TCP", None)
+    assert got["b/cli"]["a/web"] == "deny" and got["a/web"]["b/cli"] == "allow"
+    to_node = explain(snap, "a/web", "192.0.2.11", "TCP", "22").flow
+    assert to_node.verdict.value == "drop" and "red-closed" in str(to_node.egress.rule.origin)
+
+    api.uninstall_crd("ClusterNetworkPolicy")
+    expect(lambda: "ClusterNetworkPolicy" in src.unserved, what="CRD gone")
+    assert matrix(pipe.snapshot(), "80", "TCP", None)["b/cli"]["a/web"] == "allow"
+    assert pipe.errors["crd_missing"] == 1  # stockade_source_errors_total{cause="crd_missing"}
+
+
 # ---------------------------------------------------------------------- pipeline and daemon
 
 
