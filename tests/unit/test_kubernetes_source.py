@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from agent.pipeline import DirectoryPipeline, KubernetesPipeline, PipelineError, SourceNotSynced
 from agent.query import matrix
@@ -560,6 +561,23 @@ def test_cluster_policies_over_the_watch_decide_as_from_the_directory(api, make_
     expect(lambda: "ClusterNetworkPolicy" in src.unserved, what="CRD gone")
     assert matrix(pipe.snapshot(), "80", "TCP", None)["b/cli"]["a/web"] == "allow"
     assert pipe.errors["crd_missing"] == 1  # stockade_source_errors_total{cause="crd_missing"}
+
+
+def test_the_source_asks_for_nothing_the_cluster_role_does_not_grant(api, make_source) -> None:
+    rbac = Path(__file__).resolve().parents[2] / "deploy" / "base" / "rbac.yaml"
+    [role] = [d for d in yaml.safe_load_all(rbac.read_text()) if d["kind"] == "ClusterRole"]
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+               for v in rule["verbs"]}
+    small_cluster(api, namespaces=1, pods=1)
+    api.put({"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n1"}, "spec": {"podCIDRs": ["10.1.0.0/24"]}})
+    api.put(cnp("deny-metadata"))
+    src = make_source(node="n1", want_pod_cidrs=True)
+    assert src.synced.wait(10)
+    expect(lambda: len(api.watches()) == WATCHES, what="watches")
+    asked = {(*r.resource, r.verb) for r in api.requests}
+    assert asked <= granted, asked - granted
+    assert {("policy.networking.k8s.io", "clusternetworkpolicies", "watch"), ("", "nodes", "get"),
+            ("", "nodes", "watch")} <= asked
 
 
 # ---------------------------------------------------------------------- pipeline and daemon
