@@ -21,7 +21,7 @@ from agent.pipeline import DirectoryPipeline, KubernetesPipeline, PipelineError,
 from agent.query import matrix
 from agent.sources.backoff import Backoff
 from agent.sources.kubeobjects import KINDS
-from agent.sources.kubernetes import KubernetesSource, api_client
+from agent.sources.kubernetes import RESOURCES, KubernetesSource, api_client
 from tests.kit import expect
 from tests.kit.builders import ns, pod, policy
 from tests.kit.cases import expected_grid, load_cases, off_diagonal, pod_keys, step_objects, write_dir
@@ -574,6 +574,7 @@ def test_the_source_asks_for_nothing_the_cluster_role_does_not_grant(api, make_s
     src = make_source(node="n1", want_pod_cidrs=True)
     assert src.synced.wait(10)
     expect(lambda: len(api.watches()) == WATCHES, what="watches")
+    assert set(RESOURCES) == set(KINDS)  # the source lists and watches every kind the semantics read
     asked = {(*r.resource, r.verb) for r in api.requests}
     assert asked <= granted, asked - granted
     assert {("policy.networking.k8s.io", "clusternetworkpolicies", "watch"), ("", "nodes", "get"),
