@@ -159,3 +159,13 @@ def test_v1alpha1_field_paths() -> None:
     assert "spec.ingress[0].ports[0].portRange" in fields(snapshot_of([*BASE, anp]))
     anp["spec"]["ingress"][0]["action"] = "Accept"  # a v1alpha2 word: unknown in v1alpha1
     assert "spec.ingress[0].action" in fields(snapshot_of([*BASE, anp]))
+
+
+def test_kinds_no_semantics_reads_are_not_admitted() -> None:
+    """A StatefulSet beside the policies (snapshot_of does not filter kinds) is not read as a
+    NetworkPolicy: without a podSelector that would isolate its whole namespace."""
+    sts = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "x", "namespace": "a"},
+           "spec": {"selector": {"matchLabels": {"app": "x"}}}}
+    s = snapshot_of([*BASE, sts])
+    assert not s.problems and not s.inventory.policies
+    assert allowed(s, CLI, WEB)
