@@ -232,9 +232,11 @@ def test_5xx_reconnects_with_jittered_exponential_backoff(api, make_source) -> N
     times = [r.at for r in api.watches("Pod")]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     for i, gap in enumerate(gaps):
-        d = 0.1 * 2**i  # equal jitter: each delay in [d/2, d] (+ request time)
-        assert d / 2 - 0.01 <= gap <= d + 0.15, (i, gaps)
-    assert gaps[-1] > gaps[0] * 4
+        # Equal jitter: each delay in [d/2, d], plus request time. Only the lower bound is
+        # checked here (a loaded machine stretches gaps; the upper bound and the jitter are
+        # test_backoff_is_exponential_with_jitter_and_capped's, with no clock involved).
+        d = 0.1 * 2**i
+        assert gap >= d / 2 - 0.01, (i, gaps)
     assert src.stats[("Pod", "errors")] == 5 and src.stats[("Namespace", "errors")] == 2
     assert src.errors["watch_http_5xx"] == 5 and src.errors["list_http_5xx"] == 2
     api.put(pod("ns0/after", "10.1.0.9"))
