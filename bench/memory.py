@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def _agent_env(pin_root: str | None) -> dict[str, str]:
 
 
 def _apply(cg: Cgroup, ns: str, manifests: Path, node: str, dataplane: str, pin_root: str | None) -> tuple[int, str]:
-    return cg.run(["ip", "netns", "exec", ns, sys.executable, "-m", "agent.cli", "apply", "--source", str(manifests),
+    return cg.run(["ip", "netns", "exec", ns, sys.executable, "-m", "agent.cli", "-v", "apply", "--source", str(manifests),
                    "--node", node, "--state-dir", "", "--dataplane", dataplane], env=_agent_env(pin_root))
 
 
@@ -147,9 +148,19 @@ def _built_sizes(pin_root: str) -> tuple[str, list[str]] | None:
     return build, sizes.defines()
 
 
+def write_manifests(path: Path, objects: list[dict[str, Any]], per_file: int = 2000) -> Path:
+    """The cluster as a manifest directory in files of `per_file` objects (the directory
+    source refuses files over 4 MiB)."""
+    from tests.kit.builders import dump_manifests
+
+    path.mkdir(parents=True)
+    for n, i in enumerate(range(0, len(objects), per_file)):
+        (path / f"part{n:04d}.yaml").write_text(dump_manifests(objects[i : i + per_file]))
+    return path
+
+
 def measure(size: str, dataplane: str, seed: int, log: Any) -> dict[str, Any]:
     """Cold-apply peak of one size on one dataplane (see the module docstring)."""
-    from tests.kit.cases import write_dir
     from tests.kit.generate import SIZES, generate
 
     pods, policies = SIZES[size]
@@ -158,7 +169,7 @@ def measure(size: str, dataplane: str, seed: int, log: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"size": size, "dataplane": dataplane, "cgroup": None}
     bpffs: list[Path] = []
     try:
-        manifests = write_dir(work / "manifests", cl.objects())
+        manifests = write_manifests(work / "manifests", cl.objects())
         node = cl.node
         del cl
         pin_root = None
@@ -180,10 +191,12 @@ def measure(size: str, dataplane: str, seed: int, log: Any) -> dict[str, Any]:
             finally:
                 _netns(ns, False)
             if rc != 0:
-                return {**out, "error": err.strip()[-1500:]}
+                out["error"] = err.strip()[-1500:]
+                return out
             built = _built_sizes(f"{bpffs[0]}/stockade")
             if built is None:
-                return {**out, "error": "no single complete build after the first start"}
+                out["error"] = "no single complete build after the first start"
+                return out
             build, defines = built
             out["ebpf_sizes"] = defines
             # 2. bcc's loader alone, the same build into the second bpffs
@@ -196,7 +209,8 @@ def measure(size: str, dataplane: str, seed: int, log: Any) -> dict[str, Any]:
                 rc, err = cg.run(loader, env=_agent_env(None))
                 out["loader_peak_mb"] = _mb(cg.peak())
             if rc != 0:
-                return {**out, "error": err.strip()[-1500:]}
+                out["error"] = err.strip()[-1500:]
+                return out
             pin_root = f"{bpffs[1]}/stockade"
         # 3. the cold start measured: a fresh namespace, nothing programmed
         ns = f"stkmem{os.getpid()}c"
@@ -208,10 +222,12 @@ def measure(size: str, dataplane: str, seed: int, log: Any) -> dict[str, Any]:
                 rc, err = _apply(cg, ns, manifests, node, dataplane, pin_root)
                 out["cold_s"] = round(time.monotonic() - t0, 2)
                 out["agent_peak_mb"] = _mb(cg.peak())
+                applied = re.search(r"applied (\d+) endpoints", err)
+                out["local_endpoints"] = int(applied[1]) if applied else None
         finally:
             _netns(ns, False)
         if rc != 0:
-            return {**out, "error": err.strip()[-1500:]}
+            out["error"] = err.strip()[-1500:]
         return out
     finally:
         for d in bpffs:
