@@ -133,8 +133,9 @@ def _agent_env(pin_root: str | None) -> dict[str, str]:
 
 
 def _apply(cg: Cgroup, ns: str, manifests: Path, node: str, dataplane: str, pin_root: str | None) -> tuple[int, str]:
-    return cg.run(["ip", "netns", "exec", ns, sys.executable, "-m", "agent.cli", "-v", "apply", "--source", str(manifests),
-                   "--node", node, "--state-dir", "", "--dataplane", dataplane], env=_agent_env(pin_root))
+    return cg.run(["ip", "netns", "exec", ns, sys.executable, "-m", "agent.cli", "-v", "apply", "--source",
+                   str(manifests), "--node", node, "--state-dir", "", "--dataplane", dataplane],
+                  env=_agent_env(pin_root))
 
 
 def _built_sizes(pin_root: str) -> tuple[str, list[str]] | None:

@@ -48,3 +48,12 @@ def test_sizes_read_back_from_max_entries() -> None:
     entries = {"epkeys": 32, "epstate": 64, "addrs": 128, "peers": 1 << 20, "ports": 1 << 18, "flows": 1024,
                "frags": 512, "counterinfo": 128, "rule_stats": 128, "ifcfg": 32, "nodeaddrs": 8, "samples": 64}
     assert sizes_of(entries) == s
+
+
+def test_parse_sets_fields_and_refuses_nonsense() -> None:
+    import pytest
+
+    assert Sizes.parse("peers=64, ports=128") == Sizes(peers=64, ports=128)
+    for bad in ("peer=64", "peers=0", "peers"):
+        with pytest.raises(ValueError):
+            Sizes.parse(bad)

@@ -161,6 +161,15 @@ class Sizes:
     node_addrs: int = 1024
     samples: int = 1024  # queue of sampled drops waiting for the agent
 
+    @classmethod
+    def parse(cls, text: str) -> Sizes:
+        """`peers=1024,ports=1024,...`: these fields set, the others the defaults."""
+        fields = {f: int(v) for f, v in (p.strip().split("=", 1) for p in text.split(",") if p.strip())}
+        unknown = set(fields) - set(cls.__dataclass_fields__)
+        if unknown or any(v < 1 for v in fields.values()):
+            raise ValueError(f"eBPF map sizes {text!r}: unknown field or size below 1 ({', '.join(sorted(unknown))})")
+        return cls(**fields)
+
     def capacity(self) -> dict[str, int]:
         """Usable entries of every map whose need grows with the cluster (endpoint id 0 is
         reserved)."""

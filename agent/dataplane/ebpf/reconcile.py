@@ -49,6 +49,8 @@ from agent.ir import Direction, DirectionProgram, EndpointProgram, IPAddress, Pr
 
 log = logging.getLogger(__name__)
 
+# The smallest maps a first build gets, e.g. `peers=64,ports=64` (tests force growth with it).
+SIZES_ENV = "STOCKADE_EBPF_SIZES"
 GRACE_S = 0.02  # after a flip: packets judged under the previous half are done (in flight)
 
 HalfContents = dict[str, dict]
@@ -90,7 +92,8 @@ class Reconciler:
                  sample_burst: int = 20, limit: Sizes | None = None) -> None:
         # `sizes`: the smallest maps a first build gets (a program needing more gets
         # HEADROOM x its need); `limit`: the most a map grows to ("Sizes and growth")
-        self.floor = sizes or Sizes()
+        env = os.environ.get(SIZES_ENV)
+        self.floor = sizes or (Sizes.parse(env) if env else Sizes())
         self.limit = limit or LIMIT
         self.sizes = self.floor  # the sizes of the build in use (set by _load)
         # the last program whose map needs did not fit within `limit`: map -> (need, capacity)
