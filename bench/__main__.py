@@ -2,7 +2,8 @@
 
 Control plane (each run in a fresh network namespace made and deleted here), the
 `nft -f` floor, incremental event -> kernel latency, peak RSS, /metrics scrape time;
-one ClusterNetworkPolicy added -> kernel beside one NetworkPolicy (bench/tiers.py);
+one ClusterNetworkPolicy added -> kernel beside one NetworkPolicy (bench/tiers.py); peak
+memory of a cold apply as its memory cgroup counts it (bench.memory);
 datapath in the namespace lab against the no-policy floor. Prints tables, writes
 bench/results/<timestamp>.json. Reports figures; never passes or fails on time.
 """
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-datapath", action="store_true")
     ap.add_argument("--skip-tiers", action="store_true",
                     help="skip one NetworkPolicy vs one ClusterNetworkPolicy added -> kernel (bench/tiers.py)")
+    ap.add_argument("--skip-memory", action="store_true", help="no cgroup peak of a cold apply (bench.memory)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -170,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         result["control"] = control(dataplanes, sizes, args.seed, args.events, log)
     if not args.skip_tiers:
         result["tiers"] = tiers.run(dataplanes, "1k", 5 if args.quick else 20, args.seed, log)
+    if not args.skip_memory:
+        from bench import memory
+
+        result["memory"] = memory.run(dataplanes, sizes, args.seed, log)
     if not args.skip_datapath:
         from bench import datapath
 
@@ -184,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     print(report.render(result))
     if "tiers" in result:
         print("\n" + tiers.table(result["tiers"]))
+    if "memory" in result:
+        from bench import memory
+
+        print("\n" + memory.table(result))
     print(f"\nJSON: {path}")
     return 0
 

@@ -247,6 +247,32 @@ def line(r: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+TARGET_MB = {"10k": 150, "50k": 500}  # issue 17: agent + children, bcc's compile apart
+
+
+def table(result: dict[str, Any]) -> str:
+    """The cgroup peaks beside the control-plane worker's peak RSS (which counts neither
+    children nor kernel memory, and includes the generator's objects)."""
+    from bench.report import _table
+
+    rows = []
+    for key, r in result.get("memory", {}).items():
+        rss = result.get("control", {}).get(key, {}).get("peak_rss_mb")
+        if "error" in r:
+            rows.append([key, "ERROR: " + r["error"].splitlines()[-1][:80], "", "", "", "", ""])
+            continue
+        target = TARGET_MB.get(r["size"])
+        peak = r["agent_peak_mb"]
+        rows.append([key, str(r.get("local_endpoints", "-")), f"{peak:.0f} MB", "-" if rss is None else f"{rss:.0f} MB",
+                     f"{r['loader_peak_mb']:.0f} MB" if "loader_peak_mb" in r else "-",
+                     f"{r['first_start_peak_mb']:.0f} MB" if "first_start_peak_mb" in r else "-",
+                     "-" if target is None else f"<= {target} MB: {'met' if peak <= target else 'NOT MET'}"])
+    head = ["dataplane/size", "eps", "cgroup peak (agent+children)", "worker peak RSS", "bcc loader apart",
+            "first start (compile)", "target"]
+    return ("Memory (a cold `stockade apply` in a fresh memory cgroup; eBPF with its build already compiled)\n"
+            + _table(head, rows))
+
+
 def run(dataplanes: list[str], sizes: list[str], seed: int, log: Any) -> dict[str, Any]:
     return {f"{dp}/{size}": measure(size, dp, seed, log) for dp in dataplanes for size in sizes}
 
@@ -269,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(args.dataplanes.split(","), args.sizes.split(","), args.seed, log)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
+    print(table({"memory": res}))
     return 0
 
 
