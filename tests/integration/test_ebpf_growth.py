@@ -129,6 +129,14 @@ def test_maps_grow_with_no_gap(lab: Lab, pin_root: str) -> None:
         probes = {"app/b": hammer(lab, "app/b", f"tcp:deny{A}:80", f"udp:deny{A}:80"),
                   "app/c": hammer(lab, "app/c", f"tcp:{A}:80", f"tcp:deny{A}:81"),
                   "app/a": hammer(lab, "app/a", f"tcp:{C}:80", f"tcp:deny{B}:80")}
+        # every device repointed at the grown build, one by one: verdicts probed in between
+        attach, between = dp.devices.attach, []
+
+        def probed_attach(idx: int, fds: dict[int, int], ids: dict[int, int]) -> None:
+            attach(idx, fds, ids)
+            between.append(verdicts(lab))
+
+        dp.devices.attach = probed_attach  # type: ignore[method-assign]
         try:
             for fillers in (4, 40):  # each too big for the maps in use
                 before = dp.build
@@ -138,7 +146,9 @@ def test_maps_grow_with_no_gap(lab: Lab, pin_root: str) -> None:
                 assert all(n <= cap for n, cap in fill.values()), fill
         finally:
             seen = {src: finish(p) for src, p in probes.items()}
+        dp.devices.attach = attach  # type: ignore[method-assign]
         assert dp.growths == 2 and dp.build != first
+        assert len(between) >= 2 * 3 and all(v == EXPECTED for v in between), between
         assert dp.sizes.peers > TINY.peers and dp.sizes.endpoints > TINY.endpoints
         leaks = {(src, s): n for src, res in seen.items() for s, (_, n) in res.items() if "deny" in s and n}
         failed = {(src, s): t - n for src, res in seen.items() for s, (t, n) in res.items()
