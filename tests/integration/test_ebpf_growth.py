@@ -185,3 +185,38 @@ def test_map_that_cannot_grow_is_refused_and_visible(lab: Lab, pin_root: str) ->
         assert verdicts(lab) == EXPECTED
     finally:
         dp.cleanup()
+
+
+def test_failed_growth_keeps_the_old_build(lab: Lab, pin_root: str) -> None:
+    """A growth that fails half-way (here: repointing the second device's filters) puts
+    every device back on the old build, which was never changed, and removes the new
+    one; the next apply grows again."""
+    build(lab)
+    dp = EbpfDataplane(TINY, pin_root=pin_root, netns=lab.node)
+    try:
+        dp.apply(program(0))
+        small = dp.build
+        attach, calls = dp.devices.attach, []
+
+        def failing_attach(idx: int, fds: dict[int, int], ids: dict[int, int]) -> None:
+            if dp.build != small:
+                calls.append(idx)
+                if len(calls) == 2:
+                    raise DataplaneError("injected: cannot attach")
+            attach(idx, fds, ids)
+
+        dp.devices.attach = failing_attach  # type: ignore[method-assign]
+        with pytest.raises(DataplaneError, match="injected"):
+            dp.apply(program(40))
+        dp.devices.attach = attach  # type: ignore[method-assign]
+        assert dp.build == small and os.listdir(pin_root) == [small]
+        index = {name: idx for idx, name in dp.devices.names().items()}
+        for pod in ("app/a", "app/b", "app/c"):
+            names = dp.devices.filter_names(index[lab.pods[pod].host_if]).values()
+            assert len(names) == 2 and all(n.startswith(f"stockade-{small}-") for n in names), names
+        assert verdicts(lab) == EXPECTED
+        dp.apply(program(40))
+        assert dp.build != small and os.listdir(pin_root) == [dp.build]
+        assert verdicts(lab) == EXPECTED
+    finally:
+        dp.cleanup()
