@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import shutil
+import struct
 import sys
 import time
 from collections.abc import Iterable
@@ -355,7 +356,7 @@ class Reconciler:
         self.maps, self.prog_fds, self.prog_ids = {}, {}, {}
         try:
             self._open()
-            self._copy_maps(old_maps)
+            copied = self._copy_maps(old_maps)
             for idx in self.have[self.half]["ifcfg"]:
                 self.devices.attach(idx, self.prog_fds, self.prog_ids)
         except BaseException:
@@ -373,6 +374,8 @@ class Reconciler:
         time.sleep(GRACE_S)  # packets the old programs were judging are done
         for name in ("flows", "frags"):  # recorded by the old programs while filters moved
             self._copy(old_maps[name], self.maps[name])
+        for name, values in copied.items():  # and what they counted meanwhile
+            self._add_counts(old_maps[name], self.maps[name], values)
         for m in old_maps.values():
             m.close()
         for fd in old_fds.values():
@@ -395,17 +398,37 @@ class Reconciler:
             if v is not None:
                 dst.update(k, v)
 
-    def _copy_maps(self, old: dict[str, bpfsys.Map]) -> None:
+    def _copy_maps(self, old: dict[str, bpfsys.Map]) -> dict[str, dict[bytes, bytes]]:
         """Every map of the old build into the new one (the per-CPU arrays only at the
-        indexes in use; the `samples` queue is left to drain)."""
+        indexes in use; the `samples` queue is left to drain). Returns the counter values
+        copied, per counter map."""
         assert self.eps is not None
         arrays = {"rule_stats": [u32(c) for st in self.eps.values() for c in st.counters.values()],
                   "drop_stats": [u32(st.ep_id * 2 + d) for st in self.eps.values() for d in (0, 1)],
                   "sample_tat": []}
+        copied: dict[str, dict[bytes, bytes]] = {}
         for name in builds.MAPS:
             if name == "samples":
                 continue
+            if name in ("rule_stats", "drop_stats"):
+                copied[name] = {k: v for k in arrays[name] if (v := old[name].lookup(k)) is not None}
+                for k, v in copied[name].items():
+                    self.maps[name].update(k, v)
+                continue
             self._copy(old[name], self.maps[name], arrays.get(name))
+        return copied
+
+    @staticmethod
+    def _add_counts(old: bpfsys.Map, new: bpfsys.Map, copied: dict[bytes, bytes]) -> None:
+        """Add to the new per-CPU counters what the old ones counted since they were copied
+        (every value a run of u64 packets/bytes pairs, one per CPU)."""
+        for k, then in copied.items():
+            now, cur = old.lookup(k), new.lookup(k)
+            if now is None or cur is None or now == then:
+                continue
+            n = len(now) // 8
+            a, b, c = (struct.unpack(f"<{n}Q", x) for x in (now, then, cur))
+            new.update(k, struct.pack(f"<{n}Q", *((z + x - y) & (2**64 - 1) for x, y, z in zip(a, b, c, strict=True))))
 
     def apply(self, program: Program) -> ApplyStats:
         memo: dict[DirectionProgram, DirTables] = {}  # endpoints selected alike share tables
