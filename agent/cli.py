@@ -234,8 +234,10 @@ def _print_drop(d: dict[str, Any]) -> None:
     when = time.strftime("%H:%M:%S", time.localtime(d["time"]))
     ports = f" {d['sport']} -> {d['dport']}" if d["dport"] is not None else ""
     verb = "would drop (audit)" if d["audit"] else "dropped"
-    why = ("default deny of " if d["reason"] == "default-deny" else "drop rule ") + (
-        ", ".join(d["policies"]) or "?")
+    # A tiered rule names itself: "deny by ClusterNetworkPolicy deny-c (Admin, priority 10) ingress rule 0"
+    head = {"default-deny": "default deny of "}.get(d["reason"]) or (
+        "deny by " if d.get("tier") in ("admin", "baseline") else "drop rule ")
+    why = head + (", ".join(d["policies"]) or "?")
     print(f"{when} {verb} {d['protocol']} {d['src']} -> {d['dst']}{ports}  "
           f"{d['endpoint']} {d['direction']}: {why}", flush=True)
 

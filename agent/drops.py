@@ -12,21 +12,26 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.dataplane.base import DropEvent, DropLog
-from agent.ir import Program
+from agent.ir import Program, Tier
 
 log = logging.getLogger(__name__)
 
 
 def describe(ev: DropEvent, program: Program | None) -> dict[str, Any]:
-    """A drop as JSON, with the deciding policies resolved from the program in force."""
+    """A drop as JSON, with the deciding policies resolved from the program in force. `tier`
+    is the deciding rule's (admin | policy | baseline); a default deny is NetworkPolicy
+    isolation ("policy"); None when the rule is gone from the program."""
     decided: list[str] = []
     reason = "default-deny"
+    tier: str | None = Tier.POLICY.value
+    if ev.rule_id is not None:
+        reason, tier = "drop-rule", None
     if program is not None:
         if ev.rule_id is not None:
             rule = program.rules().get(ev.rule_id)
-            reason = "drop-rule"
             if rule is not None:
-                decided = [str(rule.origin)]
+                # e.g. "ClusterNetworkPolicy deny-metadata (Admin, priority 10) egress rule 0 (name)"
+                decided, tier = [str(rule.origin)], rule.tier.value
         else:
             prog = program.endpoints.get(ev.endpoint)
             if prog is not None:
@@ -34,7 +39,7 @@ def describe(ev: DropEvent, program: Program | None) -> dict[str, Any]:
     return {
         "endpoint": ev.endpoint, "direction": ev.direction.value, "protocol": ev.protocol,
         "src": ev.src, "dst": ev.dst, "sport": ev.sport, "dport": ev.dport,
-        "reason": reason, "policies": decided, "audit": ev.audit,
+        "reason": reason, "policies": decided, "tier": tier, "audit": ev.audit,
     }
 
 
