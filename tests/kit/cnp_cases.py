@@ -13,14 +13,17 @@ from __future__ import annotations
 import copy
 import ipaddress
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.kit.builders import dump_manifests
+from agent.pipeline import Snapshot
+from agent.query import explain, matrix
+from tests.kit.builders import dump_manifests, snapshot_of
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "cnp"
 HOST_NETWORK_PORT_START = 34345  # upstream's default HostNetworkPortRangeStart
@@ -204,3 +207,26 @@ def write_dir(path: Path, objects: list[dict[str, Any]]) -> Path:
     if policies:
         (path / "policies.yaml").write_text(dump_manifests(policies))
     return path
+
+
+# ------------------------------------------------------------------ simulator
+
+
+def simulate(step: Step) -> dict[Probe, str]:
+    """The simulator's verdict for every probe of a step."""
+    snap = snapshot_of(step.objects, node="lab")
+    assert not snap.problems, [str(p) for p in snap.problems]
+    keys, ips = pod_keys(step.objects), pod_ips(step.objects)
+    grid = cache(lambda port, proto: matrix(snap, port, proto, None))
+    return {p: _verdict(snap, grid, keys, ips, p) for p in step.probes}
+
+
+Grid = Callable[[str, str], dict[str, dict[str, str]]]  # (port, protocol) -> matrix
+
+
+def _verdict(snap: Snapshot, grid: Grid, keys: dict[str, str], ips: dict[str, str], p: Probe) -> str:
+    src = keys[p.src]
+    if p.dst in keys:
+        return grid(str(p.port), p.protocol)[src][keys[p.dst]]
+    # a hostNetwork pod: not an endpoint, only its (node's) address
+    return "allow" if explain(snap, src, ips[p.dst], p.protocol, str(p.port)).allowed else "deny"

@@ -6,35 +6,13 @@ The same data drives the packet tests (tests/integration/test_cnp_packets.py).""
 
 from __future__ import annotations
 
-from functools import cache
-
 import pytest
 
-from agent.pipeline import Snapshot
-from agent.query import explain, matrix
-from tests.kit.builders import snapshot_of
-from tests.kit.cnp_cases import Probe, Step, load_cases, pod_ips, pod_keys, steps
+from tests.kit.cnp_cases import load_cases, simulate, steps
 
 CASES = load_cases()
 UPSTREAM = [c for c in CASES if c["origin"] == "upstream"]
 PROFILE = {"ClusterNetworkPolicy", "ClusterNetworkPolicyNamedPorts", "ClusterNetworkPolicyEgressNodePeers"}
-
-
-def simulate(step: Step) -> dict[Probe, str]:
-    """The simulator's verdict for every probe of a step."""
-    snap = snapshot_of(step.objects, node="lab")
-    assert not snap.problems, [str(p) for p in snap.problems]
-    keys, ips = pod_keys(step.objects), pod_ips(step.objects)
-    grid = cache(lambda port, proto: matrix(snap, port, proto, None))
-    return {p: _verdict(snap, grid, keys, ips, p) for p in step.probes}
-
-
-def _verdict(snap: Snapshot, grid, keys: dict[str, str], ips: dict[str, str], p: Probe) -> str:
-    src = keys[p.src]
-    if p.dst in keys:
-        return grid(str(p.port), p.protocol)[src][keys[p.dst]]
-    # a hostNetwork pod: not an endpoint, only its (node's) address
-    return "allow" if explain(snap, src, ips[p.dst], p.protocol, str(p.port)).allowed else "deny"
 
 
 def test_the_whole_profile_is_translated() -> None:
