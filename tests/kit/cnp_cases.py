@@ -5,7 +5,8 @@ A case starts from the cluster (`cluster.yaml`) plus its upstream manifests and/
 patches objects and never restores them within a test) and lists probes
 "allow|deny SRC -> DST proto/port [v4|v6]" (pod names; DST may be a hostNetwork pod, whose
 address is its node's). The data is IPv4; `to_v6` maps 10.30.x.y into fd00:30::/96 so every
-case also runs on IPv6 (a probe marked v4 or v6 runs in that family only).
+case also runs on IPv6, and `to_dual` adds those twins next to the IPv4 addresses so it runs
+dual-stack (a probe marked v4 or v6 runs in that family only).
 """
 
 from __future__ import annotations
@@ -98,6 +99,25 @@ def to_v6(obj: Any) -> Any:
     return _v6(obj) if isinstance(obj, str) else obj
 
 
+def to_dual(obj: Any) -> Any:
+    """Deep copy, dual-stack: each lab IPv4 address or CIDR in a list (podIPs, node addresses,
+    `networks`) is followed by its IPv6 twin; single values (podIP, hostIP) stay IPv4."""
+    if isinstance(obj, dict):
+        return {k: to_dual(v) for k, v in obj.items()}
+    if not isinstance(obj, list):
+        return obj
+    out = []
+    for v in obj:
+        out.append(to_dual(v))
+        if isinstance(v, str) and _V4.match(v):
+            out.append(_v6(v))
+        elif isinstance(v, dict):
+            for key in ("ip", "address"):  # podIPs[].ip, Node status.addresses[].address
+                if isinstance(v.get(key), str) and _V4.match(v[key]):
+                    out.append({**v, key: _v6(v[key])})
+    return out
+
+
 # ------------------------------------------------------------------ mutations
 
 
@@ -152,6 +172,14 @@ def pod_ips(objs: list[dict[str, Any]]) -> dict[str, str]:
     return {o["metadata"]["name"]: o["status"]["podIP"] for o in objs if o["kind"] == "Pod"}
 
 
+def pod_addresses(objs: list[dict[str, Any]]) -> dict[str, dict[int, str]]:
+    """Pod name -> IP version -> address (from podIPs; hostNetwork pods: their node's)."""
+    return {
+        o["metadata"]["name"]: {ipaddress.ip_address(a["ip"]).version: a["ip"] for a in o["status"]["podIPs"]}
+        for o in objs if o["kind"] == "Pod"
+    }
+
+
 def pod_keys(objs: list[dict[str, Any]]) -> dict[str, str]:
     """Pod name -> "namespace/name" for the pods that are endpoints (not hostNetwork)."""
     return {
@@ -176,23 +204,32 @@ class Step:
     case: str
     index: int
     name: str
-    objects: list[dict[str, Any]]  # the full state, in the asked family
-    probes: tuple[Probe, ...]  # the probes that apply in the asked family
+    objects: list[dict[str, Any]]  # the full state, in the asked family (or dual-stack)
+    checks: tuple[tuple[Probe, int], ...]  # (probe, IP version) for each family it runs in
+
+    @property
+    def probes(self) -> tuple[Probe, ...]:
+        return tuple(dict.fromkeys(p for p, _ in self.checks))
 
 
-def steps(case: dict[str, Any], family: int = 4) -> Iterator[Step]:
-    """Every step of a case with the cumulative state after its mutations."""
+def steps(case: dict[str, Any], family: int | None = 4) -> Iterator[Step]:
+    """Every step of a case with the cumulative state after its mutations, in IPv4 (4), IPv6
+    (6) or dual-stack (None: every probe in each of its families)."""
     objs = load_cluster()
     for rel in case.get("manifests") or []:
         objs += load_manifest(rel)
     objs += copy.deepcopy(case.get("objects") or [])
     ips = pod_ips(objs)
+    families = (4, 6) if family is None else (family,)
+    shape = {4: lambda o: o, 6: to_v6, None: to_dual}[family]
     for i, step in enumerate(case["steps"]):
         for op in step.get("mutate") or []:
             mutate(objs, _resolve_refs(op, ips))
-        state = _resolve_refs(copy.deepcopy(objs), ips)
-        probes = tuple(p for p in map(parse_probe, step["probes"]) if p.family in (None, family))
-        yield Step(case["name"], i, step["name"], to_v6(state) if family == 6 else state, probes)
+        state = shape(_resolve_refs(copy.deepcopy(objs), ips))
+        checks = tuple(
+            (p, f) for p in map(parse_probe, step["probes"]) for f in families if p.family in (None, f)
+        )
+        yield Step(case["name"], i, step["name"], state, checks)
 
 
 def write_dir(path: Path, objects: list[dict[str, Any]]) -> Path:
@@ -212,21 +249,23 @@ def write_dir(path: Path, objects: list[dict[str, Any]]) -> Path:
 # ------------------------------------------------------------------ simulator
 
 
-def simulate(step: Step) -> dict[Probe, str]:
-    """The simulator's verdict for every probe of a step."""
+def simulate(step: Step) -> dict[tuple[Probe, int], str]:
+    """The simulator's verdict for every (probe, IP version) of a step."""
     snap = snapshot_of(step.objects, node="lab")
     assert not snap.problems, [str(p) for p in snap.problems]
-    keys, ips = pod_keys(step.objects), pod_ips(step.objects)
-    grid = cache(lambda port, proto: matrix(snap, port, proto, None))
-    return {p: _verdict(snap, grid, keys, ips, p) for p in step.probes}
+    keys, ips = pod_keys(step.objects), pod_addresses(step.objects)
+    grid = cache(lambda port, proto, family: matrix(snap, port, proto, family))
+    return {(p, f): _verdict(snap, grid, keys, ips, p, f) for p, f in step.checks}
 
 
-Grid = Callable[[str, str], dict[str, dict[str, str]]]  # (port, protocol) -> matrix
+Grid = Callable[[str, str, int], dict[str, dict[str, str]]]  # (port, protocol, family) -> matrix
 
 
-def _verdict(snap: Snapshot, grid: Grid, keys: dict[str, str], ips: dict[str, str], p: Probe) -> str:
-    src = keys[p.src]
+def _verdict(snap: Snapshot, grid: Grid, keys: dict[str, str], ips: dict[str, dict[int, str]],
+             p: Probe, family: int) -> str:
     if p.dst in keys:
-        return grid(str(p.port), p.protocol)[src][keys[p.dst]]
-    # a hostNetwork pod: not an endpoint, only its (node's) address
-    return "allow" if explain(snap, src, ips[p.dst], p.protocol, str(p.port)).allowed else "deny"
+        return grid(str(p.port), p.protocol, family)[keys[p.src]][keys[p.dst]]
+    # a hostNetwork pod: not an endpoint, only its (node's) address; the source's address of
+    # the same family, by address (explain cannot pick one for a destination that is no pod)
+    flow = explain(snap, ips[p.src][family], ips[p.dst][family], p.protocol, str(p.port))
+    return "allow" if flow.allowed else "deny"
