@@ -118,6 +118,64 @@ def to_dual(obj: Any) -> Any:
     return out
 
 
+# ------------------------------------------------------------------ v1alpha1
+
+
+class NotExpressible(ValueError):
+    """A ClusterNetworkPolicy that v1alpha1 AdminNetworkPolicy/BaselineAdminNetworkPolicy cannot say."""
+
+
+def _v1alpha1_ports(protocols: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for entry in protocols:
+        if "destinationNamedPort" in entry:
+            out.append({"namedPort": entry["destinationNamedPort"]})
+            continue
+        (proto, body), = entry.items()
+        port = (body or {}).get("destinationPort")
+        if port is None:
+            raise NotExpressible("a protocol without destinationPort")
+        if "range" in port:
+            out.append({"portRange": {"protocol": proto.upper(), **port["range"]}})
+        else:
+            out.append({"portNumber": {"protocol": proto.upper(), "port": port["number"]}})
+    return out
+
+
+def to_v1alpha1(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same cluster with each ClusterNetworkPolicy written as the older v1alpha1 kind:
+    Admin -> AdminNetworkPolicy (Accept -> Allow), Baseline -> the BaselineAdminNetworkPolicy
+    singleton `default` (no priority, no Pass). Raises NotExpressible otherwise."""
+    out = []
+    for o in objs:
+        if o["kind"] != "ClusterNetworkPolicy":
+            out.append(o)
+            continue
+        spec = o["spec"]
+        admin = spec["tier"] == "Admin"
+        if not admin and o["metadata"]["name"] != "default":
+            raise NotExpressible("a Baseline policy not named default")
+        new: dict[str, Any] = {"subject": copy.deepcopy(spec["subject"])}
+        if admin:
+            new["priority"] = spec["priority"]
+        for direction, peers in (("ingress", "from"), ("egress", "to")):
+            rules = []
+            for rule in spec.get(direction) or []:
+                if rule["action"] == "Pass" and not admin:
+                    raise NotExpressible("Baseline Pass")
+                r = {"name": rule.get("name", ""), "action": "Allow" if rule["action"] == "Accept" else rule["action"],
+                     peers: copy.deepcopy(rule.get(peers, []))}
+                if "protocols" in rule:
+                    r["ports"] = _v1alpha1_ports(rule["protocols"])
+                rules.append(r)
+            if rules:
+                new[direction] = rules
+        out.append({"apiVersion": "policy.networking.k8s.io/v1alpha1",
+                    "kind": "AdminNetworkPolicy" if admin else "BaselineAdminNetworkPolicy",
+                    "metadata": {"name": o["metadata"]["name"]}, "spec": new})
+    return out
+
+
 # ------------------------------------------------------------------ mutations
 
 

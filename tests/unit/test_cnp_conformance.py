@@ -7,9 +7,11 @@ The same data drives the packet tests (tests/integration/test_cnp_packets.py).""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from tests.kit.cnp_cases import load_cases, simulate, steps
+from tests.kit.cnp_cases import NotExpressible, load_cases, simulate, steps, to_v1alpha1
 
 CASES = load_cases()
 UPSTREAM = [c for c in CASES if c["origin"] == "upstream"]
@@ -57,3 +59,27 @@ def test_dual_stack_keeps_each_family() -> None:
     assert {p.family for p, _ in last.checks} == {None} and {f for _, f in last.checks} == {4, 6}
     got = simulate(last)
     assert all(v == p.verdict for (p, _), v in got.items())
+
+
+def _v1alpha1_params() -> list:
+    out = []
+    for case in CASES:
+        for step in steps(case):
+            try:
+                to_v1alpha1(step.objects)
+            except NotExpressible:
+                continue
+            out.append(pytest.param(case, step.index, id=f"{case['origin']}-{case['name']}-step{step.index}"))
+    return out
+
+
+@pytest.mark.parametrize(("case", "index"), _v1alpha1_params())
+def test_cnp_case_as_v1alpha1(case: dict, index: int) -> None:
+    """The same cases written as v1alpha1 AdminNetworkPolicy / BaselineAdminNetworkPolicy
+    (what clusters that have not moved to ClusterNetworkPolicy still run): same verdicts."""
+    step = list(steps(case))[index]
+    old = replace(step, objects=to_v1alpha1(step.objects))
+    assert not any(o["kind"] == "ClusterNetworkPolicy" for o in old.objects)
+    got = simulate(old)
+    wrong = [f"{p} (got {v})" for (p, _), v in got.items() if v != p.verdict]
+    assert not wrong, f"{case['name']} step {index} {step.name!r}: " + "; ".join(wrong)
