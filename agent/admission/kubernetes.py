@@ -4,8 +4,11 @@ Fail closed. An invalid object is reported (object and field path). Then:
 (a) if a version of it validated before (its last good version), that version stays in
     force, as long as it still validates today;
 (b) otherwise the object is read fail-closed: its invalid parts match nothing in accept
-    rules and everything in isolations (see `parse_policy`, `parse_pod`,
-    `parse_namespace`), so it never allows more than any valid reading of it would.
+    rules and everything in deny rules and isolations (see `parse_policy`,
+    `parse_cluster_policy`, `parse_pod`, `parse_namespace`, `parse_node`), so it never
+    allows more than any valid reading of it would.
+Cluster-scoped kinds (ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy,
+Node) are keyed with namespace "" whatever the source's reference says.
 One bad object never blocks the others. The store of last good versions can be persisted
 (only bodies that validated are written), so a restart, or a one-shot `apply`, admits
 exactly what the running agent admitted.
@@ -39,6 +42,7 @@ from agent.sources.kubeobjects import RawObject
 
 T = TypeVar("T")
 CLUSTER_SCOPED = (*CLUSTER_KINDS, "Node", "Namespace")
+KINDS = ("Namespace", "Pod", "Node", "NetworkPolicy", *CLUSTER_KINDS)  # what admission reads
 NODE_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
 
 
@@ -300,7 +304,10 @@ def kubernetes_inventory(
                                    safe_name(ref.name, is_dns_subdomain(ref.name)), ref.source),
         )(obj.body)
 
-    for obj, value in store.admit(map(_cluster_scoped, objects), parse, inv.problems):
+    # Kinds no semantics reads (a StatefulSet beside the policies) are not admitted: read as
+    # a NetworkPolicy, a spec without podSelector would isolate a whole namespace.
+    ours = (_cluster_scoped(o) for o in objects if o.ref.kind in KINDS)
+    for obj, value in store.admit(ours, parse, inv.problems):
         if value is None:
             continue
         if obj.ref.kind == "Namespace":

@@ -20,10 +20,10 @@ def tri(sel: Selector, labels: object, invalid: bool) -> bool | None:
     return sel.matches(labels)  # type: ignore[arg-type]
 
 
-def _and(*answers: bool | None) -> bool | None:
-    if any(a is False for a in answers):
+def _and(a: bool | None, b: bool | None) -> bool | None:
+    if a is False or b is False:
         return False
-    return True if all(a is True for a in answers) else None
+    return True if a is True and b is True else None
 
 
 @dataclass
@@ -57,22 +57,33 @@ class ClusterCompiler:
             self.by_namespace[ep.namespace].append(ep)
         self.namespace_names = sorted(set(self.by_namespace) | set(inv.namespaces))
         self._peers: dict[str, _Peers] = {}
+        self._ns_match: dict[tuple[Selector, str], bool | None] = {}
+        self._subject_ns: dict[tuple[int, str], bool | None] = {}
+        self._ingress_rules: dict[tuple[str, tuple[PortMatch, ...]], list[Rule]] = {}
         self._egress: dict[tuple[str, Verdict], list[Rule]] = {}
+        self._pieces: dict[tuple[str, Verdict], list[tuple[str, Verdict, _Peers, PeerSet]]] = {}
 
     # ------------------------------------------------------------ selection
 
     def _namespace_match(self, sel: Selector, name: str) -> bool | None:
-        ns = self.inv.namespace(name)
-        return tri(sel, ns.labels, ns.labels_invalid)
+        key = (sel, name)
+        if key not in self._ns_match:
+            ns = self.inv.namespace(name)
+            self._ns_match[key] = tri(sel, ns.labels, ns.labels_invalid)
+        return self._ns_match[key]
 
     def selects(self, pol: ClusterPolicy, ep: Endpoint) -> bool | None:
         """Is `ep` a subject of `pol`? None: cannot tell (labels that did not validate)."""
         s = pol.subject
         if s.everything:
             return True
-        ns = self._namespace_match(s.namespaces, ep.namespace)
-        pod = True if s.pods is None else tri(s.pods, ep.labels, ep.labels_invalid)
-        return _and(ns, pod)
+        key = (id(s), ep.namespace)  # policies outlive the compiler: ids are stable
+        ns = self._subject_ns.get(key)
+        if key not in self._subject_ns:
+            ns = self._subject_ns[key] = self._namespace_match(s.namespaces, ep.namespace)
+        if ns is False or s.pods is None:
+            return ns
+        return _and(ns, tri(s.pods, ep.labels, ep.labels_invalid))
 
     def _resolve(self, key: str, peers: tuple[ClusterPeer, ...]) -> _Peers:
         hit = self._peers.get(key)
@@ -101,19 +112,26 @@ class ClusterCompiler:
 
     # ------------------------------------------------------------ rules
 
-    def _groups(self, key: str, rule: ClusterRule, verdict: Verdict) -> list[tuple[str, Verdict, _Peers]]:
-        """(key suffix, verdict, peers) pieces of a rule: an Accept matches only peers it is
-        sure of, a Deny also those it cannot tell; a Pass passes the sure ones and drops the
-        others (fail closed: a Pass might skip a Deny)."""
+    def _groups(self, key: str, rule: ClusterRule, verdict: Verdict) -> list[tuple[str, Verdict, _Peers, PeerSet]]:
+        """(key suffix, verdict, peers, their addresses) pieces of a rule, computed once per
+        key: an Accept matches only peers it is sure of, a Deny also those it cannot tell; a
+        Pass passes the sure ones and drops the others (fail closed: it might skip a Deny)."""
+        hit = self._pieces.get((key, verdict))
+        if hit is not None:
+            return hit
         assert rule.peers is not None
         p = self._resolve(key.removesuffix("/as-deny"), rule.peers)
         if verdict is Verdict.ACCEPT:
-            return [("", verdict, _Peers(p.pods, p.nets))]
-        if verdict is Verdict.DROP:
-            return [("", verdict, _Peers(p.pods + p.maybe_pods, p.nets + p.maybe_nets))]
-        out = [("", verdict, _Peers(p.pods, p.nets))]
-        if p.maybe_pods or p.maybe_nets:
-            out.append(("/unknown-labels", Verdict.DROP, _Peers(p.maybe_pods, p.maybe_nets)))
+            groups = [("", verdict, _Peers(p.pods, p.nets))]
+        elif verdict is Verdict.DROP:
+            groups = [("", verdict, _Peers(p.pods + p.maybe_pods, p.nets + p.maybe_nets))]
+        else:
+            groups = [("", verdict, _Peers(p.pods, p.nets))]
+            if p.maybe_pods or p.maybe_nets:
+                groups.append(("/unknown-labels", Verdict.DROP, _Peers(p.maybe_pods, p.maybe_nets)))
+        out = [(suffix, v, g, PeerSet.of([*g.nets, *(ip for e in g.pods for ip in e.ips)]))
+               for suffix, v, g in groups]
+        self._pieces[(key, verdict)] = out
         return out
 
     @staticmethod
@@ -130,11 +148,16 @@ class ClusterCompiler:
                 ports.extend(PortMatch(c.protocol.lower(), c.port, c.port) for c in ep.ports if c.name == p.named)
         if rule.ports and not ports:
             return []  # every port was a name this pod lacks: the rule matches nothing here
-        if rule.peers is None:
-            return [Rule(origin, None, PortMatch.canonical(ports), verdict, key=key)]
-        return [Rule(origin, PeerSet.of([*peers.nets, *(ip for e in peers.pods for ip in e.ips)]),
-                     PortMatch.canonical(ports), v, key=key + suffix)
-                for suffix, v, peers in self._groups(key, rule, verdict)]
+        canonical = PortMatch.canonical(ports)
+        hit = self._ingress_rules.get((key, canonical))  # most subjects resolve the same ports
+        if hit is None:
+            if rule.peers is None:
+                hit = [Rule(origin, None, canonical, verdict, key=key)]
+            else:
+                hit = [Rule(origin, addrs, canonical, v, key=key + suffix)
+                       for suffix, v, _, addrs in self._groups(key, rule, verdict)]
+            self._ingress_rules[(key, canonical)] = hit
+        return hit
 
     def _egress_rules(self, pol: ClusterPolicy, rule: ClusterRule, verdict: Verdict) -> list[Rule]:
         """Egress rules do not depend on the subject pod: computed once per policy rule."""
@@ -149,10 +172,9 @@ class ClusterCompiler:
         if rule.peers is None:
             out.append(Rule(origin, None, PortMatch.canonical(numeric), verdict, key=key))
         else:
-            for suffix, v, peers in self._groups(key, rule, verdict):
+            for suffix, v, peers, addrs in self._groups(key, rule, verdict):
                 if numeric or not rule.ports:
-                    addrs = [*peers.nets, *(ip for e in peers.pods for ip in e.ips)]
-                    out.append(Rule(origin, PeerSet.of(addrs), PortMatch.canonical(numeric), v, key=key + suffix))
+                    out.append(Rule(origin, addrs, PortMatch.canonical(numeric), v, key=key + suffix))
                 # Named ports resolve on each destination pod: one rule per port number.
                 buckets: dict[tuple[str, int], list[IPAddress]] = defaultdict(list)
                 for e in peers.pods:
@@ -165,29 +187,36 @@ class ClusterCompiler:
         self._egress[(key, verdict)] = out
         return out
 
-    def _direction(self, policies: list[ClusterPolicy], ep: Endpoint, d: Direction) -> tuple[Rule, ...]:
+    def _direction(self, chosen: list[tuple[ClusterPolicy, bool]], ep: Endpoint, d: Direction) -> tuple[Rule, ...]:
         out: list[Rule] = []
-        for pol in policies:
-            sel = self.selects(pol, ep)
-            if sel is False:
-                continue
+        for pol, sure in chosen:
             for rule in pol.ingress if d is Direction.INGRESS else pol.egress:
                 # Selection unknown: only what cannot widen applies (Accept: nothing; Pass: drop).
-                verdict = rule.verdict if sel else Verdict.DROP
-                if not sel and rule.verdict is Verdict.ACCEPT:
+                if not sure and rule.verdict is Verdict.ACCEPT:
                     continue
+                verdict = rule.verdict if sure else Verdict.DROP
                 if d is Direction.INGRESS:
                     out.extend(self._ingress(pol, rule, verdict, ep))
                 else:
                     out.extend(self._egress_rules(pol, rule, verdict))
         return tuple(out)
 
+    def _chosen(self, policies: list[ClusterPolicy], ep: Endpoint) -> list[tuple[ClusterPolicy, bool]]:
+        """The policies selecting `ep`, in order, each with whether that is certain."""
+        out = []
+        for pol in policies:
+            sel = self.selects(pol, ep)
+            if sel is not False:
+                out.append((pol, sel is True))
+        return out
+
     def endpoint(self, ep: Endpoint) -> TierRules:
+        admin, baseline = self._chosen(self.admin, ep), self._chosen(self.baseline, ep)
         return TierRules(
-            self._direction(self.admin, ep, Direction.INGRESS),
-            self._direction(self.baseline, ep, Direction.INGRESS),
-            self._direction(self.admin, ep, Direction.EGRESS),
-            self._direction(self.baseline, ep, Direction.EGRESS),
+            self._direction(admin, ep, Direction.INGRESS),
+            self._direction(baseline, ep, Direction.INGRESS),
+            self._direction(admin, ep, Direction.EGRESS),
+            self._direction(baseline, ep, Direction.EGRESS),
         )
 
 

@@ -4,6 +4,7 @@ BaselineAdminNetworkPolicy it replaces: one shape for all three kinds."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from agent.ir import Network, Tier, Verdict
 from agent.policy.selectors import Selector
@@ -80,6 +81,6 @@ class ClusterPolicy:
     def shown_priority(self) -> int | None:
         return None if self.kind == BANP else self.priority
 
-    @property
+    @cached_property
     def key(self) -> str:
         return f"{self.source}:{_SHORT[self.kind]}:{self.name}"

@@ -289,9 +289,10 @@ def parse_cluster_policy(raw: RawObject, issues: list[Invalid] | None = None) ->
     is returned never allows more than a valid reading of the object could:
     - an invalid Accept rule matches nothing; an invalid Deny or Pass rule drops everything
       in its direction (the API's "fail closed" for a peer it cannot read);
-    - when the policy's tier, priority, subject or spec cannot be read, it is read as an
-      Admin policy of priority 0 that selects every pod, keeping only its Deny rules and its
-      Pass rules turned into Deny (a Pass could skip a Deny), so it can only drop more.
+    - when the policy's tier, priority or spec cannot be read it counts as Admin priority 0;
+      when its subject cannot be read it selects every pod. Either way only its Deny rules
+      apply, with its Pass rules turned into Deny (a Pass could skip a Deny): it can only
+      drop more than a valid reading.
     """
     collect: list[Invalid] = [] if issues is None else issues
     start = len(collect)
@@ -333,13 +334,13 @@ def parse_cluster_policy(raw: RawObject, issues: list[Invalid] | None = None) ->
         subject = Subject(everything=True)
     ingress = _parse_rules(spec, False, d, collect)
     egress = _parse_rules(spec, True, d, collect)
-    if certain and tier is not None and priority is not None and not subject.everything:
+    if certain and tier is not None and priority is not None:
+        if subject.everything:  # only the selection is unknown: deny-only at its own precedence
+            ingress, egress = _deny_only(ingress), _deny_only(egress)
         pol = ClusterPolicy(kind, name, tier, priority, subject, ingress, egress, ref.source)
     else:
-        # Precedence unknown: the highest (Admin, 0), which only drops more with deny-only rules.
-        known = certain and tier is not None and priority is not None
-        pol = ClusterPolicy(kind, name, tier if known and tier else Tier.ADMIN, priority if known and priority else 0,
-                            subject, _deny_only(ingress), _deny_only(egress), ref.source)
+        # Precedence unknown: the highest (Admin, 0), where deny-only rules can only drop more.
+        pol = ClusterPolicy(kind, name, Tier.ADMIN, 0, subject, _deny_only(ingress), _deny_only(egress), ref.source)
     if issues is None and len(collect) > start:
         raise collect[start]
     return pol
