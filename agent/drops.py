@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent.dataplane.base import DropEvent, DropLog
@@ -41,6 +41,18 @@ def describe(ev: DropEvent, program: Program | None) -> dict[str, Any]:
         "src": ev.src, "dst": ev.dst, "sport": ev.sport, "dport": ev.dport,
         "reason": reason, "policies": decided, "tier": tier, "audit": ev.audit,
     }
+
+
+def drop_text(d: Mapping[str, Any]) -> str:
+    """One sampled drop (a `describe` answer with its time) as `stockade drops` prints it; a
+    tiered rule names itself: "deny by ClusterNetworkPolicy deny-c (Admin, priority 10) ingress rule 0"."""
+    when = time.strftime("%H:%M:%S", time.localtime(d["time"]))
+    ports = f" {d['sport']} -> {d['dport']}" if d["dport"] is not None else ""
+    verb = "would drop (audit)" if d["audit"] else "dropped"
+    head = {"default-deny": "default deny of "}.get(d["reason"]) or (
+        "deny by " if d.get("tier") in ("admin", "baseline") else "drop rule ")  # no tier: an older agent
+    why = head + (", ".join(d["policies"]) or "?")
+    return f"{when} {verb} {d['protocol']} {d['src']} -> {d['dst']}{ports}  {d['endpoint']} {d['direction']}: {why}"
 
 
 class DropRecorder:

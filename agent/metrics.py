@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -75,6 +75,13 @@ def counter_rows(program: Program, counters: Counters) -> list[CounterRow]:
         by = prog.direction(Direction(d)).isolated_by if prog else ()
         rows.append(CounterRow(ep, Direction(d), None, True, tuple(by), c))
     return rows
+
+
+def counter_text(r: Mapping[str, Any]) -> str:
+    """One `stockade counters` row (agent.query.counters) as text; a tiered rule's origin names
+    its kind, tier and priority: "drop by ClusterNetworkPolicy deny-c (Admin, priority 10) ingress rule 0"."""
+    return (f"{r['packets']:>10} pkts {r['bytes']:>12} bytes  {r['endpoint']} {r['direction']}: "
+            f"{r['verdict']} by {r['policy']}")
 
 
 class KernelCollector(Collector):

@@ -497,8 +497,15 @@ class NftablesDataplane(Dataplane):
 
 
 def endpoint_chains(ep: EndpointProgram) -> list[str]:
-    """Names of the chains programmed for an endpoint (for diagnostics)."""
-    return [chain_name(ep.key, d) for d in Direction if ep.direction(d).enforced]
+    """Names of the chains programmed for an endpoint (for diagnostics), tail chains included."""
+    out = []
+    for d in Direction:
+        dp = ep.direction(d)
+        if dp.enforced:
+            out.append(chain_name(ep.key, d))
+            if any(r.tier is Tier.ADMIN and r.verdict is Verdict.PASS for r in dp.rules):
+                out.append(tail_name(out[-1]))
+    return out
 
 
 class _NftDropLog(DropLog):

@@ -12,25 +12,29 @@ What the packets show (b's ingress is isolated by a NetworkPolicy; a's is not):
   Baseline Pass allows with nothing further applying (c -> a:81, before a Baseline
   deny-all) and a Baseline Accept allows (b -> a:80);
 - an Admin Deny on egress (a -> b:82) wins over b's ingress accept.
-Counters count the deciding rule, a drop by an Admin Deny is sampled naming its rule,
+Counters count the deciding rule (and `stockade counters` and /metrics name its tier), a
+drop by an Admin Deny is sampled naming its rule (as `stockade drops` prints it),
 an update from one tiered program to another (nftables: render_diff) and a restarted
 dataplane (eBPF: adopting the pinned maps; nftables: replacing the table) enforce the
-same, and the simulator agrees with every probe.
+same, audit mode passes tiered drops and reports them, and the simulator agrees with every
+probe, also for seeded random tiered programs applied one after another.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import random
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import pytest
 
-from agent.dataplane.base import Counters, Dataplane, DropEvent, DropLog
+from agent.dataplane.base import ApplyStats, Counters, Dataplane, DropEvent, DropLog
 from agent.dataplane.ebpf import EbpfDataplane
-from agent.dataplane.nftables import NftablesDataplane
-from agent.drops import describe
+from agent.dataplane.nftables import NftablesDataplane, Options
+from agent.drops import describe, drop_text
+from agent.inventory import Inventory
 from agent.ir import (
     Direction,
     DirectionProgram,
@@ -43,7 +47,9 @@ from agent.ir import (
     Tier,
     Verdict,
 )
-from agent.metrics import KernelCollector
+from agent.metrics import KernelCollector, counter_text
+from agent.pipeline import Snapshot
+from agent.query import counters as counter_table
 from agent.simulate import evaluate
 from tests.kit import Lab, until
 from tests.kit.netns import worker
@@ -165,20 +171,22 @@ class Plane:
     """One dataplane driven in the lab's node namespace: eBPF takes the namespace as an
     argument; nftables (libnftables, the NFLOG socket) runs on a thread inside it."""
 
-    def __init__(self, lab: Lab, name: str) -> None:
-        self.lab, self.name = lab, name
+    def __init__(self, lab: Lab, name: str, audit: bool = False) -> None:
+        self.lab, self.name, self.audit = lab, name, audit
         self.pool: ThreadPoolExecutor | None = worker(lab.node) if name == "nftables" else None
         self.dp: Dataplane = self.call(self._make)
         self.log: DropLog | None = None
 
     def _make(self) -> Dataplane:
-        return NftablesDataplane() if self.name == "nftables" else EbpfDataplane(netns=self.lab.node)
+        if self.name == "nftables":
+            return NftablesDataplane(Options(audit=self.audit))
+        return EbpfDataplane(netns=self.lab.node, audit=self.audit)
 
     def call(self, fn: Callable[[], T]) -> T:
         return fn() if self.pool is None else self.pool.submit(fn).result()
 
-    def apply(self, prog: Program) -> None:
-        self.call(lambda: self.dp.apply(prog))
+    def apply(self, prog: Program) -> ApplyStats:
+        return self.call(lambda: self.dp.apply(prog))
 
     def counters(self, prog: Program) -> Counters:
         return self.call(lambda: self.dp.counters(prog))
@@ -209,12 +217,26 @@ class Plane:
             self.pool.shutdown()
 
 
-@pytest.fixture
-def plane(lab: Lab, dataplane: str) -> Iterator[Plane]:
+def pods(lab: Lab) -> None:
     lab.add_pod("app/a", [A, A6], ports=(80, 81, 82))
     lab.add_pod("app/b", [B, B6], ports=(80, 81, 82, 8000, 8001))
     lab.add_pod("app/c", [C, C6], ports=(80, 81))
+
+
+@pytest.fixture
+def plane(lab: Lab, dataplane: str) -> Iterator[Plane]:
+    pods(lab)
     p = Plane(lab, dataplane)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def audit_plane(lab: Lab, dataplane: str) -> Iterator[Plane]:
+    pods(lab)
+    p = Plane(lab, dataplane, audit=True)
     try:
         yield p
     finally:
@@ -266,6 +288,12 @@ def test_tiers_decide_count_and_log(lab: Lab, plane: Plane) -> None:
     assert samples["web"].labels["tier"] == "policy" and samples["web"].labels["kind"] == ""
     assert samples["default"].labels["tier"] == "baseline"
 
+    # `stockade counters` names the tier (text and JSON)
+    rows = plane.call(lambda: counter_table(Snapshot(Inventory(), prog), plane.dp))
+    (row,) = [r for r in rows if r["endpoint"] == "app/b" and "deny-c" in r["policy"]]
+    assert (row["tier"], row["kind"], row["verdict"]) == ("admin", CNP, "drop") and row["packets"] > 0
+    assert counter_text(row).endswith(f"app/b ingress: drop by {CNP} deny-c (Admin, priority 10) ingress rule 0 (no-c)")
+
     # the Admin Deny's drop is sampled naming its rule, tier and priority
     got: list[dict[str, Any]] = []
 
@@ -274,24 +302,115 @@ def test_tiers_decide_count_and_log(lab: Lab, plane: Plane) -> None:
         return any(d["src"] == C and d["dst"] == B and d["dport"] == 80 and d["reason"] == "drop-rule"
                    for d in got)
 
-    assert until(sampled, timeout=20), got
+    def by_baseline() -> bool:  # nftables: logged from a's tail chain (a's ingress has an Admin Pass)
+        return any(d["src"] == C and d["dst"] == A and d["dport"] == 80 for d in got)
+
+    assert until(lambda: sampled() and by_baseline(), timeout=20), got
+    b = next(d for d in got if d["src"] == C and d["dst"] == A and d["dport"] == 80)
+    assert (b["endpoint"], b["tier"], b["policies"]) == (
+        "app/a", "baseline", [f"{CNP} default (Baseline) ingress rule 1 (no-c-80)"])
     d = next(d for d in got if d["src"] == C and d["dst"] == B and d["dport"] == 80)
     assert d["endpoint"] == "app/b" and d["direction"] == "ingress" and d["tier"] == "admin"
     assert d["policies"] == [f"{CNP} deny-c (Admin, priority 10) ingress rule 0 (no-c)"]
+    assert drop_text({**d, "time": 0}).endswith(  # as `stockade drops` prints it
+        f"app/b ingress: deny by {CNP} deny-c (Admin, priority 10) ingress rule 0 (no-c)")
 
 
 def test_tiered_update_and_restart(lab: Lab, plane: Plane) -> None:
     plane.apply(program())
     check(lab, program(), WANT1)
     prog2 = program2()
-    plane.apply(prog2)  # nftables: a diff (chains split and joined, tail chains added and removed)
+    # nftables: diffs (a's chain joined and split again, its tail chain deleted and added)
+    assert not plane.apply(prog2).full
     check(lab, prog2, WANT2)
-    plane.apply(program())  # and back
+    assert not plane.apply(program()).full  # and back
     check(lab, program(), WANT1)
 
-    plane.restart()  # a new agent takes over what the old one left and converges
+    # A new agent takes over what the old one left and converges (eBPF: adopting the pinned
+    # maps and filters; nftables: replacing the table in one transaction).
+    plane.restart()
     plane.apply(prog2)
     check(lab, prog2, WANT2)
     c = plane.counters(prog2)  # counters of the adopted state still name the rules
     assert c.rules.get(("app/b", NP_WEB.id, IN)) is not None
     assert c.rules.get(("app/a", BASE_DENY_ALL.id, IN)) is not None
+
+
+def test_audit_passes_tiered_drops_and_reports_them(lab: Lab, audit_plane: Plane) -> None:
+    """Audit mode: an Admin Deny, a Baseline Deny and the default deny are counted and
+    sampled as would-be drops and pass (replies too); an Admin Pass still skips the rest
+    of the Admin tier."""
+    prog = program()
+    audit_plane.apply(prog)
+    audit_plane.open_log()
+    seen = lab.probe_many(PROBES, timeout=1.0)
+    assert all(ok for results in seen.values() for ok in results.values()), seen
+    c = audit_plane.counters(prog)
+    for key, rule in (("app/b", DENY_C), ("app/a", BASE_DENY_C)):
+        got = c.rules.get((key, rule.id, IN))
+        assert got is not None and got.packets > 0, rule.origin
+    for key, rule in (("app/b", SKIPPED), ("app/a", DENY_C_80)):  # skipped by a Pass, audit or not
+        got = c.rules.get((key, rule.id, IN))
+        assert got is None or got.packets == 0, rule.origin
+    samples: list[dict[str, Any]] = []
+
+    def sampled() -> bool:
+        samples.extend(describe(ev, prog) for ev in audit_plane.drops())
+        return {(d["protocol"], d["dst"], d["dport"], d["tier"]) for d in samples if d["src"] == C and d["audit"]} \
+            >= {("tcp", B, 80, "admin"), ("tcp", A, 80, "baseline")}
+
+    assert until(sampled, timeout=20), samples
+    d = next(d for d in samples if d["src"] == C and d["dst"] == B and d["dport"] == 80 and d["protocol"] == "tcp")
+    assert drop_text({**d, "time": 0}).endswith(
+        f"would drop (audit) tcp {C} -> {B} {d['sport']} -> 80  app/b ingress: "
+        f"deny by {CNP} deny-c (Admin, priority 10) ingress rule 0 (no-c)")
+
+
+def random_program(rng: random.Random) -> Program:
+    """A seeded random tiered program over the three pods: every endpoint direction gets up
+    to 3 Admin (Accept/Deny/Pass), 2 NetworkPolicy and 2 Baseline (Accept/Deny/Pass) rules
+    with random peers and ports, isolated or not."""
+    addrs = {"a": (A, A6), "b": (B, B6), "c": (C, C6)}
+    portsets = [(), tcp(80), tcp(81), (PortMatch("tcp", 80, 81),), both(80), (PortMatch("udp"),)]
+    verdicts = {Tier.ADMIN: list(Verdict), Tier.POLICY: [Verdict.ACCEPT, Verdict.ACCEPT, Verdict.DROP],
+                Tier.BASELINE: list(Verdict)}
+    counts = {Tier.ADMIN: 3, Tier.POLICY: 2, Tier.BASELINE: 2}
+    eps = {}
+    for name, ips in addrs.items():
+        dirs = {}
+        for d in Direction:
+            rules = []
+            for tier in Tier:
+                for i in range(rng.randint(0, counts[tier])):
+                    who = rng.sample(sorted(addrs), rng.randint(1, 2))
+                    peers = None if rng.random() < 0.3 else net(*(ip for w in who for ip in addrs[w]))
+                    o = Origin("file", "" if tier is not Tier.POLICY else "app", f"{tier}-{name}", d, i,
+                               tier=tier, kind="" if tier is Tier.POLICY else CNP)
+                    rules.append(Rule(o, peers, rng.choice(portsets), rng.choice(verdicts[tier]),
+                                      key=f"{name}-{d}-{tier}-{i}"))
+            dirs[d] = DirectionProgram(rng.random() < 0.4, tuple(rules), ("app/np",))
+        eps[f"app/{name}"] = ep(f"app/{name}", ips, dirs[IN], dirs[EG])
+    return Program("file", eps)
+
+
+def test_random_tiered_programs_agree_with_the_simulator(lab: Lab, plane: Plane) -> None:
+    """Seeded random tiered programs, one after another (nftables: diffs between them): every
+    probe between the pods (TCP 80/81, UDP 80, IPv4 and IPv6) gets the simulator's verdict."""
+    targets = {"a": (A, A6), "b": (B, B6), "c": (C, C6)}
+    specs = {f"app/{src}": [f"{proto}:{ip}:{port}" for dst, ips in targets.items() if dst != src
+                            for ip in ips for proto, port in (("tcp", 80), ("tcp", 81), ("udp", 80))]
+             for src in targets}
+    for seed in range(8):  # together: every tier deciding with every verdict, ~80 decisions after a Pass
+        prog = random_program(random.Random(seed))
+        plane.apply(prog)
+        seen = lab.probe_many(specs, timeout=1.0)
+        wrong = []
+        for src, results in seen.items():
+            for spec, ok in results.items():
+                proto, rest = spec.split(":", 1)
+                addr, port = rest.rsplit(":", 1)
+                s = targets[src[4:]][1] if ":" in addr else targets[src[4:]][0]
+                v = evaluate(prog, ipaddress.ip_address(s), ipaddress.ip_address(addr), proto, int(port))
+                if (v.verdict is Verdict.ACCEPT) != ok:
+                    wrong.append((src, spec, ok, v.reason))
+        assert not wrong, (seed, wrong)
