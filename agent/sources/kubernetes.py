@@ -59,32 +59,36 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Key = tuple[str, str, str]
 
 
-
 @dataclass(frozen=True)
 class Resource:
-    """How to list and watch one kind cluster-wide."""
+    """How to list and watch one kind cluster-wide (and what deploy/base/rbac.yaml grants)."""
 
     api_version: str
+    plural: str  # the resource name (RBAC, URL path)
     api_class: str = "CustomObjectsApi"  # in kubernetes.client
     method: str = "list_cluster_custom_object"
-    plural: str = ""  # set for custom resources: served only when their CRD is installed
 
     @property
     def crd(self) -> bool:
-        return bool(self.plural)
+        """A custom resource: served only when its CRD is installed."""
+        return self.api_class == "CustomObjectsApi"
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]  # "" for the core group
 
 
 CNP_GROUP = "policy.networking.k8s.io"
 RESOURCES: dict[str, Resource] = {
-    "Namespace": Resource("v1", "CoreV1Api", "list_namespace"),
-    "Pod": Resource("v1", "CoreV1Api", "list_pod_for_all_namespaces"),
-    "NetworkPolicy": Resource("networking.k8s.io/v1", "NetworkingV1Api", "list_network_policy_for_all_namespaces"),
-    "Node": Resource("v1", "CoreV1Api", "list_node"),
-    "ClusterNetworkPolicy": Resource(f"{CNP_GROUP}/v1alpha2", plural="clusternetworkpolicies"),
-    "AdminNetworkPolicy": Resource(f"{CNP_GROUP}/v1alpha1", plural="adminnetworkpolicies"),
-    "BaselineAdminNetworkPolicy": Resource(f"{CNP_GROUP}/v1alpha1", plural="baselineadminnetworkpolicies"),
+    "Namespace": Resource("v1", "namespaces", "CoreV1Api", "list_namespace"),
+    "Pod": Resource("v1", "pods", "CoreV1Api", "list_pod_for_all_namespaces"),
+    "NetworkPolicy": Resource("networking.k8s.io/v1", "networkpolicies", "NetworkingV1Api",
+                              "list_network_policy_for_all_namespaces"),
+    "Node": Resource("v1", "nodes", "CoreV1Api", "list_node"),
+    "ClusterNetworkPolicy": Resource(f"{CNP_GROUP}/v1alpha2", "clusternetworkpolicies"),
+    "AdminNetworkPolicy": Resource(f"{CNP_GROUP}/v1alpha1", "adminnetworkpolicies"),
+    "BaselineAdminNetworkPolicy": Resource(f"{CNP_GROUP}/v1alpha1", "baselineadminnetworkpolicies"),
 }
-assert set(RESOURCES) == set(KINDS)
 
 
 class SourceError(RuntimeError):
@@ -342,8 +346,7 @@ class KubernetesSource:
         res = RESOURCES[kind]
         method = getattr(getattr(client, res.api_class)(self.client), res.method)
         if res.crd:
-            group, version = res.api_version.split("/")
-            return functools.partial(method, group, version, res.plural)
+            return functools.partial(method, res.group, res.api_version.rpartition("/")[2], res.plural)
         return method
 
     def _raw(self, kind: str, obj: Mapping[str, Any]) -> RawObject:

@@ -80,6 +80,17 @@ class Request:
     def watch(self) -> bool:
         return self.query.get("watch") in ("true", "1", "True")
 
+    @property
+    def verb(self) -> str:
+        """The RBAC verb this request needs."""
+        return "watch" if self.watch else "list" if self.path in PATHS else "get"
+
+    @property
+    def resource(self) -> tuple[str, str]:
+        """(API group, resource): /api/v1/<resource>[/name] or /apis/<group>/<version>/<resource>[/name]."""
+        parts = self.path.strip("/").split("/")
+        return ("", parts[2]) if parts[0] == "api" else (parts[1], parts[3])
+
 
 @dataclass
 class Fault:

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from agent.pipeline import DirectoryPipeline, KubernetesPipeline, PipelineError, SourceNotSynced
 from agent.query import matrix
 from agent.sources.backoff import Backoff
 from agent.sources.kubeobjects import KINDS
-from agent.sources.kubernetes import KubernetesSource, api_client
+from agent.sources.kubernetes import RESOURCES, KubernetesSource, api_client
 from tests.kit import expect
 from tests.kit.builders import ns, pod, policy
 from tests.kit.cases import expected_grid, load_cases, off_diagonal, pod_keys, step_objects, write_dir
@@ -231,9 +232,11 @@ def test_5xx_reconnects_with_jittered_exponential_backoff(api, make_source) -> N
     times = [r.at for r in api.watches("Pod")]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     for i, gap in enumerate(gaps):
-        d = 0.1 * 2**i  # equal jitter: each delay in [d/2, d] (+ request time)
-        assert d / 2 - 0.01 <= gap <= d + 0.15, (i, gaps)
-    assert gaps[-1] > gaps[0] * 4
+        # Equal jitter: each delay in [d/2, d], plus request time. Only the lower bound is
+        # checked here (a loaded machine stretches gaps; the upper bound and the jitter are
+        # test_backoff_is_exponential_with_jitter_and_capped's, with no clock involved).
+        d = 0.1 * 2**i
+        assert gap >= d / 2 - 0.01, (i, gaps)
     assert src.stats[("Pod", "errors")] == 5 and src.stats[("Namespace", "errors")] == 2
     assert src.errors["watch_http_5xx"] == 5 and src.errors["list_http_5xx"] == 2
     api.put(pod("ns0/after", "10.1.0.9"))
@@ -309,9 +312,9 @@ def test_stop_ends_the_threads_promptly(api, make_source, tmp_path) -> None:
     stop = src.watch(lambda: None)
     assert src.synced.wait(10)
     expect(lambda: api.open_watches == WATCHES, what="watches")
-    t0 = time.monotonic()
-    stop()
-    assert time.monotonic() - t0 < 2
+    threads = list(src._threads)
+    stop()  # joins each thread for up to 5 s: one still alive after it did not stop
+    assert len(threads) == WATCHES and not any(t.is_alive() for t in threads)
     assert not src.watching
 
 
@@ -524,6 +527,60 @@ def test_manifest_directory_reads_cluster_kinds(tmp_path) -> None:
     assert sorted(o.ref.key for o in objects) == [
         ("AdminNetworkPolicy", "", "legacy"), ("BaselineAdminNetworkPolicy", "", "default"),
         ("ClusterNetworkPolicy", "", "deny-metadata"), ("Node", "", "n1")]
+
+
+def test_cluster_policies_over_the_watch_decide_as_from_the_directory(api, make_source, tmp_path) -> None:
+    """A CNP and a Node peer arriving over the watch: the same verdicts as the manifest
+    directory; the CRD going away takes its policies with it."""
+    from agent.query import explain
+
+    base = [ns("a", team="red"), ns("b", team="blue"), pod("a/web", "10.0.0.1", {"app": "web"}),
+            pod("b/cli", "10.0.1.1", {"app": "cli"}), node("n1", "192.0.2.11", role="infra")]
+    deny = cnp("red-closed")
+    deny["spec"] = {"tier": "Admin", "priority": 10, "subject": {"namespaces": {"matchLabels": {"team": "red"}}},
+                    "ingress": [{"name": "from-blue", "action": "Deny",
+                                 "from": [{"namespaces": {"matchLabels": {"team": "blue"}}}]}],
+                    "egress": [{"name": "no-infra-nodes", "action": "Deny", "to": [{"nodes": {
+                        "matchLabels": {"role": "infra"}}}]}]}
+    api.set_state(base)
+    src = make_source()
+    pipe = KubernetesPipeline(None, source=src)
+    assert src.synced.wait(10)
+    assert matrix(pipe.snapshot(), "80", "TCP", None)["b/cli"]["a/web"] == "allow"
+
+    api.put(deny)
+    expect(lambda: converged(src, api), what="CNP over the watch")
+    snap = pipe.snapshot()
+    assert not snap.problems
+    directory = DirectoryPipeline(write_dir(tmp_path / "dir", [*base, deny]), None).snapshot()
+    got = matrix(snap, "80", "TCP", None)
+    assert got == matrix(directory, "80", "TCP", None)
+    assert got["b/cli"]["a/web"] == "deny" and got["a/web"]["b/cli"] == "allow"
+    to_node = explain(snap, "a/web", "192.0.2.11", "TCP", "22").flow
+    assert to_node.verdict.value == "drop" and "red-closed" in str(to_node.egress.rule.origin)
+
+    api.uninstall_crd("ClusterNetworkPolicy")
+    expect(lambda: "ClusterNetworkPolicy" in src.unserved, what="CRD gone")
+    assert matrix(pipe.snapshot(), "80", "TCP", None)["b/cli"]["a/web"] == "allow"
+    assert pipe.errors["crd_missing"] == 1  # stockade_source_errors_total{cause="crd_missing"}
+
+
+def test_the_source_asks_for_nothing_the_cluster_role_does_not_grant(api, make_source) -> None:
+    rbac = Path(__file__).resolve().parents[2] / "deploy" / "base" / "rbac.yaml"
+    [role] = [d for d in yaml.safe_load_all(rbac.read_text()) if d["kind"] == "ClusterRole"]
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+               for v in rule["verbs"]}
+    small_cluster(api, namespaces=1, pods=1)
+    api.put({"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n1"}, "spec": {"podCIDRs": ["10.1.0.0/24"]}})
+    api.put(cnp("deny-metadata"))
+    src = make_source(node="n1", want_pod_cidrs=True)
+    assert src.synced.wait(10)
+    expect(lambda: len(api.watches()) == WATCHES, what="watches")
+    assert set(RESOURCES) == set(KINDS)  # the source lists and watches every kind the semantics read
+    asked = {(*r.resource, r.verb) for r in api.requests}
+    assert asked <= granted, asked - granted
+    assert {("policy.networking.k8s.io", "clusternetworkpolicies", "watch"), ("", "nodes", "get"),
+            ("", "nodes", "watch")} <= asked
 
 
 # ---------------------------------------------------------------------- pipeline and daemon
