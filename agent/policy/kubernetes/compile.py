@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from agent.inventory import Endpoint, Inventory, IPAddress, Problem
@@ -19,6 +20,8 @@ from agent.ir import (
     Program,
     Rule,
 )
+from agent.policy.cluster import KINDS as CLUSTER_KINDS
+from agent.policy.cluster import ClusterCompiler, ClusterPolicy, parse_cluster_policy
 from agent.policy.errors import (
     Invalid,
 )
@@ -333,14 +336,40 @@ def compile_program(
     return Program(source=source, endpoints=eps)
 
 
+def _with_tiers(prog: Program, inv: Inventory, cluster: list[ClusterPolicy]) -> Program:
+    """Put each endpoint's ClusterNetworkPolicy rules around its NetworkPolicy rules: ADMIN
+    first, BASELINE last (ir.first_match's order). `isolated` stays NetworkPolicy's own: a
+    direction with only cluster rules is enforced but lets unmatched traffic through."""
+    if not cluster:
+        return prog
+    comp = ClusterCompiler(inv, cluster)
+    eps = {}
+    for key, ep in prog.endpoints.items():
+        t = comp.endpoint(inv.endpoints[key])
+        eps[key] = replace(
+            ep,
+            ingress=replace(ep.ingress, rules=(*t.ingress_admin, *ep.ingress.rules, *t.ingress_baseline)),
+            egress=replace(ep.egress, rules=(*t.egress_admin, *ep.egress.rules, *t.egress_baseline)),
+        )
+    return replace(prog, endpoints=eps)
+
+
 def compile_inventory(inv: Inventory, node: str | None = None, source: str = "file") -> Program:
-    """Compile the admitted policies of an inventory (as admission read them, fail-closed)."""
+    """Compile the admitted policies of an inventory (as admission read them, fail-closed):
+    NetworkPolicies, and the cluster tiers around them."""
     policies = []
+    cluster: list[ClusterPolicy] = []
     for raw in inv.policies.values():
+        if isinstance(raw.parsed, ClusterPolicy):
+            cluster.append(raw.parsed)
+            continue
         if isinstance(raw.parsed, NetworkPolicy):
             policies.append(raw.parsed)
             continue
         issues: list[Invalid] = []
-        policies.append(parse_policy(raw, issues))
+        if raw.ref.kind in CLUSTER_KINDS:
+            cluster.append(parse_cluster_policy(raw, issues))
+        else:
+            policies.append(parse_policy(raw, issues))
         inv.problems.extend(Problem(raw.ref, e.field, e.message) for e in issues)
-    return compile_program(inv, policies, node=node, source=source)
+    return _with_tiers(compile_program(inv, policies, node=node, source=source), inv, cluster)
