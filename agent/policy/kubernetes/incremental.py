@@ -17,9 +17,10 @@ as the same objects, so the diff is mostly an identity check per object), then:
 Everything else keeps its object (PeerSet, Rule, EndpointProgram), so the dataplanes'
 diffs stay cheap; recomputed objects equal to their predecessors are swapped back for them.
 
-Kinds it does not understand (ClusterNetworkPolicy, AdminNetworkPolicy, Node, anything
-new) make it fall back to a full `compile_inventory`: correct first, fast where it knows
-the change. So do large changes (a first sync, a resync after a gap), where starting
+Policy kinds it does not understand (ClusterNetworkPolicy, AdminNetworkPolicy,
+BaselineAdminNetworkPolicy, anything new) make it fall back to a full `compile_inventory`:
+correct first, fast where it knows the change; so does any change to the Nodes (which only
+ClusterNetworkPolicy peers read). So do large changes (a first sync, a resync after a gap), where starting
 afresh is as fast, and one compile every `FULL_EVERY` seconds, a bound on how long any
 mistake of the incremental path could last. A full compile still hands unchanged
 endpoint programs back as their previous objects.
@@ -139,15 +140,15 @@ class IncrementalCompiler:
             self._reset()
             self.stats = Stats(full=True, reason="a policy kind only the full compiler reads")
             return compile_inventory(inv, self.node, source=self.source)
-        if inv.nodes:
-            self._reset()
-            self.stats = Stats(full=True, reason="nodes in the inventory")
-            return compile_inventory(inv, self.node, source=self.source)
         if self._comp is None or self._inv is None or self._program is None:
             return self._full(inv, policies, "first compile")
         if time.monotonic() - self._full_at >= self.full_every:
             return self._full(inv, policies, "periodic")
         old_inv = self._inv
+        if inv.nodes != old_inv.nodes:
+            # Only ClusterNetworkPolicy peers read Nodes (and any would have sent us to the
+            # full compile above): a change is rare and not worth following piecemeal.
+            return self._full(inv, policies, "nodes changed")
         pods = _changed(old_inv.endpoints, inv.endpoints)
         pols = _changed(self._policies, policies)
         names = set(old_inv.namespaces) | set(inv.namespaces)
