@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -246,3 +247,28 @@ def test_spans_edited_by_address_equal_a_fresh_collapse(
             if not spans.static_holds(ip):
                 spans.remove(ip)
         assert spans.peer_set() == PeerSet.of([*members, *blocks])
+
+
+def test_a_failed_compile_starts_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception half-way through an incremental compile (a bug) must not leave
+    half-edited state behind: the next compile is a full one, and right."""
+    docs = [ns("a"), pod("a/web", "10.0.0.1", {"app": "web"}), pod("a/api", "10.0.0.2", {"app": "api"}),
+            policy("a/p", {"podSelector": {},
+                           "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "api"}}}]}]})]
+    objects = {i: RawObject(ref_of(b, "file", "t"), b) for i, b in enumerate(docs)}
+    store = LastGood()
+    inc = IncrementalCompiler("n1", "file")
+    inc.compile(kubernetes_inventory(list(objects.values()), store))
+    moved = pod("a/web", "10.0.0.1", {"app": "api"})
+    objects[1] = RawObject(ref_of(moved, "file", "t"), moved)
+    inv = kubernetes_inventory(list(objects.values()), store)
+
+    def boom(*args: Any) -> None:
+        raise RuntimeError("bug")
+
+    with monkeypatch.context() as m:
+        m.setattr(IncrementalCompiler, "_edit_peer_sets", boom)
+        with pytest.raises(RuntimeError):
+            inc.compile(inv)
+    assert inc.compile(inv) == compile_inventory(inv, "n1")
+    assert inc.stats.full

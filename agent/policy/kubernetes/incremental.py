@@ -135,6 +135,13 @@ class IncrementalCompiler:
 
     def compile(self, inv: Inventory) -> Program:
         """The Program for `inv`, equal to `compile_inventory(inv, node, source)`."""
+        try:
+            return self._compile(inv)
+        except BaseException:
+            self._reset()  # state half-edited: the next call starts afresh
+            raise
+
+    def _compile(self, inv: Inventory) -> Program:
         policies = _policies(inv)
         if policies is None:
             self._reset()
