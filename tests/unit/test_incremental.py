@@ -21,7 +21,7 @@ from agent.dataplane.ebpf import tables
 from agent.dataplane.nftables import build_model, render_full
 from agent.inventory import Inventory
 from agent.ir import PeerSet, Program
-from agent.policy.kubernetes import compile_inventory
+from agent.policy.kubernetes import compile_inventory, incremental
 from agent.policy.kubernetes.incremental import IncrementalCompiler
 from agent.policy.kubernetes.spans import Spans
 from agent.sources.kubeobjects import RawObject, ref_of
@@ -267,6 +267,7 @@ def test_a_failed_compile_starts_afresh(monkeypatch: pytest.MonkeyPatch) -> None
         raise RuntimeError("bug")
 
     with monkeypatch.context() as m:
+        m.setattr(incremental, "FULL_SHARE", 1.0)  # a world this small: one change is "many"
         m.setattr(IncrementalCompiler, "_edit_peer_sets", boom)
         with pytest.raises(RuntimeError):
             inc.compile(inv)
