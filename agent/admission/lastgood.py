@@ -41,6 +41,11 @@ class _Admitted:
 class LastGood:
     """Last valid body of each object by (kind, namespace, name); optionally on disk."""
 
+    # Reuse what admission made of a body delivered again (same or equal). Only sound when
+    # `parse` is a pure function of the object; a caller whose parse reads or records
+    # anything else (NetBird's records invalid policies for their drops) turns it off.
+    reuse = True
+
     def __init__(self, path: Path | None = None, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly  # the simulator reads the state but never writes it
@@ -132,8 +137,10 @@ class LastGood:
         by_id: dict[int, _Admitted] = {}
         bodies = self._bodies
         for obj in objects:
-            hit = self._by_id.get(id(obj))
-            if hit is None or hit.obj is not obj:
+            hit = self._by_id.get(id(obj)) if self.reuse else None
+            if not self.reuse:
+                hit = self._admit_one(self._key(obj.ref), obj, parse)
+            elif hit is None or hit.obj is not obj:
                 hit = self._again(obj, parse)
             elif hit.previous is not None and hit.previous is not bodies.get(hit.key):
                 hit = self._admit_one(hit.key, obj, parse)

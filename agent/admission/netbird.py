@@ -29,6 +29,8 @@ KINDS = (  # (kind, RawAccount attribute, API path)
 class AccountStore(LastGood):
     """Per-object last good versions, in memory; what it keeps goes into the state file."""
 
+    reuse = False  # admit_account's parse records invalid policies (their drops stay enforced)
+
     def __init__(self) -> None:
         super().__init__(None)
         self.kept: dict[str, Mapping[str, Any]] = {}
