@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 
 from agent.inventory import IPAddress
@@ -53,6 +54,18 @@ class DomainPattern:
             return n == self.suffix
         # One or more whole labels before the suffix: "x.suffix", never "suffix" or "xsuffix".
         return n.endswith("." + self.suffix) and len(n) > len(self.suffix) + 1
+
+    def matches_labels(self, labels: tuple[str, ...]) -> bool:
+        """The same on a name's labels (lower-case, no root label), as a DNS parser gives
+        them: a label holding a '.' byte then never passes for two labels."""
+        sfx = self.labels
+        if not self.wildcard:
+            return labels == sfx
+        return len(labels) > len(sfx) and labels[-len(sfx):] == sfx
+
+    @cached_property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.suffix.split("."))
 
     def __str__(self) -> str:
         return self.text
@@ -92,6 +105,9 @@ class DomainRule:
 
     def matches(self, name: str) -> bool:
         return any(p.matches(name) for p in self.patterns)
+
+    def matches_labels(self, labels: tuple[str, ...]) -> bool:
+        return any(p.matches_labels(labels) for p in self.patterns)
 
 
 @dataclass(frozen=True)
