@@ -144,11 +144,12 @@ class Hold:
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise
-        self.ipr.tc("add-filter", "bpf", idx, HANDLE, fd=self.fn.fd, name="stockade-dnshold",
+        # replace: a filter a previous agent left at our prio is taken over
+        self.ipr.tc("replace-filter", "bpf", idx, HANDLE, fd=self.fn.fd, name="stockade-dnshold",
                     parent=TC_EGRESS, classid=1, direct_action=True, prio=PRIO)
         self.attached.append(idx)
 
-    def _device(self, dst: IPAddress) -> str | None:
+    def device_for(self, dst: IPAddress) -> str | None:
         """The device the node routes `dst` out of (the pod's veth), cached."""
         name = self._devices.get(dst)
         if name is None:
@@ -194,7 +195,7 @@ class Hold:
             self.on_answer(dst, payload)
         except Exception:  # never lose the answer: release it, having learned nothing
             log.exception("DNS answer to %s: learning failed; released unlearned", dst)
-        dev = self._device(dst)
+        dev = self.device_for(dst)
         if dev is None:
             log.warning("DNS answer to %s: no route to it; dropped", dst)
             return

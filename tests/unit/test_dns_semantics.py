@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.ir import Verdict
-from agent.policy.cluster import ClusterCompiler, Learned, domain_rule_key, parse_domain
+from agent.policy.cluster import ClusterCompiler, Learned, domain_rule_key, parse_domain, with_learned
 from agent.policy.errors import Invalid
 from agent.policy.kubernetes.compile import compile_inventory
 from agent.simulate import evaluate
@@ -194,3 +194,17 @@ def test_domain_rules_for_the_learner() -> None:
     assert comp.domain_rules(s.inventory.endpoints["b/cli"]) == []
     pol = next(p.parsed for p in s.inventory.policies.values() if p.parsed.name == "base")
     assert domain_rule_key(pol, pol.egress[0]) == "file:cnp:base/egress/0"
+
+
+def test_with_learned_equals_compiling_with_the_table() -> None:
+    docs = [*BASE, cnp([accept_names("example.test", protocols=TCP443), DENY_REST]),
+            cnp([{"action": "Accept", "to": [{"domainNames": ["*.x.test"]}, {"networks": ["203.0.113.0/24"]}]}],
+                name="mixed", tier="Baseline")]
+    table = Learned.of([
+        ("a/web", RULE, ipaddress.ip_address(OUT), 100.0),
+        ("a/api", "file:cnp:mixed/egress/0", ipaddress.ip_address("2001:db8::9"), 100.0),
+    ])
+    s = snapshot_of(docs)
+    bare = compile_inventory(s.inventory, None, "file")
+    assert with_learned(bare, table) == compile_inventory(s.inventory, None, "file", table)
+    assert with_learned(with_learned(bare, table), Learned()) == bare

@@ -35,7 +35,15 @@ Fail closed, as the API asks for peers it cannot read, applied to every invalid 
 """
 
 from agent.policy.cluster.compile import ClusterCompiler, TierRules, domain_rule_key
-from agent.policy.cluster.domains import NO_LEARNED, DomainPattern, DomainRule, Learned, normalize, parse_domain
+from agent.policy.cluster.domains import (
+    NO_LEARNED,
+    DomainPattern,
+    DomainRule,
+    Learned,
+    normalize,
+    parse_domain,
+    with_learned,
+)
 from agent.policy.cluster.model import ANP, BANP, CNP, KINDS, ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule
 from agent.policy.cluster.parse import parse_cluster_policy, unreadable
 
@@ -59,4 +67,5 @@ __all__ = [
     "parse_cluster_policy",
     "parse_domain",
     "unreadable",
+    "with_learned",
 ]

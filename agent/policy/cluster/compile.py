@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from agent.inventory import Endpoint, Inventory, IPAddress
 from agent.ir import Direction, Network, Origin, PeerSet, PortMatch, Rule, Tier, Verdict
-from agent.policy.cluster.domains import NO_LEARNED, DomainRule, Learned
+from agent.policy.cluster.domains import NO_LEARNED, DomainRule, Learned, learned_rule_key
 from agent.policy.cluster.model import ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule
 from agent.policy.selectors import Selector
 
@@ -212,7 +212,7 @@ class ClusterCompiler:
         names the endpoint, so rules sharing a key still share their peers (IR invariant)."""
         key = domain_rule_key(pol, rule)
         return Rule(self._origin(pol, rule, Direction.EGRESS), PeerSet.of(self.learned.addresses(ep.key, key)),
-                    PortMatch.canonical(_numeric(rule.ports)), Verdict.ACCEPT, key=f"{key}/domains@{ep.key}")
+                    PortMatch.canonical(_numeric(rule.ports)), Verdict.ACCEPT, key=learned_rule_key(key, ep.key))
 
     def domain_rules(self, ep: Endpoint) -> list[DomainRule]:
         """The domainNames Accept rules that apply to `ep`, for the learner: what it may learn

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import MappingProxyType
 
 from agent.inventory import IPAddress
+from agent.ir import PeerSet, Program
 from agent.policy.errors import Invalid, as_list
 
 MAX_DOMAIN_NAMES = 25  # per peer (the CRD's MaxItems)
@@ -152,3 +153,28 @@ class Learned:
 
 
 NO_LEARNED = Learned()
+LEARNED_MARK = "/domains@"  # IR rule key of a domainNames rule: <rule key>/domains@<endpoint key>
+
+
+def learned_rule_key(rule: str, endpoint: str) -> str:
+    return f"{rule}{LEARNED_MARK}{endpoint}"
+
+
+def with_learned(program: Program, learned: Learned) -> Program:
+    """`program` with the peers of every domainNames rule replaced by what `learned` holds
+    for it now: the same Program compiling with `learned` gives, without recompiling (the
+    agent calls this for each answer that adds an address, and when entries expire)."""
+    eps = {}
+    for key, ep in program.endpoints.items():
+        rules = ep.egress.rules
+        if not any(LEARNED_MARK in r.key for r in rules):
+            eps[key] = ep
+            continue
+        new = []
+        for r in rules:
+            if LEARNED_MARK in r.key:
+                rule, _, endpoint = r.key.rpartition(LEARNED_MARK)
+                r = replace(r, peers=PeerSet.of(learned.addresses(endpoint, rule)))
+            new.append(r)
+        eps[key] = replace(ep, egress=replace(ep.egress, rules=tuple(new)))
+    return replace(program, endpoints=eps)
