@@ -212,7 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dns_egress:  # experimental: learns domainNames addresses from held DNS answers
         from agent.dns.egress import DnsEgress
 
-        dns = DnsEgress(daemon, fail_closed=args.dns_fail_closed)
+        dns = DnsEgress(daemon, fail_closed=args.dns_fail_closed, floor=max(0, args.dns_ttl_floor))
         dns.start()
     # Never fatal: a taken port is retried in the background while the kernel is enforced.
     server = serve_http(daemon, args.metrics_address, drops_public=args.drops_public)
@@ -362,6 +362,8 @@ def parser() -> argparse.ArgumentParser:
                          "to a local pod until the addresses it gives are in the kernel (eBPF tc + TAP)")
     sp.add_argument("--dns-fail-closed", action="store_true",
                     help="with --dns-egress: while the agent is down, drop DNS answers instead of passing them")
+    sp.add_argument("--dns-ttl-floor", type=int, default=60, metavar="SECONDS",
+                    help="with --dns-egress: keep a learned address at least this long (default %(default)s)")
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("counters", help="kernel counters per rule and default deny")

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
 from agent.dns.hold import Hold
 from agent.dns.learn import MAX_PER_POD, TTL_FLOOR, merge, updates
 from agent.inventory import Inventory, IPAddress
@@ -44,6 +46,7 @@ class Reapplier(Protocol):
 
     transform: Callable[[Program], Program] | None
     on_synced: list[Callable[[Any], None]]
+    registry: CollectorRegistry
 
     def reapply(self) -> bool: ...
 
@@ -79,7 +82,17 @@ class DnsEgress:
         self.rules: dict[str, list[DomainRule]] = {}
         self.by_ip: dict[IPAddress, str] = {}
         self.devices: set[str] = set()
-        self.hold = Hold(self.on_answer, grace=grace, fail_closed=fail_closed)
+        r = daemon.registry
+        self.answers = Counter("stockade_dns_answers", "DNS answers held, by what they taught: learned (an address "
+                               "added or kept longer), nothing (no rule's name, or not a usable answer), "
+                               "not_selected (a pod without domainNames rules)", ["outcome"], registry=r)
+        self.entries = Gauge("stockade_dns_learned_entries", "Learned (pod, rule, address) entries in force",
+                             registry=r)
+        self.expired = Counter("stockade_dns_expired_entries", "Learned entries removed at their expiry", registry=r)
+        self.held = Histogram("stockade_dns_hold_seconds", "A DNS answer read by the agent to released to its pod "
+                              "(learning and the kernel update included)",
+                              buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
+        self.hold = Hold(self.on_answer, grace=grace, fail_closed=fail_closed, on_released=self.held.observe)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._timer = threading.Thread(target=self._expire_loop, name="dns-expiry", daemon=True)
@@ -101,8 +114,11 @@ class DnsEgress:
 
     def transform(self, program: Program) -> Program:
         with self.lock:
-            self.learned = self.learned.expire(self.clock())
+            now = self.clock()
+            self.expired.inc(self.learned.expired(now))
+            self.learned = self.learned.expire(now)
             table = self.learned
+            self.entries.set(len(table))
         return with_learned(program, table)
 
     def synced(self, snap: Any) -> None:
@@ -126,15 +142,18 @@ class DnsEgress:
         key = self.by_ip.get(dst)
         rules = self.rules.get(key, []) if key else []
         if not rules:
+            self.answers.labels("not_selected").inc()
             return
         now = self.clock()
         new = updates(key, rules, payload, now, self.floor)  # type: ignore[arg-type]
+        self.answers.labels("learned" if new else "nothing").inc()
         if not new:
             return
         with self.lock:
-            before = self.learned.expire(now)
+            before = self.learned
             self.learned = merge(before, new, self.cap)
             fresh = any(ip not in before.entries.get((e, r), {}) for e, r, ip, _ in new)
+            self.entries.set(len(self.learned))
         if fresh:
             self.daemon.reapply()
         self._wake.set()  # the earliest expiry may have changed

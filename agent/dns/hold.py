@@ -89,11 +89,12 @@ class Hold:
     AF_PACKET socket are made there); `start()` then serves from threads of its own."""
 
     def __init__(self, on_answer: OnAnswer, netns: str | None = None, tap: str = "stkdns0", grace: float = 1.0,
-                 fail_closed: bool = False) -> None:
+                 fail_closed: bool = False, on_released: Callable[[float], None] | None = None) -> None:
         from bcc import BPF  # imported here: only the hold needs bcc in this process
         from pyroute2 import IPRoute
 
         self.on_answer = on_answer
+        self.on_released = on_released  # seconds from reading an answer to releasing it
         self.grace = grace
         self.latencies: deque[float] = deque(maxlen=10000)  # seconds from read to release
         self.released = 0
@@ -206,7 +207,10 @@ class Hold:
             log.warning("DNS answer to %s: cannot release on %s: %s", dst, dev, e)
             return
         self.released += 1
-        self.latencies.append(time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        self.latencies.append(took)
+        if self.on_released is not None:
+            self.on_released(took)
 
     def stop(self) -> None:
         """Stop serving and beating (as a dead agent would): after `grace`, answers pass

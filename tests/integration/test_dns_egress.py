@@ -3,7 +3,8 @@
 and connects AT ONCE to the answered address: the first connection is allowed (the answer
 was held until the address was in the kernel). An address never answered stays denied, a
 name the rule does not match teaches nothing, and another pod (also a subject) does not
-share what this one learned. Without --dns-egress the rule matches nothing.
+share what this one learned; AAAA over IPv6 likewise; past its TTL (with the floor set to
+0) a learned address is denied again. Without --dns-egress the rule matches nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from tests.kit.builders import ns, pod
 from tests.kit.enforcement import write
 
 CLIENT, OTHER, SERVER = "10.36.0.1", "10.36.0.2", "10.36.0.53"
-WEB, NOT_ANSWERED = "10.36.1.80", "10.36.1.81"
+CLIENT6, SERVER6 = "fd00:36::1", "fd00:36::53"
+WEB, NOT_ANSWERED, WEB6 = "10.36.1.80", "10.36.1.81", "fd00:36:1::80"
 POLICY = {
     "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
     "metadata": {"name": "egress-names"},
@@ -34,28 +36,36 @@ POLICY = {
 }
 DOCS: list[dict[str, Any]] = [
     ns("app", team="app"), ns("dns", team="dns"), ns("ext", team="ext"),
-    pod("app/client", [CLIENT]), pod("app/other", [OTHER]), pod("dns/server", [SERVER]),
-    pod("ext/web", [WEB]), pod("ext/never", [NOT_ANSWERED]), POLICY,
+    pod("app/client", [CLIENT, CLIENT6]), pod("app/other", [OTHER]), pod("dns/server", [SERVER, SERVER6]),
+    pod("ext/web", [WEB, WEB6]), pod("ext/never", [NOT_ANSWERED]), POLICY,
 ]
 
 SERVER_PY = f"""
-import socket
+import select, socket
 import dns.message, dns.rrset, dns.rdatatype
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 53))
+socks = []
+for fam, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    if fam == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((addr, 53))
+    socks.append(s)
 print("ready", flush=True)
 while True:
-    data, peer = s.recvfrom(4096)
-    q = dns.message.from_wire(data)
-    r = dns.message.make_response(q)
-    name = q.question[0].name
-    if q.question[0].rdtype == dns.rdatatype.A:
+    for s in select.select(socks, [], [])[0]:
+        data, peer = s.recvfrom(4096)
+        q = dns.message.from_wire(data)
+        r = dns.message.make_response(q)
+        name, rdtype = q.question[0].name, q.question[0].rdtype
         text = name.to_text().lower()
-        if text.endswith(".example.test."):
-            r.answer.append(dns.rrset.from_text(name, 5, "IN", "A", "{WEB}"))
-        elif text == "web.elsewhere.test.":
-            r.answer.append(dns.rrset.from_text(name, 5, "IN", "A", "{NOT_ANSWERED}"))
-    s.sendto(r.to_wire(), peer)
+        ttl = 2 if text.startswith("short.") else 5
+        if rdtype == dns.rdatatype.A and text.endswith(".example.test."):
+            r.answer.append(dns.rrset.from_text(name, ttl, "IN", "A", "{WEB}"))
+        elif rdtype == dns.rdatatype.AAAA and text.endswith(".example.test."):
+            r.answer.append(dns.rrset.from_text(name, ttl, "IN", "AAAA", "{WEB6}"))
+        elif rdtype == dns.rdatatype.A and text == "web.elsewhere.test.":
+            r.answer.append(dns.rrset.from_text(name, ttl, "IN", "A", "{NOT_ANSWERED}"))
+        s.sendto(r.to_wire(), peer)
 """
 
 # resolve, then connect at once to every answered address (and to `also`)
@@ -65,21 +75,21 @@ import dns.resolver
 res = dns.resolver.Resolver(configure=False)
 res.nameservers = [sys.argv[1]]
 res.timeout = res.lifetime = 5.0
-addrs = sorted(r.address for r in res.resolve(sys.argv[2], "A"))
+addrs = sorted(r.address for r in res.resolve(sys.argv[2], sys.argv[3]))
 def connect(a):
     try:
         socket.create_connection((a, 80), timeout=1.0).close()
         return True
     except OSError:
         return False
-print(json.dumps({"addrs": addrs, "connected": {a: connect(a) for a in [*addrs, *sys.argv[3:]]}}))
+print(json.dumps({"addrs": addrs, "connected": {a: connect(a) for a in [*addrs, *sys.argv[4:]]}}))
 """
 
 
 def setup(lab: Lab, tmp: Path) -> Path:
-    for key, ip in (("app/client", CLIENT), ("app/other", OTHER), ("dns/server", SERVER), ("ext/web", WEB),
-                    ("ext/never", NOT_ANSWERED)):
-        lab.add_pod(key, [ip])
+    for key, ips in (("app/client", [CLIENT, CLIENT6]), ("app/other", [OTHER]), ("dns/server", [SERVER, SERVER6]),
+                     ("ext/web", [WEB, WEB6]), ("ext/never", [NOT_ANSWERED])):
+        lab.add_pod(key, ips)
     proc = subprocess.Popen(["ip", "netns", "exec", lab.pods["dns/server"].netns, sys.executable, "-c", SERVER_PY],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     lab.procs.append(proc)
@@ -89,9 +99,10 @@ def setup(lab: Lab, tmp: Path) -> Path:
     return src
 
 
-def resolve_and_connect(lab: Lab, src_pod: str, name: str, *also: str) -> dict[str, Any]:
+def resolve_and_connect(lab: Lab, src_pod: str, name: str, *also: str, rdtype: str = "A",
+                        server: str = SERVER) -> dict[str, Any]:
     out = subprocess.run(["ip", "netns", "exec", lab.pods[src_pod].netns, sys.executable, "-c", CLIENT_PY,
-                          SERVER, name, *also], capture_output=True, text=True, timeout=60)
+                          server, name, rdtype, *also], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -114,6 +125,26 @@ def test_first_connection_to_a_resolved_name_is_allowed(lab: Lab, dataplane: str
     assert not lab.reachable("app/other", WEB, 80)
     got = resolve_and_connect(lab, "app/other", "api.example.test")
     assert got["connected"] == {WEB: True}
+    # AAAA over IPv6: the same, for the IPv6 address
+    assert not lab.reachable("app/client", WEB6, 80)
+    got = resolve_and_connect(lab, "app/client", "v6.example.test", rdtype="AAAA", server=SERVER6)
+    assert got == {"addrs": [WEB6], "connected": {WEB6: True}}
+    # /metrics: the answers by outcome, the entries, the hold time
+    status, text = lab.http_get("http://127.0.0.1:9754/metrics")
+    assert status == 200
+    metrics = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("stockade_dns_"))
+    assert float(metrics['stockade_dns_answers_total{outcome="learned"}']) == 3
+    assert float(metrics['stockade_dns_answers_total{outcome="nothing"}']) == 1
+    assert float(metrics["stockade_dns_learned_entries"]) == 3  # client: WEB, WEB6; other: WEB
+    assert float(metrics["stockade_dns_hold_seconds_count"]) == 4
+
+
+def test_a_learned_address_is_denied_after_its_ttl(lab: Lab, dataplane: str, tmp_path: Path) -> None:
+    src = setup(lab, tmp_path)
+    start(lab, src, tmp_path, dataplane, "--dns-egress", "--dns-ttl-floor", "0")
+    got = resolve_and_connect(lab, "app/client", "short.example.test")  # TTL 2 s
+    assert got == {"addrs": [WEB], "connected": {WEB: True}}
+    assert until(lambda: not lab.reachable("app/client", WEB, 80, timeout=0.5), timeout=30), "never expired"
 
 
 def test_without_dns_egress_domain_names_match_nothing(lab: Lab, dataplane: str, tmp_path: Path) -> None:
