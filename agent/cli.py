@@ -274,6 +274,12 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     except DataplaneError as e:
         log.error("%s", e)
         return 1
+    try:  # the DNS answer hold's filters (--dns-egress), whichever dataplane ran
+        from agent.dns.hold import remove_filters
+
+        remove_filters()
+    except Exception as e:
+        log.warning("could not remove the DNS answer hold's tc filters: %s", e)
     return 0
 
 

@@ -58,6 +58,34 @@ ETH_IP, ETH_IP6 = 0x0800, 0x86DD
 OnAnswer = Callable[[IPAddress, bytes], None]
 
 
+FILTER_NAME = "stockade-dnshold"
+
+
+def remove_filters(netns: str | None = None) -> int:
+    """Remove every hold filter from the namespace's devices (`stockade cleanup`: after an
+    agent that held answers died -- with --dns-fail-closed its filters drop answers until
+    then). Needs no bcc. Returns how many were removed."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    removed = 0
+    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+        for link in ipr.get_links():
+            idx = link["index"]
+            try:
+                msgs = ipr.get_filters(index=idx, parent=TC_EGRESS)
+            except NetlinkError:
+                continue  # no clsact qdisc here
+            for m in msgs:
+                opts = m.get_attr("TCA_OPTIONS")
+                if ((m["info"] >> 16) == PRIO and m.get_attr("TCA_KIND") == "bpf" and opts
+                        and opts.get_attr("TCA_BPF_NAME") == FILTER_NAME):
+                    with contextlib.suppress(NetlinkError):
+                        ipr.tc("del-filter", "bpf", idx, HANDLE, parent=TC_EGRESS, prio=PRIO)
+                        removed += 1
+    return removed
+
+
 def dns_frame(frame: bytes) -> tuple[IPAddress, bytes] | None:
     """(destination address, UDP payload) of an Ethernet frame carrying a UDP datagram from
     port 53, else None (what the classifier redirects, read back in user space)."""
@@ -146,7 +174,7 @@ class Hold:
             if e.code != errno.EEXIST:
                 raise
         # replace: a filter a previous agent left at our prio is taken over
-        self.ipr.tc("replace-filter", "bpf", idx, HANDLE, fd=self.fn.fd, name="stockade-dnshold",
+        self.ipr.tc("replace-filter", "bpf", idx, HANDLE, fd=self.fn.fd, name=FILTER_NAME,
                     parent=TC_EGRESS, classid=1, direct_action=True, prio=PRIO)
         self.attached.append(idx)
 

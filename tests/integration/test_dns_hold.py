@@ -7,7 +7,8 @@ with dnspython's stub resolver, the hold on the pod's host-side veth in the node
   after the time the callback recorded, and the learner reads the addresses from it;
 - the agent down (heartbeat stopped): once the deadline passed, answers pass unheld (fail-
   open), or are dropped (fail-closed) until the agent serves again;
-- a UDP reply from any other port and TCP are never held.
+- a UDP reply from any other port and TCP are never held;
+- `remove_filters` (what `stockade cleanup` calls) takes the hold off the devices.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from agent.dns.hold import CFG_DEADLINE, Hold
+from agent.dns.hold import CFG_DEADLINE, Hold, remove_filters
 from agent.dns.learn import updates
 from agent.inventory import IPAddress
 from agent.policy.cluster import DomainRule, parse_domain
@@ -194,6 +195,12 @@ def test_fail_closed_drops_while_the_agent_is_down(lab_pods: Lab, node: ThreadPo
         heartbeat_stopped(hold)
         assert "Timeout" in result(ask(lab_pods, SERVER, "b.example.test", timeout=1.0)).get("error", "")
         assert hold.stats["dropped"] >= 1 and hold.stats["unheld"] == 0
+        # an agent that never comes back: `stockade cleanup` removes the filters
+        assert remove_filters(lab_pods.node) == 1
+        dropped = hold.stats["dropped"]
+        assert result(ask(lab_pods, SERVER, "d.example.test"))["addrs"] == [ANSWER_A]
+        assert hold.stats["dropped"] == dropped
+        node.submit(lambda: hold.attach(lab_pods.pods["app/client"].host_if)).result()
         hold.start()  # the agent is back: held and released again
         assert result(ask(lab_pods, SERVER, "c.example.test"))["addrs"] == [ANSWER_A]
         assert len(agent.seen) == 2
