@@ -1,6 +1,7 @@
 """DNS answer hold benchmark (the agent/dns/hold.py spike): what holding answers costs.
 
     python -m bench.dnshold [--queries 2000] [--threads 1,4] [--json F]   (as root)
+    python -m bench.dnshold --agent nftables,ebpf [--queries 500]         (the whole agent)
 
 In the namespace lab (tests/kit): a pod with a UDP DNS server (dnspython), a client pod
 sending queries with dns.query.udp from T threads, each waiting for its answer before the
@@ -10,7 +11,12 @@ it into a Learned table, as the agent would before releasing):
 - `answers_per_s`: answers the client received per second (T threads together);
 - `hold_p50_ms` / `hold_p99_ms` / `hold_max_ms`: the agent's own read -> release time;
 - `lost`: queries that got no answer within 2 s.
-Reports; never passes or fails. Not part of `make bench` yet (the hold is a spike).
+With `--agent`: `stockade run --dns-egress` on each dataplane, a ClusterNetworkPolicy with
+a `*.bench.test` domainNames rule for the client, and a server answering every query with a
+NEW address, so each answer waits for a kernel update before its release (the worst case):
+the client's `rtt_*` and the agent's own `stockade_dns_hold_seconds` (mean, and the bucket
+counts) from /metrics.
+Reports; never passes or fails. Not part of `make bench` yet (the hold is experimental).
 """
 
 from __future__ import annotations
@@ -119,13 +125,58 @@ def run(queries: int, thread_counts: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
+UNIQUE_SERVER_PY = SERVER_PY.replace('"192.0.2.%d" % (1 + q.id % 250)', '"10.99.%d.%d" % divmod(next(seq) % 65000, 256)'
+                                      ).replace("import socket", "import itertools, socket\nseq = itertools.count(1)")
+
+
+def agent_run(dataplane: str, queries: int) -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    from tests.kit import until
+    from tests.kit.builders import ns, pod
+    from tests.kit.enforcement import write
+    from tests.kit.privileges import dataplane_env
+
+    cnp = {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+           "metadata": {"name": "names"},
+           "spec": {"tier": "Admin", "priority": 1, "subject": {"namespaces": {"matchLabels": {"team": "app"}}},
+                    "egress": [{"action": "Accept", "to": [{"domainNames": ["*.bench.test"]}],
+                                "protocols": [{"tcp": {"destinationPort": {"number": 443}}}]}]}}
+    docs = [ns("app", team="app"), ns("dns"), pod("app/client", [CLIENT]), pod("dns/server", [SERVER]), cnp]
+    with dataplane_env(dataplane, f"bench-dns-{dataplane}"), tempfile.TemporaryDirectory() as tmp, Lab() as lab:
+        lab.add_pod("app/client", [CLIENT])
+        server = lab.add_pod("dns/server", [SERVER])
+        proc = subprocess.Popen(["ip", "netns", "exec", server.netns, sys.executable, "-c", UNIQUE_SERVER_PY],
+                                stdout=subprocess.PIPE, text=True)
+        lab.procs.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        write(Path(tmp) / "src", docs)
+        lab.spawn_agent("run", "--source", str(Path(tmp) / "src"), "--node", "n1", "--dataplane", dataplane,
+                        "--state-dir", "", "--metrics-address", "127.0.0.1:9755", "--dns-egress")
+        assert until(lambda: lab.http_get("http://127.0.0.1:9755/readyz")[0] == 200, 120), "agent never ready"
+        row: dict[str, Any] = {"agent": dataplane, **client_run(lab, queries, 1)}
+        text = lab.http_get("http://127.0.0.1:9755/metrics")[1]
+        m = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("stockade_dns_"))
+        n, total = float(m["stockade_dns_hold_seconds_count"]), float(m["stockade_dns_hold_seconds_sum"])
+        row.update(held=int(n), hold_mean_ms=round(total / n * 1000, 3) if n else None,
+                   learned_entries=int(float(m["stockade_dns_learned_entries"])),
+                   hold_buckets={k.split('le="')[1].rstrip('"}'): int(float(v)) for k, v in m.items()
+                                 if k.startswith("stockade_dns_hold_seconds_bucket")})
+        return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--threads", default="1,4")
     ap.add_argument("--json")
+    ap.add_argument("--agent", help="dataplanes to run the whole agent on (comma-separated)")
     a = ap.parse_args()
-    rows = run(a.queries, [int(t) for t in a.threads.split(",")])
+    if a.agent:
+        rows = [agent_run(d, a.queries) for d in a.agent.split(",")]
+    else:
+        rows = run(a.queries, [int(t) for t in a.threads.split(",")])
     for r in rows:
         print(json.dumps(r))
     if a.json:
