@@ -4,7 +4,8 @@ and connects AT ONCE to the answered address: the first connection is allowed (t
 was held until the address was in the kernel). An address never answered stays denied, a
 name the rule does not match teaches nothing, and another pod (also a subject) does not
 share what this one learned; AAAA over IPv6 likewise; past its TTL (with the floor set to
-0) a learned address is denied again. Without --dns-egress the rule matches nothing.
+0) a learned address is denied again; with the agent killed, answers pass after the
+heartbeat ran out and what was learned stays. Without --dns-egress the rule matches nothing.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ import json, socket, sys
 import dns.resolver
 res = dns.resolver.Resolver(configure=False)
 res.nameservers = [sys.argv[1]]
-res.timeout = res.lifetime = 5.0
+res.timeout, res.lifetime = 1.0, 10.0  # retries: an answer lost while a dead agent held it
 addrs = sorted(r.address for r in res.resolve(sys.argv[2], sys.argv[3]))
 def connect(a):
     try:
@@ -152,3 +153,15 @@ def test_without_dns_egress_domain_names_match_nothing(lab: Lab, dataplane: str,
     start(lab, src, tmp_path, dataplane)
     got = resolve_and_connect(lab, "app/client", "www.example.test")
     assert got == {"addrs": [WEB], "connected": {WEB: False}}
+
+
+def test_agent_killed_answers_pass_and_learned_addresses_stay(lab: Lab, dataplane: str, tmp_path: Path) -> None:
+    src = setup(lab, tmp_path)
+    agent = start(lab, src, tmp_path, dataplane, "--dns-egress")
+    assert resolve_and_connect(lab, "app/client", "www.example.test")["connected"] == {WEB: True}
+    agent.kill()  # no cleanup: the heartbeat stops, the TAP device goes
+    agent.wait()
+    # within the 1 s grace the answer is lost (the resolver retries); then it passes unheld
+    got = resolve_and_connect(lab, "app/client", "again.example.test")
+    assert got == {"addrs": [WEB], "connected": {WEB: True}}  # learned before: still allowed
+    assert not lab.reachable("app/client", WEB6, 80)  # nothing new is learned meanwhile
