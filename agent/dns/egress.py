@@ -74,7 +74,7 @@ def learner_rules(inv: Inventory, endpoints: Iterable[str]) -> dict[str, list[Do
 class DnsEgress:
     def __init__(self, daemon: Reapplier, fail_closed: bool = False, grace: float = 1.0,
                  floor: int = TTL_FLOOR, cap: int = MAX_PER_POD,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, hold: Callable[..., Hold] = Hold) -> None:
         self.daemon = daemon
         self.floor, self.cap, self.clock = floor, cap, clock
         self.learned = Learned()
@@ -92,7 +92,7 @@ class DnsEgress:
         self.held = Histogram("stockade_dns_hold_seconds", "A DNS answer read by the agent to released to its pod "
                               "(learning and the kernel update included)",
                               buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
-        self.hold = Hold(self.on_answer, grace=grace, fail_closed=fail_closed, on_released=self.held.observe)
+        self.hold = hold(self.on_answer, grace=grace, fail_closed=fail_closed, on_released=self.held.observe)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._timer = threading.Thread(target=self._expire_loop, name="dns-expiry", daemon=True)
