@@ -1,4 +1,4 @@
-"""DNS answer hold benchmark (the agent/dns/hold.py spike): what holding answers costs.
+"""DNS answer hold benchmark (agent/dns/hold.py, `--dns-egress`): what holding answers costs.
 
     python -m bench.dnshold [--queries 2000] [--threads 1,4] [--json F]   (as root)
     python -m bench.dnshold --agent nftables,ebpf [--queries 500]         (the whole agent)

@@ -1,4 +1,4 @@
-// DNS answer hold (a spike, agent/dns/hold.py): a tc clsact EGRESS classifier on a pod's
+// DNS answer hold (agent/dns/hold.py, for `stockade run --dns-egress`): a tc clsact EGRESS classifier on a pod's
 // host-side veth (egress there = towards the pod). A UDP datagram from port 53 (IPv4, or
 // IPv6 without extension headers; not a non-first fragment) is redirected to the agent's TAP
 // device instead of the pod; the agent reads it, learns from it, and writes the frame back

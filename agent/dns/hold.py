@@ -1,5 +1,6 @@
-"""Hold DNS answers on their way to a pod until the agent has seen them (a SPIKE: proven
-by tests/integration/test_dns_hold.py, not wired into the daemon).
+"""Hold DNS answers on their way to a pod until the agent has seen them (proven on this
+kernel by tests/integration/test_dns_hold.py; used by `stockade run --dns-egress`,
+agent/dns/egress.py, which is off by default).
 
 This kernel has no NFQUEUE, so the hold is tc + eBPF (bpf/dnshold.c), the same on both
 dataplanes: a classifier on the tc egress hook of each pod's host-side veth redirects UDP
@@ -16,7 +17,7 @@ retry until the agent is back). Addresses already learned stay in the kernel unt
 expiry either way. An answer `on_answer` fails on is released all the same (learning
 nothing: its addresses stay denied).
 
-Limits of the spike: UDP only (TCP answers pass unheld); IPv6 answers with extension headers
+Limits: UDP only (TCP answers pass unheld); IPv6 answers with extension headers
 and non-first IPv4 fragments pass unheld; the filter is attached at its own tc priority
 (`PRIO`, before the eBPF dataplane's) so a held answer skips that dataplane's check on the
 pod's ingress (an answer to the pod's own query, which it would accept as a reply); bcc
