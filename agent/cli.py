@@ -208,6 +208,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     daemon = Daemon(pipe, _dataplane(args.dataplane, args), resync=args.resync,
                     strict=not args.keep_established, debounce=args.debounce)
     daemon.install_signal_handlers()
+    dns = None
+    if args.dns_egress:  # experimental: learns domainNames addresses from held DNS answers
+        from agent.dns.egress import DnsEgress
+
+        dns = DnsEgress(daemon, fail_closed=args.dns_fail_closed, floor=max(0, args.dns_ttl_floor))
+        dns.start()
     # Never fatal: a taken port is retried in the background while the kernel is enforced.
     server = serve_http(daemon, args.metrics_address, drops_public=args.drops_public)
     log.info("stockade %s enforcing %s on node %s with %s; http on %s", __version__,
@@ -216,6 +222,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         daemon.run()
     finally:
         server.close()
+        if dns is not None:
+            dns.close()
     return 0
 
 
@@ -266,6 +274,12 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     except DataplaneError as e:
         log.error("%s", e)
         return 1
+    try:  # the DNS answer hold's filters (--dns-egress), whichever dataplane ran
+        from agent.dns.hold import remove_filters
+
+        remove_filters()
+    except Exception as e:
+        log.warning("could not remove the DNS answer hold's tc filters: %s", e)
     return 0
 
 
@@ -349,6 +363,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--resync", type=float, default=60.0, help="full resync period in seconds")
     sp.add_argument("--debounce", type=float, default=0.02,
                     help="seconds to gather a burst of source events into one sync (default %(default)s)")
+    sp.add_argument("--dns-egress", action="store_true",
+                    help="experimental: enforce ClusterNetworkPolicy domainNames by holding each UDP DNS answer "
+                         "to a local pod until the addresses it gives are in the kernel (eBPF tc + TAP)")
+    sp.add_argument("--dns-fail-closed", action="store_true",
+                    help="with --dns-egress: while the agent is down, drop DNS answers instead of passing them")
+    sp.add_argument("--dns-ttl-floor", type=int, default=60, metavar="SECONDS",
+                    help="with --dns-egress: keep a learned address at least this long (default %(default)s)")
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("counters", help="kernel counters per rule and default deny")

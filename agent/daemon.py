@@ -84,6 +84,12 @@ class Daemon:
         self.event_latency = EventLatency(self.registry)
         self.on_synced: list[Callable[[Snapshot], None]] = [self.event_latency.observe]
         self.drops: DropRecorder | None = None
+        # What the kernel gets is transform(snapshot's program) -- the DNS egress learner's
+        # addresses (agent.dns.egress) -- and `reapply` redoes it between syncs, serialised
+        # with them by `apply_lock`.
+        self.transform: Callable[[Program], Program] | None = None
+        self.apply_lock = threading.Lock()
+        self._base: Program | None = None  # the last synced snapshot's program, untransformed
 
     def trigger(self) -> None:
         """A source saw a change (called from any thread)."""
@@ -97,7 +103,10 @@ class Daemon:
         try:
             snap = self.pipeline.snapshot()
             self._report(snap.problems)
-            stats, cut = enforce(self.dataplane, snap.program, self.strict)
+            with self.apply_lock:
+                program = snap.program if self.transform is None else self.transform(snap.program)
+                stats, cut = enforce(self.dataplane, program, self.strict)
+                self.program, self._base = program, snap.program
         except Exception as e:
             if isinstance(e, PipelineError) and e.transient:  # e.g. the initial lists are still arriving
                 log.info("%s", e)
@@ -112,7 +121,6 @@ class Daemon:
                 self._pending_since = pending  # still not in the kernel
             return False
         done = time.monotonic()
-        self.program = snap.program
         m = self.metrics
         m.sync_duration.observe(done - started)
         if pending is not None:
@@ -141,6 +149,21 @@ class Daemon:
         for cb in self.on_synced:
             cb(snap)
         return True
+
+    def reapply(self) -> bool:
+        """Apply transform(the last synced program) now, between syncs (no strict cut: a
+        learned address expiring ends new connections only). False: nothing applied."""
+        with self.apply_lock:
+            if self._base is None or self.transform is None:
+                return False
+            program = self.transform(self._base)
+            try:
+                self.dataplane.apply(program)
+            except Exception as e:
+                log.error("applying learned DNS addresses failed, previous kernel state stays: %s", e)
+                return False
+            self.program = program
+            return True
 
     def is_ready(self) -> bool:
         """The kernel enforces what the source says (not just a bootstrap program).

@@ -13,7 +13,10 @@ Follows the API's documentation (apis/v1alpha2/clusternetworkpolicy_types.go):
   the Baseline tier it means nothing further applies: allowed);
 - subject: pods of namespaces matching `namespaces`, or `pods` (namespaceSelector AND
   podSelector); peers likewise, plus (egress) `networks` CIDRs and `nodes`, a label
-  selector over Node objects matching their InternalIP/ExternalIP addresses;
+  selector over Node objects matching their InternalIP/ExternalIP addresses, and (egress,
+  Accept only) `domainNames`: the addresses the `Learned` table holds for (this pod, this
+  rule) -- what DNS answered the pod for a matching name; empty without a learner, so the
+  rule then matches nothing (see domains.py for the patterns);
 - ports: `protocols` (tcp/udp/sctp with destinationPort number or range, or
   destinationNamedPort) or, in v1alpha1, `ports` (portNumber, portRange, namedPort). A
   named port resolves on each destination pod (the subject for ingress, each peer pod for
@@ -31,7 +34,16 @@ Fail closed, as the API asks for peers it cannot read, applied to every invalid 
   widen applies: Deny rules, and Pass rules read as Deny. The same for Node labels.
 """
 
-from agent.policy.cluster.compile import ClusterCompiler, TierRules
+from agent.policy.cluster.compile import ClusterCompiler, TierRules, domain_rule_key
+from agent.policy.cluster.domains import (
+    NO_LEARNED,
+    DomainPattern,
+    DomainRule,
+    Learned,
+    normalize,
+    parse_domain,
+    with_learned,
+)
 from agent.policy.cluster.model import ANP, BANP, CNP, KINDS, ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule
 from agent.policy.cluster.parse import parse_cluster_policy, unreadable
 
@@ -40,12 +52,20 @@ __all__ = [
     "BANP",
     "CNP",
     "KINDS",
+    "NO_LEARNED",
     "ClusterCompiler",
     "ClusterPeer",
     "ClusterPolicy",
     "ClusterPort",
     "ClusterRule",
+    "DomainPattern",
+    "DomainRule",
+    "Learned",
     "TierRules",
+    "domain_rule_key",
+    "normalize",
     "parse_cluster_policy",
+    "parse_domain",
     "unreadable",
+    "with_learned",
 ]

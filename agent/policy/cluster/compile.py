@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from agent.inventory import Endpoint, Inventory, IPAddress
 from agent.ir import Direction, Network, Origin, PeerSet, PortMatch, Rule, Tier, Verdict
+from agent.policy.cluster.domains import NO_LEARNED, DomainRule, Learned, learned_rule_key
 from agent.policy.cluster.model import ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule
 from agent.policy.selectors import Selector
 
@@ -47,8 +48,9 @@ class TierRules:
 
 
 class ClusterCompiler:
-    def __init__(self, inv: Inventory, policies: Iterable[ClusterPolicy]) -> None:
+    def __init__(self, inv: Inventory, policies: Iterable[ClusterPolicy], learned: Learned = NO_LEARNED) -> None:
         self.inv = inv
+        self.learned = learned  # addresses answered to each pod for its domainNames rules
         ordered = sorted(policies, key=lambda p: p.order)
         self.admin = [p for p in ordered if p.tier is Tier.ADMIN]
         self.baseline = [p for p in ordered if p.tier is Tier.BASELINE]
@@ -171,6 +173,8 @@ class ClusterCompiler:
         named = [p.named for p in rule.ports if p.named]
         if rule.peers is None:
             out.append(Rule(origin, None, PortMatch.canonical(numeric), verdict, key=key))
+        elif all(p.domains for p in rule.peers):
+            pass  # only domain names: their addresses are per endpoint (see _learned)
         else:
             for suffix, v, peers, addrs in self._groups(key, rule, verdict):
                 if numeric or not rule.ports:
@@ -199,7 +203,29 @@ class ClusterCompiler:
                     out.extend(self._ingress(pol, rule, verdict, ep))
                 else:
                     out.extend(self._egress_rules(pol, rule, verdict))
+                    if verdict is Verdict.ACCEPT and _has_domains(rule):
+                        out.append(self._learned(pol, rule, ep))
         return tuple(out)
+
+    def _learned(self, pol: ClusterPolicy, rule: ClusterRule, ep: Endpoint) -> Rule:
+        """A domainNames rule's peers for one endpoint: the addresses answered to it. The key
+        names the endpoint, so rules sharing a key still share their peers (IR invariant)."""
+        key = domain_rule_key(pol, rule)
+        return Rule(self._origin(pol, rule, Direction.EGRESS), PeerSet.of(self.learned.addresses(ep.key, key)),
+                    PortMatch.canonical(_numeric(rule.ports)), Verdict.ACCEPT, key=learned_rule_key(key, ep.key))
+
+    def domain_rules(self, ep: Endpoint) -> list[DomainRule]:
+        """The domainNames Accept rules that apply to `ep`, for the learner: what it may learn
+        for this pod, and under which rule key. A rule that applies only maybe (labels that
+        did not validate) is left out: an Accept applies only when certain."""
+        out = []
+        for pol, sure in self._chosen(self.admin, ep) + self._chosen(self.baseline, ep):
+            for rule in pol.egress if sure else ():
+                if rule.verdict is Verdict.ACCEPT and _has_domains(rule):
+                    assert rule.peers is not None
+                    patterns = tuple(d for p in rule.peers for d in p.domains)
+                    out.append(DomainRule(domain_rule_key(pol, rule), patterns))
+        return out
 
     def _chosen(self, policies: list[ClusterPolicy], ep: Endpoint) -> list[tuple[ClusterPolicy, bool]]:
         """The policies selecting `ep`, in order, each with whether that is certain."""
@@ -218,6 +244,15 @@ class ClusterCompiler:
             self._direction(admin, ep, Direction.EGRESS),
             self._direction(baseline, ep, Direction.EGRESS),
         )
+
+
+def domain_rule_key(pol: ClusterPolicy, rule: ClusterRule) -> str:
+    """The key `Learned` files a domainNames rule's addresses under (with the endpoint)."""
+    return f"{pol.key}/egress/{rule.index}"
+
+
+def _has_domains(rule: ClusterRule) -> bool:
+    return rule.peers is not None and any(p.domains for p in rule.peers)
 
 
 def _numeric(ports: Iterable[ClusterPort]) -> list[PortMatch]:

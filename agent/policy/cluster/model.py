@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from agent.ir import Network, Tier, Verdict
+from agent.policy.cluster.domains import DomainPattern
 from agent.policy.selectors import Selector
 
 CNP = "ClusterNetworkPolicy"
@@ -32,12 +33,14 @@ class Subject:
 
 @dataclass(frozen=True)
 class ClusterPeer:
-    """Exactly one kind of peer: pods (namespace AND pod selector), nodes, or networks."""
+    """Exactly one kind of peer: pods (namespace AND pod selector), nodes, networks, or
+    domain names (whose addresses come from what each subject pod was answered)."""
 
     namespaces: Selector | None = None  # pods in matching namespaces (None: not a pod peer)
     pods: Selector | None = None  # None with `namespaces`: every pod of those namespaces
     nodes: Selector | None = None  # addresses of matching Node objects
     networks: tuple[Network, ...] = ()
+    domains: tuple[DomainPattern, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 from agent.inventory import RawObject
 from agent.ir import Network, Tier, Verdict
+from agent.policy.cluster.domains import parse_domains
 from agent.policy.cluster.model import (
     ANP,
     BANP,
@@ -103,10 +104,11 @@ def _parse_peer(obj: Any, field: str, egress: bool, verdict: Verdict) -> Cluster
         if not 1 <= len(nets) <= MAX_NETWORKS:
             raise Invalid(f, f"must have 1 to {MAX_NETWORKS} entries, got {len(nets)}")
         return ClusterPeer(networks=tuple(_cidr(n, f"{f}[{i}]") for i, n in enumerate(nets)))
-    # domainNames need DNS interception Stockade does not do; the API allows them only in
-    # Accept rules, so reading the peer as invalid (matching nothing) is the strict side.
-    raise Invalid(f, "domainNames peers are not supported (the rule matches nothing)" if verdict is Verdict.ACCEPT
-                  else "domainNames peers are only allowed in Accept rules")
+    if verdict is not Verdict.ACCEPT:
+        # NPEP-133: a Deny or Pass on names could only be enforced for the addresses seen
+        # answered, letting the others through; the API allows domainNames in Accept only.
+        raise Invalid(f, "domainNames peers are only allowed in Accept rules")
+    return ClusterPeer(domains=parse_domains(value, f))
 
 
 def _port_number(obj: Any, field: str) -> int:
@@ -220,8 +222,9 @@ def _parse_rule(
             parse: Callable[[Any, str], ClusterPort] = (
                 _parse_protocol_v1alpha2 if d.ports_key == "protocols" else _parse_port_v1alpha1)
             ports = tuple(parse(p, f"{field}.{d.ports_key}[{i}]") for i, p in enumerate(raw_ports))
-        if any(p.named for p in ports) and any(p.nodes is not None or p.networks for p in peers):
-            raise Invalid(f"{field}.{d.ports_key}", "named ports cannot be used with networks or nodes peers")
+        if any(p.named for p in ports) and any(p.nodes is not None or p.networks or p.domains for p in peers):
+            raise Invalid(f"{field}.{d.ports_key}",
+                          "named ports cannot be used with networks, nodes or domainNames peers")
     except Invalid as e:
         issues.append(e)
         return None if verdict is Verdict.ACCEPT else deny_all(index, name)

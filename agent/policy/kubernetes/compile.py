@@ -21,7 +21,7 @@ from agent.ir import (
     Rule,
 )
 from agent.policy.cluster import KINDS as CLUSTER_KINDS
-from agent.policy.cluster import ClusterCompiler, ClusterPolicy, parse_cluster_policy
+from agent.policy.cluster import NO_LEARNED, ClusterCompiler, ClusterPolicy, Learned, parse_cluster_policy
 from agent.policy.errors import (
     Invalid,
 )
@@ -336,13 +336,13 @@ def compile_program(
     return Program(source=source, endpoints=eps)
 
 
-def _with_tiers(prog: Program, inv: Inventory, cluster: list[ClusterPolicy]) -> Program:
+def _with_tiers(prog: Program, inv: Inventory, cluster: list[ClusterPolicy], learned: Learned) -> Program:
     """Put each endpoint's ClusterNetworkPolicy rules around its NetworkPolicy rules: ADMIN
     first, BASELINE last (ir.first_match's order). `isolated` stays NetworkPolicy's own: a
     direction with only cluster rules is enforced but lets unmatched traffic through."""
     if not cluster:
         return prog
-    comp = ClusterCompiler(inv, cluster)
+    comp = ClusterCompiler(inv, cluster, learned)
     eps = {}
     for key, ep in prog.endpoints.items():
         t = comp.endpoint(inv.endpoints[key])
@@ -354,9 +354,12 @@ def _with_tiers(prog: Program, inv: Inventory, cluster: list[ClusterPolicy]) -> 
     return replace(prog, endpoints=eps)
 
 
-def compile_inventory(inv: Inventory, node: str | None = None, source: str = "file") -> Program:
+def compile_inventory(
+    inv: Inventory, node: str | None = None, source: str = "file", learned: Learned = NO_LEARNED
+) -> Program:
     """Compile the admitted policies of an inventory (as admission read them, fail-closed):
-    NetworkPolicies, and the cluster tiers around them."""
+    NetworkPolicies, and the cluster tiers around them. `learned`: addresses DNS answered
+    each pod for its domainNames rules (none: those rules match nothing)."""
     policies = []
     cluster: list[ClusterPolicy] = []
     for raw in inv.policies.values():
@@ -372,4 +375,4 @@ def compile_inventory(inv: Inventory, node: str | None = None, source: str = "fi
         else:
             policies.append(parse_policy(raw, issues))
         inv.problems.extend(Problem(raw.ref, e.field, e.message) for e in issues)
-    return _with_tiers(compile_program(inv, policies, node=node, source=source), inv, cluster)
+    return _with_tiers(compile_program(inv, policies, node=node, source=source), inv, cluster, learned)

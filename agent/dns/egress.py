@@ -1,0 +1,170 @@
+"""`stockade run --dns-egress` (off by default): domainNames rules fed by the DNS answers
+the node's pods receive, each answer released to its pod only once the addresses it taught
+are in the kernel.
+
+Per synced snapshot: the domainNames rules of every local pod (`learner_rules`), and the
+hold (agent/dns/hold.py) attached to the host-side device of each pod that has some. Per
+held answer (`on_answer`, on the hold's thread): the learner's updates for that pod; when
+they add an address, the daemon re-applies the last program with the table's addresses
+(`Daemon.reapply`, `with_learned`) and only after that apply returned does the hold write
+the answer to the pod. Entries are removed at their expiry (a timer re-applies then), so a
+pod's first connection to a fresh address is allowed and one past its TTL is not.
+
+Not yet: TCP answers (pass unheld: their addresses are not learned), metrics, `explain
+--to-name`, kernel sets with per-element timeouts (each change re-applies the program).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from agent.dns.hold import Hold
+from agent.dns.learn import MAX_PER_POD, TTL_FLOOR, merge, updates
+from agent.inventory import Inventory, IPAddress
+from agent.ir import Program
+from agent.policy.cluster import (
+    KINDS,
+    ClusterCompiler,
+    ClusterPolicy,
+    DomainRule,
+    Learned,
+    parse_cluster_policy,
+    with_learned,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Reapplier(Protocol):
+    """What this needs of the daemon (agent.daemon.Daemon)."""
+
+    transform: Callable[[Program], Program] | None
+    on_synced: list[Callable[[Any], None]]
+    registry: CollectorRegistry
+
+    def reapply(self) -> bool: ...
+
+
+def learner_rules(inv: Inventory, endpoints: Iterable[str]) -> dict[str, list[DomainRule]]:
+    """endpoint key -> its domainNames Accept rules (endpoints with none left out)."""
+    cluster = []
+    for raw in inv.policies.values():
+        if isinstance(raw.parsed, ClusterPolicy):
+            cluster.append(raw.parsed)
+        elif raw.ref.kind in KINDS:
+            cluster.append(parse_cluster_policy(raw, []))  # problems are reported by the compile
+    if not cluster:
+        return {}
+    comp = ClusterCompiler(inv, cluster)
+    out = {}
+    for key in endpoints:
+        ep = inv.endpoints.get(key)
+        rules = comp.domain_rules(ep) if ep is not None else []
+        if rules:
+            out[key] = rules
+    return out
+
+
+class DnsEgress:
+    def __init__(self, daemon: Reapplier, fail_closed: bool = False, grace: float = 1.0,
+                 floor: int = TTL_FLOOR, cap: int = MAX_PER_POD,
+                 clock: Callable[[], float] = time.monotonic, hold: Callable[..., Hold] = Hold) -> None:
+        self.daemon = daemon
+        self.floor, self.cap, self.clock = floor, cap, clock
+        self.learned = Learned()
+        self.lock = threading.Lock()
+        self.rules: dict[str, list[DomainRule]] = {}
+        self.by_ip: dict[IPAddress, str] = {}
+        self.devices: set[str] = set()
+        r = daemon.registry
+        self.answers = Counter("stockade_dns_answers", "DNS answers held, by what they taught: learned (an address "
+                               "added or kept longer), nothing (no rule's name, or not a usable answer), "
+                               "not_selected (a pod without domainNames rules)", ["outcome"], registry=r)
+        self.entries = Gauge("stockade_dns_learned_entries", "Learned (pod, rule, address) entries in force",
+                             registry=r)
+        self.expired = Counter("stockade_dns_expired_entries", "Learned entries removed at their expiry", registry=r)
+        self.held = Histogram("stockade_dns_hold_seconds", "A DNS answer read by the agent to released to its pod "
+                              "(learning and the kernel update included)",
+                              buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
+        self.hold = hold(self.on_answer, grace=grace, fail_closed=fail_closed, on_released=self.held.observe)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._timer = threading.Thread(target=self._expire_loop, name="dns-expiry", daemon=True)
+        daemon.transform = self.transform
+        daemon.on_synced.append(self.synced)
+
+    def start(self) -> None:
+        self.hold.start()
+        self._timer.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._timer.is_alive():
+            self._timer.join()
+        self.hold.close()
+
+    # ------------------------------------------------------------ daemon side
+
+    def transform(self, program: Program) -> Program:
+        with self.lock:
+            now = self.clock()
+            self.expired.inc(self.learned.expired(now))
+            self.learned = self.learned.expire(now)
+            table = self.learned
+            self.entries.set(len(table))
+        return with_learned(program, table)
+
+    def synced(self, snap: Any) -> None:
+        local = snap.program.endpoints
+        self.rules = learner_rules(snap.inventory, local)
+        self.by_ip = {ip: key for key, ep in local.items() for ip in ep.ips}
+        for key in self.rules:
+            for ip in local[key].ips[:1]:
+                dev = self.hold.device_for(ip)
+                if dev is not None and dev not in self.devices:
+                    try:
+                        self.hold.attach(dev)
+                        self.devices.add(dev)
+                    except Exception as e:  # the pod's answers then pass unheld: nothing learned
+                        log.warning("dns egress: cannot hold answers to %s on %s: %s", key, dev, e)
+
+    # ------------------------------------------------------------ hold side
+
+    def on_answer(self, dst: IPAddress, payload: bytes) -> None:
+        """Learn from an answer to `dst`; return once what it taught is in the kernel."""
+        key = self.by_ip.get(dst)
+        rules = self.rules.get(key, []) if key else []
+        if not rules:
+            self.answers.labels("not_selected").inc()
+            return
+        now = self.clock()
+        new = updates(key, rules, payload, now, self.floor)  # type: ignore[arg-type]
+        self.answers.labels("learned" if new else "nothing").inc()
+        if not new:
+            return
+        with self.lock:
+            before = self.learned
+            self.learned = merge(before, new, self.cap)
+            fresh = any(ip not in before.entries.get((e, r), {}) for e, r, ip, _ in new)
+            self.entries.set(len(self.learned))
+        if fresh:
+            self.daemon.reapply()
+        self._wake.set()  # the earliest expiry may have changed
+
+    def _expire_loop(self) -> None:
+        while not self._stop.is_set():
+            with self.lock:
+                times = [t for v in self.learned.entries.values() for t in v.values()]
+            wait = 60.0 if not times else max(0.0, min(times) - self.clock())
+            if self._wake.wait(wait):
+                self._wake.clear()
+                continue
+            if times and not self._stop.is_set():
+                self.daemon.reapply()  # transform() drops what expired

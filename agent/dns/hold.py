@@ -1,0 +1,264 @@
+"""Hold DNS answers on their way to a pod until the agent has seen them (proven on this
+kernel by tests/integration/test_dns_hold.py; used by `stockade run --dns-egress`,
+agent/dns/egress.py, which is off by default).
+
+This kernel has no NFQUEUE, so the hold is tc + eBPF (bpf/dnshold.c), the same on both
+dataplanes: a classifier on the tc egress hook of each pod's host-side veth redirects UDP
+answers from port 53 to a TAP device this object reads. For each frame it calls
+`on_answer(pod address, DNS payload)` -- the learner, then the apply that puts the learned
+addresses into the kernel -- and only then writes the frame, unchanged, back out of the veth
+through an AF_PACKET socket with PACKET_QDISC_BYPASS: that skips the qdisc layer, tc egress
+included, so the released answer is not redirected again, and it reaches the pod as sent.
+
+If the agent stops (crash, stuck loop), the heartbeat (a deadline in the BPF map, renewed
+every `grace / 4`) runs out after `grace` seconds and the classifier stops holding: answers
+pass unchanged (fail-open for DNS itself, the default), or are dropped (`fail_closed`: pods
+retry until the agent is back). Addresses already learned stay in the kernel until their
+expiry either way. An answer `on_answer` fails on is released all the same (learning
+nothing: its addresses stay denied).
+
+Limits: UDP only (TCP answers pass unheld); IPv6 answers with extension headers
+and non-first IPv4 fragments pass unheld; the filter is attached at its own tc priority
+(`PRIO`, before the eBPF dataplane's) so a held answer skips that dataplane's check on the
+pod's ingress (an answer to the pod's own query, which it would accept as a reply); bcc
+compiles in this process (the dataplane's child-loader pattern is the way to ship it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.inventory import IPAddress
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "dnshold.c"
+CFG_DEADLINE, CFG_FAIL_CLOSED, CFG_TAP, ST_HELD, ST_UNHELD, ST_DROPPED = range(6)
+PRIO = 0x5EB  # runs before the eBPF dataplane's filters (0x5EC) on the same hook
+HANDLE = 1
+TC_EGRESS = 0xFFFFFFF3
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
+SOL_PACKET, PACKET_QDISC_BYPASS = 263, 20
+ETH_IP, ETH_IP6 = 0x0800, 0x86DD
+
+OnAnswer = Callable[[IPAddress, bytes], None]
+
+
+FILTER_NAME = "stockade-dnshold"
+
+
+def remove_filters(netns: str | None = None) -> int:
+    """Remove every hold filter from the namespace's devices (`stockade cleanup`: after an
+    agent that held answers died -- with --dns-fail-closed its filters drop answers until
+    then). Needs no bcc. Returns how many were removed."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    removed = 0
+    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+        for link in ipr.get_links():
+            idx = link["index"]
+            try:
+                msgs = ipr.get_filters(index=idx, parent=TC_EGRESS)
+            except NetlinkError:
+                continue  # no clsact qdisc here
+            for m in msgs:
+                opts = m.get_attr("TCA_OPTIONS")
+                if ((m["info"] >> 16) == PRIO and m.get_attr("TCA_KIND") == "bpf" and opts
+                        and opts.get_attr("TCA_BPF_NAME") == FILTER_NAME):
+                    with contextlib.suppress(NetlinkError):
+                        ipr.tc("del-filter", "bpf", idx, HANDLE, parent=TC_EGRESS, prio=PRIO)
+                        removed += 1
+    return removed
+
+
+def dns_frame(frame: bytes) -> tuple[IPAddress, bytes] | None:
+    """(destination address, UDP payload) of an Ethernet frame carrying a UDP datagram from
+    port 53, else None (what the classifier redirects, read back in user space)."""
+    if len(frame) < 14:
+        return None
+    proto = struct.unpack_from("!H", frame, 12)[0]
+    if proto == ETH_IP and len(frame) >= 34:
+        ihl = (frame[14] & 0x0F) * 4
+        if frame[23] != 17 or ihl < 20:
+            return None
+        dst: IPAddress = ipaddress.IPv4Address(frame[30:34])
+        udp = 14 + ihl
+    elif proto == ETH_IP6 and len(frame) >= 54:
+        if frame[20] != 17:
+            return None
+        dst = ipaddress.IPv6Address(frame[38:54])
+        udp = 54
+    else:
+        return None
+    if len(frame) < udp + 8 or struct.unpack_from("!H", frame, udp)[0] != 53:
+        return None
+    length = struct.unpack_from("!H", frame, udp + 4)[0]
+    return dst, frame[udp + 8: udp + max(length, 8)]
+
+
+class Hold:
+    """The hold for one node network namespace `netns` (a name under /run/netns, None: the
+    current one). Construct it from a thread inside that namespace (the TAP device and the
+    AF_PACKET socket are made there); `start()` then serves from threads of its own."""
+
+    def __init__(self, on_answer: OnAnswer, netns: str | None = None, tap: str = "stkdns0", grace: float = 1.0,
+                 fail_closed: bool = False, on_released: Callable[[float], None] | None = None) -> None:
+        from bcc import BPF  # imported here: only the hold needs bcc in this process
+        from pyroute2 import IPRoute
+
+        self.on_answer = on_answer
+        self.on_released = on_released  # seconds from reading an answer to releasing it
+        self.grace = grace
+        self.latencies: deque[float] = deque(maxlen=10000)  # seconds from read to release
+        self.released = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._devices: dict[IPAddress, str] = {}
+        # pyroute2 may open its socket from a thread of its own: name the namespace
+        self.ipr = IPRoute(netns=netns) if netns else IPRoute()
+        self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=["-w"])
+        self.fn = self.bpf.load_func(b"dnshold_egress", BPF.SCHED_CLS)
+        self.map = self.bpf[b"dnshold"]
+        self.tap_fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+        fcntl.ioctl(self.tap_fd, TUNSETIFF, struct.pack("16sH22x", tap.encode(), IFF_TAP | IFF_NO_PI))
+        with contextlib.suppress(OSError):  # no IPv6 autoconfiguration chatter on the TAP
+            Path(f"/proc/sys/net/ipv6/conf/{tap}/disable_ipv6").write_text("1")
+        self.tap_index = self.ipr.link_lookup(ifname=tap)[0]
+        self.ipr.link("set", index=self.tap_index, state="up")
+        self.out = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: sends only
+        self.out.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+        self._set(CFG_FAIL_CLOSED, int(fail_closed))
+        self._set(CFG_TAP, self.tap_index)
+        self.attached: list[int] = []
+
+    # ------------------------------------------------------------ BPF map
+
+    def _set(self, k: int, v: int) -> None:
+        self.map[ctypes.c_int(k)] = ctypes.c_uint64(v)
+
+    def stat(self, k: int) -> int:
+        return int(self.map[ctypes.c_int(k)].value)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"held": self.stat(ST_HELD), "unheld": self.stat(ST_UNHELD), "dropped": self.stat(ST_DROPPED)}
+
+    def beat(self) -> None:
+        self._set(CFG_DEADLINE, time.monotonic_ns() + int(self.grace * 1e9))
+
+    # ------------------------------------------------------------ devices
+
+    def attach(self, ifname: str) -> None:
+        """Hold answers going out of `ifname` (a pod's host-side veth)."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        idx = self.ipr.link_lookup(ifname=ifname)[0]
+        try:
+            self.ipr.tc("add", "clsact", idx)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+        # replace: a filter a previous agent left at our prio is taken over
+        self.ipr.tc("replace-filter", "bpf", idx, HANDLE, fd=self.fn.fd, name=FILTER_NAME,
+                    parent=TC_EGRESS, classid=1, direct_action=True, prio=PRIO)
+        self.attached.append(idx)
+
+    def device_for(self, dst: IPAddress) -> str | None:
+        """The device the node routes `dst` out of (the pod's veth), cached."""
+        name = self._devices.get(dst)
+        if name is None:
+            routes = self.ipr.route("get", dst=str(dst))
+            oif = routes[0].get_attr("RTA_OIF") if routes else None
+            links = self.ipr.get_links(oif) if oif else []
+            name = links[0].get_attr("IFLA_IFNAME") if links else None
+            if name is not None:
+                self._devices[dst] = name
+        return name
+
+    # ------------------------------------------------------------ serving
+
+    def start(self) -> None:
+        self._stop.clear()
+        self.beat()
+        for target in (self._heartbeat, self._serve):
+            t = threading.Thread(target=target, name=f"dnshold-{target.__name__}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.grace / 4):
+            self.beat()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.tap_fd], [], [], 0.2)
+            if not ready:
+                continue
+            try:
+                frame = os.read(self.tap_fd, 65536)
+            except BlockingIOError:
+                continue
+            self.handle(frame, time.perf_counter())
+
+    def handle(self, frame: bytes, t0: float) -> None:
+        parsed = dns_frame(frame)
+        if parsed is None:
+            return  # not an answer the classifier sent (the kernel's own TAP traffic)
+        dst, payload = parsed
+        try:
+            self.on_answer(dst, payload)
+        except Exception:  # never lose the answer: release it, having learned nothing
+            log.exception("DNS answer to %s: learning failed; released unlearned", dst)
+        dev = self.device_for(dst)
+        if dev is None:
+            log.warning("DNS answer to %s: no route to it; dropped", dst)
+            return
+        try:
+            self.out.sendto(frame, (dev, 0))
+        except OSError as e:
+            self._devices.pop(dst, None)
+            log.warning("DNS answer to %s: cannot release on %s: %s", dst, dev, e)
+            return
+        self.released += 1
+        took = time.perf_counter() - t0
+        self.latencies.append(took)
+        if self.on_released is not None:
+            self.on_released(took)
+
+    def stop(self) -> None:
+        """Stop serving and beating (as a dead agent would): after `grace`, answers pass
+        unheld (or are dropped, fail-closed). The filters stay: `close()` removes them."""
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        self._threads.clear()
+
+    def close(self) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        self.stop()
+        self._set(CFG_TAP, 0)
+        for idx in self.attached:
+            with contextlib.suppress(NetlinkError):
+                self.ipr.tc("del-filter", "bpf", idx, HANDLE, parent=TC_EGRESS, prio=PRIO)
+        self.attached.clear()
+        self.out.close()
+        os.close(self.tap_fd)
+        self.ipr.close()
+        self.bpf.cleanup()
