@@ -186,6 +186,9 @@ class DirectorySource:
         # is read at once. Any later in-place write changes the stamp or drops the entry.
         self._complete: dict[str, tuple[int, int, int]] = {}
         self._created: set[str] = set()  # created (IN_CREATE) and not yet closed
+        # What links in the directory point to (as of the last walk): a hidden file is read
+        # only through one of them.
+        self._link_targets: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         self.errors: Counter[str] = Counter()  # fault cause -> occurrences, for metrics
 
@@ -204,6 +207,7 @@ class DirectorySource:
         root = os.path.realpath(self.path)
         out: list[Path] = []
         visited: set[tuple[int, int]] = set()
+        targets: set[str] = set()
         stack = [self.path]
         while stack:
             here = stack.pop()
@@ -228,6 +232,7 @@ class DirectorySource:
                 manifest = entry.name.endswith(SUFFIXES)
                 try:
                     if entry.is_symlink():
+                        targets.add(os.path.realpath(entry.path))  # dangling too: it may appear
                         real = os.path.realpath(entry.path, strict=True)
                         if not _inside(real, root):
                             if manifest or os.path.isdir(real):
@@ -243,6 +248,7 @@ class DirectorySource:
                 elif manifest:
                     out.append(Path(entry.path))
             stack.extend(reversed(subdirs))
+        self._link_targets = frozenset(targets)
         return out
 
     def _walk_problem(self, path: Path, message: str) -> None:
@@ -384,6 +390,13 @@ class DirectorySource:
         replaced, writing, lock = self._replaced, self._writing, self._lock
         complete, created = self._complete, self._created
 
+        def unread(path: str) -> bool:
+            """A hidden regular file (or one gone) that no link leads to: the walk never reads it."""
+            if not path:  # the outside end of a move
+                return True
+            return (os.path.basename(path).startswith(".") and not os.path.isdir(path)
+                    and not os.path.islink(path) and os.path.realpath(path) not in self._link_targets)
+
         def mark_complete(path: str) -> None:
             try:
                 st = os.stat(path)
@@ -396,6 +409,8 @@ class DirectorySource:
                 kind = event.event_type
                 if kind in ("opened", "closed_no_write"):
                     return
+                if event.is_directory and kind == "modified":
+                    return  # watchdog's companion of the file event in it, which calls back itself
                 if not event.is_directory:
                     # A move from or to outside the directory has one side "" (full events).
                     src = os.path.abspath(os.fsdecode(event.src_path)) if event.src_path else ""
@@ -418,6 +433,8 @@ class DirectorySource:
                             mark_complete(src)
                         elif kind == "moved" and dest:  # renamed into place: complete
                             mark_complete(dest)
+                    if all(unread(p) for p in (src, dest)):
+                        return  # e.g. an editor's or a writer's hidden temp file: no sync for it
                 on_change()
 
         target = self.path if self.path.is_dir() else self.path.parent

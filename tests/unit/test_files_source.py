@@ -259,3 +259,38 @@ def test_renamed_in_file_then_written_in_place_settles_again(tmp_path: Path) -> 
         assert "policyTypes" not in body["spec"] and source.unsettled > 0
     finally:
         stop()
+
+
+def test_hidden_temp_file_calls_back_only_when_renamed_in(tmp_path: Path) -> None:
+    """A writer's hidden temp file beside the target is never read, so writing it must not
+    cost a sync; the rename that puts it in place calls back (and is read at once)."""
+    src, source = _watched(tmp_path, settle=3600.0)
+    calls: list[float] = []
+    stop = source.watch(lambda: calls.append(time.monotonic()))
+    try:
+        (src / ".policy.yaml.tmp").write_text(POLICY % {"port": 83})
+        (src / ".policy.yaml.tmp").write_text(POLICY % {"port": 84})  # written twice
+        os.replace(src / ".policy.yaml.tmp", src / "policy.yaml")
+        assert until(lambda: calls, 10)
+        assert _port(source.read()[0]) == 84
+        # A marker renamed in from outside: once its call came, every earlier event was handled.
+        (tmp_path / "marker.yaml").write_text(POD % {"name": "m", "ip": "10.0.0.9"})
+        os.replace(tmp_path / "marker.yaml", src / "marker.yaml")
+        assert until(lambda: len(calls) >= 2, 10)
+        assert len(calls) == 2  # the rename and the marker: nothing for the temp file's writes
+    finally:
+        stop()
+
+
+def test_hidden_file_read_through_a_link_still_calls_back(tmp_path: Path) -> None:
+    src, source = _watched(tmp_path, settle=0.0)
+    (src / ".real.yaml").write_text(POD % {"name": "x", "ip": "10.0.0.1"})
+    (src / "pods.yaml").symlink_to(".real.yaml")
+    assert len(source.read()[0]) == 2
+    called = threading.Event()
+    stop = source.watch(called.set)
+    try:
+        (src / ".real.yaml").write_text(POD % {"name": "y", "ip": "10.0.0.2"})
+        assert called.wait(10)
+    finally:
+        stop()
