@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--skip-control", action="store_true")
     ap.add_argument("--skip-datapath", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end event latency by packets")
+    ap.add_argument("--e2e-events", type=int, help="end-to-end events per kind (default by size, see bench/events.py)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         peers, args.reps, args.seconds = [10, 10000], 2, 1.0
         args.events = args.events or "10"
+        args.e2e_events = args.e2e_events or 20
     ok, why = ebpf_usable()
     dataplanes = args.dataplanes.split(",") if args.dataplanes else (["nftables", "ebpf"] if ok else ["nftables"])
     started = time.time()
@@ -165,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_control:
         result["control"] = control(dataplanes, sizes, args.seed, args.events, log)
+    if not args.skip_e2e:
+        from bench import events
+
+        result["events"] = events.run(dataplanes, sizes, args.e2e_events, args.seed, log)
     if not args.skip_datapath:
         from bench import datapath
 
