@@ -2,7 +2,8 @@
 
 Control plane (each run in a fresh network namespace made and deleted here), the
 `nft -f` floor, incremental event -> kernel latency, peak RSS, /metrics scrape time;
-datapath in the namespace lab against the no-policy floor. Prints tables, writes
+event latency end to end by packets through the directory source and the daemon
+(bench/events.py); datapath in the namespace lab against the no-policy floor. Prints tables, writes
 bench/results/<timestamp>.json. Reports figures; never passes or fails on time.
 """
 
