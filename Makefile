@@ -80,8 +80,11 @@ test: setup image-tools
 lint: venv
 	$(VENV)/bin/ruff check agent tests bench
 
+# The examples' matrix next to real probes, then `explain` for each ClusterNetworkPolicy
+# rule that decides a flow; DATAPLANE=ebpf for the eBPF dataplane.
+DATAPLANE ?= nftables
 demo: setup
-	$(PY) -m tests.kit.demo examples
+	$(PY) -m tests.kit.demo examples $(DATAPLANE)
 
 # Benchmarks print a table and write bench/results/<time>.json; they never pass or fail.
 bench: setup

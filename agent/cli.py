@@ -22,7 +22,9 @@ from typing import Any
 from agent import __version__
 from agent.daemon import enforce
 from agent.dataplane.base import Dataplane, DataplaneError
+from agent.drops import drop_text
 from agent.endpoint import ListenAddress
+from agent.metrics import counter_text
 from agent.pipeline import DirectoryPipeline, Pipeline, Snapshot
 from agent.query import DataplaneOptions, QueryError, explain, make_dataplane, matrix
 from agent.query import counters as counter_table
@@ -225,19 +227,12 @@ def cmd_counters(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            print(f"{r['packets']:>10} pkts {r['bytes']:>12} bytes  {r['endpoint']} {r['direction']}: "
-                  f"{r['verdict']} by {r['policy']}")
+            print(counter_text(r))
     return 0
 
 
 def _print_drop(d: dict[str, Any]) -> None:
-    when = time.strftime("%H:%M:%S", time.localtime(d["time"]))
-    ports = f" {d['sport']} -> {d['dport']}" if d["dport"] is not None else ""
-    verb = "would drop (audit)" if d["audit"] else "dropped"
-    why = ("default deny of " if d["reason"] == "default-deny" else "drop rule ") + (
-        ", ".join(d["policies"]) or "?")
-    print(f"{when} {verb} {d['protocol']} {d['src']} -> {d['dst']}{ports}  "
-          f"{d['endpoint']} {d['direction']}: {why}", flush=True)
+    print(drop_text(d), flush=True)
 
 
 def cmd_drops(args: argparse.Namespace) -> int:

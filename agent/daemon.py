@@ -111,6 +111,8 @@ class Daemon:
             else:  # a bug must not take enforcement down: the kernel keeps the last state
                 log.exception("sync failed unexpectedly, previous kernel state stays in force")
             self.metrics.syncs.labels("error").inc()
+            for name, ratio in self.dataplane.map_fill().items():  # a map that cannot grow: ratio > 1
+                self.metrics.map_fill.labels(name).set(ratio)
             if pending is not None and self._pending_since is None:
                 self._pending_since = pending  # still not in the kernel
             return False

@@ -8,25 +8,30 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent.dataplane.base import DropEvent, DropLog
-from agent.ir import Program
+from agent.ir import Program, Tier
 
 log = logging.getLogger(__name__)
 
 
 def describe(ev: DropEvent, program: Program | None) -> dict[str, Any]:
-    """A drop as JSON, with the deciding policies resolved from the program in force."""
+    """A drop as JSON, with the deciding policies resolved from the program in force. `tier`
+    is the deciding rule's (admin | policy | baseline); a default deny is NetworkPolicy
+    isolation ("policy"); None when the rule is gone from the program."""
     decided: list[str] = []
     reason = "default-deny"
+    tier: str | None = Tier.POLICY.value
+    if ev.rule_id is not None:
+        reason, tier = "drop-rule", None
     if program is not None:
         if ev.rule_id is not None:
             rule = program.rules().get(ev.rule_id)
-            reason = "drop-rule"
             if rule is not None:
-                decided = [str(rule.origin)]
+                # e.g. "ClusterNetworkPolicy deny-metadata (Admin, priority 10) egress rule 0 (name)"
+                decided, tier = [str(rule.origin)], rule.tier.value
         else:
             prog = program.endpoints.get(ev.endpoint)
             if prog is not None:
@@ -34,8 +39,20 @@ def describe(ev: DropEvent, program: Program | None) -> dict[str, Any]:
     return {
         "endpoint": ev.endpoint, "direction": ev.direction.value, "protocol": ev.protocol,
         "src": ev.src, "dst": ev.dst, "sport": ev.sport, "dport": ev.dport,
-        "reason": reason, "policies": decided, "audit": ev.audit,
+        "reason": reason, "policies": decided, "tier": tier, "audit": ev.audit,
     }
+
+
+def drop_text(d: Mapping[str, Any]) -> str:
+    """One sampled drop (a `describe` answer with its time) as `stockade drops` prints it; a
+    tiered rule names itself: "deny by ClusterNetworkPolicy deny-c (Admin, priority 10) ingress rule 0"."""
+    when = time.strftime("%H:%M:%S", time.localtime(d["time"]))
+    ports = f" {d['sport']} -> {d['dport']}" if d["dport"] is not None else ""
+    verb = "would drop (audit)" if d["audit"] else "dropped"
+    head = {"default-deny": "default deny of "}.get(d["reason"]) or (
+        "deny by " if d.get("tier") in ("admin", "baseline") else "drop rule ")  # no tier: an older agent
+    why = head + (", ".join(d["policies"]) or "?")
+    return f"{when} {verb} {d['protocol']} {d['src']} -> {d['dst']}{ports}  {d['endpoint']} {d['direction']}: {why}"
 
 
 class DropRecorder:

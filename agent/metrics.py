@@ -4,6 +4,13 @@ Kernel counters come from the active dataplane through a custom collector, so a 
 always sees the kernel's current values and a deleted policy's series disappear with
 it. Cardinality: one rule series per (policy rule, direction) — summed over the
 endpoints it applies to — and one drop series per (local endpoint, direction, reason).
+
+Tiers: rule and drop series carry `tier` (admin | policy | baseline, ir.Tier) and `kind`
+(the policy's kind where it is not the source's usual one, e.g. ClusterNetworkPolicy;
+empty for NetworkPolicy and NetBird rules). A rule series' `verdict` is the rule's own
+(accept | drop | pass): an Admin Pass counts the packets it passed on (nftables; the eBPF
+dataplane does not count them, see docs/ebpf.md), a Baseline Pass those it allowed. A
+default deny is NetworkPolicy isolation: tier "policy", kind "".
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -22,15 +29,15 @@ from prometheus_client.registry import Collector
 
 from agent import __version__
 from agent.dataplane.base import Count, Counters, Dataplane
-from agent.ir import Direction, Program, Rule, Verdict
+from agent.ir import Direction, Program, Rule, Tier, Verdict
 
 if TYPE_CHECKING:
     from agent.pipeline import Snapshot
 
 log = logging.getLogger(__name__)
 
-RULE_LABELS = ["source", "namespace", "policy", "direction", "rule", "verdict"]
-DROP_LABELS = ["endpoint", "direction", "reason", "policies"]
+RULE_LABELS = ["source", "namespace", "policy", "direction", "rule", "verdict", "tier", "kind"]
+DROP_LABELS = ["endpoint", "direction", "reason", "policies", "tier", "kind"]
 # busy: connection limit of a peer or in all; timeout: no full request head in time;
 # too_large: request line, headers or a body; forbidden: /drops from a remote peer.
 HTTP_REJECT_REASONS = ("busy", "timeout", "too_large", "bad_request", "method", "forbidden")
@@ -70,6 +77,13 @@ def counter_rows(program: Program, counters: Counters) -> list[CounterRow]:
     return rows
 
 
+def counter_text(r: Mapping[str, Any]) -> str:
+    """One `stockade counters` row (agent.query.counters) as text; a tiered rule's origin names
+    its kind, tier and priority: "drop by ClusterNetworkPolicy deny-c (Admin, priority 10) ingress rule 0"."""
+    return (f"{r['packets']:>10} pkts {r['bytes']:>12} bytes  {r['endpoint']} {r['direction']}: "
+            f"{r['verdict']} by {r['policy']}")
+
+
 class KernelCollector(Collector):
     """Reads the dataplane's counters at scrape time and labels them with their origins."""
 
@@ -99,16 +113,17 @@ class KernelCollector(Collector):
             for row in counter_rows(program, counters):
                 d, c = row.direction.value, row.count
                 if row.default_deny:
-                    dkey = (row.endpoint, d, "default-deny", ",".join(row.isolated_by))
+                    dkey = (row.endpoint, d, "default-deny", ",".join(row.isolated_by), Tier.POLICY.value, "")
                     drops[dkey] = drops.get(dkey, Count()) + c
                     continue
                 if row.rule is None:
                     continue
                 o = row.rule.origin
-                key = (o.source, o.namespace, o.policy, d, str(o.index), row.rule.verdict.value)
+                key = (o.source, o.namespace, o.policy, d, str(o.index), row.rule.verdict.value, o.tier.value, o.kind)
                 per_rule[key] = per_rule.get(key, Count()) + c
                 if row.rule.verdict is Verdict.DROP:
-                    dkey = (row.endpoint, d, "drop-rule", f"{o.namespace}/{o.policy}".lstrip("/"))
+                    dkey = (row.endpoint, d, "drop-rule", f"{o.namespace}/{o.policy}".lstrip("/"), o.tier.value,
+                            o.kind)
                     drops[dkey] = drops.get(dkey, Count()) + c
             for key, c in sorted(per_rule.items()):
                 rp.add_metric([_label(v) for v in key], c.packets)

@@ -24,6 +24,7 @@ from agent.inventory import Inventory, IPAddress, ObjectRef, Problem, RawPolicy
 from agent.ir import Network, Program
 from agent.policy import netbird as nb
 from agent.policy.kubernetes import compile_inventory
+from agent.policy.kubernetes.incremental import IncrementalCompiler
 from agent.sources.files import DirectorySource
 from agent.sources.kubeobjects import RawObject
 from agent.sources.netbird import DEFAULT_INTERVAL as NETBIRD_INTERVAL
@@ -94,12 +95,17 @@ def compile_kubernetes(
     node: str | None,
     source: str,
     problems: Iterable[Problem] = (),
+    compiler: IncrementalCompiler | None = None,
 ) -> Snapshot:
     """Kubernetes objects (Pods, Namespaces, NetworkPolicies) -> admission -> the Program for `node`.
 
     `problems` are the source's own (unreadable files, ...); admission adds its rejections.
+    A `compiler` kept by the caller (for this node and source) makes each call cost what
+    changed since the previous one; without one every call compiles everything.
     """
     inv = kubernetes_inventory(objects, store, list(problems))
+    if compiler is not None:
+        return Snapshot(inv, compiler.compile(inv))
     return Snapshot(inv, compile_inventory(inv, node, source=source))
 
 
@@ -119,6 +125,7 @@ class DirectoryPipeline:
         self.name = self.source.name
         self.node = node
         self.store = LastGood(state_file, readonly=readonly)
+        self.compiler = IncrementalCompiler(node, self.name)
         self.errors = self.source.errors
         self.ready = threading.Event()
         self.ready.set()  # every read is a complete view
@@ -167,7 +174,7 @@ class DirectoryPipeline:
                 break
             time.sleep(self.source.unsettled)
             objects, problems = self.source.read()
-        snap = compile_kubernetes(objects, self.store, self.node, self.name, problems)
+        snap = compile_kubernetes(objects, self.store, self.node, self.name, problems, self.compiler)
         self._save_index()
         return snap
 
@@ -205,6 +212,7 @@ class KubernetesPipeline:
         self.node = node
         self.name = self.source.name
         self.store = LastGood(state_file, readonly=readonly)
+        self.compiler = IncrementalCompiler(node, self.name)
         self.errors = self.source.errors
         # The daemon's /readyz waits for this: every initial list (and the pod CIDRs, if
         # asked for) is in, so the first program reflects the whole cluster.
@@ -222,7 +230,7 @@ class KubernetesPipeline:
                     + (", ".join(f"{k}s" for k in missing) or "the node's pod CIDRs") + ")"
                 )
         objects, problems, events = self.source.read_with_events()
-        snap = compile_kubernetes(objects, self.store, self.node, self.name, problems)
+        snap = compile_kubernetes(objects, self.store, self.node, self.name, problems, self.compiler)
         snap.events = events
         if self.guard_unknown:  # this node's pod CIDRs (flag or node.spec.podCIDRs)
             snap.program = dataclasses.replace(snap.program, guard=tuple(self.source.pod_cidrs or ()))

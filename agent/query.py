@@ -195,12 +195,16 @@ def counters(snap: Snapshot, dataplane: Dataplane) -> list[dict[str, Any]]:
     """The kernel's counter of every rule and default deny, labelled with its policy."""
     out = []
     for row in counter_rows(snap.program, dataplane.counters(snap.program)):
+        tier: str | None = "policy"  # a default deny is NetworkPolicy isolation
+        kind = None
         if row.default_deny:
             policy, verdict = "default deny of " + ", ".join(row.isolated_by), "drop"
         elif row.rule is None:  # counted by the kernel, gone from the program
-            policy, verdict = "?", "?"
+            policy, verdict, tier = "?", "?", None
         else:
             policy, verdict = str(row.rule.origin), row.rule.verdict.value
+            tier, kind = row.rule.tier.value, row.rule.origin.kind or None
         out.append({"endpoint": row.endpoint, "direction": row.direction.value, "policy": policy,
-                    "verdict": verdict, "packets": row.count.packets, "bytes": row.count.bytes})
+                    "verdict": verdict, "tier": tier, "kind": kind,
+                    "packets": row.count.packets, "bytes": row.count.bytes})
     return out

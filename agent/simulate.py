@@ -28,8 +28,9 @@ class Decision:
         head = "".join(f"pass by {r.origin} → " for r in self.passed)
         if self.rule is not None:
             if self.rule.origin.kind or self.rule.tier is not Tier.POLICY:
+                # The API's words: Accept / Deny / Pass.
                 what = "pass (nothing further applies): accept" if self.rule.verdict is Verdict.PASS \
-                    else self.verdict.value
+                    else "deny" if self.verdict is Verdict.DROP else "accept"
                 return f"{head}{what} by {self.rule.origin}"
             return f"{head}{self.verdict.value} by rule {self.rule.origin}"
         if self.verdict is Verdict.DROP:

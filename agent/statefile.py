@@ -8,7 +8,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 def write_json(path: Path, data: Any, prefix: str = ".state-", default: Callable[[Any], Any] | None = None) -> None:
@@ -19,11 +19,16 @@ def write_json(path: Path, data: Any, prefix: str = ".state-", default: Callable
     error path. Raises OSError (disk), TypeError/ValueError (not JSON-serialisable): each
     caller decides how loud a failed write is.
     """
+    write_text(path, lambda f: json.dump(data, f, default=default), prefix)
+
+
+def write_text(path: Path, write: Callable[[TextIO], Any], prefix: str = ".state-") -> None:
+    """`write_json` for a caller that writes the text itself (e.g. from cached pieces)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, default=default)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

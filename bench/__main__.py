@@ -2,8 +2,10 @@
 
 Control plane (each run in a fresh network namespace made and deleted here), the
 `nft -f` floor, incremental event -> kernel latency, peak RSS, /metrics scrape time;
-event latency end to end by packets through the directory source and the daemon
-(bench/events.py); datapath in the namespace lab against the no-policy floor. Prints tables, writes
+one ClusterNetworkPolicy added -> kernel beside one NetworkPolicy (bench/tiers.py); peak
+memory of a cold apply as its memory cgroup counts it (bench.memory); event latency end
+to end by packets through the directory source and the daemon (bench/events.py);
+datapath in the namespace lab against the no-policy floor. Prints tables, writes
 bench/results/<timestamp>.json. Reports figures; never passes or fails on time.
 """
 
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import report, tiers
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = f"stkbench{os.getpid()}-"
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--skip-control", action="store_true")
     ap.add_argument("--skip-datapath", action="store_true")
+    ap.add_argument("--skip-tiers", action="store_true",
+                    help="skip one NetworkPolicy vs one ClusterNetworkPolicy added -> kernel (bench/tiers.py)")
+    ap.add_argument("--skip-memory", action="store_true", help="no cgroup peak of a cold apply (bench.memory)")
     ap.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end event latency by packets")
     ap.add_argument("--e2e-events", type=int, help="end-to-end events per kind (default by size, see bench/events.py)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -169,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_control:
         result["control"] = control(dataplanes, sizes, args.seed, args.events, log)
+    if not args.skip_tiers:
+        result["tiers"] = tiers.run(dataplanes, "1k", 5 if args.quick else 20, args.seed, log)
+    if not args.skip_memory:
+        from bench import memory
+
+        result["memory"] = memory.run(dataplanes, sizes, args.seed, log)
     if not args.skip_e2e:
         from bench import events
 
@@ -185,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(result, indent=1, default=str))
     print()
     print(report.render(result))
+    if "tiers" in result:
+        print("\n" + tiers.table(result["tiers"]))
+    if "memory" in result:
+        from bench import memory
+
+        print("\n" + memory.table(result))
     print(f"\nJSON: {path}")
     return 0
 

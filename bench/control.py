@@ -38,6 +38,7 @@ from agent.admission import LastGood
 from agent.dataplane.base import Dataplane, DataplaneError
 from agent.ir import Program
 from agent.pipeline import compile_kubernetes
+from agent.policy.kubernetes.incremental import IncrementalCompiler
 from agent.query import DataplaneOptions
 from agent.query import make_dataplane as build_dataplane
 from agent.sources.kubeobjects import RawObject, ref_of
@@ -107,12 +108,13 @@ class Agent:
         self.raw = [RawObject(ref_of(b, SOURCE), b) for b in objects]
         self.index = {(o.ref.kind, o.ref.namespace, o.ref.name): i for i, o in enumerate(self.raw)}
         self.store = LastGood(state)
+        self.compiler = IncrementalCompiler(node, SOURCE)  # kept across events, as the pipelines keep it
         self.dp = dp
         self.node = node
         self.program = None
 
     def compile(self) -> Program:
-        return compile_kubernetes(self.raw, self.store, self.node, SOURCE).program
+        return compile_kubernetes(self.raw, self.store, self.node, SOURCE, compiler=self.compiler).program
 
     def sync(self) -> tuple[float, float, Any]:
         c0, t0 = time.process_time(), time.perf_counter()

@@ -1,7 +1,8 @@
 """Admission: what the sources fetched, validated into parsed objects; last good versions kept.
 
-`lastgood` (the store, shared by every source), `kubernetes` (Pods, Namespaces,
-NetworkPolicies), `netbird` (the NetBird account).
+`lastgood` (the store, shared by every source), `kubernetes` (Pods, Namespaces, Nodes,
+NetworkPolicies, ClusterNetworkPolicies and the v1alpha1 Admin/BaselineAdminNetworkPolicies),
+`netbird` (the NetBird account).
 """
 
 from agent.admission.kubernetes import kubernetes_inventory

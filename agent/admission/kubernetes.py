@@ -4,8 +4,11 @@ Fail closed. An invalid object is reported (object and field path). Then:
 (a) if a version of it validated before (its last good version), that version stays in
     force, as long as it still validates today;
 (b) otherwise the object is read fail-closed: its invalid parts match nothing in accept
-    rules and everything in isolations (see `parse_policy`, `parse_pod`,
-    `parse_namespace`), so it never allows more than any valid reading of it would.
+    rules and everything in deny rules and isolations (see `parse_policy`,
+    `parse_cluster_policy`, `parse_pod`, `parse_namespace`, `parse_node`), so it never
+    allows more than any valid reading of it would.
+Cluster-scoped kinds (ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy,
+Node) are keyed with namespace "" whatever the source's reference says.
 One bad object never blocks the others. The store of last good versions can be persisted
 (only bodies that validated are written), so a restart, or a one-shot `apply`, admits
 exactly what the running agent admitted.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from agent.admission.lastgood import LastGood
@@ -25,15 +29,21 @@ from agent.inventory import (
     Inventory,
     IPAddress,
     Namespace,
+    Node,
     Problem,
     RawPolicy,
 )
+from agent.policy.cluster import KINDS as CLUSTER_KINDS
+from agent.policy.cluster import parse_cluster_policy, unreadable
 from agent.policy.errors import Invalid, Partial, is_dns_label, is_dns_subdomain, safe_name, valid_port_name
 from agent.policy.kubernetes import API_PROTOCOLS, isolation_only, parse_policy
 from agent.policy.selectors import parse_labels
 from agent.sources.kubeobjects import RawObject
 
 T = TypeVar("T")
+CLUSTER_SCOPED = (*CLUSTER_KINDS, "Node", "Namespace")
+KINDS = ("Namespace", "Pod", "Node", "NetworkPolicy", *CLUSTER_KINDS)  # what admission reads
+NODE_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
 
 
 def _meta(body: Mapping[str, Any], issues: list[Invalid]) -> Mapping[str, Any]:
@@ -213,11 +223,57 @@ def _strict(parse: Callable[[Any, list[Invalid]], T], fallback: Callable[[], T])
     return run
 
 
+def parse_node(body: Mapping[str, Any], issues: list[Invalid]) -> Node:
+    """A Node: its name, labels and addresses (status.addresses of type InternalIP or
+    ExternalIP: what a ClusterNetworkPolicy `nodes` peer matches). Labels that do not
+    validate leave it matched by no non-empty node selector for certain (a Deny still
+    matches it); a bad address is left out."""
+    meta = _meta(body, issues)
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise Invalid("metadata.name", "missing")
+    name_ok = is_dns_subdomain(name)
+    if not name_ok:
+        issues.append(Invalid("metadata.name", f"{name!r} is not a DNS-1123 subdomain"))
+    labels, labels_ok = parse_labels(meta.get("labels"), "metadata.labels", issues)
+    status = _section(body, "status", issues)
+    addresses = status.get("addresses")
+    if addresses is None:
+        addresses = []
+    if not isinstance(addresses, list):
+        issues.append(Invalid("status.addresses", "must be a list"))
+        addresses = []
+    ips: list[IPAddress] = []
+    for i, entry in enumerate(addresses):
+        if not isinstance(entry, Mapping):
+            issues.append(Invalid(f"status.addresses[{i}]", "must be an object"))
+            continue
+        if entry.get("type") not in NODE_ADDRESS_TYPES:
+            continue  # Hostname, InternalDNS, ...: not addresses a packet carries
+        try:
+            ip = _ip(entry.get("address"), f"status.addresses[{i}].address")
+        except Invalid as e:
+            issues.append(e)
+            continue
+        if ip not in ips:
+            ips.append(ip)
+    return Node(safe_name(name, name_ok), labels, tuple(ips), labels_invalid=not (labels_ok and name_ok))
+
+
+def _cluster_scoped(obj: RawObject) -> RawObject:
+    """Cluster-scoped kinds have no namespace, whatever the source's reference says (a
+    source that defaults it to "default" must not make two keys for one object)."""
+    if obj.ref.kind in CLUSTER_SCOPED and obj.ref.namespace:
+        return RawObject(replace(obj.ref, namespace=""), obj.body)
+    return obj
+
+
 def kubernetes_inventory(
     objects: Iterable[RawObject], store: LastGood, problems: list[Problem] | None = None
 ) -> Inventory:
-    """Namespaces, pods and NetworkPolicies into an Inventory, invalid objects reported
-    and read fail-closed (see the module docstring)."""
+    """Namespaces, Pods, Nodes, NetworkPolicies and the cluster policies (ClusterNetworkPolicy,
+    AdminNetworkPolicy, BaselineAdminNetworkPolicy) into an Inventory, invalid objects
+    reported and read fail-closed (see the module docstring)."""
     inv = Inventory(problems=list(problems or []))
 
     def parse(obj: RawObject) -> Any:
@@ -233,19 +289,33 @@ def kubernetes_inventory(
         if ref.kind == "Pod":
             # A pod that cannot be read has no address we could isolate: left out.
             return _strict(parse_pod, lambda: None)(obj.body)
+        if ref.kind == "Node":
+            # Unreadable: kept by name with no address and unknown labels.
+            return _strict(parse_node, lambda: Node(safe_name(ref.name, is_dns_subdomain(ref.name)), {},
+                                                    labels_invalid=True) if ref.name else None)(obj.body)
+        if ref.kind in CLUSTER_KINDS:
+            return _strict(
+                lambda body, issues: parse_cluster_policy(RawPolicy(ref, body), issues),
+                lambda: unreadable(ref.kind, safe_name(ref.name, is_dns_subdomain(ref.name)), ref.source),
+            )(obj.body)
         return _strict(
             lambda body, issues: parse_policy(RawPolicy(ref, body), issues),
             lambda: isolation_only(safe_name(ref.namespace, is_dns_label(ref.namespace)),
                                    safe_name(ref.name, is_dns_subdomain(ref.name)), ref.source),
         )(obj.body)
 
-    for obj, value in store.admit(objects, parse, inv.problems):
+    # Kinds no semantics reads (a StatefulSet beside the policies) are not admitted: read as
+    # a NetworkPolicy, a spec without podSelector would isolate a whole namespace.
+    ours = (_cluster_scoped(o) for o in objects if o.ref.kind in KINDS)
+    for obj, value in store.admit(ours, parse, inv.problems):
         if value is None:
             continue
         if obj.ref.kind == "Namespace":
             inv.namespaces[value.name] = value
         elif obj.ref.kind == "Pod":
             inv.endpoints[value.key] = value
+        elif obj.ref.kind == "Node":
+            inv.nodes[value.name] = value
         else:
             inv.policies[obj.ref.key] = RawPolicy(obj.ref, obj.body, parsed=value)
     return inv

@@ -1,21 +1,41 @@
-"""The last good version of every object, optionally kept on disk (agent.statefile)."""
+"""The last good version of every object, optionally kept on disk (agent.statefile).
+
+An event costs what it changed: an object delivered again as the same body (the same
+object, or an equal one, e.g. after a relist) is not validated again, and the state file
+is re-joined from each object's cached JSON text rather than re-encoded whole.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from agent.inventory import ObjectRef, Problem
 from agent.policy.errors import Invalid, Partial
 from agent.sources.kubeobjects import RawObject
-from agent.statefile import write_json
+from agent.statefile import write_text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _NOT_PARSED = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    """What admission made of one delivered version: reused while the source delivers an
+    equal body, and (when it fell back) the last good version it fell back to is unchanged."""
+
+    key: str
+    obj: RawObject  # as delivered
+    body: Mapping[str, Any]
+    previous: Mapping[str, Any] | None  # the last good body it was admitted against
+    entry: tuple[RawObject, Any] | None  # what is enforced (None: left out)
+    good: Mapping[str, Any] | None  # what is kept as the last good version
+    problems: tuple[Problem, ...]
 
 
 class LastGood:
@@ -26,9 +46,13 @@ class LastGood:
         self.readonly = readonly  # the simulator reads the state but never writes it
         self._bodies: dict[str, Mapping[str, Any]] = {}
         self._saved = True  # False after a failed write: retried on the next sync
-        # key -> (body, parsed value): an object delivered again as the same body object
-        # (sources keep unchanged objects) is not parsed again.
-        self._parsed: dict[str, tuple[Mapping[str, Any], Any]] = {}
+        # key -> what admission made of the body last delivered (see _Admitted); and the same
+        # by the delivered RawObject's id (held by the _Admitted, so never reused meanwhile):
+        # a source handing over the very same object costs one lookup
+        self._admitted: dict[str, _Admitted] = {}
+        self._by_id: dict[int, _Admitted] = {}
+        # key -> (body, `"key": body` as JSON): the state file is joined from these
+        self._texts: dict[str, tuple[Mapping[str, Any], str]] = {}
         if path is not None and path.exists():
             try:
                 loaded = json.loads(path.read_text())
@@ -57,11 +81,23 @@ class LastGood:
         if not changed or self.path is None or self.readonly:
             return
         try:
-            write_json(self.path, good, default=str)  # YAML timestamps in fields no one reads
+            write_text(self.path, self._write)
             self._saved = True
         except (OSError, TypeError, ValueError) as e:
             self._saved = False
             log.error("cannot save state file %s: %s", self.path, e)
+
+    def _write(self, f: TextIO) -> None:
+        """The bodies as one JSON object, each object's text encoded once per version."""
+        texts: dict[str, tuple[Mapping[str, Any], str]] = {}
+        for key, body in self._bodies.items():
+            hit = self._texts.get(key)
+            if hit is None or hit[0] is not body:
+                # default=str: YAML timestamps in fields no one reads
+                hit = (body, f"{json.dumps(key)}: {json.dumps(body, default=str)}")
+            texts[key] = hit
+        f.write("{" + ", ".join(t for _, t in texts.values()) + "}")
+        self._texts = texts
 
     def _parse_previous(
         self, obj: RawObject, parse: Callable[[RawObject], T], problems: list[Problem]
@@ -92,30 +128,54 @@ class LastGood:
         to what `parse` read fail-closed (raised as `Partial`), else it is left out."""
         out: list[tuple[RawObject, T]] = []
         good: dict[str, Mapping[str, Any]] = {}
-        parsed: dict[str, tuple[Mapping[str, Any], Any]] = {}
+        admitted: dict[str, _Admitted] = {}
+        by_id: dict[int, _Admitted] = {}
+        bodies = self._bodies
         for obj in objects:
-            key = self._key(obj.ref)
-            fallback: Any = _NOT_PARSED
-            try:
-                hit = self._parsed.get(key)
-                value = hit[1] if hit is not None and hit[0] is obj.body else parse(obj)
-                parsed[key] = (obj.body, value)
-                good[key] = obj.body
-                out.append((obj, value))
-                continue
-            except Partial as e:
-                fallback = e.value
-                problems.extend(Problem(obj.ref, i.field, i.message) for i in e.issues)
-            except Invalid as e:
-                problems.append(Problem(obj.ref, e.field, e.message))
-            except (TypeError, AttributeError, ValueError, KeyError) as e:  # shapes no validator foresaw
-                problems.append(Problem(obj.ref, "(object)", f"malformed: {e}"))
-            previous = self._parse_previous(obj, parse, problems)
-            if previous is not None:
-                good[key] = previous[0].body
-                out.append(previous)
-            elif fallback is not _NOT_PARSED:
-                out.append((obj, fallback))  # enforced, but never saved as good
-        self._parsed = parsed
+            hit = self._by_id.get(id(obj))
+            if hit is None or hit.obj is not obj:
+                hit = self._again(obj, parse)
+            elif hit.previous is not None and hit.previous is not bodies.get(hit.key):
+                hit = self._admit_one(hit.key, obj, parse)
+            admitted[hit.key] = by_id[id(obj)] = hit
+            if hit.problems:
+                problems.extend(hit.problems)
+            if hit.entry is not None:
+                out.append(hit.entry)
+            if hit.good is not None:
+                good[hit.key] = hit.good
+        self._admitted, self._by_id = admitted, by_id
         self.replace(good)
         return out
+
+    def _again(self, obj: RawObject, parse: Callable[[RawObject], T]) -> _Admitted:
+        """A delivered object seen before as another object: reused when equal."""
+        key = self._key(obj.ref)
+        hit = self._admitted.get(key)
+        if hit is None or hit.obj.ref != obj.ref or not (hit.body is obj.body or hit.body == obj.body) or (
+                hit.previous is not None and hit.previous is not self._bodies.get(key)):
+            return self._admit_one(key, obj, parse)
+        if hit.previous is None and hit.entry is not None:  # valid: enforce the object as delivered
+            return _Admitted(key, obj, obj.body, None, (obj, hit.entry[1]), obj.body, hit.problems)
+        return _Admitted(key, obj, obj.body, hit.previous, hit.entry, hit.good, hit.problems)
+
+    def _admit_one(self, key: str, obj: RawObject, parse: Callable[[RawObject], T]) -> _Admitted:
+        found: list[Problem] = []
+        fallback: Any = _NOT_PARSED
+        try:
+            value = parse(obj)
+            return _Admitted(key, obj, obj.body, None, (obj, value), obj.body, ())
+        except Partial as e:
+            fallback = e.value
+            found.extend(Problem(obj.ref, i.field, i.message) for i in e.issues)
+        except Invalid as e:
+            found.append(Problem(obj.ref, e.field, e.message))
+        except (TypeError, AttributeError, ValueError, KeyError) as e:  # shapes no validator foresaw
+            found.append(Problem(obj.ref, "(object)", f"malformed: {e}"))
+        was = self.get(obj.ref)
+        previous = self._parse_previous(obj, parse, found)
+        if previous is not None:
+            return _Admitted(key, obj, obj.body, was, previous, previous[0].body, tuple(found))
+        # enforced fail-closed (or left out), never saved as good
+        entry = None if fallback is _NOT_PARSED else (obj, fallback)
+        return _Admitted(key, obj, obj.body, was, entry, None, tuple(found))

@@ -9,6 +9,10 @@ Layout (see README "The nft table"):
 - per endpoint and enforced direction a chain `in_<id>` / `out_<id>`; each IR rule
   becomes one line per address family that `return`s (allow, so the other side is
   still judged) or drops, with a counter; an isolated chain ends in a counted drop.
+  Tiers (ir.first_match): ADMIN lines, POLICY lines, the default deny, then BASELINE
+  lines (left out under isolation: never reached). A direction with an ADMIN Pass is
+  split: `in_<id>` holds the ADMIN lines, a Pass is `counter goto in_<id>_t`, the chain
+  ends in `goto in_<id>_t`, and that tail chain holds the rest.
 - per IR rule key and family a hash set `p_<hash>_4` / `p_<hash>_6` holding the peers'
   single addresses (pods), and, only when the peers include wider prefixes (ipBlocks), an
   interval set `p_<hash>_4n` / `p_<hash>_6n` holding those: a membership change is element
@@ -57,6 +61,7 @@ from agent.ir import (
     PeerSet,
     Program,
     Rule,
+    Tier,
     Verdict,
     merge_ranges,
 )
@@ -227,8 +232,9 @@ def build_model(program: Program, opts: Options = Options()) -> Model:
             if not dp.enforced:
                 continue
             name = chain_name(ep.key, d)
-            rules = _chain_rules(m, dp, d, name, opts)
-            m.owners[name] = (ep.key, d)
+            chains = _chain_rules(m, dp, d, name, opts)
+            for c in chains:
+                m.owners[c] = (ep.key, d)
             if ep.interface is not None:
                 if not valid_ifname(ep.interface):
                     # nft cannot name such a device in a quoted string; refuse loudly rather
@@ -239,11 +245,11 @@ def build_model(program: Program, opts: Options = Options()) -> Model:
                 # addresses are not known yet (NetBird before its first sync) is covered too.
                 m.maps[f"{d.value}_if"][f'"{ep.interface}"'] = f"jump {name}"
                 if d is Direction.INGRESS:
-                    rules = ("fib daddr type != local return", *rules)  # routed, not for this host
+                    chains[name] = ("fib daddr type != local return", *chains[name])  # routed, not for this host
             else:
                 for ip in ep.ips:
                     m.maps[f"{d.value}{ip.version}"][str(ip)] = f"jump {name}"
-            m.chains[name] = rules
+            m.chains.update(chains)
     return m
 
 
@@ -253,13 +259,45 @@ def _log(opts: Options, chain: str, what: str) -> str:
     return f'limit rate {opts.log_rate} log prefix "stk {mode} {chain} {what}" group {opts.log_group} '
 
 
-def _chain_rules(m: Model, dp: DirectionProgram, d: Direction, chain: str, opts: Options) -> tuple[str, ...]:
+def tail_name(chain: str) -> str:
+    """The chain holding what follows the ADMIN tier when an ADMIN Pass must skip the rest of it."""
+    return f"{chain}_t"
+
+
+def _chain_rules(m: Model, dp: DirectionProgram, d: Direction, chain: str, opts: Options) -> dict[str, tuple[str, ...]]:
+    """The chain(s) of one endpoint direction, in `ir.first_match` order: ADMIN lines, POLICY
+    lines, the isolation's default deny, BASELINE lines. An ADMIN Pass must skip the rest of
+    the ADMIN tier, so a direction with one is split: `chain` keeps the ADMIN lines (Pass:
+    `goto` the tail) and ends in `goto` the tail, which holds the rest. `goto`, not `jump`:
+    a `return` in the tail goes straight back to the base chain, as one from `chain` would."""
+    tiers = {t: [r for r in dp.rules if r.tier is t] for t in Tier}
+    split = any(r.verdict is Verdict.PASS for r in tiers[Tier.ADMIN])
+    tail = tail_name(chain) if split else chain
+    head = _lines(m, tiers[Tier.ADMIN], d, chain, tail, opts)
+    rest = _lines(m, tiers[Tier.POLICY], d, tail, tail, opts)
+    if dp.isolated:
+        if opts.log_group is not None:
+            rest.append(_log(opts, tail, "deny").rstrip())
+        rest.append(f'counter {"" if opts.audit else "drop "}comment "{DENY_COMMENT}"')
+    else:  # under isolation the default deny decides before BASELINE is reached: no dead lines
+        rest += _lines(m, tiers[Tier.BASELINE], d, tail, tail, opts)
+    if split:
+        return {chain: (*head, f"goto {tail}"), tail: tuple(rest)}
+    return {chain: (*head, *rest)}
+
+
+def _lines(m: Model, rules: list[Rule], d: Direction, chain: str, tail: str, opts: Options) -> list[str]:
+    """Counted lines of `rules` in `chain`: accept (and a BASELINE Pass) `return` (allow, so
+    the other side is still judged), drop drops (audit: logs and returns), an ADMIN Pass
+    goes to `tail`. Comments `r:<id>` map counters and drop samples back to the rule."""
     peer_key = "saddr" if d is Direction.INGRESS else "daddr"
     # In audit mode a drop decides like a drop (stops this side's evaluation) but lets it pass.
     verdict = {Verdict.ACCEPT: "return", Verdict.DROP: "return" if opts.audit else "drop"}
     lines = []
-    for rule in dp.rules:
-        tail = f"counter {verdict[rule.verdict]} comment \"r:{rule.id}\""
+    for rule in rules:
+        action = f"goto {tail}" if rule.verdict is Verdict.PASS and rule.tier is Tier.ADMIN \
+            else verdict[rule.effect]
+        tail_text = f"counter {action} comment \"r:{rule.id}\""
         logged = rule.verdict is Verdict.DROP and opts.log_group is not None
         matches = []
         ports = _ports_line(rule)
@@ -270,12 +308,8 @@ def _chain_rules(m: Model, dp: DirectionProgram, d: Direction, chain: str, opts:
         for match in matches:
             if logged:
                 lines.append(f"{match}{_log(opts, chain, 'r:' + rule.id)}".rstrip())
-            lines.append(f"{match}{tail}")
-    if dp.isolated:
-        if opts.log_group is not None:
-            lines.append(_log(opts, chain, "deny").rstrip())
-        lines.append(f'counter {"" if opts.audit else "drop "}comment "{DENY_COMMENT}"')
-    return tuple(lines)
+            lines.append(f"{match}{tail_text}")
+    return lines
 
 
 def _chain_comment(m: Model, chain: str) -> str:
@@ -328,14 +362,15 @@ def render_diff(old: Model, new: Model) -> tuple[str, ApplyStats]:
         cmds += [f"add element {t} {name} {{ {c} }}" for c in _elements(fresh)]
         added, removed = added + len(fresh), removed + len(gone)
     written = 0
+    # New chains first, empty: a rule may `goto` a chain that sorts after it (in_x -> in_x_t).
+    cmds += [f"add chain {t} {name} {{ {_chain_comment(new, name)}; }}"
+             for name in sorted(set(new.chains) - set(old.chains))]
     for name, rules in sorted(new.chains.items()):
         if old.chains.get(name) == rules:
             continue
         written += 1
         if name in old.chains:
             cmds.append(f"flush chain {t} {name}")
-        else:
-            cmds.append(f"add chain {t} {name} {{ {_chain_comment(new, name)}; }}")
         cmds += [f"add rule {t} {name} {r}" for r in rules]
     for mname in MAPS:
         o, n = old.maps[mname], new.maps[mname]
@@ -346,8 +381,9 @@ def render_diff(old: Model, new: Model) -> tuple[str, ApplyStats]:
             f"add element {t} {mname} {{ {c} }}"
             for c in _elements(f"{k} : {n[k]}" for k in new_keys)
         ]
-    for name in sorted(set(old.chains) - set(new.chains)):
-        cmds += [f"flush chain {t} {name}", f"delete chain {t} {name}"]
+    gone = sorted(set(old.chains) - set(new.chains))
+    # Flush every chain before deleting any: a removed chain may `goto` another removed one.
+    cmds += [f"flush chain {t} {name}" for name in gone] + [f"delete chain {t} {name}" for name in gone]
     for name in sorted(set(old.sets) - set(new.sets)):
         cmds.append(f"delete set {t} {name}")
     stats = ApplyStats(False, len(cmds), added, removed, written)
@@ -517,8 +553,15 @@ class NftablesDataplane(Dataplane):
 
 
 def endpoint_chains(ep: EndpointProgram) -> list[str]:
-    """Names of the chains programmed for an endpoint (for diagnostics)."""
-    return [chain_name(ep.key, d) for d in Direction if ep.direction(d).enforced]
+    """Names of the chains programmed for an endpoint (for diagnostics), tail chains included."""
+    out = []
+    for d in Direction:
+        dp = ep.direction(d)
+        if dp.enforced:
+            out.append(chain_name(ep.key, d))
+            if any(r.tier is Tier.ADMIN and r.verdict is Verdict.PASS for r in dp.rules):
+                out.append(tail_name(out[-1]))
+    return out
 
 
 class _NftDropLog(DropLog):

@@ -12,9 +12,15 @@ from typing import Any
 
 from agent.inventory import ObjectRef, RawObject
 
-__all__ = ["KINDS", "RawObject", "expand", "ref_of", "trim"]  # RawObject: the raw shape every source yields
+__all__ = ["CLUSTER_POLICY_KINDS", "CLUSTER_SCOPED", "KINDS", "RawObject", "expand", "ref_of", "trim"]
+# (RawObject: the raw shape every source yields)
 
-KINDS = ("Namespace", "Pod", "NetworkPolicy")
+# ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2) and its v1alpha1 predecessors.
+CLUSTER_POLICY_KINDS = ("ClusterNetworkPolicy", "AdminNetworkPolicy", "BaselineAdminNetworkPolicy")
+# Every kind the semantics read: Nodes for ClusterNetworkPolicy `nodes` egress peers.
+KINDS = ("Namespace", "Pod", "NetworkPolicy", "Node", *CLUSTER_POLICY_KINDS)
+# Kinds without a namespace: their references carry namespace "".
+CLUSTER_SCOPED = frozenset({"Namespace", "Node", *CLUSTER_POLICY_KINDS})
 
 
 def expand(doc: Any) -> Iterator[Mapping[str, Any]]:
@@ -37,7 +43,7 @@ def ref_of(body: Mapping[str, Any], source: str, location: str = "") -> ObjectRe
     meta = body.get("metadata") if isinstance(body.get("metadata"), Mapping) else {}
     kind = str(body.get("kind") or "")
     name = str(meta.get("name") or "")
-    ns = "" if kind == "Namespace" else str(meta.get("namespace") or "default")
+    ns = "" if kind in CLUSTER_SCOPED else str(meta.get("namespace") or "default")
     return ObjectRef(kind, ns, name, source, location)
 
 
@@ -49,8 +55,19 @@ def trim(body: Mapping[str, Any]) -> dict[str, Any]:
     if "apiVersion" in body:
         out["apiVersion"] = body["apiVersion"]
     kind = body.get("kind")
-    if kind == "NetworkPolicy":
+    if kind == "NetworkPolicy" or kind in CLUSTER_POLICY_KINDS:
         out["spec"] = body.get("spec")
+    elif kind == "Node":
+        # Only the addresses: conditions and heartbeats change every few seconds and must
+        # not wake the loop. Entries keep just type and address; anything malformed is kept
+        # as it is, for admission to report (dropping it could narrow a deny).
+        status = body.get("status") if isinstance(body.get("status"), Mapping) else {}
+        if "addresses" in status:
+            addrs = status["addresses"]
+            if isinstance(addrs, list):
+                addrs = [{k: a[k] for k in ("type", "address") if k in a} if isinstance(a, Mapping) else a
+                         for a in addrs]
+            out["status"] = {"addresses": addrs}
     elif kind == "Pod":
         spec = body.get("spec") or {}
         status = body.get("status") or {}

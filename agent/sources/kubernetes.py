@@ -1,4 +1,6 @@
-"""The Kubernetes API source: cluster-wide list+watch of Namespaces, Pods and NetworkPolicies.
+"""The Kubernetes API source: cluster-wide list+watch of Namespaces, Pods, NetworkPolicies,
+Nodes and the ClusterNetworkPolicy kinds (CNP v1alpha2; AdminNetworkPolicy and
+BaselineAdminNetworkPolicy v1alpha1), the last three through their CRDs.
 
 (Over 500 lines: reflector, cache, pod CIDRs and client setup are one source; parts would reach into each other.)
 
@@ -13,14 +15,19 @@ One reflector thread per resource keeps an in-memory cache of trimmed objects:
 - disconnects, cut streams, timeouts and 5xx reconnect with jittered exponential backoff
   from the last resourceVersion that was fully processed;
 - every `resync` seconds the list is repeated anyway and diffed against the cache, which
-  repairs any drift a buggy watch could have caused.
+  repairs any drift a buggy watch could have caused;
+- a kind served by a CRD that the cluster does not have (404 on list) is "not served":
+  logged once at warning level (it is not enforced), counted once (`crd_missing`), its
+  cache emptied, and listed again every `crd_retry` seconds, so a CRD installed later is
+  picked up. Readiness does not wait for it.
 
 Objects are trimmed to the fields the semantics read (kubeobjects.trim, then the
 resourceVersion is dropped too) so memory follows what matters, and an event that
 changes nothing the semantics read (a pod's status heartbeat) does not wake the loop.
 
 `read()` is a snapshot of the caches; `watch(on_change)` starts the threads; `synced`
-is set once all three initial lists (and the node's pod CIDRs, when asked for) are in.
+is set once every initial list has answered (with objects, or "not served") and the
+node's pod CIDRs, when asked for, are in.
 Each change is stamped with the monotonic time it was read off the wire, so the
 pipeline can tell the daemon how long an event took to reach the kernel.
 """
@@ -28,6 +35,7 @@ pipeline can tell the daemon how long an event took to reach the kernel.
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 import json
 import logging
@@ -50,11 +58,36 @@ SOURCE = "kubernetes"
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Key = tuple[str, str, str]
 
-# kind -> (apiVersion, API class in kubernetes.client, cluster-wide list method)
-LISTERS: dict[str, tuple[str, str, str]] = {
-    "Namespace": ("v1", "CoreV1Api", "list_namespace"),
-    "Pod": ("v1", "CoreV1Api", "list_pod_for_all_namespaces"),
-    "NetworkPolicy": ("networking.k8s.io/v1", "NetworkingV1Api", "list_network_policy_for_all_namespaces"),
+
+@dataclass(frozen=True)
+class Resource:
+    """How to list and watch one kind cluster-wide (and what deploy/base/rbac.yaml grants)."""
+
+    api_version: str
+    plural: str  # the resource name (RBAC, URL path)
+    api_class: str = "CustomObjectsApi"  # in kubernetes.client
+    method: str = "list_cluster_custom_object"
+
+    @property
+    def crd(self) -> bool:
+        """A custom resource: served only when its CRD is installed."""
+        return self.api_class == "CustomObjectsApi"
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]  # "" for the core group
+
+
+CNP_GROUP = "policy.networking.k8s.io"
+RESOURCES: dict[str, Resource] = {
+    "Namespace": Resource("v1", "namespaces", "CoreV1Api", "list_namespace"),
+    "Pod": Resource("v1", "pods", "CoreV1Api", "list_pod_for_all_namespaces"),
+    "NetworkPolicy": Resource("networking.k8s.io/v1", "networkpolicies", "NetworkingV1Api",
+                              "list_network_policy_for_all_namespaces"),
+    "Node": Resource("v1", "nodes", "CoreV1Api", "list_node"),
+    "ClusterNetworkPolicy": Resource(f"{CNP_GROUP}/v1alpha2", "clusternetworkpolicies"),
+    "AdminNetworkPolicy": Resource(f"{CNP_GROUP}/v1alpha1", "adminnetworkpolicies"),
+    "BaselineAdminNetworkPolicy": Resource(f"{CNP_GROUP}/v1alpha1", "baselineadminnetworkpolicies"),
 }
 
 
@@ -124,7 +157,7 @@ def _pod_ips(body: Mapping[str, Any] | None) -> set[str]:
 
 
 class KubernetesSource:
-    """List+watch of the three kinds the NetworkPolicy semantics read, cluster-wide."""
+    """List+watch of every kind the Kubernetes semantics read (kubeobjects.KINDS), cluster-wide."""
 
     name = SOURCE
 
@@ -144,6 +177,7 @@ class KubernetesSource:
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         max_observed: int = 10000,
+        crd_retry: float = 60.0,
     ) -> None:
         self._client = client
         self._kubeconfig = kubeconfig
@@ -154,9 +188,11 @@ class KubernetesSource:
         self.connect_timeout = connect_timeout
         self.read_slack = read_slack  # client read timeout beyond the server's timeoutSeconds
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
+        self.crd_retry = crd_retry  # how often a kind whose CRD is missing is listed again
 
         self.synced = threading.Event()  # all initial lists in (and pod CIDRs, if wanted)
-        self.listed = {k: threading.Event() for k in KINDS}
+        self.listed = {k: threading.Event() for k in KINDS}  # listed, or known not served
+        self.unserved: set[str] = set()  # kinds whose CRD the cluster does not have (404)
         self.stats: collections.Counter[tuple[str, str]] = collections.Counter()
         # Faults by cause, for stockade_source_errors{cause} (read by the daemon at scrape time).
         self.errors: collections.Counter[str] = collections.Counter()
@@ -192,7 +228,7 @@ class KubernetesSource:
         return self._rv[kind]
 
     def read(self) -> tuple[list[RawObject], list[Problem]]:
-        """A snapshot of the caches (Namespaces, Pods, NetworkPolicies), sorted by key."""
+        """A snapshot of the caches (every kind in KINDS), sorted by key."""
         objects, problems, _ = self._snapshot(drain=False)
         return objects, problems
 
@@ -268,6 +304,10 @@ class KubernetesSource:
                     self._list(kind)
                     last_list = time.monotonic()
                     need_list = False
+                if kind in self.unserved:  # no CRD: nothing to watch; ask again later
+                    self._stopping.wait(self.crd_retry)
+                    need_list = True
+                    continue
                 started = time.monotonic()
                 events = self._watch(kind, until=last_list + self.resync)
                 if events:
@@ -294,18 +334,23 @@ class KubernetesSource:
                 level = logging.WARNING if backoff.failures > 1 else logging.INFO
                 log.log(level, "%s %s failed (%s); reconnecting from resourceVersion %s in %.2fs", kind,
                         "list" if need_list else "watch", _describe(e), self._rv[kind], delay)
-                if not isinstance(e, _retry_same_rv()):
-                    need_list = True  # an unexpected failure: the cache may have missed something
+                if not isinstance(e, _retry_same_rv()) or (_status(e) == 404 and RESOURCES[kind].crd):
+                    # An unexpected failure: the cache may have missed something. A 404 on a
+                    # CRD's watch: the CRD went away; the list says so (not served).
+                    need_list = True
                 self._stopping.wait(delay)
 
     def _lister(self, kind: str) -> Callable[..., Any]:
         from kubernetes import client
 
-        _, api_class, method = LISTERS[kind]
-        return getattr(getattr(client, api_class)(self.client), method)
+        res = RESOURCES[kind]
+        method = getattr(getattr(client, res.api_class)(self.client), res.method)
+        if res.crd:
+            return functools.partial(method, res.group, res.api_version.rpartition("/")[2], res.plural)
+        return method
 
     def _raw(self, kind: str, obj: Mapping[str, Any]) -> RawObject:
-        body = trim({**obj, "kind": kind, "apiVersion": LISTERS[kind][0]})  # list items carry neither
+        body = trim({**obj, "kind": kind, "apiVersion": RESOURCES[kind].api_version})  # list items carry neither
         body["metadata"].pop("resourceVersion", None)  # changes on every write; semantics ignore it
         return RawObject(ref_of(body, SOURCE), body)
 
@@ -340,6 +385,9 @@ class KubernetesSource:
                     if not token or self._stopping.is_set():
                         break
             except Exception as e:
+                if _status(e) == 404 and RESOURCES[kind].crd:
+                    self._not_served(kind)
+                    return
                 if token and _status(e) == 410 and restarts < 3:
                     restarts += 1  # the continue token expired mid-list: start over, consistently
                     self.stats[(kind, "list_restarts")] += 1
@@ -361,6 +409,9 @@ class KubernetesSource:
                 self._stamp("LIST", items[k], old.get(k), now)
             for k in removed:
                 self._stamp("DELETED", old[k], old[k], now)
+        if kind in self.unserved:
+            self.unserved.discard(kind)
+            log.info("%s is served now (its CRD was installed): enforcing %d of them", kind, len(items))
         self.stats[(kind, "lists")] += 1
         self.stats[(kind, "list_pages")] += pages
         log.debug("listed %d %ss in %d pages at resourceVersion %s (%d changed, %d gone)",
@@ -368,6 +419,28 @@ class KubernetesSource:
         self.listed[kind].set()
         self._check_synced()
         if (changed or removed) and self._on_change:
+            self._on_change()
+
+    def _not_served(self, kind: str) -> None:
+        """404 listing a CRD's kind: the cluster has no such resource. Nothing of that kind
+        exists (deleting a CRD deletes its objects), so the cache empties; said once."""
+        now = time.monotonic()
+        with self._lock:
+            old = self._objects[kind]
+            self._objects[kind] = {}
+            self._rv[kind] = None
+            for obj in old.values():
+                self._stamp("DELETED", obj, obj, now)
+        if kind not in self.unserved:
+            self.unserved.add(kind)
+            self.errors["crd_missing"] += 1
+            log.warning("%s (%s/%s) is not served by this cluster (CRD not installed): none are "
+                        "enforced; asking again every %.0fs", kind, RESOURCES[kind].api_version,
+                        RESOURCES[kind].plural, self.crd_retry)
+        self.stats[(kind, "not_served")] += 1
+        self.listed[kind].set()
+        self._check_synced()
+        if old and self._on_change:
             self._on_change()
 
     def _watch(self, kind: str, until: float) -> int:
@@ -495,8 +568,8 @@ class KubernetesSource:
     def _check_synced(self) -> None:
         if all(e.is_set() for e in self.listed.values()) and (not self._want_node or self.pod_cidrs):
             if not self.synced.is_set():
-                log.info("initial lists complete: %s",
-                         ", ".join(f"{len(self._objects[k])} {k}s" for k in KINDS))
+                log.info("initial lists complete: %s", ", ".join(
+                    f"{k}s not served" if k in self.unserved else f"{len(self._objects[k])} {k}s" for k in KINDS))
             self.synced.set()
 
 

@@ -1,7 +1,9 @@
 """A fake Kubernetes API server speaking the real list/watch protocol over HTTP/1.1.
 
-Serves Namespaces, Pods and networking.k8s.io/v1 NetworkPolicies cluster-wide, and
-Nodes by name, on 127.0.0.1 (stdlib ThreadingHTTPServer):
+Serves Namespaces, Pods, networking.k8s.io/v1 NetworkPolicies, Nodes (also by name) and
+the policy.networking.k8s.io custom resources (ClusterNetworkPolicy v1alpha2,
+AdminNetworkPolicy and BaselineAdminNetworkPolicy v1alpha1) cluster-wide, on 127.0.0.1
+(stdlib ThreadingHTTPServer):
 
 - lists honour `limit` / `continue` (a consistent snapshot per continue chain) and
   carry `metadata.resourceVersion`;
@@ -11,7 +13,10 @@ Nodes by name, on 127.0.0.1 (stdlib ThreadingHTTPServer):
 - faults on demand: 5xx (or any status) for the next N matching requests, slow
   responses, watches cut in the middle of an event line, 410 Gone as an ERROR event
   on open watches and for watches from a compacted resourceVersion, expired
-  continue tokens (HTTP 410), changes that no watch is told about (drift).
+  continue tokens (HTTP 410), changes that no watch is told about (drift);
+- CRDs can be uninstalled (`uninstall_crd`: its objects are deleted, open watches end,
+  list and watch answer 404 as a real server does for an unknown resource) and installed
+  again (`install_crd`).
 
 Every request is recorded (time, path, query, headers) for assertions.
 """
@@ -30,18 +35,27 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+CNP = "policy.networking.k8s.io"
 PATHS = {
     "/api/v1/namespaces": "Namespace",
     "/api/v1/pods": "Pod",
     "/apis/networking.k8s.io/v1/networkpolicies": "NetworkPolicy",
+    "/api/v1/nodes": "Node",
+    f"/apis/{CNP}/v1alpha2/clusternetworkpolicies": "ClusterNetworkPolicy",
+    f"/apis/{CNP}/v1alpha1/adminnetworkpolicies": "AdminNetworkPolicy",
+    f"/apis/{CNP}/v1alpha1/baselineadminnetworkpolicies": "BaselineAdminNetworkPolicy",
 }
-API_VERSION = {"Namespace": "v1", "Pod": "v1", "NetworkPolicy": "networking.k8s.io/v1"}
+API_VERSION = {"Namespace": "v1", "Pod": "v1", "NetworkPolicy": "networking.k8s.io/v1", "Node": "v1",
+               "ClusterNetworkPolicy": f"{CNP}/v1alpha2", "AdminNetworkPolicy": f"{CNP}/v1alpha1",
+               "BaselineAdminNetworkPolicy": f"{CNP}/v1alpha1"}
+CRDS = ("ClusterNetworkPolicy", "AdminNetworkPolicy", "BaselineAdminNetworkPolicy")  # kinds a CRD serves
+CLUSTER_SCOPED = {"Namespace", "Node", *CRDS}
 TOKEN = "fake-token"
 
 
 def key_of(obj: dict[str, Any]) -> tuple[str, str]:
     meta = obj["metadata"]
-    ns = "" if obj["kind"] == "Namespace" else meta.get("namespace", "default")
+    ns = "" if obj["kind"] in CLUSTER_SCOPED else meta.get("namespace", "default")
     return (ns, meta["name"])
 
 
@@ -66,6 +80,17 @@ class Request:
     def watch(self) -> bool:
         return self.query.get("watch") in ("true", "1", "True")
 
+    @property
+    def verb(self) -> str:
+        """The RBAC verb this request needs."""
+        return "watch" if self.watch else "list" if self.path in PATHS else "get"
+
+    @property
+    def resource(self) -> tuple[str, str]:
+        """(API group, resource): /api/v1/<resource>[/name] or /apis/<group>/<version>/<resource>[/name]."""
+        parts = self.path.strip("/").split("/")
+        return ("", parts[2]) if parts[0] == "api" else (parts[1], parts[3])
+
 
 @dataclass
 class Fault:
@@ -80,7 +105,7 @@ class FakeKubeAPI:
     rv: int = 1000
     objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = field(
         default_factory=lambda: {k: {} for k in PATHS.values()})
-    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    missing: set[str] = field(default_factory=set)  # CRD kinds not installed: 404
     # (rv, kind, type, object) in rv order; watches replay from here.
     log: list[tuple[int, str, str, dict[str, Any]]] = field(default_factory=list)
     compacted: dict[str, int] = field(default_factory=dict)  # watch from rv below: 410
@@ -144,7 +169,7 @@ class FakeKubeAPI:
         obj = copy.deepcopy(obj)
         obj.setdefault("apiVersion", API_VERSION[obj["kind"]])
         meta = obj.setdefault("metadata", {})
-        if obj["kind"] != "Namespace":
+        if obj["kind"] not in CLUSTER_SCOPED:
             meta.setdefault("namespace", "default")
         if self.noise:
             meta.setdefault("uid", f"uid-{meta['name']}")
@@ -153,10 +178,15 @@ class FakeKubeAPI:
                 "kubectl.kubernetes.io/last-applied-configuration", json.dumps(obj))
             meta.setdefault("managedFields", [{"manager": "kubectl", "operation": "Update",
                                                "fieldsV1": {"f:metadata": {}}}])
-            if obj["kind"] == "Pod":
+            if obj["kind"] in ("Pod", "Node"):
                 st = obj.setdefault("status", {})
                 st.setdefault("conditions", [{"type": "Ready", "status": "True"}])
-                st.setdefault("hostIP", "192.0.2.1")
+                if obj["kind"] == "Pod":
+                    st.setdefault("hostIP", "192.0.2.1")
+                else:
+                    st.setdefault("nodeInfo", {"kubeletVersion": "v1.35.0"})
+            if obj["kind"] in CRDS:
+                obj.setdefault("status", {"conditions": [{"type": "Accepted", "status": "True"}]})
         return obj
 
     def put(self, obj: dict[str, Any], silent: bool = False) -> int:
@@ -184,6 +214,19 @@ class FakeKubeAPI:
                 self.log.append((self.rv, kind, "DELETED", obj))
             self.cond.notify_all()
             return self.rv
+
+    def uninstall_crd(self, kind: str) -> None:
+        """Delete the CRD of `kind`: its objects go (DELETED events), then 404 for it."""
+        with self.cond:
+            for key in list(self.objects[kind]):
+                self.delete(kind, *key)
+            self.missing.add(kind)
+            self.cond.notify_all()
+
+    def install_crd(self, kind: str) -> None:
+        with self.cond:
+            self.missing.discard(kind)
+            self.cond.notify_all()
 
     def set_state(self, objects: list[dict[str, Any]]) -> None:
         """Make the stored objects exactly `objects` (events for what differs)."""
@@ -255,13 +298,14 @@ class FakeKubeAPI:
             if fault.status:
                 return self._json(h, fault.status, status(fault.status, "InternalError", "injected fault"))
         if url.path.startswith("/api/v1/nodes/"):
-            node = self.nodes.get(url.path.rsplit("/", 1)[1])
+            with self.cond:
+                node = copy.deepcopy(self.objects["Node"].get(("", url.path.rsplit("/", 1)[1])))
             if node is None:
                 return self._json(h, 404, status(404, "NotFound", "node not found"))
             return self._json(h, 200, node)
         kind = PATHS.get(url.path)
-        if kind is None:
-            return self._json(h, 404, status(404, "NotFound", f"no route {url.path}"))
+        if kind is None or kind in self.missing:  # what a server says for a resource it does not serve
+            return self._json(h, 404, status(404, "NotFound", "the server could not find the requested resource"))
         if req.watch:
             return self._watch(h, kind, query)
         return self._list(h, kind, query)
@@ -333,8 +377,9 @@ class FakeKubeAPI:
                     pending = [e for e in self.log if e[0] > sent and e[1] == kind]
                     cut = self._cut_gen != cut_gen
                     gone = self._gone_gen != gone_gen
+                    uninstalled = kind in self.missing
                     left = deadline - time.monotonic()
-                    if not (pending or cut or gone) and left > 0:
+                    if not (pending or cut or gone or uninstalled) and left > 0:
                         self.cond.wait(min(left, 0.5))
                         continue
                 if cut:
@@ -350,8 +395,8 @@ class FakeKubeAPI:
                     send("ERROR", status(410, "Expired", "The resourceVersion for the provided watch "
                                          "is too old."))
                     return self._end(h)
-                if left <= 0 and not pending:
-                    return self._end(h)
+                if (left <= 0 or uninstalled) and not pending:
+                    return self._end(h)  # a CRD's deletion ends its watches after their last events
                 for rv, _, etype, obj in pending:
                     sent = rv
                     if etype == "BOOKMARK" and not bookmarks:

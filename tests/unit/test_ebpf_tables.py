@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.dataplane.ebpf import ALL_PROTOS, PROTO, PROTO_NAME, V_CODE, compile_direction, port_prefixes
-from agent.ir import Direction, DirectionProgram, Origin, PeerSet, PortMatch, Rule, Verdict
+from agent.ir import Direction, DirectionProgram, Origin, PeerSet, PortMatch, Rule, Tier, Verdict
 from agent.simulate import decide
 
 
@@ -65,20 +65,32 @@ ports = st.one_of(
     st.builds(lambda p, a, n: PortMatch(p, a, min(65535, a + n)), st.sampled_from(["tcp", "udp"]),
               st.sampled_from([0, 1, 53, 80, 1023, 1024, 8000, 65535]), st.sampled_from([0, 1, 3, 100, 65535])),
 )
-rules = st.builds(
-    lambda i, peers, pts, v: Rule(Origin("file", "ns", "p", Direction.INGRESS, i),
-                                  None if peers is None else PeerSet.of(ipaddress.ip_network(n) for n in peers),
-                                  tuple(pts), v, key=f"k{i}-{peers}"),
-    st.integers(0, 1000),
-    st.one_of(st.none(), st.lists(st.sampled_from(NETS4 + NETS6), max_size=3)),
-    st.lists(ports, max_size=3),
-    st.sampled_from([Verdict.ACCEPT, Verdict.ACCEPT, Verdict.DROP]),
-)
+VERDICTS = {  # the verdicts each tier's rules may carry (Pass only in the ClusterNetworkPolicy tiers)
+    Tier.ADMIN: [Verdict.ACCEPT, Verdict.DROP, Verdict.PASS],
+    Tier.POLICY: [Verdict.ACCEPT, Verdict.ACCEPT, Verdict.DROP],
+    Tier.BASELINE: [Verdict.ACCEPT, Verdict.DROP, Verdict.PASS],
+}
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(rules, max_size=5), st.booleans())
-def test_tables_agree_with_simulator(rs: list[Rule], isolated: bool) -> None:
+def rules_of(tier: Tier) -> st.SearchStrategy[Rule]:
+    return st.builds(
+        lambda i, peers, pts, v: Rule(Origin("file", "ns", "p", Direction.INGRESS, i, tier=tier),
+                                      None if peers is None else PeerSet.of(ipaddress.ip_network(n) for n in peers),
+                                      tuple(pts), v, key=f"{tier}{i}-{peers}"),
+        st.integers(0, 1000),
+        st.one_of(st.none(), st.lists(st.sampled_from(NETS4 + NETS6), max_size=3)),
+        st.lists(ports, max_size=3),
+        st.sampled_from(VERDICTS[tier]),
+    )
+
+
+rules = rules_of(Tier.POLICY)
+# A direction's rules in tier order (the IR's invariant): ADMIN, POLICY, BASELINE.
+tiered = st.builds(lambda a, p, b: [*a, *p, *b], st.lists(rules_of(Tier.ADMIN), max_size=3),
+                   st.lists(rules, max_size=3), st.lists(rules_of(Tier.BASELINE), max_size=3))
+
+
+def agree(rs: list[Rule], isolated: bool) -> None:
     dp = DirectionProgram(isolated, tuple(rs))
     if not dp.enforced:
         return
@@ -87,6 +99,35 @@ def test_tables_agree_with_simulator(rs: list[Rule], isolated: bool) -> None:
             for port in ([None] if proto == "icmp" else [None, 0, 53, 80, 1023, 1024, 1025, 8001, 8100, 65535]):
                 want = decide("e", Direction.INGRESS, dp, peer, proto, port).verdict
                 assert kernel_verdict(dp, peer, proto, port) is want, (peer, proto, port)
+    # An ADMIN Pass never decides, so it never appears as a port entry's rule (nor is counted).
+    for _, entries in compile_direction(dp).ports:
+        for _, idx in entries.values():
+            assert not (rs[idx].verdict is Verdict.PASS and rs[idx].tier is Tier.ADMIN)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(rules, max_size=5), st.booleans())
+def test_tables_agree_with_simulator(rs: list[Rule], isolated: bool) -> None:
+    agree(rs, isolated)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tiered, st.booleans())
+def test_tiered_tables_agree_with_simulator(rs: list[Rule], isolated: bool) -> None:
+    """Admin Accept/Deny/Pass, NetworkPolicy rules, Baseline Accept/Deny/Pass, isolated or not."""
+    agree(rs, isolated)
+
+
+def test_admin_pass_skips_admin_and_isolation_precedes_baseline() -> None:
+    def o(tier: Tier, i: int) -> Origin:
+        return Origin("file", "", "cnp", Direction.INGRESS, i, tier=tier, kind="ClusterNetworkPolicy")
+    rs = (Rule(o(Tier.ADMIN, 0), None, (PortMatch("tcp", 80, 80),), Verdict.PASS, key="pass"),
+          Rule(o(Tier.ADMIN, 1), None, (), Verdict.DROP, key="deny-all"),
+          Rule(o(Tier.BASELINE, 0), None, (PortMatch("tcp", 80, 80),), Verdict.ACCEPT, key="b"))
+    peer = ipaddress.ip_address("10.1.2.3")
+    assert kernel_verdict(DirectionProgram(False, rs), peer, "tcp", 80) is Verdict.ACCEPT  # Pass, then Baseline
+    assert kernel_verdict(DirectionProgram(False, rs), peer, "tcp", 81) is Verdict.DROP  # the Admin Deny
+    assert kernel_verdict(DirectionProgram(True, rs), peer, "tcp", 80) is Verdict.DROP  # isolation first
 
 
 def test_other_protocols_match_only_all_protocol_rules() -> None:

@@ -144,6 +144,7 @@ def test_state_writer_removes_its_temp_file_on_every_error(tmp_path: Path, monke
         raise TypeError("cannot serialise")
 
     monkeypatch.setattr(statefile.json, "dump", broken_dump)
+    monkeypatch.setattr(statefile.json, "dumps", broken_dump)  # LastGood encodes each object's text
     store.replace({"k": {"kind": "Pod"}})  # logged, not raised: enforcement goes on
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()

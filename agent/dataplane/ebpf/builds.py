@@ -1,7 +1,8 @@
 """Pinned builds, the agent's side: a build is bpf/stockade.c compiled with one set of map
 sizes, pinned under `<pin_root>/<build>/` by the loader child (`agent.dataplane.ebpf.loader`),
-`build` a hash of the source and the sizes. A changed source or size loads a new build
-next to the old one, which the agent removes after its first apply on the new one."""
+`build` a hash of the source and the sizes. A changed source, or maps grown for a larger
+cluster, load a new build next to the old one, which the agent removes after its first
+apply on the new one."""
 
 from __future__ import annotations
 
@@ -63,6 +64,34 @@ def compile_build(pin_dir: str, sizes: layout.Sizes, python: str) -> dict[str, A
         raise DataplaneError(f"eBPF loader failed: {r.stderr.strip()[-2000:]}")
     out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
     out["total_s"] = round(time.monotonic() - t0, 3)
+    return out
+
+
+def existing(pin_root: str) -> list[tuple[str, layout.Sizes]]:
+    """Every complete build of this source under `pin_root`, with the sizes it was
+    compiled with (read back from its maps: a build id is a hash of source and sizes, so
+    a build of another source never matches)."""
+    out = []
+    try:
+        entries = sorted(os.listdir(pin_root))
+    except OSError:
+        return []
+    for entry in entries:
+        pin_dir = f"{pin_root}/{entry}"
+        if not is_built(pin_dir):
+            continue
+        entries_of = {}
+        for name in MAPS:
+            try:
+                m = bpfsys.Map.pinned(f"{pin_dir}/{name}")
+            except OSError:
+                break
+            entries_of[name] = m.max_entries
+            m.close()
+        else:
+            sizes = layout.sizes_of(entries_of)
+            if build_id(sizes) == entry:
+                out.append((entry, sizes))
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from agent.dataplane.base import Count, Counters, Dataplane, DropLog, Flow
+from agent.dataplane.base import Count, Counters, Dataplane, DropEvent, DropLog, Flow
 from agent.dataplane.ebpf import builds
 from agent.dataplane.ebpf.droplog import EbpfDropLog
 from agent.dataplane.ebpf.layout import F_ISOLATED, read_u32, stat_sum, u32
@@ -39,7 +39,7 @@ class EbpfDataplane(Reconciler, Dataplane):
         `program` restricts the answer to its endpoints."""
         c = Counters()
         if self.eps is None:
-            if not builds.is_built(self.pin_dir):
+            if not builds.existing(self.pin_root):
                 return c  # nothing loaded: nothing counted (and no compile just to read)
             self._adopt()
         assert self.eps is not None
@@ -85,12 +85,16 @@ class EbpfDataplane(Reconciler, Dataplane):
         asks before its first sync may have compiled the build)."""
         if self.sample_rate <= 0:
             return None
-        return EbpfDropLog(self.pin_dir, self.hashed_names)
+        return _FollowingDropLog(self, self.hashed_names)
 
     def map_fill(self) -> dict[str, float]:
-        if self.eps is None:
-            return {}
-        return {name: n / cap for name, (n, cap) in self.fill(walk=False).items() if cap}
+        """Entries / capacity per map; a map the last program could not fit even grown to
+        its limit shows need / limit (above 1: an alert, the previous policy is in force)."""
+        out = {} if self.eps is None else {
+            name: n / cap for name, (n, cap) in self.fill(walk=False).items() if cap}
+        for name, (need, cap) in self.refused.items():
+            out[name] = need / cap
+        return out
 
     def objects(self) -> dict[str, int]:
         """Programmed map entries by map (the policy maps; flows are not walked here)."""
@@ -136,3 +140,18 @@ class EbpfDataplane(Reconciler, Dataplane):
         self.node_addrs = set()
         if os.path.isdir(self.pin_root):
             shutil.rmtree(self.pin_root)
+
+
+class _FollowingDropLog(EbpfDropLog):
+    """The drop log of the build in use: reopened on the new build's maps after the maps
+    grew (samples still queued in the old build are lost with it)."""
+
+    def __init__(self, dp: EbpfDataplane, hashed_names: dict[bytes, str]) -> None:
+        super().__init__(dp.pin_dir, hashed_names)
+        self.dp = dp
+
+    def read(self, timeout: float) -> list[DropEvent]:
+        if self.dp.pin_dir != self.pin_dir:  # one attribute read: safe beside apply's thread
+            self.close()
+            self.pin_dir = self.dp.pin_dir
+        return super().read(timeout)

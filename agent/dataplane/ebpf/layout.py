@@ -13,7 +13,7 @@ import ctypes
 import hashlib
 import socket
 from ctypes import c_uint8, c_uint16, c_uint32, c_uint64, sizeof
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from agent.dataplane.escape import display, utf8
@@ -161,12 +161,63 @@ class Sizes:
     node_addrs: int = 1024
     samples: int = 1024  # queue of sampled drops waiting for the agent
 
+    @classmethod
+    def parse(cls, text: str) -> Sizes:
+        """`peers=1024,ports=1024,...`: these fields set, the others the defaults."""
+        fields = {f: int(v) for f, v in (p.strip().split("=", 1) for p in text.split(",") if p.strip())}
+        unknown = set(fields) - set(cls.__dataclass_fields__)
+        if unknown or any(v < 1 for v in fields.values()):
+            raise ValueError(f"eBPF map sizes {text!r}: unknown field or size below 1 ({', '.join(sorted(unknown))})")
+        return cls(**fields)
+
+    def capacity(self) -> dict[str, int]:
+        """Usable entries of every map whose need grows with the cluster (endpoint id 0 is
+        reserved)."""
+        return {"peers": self.peers, "ports": self.ports, "addrs": self.addrs, "epstate": self.endpoints - 1,
+                "rule_stats": self.counters}
+
+    def over(self, need: dict[str, int]) -> dict[str, tuple[int, int]]:
+        """Map -> (need, capacity) of every map the need does not fit."""
+        cap = self.capacity()
+        return {name: (n, cap[name]) for name, n in need.items() if n > cap[name]}
+
+    def fit(self, need: dict[str, int], limit: Sizes) -> Sizes:
+        """These sizes with every map the need does not fit grown to `HEADROOM` times its
+        need (a power of two, never shrunk), within `limit`; DataplaneError-free: the
+        caller checks `limit.over(need)` first."""
+        grown = {}
+        for name, (n, _) in self.over(need).items():
+            field = SIZE_FIELD[name]
+            want = max(getattr(self, field), _pow2(HEADROOM * n + (name == "epstate")))
+            grown[field] = min(want, getattr(limit, field))
+        return replace(self, **grown)
+
     def defines(self) -> list[str]:
         return [f"MAX_SAMPLES={self.samples}",
             f"MAX_ENDPOINTS={self.endpoints}", f"MAX_ADDRS={self.addrs}", f"MAX_PEERS={self.peers}",
             f"MAX_PORTS={self.ports}", f"MAX_FLOWS={self.flows}", f"MAX_FRAGS={self.frags}",
             f"MAX_COUNTERS={self.counters}", f"MAX_IFACES={self.ifaces}", f"MAX_NODE_ADDRS={self.node_addrs}",
         ]
+
+
+# Growth: a map the program no longer fits is grown to HEADROOM x its need (docs/ebpf.md,
+# "Sizes and growth"); LIMIT is the most it grows to (a program beyond it is refused).
+HEADROOM = 2
+SIZE_FIELD = {"peers": "peers", "ports": "ports", "addrs": "addrs", "epstate": "endpoints", "rule_stats": "counters"}
+LIMIT = Sizes(endpoints=1 << 16, addrs=1 << 20, peers=1 << 24, ports=1 << 24, counters=1 << 21)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def sizes_of(max_entries: dict[str, int]) -> Sizes:
+    """The `Sizes` a build was compiled with, from its maps' max_entries (see the
+    BPF_* declarations in bpf/stockade.c: the double-buffered maps hold two halves)."""
+    m = max_entries
+    return Sizes(endpoints=m["epkeys"], addrs=m["addrs"] // 2, peers=m["peers"], ports=m["ports"], flows=m["flows"],
+                 frags=m["frags"], counters=m["counterinfo"], ifaces=m["ifcfg"] // 2, node_addrs=m["nodeaddrs"],
+                 samples=m["samples"])
 
 
 # ------------------------------------------------------------------ checked against bcc

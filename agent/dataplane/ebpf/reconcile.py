@@ -8,6 +8,8 @@ import errno
 import ipaddress
 import logging
 import os
+import shutil
+import struct
 import sys
 import time
 from collections.abc import Iterable
@@ -19,6 +21,7 @@ from agent.dataplane.ebpf.attach import Devices
 from agent.dataplane.ebpf.flows import FlowTable
 from agent.dataplane.ebpf.layout import (
     HALVED,
+    LIMIT,
     ZERO_STAT,
     AddrKey,
     HalfKey,
@@ -47,6 +50,8 @@ from agent.ir import Direction, DirectionProgram, EndpointProgram, IPAddress, Pr
 
 log = logging.getLogger(__name__)
 
+# The smallest maps a first build gets, e.g. `peers=64,ports=64` (tests force growth with it).
+SIZES_ENV = "STOCKADE_EBPF_SIZES"
 GRACE_S = 0.02  # after a flip: packets judged under the previous half are done (in flight)
 
 HalfContents = dict[str, dict]
@@ -85,8 +90,15 @@ class Reconciler:
 
     def __init__(self, sizes: Sizes | None = None, pin_root: str | None = None, netns: str | None = None,
                  python: str | None = None, audit: bool = False, sample_rate: float = 10.0,
-                 sample_burst: int = 20) -> None:
-        self.sizes = sizes or Sizes()
+                 sample_burst: int = 20, limit: Sizes | None = None) -> None:
+        # `sizes`: the smallest maps a first build gets (a program needing more gets
+        # HEADROOM x its need); `limit`: the most a map grows to ("Sizes and growth")
+        env = os.environ.get(SIZES_ENV)
+        self.floor = sizes or (Sizes.parse(env) if env else Sizes())
+        self.limit = limit or LIMIT
+        self.sizes = self.floor  # the sizes of the build in use (set by _load)
+        # the last program whose map needs did not fit within `limit`: map -> (need, capacity)
+        self.refused: dict[str, tuple[int, int]] = {}
         # Runtime settings (the `config` map, written by apply): audit mode passes judged
         # drops; drops are sampled at `sample_rate` per second (0: not at all) after a
         # burst of `sample_burst`, per endpoint, direction and CPU.
@@ -99,6 +111,7 @@ class Reconciler:
         self.build = builds.build_id(self.sizes)
         self.pin_dir = f"{self.pin_root}/{self.build}"
         self.devices = Devices(netns, self.build)
+        self.growths = 0  # builds switched to because maps grew (this process)
         self.flow_table = FlowTable()
         self.maps: dict[str, bpfsys.Map] = {}
         self.prog_fds: dict[int, int] = {}
@@ -130,11 +143,41 @@ class Reconciler:
         self.maps, self.prog_fds, self.eps = {}, {}, None
         self.devices.close()
 
-    def _load(self) -> None:
-        """Open the pinned objects of this build, compiling them in a child if absent."""
+    def _use(self, sizes: Sizes) -> None:
+        """Make the build of these sizes the one `_open` opens (and tc filters name)."""
+        self.sizes = sizes
+        self.build = builds.build_id(sizes)
+        self.pin_dir = f"{self.pin_root}/{self.build}"
+        self.devices.build = self.build
+
+    def _load(self, need: dict[str, int] | None = None) -> None:
+        """Open the build in use: a build of this source already pinned (the one tc filters
+        run, after a restart mid-growth), else one sized for `need` (the floor without),
+        compiled in a child."""
         if self.maps:
             return
         builds.ensure_bpffs(self.pin_root)
+        found = builds.existing(self.pin_root)
+        if found:
+            self._use(self._pick(found))
+        elif need is not None:
+            self._use(self.floor.fit(need, self.limit))
+        self._open()
+
+    def _pick(self, found: list[tuple[str, Sizes]]) -> Sizes:
+        """Of several complete builds (an agent killed while switching to grown maps), the
+        one most devices run (each holds the whole policy), then the largest."""
+        if len(found) == 1:
+            return found[0][1]
+        runs: dict[str, int] = {}
+        for idx in self.devices.names():
+            for name in self.devices.filter_names(idx).values():
+                b = name.split("-")[1] if name.startswith("stockade-") else ""
+                runs[b] = runs.get(b, 0) + 1
+        return max(found, key=lambda f: (runs.get(f[0], 0), f[1].peers, f[1].ports, f[1].endpoints))[1]
+
+    def _open(self) -> None:
+        """Open the pinned objects of the build in use, compiling them in a child if absent."""
         if not builds.is_built(self.pin_dir):
             self.last_load = builds.compile_build(self.pin_dir, self.sizes, self.python)
             log.info("compiled and pinned eBPF build %s: %s", self.build, self.last_load)
@@ -148,11 +191,11 @@ class Reconciler:
             self.close()
             raise DataplaneError(f"cannot open pinned eBPF objects in {self.pin_dir}: {e}") from e
 
-    def _adopt(self) -> None:
+    def _adopt(self, need: dict[str, int] | None = None) -> None:
         """Rebuild the model from pinned maps a previous agent left behind: the half in force
         from `active`, endpoints, generations and devices from that half's entries (the
         other half may be half-written: it is only ever rewritten), rule counters."""
-        self._load()
+        self._load(need)
         self._unresolved = {}
         self._config = None
         raw = self.maps["active"].lookup(u32(0))
@@ -232,9 +275,7 @@ class Reconciler:
                 m.update(k, v)
             except bpfsys.BpfError as e:
                 if e.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
-                    raise DataplaneError(
-                        f"eBPF map {name} is full ({m.max_entries} entries): raise its size"
-                    ) from e
+                    raise DataplaneError(f"eBPF map {name} is full ({m.max_entries} entries)") from e
                 raise DataplaneError(f"updating eBPF map {name} failed: {e}") from e
             n += 1
         return n
@@ -251,33 +292,145 @@ class Reconciler:
             self.maps["counterinfo"].delete(u32(counter))
             self.free_counters.append(counter)
 
-    def _check_capacity(self, program: Program, compiled: dict[str, dict[Direction, DirTables]]) -> None:
-        assert self.eps is not None
+    def _need(self, program: Program, compiled: dict[str, dict[Direction, DirTables]]) -> dict[str, int]:
+        """Entries each growing map must hold while `program` is applied: both generations
+        of a changed endpoint, departing endpoints' ids and counters until the flip."""
+        eps = self.eps or {}
         peers = ports = 0
         for key, tables in compiled.items():
-            old = self.eps.get(key)
+            old = eps.get(key)
+            # an adopted endpoint's entries are unknown: count them as large as the new ones
+            gens = 1 if old is not None and old.tables == tables else 2
             for t in tables.values():
                 a, b = t.entries
                 peers, ports = peers + a, ports + b
-            if old is not None and old.tables is not None and old.tables != tables:
-                for t in old.tables.values():  # both generations live for a moment
+            if gens == 2 and old is not None and old.tables is not None:
+                for t in old.tables.values():
+                    a, b = t.entries
+                    peers, ports = peers + a, ports + b
+            elif gens == 2 and old is not None:
+                for t in tables.values():
+                    a, b = t.entries
+                    peers, ports = peers + a, ports + b
+        for key, st in eps.items():  # departing: still there until the flip
+            if key not in compiled and st.tables is not None:
+                for t in st.tables.values():
                     a, b = t.entries
                     peers, ports = peers + a, ports + b
         addrs = sum(len(ep.ips) for ep in program.endpoints.values())
         counters = sum(len(t.rule_ids) for tables in compiled.values() for t in tables.values())
-        for name, need, cap in (("peers", peers, self.sizes.peers), ("ports", ports, self.sizes.ports),
-                                ("addrs", addrs, self.sizes.addrs),
-                                ("epstate", len(compiled), self.sizes.endpoints - 1),
-                                ("rule_stats", counters, self.sizes.counters)):
-            if need > cap:
-                raise DataplaneError(f"eBPF map {name} would need {need} entries, capacity is {cap}: "
-                                     "raise its size")
+        counters += sum(len(st.counters) for st in eps.values())
+        return {"peers": peers, "ports": ports, "addrs": addrs, "epstate": len(set(compiled) | set(eps)),
+                "rule_stats": counters}
+
+    def _ensure_capacity(self, need: dict[str, int]) -> None:
+        """Grow the maps the need does not fit (a new build, filled, then switched to), or
+        refuse the program, before anything of it is written: the last good state stays."""
+        over = self.sizes.over(need)
+        if not over:
+            self.refused = {}
+            return
+        beyond = self.limit.over(need)
+        if beyond:
+            self.refused = beyond
+            what = ", ".join(f"{name} would need {n} entries, the most it grows to is {cap}"
+                             for name, (n, cap) in sorted(beyond.items()))
+            raise DataplaneError(f"eBPF map full: {what}; the previous policy stays in force")
+        self._grow(self.sizes.fit(need, self.limit), over)
+        self.refused = {}
+
+    def _grow(self, sizes: Sizes, over: dict[str, tuple[int, int]]) -> None:
+        """Switch to a build with larger maps holding exactly what the current one holds:
+        compile it, copy every map (same ids, generations, halves and counters, so the
+        model stays true), repoint each device's tc filters (each replace is atomic per
+        hook, and both builds hold the same policy, so a packet is judged alike by
+        either), then copy the flows the old programs recorded meanwhile. The caller
+        then applies the new program to it as usual (one flip). On failure the old build
+        stays in force, untouched."""
+        assert self.eps is not None
+        old_sizes, old_maps, old_fds, old_ids = self.sizes, self.maps, self.prog_fds, self.prog_ids
+        what = ", ".join(f"{name} {n}/{cap}" for name, (n, cap) in sorted(over.items()))
+        log.warning("eBPF maps too small for the program (%s): growing to build %s", what,
+                    builds.build_id(sizes))
+        self._use(sizes)
+        self.maps, self.prog_fds, self.prog_ids = {}, {}, {}
+        try:
+            self._open()
+            copied = self._copy_maps(old_maps)
+            for idx in self.have[self.half]["ifcfg"]:
+                self.devices.attach(idx, self.prog_fds, self.prog_ids)
+        except BaseException:
+            # the old build still runs wherever a filter was not yet replaced, and holds the
+            # same policy where it was: put every device back on it, keep it
+            self._close_maps()
+            new_dir = self.pin_dir
+            self._use(old_sizes)
+            self.maps, self.prog_fds, self.prog_ids = old_maps, old_fds, old_ids
+            for idx in self.have[self.half]["ifcfg"]:
+                self.devices.attach(idx, self.prog_fds, self.prog_ids)
+            shutil.rmtree(new_dir, ignore_errors=True)
+            self.eps = None  # the next apply re-reads what the kernel holds
+            raise
+        time.sleep(GRACE_S)  # packets the old programs were judging are done
+        for name in ("flows", "frags"):  # recorded by the old programs while filters moved
+            self._copy(old_maps[name], self.maps[name])
+        for name, values in copied.items():  # and what they counted meanwhile
+            self._add_counts(old_maps[name], self.maps[name], values)
+        for m in old_maps.values():
+            m.close()
+        for fd in old_fds.values():
+            os.close(fd)
+        self.growths += 1
+        log.warning("eBPF maps grown: now build %s (%s)", self.build, ", ".join(
+            f"{name} {cap}" for name, cap in self.sizes.capacity().items() if cap != old_sizes.capacity()[name]))
+
+    def _close_maps(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        for fd in self.prog_fds.values():
+            os.close(fd)
+        self.maps, self.prog_fds, self.prog_ids = {}, {}, {}
+
+    @staticmethod
+    def _copy(src: bpfsys.Map, dst: bpfsys.Map, keys: Iterable[bytes] | None = None) -> None:
+        for k in src.all_keys() if keys is None else keys:
+            v = src.lookup(k)
+            if v is not None:
+                dst.update(k, v)
+
+    def _copy_maps(self, old: dict[str, bpfsys.Map]) -> dict[str, dict[bytes, bytes]]:
+        """Every map of the old build into the new one (the per-CPU arrays only at the
+        indexes in use; the `samples` queue is left to drain). Returns the counter values
+        copied, per counter map."""
+        assert self.eps is not None
+        arrays = {"rule_stats": [u32(c) for st in self.eps.values() for c in st.counters.values()],
+                  "drop_stats": [u32(st.ep_id * 2 + d) for st in self.eps.values() for d in (0, 1)],
+                  "sample_tat": []}
+        copied: dict[str, dict[bytes, bytes]] = {}
+        for name in builds.MAPS:
+            if name == "samples":
+                continue
+            if name in ("rule_stats", "drop_stats"):
+                copied[name] = {k: v for k in arrays[name] if (v := old[name].lookup(k)) is not None}
+                for k, v in copied[name].items():
+                    self.maps[name].update(k, v)
+                continue
+            self._copy(old[name], self.maps[name], arrays.get(name))
+        return copied
+
+    @staticmethod
+    def _add_counts(old: bpfsys.Map, new: bpfsys.Map, copied: dict[bytes, bytes]) -> None:
+        """Add to the new per-CPU counters what the old ones counted since they were copied
+        (every value a run of u64 packets/bytes pairs, one per CPU)."""
+        for k, then in copied.items():
+            now, cur = old.lookup(k), new.lookup(k)
+            if now is None or cur is None or now == then:
+                continue
+            n = len(now) // 8
+            a, b, c = (struct.unpack(f"<{n}Q", x) for x in (now, then, cur))
+            new.update(k, struct.pack(f"<{n}Q", *((z + x - y) & (2**64 - 1) for x, y, z in zip(a, b, c, strict=True))))
 
     def apply(self, program: Program) -> ApplyStats:
-        if self.eps is None:
-            self._adopt()
-        assert self.eps is not None
-        self._resolve_hashed(program)
         memo: dict[DirectionProgram, DirTables] = {}  # endpoints selected alike share tables
 
         def tables_of(dp: DirectionProgram) -> DirTables:
@@ -287,7 +440,11 @@ class Reconciler:
 
         compiled = {key: {d: tables_of(ep.direction(d)) for d in Direction}
                     for key, ep in program.endpoints.items()}
-        self._check_capacity(program, compiled)
+        if self.eps is None:
+            self._adopt(self._need(program, compiled))  # a first build is sized for this program
+        assert self.eps is not None
+        self._resolve_hashed(program)
+        self._ensure_capacity(self._need(program, compiled))
         try:
             return self._apply(program, compiled)
         except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from agent.inventory import Endpoint, Inventory, IPAddress, Problem
@@ -19,22 +20,49 @@ from agent.ir import (
     Program,
     Rule,
 )
+from agent.policy.cluster import KINDS as CLUSTER_KINDS
+from agent.policy.cluster import ClusterCompiler, ClusterPolicy, parse_cluster_policy
 from agent.policy.errors import (
     Invalid,
 )
 from agent.policy.kubernetes.parse import NetworkPolicy, Peer, PolicyRule, PortSpec, parse_policy
 from agent.policy.selectors import Selector
 
+EntryKey = tuple[Any, ...]  # (pod selector, namespace selector, policy namespace): one peer's pods
+
 
 class _Resolver:
-    """Resolves peers to addresses, memoised per selector pair (many policies share them)."""
+    """Resolves peers to addresses, memoised per selector pair (many policies share them).
+
+    Kept across compiles by the incremental compiler: `move` keeps the per-namespace pod
+    index current, and it edits the memoised entries (`entries()`: entry -> its pods by
+    key) in place as pods and namespaces change."""
 
     def __init__(self, inv: Inventory) -> None:
         self.inv = inv
-        self.by_namespace: dict[str, list[Endpoint]] = defaultdict(list)
-        for ep in inv.endpoints.values():
-            self.by_namespace[ep.namespace].append(ep)
-        self._cache: dict[tuple[Any, ...], tuple[Endpoint, ...]] = {}
+        # namespace -> pod key -> pod: a dict, so one pod moves in O(1) (order never matters:
+        # every consumer collapses addresses into a PeerSet)
+        self.by_namespace: dict[str, dict[str, Endpoint]] = defaultdict(dict)
+        for key, ep in inv.endpoints.items():
+            self.by_namespace[ep.namespace][key] = ep
+        self._cache: dict[EntryKey, dict[str, Endpoint]] = {}
+
+    def move(self, old: Endpoint | None, new: Endpoint | None) -> None:
+        """One pod removed, added or replaced."""
+        if old is not None:
+            pods = self.by_namespace.get(old.namespace)
+            if pods is not None:
+                pods.pop(old.key, None)
+                if not pods:
+                    del self.by_namespace[old.namespace]
+        if new is not None:
+            self.by_namespace[new.namespace][new.key] = new
+
+    def entries(self) -> dict[EntryKey, dict[str, Endpoint]]:
+        return self._cache
+
+    def forget(self, key: EntryKey) -> None:
+        self._cache.pop(key, None)
 
     def namespaces(self, sel: Selector) -> list[str]:
         """Namespaces a namespaceSelector matches; never one whose labels did not validate
@@ -47,19 +75,24 @@ class _Resolver:
                 out.append(n)
         return sorted(out)
 
-    def pods(self, peer: Peer, policy_ns: str) -> tuple[Endpoint, ...]:
-        key = (peer.pod_selector, peer.namespace_selector, policy_ns)
+    @staticmethod
+    def entry_key(peer: Peer, policy_ns: str) -> EntryKey:
+        return (peer.pod_selector, peer.namespace_selector, policy_ns)
+
+    def pods(self, peer: Peer, policy_ns: str) -> Iterable[Endpoint]:
+        key = self.entry_key(peer, policy_ns)
         hit = self._cache.get(key)
         if hit is None:
             nss = [policy_ns] if peer.namespace_selector is None else self.namespaces(peer.namespace_selector)
             psel = peer.pod_selector or Selector()
             # A pod whose labels did not validate is matched by no peer (fail closed).
-            hit = tuple(
-                ep for ns in nss for ep in self.by_namespace.get(ns, ())
+            # keyed by the index's own key strings: Endpoint.key makes a new one per call
+            hit = {
+                key: ep for ns in nss for key, ep in self.by_namespace.get(ns, {}).items()
                 if not ep.labels_invalid and psel.matches(ep.labels)
-            )
+            }
             self._cache[key] = hit
-        return hit
+        return hit.values()
 
     def peer_set(self, peers: tuple[Peer, ...], policy_ns: str) -> PeerSet:
         nets: list[Network | IPAddress] = []
@@ -70,6 +103,18 @@ class _Resolver:
                 for ep in self.pods(p, policy_ns):
                     nets.extend(ep.ips)
         return PeerSet.of(nets)
+
+
+def entry_holds(key: EntryKey, ep: Endpoint, inv: Inventory) -> bool:
+    """Whether memoised entry `key` holds pod `ep` in inventory `inv` (what `_Resolver.pods`
+    would select): the incremental compiler's test of which entries a pod change touches."""
+    psel, nssel, policy_ns = key
+    if ep.labels_invalid or not (psel or Selector()).matches(ep.labels):
+        return False
+    if nssel is None:
+        return ep.namespace == policy_ns
+    ns = inv.namespace(ep.namespace)
+    return not ns.labels_invalid and nssel.matches(ns.labels)
 
 
 def _numeric_ports(ports: Iterable[PortSpec]) -> list[PortMatch]:
@@ -88,20 +133,88 @@ def _named(ports: Iterable[PortSpec]) -> list[PortSpec]:
 
 
 class _Compiler:
+    """Compiles endpoints, memoising what policies share: peer sets by rule key, egress
+    rules by policy. It records what each memoised result was read from (which resolver
+    entries, which ipBlocks) so the incremental compiler can forget exactly what a change
+    touches and keep every other object."""
+
     def __init__(self, inv: Inventory, policies: list[NetworkPolicy]) -> None:
         self.inv = inv
         self.res = _Resolver(inv)
-        self.by_ns: dict[str, list[NetworkPolicy]] = defaultdict(list)
-        for p in sorted(policies, key=lambda p: (p.namespace, p.name)):
-            self.by_ns[p.namespace].append(p)
+        self.by_ns: dict[str, list[NetworkPolicy]] = {}
+        self.set_policies(policies)
         # Peer sets depend only on (policy, direction, rule): compute once, share by key.
         self._peers: dict[str, PeerSet | None] = {}
         self._egress_named: dict[str, list[Rule]] = {}
+        # Dependencies of the memoised results above.
+        self.entry_rules: dict[EntryKey, set[str]] = defaultdict(set)  # entry -> rule keys reading it
+        self.rule_entries: dict[str, tuple[EntryKey, ...]] = {}
+        self.rule_owner: dict[str, tuple[str, str]] = {}  # rule key -> (policy cache key, namespace)
+        # policy cache key -> (its namespace, ipBlocks whose pods' named ports were read,
+        # whether every pod's were)
+        self.named_deps: dict[str, tuple[str, PeerSet | None, bool]] = {}
+        self.touched: set[str] = set()  # namespaces whose policies' memoised results were forgotten
+        self.rule_defs: dict[str, PolicyRule] = {}  # rule key -> the rule its peer set is of
 
-    def _rule_peers(self, key: str, rule: PolicyRule, ns: str) -> PeerSet | None:
+    def set_policies(self, policies: Iterable[NetworkPolicy]) -> None:
+        by_ns: dict[str, list[NetworkPolicy]] = defaultdict(list)
+        for p in sorted(policies, key=lambda p: (p.namespace, p.name)):
+            by_ns[p.namespace].append(p)
+        self.by_ns = dict(by_ns)
+
+    def _rule_peers(self, pol: NetworkPolicy, key: str, rule: PolicyRule) -> PeerSet | None:
         if key not in self._peers:
-            self._peers[key] = None if rule.peers is None else self.res.peer_set(rule.peers, ns)
+            self._peers[key] = None if rule.peers is None else self.res.peer_set(rule.peers, pol.namespace)
+            entries = tuple({self.res.entry_key(p, pol.namespace): None
+                             for p in rule.peers or () if p.ip_block is None})
+            self.rule_entries[key] = entries
+            self.rule_owner[key] = (f"{pol.source}:{pol.key}", pol.namespace)
+            self.rule_defs[key] = rule
+            for e in entries:
+                self.entry_rules[e].add(key)
         return self._peers[key]
+
+    # ------------------------------------------------------------ forgetting (incremental)
+
+    def forget_rule(self, key: str) -> None:
+        """Drop a rule's peer set (and its policy's egress rules); resolver entries no rule
+        reads any more are dropped too."""
+        self._peers.pop(key, None)
+        self.rule_defs.pop(key, None)
+        owner = self.rule_owner.pop(key, None)
+        if owner is not None:
+            self.forget_egress(*owner)
+        for e in self.rule_entries.pop(key, ()):
+            users = self.entry_rules.get(e)
+            if users is not None:
+                users.discard(key)
+                if not users:
+                    del self.entry_rules[e]
+                    self.res.forget(e)
+
+    def peers(self, key: str) -> PeerSet | None:
+        return self._peers.get(key)
+
+    def set_peers(self, key: str, peers: PeerSet) -> None:
+        """A rule's peer set edited in place (its members changed): its policy's egress
+        rules and its namespace's endpoints are rebuilt from it."""
+        self._peers[key] = peers
+        owner = self.rule_owner.get(key)
+        if owner is not None:
+            self.forget_egress(*owner)
+
+    def forget_egress(self, cache_key: str, namespace: str) -> None:
+        self._egress_named.pop(cache_key, None)
+        self.named_deps.pop(cache_key, None)
+        self.touched.add(namespace)
+
+    def forget_policy(self, pol: NetworkPolicy) -> None:
+        prefix = f"{pol.source}:{pol.key}/"
+        for i in range(len(pol.ingress)):
+            self.forget_rule(f"{prefix}ingress/{i}")
+        for i in range(len(pol.egress)):
+            self.forget_rule(f"{prefix}egress/{i}")
+        self.forget_egress(f"{pol.source}:{pol.key}", pol.namespace)
 
     def _ingress_rules(self, pol: NetworkPolicy, ep: Endpoint) -> list[Rule]:
         out = []
@@ -115,7 +228,7 @@ class _Compiler:
                     ports.append(PortMatch(p.protocol.lower(), num, num))
             if rule.ports and not ports:
                 continue  # every port was a name this pod lacks: the rule matches nothing
-            peers = self._rule_peers(key, rule, pol.namespace)
+            peers = self._rule_peers(pol, key, rule)
             out.append(Rule(origin, peers, PortMatch.canonical(ports), key=key))
         return out
 
@@ -145,13 +258,18 @@ class _Compiler:
         for i, rule in enumerate(pol.egress):
             key = f"{pol.source}:{pol.key}/egress/{i}"
             origin = Origin(pol.source, pol.namespace, pol.name, Direction.EGRESS, i)
-            peers = self._rule_peers(key, rule, pol.namespace)
+            peers = self._rule_peers(pol, key, rule)
             numeric = _numeric_ports(rule.ports)
             if numeric or not rule.ports:
                 out.append(Rule(origin, peers, PortMatch.canonical(numeric), key=key))
             named = _named(rule.ports)
             if not named:
                 continue
+            blocks = [n for p in rule.peers or () if p.ip_block is not None for n in p.ip_block.nets()]
+            _, seen, anyone = self.named_deps.get(cache_key, ("", None, False))
+            if blocks:
+                seen = PeerSet.of([*(seen.nets if seen else ()), *blocks])
+            self.named_deps[cache_key] = (pol.namespace, seen, anyone or rule.peers is None)
             # Named ports resolve on each destination pod: group peer addresses by number.
             buckets: dict[tuple[str, int], list[IPAddress]] = defaultdict(list)
             for ep in self._candidates(rule, pol.namespace):
@@ -218,14 +336,40 @@ def compile_program(
     return Program(source=source, endpoints=eps)
 
 
+def _with_tiers(prog: Program, inv: Inventory, cluster: list[ClusterPolicy]) -> Program:
+    """Put each endpoint's ClusterNetworkPolicy rules around its NetworkPolicy rules: ADMIN
+    first, BASELINE last (ir.first_match's order). `isolated` stays NetworkPolicy's own: a
+    direction with only cluster rules is enforced but lets unmatched traffic through."""
+    if not cluster:
+        return prog
+    comp = ClusterCompiler(inv, cluster)
+    eps = {}
+    for key, ep in prog.endpoints.items():
+        t = comp.endpoint(inv.endpoints[key])
+        eps[key] = replace(
+            ep,
+            ingress=replace(ep.ingress, rules=(*t.ingress_admin, *ep.ingress.rules, *t.ingress_baseline)),
+            egress=replace(ep.egress, rules=(*t.egress_admin, *ep.egress.rules, *t.egress_baseline)),
+        )
+    return replace(prog, endpoints=eps)
+
+
 def compile_inventory(inv: Inventory, node: str | None = None, source: str = "file") -> Program:
-    """Compile the admitted policies of an inventory (as admission read them, fail-closed)."""
+    """Compile the admitted policies of an inventory (as admission read them, fail-closed):
+    NetworkPolicies, and the cluster tiers around them."""
     policies = []
+    cluster: list[ClusterPolicy] = []
     for raw in inv.policies.values():
+        if isinstance(raw.parsed, ClusterPolicy):
+            cluster.append(raw.parsed)
+            continue
         if isinstance(raw.parsed, NetworkPolicy):
             policies.append(raw.parsed)
             continue
         issues: list[Invalid] = []
-        policies.append(parse_policy(raw, issues))
+        if raw.ref.kind in CLUSTER_KINDS:
+            cluster.append(parse_cluster_policy(raw, issues))
+        else:
+            policies.append(parse_policy(raw, issues))
         inv.problems.extend(Problem(raw.ref, e.field, e.message) for e in issues)
-    return compile_program(inv, policies, node=node, source=source)
+    return _with_tiers(compile_program(inv, policies, node=node, source=source), inv, cluster)

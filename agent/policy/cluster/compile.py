@@ -1,0 +1,224 @@
+"""Cluster policies and the inventory -> per-endpoint ADMIN and BASELINE rules of the IR."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from agent.inventory import Endpoint, Inventory, IPAddress
+from agent.ir import Direction, Network, Origin, PeerSet, PortMatch, Rule, Tier, Verdict
+from agent.policy.cluster.model import ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule
+from agent.policy.selectors import Selector
+
+
+def tri(sel: Selector, labels: object, invalid: bool) -> bool | None:
+    """Does `sel` match? None when unknown: the object's labels did not validate and the
+    selector is not the empty one (which matches whatever the labels are)."""
+    if invalid:
+        return True if sel.empty else None
+    return sel.matches(labels)  # type: ignore[arg-type]
+
+
+def _and(a: bool | None, b: bool | None) -> bool | None:
+    if a is False or b is False:
+        return False
+    return True if a is True and b is True else None
+
+
+@dataclass
+class _Peers:
+    """A rule's peers split by certainty: pods (for named ports) and plain addresses."""
+
+    pods: list[Endpoint] = field(default_factory=list)
+    nets: list[Network | IPAddress] = field(default_factory=list)
+    maybe_pods: list[Endpoint] = field(default_factory=list)  # labels unknown: only a drop matches them
+    maybe_nets: list[Network | IPAddress] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TierRules:
+    """One endpoint's cluster rules, per direction and tier, in evaluation order."""
+
+    ingress_admin: tuple[Rule, ...] = ()
+    ingress_baseline: tuple[Rule, ...] = ()
+    egress_admin: tuple[Rule, ...] = ()
+    egress_baseline: tuple[Rule, ...] = ()
+
+
+class ClusterCompiler:
+    def __init__(self, inv: Inventory, policies: Iterable[ClusterPolicy]) -> None:
+        self.inv = inv
+        ordered = sorted(policies, key=lambda p: p.order)
+        self.admin = [p for p in ordered if p.tier is Tier.ADMIN]
+        self.baseline = [p for p in ordered if p.tier is Tier.BASELINE]
+        self.by_namespace: dict[str, list[Endpoint]] = defaultdict(list)
+        for ep in sorted(inv.endpoints.values(), key=lambda e: e.key):
+            self.by_namespace[ep.namespace].append(ep)
+        self.namespace_names = sorted(set(self.by_namespace) | set(inv.namespaces))
+        self._peers: dict[str, _Peers] = {}
+        self._ns_match: dict[tuple[Selector, str], bool | None] = {}
+        self._subject_ns: dict[tuple[int, str], bool | None] = {}
+        self._ingress_rules: dict[tuple[str, tuple[PortMatch, ...]], list[Rule]] = {}
+        self._egress: dict[tuple[str, Verdict], list[Rule]] = {}
+        self._pieces: dict[tuple[str, Verdict], list[tuple[str, Verdict, _Peers, PeerSet]]] = {}
+
+    # ------------------------------------------------------------ selection
+
+    def _namespace_match(self, sel: Selector, name: str) -> bool | None:
+        key = (sel, name)
+        if key not in self._ns_match:
+            ns = self.inv.namespace(name)
+            self._ns_match[key] = tri(sel, ns.labels, ns.labels_invalid)
+        return self._ns_match[key]
+
+    def selects(self, pol: ClusterPolicy, ep: Endpoint) -> bool | None:
+        """Is `ep` a subject of `pol`? None: cannot tell (labels that did not validate)."""
+        s = pol.subject
+        if s.everything:
+            return True
+        key = (id(s), ep.namespace)  # policies outlive the compiler: ids are stable
+        ns = self._subject_ns.get(key)
+        if key not in self._subject_ns:
+            ns = self._subject_ns[key] = self._namespace_match(s.namespaces, ep.namespace)
+        if ns is False or s.pods is None:
+            return ns
+        return _and(ns, tri(s.pods, ep.labels, ep.labels_invalid))
+
+    def _resolve(self, key: str, peers: tuple[ClusterPeer, ...]) -> _Peers:
+        hit = self._peers.get(key)
+        if hit is not None:
+            return hit
+        out = _Peers()
+        for p in peers:
+            out.nets.extend(p.networks)
+            if p.nodes is not None:
+                for node in sorted(self.inv.nodes.values(), key=lambda n: n.name):
+                    m = tri(p.nodes, node.labels, node.labels_invalid)
+                    if m is not False:
+                        (out.nets if m else out.maybe_nets).extend(node.ips)
+            if p.namespaces is None:
+                continue
+            for name in self.namespace_names:
+                ns_m = self._namespace_match(p.namespaces, name)
+                if ns_m is False:
+                    continue
+                for ep in self.by_namespace.get(name, ()):
+                    m = _and(ns_m, True if p.pods is None else tri(p.pods, ep.labels, ep.labels_invalid))
+                    if m is not False:
+                        (out.pods if m else out.maybe_pods).append(ep)
+        self._peers[key] = out
+        return out
+
+    # ------------------------------------------------------------ rules
+
+    def _groups(self, key: str, rule: ClusterRule, verdict: Verdict) -> list[tuple[str, Verdict, _Peers, PeerSet]]:
+        """(key suffix, verdict, peers, their addresses) pieces of a rule, computed once per
+        key: an Accept matches only peers it is sure of, a Deny also those it cannot tell; a
+        Pass passes the sure ones and drops the others (fail closed: it might skip a Deny)."""
+        hit = self._pieces.get((key, verdict))
+        if hit is not None:
+            return hit
+        assert rule.peers is not None
+        p = self._resolve(key.removesuffix("/as-deny"), rule.peers)
+        if verdict is Verdict.ACCEPT:
+            groups = [("", verdict, _Peers(p.pods, p.nets))]
+        elif verdict is Verdict.DROP:
+            groups = [("", verdict, _Peers(p.pods + p.maybe_pods, p.nets + p.maybe_nets))]
+        else:
+            groups = [("", verdict, _Peers(p.pods, p.nets))]
+            if p.maybe_pods or p.maybe_nets:
+                groups.append(("/unknown-labels", Verdict.DROP, _Peers(p.maybe_pods, p.maybe_nets)))
+        out = [(suffix, v, g, PeerSet.of([*g.nets, *(ip for e in g.pods for ip in e.ips)]))
+               for suffix, v, g in groups]
+        self._pieces[(key, verdict)] = out
+        return out
+
+    @staticmethod
+    def _origin(pol: ClusterPolicy, rule: ClusterRule, d: Direction) -> Origin:
+        return Origin(pol.source, "", pol.name, d, rule.index, rule.name, tier=pol.tier, kind=pol.kind,
+                      priority=pol.shown_priority)
+
+    def _ingress(self, pol: ClusterPolicy, rule: ClusterRule, verdict: Verdict, ep: Endpoint) -> list[Rule]:
+        key = f"{pol.key}/ingress/{rule.index}" + ("/as-deny" if verdict is not rule.verdict else "")
+        origin = self._origin(pol, rule, Direction.INGRESS)
+        ports = _numeric(rule.ports)
+        for p in rule.ports:  # a named port resolves on the destination: the subject pod
+            if p.named:
+                ports.extend(PortMatch(c.protocol.lower(), c.port, c.port) for c in ep.ports if c.name == p.named)
+        if rule.ports and not ports:
+            return []  # every port was a name this pod lacks: the rule matches nothing here
+        canonical = PortMatch.canonical(ports)
+        hit = self._ingress_rules.get((key, canonical))  # most subjects resolve the same ports
+        if hit is None:
+            if rule.peers is None:
+                hit = [Rule(origin, None, canonical, verdict, key=key)]
+            else:
+                hit = [Rule(origin, addrs, canonical, v, key=key + suffix)
+                       for suffix, v, _, addrs in self._groups(key, rule, verdict)]
+            self._ingress_rules[(key, canonical)] = hit
+        return hit
+
+    def _egress_rules(self, pol: ClusterPolicy, rule: ClusterRule, verdict: Verdict) -> list[Rule]:
+        """Egress rules do not depend on the subject pod: computed once per policy rule."""
+        key = f"{pol.key}/egress/{rule.index}" + ("/as-deny" if verdict is not rule.verdict else "")
+        hit = self._egress.get((key, verdict))
+        if hit is not None:
+            return hit
+        origin = self._origin(pol, rule, Direction.EGRESS)
+        out: list[Rule] = []
+        numeric = _numeric(rule.ports)
+        named = [p.named for p in rule.ports if p.named]
+        if rule.peers is None:
+            out.append(Rule(origin, None, PortMatch.canonical(numeric), verdict, key=key))
+        else:
+            for suffix, v, peers, addrs in self._groups(key, rule, verdict):
+                if numeric or not rule.ports:
+                    out.append(Rule(origin, addrs, PortMatch.canonical(numeric), v, key=key + suffix))
+                # Named ports resolve on each destination pod: one rule per port number.
+                buckets: dict[tuple[str, int], list[IPAddress]] = defaultdict(list)
+                for e in peers.pods:
+                    for c in e.ports:
+                        if c.name in named:
+                            buckets[(c.protocol.lower(), c.port)].extend(e.ips)
+                for (proto, num), ips in sorted(buckets.items()):
+                    out.append(Rule(origin, PeerSet.of(ips), (PortMatch(proto, num, num),), v,
+                                    key=f"{key}{suffix}/{proto}/{num}"))
+        self._egress[(key, verdict)] = out
+        return out
+
+    def _direction(self, chosen: list[tuple[ClusterPolicy, bool]], ep: Endpoint, d: Direction) -> tuple[Rule, ...]:
+        out: list[Rule] = []
+        for pol, sure in chosen:
+            for rule in pol.ingress if d is Direction.INGRESS else pol.egress:
+                # Selection unknown: only what cannot widen applies (Accept: nothing; Pass: drop).
+                if not sure and rule.verdict is Verdict.ACCEPT:
+                    continue
+                verdict = rule.verdict if sure else Verdict.DROP
+                if d is Direction.INGRESS:
+                    out.extend(self._ingress(pol, rule, verdict, ep))
+                else:
+                    out.extend(self._egress_rules(pol, rule, verdict))
+        return tuple(out)
+
+    def _chosen(self, policies: list[ClusterPolicy], ep: Endpoint) -> list[tuple[ClusterPolicy, bool]]:
+        """The policies selecting `ep`, in order, each with whether that is certain."""
+        out = []
+        for pol in policies:
+            sel = self.selects(pol, ep)
+            if sel is not False:
+                out.append((pol, sel is True))
+        return out
+
+    def endpoint(self, ep: Endpoint) -> TierRules:
+        admin, baseline = self._chosen(self.admin, ep), self._chosen(self.baseline, ep)
+        return TierRules(
+            self._direction(admin, ep, Direction.INGRESS),
+            self._direction(baseline, ep, Direction.INGRESS),
+            self._direction(admin, ep, Direction.EGRESS),
+            self._direction(baseline, ep, Direction.EGRESS),
+        )
+
+
+def _numeric(ports: Iterable[ClusterPort]) -> list[PortMatch]:
+    return [PortMatch(p.protocol, p.first, p.last) for p in ports if not p.named]

@@ -1,0 +1,275 @@
+"""The incremental compiler equals the full compile after every event, on both dataplanes' renderings.
+
+Hypothesis drives random event sequences over a small cluster (pods added, removed,
+relabelled, re-addressed, moved between nodes; namespaces relabelled, added, removed;
+policies added, changed, removed; invalid objects of every kind among them) through
+admission, then compiles each state twice: with one `IncrementalCompiler` kept across the
+whole sequence, and afresh with `compile_inventory`, the reference.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.admission import LastGood, kubernetes_inventory
+from agent.dataplane.ebpf import tables
+from agent.dataplane.nftables import build_model, render_full
+from agent.inventory import Inventory
+from agent.ir import PeerSet, Program
+from agent.policy.kubernetes import compile_inventory, incremental
+from agent.policy.kubernetes.incremental import IncrementalCompiler
+from agent.policy.kubernetes.spans import Spans
+from agent.sources.kubeobjects import RawObject, ref_of
+from tests.kit.builders import ns, pod, policy
+
+NAMESPACES = ("a", "b", "c")
+PODS = tuple(f"{n}/p{i}" for n in NAMESPACES for i in range(3))
+POLICIES = tuple(f"{n}/np{i}" for n in NAMESPACES[:2] for i in range(3))
+BAD_LABELS = {"bad key!": "x"}
+
+good_labels = st.fixed_dictionaries({"app": st.sampled_from(["web", "api", "db"])},
+                                    optional={"tier": st.sampled_from(["front", "back"])})
+labels = st.one_of(good_labels, good_labels, good_labels, st.just({}), st.just(BAD_LABELS))
+ns_labels = st.one_of(st.fixed_dictionaries({"team": st.sampled_from(["red", "blue"])}), st.just({}),
+                      st.just(BAD_LABELS))
+ips = st.lists(st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.5", "10.0.0.9", "10.0.1.1", "fd00::1", "fd00::7",
+                                "not-an-ip"]), min_size=1, max_size=2, unique=True)
+container_ports = st.lists(st.sampled_from([
+    {"name": "http", "containerPort": 8080}, {"name": "http", "containerPort": 9090},
+    {"name": "dns", "containerPort": 53, "protocol": "UDP"}, {"name": "metrics", "containerPort": 9100},
+    {"name": "BAD_NAME", "containerPort": 1},
+]), max_size=2, unique_by=lambda p: (p["name"], p.get("protocol", "TCP")))
+
+good_selector = st.one_of(
+    st.builds(lambda v: {"matchLabels": {"app": v}}, st.sampled_from(["web", "api", "db"])),
+    st.just({}),
+    st.builds(lambda op, v: {"matchExpressions": [{"key": "tier", "operator": op, "values": v}]},
+              st.sampled_from(["In", "NotIn"]), st.just(["front"])),
+    st.just({"matchExpressions": [{"key": "app", "operator": "Exists"}]}),
+)
+selector = st.one_of(good_selector, st.just({"matchLabels": 0}))  # invalid: never "everything"
+good_ns_selector = st.one_of(
+    st.just({}),
+    st.builds(lambda v: {"matchLabels": {"team": v}}, st.sampled_from(["red", "blue"])),
+    st.just({"matchExpressions": [{"key": "team", "operator": "DoesNotExist"}]}),
+)
+ns_selector = st.one_of(good_ns_selector, st.just({"matchLabels": 0}))
+valid_peer = st.one_of(
+    st.builds(lambda s: {"podSelector": s}, good_selector),
+    st.builds(lambda s: {"namespaceSelector": s}, good_ns_selector),
+    st.builds(lambda p, n: {"podSelector": p, "namespaceSelector": n}, good_selector, good_ns_selector),
+)
+peer = st.one_of(
+    valid_peer, valid_peer,
+    st.builds(lambda s: {"podSelector": s}, selector),
+    st.builds(lambda s: {"namespaceSelector": s}, ns_selector),
+    st.builds(lambda p, n: {"podSelector": p, "namespaceSelector": n}, selector, ns_selector),
+    st.just({"ipBlock": {"cidr": "10.0.0.0/28", "except": ["10.0.0.4/30"]}}),
+    st.just({"ipBlock": {"cidr": "fd00::/124"}}),
+    st.just({"ipBlock": {"cidr": "10.0.0.0/24", "except": ["10.1.0.0/30"]}}),  # invalid except
+    st.just({}),  # invalid peer
+)
+port = st.sampled_from([
+    {"port": 80}, {"port": "http"}, {"protocol": "UDP", "port": "dns"}, {"port": "metrics"},
+    {"port": 1000, "endPort": 2000}, {"protocol": "SCTP"}, {"port": "80"},  # "80": an invalid name
+])
+
+
+def rule(peers_key: str) -> st.SearchStrategy[dict[str, Any]]:
+    # Mostly peers that select pods (what the incremental index is about); sometimes none.
+    with_peers = st.fixed_dictionaries({peers_key: st.lists(peer, min_size=1, max_size=2)},
+                                       optional={"ports": st.lists(port, max_size=2)})
+    return st.one_of(with_peers, with_peers, with_peers, st.fixed_dictionaries({}, optional={
+        peers_key: st.just([]), "ports": st.lists(port, max_size=2)}))
+
+
+spec = st.fixed_dictionaries(
+    {"podSelector": st.one_of(good_selector, selector), "ingress": st.lists(rule("from"), min_size=1, max_size=2),
+     "egress": st.lists(rule("to"), max_size=2)},
+    optional={"policyTypes": st.sampled_from([["Ingress"], ["Egress"], ["Ingress", "Egress"], ["Ingress", "Egress"],
+                                              ["Bogus"]])},
+)
+
+
+def pod_event(key: str | st.SearchStrategy[str]) -> st.SearchStrategy[tuple[Any, ...]]:
+    keys = key if isinstance(key, st.SearchStrategy) else st.just(key)
+    return st.tuples(st.just("pod"), keys, labels, ips, container_ports, st.sampled_from(["n1", "n1", "n2"]))
+
+
+# A populated start: every namespace and pod, and a few policies.
+start_state = st.tuples(
+    *(st.tuples(st.just("namespace"), st.just(n), ns_labels) for n in NAMESPACES),
+    *(pod_event(k) for k in PODS),
+).flatmap(lambda base: st.lists(st.tuples(st.just("policy"), st.sampled_from(POLICIES), spec),
+                                min_size=3, max_size=6).map(lambda pols: [*base, *pols]))
+common_event = st.one_of(
+    pod_event(st.sampled_from(PODS)),
+    st.tuples(st.just("delete"), st.sampled_from(PODS)),
+    st.tuples(st.just("namespace"), st.sampled_from(NAMESPACES), ns_labels),
+    st.tuples(st.just("delete"), st.sampled_from(NAMESPACES)),
+    st.tuples(st.just("policy"), st.sampled_from(POLICIES), spec),
+    st.tuples(st.just("delete"), st.sampled_from(POLICIES)),
+)
+# Kinds only the full compiler reads: the incremental one falls back, then resumes.
+rare_event = st.one_of(
+    st.tuples(st.just("cluster"), st.sampled_from(["Deny", "Pass"]), st.sampled_from(["red", "blue"])),
+    st.tuples(st.just("delete"), st.just("guard")),
+    st.tuples(st.just("delete"), st.just("guard")),
+    st.tuples(st.just("node"), st.sampled_from(["10.9.0.1", "10.9.0.2"])),
+)
+event = st.one_of(common_event, common_event, common_event, common_event, common_event, rare_event)
+
+
+def body_of(ev: tuple[Any, ...]) -> tuple[str, dict[str, Any] | None]:
+    kind, key = ev[0], ev[1]
+    if kind == "pod":
+        _, _, lab, addrs, ports, node = ev
+        body = pod(key, addrs, lab, ports=ports)
+        body["spec"]["nodeName"] = node
+        return f"Pod {key}", body
+    if kind == "namespace":
+        body = ns(key)
+        body["metadata"]["labels"] = ev[2]
+        return f"Namespace {key}", body
+    if kind == "policy":
+        return f"NetworkPolicy {key}", policy(key, ev[2])
+    if kind == "cluster":
+        return "ClusterNetworkPolicy guard", {
+            "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "guard"},
+            "spec": {"tier": "Admin", "priority": 10, "subject": {"namespaces": {}},
+                     "ingress": [{"name": "r", "action": key,
+                                  "from": [{"namespaces": {"matchLabels": {"team": ev[2]}}}]}]}}
+    if kind == "node":
+        return "Node n1", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
+                           "status": {"addresses": [{"type": "InternalIP", "address": key}]}}
+    if key == "guard":
+        return "ClusterNetworkPolicy guard", None
+    what = "Pod" if key in PODS else "Namespace" if key in NAMESPACES else "NetworkPolicy"
+    return f"{what} {key}", None
+
+
+def renderings(program: Program) -> tuple[str, str]:
+    return render_full(build_model(program)), tables.render(program, [])
+
+
+def check(inc: IncrementalCompiler, inv: Inventory, node: str | None) -> None:
+    got = inc.compile(inv)
+    want = compile_inventory(inv, node, source="file")
+    assert got == want
+    assert list(got.endpoints) == list(want.endpoints)  # same order: renderings iterate it
+    assert renderings(got) == renderings(want)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(start=start_state, events=st.lists(event, min_size=5, max_size=25),
+       node=st.sampled_from(["n1", None]))
+def test_incremental_equals_full_after_every_event(
+        start: list[tuple[Any, ...]], events: list[tuple[Any, ...]], node: str | None) -> None:
+    objects: dict[str, RawObject] = {}
+    store = LastGood()
+    inc = IncrementalCompiler(node, "file")
+
+    def put(ev: tuple[Any, ...]) -> None:
+        name, body = body_of(ev)
+        if body is None:
+            objects.pop(name, None)
+        else:  # unchanged objects stay the same objects, as sources deliver them
+            objects[name] = RawObject(ref_of(body, "file", "test"), body)
+
+    for ev in start:
+        put(ev)
+    check(inc, kubernetes_inventory(list(objects.values()), store), node)
+    for ev in events:
+        put(ev)
+        check(inc, kubernetes_inventory(list(objects.values()), store), node)
+
+
+def test_unchanged_objects_keep_their_identity() -> None:
+    """A pod's label change recompiles what it touches; every other endpoint program (and
+    every rule of the changed one that did not change) is the very same object."""
+    docs = [ns("a", team="red"), ns("b", team="blue"),
+            pod("a/web", "10.0.0.1", {"app": "web"}), pod("a/api", "10.0.0.2", {"app": "api"}),
+            pod("b/cli", "10.0.1.1", {"app": "cli"}), pod("b/db", "10.0.1.2", {"app": "db"}),
+            policy("a/allow-cli", {"podSelector": {"matchLabels": {"app": "web"}},
+                                   "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "blue"}},
+                                                          "podSelector": {"matchLabels": {"app": "cli"}}}]},
+                                               {"from": [{"podSelector": {}}]}]}),
+            policy("a/api", {"podSelector": {"matchLabels": {"app": "api"}},
+                             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}]})]
+    objects = {i: RawObject(ref_of(b, "file", "t"), b) for i, b in enumerate(docs)}
+    store = LastGood()
+    inc = IncrementalCompiler("n1", "file")
+    before = inc.compile(kubernetes_inventory(list(objects.values()), store))
+    relabelled = pod("b/db", "10.0.1.2", {"app": "cli"})  # now a peer of a/allow-cli's first rule
+    objects[5] = RawObject(ref_of(relabelled, "file", "t"), relabelled)
+    after = inc.compile(kubernetes_inventory(list(objects.values()), store))
+    assert not inc.stats.full and inc.stats.pods == 1
+    assert after.endpoints["a/api"] is before.endpoints["a/api"]
+    web_before, web_after = before.endpoints["a/web"].ingress.rules, after.endpoints["a/web"].ingress.rules
+    assert web_after[0] != web_before[0] and web_after[1] is web_before[1]
+    assert after == compile_inventory(kubernetes_inventory(list(objects.values()), LastGood()), "n1")
+
+
+def test_unknown_kinds_fall_back_to_the_full_compile() -> None:
+    body = {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy",
+            "metadata": {"name": "x"}, "spec": {}}
+    objs = [RawObject(ref_of(b, "file", "t"), b) for b in (ns("a"), pod("a/web", "10.0.0.1"), body)]
+    inc = IncrementalCompiler("n1", "file")
+    inv = kubernetes_inventory(objs, LastGood())
+    assert inc.compile(inv) == compile_inventory(inv, "n1")
+    assert inc.stats.full
+
+
+addresses = st.sampled_from([ipaddress.ip_address(a) for a in (
+    *(f"10.0.0.{i}" for i in range(12)), "10.0.1.0", "10.0.0.255", "fd00::", "fd00::1", "fd00::2", "fd00::3")])
+
+
+@settings(max_examples=100, deadline=None)
+@given(start=st.sets(addresses), static=st.sampled_from([(), ("10.0.0.4/30",), ("10.0.0.0/29", "fd00::2/127")]),
+       edits=st.lists(st.tuples(st.booleans(), addresses), max_size=20))
+def test_spans_edited_by_address_equal_a_fresh_collapse(
+        start: set[Any], static: tuple[str, ...], edits: list[tuple[bool, Any]]) -> None:
+    blocks = [ipaddress.ip_network(n) for n in static]
+    members = set(start)
+    spans = Spans(PeerSet.of([*members, *blocks]), PeerSet.of(blocks))
+    for add, ip in edits:
+        if add:
+            members.add(ip)
+            spans.add(ip)
+        else:
+            members.discard(ip)
+            if not spans.static_holds(ip):
+                spans.remove(ip)
+        assert spans.peer_set() == PeerSet.of([*members, *blocks])
+
+
+def test_a_failed_compile_starts_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception half-way through an incremental compile (a bug) must not leave
+    half-edited state behind: the next compile is a full one, and right."""
+    docs = [ns("a"), pod("a/web", "10.0.0.1", {"app": "web"}), pod("a/api", "10.0.0.2", {"app": "api"}),
+            policy("a/p", {"podSelector": {},
+                           "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "api"}}}]}]})]
+    objects = {i: RawObject(ref_of(b, "file", "t"), b) for i, b in enumerate(docs)}
+    store = LastGood()
+    inc = IncrementalCompiler("n1", "file")
+    inc.compile(kubernetes_inventory(list(objects.values()), store))
+    moved = pod("a/web", "10.0.0.1", {"app": "api"})
+    objects[1] = RawObject(ref_of(moved, "file", "t"), moved)
+    inv = kubernetes_inventory(list(objects.values()), store)
+
+    def boom(*args: Any) -> None:
+        raise RuntimeError("bug")
+
+    with monkeypatch.context() as m:
+        m.setattr(incremental, "FULL_SHARE", 1.0)  # a world this small: one change is "many"
+        m.setattr(IncrementalCompiler, "_edit_peer_sets", boom)
+        with pytest.raises(RuntimeError):
+            inc.compile(inv)
+    assert inc.compile(inv) == compile_inventory(inv, "n1")
+    assert inc.stats.full
