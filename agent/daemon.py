@@ -1,5 +1,9 @@
 """The daemon: one reconcile loop fed by source events, debounced, with periodic resync.
 
+The debounce is on the leading edge: an isolated event is applied at once; only events
+that keep arriving (during a sync, or within `debounce` of its end) are gathered for
+`debounce` seconds into one sync, so a burst costs a few syncs and a lone change none.
+
 Kernel state is left in place on exit and on start until the first successful sync
 replaces it, so a restart never opens a window.
 """
@@ -80,6 +84,7 @@ class Daemon:
         self._pending_since: float | None = None  # first source event not yet in the kernel
         self.stopping = threading.Event()
         self._wake = threading.Event()
+        self._busy_until = float("-inf")  # monotonic end of the last sync (inf during one)
         self._reported: set[str] = set()
         self.event_latency = EventLatency(self.registry)
         self.on_synced: list[Callable[[Snapshot], None]] = [self.event_latency.observe]
@@ -197,18 +202,30 @@ class Daemon:
             next_resync = 0.0
             while not self.stopping.is_set():
                 timeout = max(0.0, next_resync - time.monotonic())
-                if self._wake.wait(timeout) and not self.stopping.is_set():
-                    time.sleep(self.debounce)  # coalesce bursts (editors write files in steps)
-                self._wake.clear()
+                woke = self._wake.wait(timeout)
                 if self.stopping.is_set():
                     break
+                if woke and self.in_burst():
+                    # Events keep coming (editors write in steps, a rollout moves many pods):
+                    # gather them. A lone event goes straight through.
+                    self.stopping.wait(self.debounce)
+                    if self.stopping.is_set():
+                        break
+                self._wake.clear()
+                self._busy_until = float("inf")  # an event from now on is part of a burst
                 ok = self.sync_once()
+                self._busy_until = time.monotonic()
                 # Retry soon after a failure; otherwise resync periodically to repair drift.
                 next_resync = time.monotonic() + (self.resync if ok else min(5.0, self.resync))
         finally:
             stop_watch()
             if self.drops:
                 self.drops.stop()
+
+    def in_burst(self) -> bool:
+        """The pending event came during the last sync or within `debounce` of its end."""
+        pending = self._pending_since
+        return pending is not None and pending - self._busy_until < self.debounce
 
     def stop(self, *_: object) -> None:
         self.stopping.set()

@@ -3,7 +3,8 @@
 Control plane (each run in a fresh network namespace made and deleted here), the
 `nft -f` floor, incremental event -> kernel latency, peak RSS, /metrics scrape time;
 one ClusterNetworkPolicy added -> kernel beside one NetworkPolicy (bench/tiers.py); peak
-memory of a cold apply as its memory cgroup counts it (bench.memory);
+memory of a cold apply as its memory cgroup counts it (bench.memory); event latency end
+to end by packets through the directory source and the daemon (bench/events.py);
 datapath in the namespace lab against the no-policy floor. Prints tables, writes
 bench/results/<timestamp>.json. Reports figures; never passes or fails on time.
 """
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-tiers", action="store_true",
                     help="skip one NetworkPolicy vs one ClusterNetworkPolicy added -> kernel (bench/tiers.py)")
     ap.add_argument("--skip-memory", action="store_true", help="no cgroup peak of a cold apply (bench.memory)")
+    ap.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end event latency by packets")
+    ap.add_argument("--e2e-events", type=int, help="end-to-end events per kind (default by size, see bench/events.py)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         peers, args.reps, args.seconds = [10, 10000], 2, 1.0
         args.events = args.events or "10"
+        args.e2e_events = args.e2e_events or 20
     ok, why = ebpf_usable()
     dataplanes = args.dataplanes.split(",") if args.dataplanes else (["nftables", "ebpf"] if ok else ["nftables"])
     started = time.time()
@@ -176,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import memory
 
         result["memory"] = memory.run(dataplanes, sizes, args.seed, log)
+    if not args.skip_e2e:
+        from bench import events
+
+        result["events"] = events.run(dataplanes, sizes, args.e2e_events, args.seed, log)
     if not args.skip_datapath:
         from bench import datapath
 

@@ -86,6 +86,33 @@ def datapath_table(dpr: dict[str, Any]) -> str:
             "[min-max]; >1 is worse for rr_p50/p99)\n" + _table(head, rows))
 
 
+def events_table(ev: dict[str, Any]) -> str:
+    """End-to-end event latency by packets (bench/events.py), the floor beside each kind."""
+    from bench.events import KINDS as E2E_KINDS
+
+    head = ["dataplane/size", "start->ready"]
+    for k in E2E_KINDS:
+        head += [f"{k} p50/p99 (n)", "allow/deny p50"]
+    head.append("floor p50/p99 (n)")
+    rows = []
+    for key, r in ev.items():
+        if "error" in r:
+            rows.append([key, "ERROR: " + r["error"].splitlines()[-1][:100]] + [""] * (len(head) - 2))
+            continue
+        row = [key, f"{r['start_to_ready_s']:.2f} s"]
+        for k in E2E_KINDS:
+            e = r["events"][k]
+            d = r["by_direction"]
+            missed = f", {e['missed']} missed" if e["missed"] else ""
+            row += [f"{_ms(e['median'])}/{_ms(e['p99'])} ({e['n']}{missed})",
+                    f"{_ms(d[k + '/allow']['median'])}/{_ms(d[k + '/deny']['median'])}"]
+        fl = r.get("floor") or {}
+        row.append(f"{_ms(fl.get('median'))}/{_ms(fl.get('p99'))} ({fl.get('n', '-')})" if fl else "-")
+        rows.append(row)
+    return ("Events end to end by packets (ms; source file renamed in -> first probe with the new verdict, "
+            "1 ms probes; floor = one libnftables element command, same probes)\n" + _table(head, rows))
+
+
 def targets(result: dict[str, Any]) -> str:
     rows = []
     ctrl = result.get("control", {})
@@ -124,6 +151,23 @@ def targets(result: dict[str, Any]) -> str:
         r50 = ctrl.get(f"{dp}/50k")
         if r50 and "error" not in r50:
             add(f"{dp} RSS 50k <= 500 MB", f"{r50['peak_rss_mb']:.0f} MB", r50["peak_rss_mb"] <= 500)
+    for key, r in result.get("events", {}).items():
+        dp, size = key.split("/")
+        lim = {"10k": (0.02, 0.1, 0.02, 0.05), "50k": (0.05, 0.2, 0.05, 0.1)}.get(size)
+        if lim is None or "error" in r:
+            continue
+        e, d = r["events"], r["by_direction"]
+        if e["pod_labels"]["n"]:
+            add(f"{dp} {size} pod labels -> packets p50 <= {lim[0] * 1000:.0f} ms",
+                f"{_ms(e['pod_labels']['median'])} ms (n={e['pod_labels']['n']})", e["pod_labels"]["median"] <= lim[0])
+            add(f"{dp} {size} pod labels -> packets p99 <= {lim[1] * 1000:.0f} ms",
+                f"{_ms(e['pod_labels']['p99'])} ms", e["pod_labels"]["p99"] <= lim[1])
+        if d["pod_ip/allow"]["n"]:
+            add(f"{dp} {size} new pod IP -> packets p50 <= {lim[2] * 1000:.0f} ms",
+                f"{_ms(d['pod_ip/allow']['median'])} ms", d["pod_ip/allow"]["median"] <= lim[2])
+        if d["policy_added/allow"]["n"]:
+            add(f"{dp} {size} policy added -> packets p50 <= {lim[3] * 1000:.0f} ms",
+                f"{_ms(d['policy_added/allow']['median'])} ms", d["policy_added/allow"]["median"] <= lim[3])
     s = ctrl.get("nftables/scrape")
     if s and "error" not in s:
         add(f"/metrics scrape at {s['scrape']['objects'].get('rules')} rules <= 100 ms",
@@ -139,6 +183,8 @@ def render(result: dict[str, Any]) -> str:
         parts.append(f"eBPF skipped: {result['ebpf_skipped']}")
     if "control" in result:
         parts.append(control_table(result["control"]))
+    if result.get("events"):
+        parts.append(events_table(result["events"]))
     if "datapath" in result:
         parts.append(datapath_table(result["datapath"]))
     parts.append(targets(result))

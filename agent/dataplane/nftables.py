@@ -13,8 +13,13 @@ Layout (see README "The nft table"):
   lines (left out under isolation: never reached). A direction with an ADMIN Pass is
   split: `in_<id>` holds the ADMIN lines, a Pass is `counter goto in_<id>_t`, the chain
   ends in `goto in_<id>_t`, and that tail chain holds the rest.
-- per IR rule key a pair of interval sets `p_<hash>_4` / `p_<hash>_6` holding the peers,
-  so a membership change is element adds and deletes, not a rule rewrite.
+- per IR rule key and family a hash set `p_<hash>_4` / `p_<hash>_6` holding the peers'
+  single addresses (pods), and, only when the peers include wider prefixes (ipBlocks), an
+  interval set `p_<hash>_4n` / `p_<hash>_6n` holding those: a membership change is element
+  adds and deletes, not a rule rewrite. Addresses stay out of interval sets because nft
+  (1.0.x) fetches every element of every interval set in the table before any element
+  command, so with 190k pod addresses there each update cost ~250 ms; against hash sets it
+  costs what it changes.
 - names never reach the text: chains and sets are named by 128-bit hashes of the endpoint
   key and the rule key, rule comments carry the IR's `r:<Rule.id>` (read back by
   `counters`), and a chain's comment shows its endpoint's escaped, byte-capped display
@@ -32,6 +37,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -74,6 +80,26 @@ DEFAULT_LOG_GROUP = 7354
 COMMENT_MAX = 128  # bytes: nft refuses a longer comment (NFTNL_UDATA_COMMENT_MAXLEN)
 CHUNK = 5000  # elements per command line; keeps single commands a sane size
 BIG_LOAD = 1 << 20  # bytes of nft text above which a full load goes to an `nft -f` child
+# A set's declaration: single addresses in hash sets, prefixes in interval sets.
+HOSTS = {4: "ipv4_addr", 6: "ipv6_addr"}
+NETS = {4: "ipv4_addr; flags interval", 6: "ipv6_addr; flags interval"}
+_HOST_SUFFIX = {4: "/32", 6: "/128"}
+# PeerSet.texts(fam) -> (single addresses, wider prefixes); cached per frozenset object, so
+# an unchanged peer set is split once, not on every sync (190k texts cost ~0.1 s).
+_SPLIT: weakref.WeakKeyDictionary[frozenset[str], tuple[frozenset[str], frozenset[str]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def hosts_and_nets(texts: frozenset[str], fam: int) -> tuple[frozenset[str], frozenset[str]]:
+    """One family's prefixes split into single addresses (without the /32 or /128) and the
+    wider prefixes."""
+    split = _SPLIT.get(texts)
+    if split is None:
+        suffix = _HOST_SUFFIX[fam]
+        hosts = frozenset(t[: -len(suffix)] for t in texts if t.endswith(suffix))
+        nets = frozenset(t for t in texts if not t.endswith(suffix)) if len(hosts) < len(texts) else frozenset()
+        split = _SPLIT[texts] = (hosts, nets)
+    return split
 
 
 def _base_chains() -> str:
@@ -118,7 +144,7 @@ def chain_name(endpoint: str, d: Direction) -> str:
 
 
 def _peer_sets(m: Model, rule: Rule, peers: PeerSet) -> str:
-    """Stem of the pair of sets holding `rule`'s peers, named after its key so every
+    """Stem of the sets holding `rule`'s peers (see _peer_matches), named after its key so every
     endpoint the key applies to shares them and a membership change is element updates.
     The IR promises one peer set per key; should two policies' names still make one key
     (e.g. "a/b"+"c" and "a"+"b/c"), the other peer set gets sets of its own instead of
@@ -131,9 +157,22 @@ def _peer_sets(m: Model, rule: Rule, peers: PeerSet) -> str:
     name = f"p_{_short(stem)}"
     if seen is None:
         m.peers[stem] = peers
-        for fam, typ in ((4, "ipv4_addr"), (6, "ipv6_addr")):
-            m.sets[f"{name}_{fam}"] = (typ, peers.texts(fam))
+        for fam in (4, 6):
+            hosts, nets = hosts_and_nets(peers.texts(fam), fam)
+            m.sets[f"{name}_{fam}"] = (HOSTS[fam], hosts)
+            if nets:
+                m.sets[f"{name}_{fam}n"] = (NETS[fam], nets)
     return name
+
+
+def _peer_matches(m: Model, rule: Rule, peers: PeerSet, peer_key: str) -> list[str]:
+    """The peer clauses of `rule`, one line each: per family its hash set of addresses
+    (always there, maybe empty) and its interval set of prefixes (only when it has some)."""
+    stem = _peer_sets(m, rule, peers)
+    out = []
+    for fam, proto in ((4, "ip"), (6, "ip6")):
+        out += [f"{proto} {peer_key} @{s} " for s in (f"{stem}_{fam}", f"{stem}_{fam}n") if s in m.sets]
+    return out
 
 
 def _ports_line(rule: Rule) -> list[str]:
@@ -184,9 +223,9 @@ def build_model(program: Program, opts: Options = Options()) -> Model:
     m = Model()
     guard = PeerSet.of(program.guard)
     known = PeerSet.of(ip for ep in program.endpoints.values() for ip in ep.ips) if program.guard else PeerSet()
-    for fam, typ in ((4, "ipv4_addr"), (6, "ipv6_addr")):
-        m.sets[f"guard{fam}"] = (typ, guard.texts(fam))
-        m.sets[f"known{fam}"] = (typ, known.texts(fam))
+    for fam in (4, 6):
+        m.sets[f"guard{fam}"] = (NETS[fam], guard.texts(fam))
+        m.sets[f"known{fam}"] = (HOSTS[fam], hosts_and_nets(known.texts(fam), fam)[0])  # addresses only
     for ep in program.endpoints.values():
         for d in (Direction.INGRESS, Direction.EGRESS):
             dp = ep.direction(d)
@@ -265,9 +304,7 @@ def _lines(m: Model, rules: list[Rule], d: Direction, chain: str, tail: str, opt
         if rule.peers is None:
             matches = ports
         else:
-            sets = _peer_sets(m, rule, rule.peers)
-            for fam, proto in ((4, "ip"), (6, "ip6")):
-                matches += [f"{proto} {peer_key} @{sets}_{fam} {p}" for p in ports]
+            matches = [f"{peer}{p}" for peer in _peer_matches(m, rule, rule.peers, peer_key) for p in ports]
         for match in matches:
             if logged:
                 lines.append(f"{match}{_log(opts, chain, 'r:' + rule.id)}".rstrip())
@@ -292,7 +329,7 @@ def render_full(m: Model) -> str:
     for name, typ in MAPS.items():
         out.append(f"\tmap {name} {{ type {typ} : verdict; }}")
     for name, (typ, _) in sorted(m.sets.items()):
-        out.append(f"\tset {name} {{ type {typ}; flags interval; }}")
+        out.append(f"\tset {name} {{ type {typ}; }}")
     for name, rules in sorted(m.chains.items()):
         comment = f"\t\t{_chain_comment(m, name)}\n"
         body = "".join(f"\t\t{r}\n" for r in rules)
@@ -316,7 +353,7 @@ def render_diff(old: Model, new: Model) -> tuple[str, ApplyStats]:
     added = removed = 0
     for name, (typ, elems) in sorted(new.sets.items()):
         if name not in old.sets:
-            cmds.append(f"add set {t} {name} {{ type {typ}; flags interval; }}")
+            cmds.append(f"add set {t} {name} {{ type {typ}; }}")
             gone, fresh = frozenset[str](), elems
         else:
             gone, fresh = old.sets[name][1] - elems, elems - old.sets[name][1]
@@ -359,29 +396,48 @@ class NftablesDataplane(Dataplane):
     def __init__(self, options: Options = Options()) -> None:
         self.options = options
         self._nft = None
+        self._reader = None  # a second libnftables context for reads (counters): see _run
         self._model: Model | None = None  # what the kernel holds after our last apply
         self._program: Program | None = None  # the program that model came from
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
 
     @property
     def nft(self):  # type: ignore[no-untyped-def]
         if self._nft is None:
-            try:
-                import nftables
-            except ImportError as e:
-                raise DataplaneError(
-                    "the nftables Python bindings are missing: install Debian's python3-nftables "
-                    "and run from a venv created with --system-site-packages (make setup does this)"
-                ) from e
-            self._nft = nftables.Nftables()
-            self._nft.set_handle_output(False)
+            self._nft = self._context()
         return self._nft
 
-    def _run(self, text: str, json_out: bool = False) -> str:
-        with self._lock:  # one libnftables context: scrapes and syncs take turns
-            self.nft.set_json_output(json_out)
-            self.nft.set_terse_output(json_out)
-            rc, out, err = self.nft.cmd(text)
+    @staticmethod
+    def _context():  # type: ignore[no-untyped-def]
+        try:
+            import nftables
+        except ImportError as e:
+            raise DataplaneError(
+                "the nftables Python bindings are missing: install Debian's python3-nftables "
+                "and run from a venv created with --system-site-packages (make setup does this)"
+            ) from e
+        ctx = nftables.Nftables()
+        ctx.set_handle_output(False)
+        return ctx
+
+    def _run(self, text: str, json_out: bool = False, read: bool = False) -> str:
+        """One libnftables command. Reads (a scrape's `list table`, ~0.3 s at 10k pods) have
+        a context of their own, so a sync never waits behind one: a context is not shared
+        between threads, and the kernel orders a read against a commit by itself."""
+        if read:
+            with self._read_lock:
+                if self._reader is None:
+                    self._reader = self._context()
+                return self._cmd(self._reader, text, json_out)
+        with self._lock:
+            return self._cmd(self.nft, text, json_out)
+
+    @staticmethod
+    def _cmd(ctx, text: str, json_out: bool) -> str:  # type: ignore[no-untyped-def]
+        ctx.set_json_output(json_out)
+        ctx.set_terse_output(json_out)
+        rc, out, err = ctx.cmd(text)
         if rc != 0:
             raise DataplaneError(f"nft refused the transaction: {err.strip()}")
         return str(out)
@@ -428,7 +484,7 @@ class NftablesDataplane(Dataplane):
         return ApplyStats(True, text.count("\n"), sum(len(s[1]) for s in new.sets.values()))
 
     def _has_table(self) -> bool:
-        out = self._run("list tables", json_out=True)
+        out = self._run("list tables", json_out=True, read=True)
         return any(
             o.get("table", {}).get("name") == TABLE and o["table"].get("family") == FAMILY
             for o in json.loads(out)["nftables"]
@@ -445,7 +501,7 @@ class NftablesDataplane(Dataplane):
         else:
             return c
         try:  # one libnftables command: each costs a fetch of the whole table's state
-            objs = json.loads(self._run(f"list table {FAMILY} {TABLE}", json_out=True))["nftables"]
+            objs = json.loads(self._run(f"list table {FAMILY} {TABLE}", json_out=True, read=True))["nftables"]
         except DataplaneError:
             if self._has_table():
                 raise

@@ -4,7 +4,9 @@ Reads every *.yaml, *.yml and *.json file (multi-document YAML and `kind: List`
 included). A file that cannot be parsed keeps the objects it held the last time it
 parsed, so a half-written file never removes a policy; a file being written (changed
 in the last `settle` seconds, or, while watched, written and not yet closed) keeps its
-previous version. `watch` calls back on change.
+previous version. While watched, a file renamed into place (IN_MOVED_TO) or created and
+closed (IN_CREATE ... IN_CLOSE_WRITE) is complete and read at once: the settle rule is
+for in-place writers only. `watch` calls back on change.
 
 Bounds (the input boundary): a file is read only up to `max_file_bytes` (default 4 MiB,
 $STOCKADE_MAX_FILE_BYTES) and each object up to `max_object_bytes` (1 MiB as compact
@@ -179,6 +181,14 @@ class DirectorySource:
         # the last write: a writer holding the file open may pause for any length of time,
         # so its content stays the previous version until it closes (or for OPEN_WRITE_MAX).
         self._writing: dict[str, float] = {}
+        # Paths the watcher saw complete (renamed into place, or created and then closed),
+        # with their (inode, mtime_ns, size) then: while the file still has that stamp it
+        # is read at once. Any later in-place write changes the stamp or drops the entry.
+        self._complete: dict[str, tuple[int, int, int]] = {}
+        self._created: set[str] = set()  # created (IN_CREATE) and not yet closed
+        # What links in the directory point to (as of the last walk): a hidden file is read
+        # only through one of them.
+        self._link_targets: frozenset[str] = frozenset()
         self._lock = threading.Lock()
         self.errors: Counter[str] = Counter()  # fault cause -> occurrences, for metrics
 
@@ -197,6 +207,7 @@ class DirectorySource:
         root = os.path.realpath(self.path)
         out: list[Path] = []
         visited: set[tuple[int, int]] = set()
+        targets: set[str] = set()
         stack = [self.path]
         while stack:
             here = stack.pop()
@@ -221,6 +232,7 @@ class DirectorySource:
                 manifest = entry.name.endswith(SUFFIXES)
                 try:
                     if entry.is_symlink():
+                        targets.add(os.path.realpath(entry.path))  # dangling too: it may appear
                         real = os.path.realpath(entry.path, strict=True)
                         if not _inside(real, root):
                             if manifest or os.path.isdir(real):
@@ -236,6 +248,7 @@ class DirectorySource:
                 elif manifest:
                     out.append(Path(entry.path))
             stack.extend(reversed(subdirs))
+        self._link_targets = frozenset(targets)
         return out
 
     def _walk_problem(self, path: Path, message: str) -> None:
@@ -302,7 +315,7 @@ class DirectorySource:
                 changed = cached is None or cached[0] != stamp
                 age = time.time() - st.st_mtime_ns / 1e9
                 fresh = 0 <= age < self.settle
-                if changed and (fresh or self._open_for_write(path)):
+                if changed and not self._is_complete(path, stamp) and (fresh or self._open_for_write(path)):
                     if fresh:
                         self.unsettled = max(self.unsettled, self.settle - age)
                     if cached is None and not self._restore(path):
@@ -333,6 +346,11 @@ class DirectorySource:
                 objects.append(obj)
         for gone in set(self._cache) - set(current):
             del self._cache[gone]
+        with self._lock:  # entries of files gone without an event seen (a directory removed)
+            if len(self._complete) > len(current):
+                known = {os.path.abspath(p) for p in current}
+                for k in set(self._complete) - known:
+                    del self._complete[k]
         return objects, problems
 
     def _restore(self, path: Path) -> bool:
@@ -347,6 +365,10 @@ class DirectorySource:
         """The objects each file held when it last parsed (as read() delivers them)."""
         return {path: [obj.ref for obj in objs] for path, (_, objs) in self._cache.items()}
 
+    def _is_complete(self, path: Path, stamp: tuple[int, int, int]) -> bool:
+        with self._lock:
+            return self._complete.get(os.path.abspath(path)) == stamp
+
     def _open_for_write(self, path: Path) -> bool:
         with self._lock:
             since = self._writing.get(os.path.abspath(path))
@@ -355,30 +377,66 @@ class DirectorySource:
     def watch(self, on_change: Callable[[], None]) -> Callable[[], None]:
         """Call `on_change` (from another thread) whenever the directory changes."""
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
-        from watchdog.observers import Observer
 
+        observer: Any
+        try:  # full events: a file moved in from outside is a move (IN_MOVED_TO), not a creation
+            from watchdog.observers.inotify import InotifyObserver
+
+            observer = InotifyObserver(generate_full_events=True)
+        except ImportError:  # pragma: no cover - no inotify: every new file settles
+            from watchdog.observers import Observer
+
+            observer = Observer()
         replaced, writing, lock = self._replaced, self._writing, self._lock
+        complete, created = self._complete, self._created
+
+        def unread(path: str) -> bool:
+            """A hidden regular file (or one gone) that no link leads to: the walk never reads it."""
+            if not path:  # the outside end of a move
+                return True
+            return (os.path.basename(path).startswith(".") and not os.path.isdir(path)
+                    and not os.path.islink(path) and os.path.realpath(path) not in self._link_targets)
+
+        def mark_complete(path: str) -> None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return
+            complete[path] = (st.st_ino, st.st_mtime_ns, st.st_size)
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
                 kind = event.event_type
                 if kind in ("opened", "closed_no_write"):
                     return
+                if event.is_directory and kind == "modified":
+                    return  # watchdog's companion of the file event in it, which calls back itself
                 if not event.is_directory:
-                    src = os.path.abspath(os.fsdecode(event.src_path))
+                    # A move from or to outside the directory has one side "" (full events).
+                    src = os.path.abspath(os.fsdecode(event.src_path)) if event.src_path else ""
                     dest = os.path.abspath(os.fsdecode(event.dest_path)) if getattr(event, "dest_path", "") else ""
                     with lock:
                         if kind == "modified":
                             writing[src] = time.monotonic()
+                            complete.pop(src, None)  # written in place: the settle rule again
                         elif kind in ("closed", "deleted", "created", "moved"):
-                            writing.pop(src, None)
-                            if dest:
-                                writing.pop(dest, None)
+                            for p in (src, dest):
+                                writing.pop(p, None)
+                                complete.pop(p, None)
                         if kind in ("deleted", "created", "moved"):
                             replaced.update(p for p in (src, dest) if p)
+                            created.discard(src)
+                        if kind == "created":
+                            created.add(src)
+                        elif kind == "closed" and src in created:  # created, written, closed
+                            created.discard(src)
+                            mark_complete(src)
+                        elif kind == "moved" and dest:  # renamed into place: complete
+                            mark_complete(dest)
+                    if all(unread(p) for p in (src, dest)):
+                        return  # e.g. an editor's or a writer's hidden temp file: no sync for it
                 on_change()
 
-        observer = Observer()
         target = self.path if self.path.is_dir() else self.path.parent
         observer.schedule(Handler(), str(target), recursive=True)
         observer.daemon = True

@@ -162,3 +162,135 @@ def test_file_written_in_place_keeps_its_previous_version_until_closed(tmp_path:
         assert until(lambda: source.read()[0][0].body["spec"]["ingress"] == [{}], 5)
     finally:
         stop()
+
+
+def _watched(tmp_path: Path, settle: float) -> tuple[Path, DirectorySource]:
+    """A watched directory holding policy.yaml (port 80), settled long ago; `settle` so long
+    that only a watcher's "complete" can let a fresh file be read within a test's deadline."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "policy.yaml").write_text(POLICY % {"port": 80})
+    old = time.time() - 2 * settle
+    os.utime(src / "policy.yaml", (old, old))
+    source = DirectorySource(src, settle=settle)
+    assert len(source.read()[0]) == 1
+    return src, source
+
+
+def _port(objects: list) -> object:
+    body = next(o.body for o in objects if o.ref.kind == "NetworkPolicy")
+    return body["spec"]["ingress"][0]["ports"][0]["port"]
+
+
+def test_file_renamed_into_place_is_read_at_once(tmp_path: Path) -> None:
+    """Renamed in (here from outside the directory) means complete: no settle wait."""
+    src, source = _watched(tmp_path, settle=3600.0)
+    (tmp_path / "staged.yaml").write_text(POLICY % {"port": 81})
+    changed = threading.Event()
+    stop = source.watch(changed.set)
+    try:
+        os.replace(tmp_path / "staged.yaml", src / "policy.yaml")
+        assert changed.wait(10)  # the watcher handled the move before calling back
+        objects, problems = source.read()
+    finally:
+        stop()
+    assert not problems and not source.unsettled
+    assert _port(objects) == 81
+
+
+def test_file_renamed_within_the_directory_is_read_at_once(tmp_path: Path) -> None:
+    """The usual atomic writer: a hidden temp file beside the target, then rename."""
+    src, source = _watched(tmp_path, settle=3600.0)
+    stop = source.watch(lambda: None)
+    try:
+        (src / ".policy.yaml.tmp").write_text(POLICY % {"port": 82})
+        os.replace(src / ".policy.yaml.tmp", src / "policy.yaml")
+        assert until(lambda: _port(source.read()[0]) == 82, 10)
+        assert not source.unsettled
+    finally:
+        stop()
+
+
+def test_new_file_created_and_closed_is_read_at_once(tmp_path: Path) -> None:
+    src, source = _watched(tmp_path, settle=3600.0)
+    stop = source.watch(lambda: None)
+    try:
+        (src / "pods.yaml").write_text(POD % {"name": "x", "ip": "10.0.0.1"})
+        assert until(lambda: len(source.read()[0]) == 2, 10)
+        assert not source.unsettled
+    finally:
+        stop()
+
+
+def test_file_rewritten_in_place_still_settles_while_watched(tmp_path: Path) -> None:
+    """An existing file opened, written and closed (no create, no rename) may be one step of
+    several: it keeps its previous version until it has been quiet for `settle`."""
+    src, source = _watched(tmp_path, settle=3600.0)
+    stop = source.watch(lambda: None)
+    try:
+        with open(src / "policy.yaml", "r+") as f:  # in place: no IN_CREATE
+            f.truncate(0)
+            f.write(POLICY.split("  ingress")[0] + "  ingress: [{}]\n")
+        # A file renamed in after it: once that is read, the watcher has handled the write.
+        (tmp_path / "marker.yaml").write_text(POD % {"name": "m", "ip": "10.0.0.9"})
+        os.replace(tmp_path / "marker.yaml", src / "marker.yaml")
+        assert until(lambda: any(o.ref.kind == "Pod" for o in source.read()[0]), 10)
+        objects, _ = source.read()
+        assert _port(objects) == 80 and source.unsettled > 0  # the previous version
+    finally:
+        stop()
+
+
+def test_renamed_in_file_then_written_in_place_settles_again(tmp_path: Path) -> None:
+    """Complete is a property of the version renamed in: an in-place write after it is not."""
+    src, source = _watched(tmp_path, settle=3600.0)
+    (tmp_path / "staged.yaml").write_text(POLICY % {"port": 81})
+    stop = source.watch(lambda: None)
+    try:
+        os.replace(tmp_path / "staged.yaml", src / "policy.yaml")
+        assert until(lambda: _port(source.read()[0]) == 81, 10)
+        with open(src / "policy.yaml", "a") as f:
+            f.write("  policyTypes: [Ingress, Egress]\n")
+        (tmp_path / "marker.yaml").write_text(POD % {"name": "m", "ip": "10.0.0.9"})
+        os.replace(tmp_path / "marker.yaml", src / "marker.yaml")
+        assert until(lambda: any(o.ref.kind == "Pod" for o in source.read()[0]), 10)
+        objects, _ = source.read()
+        body = next(o.body for o in objects if o.ref.kind == "NetworkPolicy")
+        assert "policyTypes" not in body["spec"] and source.unsettled > 0
+    finally:
+        stop()
+
+
+def test_hidden_temp_file_calls_back_only_when_renamed_in(tmp_path: Path) -> None:
+    """A writer's hidden temp file beside the target is never read, so writing it must not
+    cost a sync; the rename that puts it in place calls back (and is read at once)."""
+    src, source = _watched(tmp_path, settle=3600.0)
+    calls: list[float] = []
+    stop = source.watch(lambda: calls.append(time.monotonic()))
+    try:
+        (src / ".policy.yaml.tmp").write_text(POLICY % {"port": 83})
+        (src / ".policy.yaml.tmp").write_text(POLICY % {"port": 84})  # written twice
+        os.replace(src / ".policy.yaml.tmp", src / "policy.yaml")
+        assert until(lambda: calls, 10)
+        assert _port(source.read()[0]) == 84
+        # A marker renamed in from outside: once its call came, every earlier event was handled.
+        (tmp_path / "marker.yaml").write_text(POD % {"name": "m", "ip": "10.0.0.9"})
+        os.replace(tmp_path / "marker.yaml", src / "marker.yaml")
+        assert until(lambda: len(calls) >= 2, 10)
+        assert len(calls) == 2  # the rename and the marker: nothing for the temp file's writes
+    finally:
+        stop()
+
+
+def test_hidden_file_read_through_a_link_still_calls_back(tmp_path: Path) -> None:
+    src, source = _watched(tmp_path, settle=0.0)
+    (src / ".real.yaml").write_text(POD % {"name": "x", "ip": "10.0.0.1"})
+    (src / "pods.yaml").symlink_to(".real.yaml")
+    assert len(source.read()[0]) == 2
+    called = threading.Event()
+    stop = source.watch(called.set)
+    try:
+        (src / ".real.yaml").write_text(POD % {"name": "y", "ip": "10.0.0.2"})
+        assert called.wait(10)
+    finally:
+        stop()

@@ -85,9 +85,10 @@ def test_admin_pass_splits_the_chain_into_a_tail() -> None:
     assert set(m.chains) == {head, tail} and m.owners[tail] == m.owners[head]  # counters/drops read the tail
     pass_id = _tiered(False, True).endpoints["a/web"].ingress.rules[1].id
     gotos = [line for line in m.chains[head] if "goto" in line]
-    # the Pass (one line per family) goes to the tail, and so does the end of the ADMIN lines
+    # the Pass (one line per peer set: IPv4 addresses, IPv4 prefixes, IPv6 addresses) goes to
+    # the tail, and so does the end of the ADMIN lines
     assert gotos == [line for line in m.chains[head] if f'counter goto {tail} comment "r:{pass_id}"' in line] \
-        + [f"goto {tail}"] and len(gotos) == 3 and m.chains[head][-1] == f"goto {tail}"
+        + [f"goto {tail}"] and len(gotos) == 4 and m.chains[head][-1] == f"goto {tail}"
     assert not any("goto" in line for line in m.chains[tail])
     # the tail: the NetworkPolicy lines, then the Baseline Pass, which allows (returns)
     assert m.chains[tail][-1].endswith('counter return comment "r:' + _tiered(False, True)
