@@ -26,7 +26,16 @@ from agent.drops import drop_text
 from agent.endpoint import ListenAddress
 from agent.metrics import counter_text
 from agent.pipeline import DirectoryPipeline, Pipeline, Snapshot
-from agent.query import DataplaneOptions, QueryError, explain, make_dataplane, matrix
+from agent.query import (
+    DataplaneOptions,
+    QueryError,
+    explain,
+    make_dataplane,
+    matrix,
+    merge_learned,
+    to_name,
+    to_name_text,
+)
 from agent.query import counters as counter_table
 
 log = logging.getLogger("stockade")
@@ -134,9 +143,42 @@ def _report(snap: Snapshot) -> None:
 # ------------------------------------------------------------------ simulator
 
 
+def _agent_json(agent: ListenAddress, path: str) -> Any:
+    """GET a JSON answer of the running agent; OSError (HTTP errors included) when it cannot."""
+    with urllib.request.urlopen(f"http://{agent.client()}{path}", timeout=5) as resp:
+        return json.load(resp)
+
+
+def cmd_explain_name(args: argparse.Namespace, snap: Snapshot) -> int:
+    """`explain --to-name`: the rules from the source, the learned addresses from the agent."""
+    try:
+        rows = to_name(snap, args.to_name, args.from_)
+    except QueryError as e:
+        raise SystemExit(f"stockade: {e}") from None
+    note = None
+    try:
+        view = _agent_json(args.agent, "/dns")
+        if not view.get("enabled"):
+            note = f"the agent at {args.agent.client()} does not learn: it runs without --dns-egress"
+        rows = merge_learned(rows, view)
+    except urllib.error.HTTPError as e:
+        note = f"the agent at {args.agent.client()} refused: {e.code} {e.read(200).decode(errors='replace').strip()}"
+    except (OSError, ValueError) as e:
+        note = f"cannot reach the agent at {args.agent.client()}: {e}"
+    if args.output == "json":
+        print(json.dumps({"name": args.to_name, "agent_error": note, "rules": rows}, indent=2))
+    else:
+        print("\n".join(to_name_text(args.to_name, rows, note)))
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     snap = _pipeline(args, None, readonly=True).snapshot()
     _report(snap)
+    if args.to_name is not None:
+        return cmd_explain_name(args, snap)
+    if args.from_ is None:
+        raise SystemExit("stockade: explain --to needs --from")
     try:
         ex = explain(snap, args.from_, args.to, args.protocol, args.port)
     except QueryError as e:
@@ -337,8 +379,15 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("explain", help="verdict for one flow and why")
     common(sp, node=False, dataplane=False)
-    sp.add_argument("--from", dest="from_", required=True, metavar="NS/POD|IP")
-    sp.add_argument("--to", required=True, metavar="NS/POD|IP")
+    sp.add_argument("--from", dest="from_", metavar="NS/POD|IP", help="required with --to")
+    to = sp.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to", metavar="NS/POD|IP")
+    to.add_argument("--to-name", metavar="NAME",
+                    help="a DNS name: the domainNames rules selecting it, per pod (--from: that pod only), "
+                         "and the addresses the running agent learned for them")
+    sp.add_argument("--agent", default=os.environ.get("STOCKADE_METRICS_ADDRESS", DEFAULT_METRICS),
+                    type=_listen_address("STOCKADE_METRICS_ADDRESS"),
+                    help="with --to-name: the running agent's metrics address (default %(default)s)")
     sp.add_argument("--port", help="number or named port (omit for ICMP)")
     sp.add_argument("--protocol", type=_flow_protocol, default="TCP")
     sp.add_argument("--output", choices=["text", "json"], default="text")

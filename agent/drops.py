@@ -3,6 +3,7 @@ and labelled with the policies that decided ("which policy dropped my packet?").
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import threading
@@ -12,7 +13,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent.dataplane.base import DropEvent, DropLog
-from agent.ir import Program, Tier
+from agent.ir import Direction, Program, Tier, Verdict
+from agent.policy.cluster.domains import LEARNED_MARK
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,26 @@ def describe(ev: DropEvent, program: Program | None) -> dict[str, Any]:
         "endpoint": ev.endpoint, "direction": ev.direction.value, "protocol": ev.protocol,
         "src": ev.src, "dst": ev.dst, "sport": ev.sport, "dport": ev.dport,
         "reason": reason, "policies": decided, "tier": tier, "audit": ev.audit,
+        "not_learned": not_learned(ev, program),
     }
+
+
+def not_learned(ev: DropEvent, program: Program | None) -> list[str]:
+    """The domainNames rules of the dropping pod that would have allowed this egress packet
+    had its destination been a learned address (protocol and port match, address not among
+    what the pod learned): the drop then came from a later Deny or the default because the
+    pod was never answered that address, or its answer expired."""
+    prog = program.endpoints.get(ev.endpoint) if program is not None else None
+    if prog is None or ev.direction is not Direction.EGRESS:
+        return []
+    try:
+        dst = ipaddress.ip_address(ev.dst)
+    except ValueError:
+        return []
+    proto = ev.protocol.lower()
+    return [str(r.origin) for r in prog.egress.rules
+            if LEARNED_MARK in r.key and r.verdict is Verdict.ACCEPT and r.peers is not None
+            and not r.peers.contains(dst) and (not r.ports or any(p.matches(proto, ev.dport) for p in r.ports))]
 
 
 def drop_text(d: Mapping[str, Any]) -> str:
@@ -52,6 +73,7 @@ def drop_text(d: Mapping[str, Any]) -> str:
     head = {"default-deny": "default deny of "}.get(d["reason"]) or (
         "deny by " if d.get("tier") in ("admin", "baseline") else "drop rule ")  # no tier: an older agent
     why = head + (", ".join(d["policies"]) or "?")
+    why += "".join(f"; not a learned address of domainNames rule {o}" for o in d.get("not_learned", ()))
     return f"{when} {verb} {d['protocol']} {d['src']} -> {d['dst']}{ports}  {d['endpoint']} {d['direction']}: {why}"
 
 

@@ -1,4 +1,4 @@
-"""The HTTP endpoint: /metrics, /healthz, /readyz and /drops.
+"""The HTTP endpoint: /metrics, /healthz, /readyz, /drops and /dns.
 
 Anything that reaches the node can connect, so no client may stall the endpoint (the
 liveness probe would then restart the agent) and the endpoint may never hold up
@@ -299,7 +299,16 @@ def http_app(daemon: Daemon, drops_public: bool = False) -> WSGIApplication:
             body = json.dumps(daemon.drops.since(since) if daemon.drops else []).encode()
             start_response("200 OK", [("Content-Type", "application/json")])
             return [body]
-        return _text(start_response, "404 Not Found", "not found: try /metrics, /healthz, /readyz, /drops\n")
+        if path == "/dns":  # pod names and the addresses they resolved: as private as /drops
+            if not drops_public and not is_loopback(environ.get("REMOTE_ADDR", "")):
+                daemon.metrics.http_rejected.labels("forbidden").inc()
+                return _text(start_response, "403 Forbidden",
+                             "/dns answers loopback clients only (agent flag --drops-public)\n")
+            dns = getattr(daemon, "dns", None)  # set by agent.dns.egress.DnsEgress (--dns-egress)
+            body = json.dumps(dns.view() if dns is not None else {"enabled": False, "pods": []}).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [body]
+        return _text(start_response, "404 Not Found", "not found: try /metrics, /healthz, /readyz, /drops, /dns\n")
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         try:

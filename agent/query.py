@@ -208,3 +208,64 @@ def counters(snap: Snapshot, dataplane: Dataplane) -> list[dict[str, Any]]:
                     "verdict": verdict, "tier": tier, "kind": kind,
                     "packets": row.count.packets, "bytes": row.count.bytes})
     return out
+
+
+# ------------------------------------------------------------------ explain --to-name
+
+
+def to_name(snap: Snapshot, name: str, from_text: str | None = None) -> list[dict[str, Any]]:
+    """The domainNames rules (ClusterNetworkPolicy egress, Accept) selecting DNS name `name`,
+    one row per (pod, rule) in the snapshot's order of pods and rules; `from_text` (a pod
+    key) keeps that pod's. What each pod learned is the running agent's (`merge_learned`)."""
+    from agent.dns.egress import learner_rules, rule_view  # the learner's own view of the rules
+    from agent.policy.cluster.domains import normalize, parse_domain
+    from agent.policy.errors import Invalid
+
+    if name.startswith("*"):
+        raise QueryError(f"--to-name takes a name, not a pattern: {name!r}")
+    try:
+        parse_domain(name, "--to-name")
+    except Invalid as e:
+        raise QueryError(str(e)) from None
+    keys = sorted(snap.program.endpoints)
+    if from_text is not None:
+        if from_text not in snap.inventory.endpoints:
+            raise QueryError(f"no pod {from_text!r} with an IP in the source")
+        keys = [k for k in keys if k == from_text]
+    rows = []
+    for key, rules in learner_rules(snap.inventory, keys).items():
+        for dr in rules:
+            hits = [p.text for p in dr.patterns if p.matches(name)]
+            if hits:
+                rows.append({"name": normalize(name), "endpoint": key, **rule_view(snap.program, key, dr.key),
+                             "patterns": hits, "learned": None})
+    return rows
+
+
+def merge_learned(rows: list[dict[str, Any]], agent_view: dict[str, Any]) -> list[dict[str, Any]]:
+    """`rows` with `learned` filled from the agent's `/dns`: a list of addresses, or None when
+    the pod (or the rule) is not the agent's: not on its node, or not compiled there."""
+    by = {(p["endpoint"], r["rule"]): r["learned"] for p in agent_view.get("pods", []) for r in p["rules"]}
+    return [{**row, "learned": by.get((row["endpoint"], row["rule"]))} for row in rows]
+
+
+def to_name_text(name: str, rows: list[dict[str, Any]], agent_note: str | None) -> list[str]:
+    """`explain --to-name` as text: each pod and rule selecting the name, then the addresses
+    learned there (with the name that taught each) or why they are not known."""
+    if not rows:
+        return [f"{name}: no domainNames rule selects this name (for these pods): egress to it is not "
+                "allowed by name"]
+    lines = [f"{name}: selected by {len({r['rule'] for r in rows})} domainNames rule(s) "
+             f"for {len({r['endpoint'] for r in rows})} pod(s)"]
+    for r in rows:
+        ports = f" {', '.join(r['ports'])}" if r["ports"] else ""
+        lines.append(f"  {r['endpoint']}: {r['policy'] or r['rule']}{ports} ({', '.join(r['patterns'])})")
+        if agent_note is not None:
+            lines.append(f"    learned: unknown ({agent_note})")
+        elif r["learned"] is None:
+            lines.append("    learned: unknown (not a pod of the agent's node, or not yet synced there)")
+        elif not r["learned"]:
+            lines.append("    learned: nothing yet (connections are denied until the pod resolves a matching name)")
+        for e in r["learned"] or ():
+            lines.append(f"    {e['address']:<39} for {e['name'] or '?'}, expires in {e['expires_in']:.0f} s")
+    return lines

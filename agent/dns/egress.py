@@ -10,8 +10,10 @@ they add an address, the daemon re-applies the last program with the table's add
 the answer to the pod. Entries are removed at their expiry (a timer re-applies then), so a
 pod's first connection to a fresh address is allowed and one past its TTL is not.
 
-Not yet: TCP answers (pass unheld: their addresses are not learned), metrics, `explain
---to-name`, kernel sets with per-element timeouts (each change re-applies the program).
+`view()` is what the agent serves as `/dns` (and `stockade explain --to-name` reads).
+
+Not yet: TCP answers (pass unheld: their addresses are not learned), kernel sets with
+per-element timeouts (each change re-applies the program).
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agent.dns.hold import Hold
-from agent.dns.learn import MAX_PER_POD, TTL_FLOOR, merge, updates
+from agent.dns.learn import MAX_PER_POD, TTL_FLOOR, merge, named_updates, resolved
 from agent.inventory import Inventory, IPAddress
-from agent.ir import Program
+from agent.ir import Program, Rule
 from agent.policy.cluster import (
     KINDS,
     ClusterCompiler,
@@ -37,6 +39,7 @@ from agent.policy.cluster import (
     parse_cluster_policy,
     with_learned,
 )
+from agent.policy.cluster.domains import learned_rule_key
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,8 @@ class DnsEgress:
         self.rules: dict[str, list[DomainRule]] = {}
         self.by_ip: dict[IPAddress, str] = {}
         self.devices: set[str] = set()
+        self.names: dict[tuple[str, str, IPAddress], str] = {}  # entry -> the question that taught it
+        self.program: Program | None = None  # the last program transformed (rule origins for `view`)
         r = daemon.registry
         self.answers = Counter("stockade_dns_answers", "DNS answers held, by what they taught: learned (an address "
                                "added or kept longer), nothing (no rule's name, or not a usable answer), "
@@ -97,6 +102,7 @@ class DnsEgress:
         self._wake = threading.Event()
         self._timer = threading.Thread(target=self._expire_loop, name="dns-expiry", daemon=True)
         daemon.transform = self.transform
+        daemon.dns = self  # type: ignore[attr-defined]  # served as /dns (agent/endpoint.py)
         daemon.on_synced.append(self.synced)
 
     def start(self) -> None:
@@ -119,6 +125,8 @@ class DnsEgress:
             self.learned = self.learned.expire(now)
             table = self.learned
             self.entries.set(len(table))
+            self.names = {k: n for k, n in self.names.items() if k[2] in table.entries.get(k[:2], {})}
+            self.program = program
         return with_learned(program, table)
 
     def synced(self, snap: Any) -> None:
@@ -145,13 +153,15 @@ class DnsEgress:
             self.answers.labels("not_selected").inc()
             return
         now = self.clock()
-        new = updates(key, rules, payload, now, self.floor)  # type: ignore[arg-type]
+        named = named_updates(key, rules, resolved(payload), now, self.floor)  # type: ignore[arg-type]
+        new = [e for e, _ in named]
         self.answers.labels("learned" if new else "nothing").inc()
         if not new:
             return
         with self.lock:
             before = self.learned
             self.learned = merge(before, new, self.cap)
+            self.names.update(((e, r, ip), name) for (e, r, ip, _), name in named)
             fresh = any(ip not in before.entries.get((e, r), {}) for e, r, ip, _ in new)
             self.entries.set(len(self.learned))
         if fresh:
@@ -168,3 +178,43 @@ class DnsEgress:
                 continue
             if times and not self._stop.is_set():
                 self.daemon.reapply()  # transform() drops what expired
+
+    # ------------------------------------------------------------ visibility
+
+    def view(self) -> dict[str, Any]:
+        """What `/dns` serves: every local pod with domainNames rules, each rule with its
+        origin and the addresses learned under it now (the name that taught each, and its
+        expiry as seconds from now and as wall-clock time)."""
+        with self.lock:
+            now, wall = self.clock(), time.time()
+            table, names, program, rules = self.learned, dict(self.names), self.program, self.rules
+        pods = []
+        for key in sorted(rules):
+            out = []
+            for dr in rules[key]:
+                learned = sorted(table.entries.get((key, dr.key), {}).items(), key=lambda x: (x[1], str(x[0])))
+                out.append({
+                    **rule_view(program, key, dr.key), "patterns": [p.text for p in dr.patterns],
+                    "learned": [{"address": str(ip), "name": names.get((key, dr.key, ip)),
+                                 "expires_in": round(t - now, 1), "expires": round(wall + t - now, 1)}
+                                for ip, t in learned if t > now],
+                })
+            pods.append({"endpoint": key, "rules": out})
+        return {"enabled": True, "pods": pods}
+
+
+def rule_view(program: Program | None, endpoint: str, rule: str) -> dict[str, Any]:
+    """A domainNames rule as `/dns` and `explain --to-name` name it (its IR rule's origin)."""
+    r = find_rule(program, endpoint, rule)
+    if r is None:  # not compiled yet (or gone): the learner's key is all there is
+        return {"rule": rule, "policy": None, "tier": None, "priority": None, "ports": []}
+    return {"rule": rule, "policy": str(r.origin), "tier": r.tier.value, "priority": r.origin.priority,
+            "ports": [str(p) for p in r.ports]}
+
+
+def find_rule(program: Program | None, endpoint: str, rule: str) -> Rule | None:
+    ep = program.endpoints.get(endpoint) if program is not None else None
+    if ep is None:
+        return None
+    key = learned_rule_key(rule, endpoint)
+    return next((r for r in ep.egress.rules if r.key == key), None)

@@ -52,6 +52,10 @@ class Resolved:
     ttl: int
 
     @property
+    def question(self) -> str:
+        return ".".join(self.names[0])
+
+    @property
     def texts(self) -> tuple[str, ...]:
         return tuple(".".join(n) for n in self.names)
 
@@ -101,11 +105,19 @@ def updates(
 ) -> list[tuple[str, str, IPAddress, float]]:
     """(endpoint, rule key, address, expiry) for every address the answer gives under a
     name some rule of this endpoint matches."""
+    return [e for e, _ in named_updates(endpoint, rules, resolved(wire), now, floor)]
+
+
+def named_updates(
+    endpoint: str, rules: Sequence[DomainRule], answers: Iterable[Resolved], now: float, floor: int = TTL_FLOOR
+) -> list[tuple[tuple[str, str, IPAddress, float], str]]:
+    """`updates` of already parsed answers, each with the question's name (for `/dns` and
+    `explain --to-name`: which name taught the address)."""
     out = []
-    for r in resolved(wire):
+    for r in answers:
         for rule in rules:
             if any(rule.matches_labels(n) for n in r.names):
-                out.append((endpoint, rule.key, r.address, now + max(r.ttl, floor)))
+                out.append(((endpoint, rule.key, r.address, now + max(r.ttl, floor)), r.question))
     return out
 
 
