@@ -175,13 +175,17 @@ def _share(program: Program, prev: Model | None) -> dict[str, tuple[Content, fro
        another set get their rule lines rewritten, in the same transaction.
     Without `prev` (a fresh load) step 3 names every set, so names depend on content only."""
     groups: dict[Content, set[str]] = {}
+    by_object: dict[int, set[str]] = {}  # id(PeerSet) -> its group: equal contents compare once
     for ep in program.endpoints.values():
         for d in (Direction.INGRESS, Direction.EGRESS):
             dp = ep.direction(d)
             if dp.enforced:
                 for rule in dp.rules:
                     if rule.peers is not None:
-                        groups.setdefault(_content(rule.peers), set()).add(rule.key)
+                        keys = by_object.get(id(rule.peers))
+                        if keys is None:
+                            keys = by_object[id(rule.peers)] = groups.setdefault(_content(rule.peers), set())
+                        keys.add(rule.key)
     out: dict[str, tuple[Content, frozenset[str]]] = {}
     pending: list[tuple[Content, set[str]]] = []
     old_by_content = prev.by_content if prev else {}
@@ -220,7 +224,9 @@ def _share(program: Program, prev: Model | None) -> dict[str, tuple[Content, fro
 def _peer_matches(m: Model, rule: Rule, peers: PeerSet, peer_key: str) -> list[str]:
     """The peer clauses of `rule`, one line each: per family its hash set of addresses
     (always there, maybe empty) and its interval set of prefixes (only when it has some)."""
-    stem = m.by_content[_content(peers)]
+    stem = m.by_object.get(id(peers))
+    if stem is None:  # comparing equal contents costs their size: once per PeerSet object
+        stem = m.by_object[id(peers)] = m.by_content[_content(peers)]
     out = []
     for fam, proto in ((4, "ip"), (6, "ip6")):
         out += [f"{proto} {peer_key} @{s} " for s in (f"{stem}_{fam}", f"{stem}_{fam}n") if s in m.sets]
@@ -261,6 +267,8 @@ class Model:
     # peer-set stem -> (content, rule keys using it), and content -> stem (see _share)
     shared: dict[str, tuple[Content, frozenset[str]]] = field(default_factory=dict, compare=False)
     by_content: dict[Content, str] = field(default_factory=dict, compare=False)
+    # id(PeerSet) -> stem while build_model runs (the program keeps those objects alive)
+    by_object: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -313,6 +321,7 @@ def build_model(program: Program, opts: Options = Options(), prev: Model | None 
                 for ip in ep.ips:
                     m.maps[f"{d.value}{ip.version}"][str(ip)] = f"jump {name}"
             m.chains.update(chains)
+    m.by_object = {}  # ids are only valid while `program` lives
     return m
 
 
