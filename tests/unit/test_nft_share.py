@@ -6,15 +6,22 @@ the client pods carry both labels, so p1 and p2 have equal peers and share one s
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 
-from hypothesis import given, settings
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.dataplane.nftables import Model, build_model, chain_name, render_diff, render_full
+from agent.dataplane.nftables import FAMILY, TABLE, Model, build_model, chain_name, render_diff, render_full
 from agent.ir import Direction, Program
 from tests.kit.builders import ns, pod, policy, snapshot_of
+from tests.kit.privileges import require_privileges
 
 WEB1 = pod("a/web1", "10.1.0.1", {"app": "web1"}, nodeName="n1")
 WEB2 = pod("a/web2", "10.1.0.2", {"app": "web2"}, nodeName="n1")
@@ -29,9 +36,9 @@ def _policy(name: str, app: str, peer: dict[str, str]) -> dict:
 POLICIES = [_policy("p1", "web1", {"role": "client"}), _policy("p2", "web2", {"tier": "front"})]
 
 
-def _program(clients: dict[str, dict[str, str]]) -> Program:
+def _program(clients: dict[int, dict[str, str]], policies: list[dict] = POLICIES) -> Program:
     pods = [pod(f"a/c{i}", f"10.1.1.{i}", labels) for i, labels in clients.items()]
-    return snapshot_of([ns("a"), WEB1, WEB2, *pods, *POLICIES], node="n1").program
+    return snapshot_of([ns("a"), WEB1, WEB2, *pods, *policies], node="n1").program
 
 
 def _sets_of(m: Model, endpoint: str) -> set[str]:
@@ -143,3 +150,65 @@ def test_any_event_sequence_keeps_sharing_exact_and_names_of_unchanged_content(s
         assert Counter(c for c, _ in m2.shared.values()) == Counter(c for c, _ in fresh.shared.values())
         render_diff(m, m2)
         m, prog = m2, prog2
+
+
+# ------------------------------------------------------------------ kernel
+
+def _mixed(name: str, app: str) -> dict:
+    """Pods labelled role=client plus a prefix: peers with an interval set."""
+    return policy(f"a/{name}", {"podSelector": {"matchLabels": {"app": app}}, "ingress": [{
+        "from": [{"podSelector": {"matchLabels": {"role": "client"}}}, {"ipBlock": {"cidr": "192.168.0.0/24"}}]}]})
+
+
+ALL_POLICIES = [*POLICIES, _mixed("p3", "web1"), _mixed("p4", "web2")]
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[str]:
+    require_privileges()
+    name = f"stkshare{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def _nft(netns: str, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".nft", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        res = subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", f.name], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[:3000]
+
+
+def _kernel_sets(netns: str) -> dict[str, frozenset[str]]:
+    out = subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list", "table", FAMILY, TABLE],
+                         capture_output=True, text=True, check=True).stdout
+    sets = {}
+    for obj in json.loads(out)["nftables"]:
+        if "set" in obj and obj["set"]["name"].startswith("p_"):
+            elems = set()
+            for e in obj["set"].get("elem", []):
+                p = e.get("prefix") if isinstance(e, dict) else None
+                elems.add(f"{p['addr']}/{p['len']}" if p else str(e))
+            sets[obj["set"]["name"]] = frozenset(elems)
+    return sets
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(STATES, st.lists(st.sampled_from(range(4)), unique=True)), min_size=2, max_size=5))
+def test_diffs_between_shared_sets_apply_in_the_kernel(netns: str, steps: list) -> None:
+    """Each diff (sharing, divergence, re-convergence, prefix sets coming and going) is
+    accepted by the kernel in one transaction and leaves exactly the model's sets."""
+    m = None
+    for clients, chosen in steps:
+        new = build_model(_program(clients, [ALL_POLICIES[i] for i in sorted(chosen)]), prev=m)
+        if m is None:
+            _nft(netns, f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render_full(new))
+        else:
+            text, _ = render_diff(m, new)
+            if text:
+                _nft(netns, text)
+        assert _kernel_sets(netns) == _peer_sets(new)
+        m = new
