@@ -13,10 +13,12 @@ Layout (see README "The nft table"):
   lines (left out under isolation: never reached). A direction with an ADMIN Pass is
   split: `in_<id>` holds the ADMIN lines, a Pass is `counter goto in_<id>_t`, the chain
   ends in `goto in_<id>_t`, and that tail chain holds the rest.
-- per IR rule key and family a hash set `p_<hash>_4` / `p_<hash>_6` holding the peers'
-  single addresses (pods), and, only when the peers include wider prefixes (ipBlocks), an
-  interval set `p_<hash>_4n` / `p_<hash>_6n` holding those: a membership change is element
-  adds and deletes, not a rule rewrite. Addresses stay out of interval sets because nft
+- per distinct peer content and family a hash set `p_<hash>_4` / `p_<hash>_6` holding the
+  peers' single addresses (pods), and, only when the peers include wider prefixes (ipBlocks),
+  an interval set `p_<hash>_4n` / `p_<hash>_6n` holding those: a membership change is element
+  adds and deletes, not a rule rewrite. Rule keys (policy rules) with equal peers share one
+  set, named after the smallest of them and kept while its content lives (see _share): the
+  same selectors in many policies cost their addresses once. Addresses stay out of interval sets because nft
   (1.0.x) fetches every element of every interval set in the table before any element
   command, so with 190k pod addresses there each update cost ~250 ms; against hash sets it
   costs what it changes.
@@ -143,32 +145,88 @@ def chain_name(endpoint: str, d: Direction) -> str:
     return f"{'in' if d is Direction.INGRESS else 'out'}_{_short(endpoint)}"
 
 
-def _peer_sets(m: Model, rule: Rule, peers: PeerSet) -> str:
-    """Stem of the sets holding `rule`'s peers (see _peer_matches), named after its key so every
-    endpoint the key applies to shares them and a membership change is element updates.
-    The IR promises one peer set per key; should two policies' names still make one key
-    (e.g. "a/b"+"c" and "a"+"b/c"), the other peer set gets sets of its own instead of
-    failing the whole sync."""
-    stem = rule.key
-    seen = m.peers.get(stem)
-    if seen is not None and seen is not peers and seen != peers:
-        stem = f"{rule.key}\0{_short(' '.join(str(n) for n in peers.nets))}"
-        seen = m.peers.get(stem)
-    name = f"p_{_short(stem)}"
-    if seen is None:
-        m.peers[stem] = peers
-        for fam in (4, 6):
-            hosts, nets = hosts_and_nets(peers.texts(fam), fam)
-            m.sets[f"{name}_{fam}"] = (HOSTS[fam], hosts)
-            if nets:
-                m.sets[f"{name}_{fam}n"] = (NETS[fam], nets)
+Content = tuple[frozenset[str], frozenset[str]]  # a peer set's IPv4 and IPv6 prefixes as text
+
+
+def _content(peers: PeerSet) -> Content:
+    """What a kernel peer set holds; frozensets cached on the PeerSet, so hashing is paid once."""
+    return peers.texts(4), peers.texts(6)
+
+
+def _stem(key: str, taken: set[str]) -> str:
+    """A fresh set stem named after its representative rule key, unless that name is in use."""
+    name, i = f"p_{_short(key)}", 0
+    while name in taken:
+        i += 1
+        name = "p_" + _short(f"{key}\0{i}")
     return name
+
+
+def _share(program: Program, prev: Model | None) -> dict[str, tuple[Content, frozenset[str]]]:
+    """Stem -> (content, rule keys) of every peer set `program` needs: one set per distinct
+    content, whatever key (policy rule) asks for it. With `prev` (what the kernel holds),
+    names stay put so a change costs what it touches:
+    1. content some set already holds keeps that set (no element change; a key whose
+       content diverged and re-converged goes back to it);
+    2. a set whose content changed stays with the group of keys that used it most (element
+       updates; ties: the smaller stem) so the usual event (a pod joins a selector) rewrites
+       no rule line;
+    3. other content gets a new set named after its smallest key; the keys that moved to
+       another set get their rule lines rewritten, in the same transaction.
+    Without `prev` (a fresh load) step 3 names every set, so names depend on content only."""
+    groups: dict[Content, set[str]] = {}
+    by_object: dict[int, set[str]] = {}  # id(PeerSet) -> its group: equal contents compare once
+    for ep in program.endpoints.values():
+        for d in (Direction.INGRESS, Direction.EGRESS):
+            dp = ep.direction(d)
+            if dp.enforced:
+                for rule in dp.rules:
+                    if rule.peers is not None:
+                        keys = by_object.get(id(rule.peers))
+                        if keys is None:
+                            keys = by_object[id(rule.peers)] = groups.setdefault(_content(rule.peers), set())
+                        keys.add(rule.key)
+    out: dict[str, tuple[Content, frozenset[str]]] = {}
+    pending: list[tuple[Content, set[str]]] = []
+    old_by_content = prev.by_content if prev else {}
+    for c, keys in groups.items():
+        s = old_by_content.get(c)
+        if s is not None and s not in out:
+            out[s] = (c, frozenset(keys))
+        else:
+            pending.append((c, keys))
+    if prev is not None and pending:
+        old_stems: dict[str, list[str]] = {}
+        for s, (_, keys) in prev.shared.items():
+            for k in keys:
+                old_stems.setdefault(k, []).append(s)
+        rest = []
+        for c, keys in sorted(pending, key=lambda g: (-len(g[1]), min(g[1]))):
+            votes: dict[str, int] = {}
+            for k in keys:
+                for s in old_stems.get(k, ()):
+                    if s not in out:
+                        votes[s] = votes.get(s, 0) + 1
+            if votes:
+                s = min(votes, key=lambda s: (-votes[s], s))
+                out[s] = (c, frozenset(keys))
+            else:
+                rest.append((c, keys))
+        pending = rest
+    taken = set(out)
+    for c, keys in sorted(pending, key=lambda g: min(g[1])):
+        s = _stem(min(keys), taken)
+        taken.add(s)
+        out[s] = (c, frozenset(keys))
+    return out
 
 
 def _peer_matches(m: Model, rule: Rule, peers: PeerSet, peer_key: str) -> list[str]:
     """The peer clauses of `rule`, one line each: per family its hash set of addresses
     (always there, maybe empty) and its interval set of prefixes (only when it has some)."""
-    stem = _peer_sets(m, rule, peers)
+    stem = m.by_object.get(id(peers))
+    if stem is None:  # comparing equal contents costs their size: once per PeerSet object
+        stem = m.by_object[id(peers)] = m.by_content[_content(peers)]
     out = []
     for fam, proto in ((4, "ip"), (6, "ip6")):
         out += [f"{proto} {peer_key} @{s} " for s in (f"{stem}_{fam}", f"{stem}_{fam}n") if s in m.sets]
@@ -206,8 +264,11 @@ class Model:
     maps: dict[str, dict[str, str]] = field(default_factory=lambda: {m: {} for m in MAPS})
     # chain -> (endpoint, direction), written into the chain's comment
     owners: dict[str, tuple[str, Direction]] = field(default_factory=dict)
-    # rule key (see _peer_sets) -> its peers, so a set shared by many endpoints is rendered once
-    peers: dict[str, PeerSet] = field(default_factory=dict, compare=False)
+    # peer-set stem -> (content, rule keys using it), and content -> stem (see _share)
+    shared: dict[str, tuple[Content, frozenset[str]]] = field(default_factory=dict, compare=False)
+    by_content: dict[Content, str] = field(default_factory=dict, compare=False)
+    # id(PeerSet) -> stem while build_model runs (the program keeps those objects alive)
+    by_object: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -219,8 +280,18 @@ class Options:
     log_rate: str = "10/second burst 20 packets"  # per rule, in the kernel
 
 
-def build_model(program: Program, opts: Options = Options()) -> Model:
+def build_model(program: Program, opts: Options = Options(), prev: Model | None = None) -> Model:
+    """The table for `program`. `prev`, the model the kernel holds, keeps shared peer sets'
+    names stable across changes (see _share); without it names follow content alone."""
     m = Model()
+    m.shared = _share(program, prev)
+    for stem, (content, _) in m.shared.items():
+        m.by_content[content] = stem
+        for fam, texts in zip((4, 6), content, strict=True):
+            hosts, nets = hosts_and_nets(texts, fam)
+            m.sets[f"{stem}_{fam}"] = (HOSTS[fam], hosts)
+            if nets:
+                m.sets[f"{stem}_{fam}n"] = (NETS[fam], nets)
     guard = PeerSet.of(program.guard)
     known = PeerSet.of(ip for ep in program.endpoints.values() for ip in ep.ips) if program.guard else PeerSet()
     for fam in (4, 6):
@@ -250,6 +321,7 @@ def build_model(program: Program, opts: Options = Options()) -> Model:
                 for ip in ep.ips:
                     m.maps[f"{d.value}{ip.version}"][str(ip)] = f"jump {name}"
             m.chains.update(chains)
+    m.by_object = {}  # ids are only valid while `program` lives
     return m
 
 
@@ -461,7 +533,7 @@ class NftablesDataplane(Dataplane):
         return render_full(build_model(program, self.options))
 
     def apply(self, program: Program) -> ApplyStats:
-        new = build_model(program, self.options)
+        new = build_model(program, self.options, self._model)
         if self._model is not None:
             text, stats = render_diff(self._model, new)
             try:
