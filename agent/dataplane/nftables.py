@@ -293,10 +293,12 @@ def build_model(program: Program, opts: Options = Options(), prev: Model | None 
             if nets:
                 m.sets[f"{stem}_{fam}n"] = (NETS[fam], nets)
     guard = PeerSet.of(program.guard)
-    known = PeerSet.of(ip for ep in program.endpoints.values() for ip in ep.ips) if program.guard else PeerSet()
+    # The endpoints' own addresses, not a collapsed PeerSet: adjacent addresses would merge
+    # into prefixes, which a set of single addresses cannot hold.
+    known = {ip for ep in program.endpoints.values() for ip in ep.ips} if program.guard else set()
     for fam in (4, 6):
         m.sets[f"guard{fam}"] = (NETS[fam], guard.texts(fam))
-        m.sets[f"known{fam}"] = (HOSTS[fam], hosts_and_nets(known.texts(fam), fam)[0])  # addresses only
+        m.sets[f"known{fam}"] = (HOSTS[fam], frozenset(str(ip) for ip in known if ip.version == fam))
     for ep in program.endpoints.values():
         for d in (Direction.INGRESS, Direction.EGRESS):
             dp = ep.direction(d)

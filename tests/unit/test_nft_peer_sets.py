@@ -5,6 +5,9 @@ command; with pod addresses in hash sets an update costs what it changes."""
 
 from __future__ import annotations
 
+import ipaddress
+from dataclasses import replace
+
 from agent.dataplane.nftables import HOSTS, NETS, build_model, render_diff, render_full
 from tests.kit.builders import ns, pod, policy, snapshot_of
 
@@ -62,3 +65,12 @@ def test_rule_gaining_or_losing_its_prefixes_is_rewritten() -> None:
     text, stats = render_diff(mixed, pods_only)
     assert stats.chains_written == 1 and "delete set" in text
     assert text.index("flush chain") < text.index("delete set")  # no rule names it any more
+
+
+def test_known_set_holds_every_address_even_adjacent_ones() -> None:
+    """--unknown-endpoints=deny: adjacent pod addresses collapse into a prefix in a PeerSet;
+    the `known` set of single addresses must still hold each of them (it once lost them)."""
+    pods = [pod(f"a/p{i}", f"10.1.0.{i}", {"app": "x"}, nodeName="n1") for i in range(4, 8)]  # 10.1.0.4/30
+    prog = snapshot_of([ns("a"), *pods], node="n1").program
+    m = build_model(replace(prog, guard=(ipaddress.ip_network("10.1.0.0/24"),)))
+    assert m.sets["known4"] == (HOSTS[4], frozenset({"10.1.0.4", "10.1.0.5", "10.1.0.6", "10.1.0.7"}))
