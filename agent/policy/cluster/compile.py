@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from agent.inventory import Endpoint, Inventory, IPAddress
+from agent.inventory import Endpoint, Inventory, IPAddress, Namespace
 from agent.ir import Direction, Network, Origin, PeerSet, PortMatch, Rule, Tier, Verdict
 from agent.policy.cluster.domains import NO_LEARNED, DomainRule, Learned, learned_rule_key
 from agent.policy.cluster.model import ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule
@@ -54,11 +54,13 @@ class ClusterCompiler:
         ordered = sorted(policies, key=lambda p: p.order)
         self.admin = [p for p in ordered if p.tier is Tier.ADMIN]
         self.baseline = [p for p in ordered if p.tier is Tier.BASELINE]
-        self.by_namespace: dict[str, list[Endpoint]] = defaultdict(list)
-        for ep in sorted(inv.endpoints.values(), key=lambda e: e.key):
-            self.by_namespace[ep.namespace].append(ep)
+        # namespace -> pod key -> pod (order never matters: peers collapse into PeerSets)
+        self.by_namespace: dict[str, dict[str, Endpoint]] = defaultdict(dict)
+        for key, ep in inv.endpoints.items():
+            self.by_namespace[ep.namespace][key] = ep
         self.namespace_names = sorted(set(self.by_namespace) | set(inv.namespaces))
         self._peers: dict[str, _Peers] = {}
+        self._peer_defs: dict[str, tuple[ClusterPeer, ...]] = {}  # what each entry of _peers was read from
         self._ns_match: dict[tuple[Selector, str], bool | None] = {}
         self._subject_ns: dict[tuple[int, str], bool | None] = {}
         self._ingress_rules: dict[tuple[str, tuple[PortMatch, ...]], list[Rule]] = {}
@@ -105,12 +107,69 @@ class ClusterCompiler:
                 ns_m = self._namespace_match(p.namespaces, name)
                 if ns_m is False:
                     continue
-                for ep in self.by_namespace.get(name, ()):
+                for ep in self.by_namespace.get(name, {}).values():
                     m = _and(ns_m, True if p.pods is None else tri(p.pods, ep.labels, ep.labels_invalid))
                     if m is not False:
                         (out.pods if m else out.maybe_pods).append(ep)
         self._peers[key] = out
+        self._peer_defs[key] = peers
         return out
+
+    # ------------------------------------------------------------ following changes (incremental)
+
+    def update(self, inv: Inventory, pods: Iterable[tuple[Endpoint | None, Endpoint | None]],
+               namespaces: Iterable[tuple[str, Namespace, Namespace]], nodes: bool) -> set[str]:
+        """Follow `inv`, which differs from the compiler's inventory by the changed `pods` and
+        `namespaces` (old, new) and, when `nodes`, its Nodes: forget the memoised peers (and
+        what was built from them) that such a change can alter; returns their rule keys.
+        The results of `endpoint` are then those of a fresh compiler over `inv`."""
+        old_inv, self.inv = self.inv, inv
+        pods, namespaces = list(pods), list(namespaces)
+        for o, n in pods:
+            if o is not None:
+                here = self.by_namespace.get(o.namespace)
+                if here is not None:
+                    here.pop(o.key, None)
+                    if not here:
+                        del self.by_namespace[o.namespace]
+            if n is not None:
+                self.by_namespace[n.namespace][n.key] = n
+        if pods or namespaces:
+            self.namespace_names = sorted(set(self.by_namespace) | set(inv.namespaces))
+        for name, _, _ in namespaces:
+            for k in [k for k in self._ns_match if k[1] == name]:
+                del self._ns_match[k]
+            for k2 in [k for k in self._subject_ns if k[1] == name]:
+                del self._subject_ns[k2]
+
+        def reads(p: ClusterPeer) -> bool:
+            if p.nodes is not None:
+                return nodes
+            if p.namespaces is None:
+                return False
+            for _, o_ns, n_ns in namespaces:  # a namespace entering or leaving the selector
+                if tri(p.namespaces, o_ns.labels, o_ns.labels_invalid) != tri(
+                        p.namespaces, n_ns.labels, n_ns.labels_invalid):
+                    return True
+            for ep, in_inv in [(o, old_inv) for o, _ in pods] + [(n, inv) for _, n in pods]:
+                if ep is None:
+                    continue  # a pod that was or is a (maybe) peer: its entry holds the old object
+                ns = in_inv.namespace(ep.namespace)
+                if _and(tri(p.namespaces, ns.labels, ns.labels_invalid),
+                        True if p.pods is None else tri(p.pods, ep.labels, ep.labels_invalid)) is not False:
+                    return True
+            return False
+
+        gone = {key for key, peers in self._peer_defs.items() if any(map(reads, peers))}
+        for key in gone:
+            del self._peers[key], self._peer_defs[key]
+        if gone:
+            def base(k: str) -> str:
+                return k.removesuffix("/as-deny")
+            for cache in (self._pieces, self._egress, self._ingress_rules):
+                for k3 in [k for k in cache if base(k[0]) in gone]:
+                    del cache[k3]  # type: ignore[attr-defined]
+        return gone
 
     # ------------------------------------------------------------ rules
 
