@@ -66,6 +66,17 @@ class ClusterCompiler:
         self._ingress_rules: dict[tuple[str, tuple[PortMatch, ...]], list[Rule]] = {}
         self._egress: dict[tuple[str, Verdict], list[Rule]] = {}
         self._pieces: dict[tuple[str, Verdict], list[tuple[str, Verdict, _Peers, PeerSet]]] = {}
+        # Results forgotten by `update` (or a previous compiler's, see `inherit`): a result
+        # computed again and equal is swapped back for its old object, compared once here so
+        # that every endpoint holding it compares by identity.
+        self._was_pieces: dict[tuple[str, Verdict], list[tuple[str, Verdict, _Peers, PeerSet]]] = {}
+        self._was_ingress: dict[tuple[str, tuple[PortMatch, ...]], list[Rule]] = {}
+        self._was_egress: dict[tuple[str, Verdict], list[Rule]] = {}
+
+    def inherit(self, old: ClusterCompiler) -> None:
+        """Reuse `old`'s results where this compiler computes equal ones (same objects)."""
+        self._was_pieces, self._was_ingress, self._was_egress = dict(old._pieces), dict(old._ingress_rules), \
+            dict(old._egress)
 
     # ------------------------------------------------------------ selection
 
@@ -163,12 +174,16 @@ class ClusterCompiler:
         gone = {key for key, peers in self._peer_defs.items() if any(map(reads, peers))}
         for key in gone:
             del self._peers[key], self._peer_defs[key]
+        self._was_pieces, self._was_ingress, self._was_egress = {}, {}, {}
         if gone:
             def base(k: str) -> str:
                 return k.removesuffix("/as-deny")
-            for cache in (self._pieces, self._egress, self._ingress_rules):
-                for k3 in [k for k in cache if base(k[0]) in gone]:
-                    del cache[k3]  # type: ignore[attr-defined]
+            for k in [k for k in self._pieces if base(k[0]) in gone]:
+                self._was_pieces[k] = self._pieces.pop(k)
+            for k4 in [k for k in self._ingress_rules if base(k[0]) in gone]:
+                self._was_ingress[k4] = self._ingress_rules.pop(k4)
+            for k in [k for k in self._egress if base(k[0]) in gone]:
+                self._was_egress[k] = self._egress.pop(k)
         return gone
 
     # ------------------------------------------------------------ rules
@@ -192,6 +207,8 @@ class ClusterCompiler:
                 groups.append(("/unknown-labels", Verdict.DROP, _Peers(p.maybe_pods, p.maybe_nets)))
         out = [(suffix, v, g, PeerSet.of([*g.nets, *(ip for e in g.pods for ip in e.ips)]))
                for suffix, v, g in groups]
+        was = {(s, v): addrs for s, v, _, addrs in self._was_pieces.pop((key, verdict), ())}
+        out = [(s, v, g, _same(addrs, was.get((s, v)))) for s, v, g, addrs in out]
         self._pieces[(key, verdict)] = out
         return out
 
@@ -217,6 +234,7 @@ class ClusterCompiler:
             else:
                 hit = [Rule(origin, addrs, canonical, v, key=key + suffix)
                        for suffix, v, _, addrs in self._groups(key, rule, verdict)]
+            hit = _same_rules(hit, self._was_ingress.pop((key, canonical), None))
             self._ingress_rules[(key, canonical)] = hit
         return hit
 
@@ -247,6 +265,7 @@ class ClusterCompiler:
                 for (proto, num), ips in sorted(buckets.items()):
                     out.append(Rule(origin, PeerSet.of(ips), (PortMatch(proto, num, num),), v,
                                     key=f"{key}{suffix}/{proto}/{num}"))
+        out = _same_rules(out, self._was_egress.pop((key, verdict), None))
         self._egress[(key, verdict)] = out
         return out
 
@@ -308,6 +327,22 @@ class ClusterCompiler:
 def domain_rule_key(pol: ClusterPolicy, rule: ClusterRule) -> str:
     """The key `Learned` files a domainNames rule's addresses under (with the endpoint)."""
     return f"{pol.key}/egress/{rule.index}"
+
+
+def _same(new: PeerSet, old: PeerSet | None) -> PeerSet:
+    return old if old is not None and old == new else new
+
+
+def _same_rules(new: list[Rule], old: list[Rule] | None) -> list[Rule]:
+    """`new` with each rule equal to one of `old` (by key and ports) replaced by that object."""
+    if not old:
+        return new
+    by_key = {(r.key, r.ports): r for r in old}
+    out = []
+    for r in new:
+        was = by_key.get((r.key, r.ports))
+        out.append(was if was is not None and was == r else r)
+    return old if len(old) == len(out) and all(a is b for a, b in zip(old, out, strict=True)) else out
 
 
 def _has_domains(rule: ClusterRule) -> bool:

@@ -258,7 +258,10 @@ class IncrementalCompiler:
         diff = self._diff
         if (self._ccomp is None or diff is None or old_inv is None or self._merged is None
                 or _changed(self._cluster, cluster)):
-            self._ccomp, self._cluster, self._tier_rules = ClusterCompiler(inv, list(cluster.values())), cluster, {}
+            fresh = ClusterCompiler(inv, list(cluster.values()))
+            if self._ccomp is not None:
+                fresh.inherit(self._ccomp)  # unchanged rules keep their objects
+            self._ccomp, self._cluster = fresh, cluster
             redo: set[str] | None = None  # every local endpoint
             self.stats.tiers = "fresh"
         else:
@@ -290,8 +293,8 @@ class IncrementalCompiler:
             prev = old.get(key)
             if prev is not None and t is was and old_np.get(key) is np_ep:
                 eps[key] = prev
-            else:
-                eps[key] = _reuse(with_tier_rules(np_ep, t), prev)
+            else:  # changed (both parts keep their objects where equal): no deep comparison
+                eps[key] = with_tier_rules(np_ep, t)
         self.stats.tier_endpoints = done
         self._tier_rules, self._np_merged = tier_rules, np_prog
         if self._merged is None or eps.keys() != old.keys() or any(eps[k] is not old[k] for k in eps):
