@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from agent.inventory import Endpoint, Inventory, IPAddress, Namespace
@@ -72,6 +72,11 @@ class ClusterCompiler:
         self._was_pieces: dict[tuple[str, Verdict], list[tuple[str, Verdict, _Peers, PeerSet]]] = {}
         self._was_ingress: dict[tuple[str, tuple[PortMatch, ...]], list[Rule]] = {}
         self._was_egress: dict[tuple[str, Verdict], list[Rule]] = {}
+        # Set by `update` after a change of pods only: edits a forgotten piece's addresses by
+        # those that may have moved (old set, static nets, pods now in it, moved addresses)
+        # instead of collapsing them all again.
+        self._edit: Callable[[PeerSet, PeerSet, list[Endpoint], set[IPAddress]], PeerSet] | None = None
+        self._moved: set[IPAddress] = set()
 
     def inherit(self, old: ClusterCompiler) -> None:
         """Reuse `old`'s results where this compiler computes equal ones (same objects)."""
@@ -129,13 +134,17 @@ class ClusterCompiler:
     # ------------------------------------------------------------ following changes (incremental)
 
     def update(self, inv: Inventory, pods: Iterable[tuple[Endpoint | None, Endpoint | None]],
-               namespaces: Iterable[tuple[str, Namespace, Namespace]], nodes: bool) -> set[str]:
+               namespaces: Iterable[tuple[str, Namespace, Namespace]], nodes: bool,
+               edit: Callable[[PeerSet, PeerSet, list[Endpoint], set[IPAddress]], PeerSet] | None = None) -> set[str]:
         """Follow `inv`, which differs from the compiler's inventory by the changed `pods` and
         `namespaces` (old, new) and, when `nodes`, its Nodes: forget the memoised peers (and
         what was built from them) that such a change can alter; returns their rule keys.
-        The results of `endpoint` are then those of a fresh compiler over `inv`."""
+        The results of `endpoint` are then those of a fresh compiler over `inv`. `edit`: see
+        `_edit` (used only when nothing but pods changed)."""
         old_inv, self.inv = self.inv, inv
         pods, namespaces = list(pods), list(namespaces)
+        self._edit = edit if not namespaces and not nodes else None
+        self._moved = {ip for o, n in pods for ep in (o, n) if ep is not None for ip in ep.ips}
         for o, n in pods:
             if o is not None:
                 here = self.by_namespace.get(o.namespace)
@@ -205,10 +214,15 @@ class ClusterCompiler:
             groups = [("", verdict, _Peers(p.pods, p.nets))]
             if p.maybe_pods or p.maybe_nets:
                 groups.append(("/unknown-labels", Verdict.DROP, _Peers(p.maybe_pods, p.maybe_nets)))
-        out = [(suffix, v, g, PeerSet.of([*g.nets, *(ip for e in g.pods for ip in e.ips)]))
-               for suffix, v, g in groups]
         was = {(s, v): addrs for s, v, _, addrs in self._was_pieces.pop((key, verdict), ())}
-        out = [(s, v, g, _same(addrs, was.get((s, v)))) for s, v, g, addrs in out]
+        out = []
+        for suffix, v, g in groups:
+            old = was.get((suffix, v))
+            if old is not None and self._edit is not None:
+                addrs = self._edit(old, PeerSet.of(g.nets), g.pods, self._moved)
+            else:
+                addrs = _same(PeerSet.of([*g.nets, *(ip for e in g.pods for ip in e.ips)]), old)
+            out.append((suffix, v, g, addrs))
         self._pieces[(key, verdict)] = out
         return out
 
@@ -330,7 +344,16 @@ def domain_rule_key(pol: ClusterPolicy, rule: ClusterRule) -> str:
 
 
 def _same(new: PeerSet, old: PeerSet | None) -> PeerSet:
-    return old if old is not None and old == new else new
+    # PeerSet.of hands equal sets back as one object while it remembers them: an identity
+    # test is enough, and comparing 10,000 addresses per rule is not (a miss is only a
+    # new object, never a wrong one).
+    return old if old is new else new
+
+
+def same_rule(a: Rule, b: Rule | None) -> bool:
+    """`a` equals `b`, compared cheaply: rules whose peers are different objects count as
+    different (see _same)."""
+    return b is not None and (a is b or (a.peers is b.peers and a == b))
 
 
 def _same_rules(new: list[Rule], old: list[Rule] | None) -> list[Rule]:
@@ -341,7 +364,7 @@ def _same_rules(new: list[Rule], old: list[Rule] | None) -> list[Rule]:
     out = []
     for r in new:
         was = by_key.get((r.key, r.ports))
-        out.append(was if was is not None and was == r else r)
+        out.append(was if was is not None and same_rule(r, was) else r)
     return old if len(old) == len(out) and all(a is b for a, b in zip(old, out, strict=True)) else out
 
 

@@ -38,6 +38,7 @@ from agent.inventory import Endpoint, Inventory, IPAddress, Namespace, Problem
 from agent.ir import DirectionProgram, EndpointProgram, PeerSet, Program, Rule
 from agent.policy.cluster import KINDS as CLUSTER_KINDS
 from agent.policy.cluster import ClusterCompiler, ClusterPolicy, TierRules, parse_cluster_policy
+from agent.policy.cluster.compile import same_rule
 from agent.policy.errors import Invalid
 from agent.policy.kubernetes.compile import EntryKey, _Compiler, compile_inventory, entry_holds, with_tier_rules
 from agent.policy.kubernetes.parse import NetworkPolicy, parse_policy
@@ -121,6 +122,24 @@ def _reuse(new: EndpointProgram, old: EndpointProgram | None) -> EndpointProgram
         else:
             dirs.append(DirectionProgram(d_new.isolated, _reuse_rules(d_new.rules, d_old.rules), d_new.isolated_by))
     return EndpointProgram(new.key, old.ips if old.ips == new.ips else new.ips, dirs[0], dirs[1], new.interface)
+
+
+def _edit_pieces(old: PeerSet, static: PeerSet, pods: list[Endpoint], moved: set[IPAddress]) -> PeerSet:
+    """A cluster rule's addresses after pods changed: an address that may have moved is in
+    it when a network (static) covers it or one of the rule's pods now holds it."""
+    spans = Spans(old, static)
+    for ip in moved:
+        if spans.static_holds(ip) or any(ip in e.ips for e in pods):
+            spans.add(ip)
+        else:
+            spans.remove(ip)
+    return spans.peer_set() if spans.dirty else old
+
+
+def _same_tiers(a: TierRules, b: TierRules) -> bool:
+    pairs = ((a.ingress_admin, b.ingress_admin), (a.ingress_baseline, b.ingress_baseline),
+             (a.egress_admin, b.egress_admin), (a.egress_baseline, b.egress_baseline))
+    return all(len(x) == len(y) and all(same_rule(r, w) for r, w in zip(x, y, strict=True)) for x, y in pairs)
 
 
 class IncrementalCompiler:
@@ -266,7 +285,7 @@ class IncrementalCompiler:
             self.stats.tiers = "fresh"
         else:
             pods, nss = diff
-            gone = self._ccomp.update(inv, pods, nss, inv.nodes != old_inv.nodes)
+            gone = self._ccomp.update(inv, pods, nss, inv.nodes != old_inv.nodes, edit=_edit_pieces)
             self.stats.tiers, self.stats.tier_rules = ("edited" if pods or nss or gone else "kept"), len(gone)
             if gone:
                 redo = None  # their rules are shared by every subject: ask each (cheap, memoised)
@@ -286,7 +305,7 @@ class IncrementalCompiler:
             if t is None or redo is None or key in redo:
                 done += 1
                 t = comp.endpoint(inv.endpoints[key])
-                if t == was:
+                if was is not None and _same_tiers(t, was):
                     t = was
             assert t is not None
             tier_rules[key] = t
