@@ -20,7 +20,7 @@ from agent.admission import LastGood, kubernetes_inventory
 from agent.dataplane.ebpf import tables
 from agent.dataplane.nftables import build_model, render_full
 from agent.inventory import Inventory
-from agent.ir import PeerSet, Program
+from agent.ir import PeerSet, Program, Verdict
 from agent.policy.kubernetes import compile_inventory, incremental
 from agent.policy.kubernetes.incremental import IncrementalCompiler
 from agent.policy.kubernetes.spans import Spans
@@ -271,14 +271,44 @@ def test_unchanged_objects_keep_their_identity() -> None:
     assert after == compile_inventory(kubernetes_inventory(list(objects.values()), LastGood()), "n1")
 
 
-def test_unknown_kinds_fall_back_to_the_full_compile() -> None:
-    body = {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy",
-            "metadata": {"name": "x"}, "spec": {}}
-    objs = [RawObject(ref_of(b, "file", "t"), b) for b in (ns("a"), pod("a/web", "10.0.0.1"), body)]
-    inc = IncrementalCompiler("n1", "file")
-    inv = kubernetes_inventory(objs, LastGood())
-    assert inc.compile(inv) == compile_inventory(inv, "n1")
-    assert inc.stats.full
+def test_cluster_policies_keep_the_incremental_path() -> None:
+    """With cluster policies present, a NetworkPolicy-only event reuses every cluster rule
+    object; a pod event edits the tiers and leaves the endpoints it does not reach alone."""
+    anp = {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy",
+           "metadata": {"name": "x"},
+           "spec": {"priority": 5, "subject": {"namespaces": {"matchLabels": {"team": "red"}}},
+                    "ingress": [{"name": "no-db", "action": "Deny",
+                                 "from": [{"pods": {"namespaceSelector": {},
+                                                    "podSelector": {"matchLabels": {"app": "db"}}}}]}]}}
+    docs = [ns("a", team="red"), ns("b", team="blue"), pod("a/web", "10.0.0.1", {"app": "web"}),
+            pod("b/api", "10.0.1.1", {"app": "api"}), pod("b/db", "10.0.1.2", {"app": "db"}), anp,
+            policy("b/p", {"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]})]
+    objects = {i: RawObject(ref_of(b, "file", "t"), b) for i, b in enumerate(docs)}
+    store = LastGood()
+    inc = IncrementalCompiler(None, "file")
+
+    def compile_now() -> Program:
+        inv = kubernetes_inventory(list(objects.values()), store)
+        got = inc.compile(inv)
+        assert got == compile_inventory(inv, None)
+        return got
+
+    first = compile_now()
+    deny = first.endpoints["a/web"].ingress.rules[0]
+    assert deny.verdict is Verdict.DROP and deny.peers == PeerSet.of([ipaddress.ip_address("10.0.1.2")])
+    changed = policy("b/p", {"podSelector": {},
+                             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "x"}}}]}]})
+    objects[6] = RawObject(ref_of(changed, "file", "t"), changed)
+    second = compile_now()
+    assert not inc.stats.full and inc.stats.tiers == "kept" and inc.stats.tier_endpoints == 0
+    assert second.endpoints["a/web"] is first.endpoints["a/web"]
+    relabelled = pod("b/api", "10.0.1.1", {"app": "db"})  # now a peer of the Deny
+    objects[3] = RawObject(ref_of(relabelled, "file", "t"), relabelled)
+    third = compile_now()
+    assert not inc.stats.full and inc.stats.tiers == "edited" and inc.stats.tier_rules == 1
+    assert third.endpoints["a/web"].ingress.rules[0].peers == PeerSet.of(
+        [ipaddress.ip_address("10.0.1.1"), ipaddress.ip_address("10.0.1.2")])
+    assert third.endpoints["b/db"] is second.endpoints["b/db"]  # neither part changed
 
 
 addresses = st.sampled_from([ipaddress.ip_address(a) for a in (

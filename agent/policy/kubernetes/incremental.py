@@ -17,10 +17,17 @@ as the same objects, so the diff is mostly an identity check per object), then:
 Everything else keeps its object (PeerSet, Rule, EndpointProgram), so the dataplanes'
 diffs stay cheap; recomputed objects equal to their predecessors are swapped back for them.
 
-Policy kinds it does not understand (ClusterNetworkPolicy, AdminNetworkPolicy,
-BaselineAdminNetworkPolicy, anything new) make it fall back to a full `compile_inventory`:
-correct first, fast where it knows the change; so does any change to the Nodes (which only
-ClusterNetworkPolicy peers read). So do large changes (a first sync, a resync after a gap), where starting
+Cluster policies (ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy)
+keep the NetworkPolicy part incremental; their ADMIN and BASELINE rules are merged around
+it as `_with_tiers` does, by one `ClusterCompiler` kept while the cluster policies stay the
+same: a NetworkPolicy-only event reuses every endpoint's cluster rules; a pod, namespace
+or Node change makes it forget only the peer sets that change can alter (`update`), edited
+by the addresses that moved when only pods changed; recomputed rules equal to their
+predecessors are the same objects, so only endpoints whose NetworkPolicy part or cluster
+rules changed are merged again. A changed cluster policy makes a fresh ClusterCompiler
+(it still hands back equal rules as their old objects).
+Kinds it does not know fall back to a full `compile_inventory`: correct first, fast where
+it knows the change. So do large changes (a first sync, a resync after a gap), where starting
 afresh is as fast, and one compile every `FULL_EVERY` seconds, a bound on how long any
 mistake of the incremental path could last. A full compile still hands unchanged
 endpoint programs back as their previous objects.
@@ -45,7 +52,7 @@ from agent.policy.kubernetes.parse import NetworkPolicy, parse_policy
 from agent.policy.kubernetes.spans import Spans
 from agent.policy.selectors import Selector
 
-KINDS = ("NetworkPolicy",)  # policy kinds this compiler follows; any other: full compile
+KINDS = ("NetworkPolicy",)  # policy kinds this compiler follows (and CLUSTER_KINDS); any other: full compile
 # A full compile this often (seconds) all the same: whatever the incremental path might ever
 # get wrong is corrected within this bound (~1 s of CPU at 10k pods, every 10 minutes).
 FULL_EVERY = 600.0
