@@ -133,6 +133,12 @@ class ClusterCompiler:
 
     # ------------------------------------------------------------ following changes (incremental)
 
+    def holding(self, keys: set[str]) -> list[ClusterPolicy]:
+        """The policies some of whose rules have these keys (an endpoint's rules can change
+        with those peers only if one of them selects it)."""
+        prefixes = {k.rsplit("/", 2)[0] for k in keys}
+        return [p for p in self.admin + self.baseline if p.key in prefixes]
+
     def update(self, inv: Inventory, pods: Iterable[tuple[Endpoint | None, Endpoint | None]],
                namespaces: Iterable[tuple[str, Namespace, Namespace]], nodes: bool,
                edit: Callable[[PeerSet, PeerSet, list[Endpoint], set[IPAddress]], PeerSet] | None = None) -> set[str]:

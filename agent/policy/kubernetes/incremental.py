@@ -294,12 +294,13 @@ class IncrementalCompiler:
             pods, nss = diff
             gone = self._ccomp.update(inv, pods, nss, inv.nodes != old_inv.nodes, edit=_edit_pieces)
             self.stats.tiers, self.stats.tier_rules = ("edited" if pods or nss or gone else "kept"), len(gone)
-            if gone:
-                redo = None  # their rules are shared by every subject: ask each (cheap, memoised)
-            else:
-                redo = {n.key for _, n in pods if self._local(n)}
-                for name, _, _ in nss:  # subject selection reads namespace labels
-                    redo.update(k for k, ep in inv.endpoints.items() if ep.namespace == name and self._local(ep))
+            redo = {n.key for _, n in pods if self._local(n)}
+            for name, _, _ in nss:  # subject selection reads namespace labels
+                redo.update(k for k, ep in inv.endpoints.items() if ep.namespace == name and self._local(ep))
+            readers = self._ccomp.holding(gone)
+            if readers:  # the subjects of the policies whose peers were forgotten
+                redo.update(k for k in np_prog.endpoints if k not in redo and any(
+                    self._ccomp.selects(pol, inv.endpoints[k]) is not False for pol in readers))
         comp = self._ccomp
         old_np = self._np_merged.endpoints if self._np_merged is not None else {}
         old = self._merged.endpoints if self._merged is not None else {}
