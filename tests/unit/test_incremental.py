@@ -20,7 +20,7 @@ from agent.admission import LastGood, kubernetes_inventory
 from agent.dataplane.ebpf import tables
 from agent.dataplane.nftables import build_model, render_full
 from agent.inventory import Inventory
-from agent.ir import PeerSet, Program
+from agent.ir import PeerSet, Program, Verdict
 from agent.policy.kubernetes import compile_inventory, incremental
 from agent.policy.kubernetes.incremental import IncrementalCompiler
 from agent.policy.kubernetes.spans import Spans
@@ -101,12 +101,72 @@ def pod_event(key: str | st.SearchStrategy[str]) -> st.SearchStrategy[tuple[Any,
     return st.tuples(st.just("pod"), keys, labels, ips, container_ports, st.sampled_from(["n1", "n1", "n2"]))
 
 
-# A populated start: every namespace and pod, and a few policies.
+# Cluster policies (Admin and Baseline tiers, Accept/Deny/Pass, pods/namespaces/networks/nodes
+# peers, numeric and named ports, invalid parts), present throughout the event sequences.
+CLUSTER = ("c0", "c1", "c2", "anp", "default")  # three ClusterNetworkPolicies, an ANP, the BANP
+NODES = ("n1", "n2")
+node_selector = st.one_of(st.just({}), st.builds(lambda v: {"matchLabels": {"role": v}},
+                                                 st.sampled_from(["worker", "control"])), st.just({"matchLabels": 0}))
+cluster_pod_peer = st.builds(lambda n, p: {"namespaceSelector": n, "podSelector": p}, ns_selector, selector)
+cnp_peer = st.one_of(st.builds(lambda n: {"namespaces": n}, ns_selector),
+                     st.builds(lambda x: {"pods": x}, cluster_pod_peer))
+cnp_egress_peer = st.one_of(cnp_peer, cnp_peer, st.builds(lambda x: {"nodes": x}, node_selector),
+                            st.just({"networks": ["10.0.0.0/30", "fd00::/126"]}), st.just({"networks": ["bogus"]}))
+cnp_protocol = st.sampled_from([{"tcp": {"destinationPort": {"number": 80}}}, {"destinationNamedPort": "http"},
+                                {"destinationNamedPort": "dns"},
+                                {"udp": {"destinationPort": {"range": {"start": 50, "end": 60}}}}])
+anp_port = st.sampled_from([{"portNumber": {"protocol": "TCP", "port": 80}}, {"namedPort": "http"},
+                            {"portRange": {"protocol": "UDP", "start": 50, "end": 60}}])
+
+
+def cluster_rule(actions: list[str], peers_key: str, peer: st.SearchStrategy[Any], ports_key: str,
+                 ports: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries({"name": st.just("r"), "action": st.sampled_from(actions),
+                                  peers_key: st.lists(peer, min_size=1, max_size=2)},
+                                 optional={ports_key: st.lists(ports, min_size=1, max_size=2)})
+
+
+subject = st.one_of(st.builds(lambda n: {"namespaces": n}, ns_selector),
+                    st.builds(lambda x: {"pods": x}, cluster_pod_peer))
+
+
+def cluster_body(name: str) -> st.SearchStrategy[dict[str, Any]]:
+    if name == "default":  # v1alpha1 BaselineAdminNetworkPolicy (Allow/Deny, no priority)
+        api, kind, acts, key, ports = "policy.networking.k8s.io/v1alpha1", "BaselineAdminNetworkPolicy", \
+            ["Allow", "Deny"], "ports", anp_port
+        spec = st.fixed_dictionaries({"subject": subject})
+    elif name == "anp":
+        api, kind, acts, key, ports = "policy.networking.k8s.io/v1alpha1", "AdminNetworkPolicy", \
+            ["Allow", "Deny", "Pass"], "ports", anp_port
+        spec = st.fixed_dictionaries({"subject": subject, "priority": st.sampled_from([5, 20])})
+    else:
+        api, kind, acts, key, ports = "policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy", \
+            ["Accept", "Deny", "Pass"], "protocols", cnp_protocol
+        spec = st.fixed_dictionaries({"subject": subject, "priority": st.sampled_from([5, 10, 20]),
+                                      "tier": st.sampled_from(["Admin", "Admin", "Baseline"])})
+    rules = st.fixed_dictionaries({}, optional={
+        "ingress": st.lists(cluster_rule(acts, "from", cnp_peer, key, ports), min_size=1, max_size=2),
+        "egress": st.lists(cluster_rule(acts, "to", cnp_egress_peer, key, ports), min_size=1, max_size=2)})
+    return st.tuples(spec, rules).map(lambda sr: {
+        "apiVersion": api, "kind": kind, "metadata": {"name": name}, "spec": {**sr[0], **sr[1]}})
+
+
+cluster_event = st.sampled_from(CLUSTER).flatmap(lambda n: st.tuples(st.just("cluster"), st.just(n), cluster_body(n)))
+node_event = st.tuples(st.just("node"), st.sampled_from(NODES),
+                       st.sampled_from([{"role": "worker"}, {"role": "control"}, {}, BAD_LABELS]),
+                       st.lists(st.sampled_from(["10.9.0.1", "10.9.0.2", "10.0.0.2", "fd00::7"]), min_size=1,
+                                max_size=2, unique=True))
+
+# A populated start: every namespace, pod and node, a few policies and cluster policies.
 start_state = st.tuples(
     *(st.tuples(st.just("namespace"), st.just(n), ns_labels) for n in NAMESPACES),
     *(pod_event(k) for k in PODS),
-).flatmap(lambda base: st.lists(st.tuples(st.just("policy"), st.sampled_from(POLICIES), spec),
-                                min_size=3, max_size=6).map(lambda pols: [*base, *pols]))
+    *(st.tuples(st.just("node"), st.just(n), st.just({"role": "worker"}), st.just([f"10.9.0.{i + 1}"]))
+      for i, n in enumerate(NODES)),
+).flatmap(lambda base: st.tuples(
+    st.lists(st.tuples(st.just("policy"), st.sampled_from(POLICIES), spec), min_size=3, max_size=6),
+    st.lists(cluster_event, min_size=1, max_size=3),
+).map(lambda pols: [*base, *pols[0], *pols[1]]))
 common_event = st.one_of(
     pod_event(st.sampled_from(PODS)),
     st.tuples(st.just("delete"), st.sampled_from(PODS)),
@@ -115,12 +175,11 @@ common_event = st.one_of(
     st.tuples(st.just("policy"), st.sampled_from(POLICIES), spec),
     st.tuples(st.just("delete"), st.sampled_from(POLICIES)),
 )
-# Kinds only the full compiler reads: the incremental one falls back, then resumes.
+# Rarer: cluster policies change or go (a fresh tier compile), Nodes change (their peers).
 rare_event = st.one_of(
-    st.tuples(st.just("cluster"), st.sampled_from(["Deny", "Pass"]), st.sampled_from(["red", "blue"])),
-    st.tuples(st.just("delete"), st.just("guard")),
-    st.tuples(st.just("delete"), st.just("guard")),
-    st.tuples(st.just("node"), st.sampled_from(["10.9.0.1", "10.9.0.2"])),
+    cluster_event,
+    st.tuples(st.just("delete"), st.sampled_from(CLUSTER)),
+    node_event, node_event,
 )
 event = st.one_of(common_event, common_event, common_event, common_event, common_event, rare_event)
 
@@ -139,17 +198,13 @@ def body_of(ev: tuple[Any, ...]) -> tuple[str, dict[str, Any] | None]:
     if kind == "policy":
         return f"NetworkPolicy {key}", policy(key, ev[2])
     if kind == "cluster":
-        return "ClusterNetworkPolicy guard", {
-            "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
-            "metadata": {"name": "guard"},
-            "spec": {"tier": "Admin", "priority": 10, "subject": {"namespaces": {}},
-                     "ingress": [{"name": "r", "action": key,
-                                  "from": [{"namespaces": {"matchLabels": {"team": ev[2]}}}]}]}}
+        return f"{ev[2]['kind']} {key}", ev[2]
     if kind == "node":
-        return "Node n1", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
-                           "status": {"addresses": [{"type": "InternalIP", "address": key}]}}
-    if key == "guard":
-        return "ClusterNetworkPolicy guard", None
+        return f"Node {key}", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": key, "labels": ev[2]},
+                               "status": {"addresses": [{"type": "InternalIP", "address": a} for a in ev[3]]}}
+    if key in CLUSTER:
+        kind = {"anp": "AdminNetworkPolicy", "default": "BaselineAdminNetworkPolicy"}.get(key, "ClusterNetworkPolicy")
+        return f"{kind} {key}", None
     what = "Pod" if key in PODS else "Namespace" if key in NAMESPACES else "NetworkPolicy"
     return f"{what} {key}", None
 
@@ -216,14 +271,44 @@ def test_unchanged_objects_keep_their_identity() -> None:
     assert after == compile_inventory(kubernetes_inventory(list(objects.values()), LastGood()), "n1")
 
 
-def test_unknown_kinds_fall_back_to_the_full_compile() -> None:
-    body = {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy",
-            "metadata": {"name": "x"}, "spec": {}}
-    objs = [RawObject(ref_of(b, "file", "t"), b) for b in (ns("a"), pod("a/web", "10.0.0.1"), body)]
-    inc = IncrementalCompiler("n1", "file")
-    inv = kubernetes_inventory(objs, LastGood())
-    assert inc.compile(inv) == compile_inventory(inv, "n1")
-    assert inc.stats.full
+def test_cluster_policies_keep_the_incremental_path() -> None:
+    """With cluster policies present, a NetworkPolicy-only event reuses every cluster rule
+    object; a pod event edits the tiers and leaves the endpoints it does not reach alone."""
+    anp = {"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy",
+           "metadata": {"name": "x"},
+           "spec": {"priority": 5, "subject": {"namespaces": {"matchLabels": {"team": "red"}}},
+                    "ingress": [{"name": "no-db", "action": "Deny",
+                                 "from": [{"pods": {"namespaceSelector": {},
+                                                    "podSelector": {"matchLabels": {"app": "db"}}}}]}]}}
+    docs = [ns("a", team="red"), ns("b", team="blue"), pod("a/web", "10.0.0.1", {"app": "web"}),
+            pod("b/api", "10.0.1.1", {"app": "api"}), pod("b/db", "10.0.1.2", {"app": "db"}), anp,
+            policy("b/p", {"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]})]
+    objects = {i: RawObject(ref_of(b, "file", "t"), b) for i, b in enumerate(docs)}
+    store = LastGood()
+    inc = IncrementalCompiler(None, "file")
+
+    def compile_now() -> Program:
+        inv = kubernetes_inventory(list(objects.values()), store)
+        got = inc.compile(inv)
+        assert got == compile_inventory(inv, None)
+        return got
+
+    first = compile_now()
+    deny = first.endpoints["a/web"].ingress.rules[0]
+    assert deny.verdict is Verdict.DROP and deny.peers == PeerSet.of([ipaddress.ip_address("10.0.1.2")])
+    changed = policy("b/p", {"podSelector": {},
+                             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "x"}}}]}]})
+    objects[6] = RawObject(ref_of(changed, "file", "t"), changed)
+    second = compile_now()
+    assert not inc.stats.full and inc.stats.tiers == "kept" and inc.stats.tier_endpoints == 0
+    assert second.endpoints["a/web"] is first.endpoints["a/web"]
+    relabelled = pod("b/api", "10.0.1.1", {"app": "db"})  # now a peer of the Deny
+    objects[3] = RawObject(ref_of(relabelled, "file", "t"), relabelled)
+    third = compile_now()
+    assert not inc.stats.full and inc.stats.tiers == "edited" and inc.stats.tier_rules == 1
+    assert third.endpoints["a/web"].ingress.rules[0].peers == PeerSet.of(
+        [ipaddress.ip_address("10.0.1.1"), ipaddress.ip_address("10.0.1.2")])
+    assert third.endpoints["b/db"] is second.endpoints["b/db"]  # neither part changed
 
 
 addresses = st.sampled_from([ipaddress.ip_address(a) for a in (

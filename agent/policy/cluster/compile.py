@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from agent.inventory import Endpoint, Inventory, IPAddress
+from agent.inventory import Endpoint, Inventory, IPAddress, Namespace
 from agent.ir import Direction, Network, Origin, PeerSet, PortMatch, Rule, Tier, Verdict
 from agent.policy.cluster.domains import NO_LEARNED, DomainRule, Learned, learned_rule_key
 from agent.policy.cluster.model import ClusterPeer, ClusterPolicy, ClusterPort, ClusterRule
@@ -54,16 +54,34 @@ class ClusterCompiler:
         ordered = sorted(policies, key=lambda p: p.order)
         self.admin = [p for p in ordered if p.tier is Tier.ADMIN]
         self.baseline = [p for p in ordered if p.tier is Tier.BASELINE]
-        self.by_namespace: dict[str, list[Endpoint]] = defaultdict(list)
-        for ep in sorted(inv.endpoints.values(), key=lambda e: e.key):
-            self.by_namespace[ep.namespace].append(ep)
+        # namespace -> pod key -> pod (order never matters: peers collapse into PeerSets)
+        self.by_namespace: dict[str, dict[str, Endpoint]] = defaultdict(dict)
+        for key, ep in inv.endpoints.items():
+            self.by_namespace[ep.namespace][key] = ep
         self.namespace_names = sorted(set(self.by_namespace) | set(inv.namespaces))
         self._peers: dict[str, _Peers] = {}
+        self._peer_defs: dict[str, tuple[ClusterPeer, ...]] = {}  # what each entry of _peers was read from
         self._ns_match: dict[tuple[Selector, str], bool | None] = {}
         self._subject_ns: dict[tuple[int, str], bool | None] = {}
         self._ingress_rules: dict[tuple[str, tuple[PortMatch, ...]], list[Rule]] = {}
         self._egress: dict[tuple[str, Verdict], list[Rule]] = {}
         self._pieces: dict[tuple[str, Verdict], list[tuple[str, Verdict, _Peers, PeerSet]]] = {}
+        # Results forgotten by `update` (or a previous compiler's, see `inherit`): a result
+        # computed again and equal is swapped back for its old object, compared once here so
+        # that every endpoint holding it compares by identity.
+        self._was_pieces: dict[tuple[str, Verdict], list[tuple[str, Verdict, _Peers, PeerSet]]] = {}
+        self._was_ingress: dict[tuple[str, tuple[PortMatch, ...]], list[Rule]] = {}
+        self._was_egress: dict[tuple[str, Verdict], list[Rule]] = {}
+        # Set by `update` after a change of pods only: edits a forgotten piece's addresses by
+        # those that may have moved (old set, static nets, pods now in it, moved addresses)
+        # instead of collapsing them all again.
+        self._edit: Callable[[PeerSet, PeerSet, list[Endpoint], set[IPAddress]], PeerSet] | None = None
+        self._moved: set[IPAddress] = set()
+
+    def inherit(self, old: ClusterCompiler) -> None:
+        """Reuse `old`'s results where this compiler computes equal ones (same objects)."""
+        self._was_pieces, self._was_ingress, self._was_egress = dict(old._pieces), dict(old._ingress_rules), \
+            dict(old._egress)
 
     # ------------------------------------------------------------ selection
 
@@ -105,12 +123,83 @@ class ClusterCompiler:
                 ns_m = self._namespace_match(p.namespaces, name)
                 if ns_m is False:
                     continue
-                for ep in self.by_namespace.get(name, ()):
+                for ep in self.by_namespace.get(name, {}).values():
                     m = _and(ns_m, True if p.pods is None else tri(p.pods, ep.labels, ep.labels_invalid))
                     if m is not False:
                         (out.pods if m else out.maybe_pods).append(ep)
         self._peers[key] = out
+        self._peer_defs[key] = peers
         return out
+
+    # ------------------------------------------------------------ following changes (incremental)
+
+    def holding(self, keys: set[str]) -> list[ClusterPolicy]:
+        """The policies some of whose rules have these keys (an endpoint's rules can change
+        with those peers only if one of them selects it)."""
+        prefixes = {k.rsplit("/", 2)[0] for k in keys}
+        return [p for p in self.admin + self.baseline if p.key in prefixes]
+
+    def update(self, inv: Inventory, pods: Iterable[tuple[Endpoint | None, Endpoint | None]],
+               namespaces: Iterable[tuple[str, Namespace, Namespace]], nodes: bool,
+               edit: Callable[[PeerSet, PeerSet, list[Endpoint], set[IPAddress]], PeerSet] | None = None) -> set[str]:
+        """Follow `inv`, which differs from the compiler's inventory by the changed `pods` and
+        `namespaces` (old, new) and, when `nodes`, its Nodes: forget the memoised peers (and
+        what was built from them) that such a change can alter; returns their rule keys.
+        The results of `endpoint` are then those of a fresh compiler over `inv`. `edit`: see
+        `_edit` (used only when nothing but pods changed)."""
+        old_inv, self.inv = self.inv, inv
+        pods, namespaces = list(pods), list(namespaces)
+        self._edit = edit if not namespaces and not nodes else None
+        self._moved = {ip for o, n in pods for ep in (o, n) if ep is not None for ip in ep.ips}
+        for o, n in pods:
+            if o is not None:
+                here = self.by_namespace.get(o.namespace)
+                if here is not None:
+                    here.pop(o.key, None)
+                    if not here:
+                        del self.by_namespace[o.namespace]
+            if n is not None:
+                self.by_namespace[n.namespace][n.key] = n
+        if pods or namespaces:
+            self.namespace_names = sorted(set(self.by_namespace) | set(inv.namespaces))
+        for name, _, _ in namespaces:
+            for k in [k for k in self._ns_match if k[1] == name]:
+                del self._ns_match[k]
+            for k2 in [k for k in self._subject_ns if k[1] == name]:
+                del self._subject_ns[k2]
+
+        def reads(p: ClusterPeer) -> bool:
+            if p.nodes is not None:
+                return nodes
+            if p.namespaces is None:
+                return False
+            for _, o_ns, n_ns in namespaces:  # a namespace entering or leaving the selector
+                if tri(p.namespaces, o_ns.labels, o_ns.labels_invalid) != tri(
+                        p.namespaces, n_ns.labels, n_ns.labels_invalid):
+                    return True
+            for ep, in_inv in [(o, old_inv) for o, _ in pods] + [(n, inv) for _, n in pods]:
+                if ep is None:
+                    continue  # a pod that was or is a (maybe) peer: its entry holds the old object
+                ns = in_inv.namespace(ep.namespace)
+                if _and(tri(p.namespaces, ns.labels, ns.labels_invalid),
+                        True if p.pods is None else tri(p.pods, ep.labels, ep.labels_invalid)) is not False:
+                    return True
+            return False
+
+        gone = {key for key, peers in self._peer_defs.items() if any(map(reads, peers))}
+        for key in gone:
+            del self._peers[key], self._peer_defs[key]
+        self._was_pieces, self._was_ingress, self._was_egress = {}, {}, {}
+        if gone:
+            def base(k: str) -> str:
+                return k.removesuffix("/as-deny")
+            for k in [k for k in self._pieces if base(k[0]) in gone]:
+                self._was_pieces[k] = self._pieces.pop(k)
+            for k4 in [k for k in self._ingress_rules if base(k[0]) in gone]:
+                self._was_ingress[k4] = self._ingress_rules.pop(k4)
+            for k in [k for k in self._egress if base(k[0]) in gone]:
+                self._was_egress[k] = self._egress.pop(k)
+        return gone
 
     # ------------------------------------------------------------ rules
 
@@ -131,8 +220,15 @@ class ClusterCompiler:
             groups = [("", verdict, _Peers(p.pods, p.nets))]
             if p.maybe_pods or p.maybe_nets:
                 groups.append(("/unknown-labels", Verdict.DROP, _Peers(p.maybe_pods, p.maybe_nets)))
-        out = [(suffix, v, g, PeerSet.of([*g.nets, *(ip for e in g.pods for ip in e.ips)]))
-               for suffix, v, g in groups]
+        was = {(s, v): addrs for s, v, _, addrs in self._was_pieces.pop((key, verdict), ())}
+        out = []
+        for suffix, v, g in groups:
+            old = was.get((suffix, v))
+            if old is not None and self._edit is not None:
+                addrs = self._edit(old, PeerSet.of(g.nets), g.pods, self._moved)
+            else:
+                addrs = _same(PeerSet.of([*g.nets, *(ip for e in g.pods for ip in e.ips)]), old)
+            out.append((suffix, v, g, addrs))
         self._pieces[(key, verdict)] = out
         return out
 
@@ -158,6 +254,7 @@ class ClusterCompiler:
             else:
                 hit = [Rule(origin, addrs, canonical, v, key=key + suffix)
                        for suffix, v, _, addrs in self._groups(key, rule, verdict)]
+            hit = _same_rules(hit, self._was_ingress.pop((key, canonical), None))
             self._ingress_rules[(key, canonical)] = hit
         return hit
 
@@ -188,6 +285,7 @@ class ClusterCompiler:
                 for (proto, num), ips in sorted(buckets.items()):
                     out.append(Rule(origin, PeerSet.of(ips), (PortMatch(proto, num, num),), v,
                                     key=f"{key}{suffix}/{proto}/{num}"))
+        out = _same_rules(out, self._was_egress.pop((key, verdict), None))
         self._egress[(key, verdict)] = out
         return out
 
@@ -249,6 +347,31 @@ class ClusterCompiler:
 def domain_rule_key(pol: ClusterPolicy, rule: ClusterRule) -> str:
     """The key `Learned` files a domainNames rule's addresses under (with the endpoint)."""
     return f"{pol.key}/egress/{rule.index}"
+
+
+def _same(new: PeerSet, old: PeerSet | None) -> PeerSet:
+    # PeerSet.of hands equal sets back as one object while it remembers them: an identity
+    # test is enough, and comparing 10,000 addresses per rule is not (a miss is only a
+    # new object, never a wrong one).
+    return old if old is new else new
+
+
+def same_rule(a: Rule, b: Rule | None) -> bool:
+    """`a` equals `b`, compared cheaply: rules whose peers are different objects count as
+    different (see _same)."""
+    return b is not None and (a is b or (a.peers is b.peers and a == b))
+
+
+def _same_rules(new: list[Rule], old: list[Rule] | None) -> list[Rule]:
+    """`new` with each rule equal to one of `old` (by key and ports) replaced by that object."""
+    if not old:
+        return new
+    by_key = {(r.key, r.ports): r for r in old}
+    out = []
+    for r in new:
+        was = by_key.get((r.key, r.ports))
+        out.append(was if was is not None and same_rule(r, was) else r)
+    return old if len(old) == len(out) and all(a is b for a, b in zip(old, out, strict=True)) else out
 
 
 def _has_domains(rule: ClusterRule) -> bool:

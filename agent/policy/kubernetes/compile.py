@@ -21,7 +21,7 @@ from agent.ir import (
     Rule,
 )
 from agent.policy.cluster import KINDS as CLUSTER_KINDS
-from agent.policy.cluster import NO_LEARNED, ClusterCompiler, ClusterPolicy, Learned, parse_cluster_policy
+from agent.policy.cluster import NO_LEARNED, ClusterCompiler, ClusterPolicy, Learned, TierRules, parse_cluster_policy
 from agent.policy.errors import (
     Invalid,
 )
@@ -343,15 +343,17 @@ def _with_tiers(prog: Program, inv: Inventory, cluster: list[ClusterPolicy], lea
     if not cluster:
         return prog
     comp = ClusterCompiler(inv, cluster, learned)
-    eps = {}
-    for key, ep in prog.endpoints.items():
-        t = comp.endpoint(inv.endpoints[key])
-        eps[key] = replace(
-            ep,
-            ingress=replace(ep.ingress, rules=(*t.ingress_admin, *ep.ingress.rules, *t.ingress_baseline)),
-            egress=replace(ep.egress, rules=(*t.egress_admin, *ep.egress.rules, *t.egress_baseline)),
-        )
+    eps = {key: with_tier_rules(ep, comp.endpoint(inv.endpoints[key])) for key, ep in prog.endpoints.items()}
     return replace(prog, endpoints=eps)
+
+
+def with_tier_rules(ep: EndpointProgram, t: TierRules) -> EndpointProgram:
+    """One endpoint's NetworkPolicy program with its cluster rules around its own rules."""
+    return replace(
+        ep,
+        ingress=replace(ep.ingress, rules=(*t.ingress_admin, *ep.ingress.rules, *t.ingress_baseline)),
+        egress=replace(ep.egress, rules=(*t.egress_admin, *ep.egress.rules, *t.egress_baseline)),
+    )
 
 
 def compile_inventory(

@@ -17,10 +17,17 @@ as the same objects, so the diff is mostly an identity check per object), then:
 Everything else keeps its object (PeerSet, Rule, EndpointProgram), so the dataplanes'
 diffs stay cheap; recomputed objects equal to their predecessors are swapped back for them.
 
-Policy kinds it does not understand (ClusterNetworkPolicy, AdminNetworkPolicy,
-BaselineAdminNetworkPolicy, anything new) make it fall back to a full `compile_inventory`:
-correct first, fast where it knows the change; so does any change to the Nodes (which only
-ClusterNetworkPolicy peers read). So do large changes (a first sync, a resync after a gap), where starting
+Cluster policies (ClusterNetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy)
+keep the NetworkPolicy part incremental; their ADMIN and BASELINE rules are merged around
+it as `_with_tiers` does, by one `ClusterCompiler` kept while the cluster policies stay the
+same: a NetworkPolicy-only event reuses every endpoint's cluster rules; a pod, namespace
+or Node change makes it forget only the peer sets that change can alter (`update`), edited
+by the addresses that moved when only pods changed; recomputed rules equal to their
+predecessors are the same objects, so only endpoints whose NetworkPolicy part or cluster
+rules changed are merged again. A changed cluster policy makes a fresh ClusterCompiler
+(it still hands back equal rules as their old objects).
+Kinds it does not know fall back to a full `compile_inventory`: correct first, fast where
+it knows the change. So do large changes (a first sync, a resync after a gap), where starting
 afresh is as fast, and one compile every `FULL_EVERY` seconds, a bound on how long any
 mistake of the incremental path could last. A full compile still hands unchanged
 endpoint programs back as their previous objects.
@@ -36,13 +43,16 @@ from typing import Any
 
 from agent.inventory import Endpoint, Inventory, IPAddress, Namespace, Problem
 from agent.ir import DirectionProgram, EndpointProgram, PeerSet, Program, Rule
+from agent.policy.cluster import KINDS as CLUSTER_KINDS
+from agent.policy.cluster import ClusterCompiler, ClusterPolicy, TierRules, parse_cluster_policy
+from agent.policy.cluster.compile import same_rule
 from agent.policy.errors import Invalid
-from agent.policy.kubernetes.compile import EntryKey, _Compiler, compile_inventory, entry_holds
+from agent.policy.kubernetes.compile import EntryKey, _Compiler, compile_inventory, entry_holds, with_tier_rules
 from agent.policy.kubernetes.parse import NetworkPolicy, parse_policy
 from agent.policy.kubernetes.spans import Spans
 from agent.policy.selectors import Selector
 
-KINDS = ("NetworkPolicy",)  # policy kinds this compiler follows; any other: full compile
+KINDS = ("NetworkPolicy",)  # policy kinds this compiler follows (and CLUSTER_KINDS); any other: full compile
 # A full compile this often (seconds) all the same: whatever the incremental path might ever
 # get wrong is corrected within this bound (~1 s of CPU at 10k pods, every 10 minutes).
 FULL_EVERY = 600.0
@@ -61,22 +71,32 @@ class Stats:
     policies: int = 0
     entries: int = 0  # resolver entries forgotten
     endpoints: int = 0  # local endpoint programs recompiled
+    tiers: str = ""  # cluster tiers: "" (none), "fresh" (recomputed), "kept" or "edited"
+    tier_rules: int = 0  # cluster rules whose peers were forgotten
+    tier_endpoints: int = 0  # local endpoints whose cluster rules were recomputed
 
 
-def _policies(inv: Inventory) -> dict[tuple[str, str, str], NetworkPolicy] | None:
-    """The admitted NetworkPolicies by key, as compile_inventory reads them; None when the
-    inventory holds a kind this compiler does not follow."""
-    out = {}
+def _policies(inv: Inventory) -> tuple[dict[Any, NetworkPolicy], dict[Any, ClusterPolicy]] | None:
+    """The admitted NetworkPolicies and cluster policies by key, as compile_inventory reads
+    them; None when the inventory holds a kind this compiler does not follow."""
+    out: dict[Any, NetworkPolicy] = {}
+    cluster: dict[Any, ClusterPolicy] = {}
     for key, raw in inv.policies.items():
-        if raw.ref.kind not in KINDS:
-            return None
+        if isinstance(raw.parsed, ClusterPolicy):
+            cluster[key] = raw.parsed
+            continue
         if isinstance(raw.parsed, NetworkPolicy):
             out[key] = raw.parsed
             continue
+        if raw.ref.kind not in KINDS and raw.ref.kind not in CLUSTER_KINDS:
+            return None
         issues: list[Invalid] = []
-        out[key] = parse_policy(raw, issues)
+        if raw.ref.kind in CLUSTER_KINDS:
+            cluster[key] = parse_cluster_policy(raw, issues)
+        else:
+            out[key] = parse_policy(raw, issues)
         inv.problems.extend(Problem(raw.ref, e.field, e.message) for e in issues)
-    return out
+    return out, cluster
 
 
 def _changed(old: Mapping[Any, Any], new: Mapping[Any, Any]) -> list[tuple[Any, Any, Any]]:
@@ -111,6 +131,24 @@ def _reuse(new: EndpointProgram, old: EndpointProgram | None) -> EndpointProgram
     return EndpointProgram(new.key, old.ips if old.ips == new.ips else new.ips, dirs[0], dirs[1], new.interface)
 
 
+def _edit_pieces(old: PeerSet, static: PeerSet, pods: list[Endpoint], moved: set[IPAddress]) -> PeerSet:
+    """A cluster rule's addresses after pods changed: an address that may have moved is in
+    it when a network (static) covers it or one of the rule's pods now holds it."""
+    spans = Spans(old, static)
+    for ip in moved:
+        if spans.static_holds(ip) or any(ip in e.ips for e in pods):
+            spans.add(ip)
+        else:
+            spans.remove(ip)
+    return spans.peer_set() if spans.dirty else old
+
+
+def _same_tiers(a: TierRules, b: TierRules) -> bool:
+    pairs = ((a.ingress_admin, b.ingress_admin), (a.ingress_baseline, b.ingress_baseline),
+             (a.egress_admin, b.egress_admin), (a.egress_baseline, b.egress_baseline))
+    return all(len(x) == len(y) and all(same_rule(r, w) for r, w in zip(x, y, strict=True)) for x, y in pairs)
+
+
 class IncrementalCompiler:
     """The NetworkPolicy compiler for one node, kept across events (one per pipeline)."""
 
@@ -129,6 +167,15 @@ class IncrementalCompiler:
         self._full_at = 0.0  # time.monotonic() of the last full compile
         self._by_ip: dict[IPAddress, tuple[str, ...]] = {}  # address -> the pods holding it (keys)
         self._spans: dict[str, Spans] = {}  # rule key -> its peer set, editable (made on first edit)
+        self._diff: tuple[list[tuple[Any, Any]], list[tuple[str, Namespace, Namespace]]] | None = None
+        # The cluster tiers: the compiler kept while the cluster policies stay the same (it
+        # holds their objects, so ids it keys on stay valid), each local endpoint's rules,
+        # and the NetworkPolicy program and merged program they were last merged into.
+        self._ccomp: ClusterCompiler | None = None
+        self._cluster: dict[Any, ClusterPolicy] = {}
+        self._tier_rules: dict[str, TierRules] = {}
+        self._np_merged: Program | None = None
+        self._merged: Program | None = None
 
     def _local(self, ep: Endpoint | None) -> bool:
         return ep is not None and (self.node is None or ep.node == self.node)
@@ -142,20 +189,24 @@ class IncrementalCompiler:
             raise
 
     def _compile(self, inv: Inventory) -> Program:
-        policies = _policies(inv)
-        if policies is None:
+        read = _policies(inv)
+        if read is None:
             self._reset()
             self.stats = Stats(full=True, reason="a policy kind only the full compiler reads")
             return compile_inventory(inv, self.node, source=self.source)
+        policies, cluster = read
+        old_inv = self._inv
+        self._diff = None
+        np_prog = self._np(inv, policies)
+        return self._tiers(inv, old_inv, cluster, np_prog)
+
+    def _np(self, inv: Inventory, policies: dict[Any, NetworkPolicy]) -> Program:
+        """The NetworkPolicy part of the program (no cluster tiers), edited in place."""
         if self._comp is None or self._inv is None or self._program is None:
             return self._full(inv, policies, "first compile")
         if time.monotonic() - self._full_at >= self.full_every:
             return self._full(inv, policies, "periodic")
         old_inv = self._inv
-        if inv.nodes != old_inv.nodes:
-            # Only ClusterNetworkPolicy peers read Nodes (and any would have sent us to the
-            # full compile above): a change is rare and not worth following piecemeal.
-            return self._full(inv, policies, "nodes changed")
         pods = _changed(old_inv.endpoints, inv.endpoints)
         pols = _changed(self._policies, policies)
         names = set(old_inv.namespaces) | set(inv.namespaces)
@@ -169,6 +220,7 @@ class IncrementalCompiler:
         if len(pods) + len(pols) + len(nss) > FULL_SHARE * max(total, 1):
             return self._full(inv, policies, "many changes")
         self.stats = Stats(pods=len(pods), namespaces=len(nss), policies=len(pols))
+        self._diff = ([(o, n) for _, o, n in pods], nss)
         comp = self._comp
         comp.inv = comp.res.inv = inv
         comp.touched = set()
@@ -216,6 +268,65 @@ class IncrementalCompiler:
             self._program = Program(source=self.source, endpoints=dict(sorted(eps.items())))
         self._inv, self._policies = inv, policies
         return self._program
+
+    # ------------------------------------------------------------ cluster tiers
+
+    def _tiers(self, inv: Inventory, old_inv: Inventory | None, cluster: dict[Any, ClusterPolicy],
+               np_prog: Program) -> Program:
+        """`np_prog` with each endpoint's cluster rules around its own (as `_with_tiers`),
+        recomputing only the cluster rules an event can change: none after a NetworkPolicy
+        only event; after pod, namespace or Node changes, the peers of the cluster rules
+        that read them, and the rules of the endpoints that changed or read those peers."""
+        if not cluster:
+            self._ccomp, self._cluster, self._tier_rules = None, {}, {}
+            self._np_merged = self._merged = np_prog
+            return np_prog
+        diff = self._diff
+        if (self._ccomp is None or diff is None or old_inv is None or self._merged is None
+                or _changed(self._cluster, cluster)):
+            fresh = ClusterCompiler(inv, list(cluster.values()))
+            if self._ccomp is not None:
+                fresh.inherit(self._ccomp)  # unchanged rules keep their objects
+            self._ccomp, self._cluster = fresh, cluster
+            redo: set[str] | None = None  # every local endpoint
+            self.stats.tiers = "fresh"
+        else:
+            pods, nss = diff
+            gone = self._ccomp.update(inv, pods, nss, inv.nodes != old_inv.nodes, edit=_edit_pieces)
+            self.stats.tiers, self.stats.tier_rules = ("edited" if pods or nss or gone else "kept"), len(gone)
+            redo = {n.key for _, n in pods if self._local(n)}
+            for name, _, _ in nss:  # subject selection reads namespace labels
+                redo.update(k for k, ep in inv.endpoints.items() if ep.namespace == name and self._local(ep))
+            readers = self._ccomp.holding(gone)
+            if readers:  # the subjects of the policies whose peers were forgotten
+                redo.update(k for k in np_prog.endpoints if k not in redo and any(
+                    self._ccomp.selects(pol, inv.endpoints[k]) is not False for pol in readers))
+        comp = self._ccomp
+        old_np = self._np_merged.endpoints if self._np_merged is not None else {}
+        old = self._merged.endpoints if self._merged is not None else {}
+        eps: dict[str, EndpointProgram] = {}
+        tier_rules: dict[str, TierRules] = {}
+        done = 0
+        for key, np_ep in np_prog.endpoints.items():
+            was = self._tier_rules.get(key)
+            t = was
+            if t is None or redo is None or key in redo:
+                done += 1
+                t = comp.endpoint(inv.endpoints[key])
+                if was is not None and _same_tiers(t, was):
+                    t = was
+            assert t is not None
+            tier_rules[key] = t
+            prev = old.get(key)
+            if prev is not None and t is was and old_np.get(key) is np_ep:
+                eps[key] = prev
+            else:  # changed (both parts keep their objects where equal): no deep comparison
+                eps[key] = with_tier_rules(np_ep, t)
+        self.stats.tier_endpoints = done
+        self._tier_rules, self._np_merged = tier_rules, np_prog
+        if self._merged is None or eps.keys() != old.keys() or any(eps[k] is not old[k] for k in eps):
+            self._merged = Program(source=self.source, endpoints=eps)
+        return self._merged
 
     # ------------------------------------------------------------ editing peer sets
 
