@@ -56,6 +56,21 @@ def _meta(body: Mapping[str, Any], issues: list[Invalid]) -> Mapping[str, Any]:
     return meta
 
 
+def _name_and_labels(
+    meta: Mapping[str, Any], valid: Callable[[str], bool], what: str, issues: list[Invalid]
+) -> tuple[str, bool, dict[str, str], bool]:
+    """A cluster-scoped object's name (raises `Invalid` when missing; `valid` judges it,
+    `what` names the rule it breaks) and its labels, each with whether it validated."""
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise Invalid("metadata.name", "missing")
+    name_ok = valid(name)
+    if not name_ok:
+        issues.append(Invalid("metadata.name", f"{name!r} is not a {what}"))
+    labels, labels_ok = parse_labels(meta.get("labels"), "metadata.labels", issues)
+    return name, name_ok, labels, labels_ok
+
+
 def parse_namespace(body: Mapping[str, Any], issues: list[Invalid]) -> Namespace:
     """The namespace; bad parts are appended to `issues` and read fail-closed.
 
@@ -63,14 +78,8 @@ def parse_namespace(body: Mapping[str, Any], issues: list[Invalid]) -> Namespace
     work by name) but flagged so that no namespaceSelector matches it. Raises `Invalid`
     only when it has no name at all.
     """
-    meta = _meta(body, issues)
-    name = meta.get("name")
-    if not isinstance(name, str) or not name:
-        raise Invalid("metadata.name", "missing")
-    name_ok = is_dns_label(name)
-    if not name_ok:
-        issues.append(Invalid("metadata.name", f"{name!r} is not a DNS-1123 label"))
-    labels, labels_ok = parse_labels(meta.get("labels"), "metadata.labels", issues)
+    name, name_ok, labels, labels_ok = _name_and_labels(
+        _meta(body, issues), is_dns_label, "DNS-1123 label", issues)
     name = safe_name(name, name_ok)
     labels[NAMESPACE_NAME_LABEL] = name  # the API server always sets it
     return Namespace(name, labels, labels_invalid=not (name_ok and labels_ok))
@@ -228,14 +237,8 @@ def parse_node(body: Mapping[str, Any], issues: list[Invalid]) -> Node:
     ExternalIP: what a ClusterNetworkPolicy `nodes` peer matches). Labels that do not
     validate leave it matched by no non-empty node selector for certain (a Deny still
     matches it); a bad address is left out."""
-    meta = _meta(body, issues)
-    name = meta.get("name")
-    if not isinstance(name, str) or not name:
-        raise Invalid("metadata.name", "missing")
-    name_ok = is_dns_subdomain(name)
-    if not name_ok:
-        issues.append(Invalid("metadata.name", f"{name!r} is not a DNS-1123 subdomain"))
-    labels, labels_ok = parse_labels(meta.get("labels"), "metadata.labels", issues)
+    name, name_ok, labels, labels_ok = _name_and_labels(
+        _meta(body, issues), is_dns_subdomain, "DNS-1123 subdomain", issues)
     status = _section(body, "status", issues)
     addresses = status.get("addresses")
     if addresses is None:
