@@ -34,6 +34,7 @@ from agent.dns.learn import merge, updates
 from agent.inventory import IPAddress
 from agent.policy.cluster import DomainRule, Learned, parse_domain
 from tests.kit import Lab
+from tests.kit.dns_lab import start_dns_server
 from tests.kit.netns import worker
 
 CLIENT, SERVER = "10.35.0.1", "10.35.0.53"
@@ -94,10 +95,7 @@ def run(queries: int, thread_counts: list[int]) -> list[dict[str, Any]]:
     with Lab() as lab:
         lab.add_pod("app/client", [CLIENT])
         server = lab.add_pod("dns/server", [SERVER])
-        proc = subprocess.Popen(["ip", "netns", "exec", server.netns, sys.executable, "-c", SERVER_PY],
-                                stdout=subprocess.PIPE, text=True)
-        lab.procs.append(proc)
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        start_dns_server(lab, server.netns, SERVER_PY)
         for threads in thread_counts:
             rows.append({"hold": False, "threads": threads, **client_run(lab, queries, threads)})
         table = [Learned()]
@@ -147,10 +145,7 @@ def agent_run(dataplane: str, queries: int) -> dict[str, Any]:
     with dataplane_env(dataplane, f"bench-dns-{dataplane}"), tempfile.TemporaryDirectory() as tmp, Lab() as lab:
         lab.add_pod("app/client", [CLIENT])
         server = lab.add_pod("dns/server", [SERVER])
-        proc = subprocess.Popen(["ip", "netns", "exec", server.netns, sys.executable, "-c", UNIQUE_SERVER_PY],
-                                stdout=subprocess.PIPE, text=True)
-        lab.procs.append(proc)
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        start_dns_server(lab, server.netns, UNIQUE_SERVER_PY)
         write(Path(tmp) / "src", docs)
         lab.spawn_agent("run", "--source", str(Path(tmp) / "src"), "--node", "n1", "--dataplane", dataplane,
                         "--state-dir", "", "--metrics-address", "127.0.0.1:9755", "--dns-egress")

@@ -16,30 +16,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.kit import Lab, until
-from tests.kit.builders import ns, pod
-from tests.kit.enforcement import write
+from tests.kit import Lab, dns_lab, until
+from tests.kit.dns_lab import manifests, names_policy
 
 CLIENT, OTHER, SERVER = "10.36.0.1", "10.36.0.2", "10.36.0.53"
 CLIENT6, SERVER6 = "fd00:36::1", "fd00:36::53"
 WEB, NOT_ANSWERED, WEB6 = "10.36.1.80", "10.36.1.81", "fd00:36:1::80"
-POLICY = {
-    "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
-    "metadata": {"name": "egress-names"},
-    "spec": {"tier": "Admin", "priority": 10, "subject": {"namespaces": {"matchLabels": {"team": "app"}}},
-             "egress": [
-                 {"name": "dns", "action": "Accept", "to": [{"namespaces": {"matchLabels": {"team": "dns"}}}],
-                  "protocols": [{"udp": {"destinationPort": {"number": 53}}}]},
-                 {"name": "names", "action": "Accept", "to": [{"domainNames": ["*.example.test"]}],
-                  "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]},
-                 {"name": "rest", "action": "Deny", "to": [{"networks": ["0.0.0.0/0", "::/0"]}]},
-             ]},
-}
-DOCS: list[dict[str, Any]] = [
-    ns("app", team="app"), ns("dns", team="dns"), ns("ext", team="ext"),
-    pod("app/client", [CLIENT, CLIENT6]), pod("app/other", [OTHER]), pod("dns/server", [SERVER, SERVER6]),
-    pod("ext/web", [WEB, WEB6]), pod("ext/never", [NOT_ANSWERED]), POLICY,
-]
+POLICY = names_policy(["0.0.0.0/0", "::/0"])
+PODS = {"app/client": [CLIENT, CLIENT6], "app/other": [OTHER], "dns/server": [SERVER, SERVER6],
+        "ext/web": [WEB, WEB6], "ext/never": [NOT_ANSWERED]}
+DOCS = manifests(PODS, POLICY)
 
 SERVER_PY = f"""
 import select, socket
@@ -88,16 +74,7 @@ print(json.dumps({"addrs": addrs, "connected": {a: connect(a) for a in [*addrs, 
 
 
 def setup(lab: Lab, tmp: Path) -> Path:
-    for key, ips in (("app/client", [CLIENT, CLIENT6]), ("app/other", [OTHER]), ("dns/server", [SERVER, SERVER6]),
-                     ("ext/web", [WEB, WEB6]), ("ext/never", [NOT_ANSWERED])):
-        lab.add_pod(key, ips)
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.pods["dns/server"].netns, sys.executable, "-c", SERVER_PY],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    lab.procs.append(proc)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    src = tmp / "src"
-    write(src, DOCS)
-    return src
+    return dns_lab.setup(lab, tmp, PODS, DOCS, SERVER_PY)
 
 
 def resolve_and_connect(lab: Lab, src_pod: str, name: str, *also: str, rdtype: str = "A",

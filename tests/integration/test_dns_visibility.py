@@ -14,33 +14,18 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-from tests.kit import Lab, until
-from tests.kit.builders import ns, pod
-from tests.kit.enforcement import write
+from tests.kit import Lab, dns_lab, until
+from tests.kit.dns_lab import manifests, names_policy
 
 CLIENT, OTHER, SERVER = "10.37.0.1", "10.37.0.2", "10.37.0.53"
 WEB, NOT_ANSWERED = "10.37.1.80", "10.37.1.81"
 AGENT = "127.0.0.1:9754"
 ORIGIN = "ClusterNetworkPolicy egress-names (Admin, priority 10) egress rule 1 (names)"
-POLICY = {
-    "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
-    "metadata": {"name": "egress-names"},
-    "spec": {"tier": "Admin", "priority": 10, "subject": {"namespaces": {"matchLabels": {"team": "app"}}},
-             "egress": [
-                 {"name": "dns", "action": "Accept", "to": [{"namespaces": {"matchLabels": {"team": "dns"}}}],
-                  "protocols": [{"udp": {"destinationPort": {"number": 53}}}]},
-                 {"name": "names", "action": "Accept", "to": [{"domainNames": ["*.example.test"]}],
-                  "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]},
-                 {"name": "rest", "action": "Deny", "to": [{"networks": ["0.0.0.0/0"]}]},
-             ]},
-}
-DOCS: list[dict[str, Any]] = [
-    ns("app", team="app"), ns("dns", team="dns"), ns("ext", team="ext"),
-    pod("app/client", [CLIENT]), pod("app/other", [OTHER]), pod("dns/server", [SERVER]),
-    pod("ext/web", [WEB]), pod("ext/never", [NOT_ANSWERED]), POLICY,
-]
+POLICY = names_policy(["0.0.0.0/0"])
+PODS = {"app/client": [CLIENT], "app/other": [OTHER], "dns/server": [SERVER],
+        "ext/web": [WEB], "ext/never": [NOT_ANSWERED]}
+DOCS = manifests(PODS, POLICY)
 
 SERVER_PY = f"""
 import socket
@@ -71,16 +56,7 @@ print(addrs[0])
 
 
 def setup(lab: Lab, tmp: Path) -> Path:
-    for key, ips in (("app/client", [CLIENT]), ("app/other", [OTHER]), ("dns/server", [SERVER]),
-                     ("ext/web", [WEB]), ("ext/never", [NOT_ANSWERED])):
-        lab.add_pod(key, ips)
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.pods["dns/server"].netns, sys.executable, "-c", SERVER_PY],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    lab.procs.append(proc)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    src = tmp / "src"
-    write(src, DOCS)
-    return src
+    return dns_lab.setup(lab, tmp, PODS, DOCS, SERVER_PY)
 
 
 def test_dns_view_explain_to_name_and_drop_label(lab: Lab, dataplane: str, tmp_path: Path) -> None:
