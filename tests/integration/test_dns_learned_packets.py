@@ -13,23 +13,18 @@ The simulator agrees with every probe. No dataplane code knows about names.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from agent.dataplane.base import Dataplane
-from agent.dataplane.ebpf import EbpfDataplane
-from agent.dataplane.nftables import NftablesDataplane, Options
-from agent.ir import Program, Verdict
+from agent.ir import Program
 from agent.policy.cluster import Learned
 from agent.policy.kubernetes.compile import compile_inventory
-from agent.simulate import evaluate
 from tests.kit import Lab
 from tests.kit.builders import ns, pod, snapshot_of
-from tests.kit.netns import worker
+from tests.kit.planes import Plane, check_probes
 
-T = TypeVar("T")
 A, B, C = "10.33.0.1", "10.33.0.2", "10.33.0.3"
 A6, B6 = "fd00:33::1", "fd00:33::2"
 SRC = {"app/a": (A, A6), "app/b": (B, B6), "app/c": (C, C)}
@@ -68,25 +63,6 @@ def program(table: Learned) -> Program:
     return compile_inventory(s.inventory, None, "file", table)
 
 
-class Plane:
-    """A dataplane in the lab's node namespace (nftables on a thread inside it)."""
-
-    def __init__(self, lab: Lab, name: str) -> None:
-        self.pool = worker(lab.node) if name == "nftables" else None
-        self.dp: Dataplane = self.call(
-            lambda: NftablesDataplane(Options()) if name == "nftables" else EbpfDataplane(netns=lab.node))
-
-    def call(self, fn: Callable[[], T]) -> T:
-        return fn() if self.pool is None else self.pool.submit(fn).result()
-
-    def close(self) -> None:
-        self.call(self.dp.cleanup)
-        if isinstance(self.dp, EbpfDataplane):
-            self.dp.close()
-        if self.pool is not None:
-            self.pool.shutdown()
-
-
 @pytest.fixture
 def plane(lab: Lab, dataplane: str) -> Iterator[Plane]:
     for key, ips in (("app/a", [A, A6]), ("app/b", [B, B6]), ("app/c", [C])):
@@ -99,15 +75,7 @@ def plane(lab: Lab, dataplane: str) -> Iterator[Plane]:
 
 
 def check(lab: Lab, prog: Program, want: dict[str, dict[str, bool]]) -> None:
-    seen = lab.probe_many(PROBES, timeout=1.0)
-    assert seen == want
-    for src, results in seen.items():  # the simulator says the same as the packets
-        for spec, ok in results.items():
-            proto, rest = spec.split(":", 1)
-            addr, port = rest.rsplit(":", 1)
-            s = SRC[src][1] if ":" in addr else SRC[src][0]
-            v = evaluate(prog, ipaddress.ip_address(s), ipaddress.ip_address(addr), proto, int(port))
-            assert (v.verdict is Verdict.ACCEPT) == ok, (src, spec, v)
+    check_probes(lab, prog, PROBES, SRC, want)
 
 
 def test_learned_addresses_are_enforced_per_pod(lab: Lab, plane: Plane) -> None:

@@ -24,15 +24,11 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from agent.dataplane.base import ApplyStats, Counters, Dataplane, DropEvent, DropLog
-from agent.dataplane.ebpf import EbpfDataplane
-from agent.dataplane.nftables import NftablesDataplane, Options
 from agent.drops import describe, drop_text
 from agent.inventory import Inventory
 from agent.ir import (
@@ -52,9 +48,8 @@ from agent.pipeline import Snapshot
 from agent.query import counters as counter_table
 from agent.simulate import evaluate
 from tests.kit import Lab, until
-from tests.kit.netns import worker
+from tests.kit.planes import Plane, check_probes
 
-T = TypeVar("T")
 A, B, C = "10.31.0.1", "10.31.0.2", "10.31.0.3"
 A6, B6, C6 = "fd00:31::1", "fd00:31::2", "fd00:31::3"
 IN, EG = Direction.INGRESS, Direction.EGRESS
@@ -167,56 +162,6 @@ WANT2 = {
 SRC = {"app/a": (A, A6), "app/b": (B, B6), "app/c": (C, C6)}
 
 
-class Plane:
-    """One dataplane driven in the lab's node namespace: eBPF takes the namespace as an
-    argument; nftables (libnftables, the NFLOG socket) runs on a thread inside it."""
-
-    def __init__(self, lab: Lab, name: str, audit: bool = False) -> None:
-        self.lab, self.name, self.audit = lab, name, audit
-        self.pool: ThreadPoolExecutor | None = worker(lab.node) if name == "nftables" else None
-        self.dp: Dataplane = self.call(self._make)
-        self.log: DropLog | None = None
-
-    def _make(self) -> Dataplane:
-        if self.name == "nftables":
-            return NftablesDataplane(Options(audit=self.audit))
-        return EbpfDataplane(netns=self.lab.node, audit=self.audit)
-
-    def call(self, fn: Callable[[], T]) -> T:
-        return fn() if self.pool is None else self.pool.submit(fn).result()
-
-    def apply(self, prog: Program) -> ApplyStats:
-        return self.call(lambda: self.dp.apply(prog))
-
-    def counters(self, prog: Program) -> Counters:
-        return self.call(lambda: self.dp.counters(prog))
-
-    def open_log(self) -> None:
-        self.log = self.call(self.dp.drop_log)
-        assert self.log is not None
-
-    def drops(self) -> list[DropEvent]:
-        assert self.log is not None
-        return self.log.read(timeout=0.5)
-
-    def restart(self) -> None:
-        """A new agent process's dataplane object (eBPF adopts the pinned maps)."""
-        self.close(cleanup=False)
-        self.pool = worker(self.lab.node) if self.name == "nftables" else None
-        self.dp = self.call(self._make)
-
-    def close(self, cleanup: bool = True) -> None:
-        if self.log is not None:
-            self.log.close()
-            self.log = None
-        if cleanup:
-            self.call(self.dp.cleanup)
-        if isinstance(self.dp, EbpfDataplane):
-            self.dp.close()
-        if self.pool is not None:
-            self.pool.shutdown()
-
-
 def pods(lab: Lab) -> None:
     lab.add_pod("app/a", [A, A6], ports=(80, 81, 82))
     lab.add_pod("app/b", [B, B6], ports=(80, 81, 82, 8000, 8001))
@@ -244,15 +189,7 @@ def audit_plane(lab: Lab, dataplane: str) -> Iterator[Plane]:
 
 
 def check(lab: Lab, prog: Program, want: dict[str, dict[str, bool]]) -> None:
-    seen = lab.probe_many(PROBES, timeout=1.0)
-    assert seen == want
-    for src, results in seen.items():  # and the simulator says the same as the packets
-        for spec, ok in results.items():
-            proto, rest = spec.split(":", 1)
-            addr, port = rest.rsplit(":", 1)
-            s = SRC[src][1] if ":" in addr else SRC[src][0]
-            v = evaluate(prog, ipaddress.ip_address(s), ipaddress.ip_address(addr), proto, int(port))
-            assert (v.verdict is Verdict.ACCEPT) == ok, (src, spec, v)
+    check_probes(lab, prog, PROBES, SRC, want)
 
 
 def test_tiers_decide_count_and_log(lab: Lab, plane: Plane) -> None:
