@@ -4,9 +4,12 @@ agent/dns/egress.py, which is off by default).
 
 This kernel has no NFQUEUE, so the hold is tc + eBPF (bpf/dnshold.c), the same on both
 dataplanes: a classifier on the tc egress hook of each pod's host-side veth redirects UDP
-answers from port 53 to a TAP device this object reads. For each frame it calls
-`on_answer(pod address, DNS payload)` -- the learner, then the apply that puts the learned
-addresses into the kernel -- and only then writes the frame, unchanged, back out of the veth
+answers from port 53, and every TCP segment from port 53 but a bare SYN, to a TAP device
+this object reads with one thread (so a TCP flow's segments keep their order). For each UDP
+answer, and each DNS message a TCP segment completes (agent/dns/frames.py reassembles them
+per flow), it calls `on_answer(pod address, DNS message)` -- the learner, then the apply
+that puts the learned addresses into the kernel -- and only then writes the frame,
+unchanged, back out of the veth
 through an AF_PACKET socket with PACKET_QDISC_BYPASS: that skips the qdisc layer, tc egress
 included, so the released answer is not redirected again, and it reaches the pod as sent.
 
@@ -17,20 +20,21 @@ retry until the agent is back). Addresses already learned stay in the kernel unt
 expiry either way. An answer `on_answer` fails on is released all the same (learning
 nothing: its addresses stay denied).
 
-Limits: UDP only (TCP answers pass unheld); IPv6 answers with extension headers
-and non-first IPv4 fragments pass unheld; the filter is attached at its own tc priority
-(`PRIO`, before the eBPF dataplane's) so a held answer skips that dataplane's check on the
-pod's ingress (an answer to the pod's own query, which it would accept as a reply); bcc
-compiles in this process (the dataplane's child-loader pattern is the way to ship it).
+The program is compiled by bcc in a child (agent/dns/loader.py), which hands over its
+program and map by file descriptor: this process never imports bcc.
+
+Limits: IPv6 answers with extension headers and non-first IPv4 fragments pass unheld; TCP
+reassembly is bounded and in order only (frames.py says what teaches nothing); the filter
+is attached at its own tc priority (`PRIO`, before the eBPF dataplane's) so a held answer
+skips that dataplane's check on the pod's ingress (an answer to the pod's own query, which
+it would accept as a reply; a bare SYN from port 53 is not held and is checked).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
-import ipaddress
 import logging
 import os
 import select
@@ -42,19 +46,20 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.dataplane.ebpf import bpfsys
+from agent.dns.frames import UDP, Reassembly, parse
+from agent.dns.loader import load
 from agent.inventory import IPAddress
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "dnshold.c"
-CFG_DEADLINE, CFG_FAIL_CLOSED, CFG_TAP, ST_HELD, ST_UNHELD, ST_DROPPED = range(6)
+CFG_DEADLINE, CFG_FAIL_CLOSED, CFG_TAP, ST_HELD, ST_UNHELD, ST_DROPPED, ST_HELD_TCP = range(7)
 PRIO = 0x5EB  # runs before the eBPF dataplane's filters (0x5EC) on the same hook
 HANDLE = 1
 TC_EGRESS = 0xFFFFFFF3
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 SOL_PACKET, PACKET_QDISC_BYPASS = 263, 20
-ETH_IP, ETH_IP6 = 0x0800, 0x86DD
 
 OnAnswer = Callable[[IPAddress, bytes], None]
 
@@ -87,31 +92,6 @@ def remove_filters(netns: str | None = None) -> int:
     return removed
 
 
-def dns_frame(frame: bytes) -> tuple[IPAddress, bytes] | None:
-    """(destination address, UDP payload) of an Ethernet frame carrying a UDP datagram from
-    port 53, else None (what the classifier redirects, read back in user space)."""
-    if len(frame) < 14:
-        return None
-    proto = struct.unpack_from("!H", frame, 12)[0]
-    if proto == ETH_IP and len(frame) >= 34:
-        ihl = (frame[14] & 0x0F) * 4
-        if frame[23] != 17 or ihl < 20:
-            return None
-        dst: IPAddress = ipaddress.IPv4Address(frame[30:34])
-        udp = 14 + ihl
-    elif proto == ETH_IP6 and len(frame) >= 54:
-        if frame[20] != 17:
-            return None
-        dst = ipaddress.IPv6Address(frame[38:54])
-        udp = 54
-    else:
-        return None
-    if len(frame) < udp + 8 or struct.unpack_from("!H", frame, udp)[0] != 53:
-        return None
-    length = struct.unpack_from("!H", frame, udp + 4)[0]
-    return dst, frame[udp + 8: udp + max(length, 8)]
-
-
 class Hold:
     """The hold for one node network namespace `netns` (a name under /run/netns, None: the
     current one). Construct it from a thread inside that namespace (the TAP device and the
@@ -119,7 +99,6 @@ class Hold:
 
     def __init__(self, on_answer: OnAnswer, netns: str | None = None, tap: str = "stkdns0", grace: float = 1.0,
                  fail_closed: bool = False, on_released: Callable[[float], None] | None = None) -> None:
-        from bcc import BPF  # imported here: only the hold needs bcc in this process
         from pyroute2 import IPRoute
 
         self.on_answer = on_answer
@@ -130,11 +109,11 @@ class Hold:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._devices: dict[IPAddress, str] = {}
+        self.tcp = Reassembly()
         # pyroute2 may open its socket from a thread of its own: name the namespace
         self.ipr = IPRoute(netns=netns) if netns else IPRoute()
-        self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=["-w"])
-        self.fn = self.bpf.load_func(b"dnshold_egress", BPF.SCHED_CLS)
-        self.map = self.bpf[b"dnshold"]
+        self.prog_fd, map_fd = load()  # compiled in a child: this process never carries bcc's LLVM
+        self.map = bpfsys.Map(map_fd, "dnshold")
         self.tap_fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
         fcntl.ioctl(self.tap_fd, TUNSETIFF, struct.pack("16sH22x", tap.encode(), IFF_TAP | IFF_NO_PI))
         with contextlib.suppress(OSError):  # no IPv6 autoconfiguration chatter on the TAP
@@ -150,14 +129,18 @@ class Hold:
     # ------------------------------------------------------------ BPF map
 
     def _set(self, k: int, v: int) -> None:
-        self.map[ctypes.c_int(k)] = ctypes.c_uint64(v)
+        self.map.update(struct.pack("<I", k), struct.pack("<Q", v))
 
     def stat(self, k: int) -> int:
-        return int(self.map[ctypes.c_int(k)].value)
+        raw = self.map.lookup(struct.pack("<I", k))
+        return struct.unpack("<Q", raw)[0] if raw else 0
 
     @property
     def stats(self) -> dict[str, int]:
-        return {"held": self.stat(ST_HELD), "unheld": self.stat(ST_UNHELD), "dropped": self.stat(ST_DROPPED)}
+        """Frames held (UDP answers and TCP segments; `held_tcp` of them TCP), and answers
+        passed or dropped because the heartbeat had stopped."""
+        return {"held": self.stat(ST_HELD), "held_tcp": self.stat(ST_HELD_TCP), "unheld": self.stat(ST_UNHELD),
+                "dropped": self.stat(ST_DROPPED)}
 
     def beat(self) -> None:
         self._set(CFG_DEADLINE, time.monotonic_ns() + int(self.grace * 1e9))
@@ -175,7 +158,7 @@ class Hold:
             if e.code != errno.EEXIST:
                 raise
         # replace: a filter a previous agent left at our prio is taken over
-        self.ipr.tc("replace-filter", "bpf", idx, HANDLE, fd=self.fn.fd, name=FILTER_NAME,
+        self.ipr.tc("replace-filter", "bpf", idx, HANDLE, fd=self.prog_fd, name=FILTER_NAME,
                     parent=TC_EGRESS, classid=1, direct_action=True, prio=PRIO)
         self.attached.append(idx)
 
@@ -217,29 +200,33 @@ class Hold:
             self.handle(frame, time.perf_counter())
 
     def handle(self, frame: bytes, t0: float) -> None:
-        parsed = dns_frame(frame)
-        if parsed is None:
+        p = parse(frame)
+        if p is None:
             return  # not an answer the classifier sent (the kernel's own TAP traffic)
-        dst, payload = parsed
-        try:
-            self.on_answer(dst, payload)
-        except Exception:  # never lose the answer: release it, having learned nothing
-            log.exception("DNS answer to %s: learning failed; released unlearned", dst)
-        dev = self.device_for(dst)
+        # UDP: the datagram is the message. TCP: the messages this segment completes (none
+        # for most segments: those are released at once, in their flow's order all the same)
+        messages = [p.payload] if p.proto == UDP else self.tcp.segment(p)
+        for msg in messages:
+            try:
+                self.on_answer(p.dst, msg)
+            except Exception:  # never lose the answer: release it, having learned nothing
+                log.exception("DNS answer to %s: learning failed; released unlearned", p.dst)
+        dev = self.device_for(p.dst)
         if dev is None:
-            log.warning("DNS answer to %s: no route to it; dropped", dst)
+            log.warning("DNS answer to %s: no route to it; dropped", p.dst)
             return
         try:
             self.out.sendto(frame, (dev, 0))
         except OSError as e:
-            self._devices.pop(dst, None)
-            log.warning("DNS answer to %s: cannot release on %s: %s", dst, dev, e)
+            self._devices.pop(p.dst, None)
+            log.warning("DNS answer to %s: cannot release on %s: %s", p.dst, dev, e)
             return
         self.released += 1
-        took = time.perf_counter() - t0
-        self.latencies.append(took)
-        if self.on_released is not None:
-            self.on_released(took)
+        if messages:  # the hold time of answers, not of bare TCP segments
+            took = time.perf_counter() - t0
+            self.latencies.append(took)
+            if self.on_released is not None:
+                self.on_released(took)
 
     def stop(self) -> None:
         """Stop serving and beating (as a dead agent would): after `grace`, answers pass
@@ -261,4 +248,5 @@ class Hold:
         self.out.close()
         os.close(self.tap_fd)
         self.ipr.close()
-        self.bpf.cleanup()
+        self.map.close()
+        os.close(self.prog_fd)
