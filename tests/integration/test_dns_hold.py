@@ -7,7 +7,10 @@ with dnspython's stub resolver, the hold on the pod's host-side veth in the node
   after the time the callback recorded, and the learner reads the addresses from it;
 - the agent down (heartbeat stopped): once the deadline passed, answers pass unheld (fail-
   open), or are dropped (fail-closed) until the agent serves again;
-- a UDP reply from any other port and TCP are never held;
+- over TCP the segment that completes an answer is held likewise, the answer sent in one
+  segment or cut in three (the agent sees it once, complete); every other segment of the
+  flow goes through the agent too, in order;
+- a UDP reply from any other port is never held;
 - `remove_filters` (what `stockade cleanup` calls) takes the hold off the devices.
 """
 
@@ -37,7 +40,7 @@ SERVER, SERVER6 = "10.34.0.53", "fd00:34::53"
 ANSWER_A, ANSWER_AAAA = "192.0.2.80", "2001:db8::80"
 
 SERVER_PY = f"""
-import socket, select, struct
+import socket, select, struct, time
 import dns.message, dns.rrset, dns.rdatatype
 
 def reply(data):
@@ -67,10 +70,17 @@ while True:
     for s in select.select([*udp, tcp], [], [])[0]:
         if s is tcp:
             c, _ = tcp.accept()
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with c, c.makefile("rb") as f:
                 n = struct.unpack("!H", f.read(2))[0]
-                out = reply(f.read(n))
-                c.sendall(struct.pack("!H", len(out)) + out)
+                q = f.read(n)
+                out = struct.pack("!H", len(reply(q))) + reply(q)
+                if b"split" in q:  # the length, then the message in two: three segments
+                    for part in (out[:2], out[2:20], out[20:]):
+                        c.sendall(part)
+                        time.sleep(0.05)  # one segment each (no coalescing); not a measured wait
+                else:
+                    c.sendall(out)
             continue
         data, peer = s.recvfrom(4096)
         s.sendto(reply(data), peer)
@@ -144,6 +154,27 @@ def result(proc: subprocess.Popen) -> dict[str, Any]:
     return json.loads(out)
 
 
+SYN_PY = f"""
+import socket
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.bind(("{SERVER6}", 53))  # the server's TCP listener is IPv4 only
+s.settimeout(10)
+try:
+    s.connect(("{CLIENT6}", 9))
+    print("connected")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+def syn_from_53(lab: Lab) -> str:
+    """A connection opened from the server's port 53 to the pod (nothing listens there)."""
+    out = subprocess.run(["ip", "netns", "exec", lab.pods["dns/server"].netns, sys.executable, "-c", SYN_PY],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 def heartbeat_stopped(hold: Hold) -> None:
     hold.stop()
     until(lambda: time.monotonic_ns() > hold.stat(CFG_DEADLINE), timeout=10)
@@ -169,18 +200,36 @@ def test_answer_reaches_the_pod_only_after_the_agent_processed_it(lab_pods: Lab,
             got = result(proc)
             assert got["addrs"] == [want]
             assert got["t"] > t_agent  # received after the agent processed it
-        assert hold.stats == {"held": 2, "unheld": 0, "dropped": 0}
+        assert hold.stats == {"held": 2, "held_tcp": 0, "unheld": 0, "dropped": 0}
         assert hold.released == 2
 
-        # not held: TCP answers, and UDP replies from other ports (a probe to the server's 81)
-        assert result(ask(lab_pods, SERVER, "tcp.example.test", tcp=True))["addrs"] == [ANSWER_A]
+        # TCP: the segment completing the answer is held likewise, in one piece or in three
+        for name in ("tcp.example.test", "split.example.test"):
+            agent.gate.clear()
+            n = len(agent.seen)
+            proc = ask(lab_pods, SERVER, name, tcp=True)
+            expect(lambda n=n: len(agent.seen) > n, timeout=30, what="the agent has the TCP answer")
+            assert proc.poll() is None
+            dst, payload, t_agent = agent.seen[-1]
+            assert dst == ipaddress.ip_address(CLIENT)
+            assert [str(ip) for _, _, ip, _ in updates("app/client", RULES, payload, 0.0)] == [ANSWER_A]
+            agent.gate.set()
+            got = result(proc)
+            assert got["addrs"] == [ANSWER_A] and got["t"] > t_agent
+            assert len(agent.seen) == n + 1  # each answer once, however it was cut
+        tcp_held = hold.stats["held_tcp"]
+        assert tcp_held >= 2 + 4  # SYN-ACKs, ACKs, the answer's segments, FINs: all in order through the agent
+
+        # not held: UDP replies from other ports (a probe to the server's 81), a SYN from port 53
         assert lab_pods.reachable("app/client", SERVER, 81, proto="udp")
-        assert hold.stats["held"] == 2
+        assert hold.stats["held"] - hold.stats["held_tcp"] == 2
+        assert syn_from_53(lab_pods) == "ConnectionRefusedError"  # the pod's RST: its SYN went straight through
+        assert hold.stats["held_tcp"] == tcp_held
 
         # the agent down: once its heartbeat ran out, answers pass unheld (fail-open)
         heartbeat_stopped(hold)
         assert result(ask(lab_pods, SERVER, "late.example.test"))["addrs"] == [ANSWER_A]
-        assert hold.stats == {"held": 2, "unheld": 1, "dropped": 0}
+        assert hold.stats == {"held": 2 + tcp_held, "held_tcp": tcp_held, "unheld": 1, "dropped": 0}
     finally:
         agent.gate.set()
         node.submit(hold.close).result()
