@@ -12,8 +12,9 @@ pod's first connection to a fresh address is allowed and one past its TTL is not
 
 `view()` is what the agent serves as `/dns` (and `stockade explain --to-name` reads).
 
-Not yet: TCP answers (pass unheld: their addresses are not learned), kernel sets with
-per-element timeouts (each change re-applies the program).
+Answers over UDP and TCP are held (a TCP answer: the segment that completes it, see
+agent/dns/frames.py). Not yet: kernel sets with per-element timeouts (each change
+re-applies the program).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from tests.kit.enforcement import write
 
 
 def names_policy(deny: list[str]) -> dict[str, Any]:
-    """Pods of team=app may ask team=dns on UDP/53, reach answered *.example.test addresses
+    """Pods of team=app may ask team=dns on UDP/53 and TCP/53, reach answered *.example.test addresses
     on TCP/80 (rule 1, "names"), and nothing else in `deny`."""
     return {
         "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
@@ -23,7 +23,8 @@ def names_policy(deny: list[str]) -> dict[str, Any]:
         "spec": {"tier": "Admin", "priority": 10, "subject": {"namespaces": {"matchLabels": {"team": "app"}}},
                  "egress": [
                      {"name": "dns", "action": "Accept", "to": [{"namespaces": {"matchLabels": {"team": "dns"}}}],
-                      "protocols": [{"udp": {"destinationPort": {"number": 53}}}]},
+                      "protocols": [{"udp": {"destinationPort": {"number": 53}}},
+                                    {"tcp": {"destinationPort": {"number": 53}}}]},
                      {"name": "names", "action": "Accept", "to": [{"domainNames": ["*.example.test"]}],
                       "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]},
                      {"name": "rest", "action": "Deny", "to": [{"networks": deny}]},
