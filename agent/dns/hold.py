@@ -37,6 +37,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import select
 import socket
 import struct
@@ -62,6 +63,34 @@ IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 SOL_PACKET, PACKET_QDISC_BYPASS = 263, 20
 
 OnAnswer = Callable[[IPAddress, bytes], None]
+
+# What the hold needs of its process (and of the loader child it starts), beyond the agent's
+# CAP_NET_ADMIN. deploy/overlays/dns-egress and systemd/stockade.service.d/dns-egress.conf
+# grant exactly this; their tests read it from here.
+TUN = "/dev/net/tun"
+CAPABILITIES = {  # name -> bit (include/uapi/linux/capability.h)
+    "CAP_NET_ADMIN": 12,  # the TAP device (TUNSETIFF), tc clsact filters on the pods' veths
+    "CAP_NET_RAW": 13,    # the AF_PACKET socket that releases answers
+    "CAP_PERFMON": 38,    # the verifier's pointer arithmetic on map values (loader child)
+    "CAP_BPF": 39,        # loading the classifier and creating its map (loader child); map writes
+}
+CAP_SYS_ADMIN = 21  # also counts as CAP_BPF and CAP_PERFMON
+ADDRESS_FAMILIES = ("AF_PACKET", "AF_UNIX", "AF_NETLINK")  # release; the loader's fd handover; tc, links
+SYSCALLS = ("bpf",)
+DEVICES = (TUN,)
+
+
+class HoldError(RuntimeError):
+    pass
+
+
+def missing_capabilities(status: str) -> list[str]:
+    """The CAPABILITIES a /proc/PID/status text's CapEff lacks."""
+    m = re.search(r"^CapEff:\s*([0-9a-fA-F]+)$", status, re.M)
+    eff = int(m[1], 16) if m else 0
+    admin = bool(eff >> CAP_SYS_ADMIN & 1)
+    return [name for name, bit in CAPABILITIES.items()
+            if not eff >> bit & 1 and not (admin and name in ("CAP_BPF", "CAP_PERFMON"))]
 
 
 FILTER_NAME = "stockade-dnshold"
@@ -101,6 +130,11 @@ class Hold:
                  fail_closed: bool = False, on_released: Callable[[float], None] | None = None) -> None:
         from pyroute2 import IPRoute
 
+        missing = missing_capabilities(Path("/proc/self/status").read_text())
+        if missing:
+            raise HoldError(f"the DNS answer hold (--dns-egress) needs {', '.join(CAPABILITIES)}; this process "
+                            f"lacks {', '.join(missing)} (deploy/overlays/dns-egress and "
+                            "systemd/stockade.service.d/dns-egress.conf grant them)")
         self.on_answer = on_answer
         self.on_released = on_released  # seconds from reading an answer to releasing it
         self.grace = grace
@@ -112,9 +146,12 @@ class Hold:
         self.tcp = Reassembly()
         # pyroute2 may open its socket from a thread of its own: name the namespace
         self.ipr = IPRoute(netns=netns) if netns else IPRoute()
+        try:
+            self.tap_fd = os.open(TUN, os.O_RDWR | os.O_NONBLOCK)
+        except OSError as e:
+            raise HoldError(f"the DNS answer hold (--dns-egress) needs the TUN device {TUN}: {e}") from e
         self.prog_fd, map_fd = load()  # compiled in a child: this process never carries bcc's LLVM
         self.map = bpfsys.Map(map_fd, "dnshold")
-        self.tap_fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
         fcntl.ioctl(self.tap_fd, TUNSETIFF, struct.pack("16sH22x", tap.encode(), IFF_TAP | IFF_NO_PI))
         with contextlib.suppress(OSError):  # no IPv6 autoconfiguration chatter on the TAP
             Path(f"/proc/sys/net/ipv6/conf/{tap}/disable_ipv6").write_text("1")

@@ -26,7 +26,9 @@ from typing import Any
 import pytest
 import yaml
 
+from agent.dns import hold
 from agent.sources.kubernetes import RESOURCES
+from tests.kit.kustomize import render
 from tests.kit.manifests import DEPLOY, EBPF, MANIFESTS, Rendered, container, objects
 
 kv = pytest.importorskip("kubernetes_validate")
@@ -37,8 +39,10 @@ VERSIONS = ["1.28.0", "1.31.0", kv.utils.latest_version()]
 CRD_KINDS = {"PodMonitor"}
 
 
-# The overlay's objects as patched (the others are the base's, validated once).
-BUILTIN = [m for m in MANIFESTS + [m for m in EBPF if "+" in m[0]] if m[2]["kind"] not in CRD_KINDS]
+DNS = render(DEPLOY / "overlays" / "dns-egress", DEPLOY)  # DNS egress: the eBPF overlay plus the hold's needs
+
+# The overlays' objects as patched (the others are the base's, validated once).
+BUILTIN = [m for m in MANIFESTS + [m for m in EBPF + DNS if "+" in m[0]] if m[2]["kind"] not in CRD_KINDS]
 
 
 def test_deploy_has_everything_the_daemonset_needs() -> None:
@@ -195,6 +199,54 @@ def test_ebpf_overlay_adds_exactly_what_ebpf_needs() -> None:
     assert cm == base[("ConfigMap", "stockade")]
     assert {k: v for k, v in back.items() if k[0] not in ("DaemonSet", "ConfigMap")} == \
         {k: v for k, v in base.items() if k[0] not in ("DaemonSet", "ConfigMap", "PodMonitor")}
+
+
+def test_dns_egress_overlay_adds_exactly_what_the_hold_needs() -> None:
+    """deploy/overlays/dns-egress = the eBPF overlay + what agent/dns/hold.py says the hold
+    needs (its CAPABILITIES and DEVICES, read from the code) + `--dns-egress`; nothing else.
+    Every other build leaves DNS egress off."""
+    c, ebpf = container(DNS), container(EBPF)
+    caps = c["securityContext"]["capabilities"]
+    assert caps["drop"] == ["ALL"]
+    want = {n.removeprefix("CAP_") for n in hold.CAPABILITIES} | set(ebpf["securityContext"]["capabilities"]["add"])
+    assert sorted(caps["add"]) == sorted(want) == ["BPF", "NET_ADMIN", "NET_RAW", "PERFMON"]
+    paths = _host_paths(DNS)
+    assert set(paths) == set(_host_paths(EBPF)) | set(hold.DEVICES)
+    for dev in hold.DEVICES:
+        assert paths[dev]["hostPath"]["type"] == "CharDevice"
+        assert any(m["mountPath"] == dev and m["name"] == paths[dev]["name"] for m in c["volumeMounts"])
+    assert c["args"] == [*ebpf["args"], "--dns-egress"]
+    assert _agent_args(DNS).dns_egress and not _agent_args(EBPF).dns_egress and not _agent_args(MANIFESTS).dns_egress
+    assert _agent_args(DNS).dataplane == "ebpf"
+
+    # Nothing else differs from the eBPF overlay: take the additions out again and compare.
+    ds = copy.deepcopy(objects(DNS)[("DaemonSet", "stockade")])
+    spec = ds["spec"]["template"]["spec"]
+    added = {paths[d]["name"] for d in hold.DEVICES}
+    spec["volumes"] = [v for v in spec["volumes"] if v["name"] not in added]
+    ctr = spec["containers"][0]
+    ctr["volumeMounts"] = [m for m in ctr["volumeMounts"] if m["name"] not in added]
+    ctr["securityContext"]["capabilities"]["add"] = ebpf["securityContext"]["capabilities"]["add"]
+    ctr["args"] = ctr["args"][:-1]
+    assert sorted(ctr["volumeMounts"], key=str) == sorted(ebpf["volumeMounts"], key=str)
+    ctr["volumeMounts"] = ebpf["volumeMounts"]
+    assert ds == objects(EBPF)[("DaemonSet", "stockade")]
+    assert {k: v for k, v in objects(DNS).items() if k[0] != "DaemonSet"} == \
+        {k: v for k, v in objects(EBPF).items() if k[0] != "DaemonSet"}
+
+
+def test_the_dns_egress_overlay_renders_as_kustomize_does() -> None:
+    kubectl = shutil.which("kubectl")
+    version = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True).stdout \
+        if kubectl else ""
+    m = re.search(r"Kustomize Version: v(\d+)", version)
+    if not kubectl or not m or int(m.group(1)) < 4:
+        pytest.skip("no kubectl with kustomize >= 4 (not packaged in Debian 12)")
+    root = DEPLOY / "overlays" / "dns-egress"
+    out = subprocess.run([kubectl, "kustomize", str(root)], capture_output=True, text=True, check=True).stdout
+    theirs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+    pod = theirs[("DaemonSet", "stockade")]["spec"]["template"]["spec"]
+    assert pod == objects(DNS)[("DaemonSet", "stockade")]["spec"]["template"]["spec"]
 
 
 def test_the_render_agrees_with_kustomize() -> None:
