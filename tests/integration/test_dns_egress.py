@@ -4,16 +4,14 @@ and connects AT ONCE to the answered address: the first connection is allowed (t
 was held until the address was in the kernel). An address never answered stays denied, a
 name the rule does not match teaches nothing, and another pod (also a subject) does not
 share what this one learned; AAAA over IPv6 likewise; answers over TCP likewise, in one
-segment or cut in three; past its TTL (with the floor set to
-0) a learned address is denied again; with the agent killed, answers pass after the
+segment or cut in three; past its TTL (with the floor set to 0) a learned address is
+denied again; with the agent killed, answers pass after the
 heartbeat ran out and what was learned stays. Without --dns-egress the rule matches nothing.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,74 +26,7 @@ PODS = {"app/client": [CLIENT, CLIENT6], "app/other": [OTHER], "dns/server": [SE
         "ext/web": [WEB, WEB6], "ext/never": [NOT_ANSWERED]}
 DOCS = manifests(PODS, POLICY)
 
-SERVER_PY = f"""
-import select, socket, struct, threading, time
-import dns.message, dns.rrset, dns.rdatatype
-socks = []
-for fam, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-    s = socket.socket(fam, socket.SOCK_DGRAM)
-    if fam == socket.AF_INET6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.bind((addr, 53))
-    socks.append(s)
-
-
-def reply(data):
-    q = dns.message.from_wire(data)
-    r = dns.message.make_response(q)
-    name, rdtype = q.question[0].name, q.question[0].rdtype
-    text = name.to_text().lower()
-    ttl = 2 if text.startswith("short.") else 5
-    if rdtype == dns.rdatatype.A and text.endswith(".example.test."):
-        r.answer.append(dns.rrset.from_text(name, ttl, "IN", "A", "{WEB}"))
-    elif rdtype == dns.rdatatype.AAAA and text.endswith(".example.test."):
-        r.answer.append(dns.rrset.from_text(name, ttl, "IN", "AAAA", "{WEB6}"))
-    elif rdtype == dns.rdatatype.A and text == "web.elsewhere.test.":
-        r.answer.append(dns.rrset.from_text(name, ttl, "IN", "A", "{NOT_ANSWERED}"))
-    return r.to_wire()
-
-
-def serve_tcp():  # one query per connection; "split." names answered in three segments
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    tcp.bind(("0.0.0.0", 53))
-    tcp.listen()
-    while True:
-        c, _ = tcp.accept()
-        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with c, c.makefile("rb") as f:
-            q = f.read(struct.unpack("!H", f.read(2))[0])
-            out = reply(q)
-            out = struct.pack("!H", len(out)) + out
-            for part in ((out[:2], out[2:20], out[20:]) if b"split" in q else (out,)):
-                c.sendall(part)
-                time.sleep(0.02)  # one segment each (no coalescing); not a measured wait
-
-
-threading.Thread(target=serve_tcp, daemon=True).start()
-print("ready", flush=True)
-while True:
-    for s in select.select(socks, [], [])[0]:
-        data, peer = s.recvfrom(4096)
-        s.sendto(reply(data), peer)
-"""
-
-# resolve, then connect at once to every answered address (and to `also`)
-CLIENT_PY = """
-import json, socket, sys
-import dns.resolver
-res = dns.resolver.Resolver(configure=False)
-res.nameservers = [sys.argv[1]]
-res.timeout, res.lifetime = 1.0, 10.0  # retries: an answer lost while a dead agent held it
-addrs = sorted(r.address for r in res.resolve(sys.argv[2], sys.argv[3], tcp=sys.argv[4] == "tcp"))
-def connect(a):
-    try:
-        socket.create_connection((a, 80), timeout=1.0).close()
-        return True
-    except OSError:
-        return False
-print(json.dumps({"addrs": addrs, "connected": {a: connect(a) for a in [*addrs, *sys.argv[5:]]}}))
-"""
+SERVER_PY = dns_lab.server_script(WEB, WEB6, NOT_ANSWERED)
 
 
 def setup(lab: Lab, tmp: Path) -> Path:
@@ -104,11 +35,7 @@ def setup(lab: Lab, tmp: Path) -> Path:
 
 def resolve_and_connect(lab: Lab, src_pod: str, name: str, *also: str, rdtype: str = "A",
                         server: str = SERVER, tcp: bool = False) -> dict[str, Any]:
-    out = subprocess.run(["ip", "netns", "exec", lab.pods[src_pod].netns, sys.executable, "-c", CLIENT_PY,
-                          server, name, rdtype, "tcp" if tcp else "udp", *also],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return dns_lab.resolve_and_connect(lab, src_pod, server, name, *also, rdtype=rdtype, tcp=tcp)
 
 
 def start(lab: Lab, src: Path, tmp: Path, dataplane: str, *extra: str) -> subprocess.Popen:
