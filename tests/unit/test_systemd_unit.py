@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.dns import hold
 from tests.kit import sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "stockade.service"
 DROPIN = ROOT / "systemd" / "stockade.service.d" / "ebpf.conf"
+DNS_DROPIN = ROOT / "systemd" / "stockade.service.d" / "dns-egress.conf"
 MAX_EXPOSURE = 2.5
 
 
@@ -98,3 +100,32 @@ def test_each_dataplane_gets_only_what_it_needs() -> None:
     # The environment file is read after Environment= and would override the drop-in's dataplane.
     env = (ROOT / "systemd" / "stockade.env").read_text()
     assert not re.search(r"^\s*STOCKADE_DATAPLANE=", env, re.M)
+
+
+@pytest.mark.parametrize("dataplane", ["nftables", "ebpf"])
+def test_dns_egress_dropin_verifies_and_is_rated_at_most_2_5(tmp_path: Path, dataplane: str) -> None:
+    target = _install(tmp_path, dataplane)
+    (tmp_path / "stockade.service.d").mkdir(exist_ok=True)
+    shutil.copy(DNS_DROPIN, tmp_path / "stockade.service.d" / "dns-egress.conf")
+    res = subprocess.run([_analyze(), "verify", str(target)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res, score = _security(target)
+    assert res.returncode == 0 and score <= MAX_EXPOSURE, res.stdout
+    assert re.search(r"✗ RestrictAddressFamilies=~AF_PACKET", res.stdout), res.stdout  # the drop-in was read
+
+
+@pytest.mark.parametrize("files", [[UNIT], [UNIT, DROPIN]], ids=["nftables", "ebpf"])
+def test_dns_egress_dropin_adds_exactly_what_the_hold_needs(files: list[Path]) -> None:
+    """What agent/dns/hold.py says the hold needs, read from the code, is what the drop-in
+    adds to either dataplane's confinement (the CAP_NET_ADMIN it also needs is the unit's)."""
+    base, dns = sandbox.confinement(*files), sandbox.confinement(*files, DNS_DROPIN)
+    need = {c.removeprefix("CAP_").lower() for c in hold.CAPABILITIES}
+    assert set(dns.caps) == set(base.caps) | need and "net_admin" in base.caps
+    assert set(dns.families or ()) == set(base.families or ()) | set(hold.ADDRESS_FAMILIES)
+    assert set(dns.syscalls or ()) - set(base.syscalls or ()) == set(hold.SYSCALLS) - set(base.syscalls or ())
+    assert set(hold.SYSCALLS) <= set(dns.syscalls or ())
+    settings = sandbox.unit_settings(DNS_DROPIN)
+    assert settings["BindPaths"] == list(hold.DEVICES)
+    assert settings["DeviceAllow"] == [f"{d} rw" for d in hold.DEVICES]
+    assert settings["Environment"] == ["STOCKADE_ARGS=--dns-egress"]
+    assert not dns.protect_modules  # bcc's kernel headers
