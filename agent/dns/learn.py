@@ -22,7 +22,7 @@ domainNames rules that apply to that pod.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -123,17 +123,32 @@ def named_updates(
 
 def merge(table: Learned, new: Iterable[tuple[str, str, IPAddress, float]], cap: int = MAX_PER_POD) -> Learned:
     """`table` with `new` entries added (the later expiry wins) and each endpoint touched by
-    them held to `cap` entries, dropping those expiring soonest."""
-    entries = {k: dict(v) for k, v in table.entries.items()}
-    touched = set()
+    them held to `cap` entries, dropping those expiring soonest.
+
+    Per answer, so its cost follows what the answer touches, not the table: the untouched
+    (endpoint, rule) maps are shared with `table` (immutable), only touched ones are copied,
+    and an endpoint's count reads the sizes of its own maps."""
+    touched: dict[tuple[str, str], dict[IPAddress, float]] = {}
     for ep, rule, ip, t in new:
-        d = entries.setdefault((ep, rule), {})
+        d = touched.get((ep, rule))
+        if d is None:
+            d = touched[(ep, rule)] = dict(table.entries.get((ep, rule), {}))
         d[ip] = max(t, d.get(ip, t))
-        touched.add(ep)
-    for ep in touched:
-        mine = [(t, rule, ip) for (e, rule), d in entries.items() if e == ep for ip, t in d.items()]
-        if len(mine) > cap:
-            mine.sort(key=lambda x: (x[0], x[1], str(x[2])))
-            for _, rule, ip in mine[: len(mine) - cap]:
-                del entries[(ep, rule)][ip]
-    return Learned(MappingProxyType({k: MappingProxyType(v) for k, v in entries.items() if v}))
+    if not touched:
+        return table
+    entries: dict[tuple[str, str], Mapping[IPAddress, float]] = dict(table.entries)
+    entries.update(touched)
+    for ep in {k[0] for k in touched}:
+        mine = [k for k in entries if k[0] == ep]
+        if sum(len(entries[k]) for k in mine) <= cap:
+            continue
+        flat = sorted(((t, k[1], ip) for k in mine for ip, t in entries[k].items()),
+                      key=lambda x: (x[0], x[1], str(x[2])))
+        for _, rule, ip in flat[: len(flat) - cap]:
+            d = touched.get((ep, rule))
+            if d is None:
+                d = touched[(ep, rule)] = dict(entries[(ep, rule)])
+                entries[(ep, rule)] = d
+            del d[ip]
+    return Learned(MappingProxyType({k: v if k not in touched else MappingProxyType(v)
+                                     for k, v in entries.items() if v}))

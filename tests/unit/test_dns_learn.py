@@ -120,3 +120,35 @@ def test_merge_keeps_the_later_expiry_and_caps_per_pod() -> None:
     assert mine == [205.0 + i for i in range(5)]  # the soonest-expiring went first
     assert t.addresses("q", "r") == {ip("192.0.2.1")}  # another pod is never evicted
     assert len(t.expire(206.5)) == 3
+
+
+def reference_merge(table: Learned, new: list, cap: int) -> dict:
+    """merge as first written: copy everything, then cap every touched pod (the spec)."""
+    entries = {k: dict(v) for k, v in table.entries.items()}
+    for e, r, a, t in new:
+        d = entries.setdefault((e, r), {})
+        d[a] = max(t, d.get(a, t))
+    for e in {x[0] for x in new}:
+        mine = sorted(((t, r, a) for (ee, r), d in entries.items() if ee == e for a, t in d.items()),
+                      key=lambda x: (x[0], x[1], str(x[2])))
+        for _, r, a in mine[: max(0, len(mine) - cap)]:
+            del entries[(e, r)][a]
+    return {k: v for k, v in entries.items() if v}
+
+
+ENTRY = st.tuples(st.sampled_from("pqr"), st.sampled_from(["r1", "r2"]),
+                  st.integers(1, 12).map(lambda i: ip(f"10.0.0.{i}")), st.integers(0, 30).map(float))
+
+
+@settings(max_examples=300)
+@given(st.lists(st.lists(ENTRY, max_size=8), max_size=6), st.integers(1, 10))
+def test_merge_touches_only_what_it_must_and_agrees_with_the_reference(batches: list, cap: int) -> None:
+    table = Learned()
+    for new in batches:
+        before = table
+        table = merge(before, new, cap)
+        assert {k: dict(v) for k, v in table.entries.items()} == reference_merge(before, new, cap)
+        touched = {(e, r) for e, r, _, _ in new}
+        for k, v in table.entries.items():  # untouched maps are shared, not copied
+            if k not in touched and k in before.entries and before.entries[k] == v:
+                assert v is before.entries[k] or any(x[0] == k[0] for x in touched)
