@@ -1,7 +1,9 @@
 """DNS answer hold benchmark (agent/dns/hold.py, `--dns-egress`): what holding answers costs.
 
     python -m bench.dnshold [--queries 2000] [--threads 1,4] [--json F]   (as root)
+    python -m bench.dnshold --rate 1000 [--seconds 10] [--tcp-queries 300]  (sustained rate)
     python -m bench.dnshold --agent nftables,ebpf [--queries 500]         (the whole agent)
+    python -m bench.dnshold --agent nftables,ebpf --rate 1000 [--distinct 200]
 
 In the namespace lab (tests/kit): a pod with a UDP DNS server (dnspython), a client pod
 sending queries with dns.query.udp from T threads, each waiting for its answer before the
@@ -16,6 +18,15 @@ a `*.bench.test` domainNames rule for the client, and a server answering every q
 NEW address, so each answer waits for a kernel update before its release (the worst case):
 the client's `rtt_*` and the agent's own `stockade_dns_hold_seconds` (mean, and the bucket
 counts) from /metrics.
+With `--rate R`: open loop, the client sends R UDP queries per second for `--seconds`
+(paced, not waiting for answers) and counts the answers: `sent`, `answered`, `lost` (no
+answer 2 s after the last query), `send_rate`, the client's `rtt_*`, and the hold's own
+`hold_*` (in-process) or the agent's `stockade_dns_hold_seconds` (`--agent`, quantiles read
+from its buckets: an upper bound). With `--agent`, `--distinct N` names cycle, each always
+answered with the same address: the first N answers each bring a new address (a kernel
+update), later ones refresh what is learned (no kernel update) -- the steady state of pods
+resolving the same names. `--tcp-queries N` (in-process): N queries over TCP from one
+thread, one connection each, with the hold (every segment of the flow goes through it).
 Reports; never passes or fails. Not part of `make bench` yet (the hold is experimental).
 """
 
@@ -39,20 +50,41 @@ from tests.kit.netns import worker
 
 CLIENT, SERVER = "10.35.0.1", "10.35.0.53"
 
-SERVER_PY = """
-import socket
+# {addr}: the answer's address, an expression of the query `q`, its name `n` and `seq`
+SERVER_TEMPLATE = """
+import itertools, socket, struct, threading
 import dns.message, dns.rrset
+seq = itertools.count(1)
+def reply(data):
+    q = dns.message.from_wire(data)
+    r = dns.message.make_response(q)
+    n = q.question[0].name
+    r.answer.append(dns.rrset.from_text(n, 30, "IN", "A", {addr}))
+    return r.to_wire()
+def serve_tcp():
+    t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t.bind(("0.0.0.0", 53))
+    t.listen(64)
+    while True:
+        c, _ = t.accept()
+        with c, c.makefile("rb") as f:
+            out = reply(f.read(struct.unpack("!H", f.read(2))[0]))
+            c.sendall(struct.pack("!H", len(out)) + out)
+threading.Thread(target=serve_tcp, daemon=True).start()
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
 s.bind(("0.0.0.0", 53))
 print("ready", flush=True)
 while True:
     data, peer = s.recvfrom(4096)
-    q = dns.message.from_wire(data)
-    r = dns.message.make_response(q)
-    n = q.question[0].name
-    r.answer.append(dns.rrset.from_text(n, 30, "IN", "A", "192.0.2.%d" % (1 + q.id % 250)))
-    s.sendto(r.to_wire(), peer)
+    s.sendto(reply(data), peer)
 """
+SERVER_PY = SERVER_TEMPLATE.replace("{addr}", '"192.0.2.%d" % (1 + q.id % 250)')
+# every answer a new address (the worst case: a kernel update per answer)
+UNIQUE_SERVER_PY = SERVER_TEMPLATE.replace("{addr}", '"10.99.%d.%d" % divmod(next(seq) % 65000, 256)')
+# hN.bench.test -> always the same address (what a pod resolving the same names sees)
+BY_NAME_SERVER_PY = SERVER_TEMPLATE.replace("{addr}", '"10.99.%d.%d" % divmod(int(n.labels[0][1:]) % 65000, 256)')
 
 CLIENT_PY = """
 import json, sys, threading, time
@@ -76,6 +108,68 @@ print(json.dumps({"rtts": rtts, "lost": lost[0], "wall": time.perf_counter() - t
 """
 
 
+# open loop: send at a fixed rate from one socket, receive on another thread
+RATE_CLIENT_PY = """
+import json, socket, struct, sys, threading, time
+import dns.message
+server, rate, seconds, distinct = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+n = min(65536, int(rate * seconds))
+wires = []
+for i in range(n):
+    q = dns.message.make_query("h%d.bench.test" % (i % distinct), "A")
+    q.id = i
+    wires.append(q.to_wire())
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+s.connect((server, 53))
+s.settimeout(0.2)
+sent, got, done = [0.0] * n, {}, threading.Event()
+def recv():
+    while True:
+        try:
+            data = s.recv(4096)
+        except socket.timeout:
+            if done.is_set():
+                return
+            continue
+        got.setdefault(struct.unpack_from("!H", data)[0], time.perf_counter())
+t = threading.Thread(target=recv)
+t.start()
+t0 = time.perf_counter()
+for i, w in enumerate(wires):
+    wait = t0 + i / rate - time.perf_counter()
+    if wait > 0:
+        time.sleep(wait)
+    sent[i] = time.perf_counter()
+    s.send(w)
+t1 = time.perf_counter()
+deadline = t1 + 2.0
+while len(got) < n and time.perf_counter() < deadline:
+    time.sleep(0.01)
+done.set()
+t.join()
+rtts = [got[i] - sent[i] for i in got if i < n]
+print(json.dumps({"sent": n, "answered": len(got), "lost": n - len(got), "send_rate": round(n / (t1 - t0)),
+                  "rtts": rtts}))
+"""
+
+TCP_CLIENT_PY = """
+import json, sys, time
+import dns.message, dns.query
+server, n = sys.argv[1], int(sys.argv[2])
+rtts, lost = [], 0
+for i in range(n):
+    q = dns.message.make_query("t%d.bench.test" % i, "A")
+    t = time.perf_counter()
+    try:
+        dns.query.tcp(q, server, timeout=2)
+        rtts.append(time.perf_counter() - t)
+    except Exception:
+        lost += 1
+print(json.dumps({"rtts": rtts, "lost": lost}))
+"""
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000 if xs else float("nan")
@@ -89,7 +183,35 @@ def client_run(lab: Lab, queries: int, threads: int) -> dict[str, Any]:
             "answers_per_s": round(len(r["rtts"]) / r["wall"]), "lost": r["lost"]}
 
 
-def run(queries: int, thread_counts: list[int]) -> list[dict[str, Any]]:
+def rate_run(lab: Lab, rate: float, seconds: float, distinct: int) -> dict[str, Any]:
+    out = subprocess.run(["ip", "netns", "exec", lab.pods["app/client"].netns, sys.executable, "-c", RATE_CLIENT_PY,
+                          SERVER, str(rate), str(seconds), str(distinct)], capture_output=True, text=True,
+                         check=True).stdout
+    r = json.loads(out)
+    return {"rate": rate, "sent": r["sent"], "answered": r["answered"], "lost": r["lost"],
+            "send_rate": r["send_rate"], "rtt_p50_ms": round(pct(r["rtts"], 0.5), 3),
+            "rtt_p99_ms": round(pct(r["rtts"], 0.99), 3)}
+
+
+def tcp_run(lab: Lab, queries: int) -> dict[str, Any]:
+    out = subprocess.run(["ip", "netns", "exec", lab.pods["app/client"].netns, sys.executable, "-c", TCP_CLIENT_PY,
+                          SERVER, str(queries)], capture_output=True, text=True, check=True).stdout
+    r = json.loads(out)
+    return {"tcp": True, "queries": queries, "lost": r["lost"], "rtt_p50_ms": round(pct(r["rtts"], 0.5), 3),
+            "rtt_p99_ms": round(pct(r["rtts"], 0.99), 3)}
+
+
+def hold_figures(hold: Hold) -> dict[str, Any]:
+    lat = list(hold.latencies)
+    if not lat:
+        return {"held": 0}
+    return {"hold_p50_ms": round(pct(lat, 0.5), 3), "hold_p99_ms": round(pct(lat, 0.99), 3),
+            "hold_max_ms": round(max(lat) * 1000, 3), "held": len(lat),
+            "hold_mean_ms": round(statistics.fmean(lat) * 1000, 3)}
+
+
+def run(queries: int, thread_counts: list[int], rate: float = 0, seconds: float = 10,
+        tcp_queries: int = 0) -> list[dict[str, Any]]:
     rows = []
     rules = [DomainRule("r", (parse_domain("*.bench.test", "f"),))]
     with Lab() as lab:
@@ -98,6 +220,8 @@ def run(queries: int, thread_counts: list[int]) -> list[dict[str, Any]]:
         start_dns_server(lab, server.netns, SERVER_PY)
         for threads in thread_counts:
             rows.append({"hold": False, "threads": threads, **client_run(lab, queries, threads)})
+        if rate:
+            rows.append({"hold": False, **rate_run(lab, rate, seconds, 1 << 16)})
         table = [Learned()]
 
         def learn(dst: IPAddress, payload: bytes) -> None:
@@ -111,11 +235,15 @@ def run(queries: int, thread_counts: list[int]) -> list[dict[str, Any]]:
             for threads in thread_counts:
                 hold.latencies.clear()
                 row = {"hold": True, "threads": threads, **client_run(lab, queries, threads)}
-                lat = list(hold.latencies)
-                row.update(hold_p50_ms=round(pct(lat, 0.5), 3), hold_p99_ms=round(pct(lat, 0.99), 3),
-                           hold_max_ms=round(max(lat) * 1000, 3), held=len(lat),
-                           hold_mean_ms=round(statistics.fmean(lat) * 1000, 3))
-                rows.append(row)
+                rows.append({**row, **hold_figures(hold)})
+            if rate:
+                hold.latencies.clear()
+                row = {"hold": True, **rate_run(lab, rate, seconds, 1 << 16)}
+                rows.append({**row, **hold_figures(hold)})
+            if tcp_queries:
+                hold.latencies.clear()
+                rows.append({"hold": True, **tcp_run(lab, tcp_queries), **hold_figures(hold),
+                             "tcp_segments_held": hold.stats["held_tcp"]})
             rows.append({"learned_entries": len(table[0])})
         finally:
             pool.submit(hold.close).result()
@@ -123,11 +251,19 @@ def run(queries: int, thread_counts: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
-UNIQUE_SERVER_PY = SERVER_PY.replace('"192.0.2.%d" % (1 + q.id % 250)', '"10.99.%d.%d" % divmod(next(seq) % 65000, 256)'
-                                      ).replace("import socket", "import itertools, socket\nseq = itertools.count(1)")
+def bucket_quantile(buckets: dict[str, int], q: float) -> float | None:
+    """The upper bound (ms) of the histogram bucket holding quantile q."""
+    total = buckets.get("+Inf", 0)
+    if not total:
+        return None
+    for le, count in sorted(((float(k), v) for k, v in buckets.items()), key=lambda x: x[0]):
+        if count >= q * total:
+            return le * 1000
+    return None
 
 
-def agent_run(dataplane: str, queries: int) -> dict[str, Any]:
+def agent_run(dataplane: str, queries: int, rate: float = 0, seconds: float = 10,
+              distinct: int = 200) -> dict[str, Any]:
     import tempfile
     from pathlib import Path
 
@@ -145,12 +281,16 @@ def agent_run(dataplane: str, queries: int) -> dict[str, Any]:
     with dataplane_env(dataplane, f"bench-dns-{dataplane}"), tempfile.TemporaryDirectory() as tmp, Lab() as lab:
         lab.add_pod("app/client", [CLIENT])
         server = lab.add_pod("dns/server", [SERVER])
-        start_dns_server(lab, server.netns, UNIQUE_SERVER_PY)
+        start_dns_server(lab, server.netns, BY_NAME_SERVER_PY if rate else UNIQUE_SERVER_PY)
         write(Path(tmp) / "src", docs)
         lab.spawn_agent("run", "--source", str(Path(tmp) / "src"), "--node", "n1", "--dataplane", dataplane,
                         "--state-dir", "", "--metrics-address", "127.0.0.1:9755", "--dns-egress")
         assert until(lambda: lab.http_get("http://127.0.0.1:9755/readyz")[0] == 200, 120), "agent never ready"
-        row: dict[str, Any] = {"agent": dataplane, **client_run(lab, queries, 1)}
+        if rate:
+            row: dict[str, Any] = {"agent": dataplane, "distinct": distinct,
+                                   **rate_run(lab, rate, seconds, distinct)}
+        else:
+            row = {"agent": dataplane, **client_run(lab, queries, 1)}
         text = lab.http_get("http://127.0.0.1:9755/metrics")[1]
         m = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("stockade_dns_"))
         n, total = float(m["stockade_dns_hold_seconds_count"]), float(m["stockade_dns_hold_seconds_sum"])
@@ -158,6 +298,8 @@ def agent_run(dataplane: str, queries: int) -> dict[str, Any]:
                    learned_entries=int(float(m["stockade_dns_learned_entries"])),
                    hold_buckets={k.split('le="')[1].rstrip('"}'): int(float(v)) for k, v in m.items()
                                  if k.startswith("stockade_dns_hold_seconds_bucket")})
+        row.update(hold_p50_ms_le=bucket_quantile(row["hold_buckets"], 0.5),
+                   hold_p99_ms_le=bucket_quantile(row["hold_buckets"], 0.99))
         return row
 
 
@@ -167,11 +309,16 @@ def main() -> None:
     ap.add_argument("--threads", default="1,4")
     ap.add_argument("--json")
     ap.add_argument("--agent", help="dataplanes to run the whole agent on (comma-separated)")
+    ap.add_argument("--rate", type=float, default=0, help="open loop: UDP queries per second")
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--distinct", type=int, default=200, help="with --agent --rate: names (addresses) cycled")
+    ap.add_argument("--tcp-queries", type=int, default=0)
     a = ap.parse_args()
     if a.agent:
-        rows = [agent_run(d, a.queries) for d in a.agent.split(",")]
+        rows = [agent_run(d, a.queries, a.rate, a.seconds, a.distinct) for d in a.agent.split(",")]
     else:
-        rows = run(a.queries, [int(t) for t in a.threads.split(",")])
+        threads = [int(t) for t in a.threads.split(",") if t]
+        rows = run(a.queries, threads, a.rate, a.seconds, a.tcp_queries)
     for r in rows:
         print(json.dumps(r))
     if a.json:
