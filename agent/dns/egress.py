@@ -4,10 +4,12 @@ are in the kernel.
 
 Per synced snapshot: the domainNames rules of every local pod (`learner_rules`), and the
 hold (agent/dns/hold.py) attached to the host-side device of each pod that has some. Per
-held answer (`on_answer`, on the hold's thread): the learner's updates for that pod; when
-they add an address, the daemon re-applies the last program with the table's addresses
-(`Daemon.reapply`, `with_learned`) and only after that apply returned does the hold write
-the answer to the pod. Entries are removed at their expiry (a timer re-applies then), so a
+held answer (`learn`, on the hold's thread): the learner's updates for that pod; when they
+add an address, the daemon re-applies the last program with the table's addresses
+(`commit`: `Daemon.reapply`, `with_learned`) and only after that apply returned does the
+hold write the answer to the pod. The hold learns from every frame it read at once, then
+commits once, then releases them: one apply per burst, not per answer; an answer that
+only refreshes an address already learned needs no apply at all. Entries are removed at their expiry (a timer re-applies then), so a
 pod's first connection to a fresh address is allowed and one past its TTL is not.
 
 `view()` is what the agent serves as `/dns` (and `stockade explain --to-name` reads).
@@ -98,7 +100,8 @@ class DnsEgress:
         self.held = Histogram("stockade_dns_hold_seconds", "A DNS answer read by the agent to released to its pod "
                               "(learning and the kernel update included)",
                               buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
-        self.hold = hold(self.on_answer, grace=grace, fail_closed=fail_closed, on_released=self.held.observe)
+        self.hold = hold(self.learn, grace=grace, fail_closed=fail_closed, on_released=self.held.observe,
+                         commit=self.commit)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._timer = threading.Thread(target=self._expire_loop, name="dns-expiry", daemon=True)
@@ -148,26 +151,39 @@ class DnsEgress:
 
     def on_answer(self, dst: IPAddress, payload: bytes) -> None:
         """Learn from an answer to `dst`; return once what it taught is in the kernel."""
+        if self.learn(dst, payload):
+            self.commit()
+
+    def learn(self, dst: IPAddress, payload: bytes) -> bool:
+        """Learn from an answer to `dst` (the hold's `on_answer`): whether it added an
+        address, which only `commit()` puts into the kernel. An address already learned
+        gets its later expiry in the table and needs no kernel update (a refresh)."""
         key = self.by_ip.get(dst)
         rules = self.rules.get(key, []) if key else []
         if not rules:
             self.answers.labels("not_selected").inc()
-            return
+            return False
         now = self.clock()
         named = named_updates(key, rules, resolved(payload), now, self.floor)  # type: ignore[arg-type]
         new = [e for e, _ in named]
         self.answers.labels("learned" if new else "nothing").inc()
         if not new:
-            return
+            return False
         with self.lock:
             before = self.learned
             self.learned = merge(before, new, self.cap)
             self.names.update(((e, r, ip), name) for (e, r, ip, _), name in named)
             fresh = any(ip not in before.entries.get((e, r), {}) for e, r, ip, _ in new)
             self.entries.set(len(self.learned))
-        if fresh:
-            self.daemon.reapply()
-        self._wake.set()  # the earliest expiry may have changed
+        if not fresh:
+            self._wake.set()  # the earliest expiry may have changed
+        return fresh
+
+    def commit(self) -> None:
+        """Put what was learned into the kernel (the hold's `commit`, once per batch of
+        answers read together)."""
+        self.daemon.reapply()
+        self._wake.set()
 
     def _expire_loop(self) -> None:
         while not self._stop.is_set():

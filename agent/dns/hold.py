@@ -62,7 +62,9 @@ TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 SOL_PACKET, PACKET_QDISC_BYPASS = 263, 20
 
-OnAnswer = Callable[[IPAddress, bytes], None]
+OnAnswer = Callable[[IPAddress, bytes], object]
+MAX_BATCH = 256  # frames read before one commit and their release
+TAP_QUEUE = 4096  # frames the TAP device queues while the agent commits (the kernel's default: 500)
 
 # What the hold needs of its process (and of the loader child it starts), beyond the agent's
 # CAP_NET_ADMIN. deploy/overlays/dns-egress and systemd/stockade.service.d/dns-egress.conf
@@ -127,7 +129,8 @@ class Hold:
     AF_PACKET socket are made there); `start()` then serves from threads of its own."""
 
     def __init__(self, on_answer: OnAnswer, netns: str | None = None, tap: str = "stkdns0", grace: float = 1.0,
-                 fail_closed: bool = False, on_released: Callable[[float], None] | None = None) -> None:
+                 fail_closed: bool = False, on_released: Callable[[float], None] | None = None,
+                 commit: Callable[[], object] | None = None) -> None:
         from pyroute2 import IPRoute
 
         missing = missing_capabilities(Path("/proc/self/status").read_text())
@@ -136,6 +139,11 @@ class Hold:
                             f"lacks {', '.join(missing)} (deploy/overlays/dns-egress and "
                             "systemd/stockade.service.d/dns-egress.conf grant them)")
         self.on_answer = on_answer
+        # With `commit`: `on_answer` only learns, returning true when the kernel must change;
+        # the frames read together are learned, then `commit()` runs once, then they are
+        # released. One kernel update covers a burst (an update costs milliseconds).
+        self.commit = commit
+        self.commits = 0
         self.on_released = on_released  # seconds from reading an answer to releasing it
         self.grace = grace
         self.latencies: deque[float] = deque(maxlen=10000)  # seconds from read to release
@@ -156,7 +164,7 @@ class Hold:
         with contextlib.suppress(OSError):  # no IPv6 autoconfiguration chatter on the TAP
             Path(f"/proc/sys/net/ipv6/conf/{tap}/disable_ipv6").write_text("1")
         self.tap_index = self.ipr.link_lookup(ifname=tap)[0]
-        self.ipr.link("set", index=self.tap_index, state="up")
+        self.ipr.link("set", index=self.tap_index, state="up", txqlen=TAP_QUEUE)
         self.out = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: sends only
         self.out.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
         self._set(CFG_FAIL_CLOSED, int(fail_closed))
@@ -230,36 +238,57 @@ class Hold:
             ready, _, _ = select.select([self.tap_fd], [], [], 0.2)
             if not ready:
                 continue
-            try:
-                frame = os.read(self.tap_fd, 65536)
-            except BlockingIOError:
-                continue
-            self.handle(frame, time.perf_counter())
+            batch: list[tuple[bytes, float]] = []
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append((os.read(self.tap_fd, 65536), time.perf_counter()))
+                except BlockingIOError:
+                    break
+            self.handle_batch(batch)
 
     def handle(self, frame: bytes, t0: float) -> None:
-        p = parse(frame)
-        if p is None:
-            return  # not an answer the classifier sent (the kernel's own TAP traffic)
-        # UDP: the datagram is the message. TCP: the messages this segment completes (none
-        # for most segments: those are released at once, in their flow's order all the same)
-        messages = [p.payload] if p.proto == UDP else self.tcp.segment(p)
-        for msg in messages:
+        self.handle_batch([(frame, t0)])
+
+    def handle_batch(self, batch: list[tuple[bytes, float]]) -> None:
+        """Learn from every frame (in order), commit once if any taught something new,
+        then release them all (in order)."""
+        learned: list[tuple[bytes, float, IPAddress, bool]] = []
+        dirty = False
+        for frame, t0 in batch:
+            p = parse(frame)
+            if p is None:
+                continue  # not an answer the classifier sent (the kernel's own TAP traffic)
+            # UDP: the datagram is the message. TCP: the messages this segment completes (none
+            # for most segments: those are released at once, in their flow's order all the same)
+            messages = [p.payload] if p.proto == UDP else self.tcp.segment(p)
+            for msg in messages:
+                try:
+                    dirty = bool(self.on_answer(p.dst, msg)) or dirty
+                except Exception:  # never lose the answer: release it, having learned nothing
+                    log.exception("DNS answer to %s: learning failed; released unlearned", p.dst)
+            learned.append((frame, t0, p.dst, bool(messages)))
+        if dirty and self.commit is not None:
+            self.commits += 1
             try:
-                self.on_answer(p.dst, msg)
-            except Exception:  # never lose the answer: release it, having learned nothing
-                log.exception("DNS answer to %s: learning failed; released unlearned", p.dst)
-        dev = self.device_for(p.dst)
+                self.commit()
+            except Exception:
+                log.exception("DNS answers: the kernel update failed; released all the same")
+        for frame, t0, dst, answer in learned:
+            self._release(frame, t0, dst, answer)
+
+    def _release(self, frame: bytes, t0: float, dst: IPAddress, answer: bool) -> None:
+        dev = self.device_for(dst)
         if dev is None:
-            log.warning("DNS answer to %s: no route to it; dropped", p.dst)
+            log.warning("DNS answer to %s: no route to it; dropped", dst)
             return
         try:
             self.out.sendto(frame, (dev, 0))
         except OSError as e:
-            self._devices.pop(p.dst, None)
-            log.warning("DNS answer to %s: cannot release on %s: %s", p.dst, dev, e)
+            self._devices.pop(dst, None)
+            log.warning("DNS answer to %s: cannot release on %s: %s", dst, dev, e)
             return
         self.released += 1
-        if messages:  # the hold time of answers, not of bare TCP segments
+        if answer:  # the hold time of answers, not of bare TCP segments
             took = time.perf_counter() - t0
             self.latencies.append(took)
             if self.on_released is not None:
