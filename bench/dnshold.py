@@ -24,9 +24,10 @@ answer 2 s after the last query), `send_rate`, the client's `rtt_*`, and the hol
 `hold_*` (in-process) or the agent's `stockade_dns_hold_seconds` (`--agent`, quantiles read
 from its buckets: an upper bound). With `--agent`, `--distinct N` names cycle, each always
 answered with the same address: the first N answers each bring a new address (a kernel
-update), later ones refresh what is learned (no kernel update) -- the steady state of pods
-resolving the same names. `--tcp-queries N` (in-process): N queries over TCP from one
-thread, one connection each, with the hold (every segment of the flow goes through it).
+update; row "learning"), then `--seconds` of the same names, which refresh what is learned
+(no kernel update; row "steady") -- the steady state of pods resolving the same names.
+`--tcp-queries N` (in-process): N queries over TCP from one thread, one connection each,
+with the hold (every segment of the flow goes through it).
 Reports; never passes or fails. Not part of `make bench` yet (the hold is experimental).
 """
 
@@ -263,7 +264,7 @@ def bucket_quantile(buckets: dict[str, int], q: float) -> float | None:
 
 
 def agent_run(dataplane: str, queries: int, rate: float = 0, seconds: float = 10,
-              distinct: int = 200) -> dict[str, Any]:
+              distinct: int = 200) -> list[dict[str, Any]]:
     import tempfile
     from pathlib import Path
 
@@ -286,21 +287,36 @@ def agent_run(dataplane: str, queries: int, rate: float = 0, seconds: float = 10
         lab.spawn_agent("run", "--source", str(Path(tmp) / "src"), "--node", "n1", "--dataplane", dataplane,
                         "--state-dir", "", "--metrics-address", "127.0.0.1:9755", "--dns-egress")
         assert until(lambda: lab.http_get("http://127.0.0.1:9755/readyz")[0] == 200, 120), "agent never ready"
-        if rate:
-            row: dict[str, Any] = {"agent": dataplane, "distinct": distinct,
+        def metrics() -> dict[str, float]:
+            text = lab.http_get("http://127.0.0.1:9755/metrics")[1]
+            return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines()
+                                             if line.startswith("stockade_dns_"))}
+
+        rows: list[dict[str, Any]] = []
+        before: dict[str, float] = {}
+        if rate:  # learning: each of the `distinct` names once (each a new address), then steady
+            learning = {"agent": dataplane, "phase": "learning", **rate_run(lab, rate, distinct / rate, distinct)}
+            rows.append(hold_row(learning, metrics(), before))
+            before = metrics()
+            row: dict[str, Any] = {"agent": dataplane, "phase": "steady", "distinct": distinct,
                                    **rate_run(lab, rate, seconds, distinct)}
         else:
             row = {"agent": dataplane, **client_run(lab, queries, 1)}
-        text = lab.http_get("http://127.0.0.1:9755/metrics")[1]
-        m = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("stockade_dns_"))
-        n, total = float(m["stockade_dns_hold_seconds_count"]), float(m["stockade_dns_hold_seconds_sum"])
-        row.update(held=int(n), hold_mean_ms=round(total / n * 1000, 3) if n else None,
-                   learned_entries=int(float(m["stockade_dns_learned_entries"])),
-                   hold_buckets={k.split('le="')[1].rstrip('"}'): int(float(v)) for k, v in m.items()
-                                 if k.startswith("stockade_dns_hold_seconds_bucket")})
-        row.update(hold_p50_ms_le=bucket_quantile(row["hold_buckets"], 0.5),
-                   hold_p99_ms_le=bucket_quantile(row["hold_buckets"], 0.99))
-        return row
+        rows.append(hold_row(row, metrics(), before))
+        return rows
+
+
+def hold_row(row: dict[str, Any], m: dict[str, float], before: dict[str, float]) -> dict[str, Any]:
+    """`row` with the agent's hold figures from /metrics `m`, counted since `before`."""
+    def d(k: str) -> float:
+        return m.get(k, 0.0) - before.get(k, 0.0)
+
+    n, total = d("stockade_dns_hold_seconds_count"), d("stockade_dns_hold_seconds_sum")
+    buckets = {k.split('le="')[1].rstrip('"}'): int(d(k)) for k in m
+               if k.startswith("stockade_dns_hold_seconds_bucket")}
+    return {**row, "held": int(n), "hold_mean_ms": round(total / n * 1000, 3) if n else None,
+            "learned_entries": int(m["stockade_dns_learned_entries"]), "hold_buckets": buckets,
+            "hold_p50_ms_le": bucket_quantile(buckets, 0.5), "hold_p99_ms_le": bucket_quantile(buckets, 0.99)}
 
 
 def main() -> None:
@@ -315,7 +331,7 @@ def main() -> None:
     ap.add_argument("--tcp-queries", type=int, default=0)
     a = ap.parse_args()
     if a.agent:
-        rows = [agent_run(d, a.queries, a.rate, a.seconds, a.distinct) for d in a.agent.split(",")]
+        rows = [r for d in a.agent.split(",") for r in agent_run(d, a.queries, a.rate, a.seconds, a.distinct)]
     else:
         threads = [int(t) for t in a.threads.split(",") if t]
         rows = run(a.queries, threads, a.rate, a.seconds, a.tcp_queries)

@@ -9,8 +9,9 @@ add an address, the daemon re-applies the last program with the table's addresse
 (`commit`: `Daemon.reapply`, `with_learned`) and only after that apply returned does the
 hold write the answer to the pod. The hold learns from every frame it read at once, then
 commits once, then releases them: one apply per burst, not per answer; an answer that
-only refreshes an address already learned needs no apply at all. Entries are removed at their expiry (a timer re-applies then), so a
-pod's first connection to a fresh address is allowed and one past its TTL is not.
+only refreshes an address already learned needs no apply at all. Entries are removed at
+their expiry (a timer re-applies then), so a pod's first connection to a fresh address is
+allowed and one past its TTL is not.
 
 `view()` is what the agent serves as `/dns` (and `stockade explain --to-name` reads).
 
