@@ -314,7 +314,8 @@ def hold_row(row: dict[str, Any], m: dict[str, float], before: dict[str, float])
     n, total = d("stockade_dns_hold_seconds_count"), d("stockade_dns_hold_seconds_sum")
     buckets = {k.split('le="')[1].rstrip('"}'): int(d(k)) for k in m
                if k.startswith("stockade_dns_hold_seconds_bucket")}
-    return {**row, "held": int(n), "hold_mean_ms": round(total / n * 1000, 3) if n else None,
+    return {**row, "held": int(n), "kernel_updates": int(d("stockade_dns_kernel_updates_total")),
+            "hold_mean_ms": round(total / n * 1000, 3) if n else None,
             "learned_entries": int(m["stockade_dns_learned_entries"]), "hold_buckets": buckets,
             "hold_p50_ms_le": bucket_quantile(buckets, 0.5), "hold_p99_ms_le": bucket_quantile(buckets, 0.99)}
 

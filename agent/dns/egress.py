@@ -97,6 +97,8 @@ class DnsEgress:
                                "not_selected (a pod without domainNames rules)", ["outcome"], registry=r)
         self.entries = Gauge("stockade_dns_learned_entries", "Learned (pod, rule, address) entries in force",
                              registry=r)
+        self.updates = Counter("stockade_dns_kernel_updates", "Kernel updates held answers waited for (one per "
+                               "burst of answers read together that taught a new address)", registry=r)
         self.expired = Counter("stockade_dns_expired_entries", "Learned entries removed at their expiry", registry=r)
         self.held = Histogram("stockade_dns_hold_seconds", "A DNS answer read by the agent to released to its pod "
                               "(learning and the kernel update included)",
@@ -183,6 +185,7 @@ class DnsEgress:
     def commit(self) -> None:
         """Put what was learned into the kernel (the hold's `commit`, once per batch of
         answers read together)."""
+        self.updates.inc()
         self.daemon.reapply()
         self._wake.set()
 

@@ -68,6 +68,7 @@ def test_first_connection_to_a_resolved_name_is_allowed(lab: Lab, dataplane: str
     assert float(metrics['stockade_dns_answers_total{outcome="nothing"}']) == 1
     assert float(metrics["stockade_dns_learned_entries"]) == 3  # client: WEB, WEB6; other: WEB
     assert float(metrics["stockade_dns_hold_seconds_count"]) == 4
+    assert float(metrics["stockade_dns_kernel_updates_total"]) == 3  # one per answer that taught something new
 
 
 def test_first_connection_after_a_tcp_answer_is_allowed(lab: Lab, dataplane: str, tmp_path: Path) -> None:
