@@ -250,10 +250,12 @@ class Hold:
         self.handle_batch([(frame, t0)])
 
     def handle_batch(self, batch: list[tuple[bytes, float]]) -> None:
-        """Learn from every frame (in order), commit once if any taught something new,
-        then release them all (in order)."""
-        learned: list[tuple[bytes, float, IPAddress, bool]] = []
-        dirty = False
+        """Learn from each frame in order, releasing it at once while nothing new was
+        learned; from the first answer that taught something new on, frames wait: then
+        `commit()` runs once and they are released, in order (a TCP flow's segments never
+        overtake each other)."""
+        waiting: list[tuple[bytes, float, IPAddress, bool]] = []
+        dirty = False  # some answer of this batch taught something new: commit before releasing
         for frame, t0 in batch:
             p = parse(frame)
             if p is None:
@@ -263,17 +265,20 @@ class Hold:
             messages = [p.payload] if p.proto == UDP else self.tcp.segment(p)
             for msg in messages:
                 try:
-                    dirty = bool(self.on_answer(p.dst, msg)) or dirty
+                    dirty = (bool(self.on_answer(p.dst, msg)) and self.commit is not None) or dirty
                 except Exception:  # never lose the answer: release it, having learned nothing
                     log.exception("DNS answer to %s: learning failed; released unlearned", p.dst)
-            learned.append((frame, t0, p.dst, bool(messages)))
+            if dirty:
+                waiting.append((frame, t0, p.dst, bool(messages)))
+            else:
+                self._release(frame, t0, p.dst, bool(messages))
         if dirty and self.commit is not None:
             self.commits += 1
             try:
                 self.commit()
             except Exception:
                 log.exception("DNS answers: the kernel update failed; released all the same")
-        for frame, t0, dst, answer in learned:
+        for frame, t0, dst, answer in waiting:
             self._release(frame, t0, dst, answer)
 
     def _release(self, frame: bytes, t0: float, dst: IPAddress, answer: bool) -> None:

@@ -1,7 +1,8 @@
 """Hold.handle_batch (agent/dns/hold.py) without a kernel: the frames read together are
-learned in order, `commit()` runs once (only if some answer taught something new) after
-all of them were learned and before any is released, and every frame is released in the
-order read, answers or not; an answer whose learning fails is released all the same."""
+learned in order and released at once while nothing new was learned; from the first
+answer that taught something new on they wait, `commit()` runs once after all were
+learned, then they are released in the order read, answers or not; an answer whose
+learning fails is released all the same."""
 
 from __future__ import annotations
 
@@ -53,13 +54,14 @@ def hold(log: list[Any], learns: dict[bytes, bool]) -> Hold:
     return h
 
 
-def test_one_commit_after_learning_and_before_any_release() -> None:
+def test_one_commit_after_learning_and_before_any_later_release() -> None:
     log: list[Any] = []
     h = hold(log, {b"new": True})
     frames = [udp(b"old"), udp(b"new"), udp(b"boom"), udp(b"new")]
     h.handle_batch([(f, 0.0) for f in frames])
-    assert log == [("learn", b"old"), ("learn", b"new"), ("learn", b"boom"), ("learn", b"new"), ("commit",),
-                   *(("release", f) for f in frames)]
+    assert log == [("learn", b"old"), ("release", frames[0]),  # nothing new yet: released at once
+                   ("learn", b"new"), ("learn", b"boom"), ("learn", b"new"), ("commit",),
+                   *(("release", f) for f in frames[1:])]
     assert h.commits == 1 and h.released == 4 and len(h.latencies) == 4
 
 
@@ -74,7 +76,8 @@ def test_tcp_segments_keep_their_order_and_only_complete_messages_are_learned() 
     log: list[Any] = []
     h = hold(log, {b"abcd": True})
     msg = struct.pack("!H", 4) + b"abcd"
-    frames = [tcp(b"", 99, SYN | ACK), tcp(msg[:3], 100), tcp(msg[3:], 103)]
+    frames = [tcp(b"", 99, SYN | ACK), tcp(msg[:3], 100), tcp(msg[3:], 103), tcp(b"", 106, ACK | 1)]
     h.handle_batch([(f, 0.0) for f in frames])
-    assert log == [("learn", b"abcd"), ("commit",), *(("release", f) for f in frames)]
+    assert log == [("release", frames[0]), ("release", frames[1]), ("learn", b"abcd"), ("commit",),
+                   ("release", frames[2]), ("release", frames[3])]  # the FIN never overtakes the answer
     assert len(h.latencies) == 1  # the hold time of the answer, not of bare segments
