@@ -44,7 +44,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from agent.dataplane.ebpf import bpfsys
@@ -144,6 +144,7 @@ class Hold:
         # released. One kernel update covers a burst (an update costs milliseconds).
         self.commit = commit
         self.commits = 0
+        self._dirty = False
         self.on_released = on_released  # seconds from reading an answer to releasing it
         self.grace = grace
         self.latencies: deque[float] = deque(maxlen=10000)  # seconds from read to release
@@ -238,24 +239,34 @@ class Hold:
             ready, _, _ = select.select([self.tap_fd], [], [], 0.2)
             if not ready:
                 continue
-            batch: list[tuple[bytes, float]] = []
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append((os.read(self.tap_fd, 65536), time.perf_counter()))
-                except BlockingIOError:
-                    break
-            self.handle_batch(batch)
+            try:
+                first = (os.read(self.tap_fd, 65536), time.perf_counter())
+            except BlockingIOError:
+                continue
+            self.handle_batch(self._frames(first))
+
+    def _frames(self, first: tuple[bytes, float]) -> Iterator[tuple[bytes, float]]:
+        """`first`, then -- only once a frame taught something new (a commit is due) -- the
+        frames already queued, up to MAX_BATCH: they are learned before that one commit."""
+        yield first
+        for _ in range(MAX_BATCH - 1):
+            if not self._dirty:
+                return
+            try:
+                yield os.read(self.tap_fd, 65536), time.perf_counter()
+            except BlockingIOError:
+                return
 
     def handle(self, frame: bytes, t0: float) -> None:
         self.handle_batch([(frame, t0)])
 
-    def handle_batch(self, batch: list[tuple[bytes, float]]) -> None:
+    def handle_batch(self, batch: Iterable[tuple[bytes, float]]) -> None:
         """Learn from each frame in order, releasing it at once while nothing new was
         learned; from the first answer that taught something new on, frames wait: then
         `commit()` runs once and they are released, in order (a TCP flow's segments never
         overtake each other)."""
         waiting: list[tuple[bytes, float, IPAddress, bool]] = []
-        dirty = False  # some answer of this batch taught something new: commit before releasing
+        self._dirty = False  # some answer of this batch taught something new: commit before releasing
         for frame, t0 in batch:
             p = parse(frame)
             if p is None:
@@ -265,14 +276,15 @@ class Hold:
             messages = [p.payload] if p.proto == UDP else self.tcp.segment(p)
             for msg in messages:
                 try:
-                    dirty = (bool(self.on_answer(p.dst, msg)) and self.commit is not None) or dirty
+                    learned = bool(self.on_answer(p.dst, msg))
+                    self._dirty = self._dirty or (learned and self.commit is not None)
                 except Exception:  # never lose the answer: release it, having learned nothing
                     log.exception("DNS answer to %s: learning failed; released unlearned", p.dst)
-            if dirty:
+            if self._dirty:
                 waiting.append((frame, t0, p.dst, bool(messages)))
             else:
                 self._release(frame, t0, p.dst, bool(messages))
-        if dirty and self.commit is not None:
+        if self._dirty and self.commit is not None:
             self.commits += 1
             try:
                 self.commit()

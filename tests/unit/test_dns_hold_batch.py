@@ -51,6 +51,7 @@ def hold(log: list[Any], learns: dict[bytes, bool]) -> Hold:
     h.on_answer, h.commit, h.commits = on_answer, lambda: log.append(("commit",)), 0
     h.on_released, h.latencies, h.released = None, deque(), 0
     h.tcp, h.out, h._devices = Reassembly(), Out(log), {POD: "veth0"}
+    h._dirty = False
     return h
 
 
@@ -81,3 +82,22 @@ def test_tcp_segments_keep_their_order_and_only_complete_messages_are_learned() 
     assert log == [("release", frames[0]), ("release", frames[1]), ("learn", b"abcd"), ("commit",),
                    ("release", frames[2]), ("release", frames[3])]  # the FIN never overtakes the answer
     assert len(h.latencies) == 1  # the hold time of the answer, not of bare segments
+
+
+def test_queued_frames_are_drained_only_once_a_commit_is_due() -> None:
+    import socket
+
+    log: list[Any] = []
+    h = hold(log, {b"new": True})
+    theirs, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one read, one frame, as a TAP
+    with theirs, ours:
+        ours.setblocking(False)
+        h.tap_fd = ours.fileno()
+        for f in (udp(b"q1"), udp(b"q2")):
+            theirs.send(f)
+        h.handle_batch(h._frames((udp(b"old"), 0.0)))  # nothing new: the queue is left alone
+        assert log == [("learn", b"old"), ("release", udp(b"old"))]
+        log.clear()
+        h.handle_batch(h._frames((udp(b"new"), 0.0)))  # new: what is queued joins the one commit
+        assert log == [("learn", b"new"), ("learn", b"q1"), ("learn", b"q2"), ("commit",),
+                       ("release", udp(b"new")), ("release", udp(b"q1")), ("release", udp(b"q2"))]
