@@ -7,11 +7,15 @@ dataplanes: a classifier on the tc egress hook of each pod's host-side veth redi
 answers from port 53, and every TCP segment from port 53 but a bare SYN, to a TAP device
 this object reads with one thread (so a TCP flow's segments keep their order). For each UDP
 answer, and each DNS message a TCP segment completes (agent/dns/frames.py reassembles them
-per flow), it calls `on_answer(pod address, DNS message)` -- the learner, then the apply
-that puts the learned addresses into the kernel -- and only then writes the frame,
-unchanged, back out of the veth
-through an AF_PACKET socket with PACKET_QDISC_BYPASS: that skips the qdisc layer, tc egress
-included, so the released answer is not redirected again, and it reaches the pod as sent.
+per flow), it calls `on_answer(pod address, DNS message)` -- the learner -- and, when that
+taught something new, `commit()` -- the apply that puts the learned addresses into the
+kernel; only then does it write the frame, unchanged, back out of the veth through an
+AF_PACKET socket with PACKET_QDISC_BYPASS: that skips the qdisc layer, tc egress included,
+so the released answer is not redirected again, and it reaches the pod as sent. Frames are
+read one at a time and released at once while they teach nothing new; once one does, the
+frames already queued are learned too, then one commit covers them all, then they are
+released in order (one apply per burst of new addresses, not one per answer). Without
+`commit`, `on_answer` does both (tests, benchmarks).
 
 If the agent stops (crash, stuck loop), the heartbeat (a deadline in the BPF map, renewed
 every `grace / 4`) runs out after `grace` seconds and the classifier stops holding: answers
