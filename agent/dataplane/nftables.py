@@ -33,6 +33,7 @@ it does not grow with the number of pods or peers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,10 +41,10 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from agent.dataplane import child, conntrack
+from agent.dataplane import child, conntrack, heap
 from agent.dataplane.base import (
     ApplyStats,
     Count,
@@ -81,6 +82,9 @@ PREROUTING_PRIORITY = -150  # after conntrack (-200), before NAT and filter
 DEFAULT_LOG_GROUP = 7354
 COMMENT_MAX = 128  # bytes: nft refuses a longer comment (NFTNL_UDATA_COMMENT_MAXLEN)
 CHUNK = 5000  # elements per command line; keeps single commands a sane size
+# A staged first load (render_staged): set elements, and chains' rule lines, per transaction.
+STAGE = 5000
+STAGE_LINES = 500
 BIG_LOAD = 1 << 20  # bytes of nft text above which a full load goes to an `nft -f` child
 # A set's declaration: single addresses in hash sets, prefixes in interval sets.
 HOSTS = {4: "ipv4_addr", 6: "ipv6_addr"}
@@ -398,26 +402,81 @@ def _elements(elems: Iterable[str]) -> list[str]:
     return [", ".join(items[i : i + CHUNK]) for i in range(0, len(items), CHUNK)]
 
 
-def render_full(m: Model) -> str:
-    out = [f"table {FAMILY} {TABLE} {{"]
-    for name, typ in MAPS.items():
-        out.append(f"\tmap {name} {{ type {typ} : verdict; }}")
-    for name, (typ, _) in sorted(m.sets.items()):
-        out.append(f"\tset {name} {{ type {typ}; }}")
-    for name, rules in sorted(m.chains.items()):
-        comment = f"\t\t{_chain_comment(m, name)}\n"
-        body = "".join(f"\t\t{r}\n" for r in rules)
-        out.append(f"\tchain {name} {{\n{comment}{body}\t}}")
-    out.append(_base_chains() + "}")
-    text = "\n".join(out) + "\n"
-    # Elements go in separate commands so huge sets stay within sane line sizes.
+def _set_decls(m: Model) -> list[str]:
+    return [f"\tset {name} {{ type {typ}; }}\n" for name, (typ, _) in sorted(m.sets.items())]
+
+
+def _set_elements(m: Model) -> Iterator[tuple[int, str]]:
+    """(element count, command) per chunk of every set's elements, in set order. Elements go
+    in separate commands so huge sets stay within sane line sizes."""
     for name, (_, elems) in sorted(m.sets.items()):
-        for chunk in _elements(elems):
-            text += f"add element {FAMILY} {TABLE} {name} {{ {chunk} }}\n"
-    for name, entries in m.maps.items():
-        for chunk in _elements(f"{k} : {v}" for k, v in entries.items()):
-            text += f"add element {FAMILY} {TABLE} {name} {{ {chunk} }}\n"
-    return text
+        items = sorted(elems)
+        for i in range(0, len(items), CHUNK):
+            chunk = items[i : i + CHUNK]
+            yield len(chunk), f"add element {FAMILY} {TABLE} {name} {{ {', '.join(chunk)} }}\n"
+
+
+def _chain_blocks(m: Model, names: Iterable[str]) -> Iterator[str]:
+    for name in names:
+        comment = f"\t\t{_chain_comment(m, name)}\n"
+        body = "".join(f"\t\t{r}\n" for r in m.chains[name])
+        yield f"\tchain {name} {{\n{comment}{body}\t}}\n"
+
+
+def _map_elements(m: Model) -> str:
+    return "".join(f"add element {FAMILY} {TABLE} {name} {{ {chunk} }}\n"
+                   for name, entries in m.maps.items()
+                   for chunk in _elements(f"{k} : {v}" for k, v in entries.items()))
+
+
+def _dispatch(m: Model, sets: bool, chains: bool) -> str:
+    """The table block with its maps and base chains (what makes it judge packets), and the
+    set declarations and endpoint chains when asked; then the maps' elements."""
+    out = [f"table {FAMILY} {TABLE} {{\n"]
+    out += [f"\tmap {name} {{ type {typ} : verdict; }}\n" for name, typ in MAPS.items()]
+    if sets:
+        out += _set_decls(m)
+    if chains:
+        out += _chain_blocks(m, sorted(m.chains))
+    out.append(_base_chains() + "}\n")
+    return "".join(out)
+
+
+def render_full(m: Model) -> str:
+    """The whole table as one text (one transaction)."""
+    return _dispatch(m, sets=True, chains=True) + "".join(c for _, c in _set_elements(m)) + _map_elements(m)
+
+
+def render_staged(m: Model, elements: int = STAGE, lines: int = STAGE_LINES) -> Iterator[str]:
+    """A first load into a kernel without our table, as several transactions (see
+    NftablesDataplane._load_fresh): the table with its set declarations; the sets' elements,
+    about `elements` a time; the endpoint chains, about `lines` rule lines a time; last the
+    maps and base chains. No packet meets the table before the last one: until then no base
+    chain hooks it, and chains and sets nothing reaches judge nothing. Each transaction is a
+    bounded text, so a load's peak is one batch's parse, not the whole ruleset's."""
+    yield f"table {FAMILY} {TABLE} {{\n" + "".join(_set_decls(m)) + "}\n"
+    part: list[str] = []
+    n = 0
+    for count, cmd in _set_elements(m):
+        if part and n + count > elements:
+            yield "".join(part)
+            part, n = [], 0
+        part.append(cmd)
+        n += count
+    if part:
+        yield "".join(part)
+    batch: list[str] = []
+    n = 0
+    for name in sorted(m.chains):
+        # A tail chain (in_x_t) sorts right after its head and goes in the head's batch.
+        if batch and n >= lines and not name.endswith("_t"):
+            yield f"table {FAMILY} {TABLE} {{\n" + "".join(_chain_blocks(m, batch)) + "}\n"
+            batch, n = [], 0
+        batch.append(name)
+        n += len(m.chains[name]) + 1
+    if batch:
+        yield f"table {FAMILY} {TABLE} {{\n" + "".join(_chain_blocks(m, batch)) + "}\n"
+    yield _dispatch(m, sets=False, chains=False) + _map_elements(m)
 
 
 def render_diff(old: Model, new: Model) -> tuple[str, ApplyStats]:
@@ -547,15 +606,42 @@ class NftablesDataplane(Dataplane):
                 if self._has_table():
                     raise
                 log.warning("the stockade table vanished; rebuilding it")
-        # First sync (or the table vanished): replace the table in one transaction, so
-        # packets see the old rules or the new ones and never an empty table.
-        text = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render_full(new)
+        if self._has_table():
+            # First sync over a table a previous agent left: replace it in one transaction,
+            # so packets see the old rules or the new ones and never an empty table.
+            text = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render_full(new)
+            lines = text.count("\n")
+            self._load(text)
+            del text
+        else:
+            lines = self._load_fresh(new)
+        self._model, self._program = new, program
+        return ApplyStats(True, lines, sum(len(s[1]) for s in new.sets.values()))
+
+    def _load(self, text: str) -> None:
         if len(text) > BIG_LOAD:
             self._run_child(text)
         else:
             self._run(text)
-        self._model, self._program = new, program
-        return ApplyStats(True, text.count("\n"), sum(len(s[1]) for s in new.sets.values()))
+
+    def _load_fresh(self, m: Model) -> int:
+        """A load into a kernel without our table (first start, or the table vanished) in
+        several bounded transactions (render_staged): nothing is enforced before, so there
+        is nothing to keep, and the table judges no packet before its last transaction.
+        Peak memory is one batch's parse instead of the whole ruleset's. If a step fails,
+        the partial table (sets only) is removed; the next sync starts afresh."""
+        lines = 0
+        heap.release(collect=True)  # the compile's garbage, before the load's peak
+        try:
+            for text in render_staged(m):
+                lines += text.count("\n")
+                self._load(text)
+                heap.release()  # what libnftables freed after a batch, so batches reuse no more than one's worth
+        except DataplaneError:
+            with contextlib.suppress(DataplaneError):  # else the next sync replaces what is left
+                self._run(f"delete table {FAMILY} {TABLE}")
+            raise
+        return lines
 
     def _has_table(self) -> bool:
         out = self._run("list tables", json_out=True, read=True)
