@@ -1,0 +1,54 @@
+"""A throwaway network namespace for nft text: `nft -f` (or `nft -c -f`, a check) of a
+rendered table or diff against a real kernel, and the table read back. Unit tests of the
+nftables renderer use it; the host's firewall is never touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import count
+
+from tests.kit.privileges import require_privileges
+
+_names = count()
+
+
+@contextmanager
+def throwaway_netns(tag: str) -> Iterator[str]:
+    """A fresh, empty network namespace named after `tag`, removed afterwards (skips the
+    test without the privileges)."""
+    require_privileges()
+    name = f"stk{tag}{os.getpid()}x{next(_names)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def nft_file(netns: str, text: str, check: bool = False) -> None:
+    """`nft -f` of `text` (with `check`, `nft -c -f`: parsed and checked, nothing committed)
+    inside `netns`, asserting nft accepts it."""
+    with tempfile.NamedTemporaryFile("w", suffix=".nft", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        cmd = ["ip", "netns", "exec", netns, "nft", *(["-c"] if check else []), "-f", f.name]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[:3000]
+
+
+def nft_json(netns: str, *args: str) -> list[dict]:
+    """`nft -j list ...` inside `netns`, as its list of objects."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list", *args],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["nftables"] if out.strip() else []
+
+
+def nft_list(netns: str, *args: str) -> str:
+    """`nft list ...` inside `netns` (text, as people read it)."""
+    return subprocess.run(["ip", "netns", "exec", netns, "nft", "list", *args],
+                          capture_output=True, text=True, check=True).stdout
