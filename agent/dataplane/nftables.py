@@ -225,12 +225,17 @@ def _share(program: Program, prev: Model | None) -> dict[str, tuple[Content, fro
     return out
 
 
-def _peer_matches(m: Model, rule: Rule, peers: PeerSet, peer_key: str) -> list[str]:
-    """The peer clauses of `rule`, one line each: per family its hash set of addresses
-    (always there, maybe empty) and its interval set of prefixes (only when it has some)."""
+def _stem_of(m: Model, peers: PeerSet) -> str:
     stem = m.by_object.get(id(peers))
     if stem is None:  # comparing equal contents costs their size: once per PeerSet object
         stem = m.by_object[id(peers)] = m.by_content[_content(peers)]
+    return stem
+
+
+def _peer_matches(m: Model, rule: Rule, peers: PeerSet, peer_key: str) -> list[str]:
+    """The peer clauses of `rule`, one line each: per family its hash set of addresses
+    (always there, maybe empty) and its interval set of prefixes (only when it has some)."""
+    stem = _stem_of(m, peers)
     out = []
     for fam, proto in ((4, "ip"), (6, "ip6")):
         out += [f"{proto} {peer_key} @{s} " for s in (f"{stem}_{fam}", f"{stem}_{fam}n") if s in m.sets]
@@ -284,9 +289,36 @@ class Options:
     log_rate: str = "10/second burst 20 packets"  # per rule, in the kernel
 
 
-def build_model(program: Program, opts: Options = Options(), prev: Model | None = None) -> Model:
+@dataclass(frozen=True)
+class _Built:
+    """What one endpoint gave the model, and what it depends on besides the endpoint."""
+
+    ep: EndpointProgram
+    stems: tuple[tuple[PeerSet, str], ...]  # each rule's peers and the set stem they had
+    chains: dict[str, tuple[str, ...]]
+    owners: dict[str, tuple[str, Direction]]
+    maps: tuple[tuple[str, str, str], ...]  # (map, key, verdict)
+
+
+@dataclass
+class Memo:
+    """An incremental build's memory (see build_model): per endpoint key, what the endpoint
+    last gave. The incremental compiler hands back an unchanged endpoint as the same
+    EndpointProgram object, so an endpoint that is the same object, and whose rules' peers
+    kept their set stems, gives the same chains and map entries: they are reused as they
+    are, not rendered again. Pure memoisation: a stale entry is never used, so any history
+    builds what a build without memo builds."""
+
+    opts: Options | None = None
+    endpoints: dict[str, _Built] = field(default_factory=dict)
+
+
+def build_model(program: Program, opts: Options = Options(), prev: Model | None = None,
+                memo: Memo | None = None) -> Model:
     """The table for `program`. `prev`, the model the kernel holds, keeps shared peer sets'
-    names stable across changes (see _share); without it names follow content alone."""
+    names stable across changes (see _share); without it names follow content alone. With
+    `memo` (kept across calls by the caller), endpoints unchanged since the last call reuse
+    what they gave then; the result is the same."""
     m = Model()
     m.shared = _share(program, prev)
     for stem, (content, _) in m.shared.items():
@@ -303,32 +335,55 @@ def build_model(program: Program, opts: Options = Options(), prev: Model | None 
     for fam in (4, 6):
         m.sets[f"guard{fam}"] = (NETS[fam], guard.texts(fam))
         m.sets[f"known{fam}"] = (HOSTS[fam], frozenset(str(ip) for ip in known if ip.version == fam))
-    for ep in program.endpoints.values():
-        for d in (Direction.INGRESS, Direction.EGRESS):
-            dp = ep.direction(d)
-            if not dp.enforced:
-                continue
-            name = chain_name(ep.key, d)
-            chains = _chain_rules(m, dp, d, name, opts)
-            for c in chains:
-                m.owners[c] = (ep.key, d)
-            if ep.interface is not None:
-                if not valid_ifname(ep.interface):
-                    # nft cannot name such a device in a quoted string; refuse loudly rather
-                    # than render it (or leave the endpoint's traffic unjudged).
-                    raise DataplaneError(f"endpoint {display(ep.key, 200)}: field interface: "
-                                         f"{display(ep.interface, 64)!r} is not a valid device name")
-                # The host behind a device: keyed by the device, so an endpoint whose
-                # addresses are not known yet (NetBird before its first sync) is covered too.
-                m.maps[f"{d.value}_if"][f'"{ep.interface}"'] = f"jump {name}"
-                if d is Direction.INGRESS:
-                    chains[name] = ("fib daddr type != local return", *chains[name])  # routed, not for this host
-            else:
-                for ip in ep.ips:
-                    m.maps[f"{d.value}{ip.version}"][str(ip)] = f"jump {name}"
-            m.chains.update(chains)
+    if memo is not None and memo.opts != opts:
+        memo.opts, memo.endpoints = opts, {}
+    built = memo.endpoints if memo is not None else {}
+    for key, ep in program.endpoints.items():
+        b = built.get(key)
+        if b is None or b.ep is not ep or any(_stem_of(m, p) != s for p, s in b.stems):
+            b = _endpoint(m, ep, opts)
+            if memo is not None:
+                built[key] = b
+        m.chains.update(b.chains)
+        m.owners.update(b.owners)
+        for mname, k, v in b.maps:
+            m.maps[mname][k] = v
+    if memo is not None and len(built) > len(program.endpoints):
+        for key in [k for k in built if k not in program.endpoints]:
+            del built[key]
     m.by_object = {}  # ids are only valid while `program` lives
     return m
+
+
+def _endpoint(m: Model, ep: EndpointProgram, opts: Options) -> _Built:
+    """The chains and map entries of one endpoint (both directions) in model `m`."""
+    chains: dict[str, tuple[str, ...]] = {}
+    owners: dict[str, tuple[str, Direction]] = {}
+    maps: list[tuple[str, str, str]] = []
+    stems: list[tuple[PeerSet, str]] = []
+    for d in (Direction.INGRESS, Direction.EGRESS):
+        dp = ep.direction(d)
+        if not dp.enforced:
+            continue
+        name = chain_name(ep.key, d)
+        mine = _chain_rules(m, dp, d, name, opts)
+        owners.update((c, (ep.key, d)) for c in mine)
+        stems += [(r.peers, _stem_of(m, r.peers)) for r in dp.rules if r.peers is not None]
+        if ep.interface is not None:
+            if not valid_ifname(ep.interface):
+                # nft cannot name such a device in a quoted string; refuse loudly rather
+                # than render it (or leave the endpoint's traffic unjudged).
+                raise DataplaneError(f"endpoint {display(ep.key, 200)}: field interface: "
+                                     f"{display(ep.interface, 64)!r} is not a valid device name")
+            # The host behind a device: keyed by the device, so an endpoint whose
+            # addresses are not known yet (NetBird before its first sync) is covered too.
+            maps.append((f"{d.value}_if", f'"{ep.interface}"', f"jump {name}"))
+            if d is Direction.INGRESS:
+                mine[name] = ("fib daddr type != local return", *mine[name])  # routed, not for this host
+        else:
+            maps += [(f"{d.value}{ip.version}", str(ip), f"jump {name}") for ip in ep.ips]
+        chains.update(mine)
+    return _Built(ep, tuple(stems), chains, owners, tuple(maps))
 
 
 def _log(opts: Options, chain: str, what: str) -> str:
@@ -488,6 +543,8 @@ def render_diff(old: Model, new: Model) -> tuple[str, ApplyStats]:
         if name not in old.sets:
             cmds.append(f"add set {t} {name} {{ type {typ}; }}")
             gone, fresh = frozenset[str](), elems
+        elif old.sets[name][1] is elems:
+            continue  # the same object (an unchanged peer set): nothing to compare
         else:
             gone, fresh = old.sets[name][1] - elems, elems - old.sets[name][1]
         # Deletes first: an interval set refuses an overlapping add.
@@ -499,7 +556,8 @@ def render_diff(old: Model, new: Model) -> tuple[str, ApplyStats]:
     cmds += [f"add chain {t} {name} {{ {_chain_comment(new, name)}; }}"
              for name in sorted(set(new.chains) - set(old.chains))]
     for name, rules in sorted(new.chains.items()):
-        if old.chains.get(name) == rules:
+        was = old.chains.get(name)
+        if was is rules or was == rules:  # `is`: a reused endpoint's chains (build_model's memo)
             continue
         written += 1
         if name in old.chains:
@@ -532,6 +590,7 @@ class NftablesDataplane(Dataplane):
         self._reader = None  # a second libnftables context for reads (counters): see _run
         self._model: Model | None = None  # what the kernel holds after our last apply
         self._program: Program | None = None  # the program that model came from
+        self._memo = Memo()  # what each endpoint gave the last build (see build_model)
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
 
@@ -594,7 +653,7 @@ class NftablesDataplane(Dataplane):
         return render_full(build_model(program, self.options))
 
     def apply(self, program: Program) -> ApplyStats:
-        new = build_model(program, self.options, self._model)
+        new = build_model(program, self.options, self._model, self._memo)
         if self._model is not None:
             text, stats = render_diff(self._model, new)
             try:

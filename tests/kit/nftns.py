@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import count
@@ -52,3 +53,17 @@ def nft_list(netns: str, *args: str) -> str:
     """`nft list ...` inside `netns` (text, as people read it)."""
     return subprocess.run(["ip", "netns", "exec", netns, "nft", "list", *args],
                           capture_output=True, text=True, check=True).stdout
+
+
+def table_objects(netns: str, family: str, table: str) -> list[str]:
+    """The table as the kernel holds it, independent of creation order: every object as
+    JSON without its handle, sorted; rules keep their order inside their chain."""
+    out, pos = [], Counter[str]()
+    for obj in nft_json(netns, "table", family, table):
+        ((kind, body),) = obj.items()
+        body = {k: v for k, v in body.items() if k != "handle"}
+        if kind == "rule":
+            body["position"] = pos[body["chain"]]
+            pos[body["chain"]] += 1
+        out.append(json.dumps({kind: body}, sort_keys=True))
+    return sorted(out)

@@ -6,9 +6,7 @@ transaction. Checked against a real kernel in throwaway network namespaces."""
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
-from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -31,7 +29,7 @@ from agent.ir import (
 from tests.kit.builders import snapshot_of
 from tests.kit.generate import generate
 from tests.kit.netns import inside
-from tests.kit.nftns import nft_file, nft_json, throwaway_netns
+from tests.kit.nftns import nft_file, nft_json, table_objects, throwaway_netns
 
 
 @pytest.fixture
@@ -41,17 +39,7 @@ def two() -> Iterator[tuple[str, str]]:
 
 
 def _table(ns: str) -> list[str]:
-    """The table as the kernel holds it, independent of creation order: every object
-    without its handle, sorted; rules keep their order inside their chain."""
-    out, pos = [], Counter[str]()
-    for obj in nft_json(ns, "table", FAMILY, TABLE):
-        (kind, body), = obj.items()
-        body = {k: v for k, v in body.items() if k != "handle"}
-        if kind == "rule":
-            body["position"] = pos[body["chain"]]
-            pos[body["chain"]] += 1
-        out.append(json.dumps({kind: body}, sort_keys=True))
-    return sorted(out)
+    return table_objects(ns, FAMILY, TABLE)
 
 
 def _cluster() -> Program:
