@@ -247,7 +247,7 @@ def _ports_line(rule: Rule) -> list[str]:
     if not rule.ports:
         return [""]
     out = []
-    elems = []
+    elems: list[tuple[str, int | str]] = []
     # nft refuses overlapping intervals in one set ("File exists"): a rule may hold e.g.
     # UDP (all ports) and UDP/80, or 80-81 and 80. Merge them per protocol first.
     spans: dict[str, list[tuple[int, int]]] = {}
@@ -256,9 +256,14 @@ def _ports_line(rule: Rule) -> list[str]:
             spans.setdefault(p.protocol, []).append((0, 65535) if p.first is None else (p.first, p.last or p.first))
     for proto in sorted(spans):
         for first, last in merge_ranges(spans[proto]):
-            elems.append(f"{proto} . {first if first == last else f'{first}-{last}'}")
-    if elems:
-        out.append(f"meta l4proto . th dport {{ {', '.join(elems)} }} ")
+            elems.append((proto, first if first == last else f"{first}-{last}"))
+    if len(elems) == 1:
+        # One protocol and port (range): plain comparisons. An anonymous set per rule would
+        # cost every later libnftables command a fetch of it (element updates included).
+        proto, port = elems[0]
+        out.append(f"meta l4proto {proto} " if port == "0-65535" else f"meta l4proto {proto} th dport {port} ")
+    elif elems:
+        out.append(f"meta l4proto . th dport {{ {', '.join(f'{p} . {n}' for p, n in elems)} }} ")
     if any(p.protocol == "icmp" for p in rule.ports):
         out.append("meta l4proto { icmp, ipv6-icmp } ")
     return out
