@@ -658,6 +658,8 @@ class NftablesDataplane(Dataplane):
         return render_full(build_model(program, self.options))
 
     def apply(self, program: Program) -> ApplyStats:
+        if self._model is None:  # a cold load: its peak sits on whatever the compile left
+            heap.release(collect=True)
         new = build_model(program, self.options, self._model, self._memo)
         if self._model is not None:
             text, stats = render_diff(self._model, new)
@@ -695,7 +697,7 @@ class NftablesDataplane(Dataplane):
         Peak memory is one batch's parse instead of the whole ruleset's. If a step fails,
         the partial table (sets only) is removed; the next sync starts afresh."""
         lines = 0
-        heap.release(collect=True)  # the compile's garbage, before the load's peak
+        heap.release()
         try:
             for text in render_staged(m):
                 lines += text.count("\n")
