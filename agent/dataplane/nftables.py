@@ -174,7 +174,8 @@ def _stem(key: str, taken: set[str]) -> str:
     return name
 
 
-def _share(program: Program, prev: Model | None) -> dict[str, tuple[Content, frozenset[str]]]:
+def _share(program: Program, prev: Model | None,
+           avoid: frozenset[str] = frozenset()) -> dict[str, tuple[Content, frozenset[str]]]:
     """Stem -> (content, rule keys) of every peer set `program` needs: one set per distinct
     content, whatever key (policy rule) asks for it. With `prev` (what the kernel holds),
     names stay put so a change costs what it touches:
@@ -185,7 +186,8 @@ def _share(program: Program, prev: Model | None) -> dict[str, tuple[Content, fro
        no rule line;
     3. other content gets a new set named after its smallest key; the keys that moved to
        another set get their rule lines rewritten, in the same transaction.
-    Without `prev` (a fresh load) step 3 names every set, so names depend on content only."""
+    Without `prev` (a fresh load) step 3 names every set, so names depend on content only
+    (and on `avoid`: stems a new set must not take, those of a table being replaced)."""
     groups: dict[Content, set[str]] = {}
     by_object: dict[int, set[str]] = {}  # id(PeerSet) -> its group: equal contents compare once
     for ep in program.endpoints.values():
@@ -225,7 +227,7 @@ def _share(program: Program, prev: Model | None) -> dict[str, tuple[Content, fro
             else:
                 rest.append((c, keys))
         pending = rest
-    taken = set(out)
+    taken = set(out) | avoid
     for c, keys in sorted(pending, key=lambda g: min(g[1])):
         s = _stem(min(keys), taken)
         taken.add(s)
@@ -327,13 +329,13 @@ class Memo:
 
 
 def build_model(program: Program, opts: Options = Options(), prev: Model | None = None,
-                memo: Memo | None = None) -> Model:
+                memo: Memo | None = None, avoid: frozenset[str] = frozenset()) -> Model:
     """The table for `program`. `prev`, the model the kernel holds, keeps shared peer sets'
     names stable across changes (see _share); without it names follow content alone. With
     `memo` (kept across calls by the caller), endpoints unchanged since the last call reuse
-    what they gave then; the result is the same."""
+    what they gave then; the result is the same. New peer sets take no stem in `avoid`."""
     m = Model()
-    m.shared = _share(program, prev)
+    m.shared = _share(program, prev, avoid)
     for stem, (content, _) in m.shared.items():
         m.by_content[content] = stem
         for fam, texts in zip((4, 6), content, strict=True):
@@ -470,15 +472,15 @@ def _elements(elems: Iterable[str]) -> list[str]:
     return [", ".join(items[i : i + CHUNK]) for i in range(0, len(items), CHUNK)]
 
 
-def _set_decls(m: Model) -> list[str]:
-    return [f"\tset {name} {{ type {typ}; }}\n" for name, (typ, _) in sorted(m.sets.items())]
+def _set_decls(m: Model, names: Iterable[str] | None = None) -> list[str]:
+    return [f"\tset {name} {{ type {m.sets[name][0]}; }}\n" for name in (sorted(m.sets) if names is None else names)]
 
 
-def _set_elements(m: Model) -> Iterator[tuple[int, str]]:
-    """(element count, command) per chunk of every set's elements, in set order. Elements go
-    in separate commands so huge sets stay within sane line sizes."""
-    for name, (_, elems) in sorted(m.sets.items()):
-        items = sorted(elems)
+def _set_elements(m: Model, names: Iterable[str] | None = None) -> Iterator[tuple[int, str]]:
+    """(element count, command) per chunk of the elements of every set (or of `names`), in
+    set order. Elements go in separate commands so huge sets stay within sane line sizes."""
+    for name in sorted(m.sets) if names is None else names:
+        items = sorted(m.sets[name][1])
         for i in range(0, len(items), CHUNK):
             chunk = items[i : i + CHUNK]
             yield len(chunk), f"add element {FAMILY} {TABLE} {name} {{ {', '.join(chunk)} }}\n"
@@ -523,16 +525,7 @@ def render_staged(m: Model, elements: int = STAGE, lines: int = STAGE_LINES) -> 
     chain hooks it, and chains and sets nothing reaches judge nothing. Each transaction is a
     bounded text, so a load's peak is one batch's parse, not the whole ruleset's."""
     yield f"table {FAMILY} {TABLE} {{\n" + "".join(_set_decls(m)) + "}\n"
-    part: list[str] = []
-    n = 0
-    for count, cmd in _set_elements(m):
-        if part and n + count > elements:
-            yield "".join(part)
-            part, n = [], 0
-        part.append(cmd)
-        n += count
-    if part:
-        yield "".join(part)
+    yield from _element_batches(m, sorted(m.sets), elements)
     batch: list[str] = []
     n = 0
     for name in sorted(m.chains):
@@ -545,6 +538,50 @@ def render_staged(m: Model, elements: int = STAGE, lines: int = STAGE_LINES) -> 
     if batch:
         yield f"table {FAMILY} {TABLE} {{\n" + "".join(_chain_blocks(m, batch)) + "}\n"
     yield _dispatch(m, sets=False, chains=False) + _map_elements(m)
+
+
+def _element_batches(m: Model, names: list[str], elements: int) -> Iterator[str]:
+    part: list[str] = []
+    n = 0
+    for count, cmd in _set_elements(m, names):
+        if part and n + count > elements:
+            yield "".join(part)
+            part, n = [], 0
+        part.append(cmd)
+        n += count
+    if part:
+        yield "".join(part)
+
+
+BASE_CHAINS = ("forward", "input", "prerouting", "output")
+
+
+def render_replace(m: Model, held_sets: frozenset[str], held_chains: frozenset[str],
+                   elements: int = STAGE) -> Iterator[str]:
+    """A restart over the table a previous agent left (its set and chain names: `held_*`),
+    `m` built with peer-set names that avoid the held ones (build_model's `avoid`). First the
+    new peer sets, declared and filled about `elements` at a time beside the old ones: no
+    rule refers to them, so they judge nothing. Then ONE transaction flushes every held
+    chain, refills the maps and the sets both tables name (guard, known), writes every
+    chain of `m` (base chains included) and deletes the chains and sets `m` has not:
+    packets see the old rules or the new ones, and the bulk of the text (set elements)
+    never sits in one parse."""
+    t = f"{FAMILY} {TABLE}"
+    fresh = [n for n in sorted(m.sets) if n not in held_sets]
+    kept = sorted(set(m.sets) & held_sets)
+    if fresh:
+        yield f"table {FAMILY} {TABLE} {{\n" + "".join(_set_decls(m, fresh)) + "}\n"
+        yield from _element_batches(m, fresh, elements)
+    cmds = [c for n in kept for c in (f"add set {t} {n} {{ type {m.sets[n][0]}; }}", f"flush set {t} {n}")]
+    cmds += [c for n, typ in MAPS.items()
+             for c in (f"add map {t} {n} {{ type {typ} : verdict; }}", f"flush map {t} {n}")]
+    cmds += [f"flush chain {t} {c}" for c in sorted(held_chains)]
+    cmds += [f"add chain {t} {c}" for c in sorted(set(m.chains) - held_chains)]  # a goto target exists first
+    text = "".join(c + "\n" for c in cmds) + _dispatch(m, sets=False, chains=True)
+    text += "".join(c for _, c in _set_elements(m, kept)) + _map_elements(m)
+    text += "".join(f"delete chain {t} {c}\n" for c in sorted(held_chains - set(m.chains) - set(BASE_CHAINS)))
+    text += "".join(f"delete set {t} {n}\n" for n in sorted(held_sets - set(m.sets)))
+    yield text
 
 
 def render_diff(old: Model, new: Model) -> tuple[str, ApplyStats]:
@@ -666,10 +703,8 @@ class NftablesDataplane(Dataplane):
         return render_full(build_model(program, self.options))
 
     def apply(self, program: Program) -> ApplyStats:
-        if self._model is None:  # a cold load: its peak sits on whatever the compile left
-            heap.release(collect=True)
-        new = build_model(program, self.options, self._model, self._memo)
         if self._model is not None:
+            new = build_model(program, self.options, self._model, self._memo)
             text, stats = render_diff(self._model, new)
             try:
                 if text:
@@ -680,17 +715,46 @@ class NftablesDataplane(Dataplane):
                 if self._has_table():
                     raise
                 log.warning("the stockade table vanished; rebuilding it")
-        if self._has_table():
-            # First sync over a table a previous agent left: replace it in one transaction,
-            # so packets see the old rules or the new ones and never an empty table.
-            text = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render_full(new)
-            lines = text.count("\n")
-            self._load(text)
-            del text
-        else:
+        else:  # a cold load: its peak sits on whatever the compile left
+            heap.release(collect=True)
+        held_sets, held_chains = self._held()
+        if not held_sets and not held_chains:
+            new = build_model(program, self.options, None, self._memo)
             lines = self._load_fresh(new)
+        else:
+            # A table a previous agent left (a restart): new peer sets take names it does not use.
+            avoid = frozenset(n.rsplit("_", 1)[0] for n in held_sets if n.startswith("p_"))
+            new = build_model(program, self.options, None, self._memo, avoid)
+            lines = self._replace(new, held_sets, held_chains)
         self._model, self._program = new, program
         return ApplyStats(True, lines, sum(len(s[1]) for s in new.sets.values()))
+
+    def _held(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Names of the sets and chains our table holds in the kernel (none: no table)."""
+        out = []
+        for what in ("sets", "chains"):
+            objs = json.loads(self._run(f"list {what} {FAMILY}", json_out=True))["nftables"]
+            kind = what[:-1]
+            out.append(frozenset(o[kind]["name"] for o in objs if kind in o and o[kind].get("table") == TABLE))
+        return out[0], out[1]
+
+    def _replace(self, m: Model, held_sets: frozenset[str], held_chains: frozenset[str]) -> int:
+        """The table a previous agent left replaced by `m` (render_replace: new sets staged
+        beside the old ones, then one transaction). Should that fail (say a table of another
+        layout), the whole table is replaced in one transaction as a last resort."""
+        lines = 0
+        heap.release()
+        try:
+            for text in render_replace(m, held_sets, held_chains):
+                lines += text.count("\n")
+                self._load(text)
+                heap.release()
+            return lines
+        except DataplaneError as e:
+            log.warning("replacing the stockade table in place failed (%s); replacing it whole", e)
+        text = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render_full(m)
+        self._load(text)
+        return text.count("\n")
 
     def _load(self, text: str) -> None:
         if len(text) > BIG_LOAD:

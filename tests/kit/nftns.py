@@ -4,8 +4,10 @@ nftables renderer use it; the host's firewall is never touched."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections import Counter
@@ -55,15 +57,27 @@ def nft_list(netns: str, *args: str) -> str:
                           capture_output=True, text=True, check=True).stdout
 
 
-def table_objects(netns: str, family: str, table: str) -> list[str]:
+def table_objects(netns: str, family: str, table: str, by_content: bool = False) -> list[str]:
     """The table as the kernel holds it, independent of creation order: every object as
-    JSON without its handle, sorted; rules keep their order inside their chain."""
+    JSON without its handle, sorted; rules keep their order inside their chain. With
+    `by_content`, peer sets (`p_...`) are named by their type and elements, so tables whose
+    set names differ but whose sets and rules are alike compare equal."""
+    objs = nft_json(netns, "table", family, table)
+    rename: dict[str, str] = {}
+    if by_content:
+        for obj in objs:
+            body = obj.get("set")
+            if body and body["name"].startswith("p_"):
+                what = json.dumps([body.get("type"), body.get("flags"), body.get("elem")], sort_keys=True)
+                rename[body["name"]] = "S" + hashlib.blake2s(what.encode(), digest_size=8).hexdigest()
+    names = re.compile(r"\bp_[0-9a-f]+_[46]n?\b")
     out, pos = [], Counter[str]()
-    for obj in nft_json(netns, "table", family, table):
+    for obj in objs:
         ((kind, body),) = obj.items()
         body = {k: v for k, v in body.items() if k != "handle"}
         if kind == "rule":
             body["position"] = pos[body["chain"]]
             pos[body["chain"]] += 1
-        out.append(json.dumps({kind: body}, sort_keys=True))
+        text = json.dumps({kind: body}, sort_keys=True)
+        out.append(names.sub(lambda x: rename.get(x[0], x[0]), text) if rename else text)
     return sorted(out)

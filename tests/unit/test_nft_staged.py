@@ -38,8 +38,8 @@ def two() -> Iterator[tuple[str, str]]:
         yield a, b
 
 
-def _table(ns: str) -> list[str]:
-    return table_objects(ns, FAMILY, TABLE)
+def _table(ns: str, by_content: bool = False) -> list[str]:
+    return table_objects(ns, FAMILY, TABLE, by_content)
 
 
 def _cluster() -> Program:
@@ -82,8 +82,12 @@ def test_a_tail_chain_goes_in_its_head_chains_batch() -> None:
         assert tails <= heads
 
 
-def test_dataplane_loads_staged_when_no_table_and_in_one_transaction_over_one(two: tuple[str, str],
-                                                                             monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def _cluster2() -> Program:
+    cl = generate(600, 40, seed=4)
+    return snapshot_of(cl.objects(), cl.node).program
+
+
+def test_dataplane_loads_staged_when_no_table(two: tuple[str, str], monkeypatch) -> None:  # type: ignore[no-untyped-def]
     prog = _cluster()
     ns, ref = two
     nft_file(ref, render_full(build_model(prog)))
@@ -91,14 +95,64 @@ def test_dataplane_loads_staged_when_no_table_and_in_one_transaction_over_one(tw
     real = nftables.render_staged
     monkeypatch.setattr(nftables, "render_staged", lambda m: (staged.append(1), *real(m))[1:])
     with inside(ns):
-        stats = NftablesDataplane().apply(prog)
-        assert stats.full and staged == [1]
+        dp = NftablesDataplane()
+        assert dp.apply(prog).full and staged == [1]
         assert _table(ns) == _table(ref)
-        # A restarted agent finds the table: one replacing transaction, no staged load.
-        again = NftablesDataplane()
-        assert again.apply(prog).full and staged == [1]
-        assert _table(ns) == _table(ref)
-        again.cleanup()
+        dp.cleanup()
+
+
+@pytest.mark.parametrize(("before", "after"), [(_cluster, _cluster), (_cluster, _cluster2), (_cluster, _tiered),
+                                               (_tiered, _cluster)])
+def test_a_restart_replaces_the_table_in_place(two: tuple[str, str], before, after, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A restarted agent (a new dataplane object) over the table the last one left: new peer
+    sets are staged beside the old ones, one transaction switches; the kernel then holds
+    what a fresh load holds (peer-set names aside), and later diffs apply on top."""
+    ns, ref = two
+    new = after()
+    with inside(ns):
+        NftablesDataplane().apply(before())
+        dp = NftablesDataplane()
+        assert dp.apply(new).full
+        assert "replacing it whole" not in caplog.text
+        nft_file(ref, render_full(build_model(new)))
+        assert _table(ns, by_content=True) == _table(ref, by_content=True)
+        assert not dp.apply(before()).full  # a diff from the adopted names
+        nft_file(ref, f"delete table {FAMILY} {TABLE}\n" + render_full(build_model(before())))
+        assert _table(ns, by_content=True) == _table(ref, by_content=True)
+        dp.cleanup()
+
+
+def test_only_the_last_replacing_transaction_touches_a_chain() -> None:
+    old = build_model(_cluster())
+    held_sets = frozenset(old.sets)
+    held_chains = frozenset([*old.chains, *nftables.BASE_CHAINS])
+    avoid = frozenset(n.rsplit("_", 1)[0] for n in held_sets if n.startswith("p_"))
+    new = build_model(_cluster2(), avoid=avoid)
+    texts = list(nftables.render_replace(new, held_sets, held_chains, elements=50))
+    assert len(texts) > 3 and not {n for n in new.sets if n.startswith("p_")} & held_sets
+    for text in texts[:-1]:
+        assert "chain" not in text and "flush" not in text and "delete" not in text
+
+
+def test_a_failed_in_place_replace_falls_back_to_one_whole_transaction(two: tuple[str, str], monkeypatch,
+                                                                       caplog) -> None:  # type: ignore[no-untyped-def]
+    ns, ref = two
+    real = nftables.render_replace
+
+    def broken(m, *a):  # type: ignore[no-untyped-def]
+        texts = list(real(m, *a))
+        yield from texts[:1]
+        yield "add rule inet stockade nosuchchain accept\n"
+
+    monkeypatch.setattr(nftables, "render_replace", broken)
+    with inside(ns):
+        NftablesDataplane().apply(_tiered())
+        dp = NftablesDataplane()
+        assert dp.apply(_cluster()).full
+        assert "replacing it whole" in caplog.text
+        nft_file(ref, render_full(build_model(_cluster())))
+        assert _table(ns, by_content=True) == _table(ref, by_content=True)
+        dp.cleanup()
 
 
 def test_a_failed_staged_load_leaves_no_table(two: tuple[str, str], monkeypatch) -> None:  # type: ignore[no-untyped-def]
