@@ -36,7 +36,9 @@ time (the incremental compiler hands unchanged ones back as such) with the same 
 and render_diff skips by identity what did not change. Loads: a first load into a kernel
 without our table goes in bounded transactions (render_staged: sets, elements, endpoint
 chains, then the maps and base chains that make the table judge), so its peak memory is
-one batch's parse; over an existing table (a restart) it stays one transaction.
+one batch's parse. A restart over the table a previous agent left (render_replace) stages
+its new peer sets, named apart from the held ones, beside the old ones, then switches in
+one transaction that rewrites every chain and deletes what is gone.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A first load into a kernel without our table goes in bounded transactions (sets, their
 elements, endpoint chains, then the maps and base chains that make the table judge), so
-its peak memory is one batch's parse; over an existing table (a restart) it stays one
-transaction. Checked against a real kernel in throwaway network namespaces."""
+its peak memory is one batch's parse; over an existing table (a restart) new peer sets are
+staged beside the old ones and one transaction switches. Checked against a real kernel in
+throwaway network namespaces."""
 
 from __future__ import annotations
 
