@@ -735,7 +735,8 @@ class NftablesDataplane(Dataplane):
         """Names of the sets and chains our table holds in the kernel (none: no table)."""
         out = []
         for what in ("sets", "chains"):
-            objs = json.loads(self._run(f"list {what} {FAMILY}", json_out=True))["nftables"]
+            text = self._run(f"list {what} {FAMILY}", json_out=True)
+            objs = json.loads(text)["nftables"] if text.strip() else []
             kind = what[:-1]
             out.append(frozenset(o[kind]["name"] for o in objs if kind in o and o[kind].get("table") == TABLE))
         return out[0], out[1]
