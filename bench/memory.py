@@ -7,7 +7,9 @@ the memory cgroup since Linux 5.11).
     python -m bench.memory --sizes 1k,10k [--dataplanes nftables,ebpf]
 
 Per size and dataplane: `agent_peak_mb` (cold apply, process start -> kernel programmed;
-eBPF with its pinned build already compiled, so bcc is not in it) and, for eBPF,
+eBPF with its pinned build already compiled, so bcc is not in it), `restart_peak_mb` (the
+same apply again over the kernel state the cold one left: nftables replaces its table in
+one transaction, eBPF adopts its pinned maps) and, for eBPF,
 `loader_peak_mb` (bcc's one-time compile child, run alone in a cgroup of its own, with the
 map sizes the agent chose). Each run gets a fresh network namespace and cgroup, both
 removed afterwards. Reports figures; never passes or fails.
@@ -225,6 +227,12 @@ def measure(size: str, dataplane: str, seed: int, log: Any) -> dict[str, Any]:
                 out["agent_peak_mb"] = _mb(cg.peak())
                 applied = re.search(r"applied (\d+) endpoints", err)
                 out["local_endpoints"] = int(applied[1]) if applied else None
+            if rc == 0:
+                # 4. a restart: the same apply again, the kernel state of step 3 in place
+                # (nftables replaces its table in one transaction; eBPF adopts its maps)
+                with Cgroup("restart") as cg:
+                    rc, err = _apply(cg, ns, manifests, node, dataplane, pin_root)
+                    out["restart_peak_mb"] = _mb(cg.peak())
         finally:
             _netns(ns, False)
         if rc != 0:
@@ -240,7 +248,8 @@ def measure(size: str, dataplane: str, seed: int, log: Any) -> dict[str, Any]:
 def line(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"error: {r['error'][-300:]}"
-    parts = [f"cgroup peak {r.get('agent_peak_mb')} MB (cold apply {r.get('cold_s')} s, {r.get('cgroup')})"]
+    parts = [f"cgroup peak {r.get('agent_peak_mb')} MB (cold apply {r.get('cold_s')} s, {r.get('cgroup')}); "
+             f"restart {r.get('restart_peak_mb')} MB"]
     if "loader_peak_mb" in r:
         parts.append(f"bcc loader child apart {r['loader_peak_mb']} MB; first start with compile "
                      f"{r.get('first_start_peak_mb')} MB")
@@ -259,15 +268,18 @@ def table(result: dict[str, Any]) -> str:
     for key, r in result.get("memory", {}).items():
         rss = result.get("control", {}).get(key, {}).get("peak_rss_mb")
         if "error" in r:
-            rows.append([key, "ERROR: " + r["error"].splitlines()[-1][:80], "", "", "", "", ""])
+            rows.append([key, "ERROR: " + r["error"].splitlines()[-1][:80], "", "", "", "", "", ""])
             continue
         target = TARGET_MB.get(r["size"])
         peak = r["agent_peak_mb"]
-        rows.append([key, str(r.get("local_endpoints", "-")), f"{peak:.0f} MB", "-" if rss is None else f"{rss:.0f} MB",
+        restart = r.get("restart_peak_mb")
+        rows.append([key, str(r.get("local_endpoints", "-")), f"{peak:.0f} MB",
+                     "-" if restart is None else f"{restart:.0f} MB", "-" if rss is None else f"{rss:.0f} MB",
                      f"{r['loader_peak_mb']:.0f} MB" if "loader_peak_mb" in r else "-",
                      f"{r['first_start_peak_mb']:.0f} MB" if "first_start_peak_mb" in r else "-",
                      "-" if target is None else f"<= {target} MB: {'met' if peak <= target else 'NOT MET'}"])
-    head = ["dataplane/size", "eps", "cgroup peak (agent+children)", "worker peak RSS", "bcc loader apart",
+    head = ["dataplane/size", "eps", "cgroup peak (agent+children)", "restart (state in place)", "worker peak RSS",
+            "bcc loader apart",
             "first start (compile)", "target"]
     return ("Memory (a cold `stockade apply` in a fresh memory cgroup; eBPF with its build already compiled)\n"
             + _table(head, rows))

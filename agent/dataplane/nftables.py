@@ -29,10 +29,21 @@ Layout (see README "The nft table"):
 
 Per-packet cost is one hash lookup per direction plus the rules selecting that endpoint;
 it does not grow with the number of pods or peers.
+
+Cost of a change: the dataplane keeps a `Memo` across syncs, so build_model reuses the
+chains and map entries of every endpoint that is the same EndpointProgram object as last
+time (the incremental compiler hands unchanged ones back as such) with the same set stems,
+and render_diff skips by identity what did not change. Loads: a first load into a kernel
+without our table goes in bounded transactions (render_staged: sets, elements, endpoint
+chains, then the maps and base chains that make the table judge), so its peak memory is
+one batch's parse. A restart over the table a previous agent left (render_replace) stages
+its new peer sets, named apart from the held ones, beside the old ones, then switches in
+one transaction that rewrites every chain and deletes what is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,10 +51,10 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from agent.dataplane import child, conntrack
+from agent.dataplane import child, conntrack, heap
 from agent.dataplane.base import (
     ApplyStats,
     Count,
@@ -81,6 +92,9 @@ PREROUTING_PRIORITY = -150  # after conntrack (-200), before NAT and filter
 DEFAULT_LOG_GROUP = 7354
 COMMENT_MAX = 128  # bytes: nft refuses a longer comment (NFTNL_UDATA_COMMENT_MAXLEN)
 CHUNK = 5000  # elements per command line; keeps single commands a sane size
+# A staged first load (render_staged): set elements, and chains' rule lines, per transaction.
+STAGE = 5000
+STAGE_LINES = 500
 BIG_LOAD = 1 << 20  # bytes of nft text above which a full load goes to an `nft -f` child
 # A set's declaration: single addresses in hash sets, prefixes in interval sets.
 HOSTS = {4: "ipv4_addr", 6: "ipv6_addr"}
@@ -162,7 +176,8 @@ def _stem(key: str, taken: set[str]) -> str:
     return name
 
 
-def _share(program: Program, prev: Model | None) -> dict[str, tuple[Content, frozenset[str]]]:
+def _share(program: Program, prev: Model | None,
+           avoid: frozenset[str] = frozenset()) -> dict[str, tuple[Content, frozenset[str]]]:
     """Stem -> (content, rule keys) of every peer set `program` needs: one set per distinct
     content, whatever key (policy rule) asks for it. With `prev` (what the kernel holds),
     names stay put so a change costs what it touches:
@@ -173,7 +188,8 @@ def _share(program: Program, prev: Model | None) -> dict[str, tuple[Content, fro
        no rule line;
     3. other content gets a new set named after its smallest key; the keys that moved to
        another set get their rule lines rewritten, in the same transaction.
-    Without `prev` (a fresh load) step 3 names every set, so names depend on content only."""
+    Without `prev` (a fresh load) step 3 names every set, so names depend on content only
+    (and on `avoid`: stems a new set must not take, those of a table being replaced)."""
     groups: dict[Content, set[str]] = {}
     by_object: dict[int, set[str]] = {}  # id(PeerSet) -> its group: equal contents compare once
     for ep in program.endpoints.values():
@@ -213,7 +229,7 @@ def _share(program: Program, prev: Model | None) -> dict[str, tuple[Content, fro
             else:
                 rest.append((c, keys))
         pending = rest
-    taken = set(out)
+    taken = set(out) | avoid
     for c, keys in sorted(pending, key=lambda g: min(g[1])):
         s = _stem(min(keys), taken)
         taken.add(s)
@@ -221,12 +237,17 @@ def _share(program: Program, prev: Model | None) -> dict[str, tuple[Content, fro
     return out
 
 
-def _peer_matches(m: Model, rule: Rule, peers: PeerSet, peer_key: str) -> list[str]:
-    """The peer clauses of `rule`, one line each: per family its hash set of addresses
-    (always there, maybe empty) and its interval set of prefixes (only when it has some)."""
+def _stem_of(m: Model, peers: PeerSet) -> str:
     stem = m.by_object.get(id(peers))
     if stem is None:  # comparing equal contents costs their size: once per PeerSet object
         stem = m.by_object[id(peers)] = m.by_content[_content(peers)]
+    return stem
+
+
+def _peer_matches(m: Model, rule: Rule, peers: PeerSet, peer_key: str) -> list[str]:
+    """The peer clauses of `rule`, one line each: per family its hash set of addresses
+    (always there, maybe empty) and its interval set of prefixes (only when it has some)."""
+    stem = _stem_of(m, peers)
     out = []
     for fam, proto in ((4, "ip"), (6, "ip6")):
         out += [f"{proto} {peer_key} @{s} " for s in (f"{stem}_{fam}", f"{stem}_{fam}n") if s in m.sets]
@@ -238,7 +259,7 @@ def _ports_line(rule: Rule) -> list[str]:
     if not rule.ports:
         return [""]
     out = []
-    elems = []
+    elems: list[tuple[str, int | str]] = []
     # nft refuses overlapping intervals in one set ("File exists"): a rule may hold e.g.
     # UDP (all ports) and UDP/80, or 80-81 and 80. Merge them per protocol first.
     spans: dict[str, list[tuple[int, int]]] = {}
@@ -247,9 +268,14 @@ def _ports_line(rule: Rule) -> list[str]:
             spans.setdefault(p.protocol, []).append((0, 65535) if p.first is None else (p.first, p.last or p.first))
     for proto in sorted(spans):
         for first, last in merge_ranges(spans[proto]):
-            elems.append(f"{proto} . {first if first == last else f'{first}-{last}'}")
-    if elems:
-        out.append(f"meta l4proto . th dport {{ {', '.join(elems)} }} ")
+            elems.append((proto, first if first == last else f"{first}-{last}"))
+    if len(elems) == 1:
+        # One protocol and port (range): plain comparisons. An anonymous set per rule would
+        # cost every later libnftables command a fetch of it (element updates included).
+        proto, port = elems[0]
+        out.append(f"meta l4proto {proto} " if port == "0-65535" else f"meta l4proto {proto} th dport {port} ")
+    elif elems:
+        out.append(f"meta l4proto . th dport {{ {', '.join(f'{p} . {n}' for p, n in elems)} }} ")
     if any(p.protocol == "icmp" for p in rule.ports):
         out.append("meta l4proto { icmp, ipv6-icmp } ")
     return out
@@ -280,11 +306,38 @@ class Options:
     log_rate: str = "10/second burst 20 packets"  # per rule, in the kernel
 
 
-def build_model(program: Program, opts: Options = Options(), prev: Model | None = None) -> Model:
+@dataclass(frozen=True)
+class _Built:
+    """What one endpoint gave the model, and what it depends on besides the endpoint."""
+
+    ep: EndpointProgram
+    stems: tuple[tuple[PeerSet, str], ...]  # each rule's peers and the set stem they had
+    chains: dict[str, tuple[str, ...]]
+    owners: dict[str, tuple[str, Direction]]
+    maps: tuple[tuple[str, str, str], ...]  # (map, key, verdict)
+
+
+@dataclass
+class Memo:
+    """An incremental build's memory (see build_model): per endpoint key, what the endpoint
+    last gave. The incremental compiler hands back an unchanged endpoint as the same
+    EndpointProgram object, so an endpoint that is the same object, and whose rules' peers
+    kept their set stems, gives the same chains and map entries: they are reused as they
+    are, not rendered again. Pure memoisation: a stale entry is never used, so any history
+    builds what a build without memo builds."""
+
+    opts: Options | None = None
+    endpoints: dict[str, _Built] = field(default_factory=dict)
+
+
+def build_model(program: Program, opts: Options = Options(), prev: Model | None = None,
+                memo: Memo | None = None, avoid: frozenset[str] = frozenset()) -> Model:
     """The table for `program`. `prev`, the model the kernel holds, keeps shared peer sets'
-    names stable across changes (see _share); without it names follow content alone."""
+    names stable across changes (see _share); without it names follow content alone. With
+    `memo` (kept across calls by the caller), endpoints unchanged since the last call reuse
+    what they gave then; the result is the same. New peer sets take no stem in `avoid`."""
     m = Model()
-    m.shared = _share(program, prev)
+    m.shared = _share(program, prev, avoid)
     for stem, (content, _) in m.shared.items():
         m.by_content[content] = stem
         for fam, texts in zip((4, 6), content, strict=True):
@@ -299,32 +352,55 @@ def build_model(program: Program, opts: Options = Options(), prev: Model | None 
     for fam in (4, 6):
         m.sets[f"guard{fam}"] = (NETS[fam], guard.texts(fam))
         m.sets[f"known{fam}"] = (HOSTS[fam], frozenset(str(ip) for ip in known if ip.version == fam))
-    for ep in program.endpoints.values():
-        for d in (Direction.INGRESS, Direction.EGRESS):
-            dp = ep.direction(d)
-            if not dp.enforced:
-                continue
-            name = chain_name(ep.key, d)
-            chains = _chain_rules(m, dp, d, name, opts)
-            for c in chains:
-                m.owners[c] = (ep.key, d)
-            if ep.interface is not None:
-                if not valid_ifname(ep.interface):
-                    # nft cannot name such a device in a quoted string; refuse loudly rather
-                    # than render it (or leave the endpoint's traffic unjudged).
-                    raise DataplaneError(f"endpoint {display(ep.key, 200)}: field interface: "
-                                         f"{display(ep.interface, 64)!r} is not a valid device name")
-                # The host behind a device: keyed by the device, so an endpoint whose
-                # addresses are not known yet (NetBird before its first sync) is covered too.
-                m.maps[f"{d.value}_if"][f'"{ep.interface}"'] = f"jump {name}"
-                if d is Direction.INGRESS:
-                    chains[name] = ("fib daddr type != local return", *chains[name])  # routed, not for this host
-            else:
-                for ip in ep.ips:
-                    m.maps[f"{d.value}{ip.version}"][str(ip)] = f"jump {name}"
-            m.chains.update(chains)
+    if memo is not None and memo.opts != opts:
+        memo.opts, memo.endpoints = opts, {}
+    built = memo.endpoints if memo is not None else {}
+    for key, ep in program.endpoints.items():
+        b = built.get(key)
+        if b is None or b.ep is not ep or any(_stem_of(m, p) != s for p, s in b.stems):
+            b = _endpoint(m, ep, opts)
+            if memo is not None:
+                built[key] = b
+        m.chains.update(b.chains)
+        m.owners.update(b.owners)
+        for mname, k, v in b.maps:
+            m.maps[mname][k] = v
+    if memo is not None and len(built) > len(program.endpoints):
+        for key in [k for k in built if k not in program.endpoints]:
+            del built[key]
     m.by_object = {}  # ids are only valid while `program` lives
     return m
+
+
+def _endpoint(m: Model, ep: EndpointProgram, opts: Options) -> _Built:
+    """The chains and map entries of one endpoint (both directions) in model `m`."""
+    chains: dict[str, tuple[str, ...]] = {}
+    owners: dict[str, tuple[str, Direction]] = {}
+    maps: list[tuple[str, str, str]] = []
+    stems: list[tuple[PeerSet, str]] = []
+    for d in (Direction.INGRESS, Direction.EGRESS):
+        dp = ep.direction(d)
+        if not dp.enforced:
+            continue
+        name = chain_name(ep.key, d)
+        mine = _chain_rules(m, dp, d, name, opts)
+        owners.update((c, (ep.key, d)) for c in mine)
+        stems += [(r.peers, _stem_of(m, r.peers)) for r in dp.rules if r.peers is not None]
+        if ep.interface is not None:
+            if not valid_ifname(ep.interface):
+                # nft cannot name such a device in a quoted string; refuse loudly rather
+                # than render it (or leave the endpoint's traffic unjudged).
+                raise DataplaneError(f"endpoint {display(ep.key, 200)}: field interface: "
+                                     f"{display(ep.interface, 64)!r} is not a valid device name")
+            # The host behind a device: keyed by the device, so an endpoint whose
+            # addresses are not known yet (NetBird before its first sync) is covered too.
+            maps.append((f"{d.value}_if", f'"{ep.interface}"', f"jump {name}"))
+            if d is Direction.INGRESS:
+                mine[name] = ("fib daddr type != local return", *mine[name])  # routed, not for this host
+        else:
+            maps += [(f"{d.value}{ip.version}", str(ip), f"jump {name}") for ip in ep.ips]
+        chains.update(mine)
+    return _Built(ep, tuple(stems), chains, owners, tuple(maps))
 
 
 def _log(opts: Options, chain: str, what: str) -> str:
@@ -398,26 +474,116 @@ def _elements(elems: Iterable[str]) -> list[str]:
     return [", ".join(items[i : i + CHUNK]) for i in range(0, len(items), CHUNK)]
 
 
-def render_full(m: Model) -> str:
-    out = [f"table {FAMILY} {TABLE} {{"]
-    for name, typ in MAPS.items():
-        out.append(f"\tmap {name} {{ type {typ} : verdict; }}")
-    for name, (typ, _) in sorted(m.sets.items()):
-        out.append(f"\tset {name} {{ type {typ}; }}")
-    for name, rules in sorted(m.chains.items()):
+def _set_decls(m: Model, names: Iterable[str] | None = None) -> list[str]:
+    return [f"\tset {name} {{ type {m.sets[name][0]}; }}\n" for name in (sorted(m.sets) if names is None else names)]
+
+
+def _set_elements(m: Model, names: Iterable[str] | None = None) -> Iterator[tuple[int, str]]:
+    """(element count, command) per chunk of the elements of every set (or of `names`), in
+    set order. Elements go in separate commands so huge sets stay within sane line sizes."""
+    for name in sorted(m.sets) if names is None else names:
+        items = sorted(m.sets[name][1])
+        for i in range(0, len(items), CHUNK):
+            chunk = items[i : i + CHUNK]
+            yield len(chunk), f"add element {FAMILY} {TABLE} {name} {{ {', '.join(chunk)} }}\n"
+
+
+def _chain_blocks(m: Model, names: Iterable[str]) -> Iterator[str]:
+    for name in names:
         comment = f"\t\t{_chain_comment(m, name)}\n"
-        body = "".join(f"\t\t{r}\n" for r in rules)
-        out.append(f"\tchain {name} {{\n{comment}{body}\t}}")
-    out.append(_base_chains() + "}")
-    text = "\n".join(out) + "\n"
-    # Elements go in separate commands so huge sets stay within sane line sizes.
-    for name, (_, elems) in sorted(m.sets.items()):
-        for chunk in _elements(elems):
-            text += f"add element {FAMILY} {TABLE} {name} {{ {chunk} }}\n"
-    for name, entries in m.maps.items():
-        for chunk in _elements(f"{k} : {v}" for k, v in entries.items()):
-            text += f"add element {FAMILY} {TABLE} {name} {{ {chunk} }}\n"
-    return text
+        body = "".join(f"\t\t{r}\n" for r in m.chains[name])
+        yield f"\tchain {name} {{\n{comment}{body}\t}}\n"
+
+
+def _map_elements(m: Model) -> str:
+    return "".join(f"add element {FAMILY} {TABLE} {name} {{ {chunk} }}\n"
+                   for name, entries in m.maps.items()
+                   for chunk in _elements(f"{k} : {v}" for k, v in entries.items()))
+
+
+def _dispatch(m: Model, sets: bool, chains: bool) -> str:
+    """The table block with its maps and base chains (what makes it judge packets), and the
+    set declarations and endpoint chains when asked; then the maps' elements."""
+    out = [f"table {FAMILY} {TABLE} {{\n"]
+    out += [f"\tmap {name} {{ type {typ} : verdict; }}\n" for name, typ in MAPS.items()]
+    if sets:
+        out += _set_decls(m)
+    if chains:
+        out += _chain_blocks(m, sorted(m.chains))
+    out.append(_base_chains() + "}\n")
+    return "".join(out)
+
+
+def render_full(m: Model) -> str:
+    """The whole table as one text (one transaction)."""
+    return _dispatch(m, sets=True, chains=True) + "".join(c for _, c in _set_elements(m)) + _map_elements(m)
+
+
+def render_staged(m: Model, elements: int = STAGE, lines: int = STAGE_LINES) -> Iterator[str]:
+    """A first load into a kernel without our table, as several transactions (see
+    NftablesDataplane._load_fresh): the table with its set declarations; the sets' elements,
+    about `elements` a time; the endpoint chains, about `lines` rule lines a time; last the
+    maps and base chains. No packet meets the table before the last one: until then no base
+    chain hooks it, and chains and sets nothing reaches judge nothing. Each transaction is a
+    bounded text, so a load's peak is one batch's parse, not the whole ruleset's."""
+    yield f"table {FAMILY} {TABLE} {{\n" + "".join(_set_decls(m)) + "}\n"
+    yield from _element_batches(m, sorted(m.sets), elements)
+    batch: list[str] = []
+    n = 0
+    for name in sorted(m.chains):
+        # A tail chain (in_x_t) sorts right after its head and goes in the head's batch.
+        if batch and n >= lines and not name.endswith("_t"):
+            yield f"table {FAMILY} {TABLE} {{\n" + "".join(_chain_blocks(m, batch)) + "}\n"
+            batch, n = [], 0
+        batch.append(name)
+        n += len(m.chains[name]) + 1
+    if batch:
+        yield f"table {FAMILY} {TABLE} {{\n" + "".join(_chain_blocks(m, batch)) + "}\n"
+    yield _dispatch(m, sets=False, chains=False) + _map_elements(m)
+
+
+def _element_batches(m: Model, names: list[str], elements: int) -> Iterator[str]:
+    part: list[str] = []
+    n = 0
+    for count, cmd in _set_elements(m, names):
+        if part and n + count > elements:
+            yield "".join(part)
+            part, n = [], 0
+        part.append(cmd)
+        n += count
+    if part:
+        yield "".join(part)
+
+
+BASE_CHAINS = ("forward", "input", "prerouting", "output")
+
+
+def render_replace(m: Model, held_sets: frozenset[str], held_chains: frozenset[str],
+                   elements: int = STAGE) -> Iterator[str]:
+    """A restart over the table a previous agent left (its set and chain names: `held_*`),
+    `m` built with peer-set names that avoid the held ones (build_model's `avoid`). First the
+    new peer sets, declared and filled about `elements` at a time beside the old ones: no
+    rule refers to them, so they judge nothing. Then ONE transaction flushes every held
+    chain, refills the maps and the sets both tables name (guard, known), writes every
+    chain of `m` (base chains included) and deletes the chains and sets `m` has not:
+    packets see the old rules or the new ones, and the bulk of the text (set elements)
+    never sits in one parse."""
+    t = f"{FAMILY} {TABLE}"
+    fresh = [n for n in sorted(m.sets) if n not in held_sets]
+    kept = sorted(set(m.sets) & held_sets)
+    if fresh:
+        yield f"table {FAMILY} {TABLE} {{\n" + "".join(_set_decls(m, fresh)) + "}\n"
+        yield from _element_batches(m, fresh, elements)
+    cmds = [c for n in kept for c in (f"add set {t} {n} {{ type {m.sets[n][0]}; }}", f"flush set {t} {n}")]
+    cmds += [c for n, typ in MAPS.items()
+             for c in (f"add map {t} {n} {{ type {typ} : verdict; }}", f"flush map {t} {n}")]
+    cmds += [f"flush chain {t} {c}" for c in sorted(held_chains)]
+    cmds += [f"add chain {t} {c}" for c in sorted(set(m.chains) - held_chains)]  # a goto target exists first
+    text = "".join(c + "\n" for c in cmds) + _dispatch(m, sets=False, chains=True)
+    text += "".join(c for _, c in _set_elements(m, kept)) + _map_elements(m)
+    text += "".join(f"delete chain {t} {c}\n" for c in sorted(held_chains - set(m.chains) - set(BASE_CHAINS)))
+    text += "".join(f"delete set {t} {n}\n" for n in sorted(held_sets - set(m.sets)))
+    yield text
 
 
 def render_diff(old: Model, new: Model) -> tuple[str, ApplyStats]:
@@ -429,6 +595,8 @@ def render_diff(old: Model, new: Model) -> tuple[str, ApplyStats]:
         if name not in old.sets:
             cmds.append(f"add set {t} {name} {{ type {typ}; }}")
             gone, fresh = frozenset[str](), elems
+        elif old.sets[name][1] is elems:
+            continue  # the same object (an unchanged peer set): nothing to compare
         else:
             gone, fresh = old.sets[name][1] - elems, elems - old.sets[name][1]
         # Deletes first: an interval set refuses an overlapping add.
@@ -440,7 +608,8 @@ def render_diff(old: Model, new: Model) -> tuple[str, ApplyStats]:
     cmds += [f"add chain {t} {name} {{ {_chain_comment(new, name)}; }}"
              for name in sorted(set(new.chains) - set(old.chains))]
     for name, rules in sorted(new.chains.items()):
-        if old.chains.get(name) == rules:
+        was = old.chains.get(name)
+        if was is rules or was == rules:  # `is`: a reused endpoint's chains (build_model's memo)
             continue
         written += 1
         if name in old.chains:
@@ -473,6 +642,7 @@ class NftablesDataplane(Dataplane):
         self._reader = None  # a second libnftables context for reads (counters): see _run
         self._model: Model | None = None  # what the kernel holds after our last apply
         self._program: Program | None = None  # the program that model came from
+        self._memo = Memo()  # what each endpoint gave the last build (see build_model)
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
 
@@ -535,8 +705,8 @@ class NftablesDataplane(Dataplane):
         return render_full(build_model(program, self.options))
 
     def apply(self, program: Program) -> ApplyStats:
-        new = build_model(program, self.options, self._model)
         if self._model is not None:
+            new = build_model(program, self.options, self._model, self._memo)
             text, stats = render_diff(self._model, new)
             try:
                 if text:
@@ -547,15 +717,72 @@ class NftablesDataplane(Dataplane):
                 if self._has_table():
                     raise
                 log.warning("the stockade table vanished; rebuilding it")
-        # First sync (or the table vanished): replace the table in one transaction, so
-        # packets see the old rules or the new ones and never an empty table.
-        text = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render_full(new)
+        else:  # a cold load: its peak sits on whatever the compile left
+            heap.release(collect=True)
+        held_sets, held_chains = self._held()
+        if not held_sets and not held_chains:
+            new = build_model(program, self.options, None, self._memo)
+            lines = self._load_fresh(new)
+        else:
+            # A table a previous agent left (a restart): new peer sets take names it does not use.
+            avoid = frozenset(n.rsplit("_", 1)[0] for n in held_sets if n.startswith("p_"))
+            new = build_model(program, self.options, None, self._memo, avoid)
+            lines = self._replace(new, held_sets, held_chains)
+        self._model, self._program = new, program
+        return ApplyStats(True, lines, sum(len(s[1]) for s in new.sets.values()))
+
+    def _held(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Names of the sets and chains our table holds in the kernel (none: no table)."""
+        out = []
+        for what in ("sets", "chains"):
+            text = self._run(f"list {what} {FAMILY}", json_out=True)
+            objs = json.loads(text)["nftables"] if text.strip() else []
+            kind = what[:-1]
+            out.append(frozenset(o[kind]["name"] for o in objs if kind in o and o[kind].get("table") == TABLE))
+        return out[0], out[1]
+
+    def _replace(self, m: Model, held_sets: frozenset[str], held_chains: frozenset[str]) -> int:
+        """The table a previous agent left replaced by `m` (render_replace: new sets staged
+        beside the old ones, then one transaction). Should that fail (say a table of another
+        layout), the whole table is replaced in one transaction as a last resort."""
+        lines = 0
+        heap.release()
+        try:
+            for text in render_replace(m, held_sets, held_chains):
+                lines += text.count("\n")
+                self._load(text)
+                heap.release()
+            return lines
+        except DataplaneError as e:
+            log.warning("replacing the stockade table in place failed (%s); replacing it whole", e)
+        text = f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render_full(m)
+        self._load(text)
+        return text.count("\n")
+
+    def _load(self, text: str) -> None:
         if len(text) > BIG_LOAD:
             self._run_child(text)
         else:
             self._run(text)
-        self._model, self._program = new, program
-        return ApplyStats(True, text.count("\n"), sum(len(s[1]) for s in new.sets.values()))
+
+    def _load_fresh(self, m: Model) -> int:
+        """A load into a kernel without our table (first start, or the table vanished) in
+        several bounded transactions (render_staged): nothing is enforced before, so there
+        is nothing to keep, and the table judges no packet before its last transaction.
+        Peak memory is one batch's parse instead of the whole ruleset's. If a step fails,
+        the partial table (sets only) is removed; the next sync starts afresh."""
+        lines = 0
+        heap.release()
+        try:
+            for text in render_staged(m):
+                lines += text.count("\n")
+                self._load(text)
+                heap.release()  # what libnftables freed after a batch, so batches reuse no more than one's worth
+        except DataplaneError:
+            with contextlib.suppress(DataplaneError):  # else the next sync replaces what is left
+                self._run(f"delete table {FAMILY} {TABLE}")
+            raise
+        return lines
 
     def _has_table(self) -> bool:
         out = self._run("list tables", json_out=True, read=True)

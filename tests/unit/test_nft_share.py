@@ -6,11 +6,7 @@ the client pods carry both labels, so p1 and p2 have equal peers and share one s
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 
@@ -21,7 +17,7 @@ from hypothesis import strategies as st
 from agent.dataplane.nftables import FAMILY, TABLE, Model, build_model, chain_name, render_diff, render_full
 from agent.ir import Direction, Program
 from tests.kit.builders import ns, pod, policy, snapshot_of
-from tests.kit.privileges import require_privileges
+from tests.kit.nftns import nft_file, nft_json, throwaway_netns
 
 WEB1 = pod("a/web1", "10.1.0.1", {"app": "web1"}, nodeName="n1")
 WEB2 = pod("a/web2", "10.1.0.2", {"app": "web2"}, nodeName="n1")
@@ -165,28 +161,13 @@ ALL_POLICIES = [*POLICIES, _mixed("p3", "web1"), _mixed("p4", "web2")]
 
 @pytest.fixture(scope="module")
 def netns() -> Iterator[str]:
-    require_privileges()
-    name = f"stkshare{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with throwaway_netns("share") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-def _nft(netns: str, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", suffix=".nft", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        res = subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", f.name], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[:3000]
 
 
 def _kernel_sets(netns: str) -> dict[str, frozenset[str]]:
-    out = subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list", "table", FAMILY, TABLE],
-                         capture_output=True, text=True, check=True).stdout
     sets = {}
-    for obj in json.loads(out)["nftables"]:
+    for obj in nft_json(netns, "table", FAMILY, TABLE):
         if "set" in obj and obj["set"]["name"].startswith("p_"):
             elems = set()
             for e in obj["set"].get("elem", []):
@@ -205,10 +186,10 @@ def test_diffs_between_shared_sets_apply_in_the_kernel(netns: str, steps: list) 
     for clients, chosen in steps:
         new = build_model(_program(clients, [ALL_POLICIES[i] for i in sorted(chosen)]), prev=m)
         if m is None:
-            _nft(netns, f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render_full(new))
+            nft_file(netns, f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n" + render_full(new))
         else:
             text, _ = render_diff(m, new)
             if text:
-                _nft(netns, text)
+                nft_file(netns, text)
         assert _kernel_sets(netns) == _peer_sets(new)
         m = new

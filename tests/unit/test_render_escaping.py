@@ -13,10 +13,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import ipaddress
-import os
 import re
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from itertools import count
 
@@ -34,7 +31,7 @@ from agent.ir import Direction, DirectionProgram, EndpointProgram, Origin, PeerS
 from agent.metrics import KernelCollector
 from agent.policy import netbird as nb
 from agent.policy.kubernetes import compile_inventory, parse_policy
-from tests.kit.privileges import require_privileges
+from tests.kit.nftns import nft_file, throwaway_netns
 
 NASTY = [
     'x"\n}\ndelete table inet stockade\n#',
@@ -53,21 +50,12 @@ _ns_counter = count()
 @pytest.fixture(scope="module")
 def netns() -> Iterator[str]:
     """A throwaway network namespace: `nft -c` checks a batch against a real kernel."""
-    require_privileges()
-    ns = f"stkesc{os.getpid()}x{next(_ns_counter)}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
+    with throwaway_netns("esc") as ns:
         yield ns
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def nft_check(ns: str, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", suffix=".nft", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        res = subprocess.run(["ip", "netns", "exec", ns, "nft", "-c", "-f", f.name], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[:3000]
+    nft_file(ns, text, check=True)
 
 
 _IDS = [(re.compile(r"\b(in|out)_[0-9a-f]{32}\b"), r"\1_H"), (re.compile(r"\bp_[0-9a-f]{32}_"), "p_H_"),
