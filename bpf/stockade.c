@@ -92,6 +92,11 @@
 #define NS 1000000000ULL
 #define T_TCP (86400ULL * NS)
 #define T_TCP_CLOSING (10ULL * NS)
+// What this filter lets through goes on to any later filter on the same hook (TC_ACT_UNSPEC;
+// with none, the packet passes as with TC_ACT_OK): the DNS hold (bpf/dnshold.c) runs after
+// this filter, so it only ever sees answers this filter allowed, and a packet from port 53
+// never skips the pod's ingress check.
+#define PASS_ON TC_ACT_UNSPEC
 #define T_UDP (180ULL * NS)
 #define T_OTHER (60ULL * NS)
 
@@ -524,7 +529,7 @@ static __always_inline int drop(struct pkt *p, struct flow_key *fk, u32 ep_id, u
     if (!audit)
         return TC_ACT_SHOT;
     remember(p, fk, ep_id, dir);
-    return TC_ACT_OK;
+    return PASS_ON;
 }
 
 #define J_PASS 0    // passes without a judgement of its own (known flow, no endpoint state)
@@ -679,22 +684,22 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
     ik.half = half;
     struct if_cfg *cfg = ifcfg.lookup(&ik);
     if (!cfg)
-        return TC_ACT_OK;
+        return PASS_ON;
     u8 dir = hook == 0 ? cfg->hook_dir[0] : cfg->hook_dir[1];
     u32 bound = cfg->ep_id;
     u32 off = 0;
     if (!cfg->l3) {
         u16 eth_proto = 0;
         if (bpf_skb_load_bytes(skb, 12, &eth_proto, 2) < 0)
-            return TC_ACT_OK;
+            return PASS_ON;
         if (eth_proto != bpf_htons(ETH_P_IP) && eth_proto != bpf_htons(ETH_P_IPV6))
-            return TC_ACT_OK;
+            return PASS_ON;
         off = ETH_HLEN;
     }
     struct pkt p = {};
     int r = parse(skb, off, &p);
     if (r != 0)
-        return TC_ACT_OK;  // not IP (r < 0), or neighbour discovery (r > 0)
+        return PASS_ON;  // not IP (r < 0), or neighbour discovery (r > 0)
 
     struct addr_key ek = {};
     ek.family = p.family;
@@ -715,7 +720,7 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
             // Routed packets (neither end a node address) are not the node's.
             ep_id = bound;
         else
-            return TC_ACT_OK;  // not a local endpoint's address
+            return PASS_ON;  // not a local endpoint's address
     }
 
     u32 len = skb->len;
@@ -725,7 +730,7 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
     if (v == J_DROP)
         return drop(&p, &fk, ep_id, dir, counter);
     if (v == J_PASS)
-        return TC_ACT_OK;
+        return PASS_ON;
 
     // Leaving for another local endpoint (not for the node itself): that endpoint's ingress
     // is judged here too, under the same half, and the flow is remembered at both ends; its
@@ -743,7 +748,7 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
                 u32 pcounter = NO_COUNTER;
                 int pv = judge(&p, &pk, peer, DIR_INGRESS, half, len, &pcounter);
                 if (pv == J_DROP) {
-                    if (drop(&p, &pk, peer, DIR_INGRESS, pcounter) != TC_ACT_OK)
+                    if (drop(&p, &pk, peer, DIR_INGRESS, pcounter) == TC_ACT_SHOT)
                         return TC_ACT_SHOT;
                 } else if (pv == J_ACCEPT) {
                     remember(&p, &pk, peer, DIR_INGRESS);
@@ -752,7 +757,7 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
         }
     }
     remember(&p, &fk, ep_id, dir);
-    return TC_ACT_OK;
+    return PASS_ON;
 }
 
 int stk_ingress(struct __sk_buff *skb) { return handle(skb, 0); }

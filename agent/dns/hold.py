@@ -29,9 +29,10 @@ program and map by file descriptor: this process never imports bcc.
 
 Limits: IPv6 answers with extension headers and non-first IPv4 fragments pass unheld; TCP
 reassembly is bounded and in order only (frames.py says what teaches nothing); the filter
-is attached at its own tc priority (`PRIO`, before the eBPF dataplane's) so a held answer
-skips that dataplane's check on the pod's ingress (an answer to the pod's own query, which
-it would accept as a reply; a bare SYN from port 53 is not held and is checked).
+is attached at its own tc priority (`PRIO`) AFTER the eBPF dataplane's filter, which passes
+what it allows on to later filters: only answers the pod's ingress policy allows are held
+(a packet from port 53 never skips that check; the nftables dataplane judges in the forward
+path, before any qdisc).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from agent.dataplane.ebpf import bpfsys
 from agent.dns.frames import UDP, Reassembly, parse
@@ -59,7 +61,8 @@ from agent.inventory import IPAddress
 log = logging.getLogger(__name__)
 
 CFG_DEADLINE, CFG_FAIL_CLOSED, CFG_TAP, ST_HELD, ST_UNHELD, ST_DROPPED, ST_HELD_TCP = range(7)
-PRIO = 0x5EB  # runs before the eBPF dataplane's filters (0x5EC) on the same hook
+PRIO = 0x5ED  # runs after the eBPF dataplane's filter (0x5EC) on the same hook: see above
+OLD_PRIOS = (0x5EB,)  # where earlier versions attached (before the dataplane): removed on sight
 HANDLE = 1
 TC_EGRESS = 0xFFFFFFF3
 TUNSETIFF = 0x400454CA
@@ -107,23 +110,28 @@ def remove_filters(netns: str | None = None) -> int:
     agent that held answers died -- with --dns-fail-closed its filters drop answers until
     then). Needs no bcc. Returns how many were removed."""
     from pyroute2 import IPRoute
+
+    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+        return sum(_remove(ipr, link["index"], (PRIO, *OLD_PRIOS)) for link in ipr.get_links())
+
+
+def _remove(ipr: Any, idx: int, prios: tuple[int, ...]) -> int:
+    """Delete our hold filters (by name: never another's) at `prios` on device `idx`."""
     from pyroute2.netlink.exceptions import NetlinkError
 
+    try:
+        msgs = ipr.get_filters(index=idx, parent=TC_EGRESS)
+    except NetlinkError:
+        return 0  # no clsact qdisc here
     removed = 0
-    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
-        for link in ipr.get_links():
-            idx = link["index"]
-            try:
-                msgs = ipr.get_filters(index=idx, parent=TC_EGRESS)
-            except NetlinkError:
-                continue  # no clsact qdisc here
-            for m in msgs:
-                opts = m.get_attr("TCA_OPTIONS")
-                if ((m["info"] >> 16) == PRIO and m.get_attr("TCA_KIND") == "bpf" and opts
-                        and opts.get_attr("TCA_BPF_NAME") == FILTER_NAME):
-                    with contextlib.suppress(NetlinkError):
-                        ipr.tc("del-filter", "bpf", idx, HANDLE, parent=TC_EGRESS, prio=PRIO)
-                        removed += 1
+    for m in msgs:
+        opts = m.get_attr("TCA_OPTIONS")
+        prio = m["info"] >> 16
+        if (prio in prios and m.get_attr("TCA_KIND") == "bpf" and opts
+                and opts.get_attr("TCA_BPF_NAME") == FILTER_NAME):
+            with contextlib.suppress(NetlinkError):
+                ipr.tc("del-filter", "bpf", idx, HANDLE, parent=TC_EGRESS, prio=prio)
+                removed += 1
     return removed
 
 
@@ -207,9 +215,11 @@ class Hold:
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise
-        # replace: a filter a previous agent left at our prio is taken over
+        # replace: a filter a previous agent left at our prio is taken over; one an earlier
+        # version left before the dataplane's filter would hold answers unjudged: it goes
         self.ipr.tc("replace-filter", "bpf", idx, HANDLE, fd=self.prog_fd, name=FILTER_NAME,
                     parent=TC_EGRESS, classid=1, direct_action=True, prio=PRIO)
+        _remove(self.ipr, idx, OLD_PRIOS)
         self.attached.append(idx)
 
     def device_for(self, dst: IPAddress) -> str | None:

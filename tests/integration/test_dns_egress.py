@@ -11,7 +11,9 @@ heartbeat ran out and what was learned stays. Without --dns-egress the rule matc
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +113,68 @@ def test_agent_killed_answers_pass_and_learned_addresses_stay(lab: Lab, dataplan
     got = resolve_and_connect(lab, "app/client", "again.example.test")
     assert got == {"addrs": [WEB], "connected": {WEB: True}}  # learned before: still allowed
     assert not lab.reachable("app/client", WEB6, 80)  # nothing new is learned meanwhile
+
+
+_LISTEN_PY = """
+import json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 5300))
+s.settimeout(60)
+print("ready", flush=True)
+got = []
+while True:  # until the marker's sender is heard
+    data, peer = s.recvfrom(4096)
+    got.append(peer[0])
+    if peer[0] == sys.argv[1]:
+        break
+print(json.dumps(got), flush=True)
+"""
+
+_ANSWER_PY = """
+import socket, sys
+import dns.message, dns.rrset
+r = dns.message.make_response(dns.message.make_query(sys.argv[2], "A"))
+r.answer.append(dns.rrset.from_text(r.question[0].name, 60, "IN", "A", sys.argv[3]))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 53))  # from port 53: what the hold takes for an answer
+s.sendto(r.to_wire(), (sys.argv[1], 5300))
+"""
+
+
+def test_an_answer_the_pods_ingress_denies_is_neither_held_nor_learned(lab: Lab, dataplane: str,
+                                                                        tmp_path: Path) -> None:
+    """The client's ingress admits only namespace dns (UDP/5300). A forged answer from port 53
+    of a pod in ext, on another node (so only the client's own device judges it), teaching
+    www.example.test -> that pod's address, is dropped by the client's ingress check before
+    any hold: it never arrives and teaches nothing. The
+    dataplane's allowed traffic still reaches the hold: a marker from dns/relay arrives, and
+    the client's own queries (replies) are still held and learned."""
+    relay = "10.36.0.54"
+    pods = {**PODS, "dns/relay": [relay]}
+    only_dns = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": "only-dns", "namespace": "app"},
+                "spec": {"podSelector": {}, "policyTypes": ["Ingress"],
+                         "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "dns"}}}],
+                                      "ports": [{"protocol": "UDP", "port": 5300}]}]}}
+    docs = manifests(pods, POLICY, only_dns)
+    for doc in docs:  # ext's pods live on another node
+        if doc["kind"] == "Pod" and doc["metadata"]["namespace"] == "ext":
+            doc["spec"]["nodeName"] = "n2"
+    src = dns_lab.setup(lab, tmp_path, pods, docs, SERVER_PY)
+    agent = start(lab, src, tmp_path, dataplane, "--dns-egress")
+    listener = subprocess.Popen(["ip", "netns", "exec", lab.pods["app/client"].netns, sys.executable, "-c",
+                                 _LISTEN_PY, relay], stdout=subprocess.PIPE, text=True)
+    lab.procs.append(listener)
+    assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+
+    def answer(sender: str, name: str, addr: str) -> None:
+        subprocess.run(["ip", "netns", "exec", lab.pods[sender].netns, sys.executable, "-c", _ANSWER_PY,
+                        CLIENT, name, addr], check=True, timeout=60)
+
+    answer("ext/never", "www.example.test", NOT_ANSWERED)  # forged: the ingress policy denies it
+    answer("dns/relay", "marker.elsewhere.test", "10.36.1.99")  # allowed: arrives (through the hold)
+    out, _ = listener.communicate(timeout=90)
+    assert json.loads(out) == [relay], lab.agent_output(agent)
+    assert not lab.reachable("app/client", NOT_ANSWERED, 80)  # the forged answer taught nothing
+    got = resolve_and_connect(lab, "app/client", "www.example.test", NOT_ANSWERED)
+    assert got == {"addrs": [WEB], "connected": {WEB: True, NOT_ANSWERED: False}}, lab.agent_output(agent)
