@@ -51,6 +51,7 @@ class LastGood:
         self.readonly = readonly  # the simulator reads the state but never writes it
         self._bodies: dict[str, Mapping[str, Any]] = {}
         self._saved = True  # False after a failed write: retried on the next sync
+        self._dirty = False  # a kept body changed since the last write (admit_key / forget)
         # key -> what admission made of the body last delivered (see _Admitted); and the same
         # by the delivered RawObject's id (held by the _Admitted, so never reused meanwhile):
         # a source handing over the very same object costs one lookup
@@ -154,6 +155,69 @@ class LastGood:
         self._admitted, self._by_id = admitted, by_id
         self.replace(good)
         return out
+
+    # ---------------------------------------------------------------- one key at a time
+    # For a caller that keeps what it admitted between events (KubernetesAdmission): the
+    # same bookkeeping as `admit`, per changed object, and the state file written only when
+    # a kept body changed, re-encoding only that object's text.
+
+    def admit_key(self, obj: RawObject, parse: Callable[[RawObject], T]) -> _Admitted:
+        """Admit one delivered object (new or changed), as `admit` would; call `save` after."""
+        key = self._key(obj.ref)
+        hit = self._again(obj, parse) if self.reuse else self._admit_one(key, obj, parse)
+        old = self._admitted.get(key)
+        if old is not None:
+            self._by_id.pop(id(old.obj), None)
+        self._admitted[key] = self._by_id[id(obj)] = hit
+        self._keep(key, hit.good)
+        return hit
+
+    def forget(self, ref: ObjectRef) -> None:
+        """The object is gone from the source: its last good version is forgotten."""
+        key = self._key(ref)
+        old = self._admitted.pop(key, None)
+        if old is not None:
+            self._by_id.pop(id(old.obj), None)
+        self._keep(key, None)
+
+    def retain(self, refs: Iterable[ObjectRef]) -> None:
+        """Forget every kept body but those of `refs` (after a complete delivery: bodies
+        loaded from the state file for objects the source no longer has)."""
+        keep = {self._key(r) for r in refs}
+        for key in [k for k in self._bodies if k not in keep]:
+            self._admitted.pop(key, None)
+            self._keep(key, None)
+
+    def _keep(self, key: str, good: Mapping[str, Any] | None) -> None:
+        if self._bodies.get(key) is good:
+            return
+        if good is None:
+            del self._bodies[key]
+            self._texts.pop(key, None)
+        else:
+            self._bodies[key] = good
+            self._texts.pop(key, None)  # encoded again at the next write
+        self._dirty = True
+
+    def save(self) -> None:
+        """Write the state file when a kept body changed since the last write (or it failed)."""
+        unsaved, self._dirty = self._dirty or not self._saved, False
+        if not unsaved or self.path is None or self.readonly:
+            return
+        try:
+            write_text(self.path, self._write_kept)
+            self._saved = True
+        except (OSError, TypeError, ValueError) as e:
+            self._saved = False
+            log.error("cannot save state file %s: %s", self.path, e)
+
+    def _write_kept(self, f: TextIO) -> None:
+        """As `_write`, encoding only the bodies `_keep` changed (their texts were dropped)."""
+        texts = self._texts
+        for key, body in self._bodies.items():
+            if key not in texts:
+                texts[key] = (body, f"{json.dumps(key)}: {json.dumps(body, default=str)}")
+        f.write("{" + ", ".join(t for _, t in texts.values()) + "}")
 
     def _again(self, obj: RawObject, parse: Callable[[RawObject], T]) -> _Admitted:
         """A delivered object seen before as another object: reused when equal."""
