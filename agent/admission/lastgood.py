@@ -57,8 +57,12 @@ class LastGood:
         # a source handing over the very same object costs one lookup
         self._admitted: dict[str, _Admitted] = {}
         self._by_id: dict[int, _Admitted] = {}
-        # key -> (body, `"key": body` as JSON): the state file is joined from these
-        self._texts: dict[str, tuple[Mapping[str, Any], str]] = {}
+        # key -> `"key": body` as JSON, and the body each encodes: the state file is joined
+        # from these; keys whose body changed (admit_key, forget) wait in _unencoded
+        self._texts: dict[str, str] = {}
+        self._encoded: dict[str, Mapping[str, Any]] = {}
+        self._unencoded: set[str] = set()
+        self._complete = False  # _texts holds every body but those in _unencoded (after a _write)
         if path is not None and path.exists():
             try:
                 loaded = json.loads(path.read_text())
@@ -95,15 +99,15 @@ class LastGood:
 
     def _write(self, f: TextIO) -> None:
         """The bodies as one JSON object, each object's text encoded once per version."""
-        texts: dict[str, tuple[Mapping[str, Any], str]] = {}
+        texts: dict[str, str] = {}
         for key, body in self._bodies.items():
-            hit = self._texts.get(key)
-            if hit is None or hit[0] is not body:
-                # default=str: YAML timestamps in fields no one reads
-                hit = (body, f"{json.dumps(key)}: {json.dumps(body, default=str)}")
-            texts[key] = hit
-        f.write("{" + ", ".join(t for _, t in texts.values()) + "}")
-        self._texts = texts
+            text = self._texts.get(key)
+            if text is None or self._encoded.get(key) is not body:
+                text = _encode(key, body)
+            texts[key] = text
+        f.write("{" + ", ".join(texts.values()) + "}")
+        self._texts, self._encoded, self._unencoded = texts, dict(self._bodies), set()
+        self._complete = True
 
     def _parse_previous(
         self, obj: RawObject, parse: Callable[[RawObject], T], problems: list[Problem]
@@ -193,10 +197,9 @@ class LastGood:
             return
         if good is None:
             del self._bodies[key]
-            self._texts.pop(key, None)
         else:
             self._bodies[key] = good
-            self._texts.pop(key, None)  # encoded again at the next write
+        self._unencoded.add(key)  # encoded again at the next write
         self._dirty = True
 
     def save(self) -> None:
@@ -205,19 +208,23 @@ class LastGood:
         if not unsaved or self.path is None or self.readonly:
             return
         try:
-            write_text(self.path, self._write_kept)
+            write_text(self.path, self._write_kept if self._complete else self._write)
             self._saved = True
         except (OSError, TypeError, ValueError) as e:
             self._saved = False
             log.error("cannot save state file %s: %s", self.path, e)
 
     def _write_kept(self, f: TextIO) -> None:
-        """As `_write`, encoding only the bodies `_keep` changed (their texts were dropped)."""
-        texts = self._texts
-        for key, body in self._bodies.items():
-            if key not in texts:
-                texts[key] = (body, f"{json.dumps(key)}: {json.dumps(body, default=str)}")
-        f.write("{" + ", ".join(t for _, t in texts.values()) + "}")
+        """As `_write`, encoding only the bodies `_keep` changed."""
+        for key in self._unencoded:
+            body = self._bodies.get(key)
+            if body is None:
+                self._texts.pop(key, None)
+                self._encoded.pop(key, None)
+            else:
+                self._texts[key], self._encoded[key] = _encode(key, body), body
+        self._unencoded.clear()
+        f.write("{" + ", ".join(self._texts.values()) + "}")
 
     def _again(self, obj: RawObject, parse: Callable[[RawObject], T]) -> _Admitted:
         """A delivered object seen before as another object: reused when equal."""
@@ -226,7 +233,9 @@ class LastGood:
         if hit is None or hit.obj.ref != obj.ref or not (hit.body is obj.body or hit.body == obj.body) or (
                 hit.previous is not None and hit.previous is not self._bodies.get(key)):
             return self._admit_one(key, obj, parse)
-        if hit.previous is None and hit.entry is not None:  # valid: enforce the object as delivered
+        if hit.entry is not None and hit.good is not None and hit.good is hit.body:
+            # valid: enforce and keep the object as delivered. (Not an invalid one read
+            # fail-closed, which has no previous version either: never kept as good.)
             return _Admitted(key, obj, obj.body, None, (obj, hit.entry[1]), obj.body, hit.problems)
         return _Admitted(key, obj, obj.body, hit.previous, hit.entry, hit.good, hit.problems)
 
@@ -250,3 +259,8 @@ class LastGood:
         # enforced fail-closed (or left out), never saved as good
         entry = None if fallback is _NOT_PARSED else (obj, fallback)
         return _Admitted(key, obj, obj.body, was, entry, None, tuple(found))
+
+
+def _encode(key: str, body: Mapping[str, Any]) -> str:
+    """`"key": body` as the state file holds it (default=str: YAML timestamps in fields no one reads)."""
+    return f"{json.dumps(key)}: {json.dumps(body, default=str)}"
