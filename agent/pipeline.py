@@ -235,6 +235,7 @@ class KubernetesPipeline:
         self.node = node
         self.name = self.source.name
         self.store = LastGood(state_file, readonly=readonly)
+        self.admission = KubernetesAdmission(self.store)
         self.compiler = IncrementalCompiler(node, self.name)
         self.errors = self.source.errors
         # The daemon's /readyz waits for this: every initial list (and the pod CIDRs, if
@@ -252,9 +253,9 @@ class KubernetesPipeline:
                     "kubernetes source not synced yet (waiting for "
                     + (", ".join(f"{k}s" for k in missing) or "the node's pod CIDRs") + ")"
                 )
-        objects, problems, events = self.source.read_with_events()
-        snap = compile_kubernetes(objects, self.store, self.node, self.name, problems, self.compiler)
-        snap.events = events
+        objects, changed, events = self.source.read_changes()
+        inv = self.admission.update(objects, changed)
+        snap = Snapshot(inv, self.compiler.compile(inv), events)
         if self.guard_unknown:  # this node's pod CIDRs (flag or node.spec.podCIDRs)
             snap.program = dataclasses.replace(snap.program, guard=tuple(self.source.pod_cidrs or ()))
         return snap
