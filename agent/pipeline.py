@@ -197,7 +197,7 @@ class DirectoryPipeline:
             _, problems = self.source.read()
         objects, changed = self.source.changes()
         inv = self.admission.update(objects, changed, problems)
-        snap = Snapshot(inv, self.compiler.compile(inv))
+        snap = Snapshot(inv, self.compiler.compile(inv, self.admission.touched))
         self._save_index()
         return snap
 
@@ -255,7 +255,7 @@ class KubernetesPipeline:
                 )
         objects, changed, events = self.source.read_changes()
         inv = self.admission.update(objects, changed)
-        snap = Snapshot(inv, self.compiler.compile(inv), events)
+        snap = Snapshot(inv, self.compiler.compile(inv, self.admission.touched), events)
         if self.guard_unknown:  # this node's pod CIDRs (flag or node.spec.podCIDRs)
             snap.program = dataclasses.replace(snap.program, guard=tuple(self.source.pod_cidrs or ()))
         return snap

@@ -37,6 +37,7 @@ from agent.policy.cluster import KINDS as CLUSTER_KINDS
 from agent.policy.cluster import parse_cluster_policy, unreadable
 from agent.policy.errors import Invalid, Partial, is_dns_label, is_dns_subdomain, safe_name, valid_port_name
 from agent.policy.kubernetes import API_PROTOCOLS, isolation_only, parse_policy
+from agent.policy.kubernetes.incremental import Touched
 from agent.policy.selectors import parse_labels
 from agent.sources.kubeobjects import RawObject
 
@@ -345,21 +346,49 @@ class KubernetesAdmission:
     its admitted value, its Inventory entry (the same object, so the incremental
     compiler's diff is an identity check) and its problems. The store's state file is
     written only when a kept (valid) body changed. The result equals
-    `kubernetes_inventory(objects.values(), store)` (tests/unit/test_admission_delta.py).
+    `kubernetes_inventory(objects.values(), store)` (tests/unit/test_incremental.py).
     Two objects that map to one Inventory entry (unnamed pods with equal addresses never
     do: the source keys them apart) keep the one admitted last.
     """
 
     def __init__(self, store: LastGood) -> None:
         self.store = store
+        self._clear()
+
+    def _clear(self) -> None:
         self._inv = Inventory()
         self._delivered: dict[Key, RawObject] = {}  # by the source's key, ours only
         self._placed: dict[Key, tuple[dict[Any, Any], Any, Any]] = {}
         self._problems: dict[Key, tuple[Problem, ...]] = {}
+        # The Inventory keys the last update touched, for the incremental compiler's diff
+        # (None: unknown, compare everything: a first or complete delivery, or after a failure).
+        self.touched: Touched | None = None
+        self._touched: dict[int, set[Any]] = {}
+        self._fresh = True  # nothing admitted yet: the next update admits every object
 
     def update(self, objects: Mapping[Key, RawObject], changed: Iterable[Key] | None,
                problems: Iterable[Problem] = ()) -> Inventory:
         """The Inventory of `objects` (by source key) after re-admitting `changed`."""
+        self.touched = None
+        if self._fresh:
+            changed = None
+        try:
+            inv = self._update(objects, changed, problems)
+        except BaseException:
+            # Half applied: start afresh (the source's delta is spent), everything admitted
+            # again next time (cheap for bodies the store has seen: see LastGood.admit_key).
+            self._clear()
+            raise
+        if changed is not None:
+            t = self._touched
+            self.touched = Touched(*(frozenset(t.get(id(table), ())) for table in (
+                self._inv.endpoints, self._inv.namespaces, self._inv.policies, self._inv.nodes)))
+        self._touched = {}
+        self._fresh = False
+        return inv
+
+    def _update(self, objects: Mapping[Key, RawObject], changed: Iterable[Key] | None,
+                problems: Iterable[Problem]) -> Inventory:
         if changed is None:
             keys: Iterable[Key] = set(self._delivered) | set(objects)
         else:
@@ -389,6 +418,7 @@ class KubernetesAdmission:
                     held = old  # readmitted as it was: the same object for the compiler's diff
                 table[ikey] = held
                 self._placed[key] = (table, ikey, held)
+                self._touched.setdefault(id(table), set()).add(ikey)
         if changed is None:  # a complete delivery: bodies kept for objects gone meanwhile go
             self.store.retain(_cluster_scoped(o).ref for o in self._delivered.values())
         self.store.save()
@@ -406,3 +436,4 @@ class KubernetesAdmission:
             table, ikey, held = placed
             if table.get(ikey) is held:
                 del table[ikey]
+            self._touched.setdefault(id(table), set()).add(ikey)

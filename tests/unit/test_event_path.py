@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -137,3 +138,25 @@ def test_heap_is_frozen_after_the_first_sync_and_refrozen_when_due() -> None:
         assert heap.frozen_at > first and gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_a_failed_admission_starts_afresh(tmp_path: Path) -> None:
+    """An update that fails half-way (the source's delta is spent) makes the next one admit
+    every object again, whatever delta it is given."""
+    admission = KubernetesAdmission(LastGood())
+    objs = {o.ref.key: o for o in (RawObject(ref_of(b, "file", "t"), b) for b in (ns("x"), _doc("x/p0", "web")))}
+    admission.update(objs, None)
+    relabelled = _doc("x/p0", "db")
+    objs[("Pod", "x", "p0")] = RawObject(ref_of(relabelled, "file", "t"), relabelled)
+    store_admit = admission.store.admit_key
+
+    def broken(*_: Any) -> Any:
+        raise RuntimeError("boom")
+
+    admission.store.admit_key = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        admission.update(objs, {("Pod", "x", "p0")})
+    admission.store.admit_key = store_admit  # type: ignore[method-assign]
+    inv = admission.update(objs, set())  # an empty delta: still everything, after the failure
+    assert inv.endpoints["x/p0"].labels == {"app": "db"} and "x" in inv.namespaces
+    assert admission.touched is None  # and the compiler is told to compare everything

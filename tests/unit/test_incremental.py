@@ -25,7 +25,7 @@ from agent.dataplane.nftables import build_model, render_full
 from agent.inventory import Inventory
 from agent.ir import PeerSet, Program, Verdict
 from agent.policy.kubernetes import compile_inventory, incremental
-from agent.policy.kubernetes.incremental import IncrementalCompiler
+from agent.policy.kubernetes.incremental import IncrementalCompiler, Touched
 from agent.policy.kubernetes.spans import Spans
 from agent.sources.kubeobjects import RawObject, ref_of
 from tests.kit.builders import ns, pod, policy
@@ -216,8 +216,8 @@ def renderings(program: Program) -> tuple[str, str]:
     return render_full(build_model(program)), tables.render(program, [])
 
 
-def check(inc: IncrementalCompiler, inv: Inventory, node: str | None) -> None:
-    got = inc.compile(inv)
+def check(inc: IncrementalCompiler, inv: Inventory, node: str | None, touched: Touched | None = None) -> None:
+    got = inc.compile(inv, touched)
     want = compile_inventory(inv, node, source="file")
     assert got == want
     assert list(got.endpoints) == list(want.endpoints)  # same order: renderings iterate it
@@ -407,7 +407,7 @@ def test_admission_delta_equals_full_admission(
             want = kubernetes_inventory(list(objects.values()), full)
             _same_inventory(got, want)
             assert json.loads(state.read_text()) == json.loads(reference.read_text())
-            check(inc, got, node)
+            check(inc, got, node, delta.touched)
             if previous is not None and changed is not None:  # what did not change is the very object it was
                 for k, ep in got.endpoints.items():
                     if ("Pod", ep.namespace, ep.name) not in changed and k in previous.endpoints:
