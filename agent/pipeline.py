@@ -202,6 +202,7 @@ class DirectoryPipeline:
         return snap
 
     def watch(self, on_change: Callable[[], None]) -> Callable[[], None]:
+        self.store.background = True  # the daemon: the state file is written off the event path
         return self.source.watch(on_change)
 
 
@@ -261,6 +262,7 @@ class KubernetesPipeline:
         return snap
 
     def watch(self, on_change: Callable[[], None]) -> Callable[[], None]:
+        self.store.background = True  # the daemon: the state file is written off the event path
         return self.source.watch(on_change)
 
 

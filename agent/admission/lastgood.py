@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,8 @@ class LastGood:
         self._encoded: dict[str, Mapping[str, Any]] = {}
         self._unencoded: set[str] = set()
         self._complete = False  # _texts holds every body but those in _unencoded (after a _write)
+        self.background = False  # save() hands the state to a writer thread (see save)
+        self._writer: _Writer | None = None
         if path is not None and path.exists():
             try:
                 loaded = json.loads(path.read_text())
@@ -203,19 +207,46 @@ class LastGood:
         self._dirty = True
 
     def save(self) -> None:
-        """Write the state file when a kept body changed since the last write (or it failed)."""
+        """Write the state file when a kept body changed since the last write (or it failed).
+
+        With `background` set (a watching pipeline: the daemon) the state is handed to a
+        writer thread, which writes the newest state handed to it WRITE_DELAY seconds later,
+        off the event path. Each write is one complete admitted state, so a restart still
+        loads only admitted bodies; a crash may lose the newest event's, which the source
+        delivers again.
+        """
         unsaved, self._dirty = self._dirty or not self._saved, False
         if not unsaved or self.path is None or self.readonly:
             return
+        if self._complete:
+            self._encode_changed()
+            pieces = list(self._texts.values())
+            if self.background:
+                if self._writer is None:
+                    self._writer = _Writer(self.path, self._failed)
+                self._saved = True  # until the writer says otherwise (then retried next time)
+                self._writer.submit(pieces)
+                return
+            writer: Callable[[TextIO], Any] = lambda f: _write_pieces(f, pieces)  # noqa: E731
+        else:  # the first write: every text encoded
+            writer = self._write
         try:
-            write_text(self.path, self._write_kept if self._complete else self._write)
+            write_text(self.path, writer)
             self._saved = True
         except (OSError, TypeError, ValueError) as e:
-            self._saved = False
-            log.error("cannot save state file %s: %s", self.path, e)
+            self._failed(e)
 
-    def _write_kept(self, f: TextIO) -> None:
-        """As `_write`, encoding only the bodies `_keep` changed."""
+    def _failed(self, e: Exception) -> None:
+        self._saved = False
+        log.error("cannot save state file %s: %s", self.path, e)
+
+    def flush(self) -> None:
+        """Wait for the background writer to write what it was handed."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def _encode_changed(self) -> None:
+        """Encode the texts of the bodies `_keep` changed (the others are kept)."""
         for key in self._unencoded:
             body = self._bodies.get(key)
             if body is None:
@@ -224,7 +255,6 @@ class LastGood:
             else:
                 self._texts[key], self._encoded[key] = _encode(key, body), body
         self._unencoded.clear()
-        f.write("{" + ", ".join(self._texts.values()) + "}")
 
     def _again(self, obj: RawObject, parse: Callable[[RawObject], T]) -> _Admitted:
         """A delivered object seen before as another object: reused when equal."""
@@ -264,3 +294,55 @@ class LastGood:
 def _encode(key: str, body: Mapping[str, Any]) -> str:
     """`"key": body` as the state file holds it (default=str: YAML timestamps in fields no one reads)."""
     return f"{json.dumps(key)}: {json.dumps(body, default=str)}"
+
+
+def _write_pieces(f: TextIO, pieces: list[str]) -> None:
+    f.write("{")
+    f.write(", ".join(pieces))
+    f.write("}")
+
+
+# Seconds between handing the state to the writer and its write: the sync that handed it
+# over (compile, kernel) runs first, and events arriving meanwhile share the write.
+WRITE_DELAY = 0.05
+
+
+class _Writer:
+    """Writes the newest state handed to it, WRITE_DELAY after it was handed over, in a
+    thread of its own. The thread runs while there is something to write; it is not a
+    daemon thread, so a process exiting normally finishes the write first."""
+
+    def __init__(self, path: Path, failed: Callable[[Exception], None]) -> None:
+        self.path = path
+        self.failed = failed
+        self._lock = threading.Lock()
+        self._pending: list[str] | None = None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, pieces: list[str]) -> None:
+        with self._lock:
+            self._pending = pieces
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="state-writer")
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(WRITE_DELAY)
+            with self._lock:
+                pieces, self._pending = self._pending, None
+                if pieces is None:
+                    self._thread = None
+                    return
+            try:
+                write_text(self.path, lambda f, p=pieces: _write_pieces(f, p))  # type: ignore[misc]
+            except (OSError, TypeError, ValueError) as e:
+                self.failed(e)
+
+    def flush(self) -> None:
+        while True:
+            with self._lock:
+                thread = self._thread
+            if thread is None:
+                return
+            thread.join()

@@ -160,3 +160,24 @@ def test_a_failed_admission_starts_afresh(tmp_path: Path) -> None:
     inv = admission.update(objs, set())  # an empty delta: still everything, after the failure
     assert inv.endpoints["x/p0"].labels == {"app": "db"} and "x" in inv.namespaces
     assert admission.touched is None  # and the compiler is told to compare everything
+
+
+def test_a_watching_pipeline_writes_the_state_off_the_event_path(tmp_path: Path) -> None:
+    """In the daemon (background) the state file is written by a writer thread: the newest
+    admitted state, complete, once flushed; a new process loads exactly it."""
+    state = tmp_path / "state.json"
+    store = LastGood(state)
+    store.background = True
+    admission = KubernetesAdmission(store)
+    objs = {o.ref.key: o for o in (RawObject(ref_of(b, "file", "t"), b) for b in (ns("x"), _doc("x/p0", "web")))}
+    admission.update(objs, None)  # the first write (every text encoded) is synchronous
+    assert "file|Pod|x|p0" in json.loads(state.read_text())
+    for app in ("db", "api", "web2"):
+        body = _doc("x/p0", app)
+        objs[("Pod", "x", "p0")] = RawObject(ref_of(body, "file", "t"), body)
+        admission.update(objs, {("Pod", "x", "p0")})
+    store.flush()
+    saved = json.loads(state.read_text())
+    assert saved["file|Pod|x|p0"]["metadata"]["labels"] == {"app": "web2"} and "file|Namespace||x" in saved
+    assert LastGood(state, readonly=True).get(objs[("Pod", "x", "p0")].ref) == saved["file|Pod|x|p0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # no temp file left
