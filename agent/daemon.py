@@ -56,7 +56,7 @@ class Heap:
             gc.collect()
         gc.freeze()
         self.frozen_at = time.monotonic()
-        log.debug("heap frozen: %d objects (%.0f ms)", gc.get_freeze_count(), (self.frozen_at - now) * 1000)
+        log.debug("heap frozen (%.0f ms)", (self.frozen_at - now) * 1000)
 
 
 def enforce(dataplane: Dataplane, program: Program, strict: bool = True) -> tuple[ApplyStats, int]:
@@ -181,7 +181,6 @@ class Daemon:
             self._notified = notify("READY=1") or True  # systemd Type=notify; no-op elsewhere
         for cb in self.on_synced:
             cb(snap)
-        self.heap.after_sync()
         return True
 
     def reapply(self) -> bool:
@@ -244,6 +243,8 @@ class Daemon:
                 self._busy_until = float("inf")  # an event from now on is part of a burst
                 ok = self.sync_once()
                 self._busy_until = time.monotonic()
+                if ok:
+                    self.heap.after_sync()
                 # Retry soon after a failure; otherwise resync periodically to repair drift.
                 next_resync = time.monotonic() + (self.resync if ok else min(5.0, self.resync))
         finally:
