@@ -6,7 +6,10 @@ parsed, so a half-written file never removes a policy; a file being written (cha
 in the last `settle` seconds, or, while watched, written and not yet closed) keeps its
 previous version. While watched, a file renamed into place (IN_MOVED_TO) or created and
 closed (IN_CREATE ... IN_CLOSE_WRITE) is complete and read at once: the settle rule is
-for in-place writers only. `watch` calls back on change.
+for in-place writers only. `watch` calls back on change. The source keeps what it
+delivered: a read looks again only at the keys of files that changed, and `changes()`
+hands over every object by key plus the keys whose object changed (unchanged objects stay
+the same objects), so an event costs what it changed downstream too.
 
 Bounds (the input boundary): a file is read only up to `max_file_bytes` (default 4 MiB,
 $STOCKADE_MAX_FILE_BYTES) and each object up to `max_object_bytes` (1 MiB as compact
@@ -193,7 +196,7 @@ class DirectorySource:
         # The delivered view, kept between reads (see _merge): the object list each file
         # delivered, which files hold each key (in file order: their objects), the object
         # delivered for each key, the duplicates reported, and the keys changed since the
-        # last read_changes (None: never read).
+        # last changes() (None: changes() never called, nothing tracked).
         self._lists: dict[Path, list[RawObject]] = {}
         self._holders: dict[Key, dict[Path, list[RawObject]]] = {}
         self._objects: dict[Key, RawObject] = {}

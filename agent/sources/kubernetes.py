@@ -416,11 +416,14 @@ class KubernetesSource:
         now = time.monotonic()
         with self._lock:
             old = self._objects[kind]
-            changed = [k for k, o in items.items() if k not in old or old[k].body != o.body]
+            changed = []
+            for k, o in items.items():
+                was = old.get(k)
+                if was is None or was.body != o.body:
+                    changed.append(k)
+                else:
+                    items[k] = was  # unchanged: the same object as before (admission's identity check)
             removed = [k for k in old if k not in items]
-            for k, o in old.items():  # unchanged: the same object as before (admission's identity check)
-                if k in items and items[k] is not o and items[k].body == o.body:
-                    items[k] = o
             self._objects[kind] = items
             self._rv[kind] = rv
             for k in changed:
