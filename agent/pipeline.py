@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.admission import LastGood, kubernetes_inventory
+from agent.admission import KubernetesAdmission, LastGood, kubernetes_inventory
 from agent.admission.netbird import AccountStore, admit_account, check_complete, local_peer
 from agent.inventory import Inventory, IPAddress, ObjectRef, Problem, RawPolicy
 from agent.ir import Network, Program
@@ -39,7 +39,7 @@ from agent.sources.netbird import (
     interface_addresses,
     load_token,
 )
-from agent.statefile import write_json
+from agent.statefile import write_json, write_text
 
 if TYPE_CHECKING:
     from agent.sources.kubernetes import Observed
@@ -125,6 +125,7 @@ class DirectoryPipeline:
         self.name = self.source.name
         self.node = node
         self.store = LastGood(state_file, readonly=readonly)
+        self.admission = KubernetesAdmission(self.store)
         self.compiler = IncrementalCompiler(node, self.name)
         self.errors = self.source.errors
         self.ready = threading.Event()
@@ -132,6 +133,9 @@ class DirectoryPipeline:
         self.readonly = readonly
         self.index_file = state_file.with_name(state_file.stem + ".files.json") if state_file else None
         self._index: dict[str, list[list[str]]] = {}
+        # what _save_index last wrote: each file's object list and its `"path": [refs]` text
+        self._index_lists: dict[Path, list[RawObject]] = {}
+        self._index_texts: dict[Path, tuple[list[RawObject], list[list[str]], str]] = {}
         if self.index_file is not None and self.index_file.exists():
             try:
                 self._index = json.loads(self.index_file.read_text())
@@ -154,31 +158,51 @@ class DirectoryPipeline:
         return out
 
     def _save_index(self) -> None:
-        index = {os.path.abspath(path): [[r.kind, r.namespace, r.name] for r in refs]
-                 for path, refs in self.source.held().items()}
-        if index == self._index:
+        """Write which objects each file holds, when that changed: only the entries of files
+        whose object lists changed are encoded again (a file's list is the same object
+        while the file is unchanged)."""
+        lists = self.source.lists()
+        if lists.keys() == self._index_lists.keys() and all(
+                lists[p] is old for p, old in self._index_lists.items()):
             return
-        self._index = index
-        if self.index_file is None or self.readonly:
+        texts: dict[Path, tuple[list[RawObject], list[list[str]], str]] = {}
+        for path, objs in lists.items():
+            hit = self._index_texts.get(path)
+            if hit is None or hit[0] is not objs:
+                refs = [[o.ref.kind, o.ref.namespace, o.ref.name] for o in objs]
+                if hit is not None and hit[1] == refs:
+                    hit = (objs, hit[1], hit[2])  # parsed again, the same objects
+                else:
+                    hit = (objs, refs, f"{json.dumps(os.path.abspath(path))}: {json.dumps(refs)}")
+            texts[path] = hit
+        unchanged = texts.keys() == self._index_texts.keys() and all(
+            texts[p][2] is t for p, (_, _, t) in self._index_texts.items())
+        self._index = {os.path.abspath(p): refs for p, (_, refs, _) in texts.items()}
+        self._index_lists, self._index_texts = dict(lists), texts
+        if unchanged or self.index_file is None or self.readonly:
             return
         try:
-            write_json(self.index_file, index, prefix=".files-")
+            write_text(self.index_file, lambda f: f.write("{" + ", ".join(t for _, _, t in texts.values()) + "}"),
+                       prefix=".files-")
         except OSError as e:  # only a later process's fallback is lost: not worth failing the sync
-            self._index = {}  # written again next time
+            self._index_lists, self._index_texts = {}, {}  # written again next time
             log.warning("cannot save %s: %s", self.index_file, e)
 
     def snapshot(self) -> Snapshot:
-        objects, problems = self.source.read()
+        _, problems = self.source.read()
         for _ in range(MAX_SETTLE_WAITS):  # files being written right now: let them finish
             if not self.source.unsettled:
                 break
             time.sleep(self.source.unsettled)
-            objects, problems = self.source.read()
-        snap = compile_kubernetes(objects, self.store, self.node, self.name, problems, self.compiler)
+            _, problems = self.source.read()
+        objects, changed = self.source.changes()
+        inv = self.admission.update(objects, changed, problems)
+        snap = Snapshot(inv, self.compiler.compile(inv, self.admission.touched))
         self._save_index()
         return snap
 
     def watch(self, on_change: Callable[[], None]) -> Callable[[], None]:
+        self.store.background = True  # the daemon: the state file is written off the event path
         return self.source.watch(on_change)
 
 
@@ -212,6 +236,7 @@ class KubernetesPipeline:
         self.node = node
         self.name = self.source.name
         self.store = LastGood(state_file, readonly=readonly)
+        self.admission = KubernetesAdmission(self.store)
         self.compiler = IncrementalCompiler(node, self.name)
         self.errors = self.source.errors
         # The daemon's /readyz waits for this: every initial list (and the pod CIDRs, if
@@ -229,14 +254,15 @@ class KubernetesPipeline:
                     "kubernetes source not synced yet (waiting for "
                     + (", ".join(f"{k}s" for k in missing) or "the node's pod CIDRs") + ")"
                 )
-        objects, problems, events = self.source.read_with_events()
-        snap = compile_kubernetes(objects, self.store, self.node, self.name, problems, self.compiler)
-        snap.events = events
+        objects, changed, events = self.source.read_changes()
+        inv = self.admission.update(objects, changed)
+        snap = Snapshot(inv, self.compiler.compile(inv, self.admission.touched), events)
         if self.guard_unknown:  # this node's pod CIDRs (flag or node.spec.podCIDRs)
             snap.program = dataclasses.replace(snap.program, guard=tuple(self.source.pod_cidrs or ()))
         return snap
 
     def watch(self, on_change: Callable[[], None]) -> Callable[[], None]:
+        self.store.background = True  # the daemon: the state file is written off the event path
         return self.source.watch(on_change)
 
 

@@ -22,7 +22,9 @@ Events are spaced apart so each is isolated (the daemon's debounce is leading-ed
 The floor: the same watcher, the agent stopped (its table left in place, allowing the
 client), a one-element set in a table of our own flipped by one libnftables command: what
 the kernel, nft's cache of this table and the watcher's resolution cost by themselves.
-Reports figures; never passes or fails on time.
+`--state-file`: the agent keeps its state file (`--state-dir`), as deployed (default:
+none, `--state-dir=`); `--keep-established`: the agent runs without strict mode (no
+conntrack dump after each sync). Reports figures; never passes or fails on time.
 """
 
 from __future__ import annotations
@@ -179,8 +181,9 @@ def _measure(watcher: Watcher, want: bool, change: Any) -> float | None:
 
 
 def run_size(size_name: str, size: tuple[int, int], n: int, seed: int, dataplane: str,
-             log: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"size": size_name, "dataplane": dataplane, "events_per_kind": n}
+             log: Any, state: bool = False, keep_established: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"size": size_name, "dataplane": dataplane, "events_per_kind": n, "state_file": state,
+                           "keep_established": keep_established}
     work = Path(tempfile.mkdtemp(prefix="stkbench-e2e-"))
     try:
         with Lab() as lab:
@@ -189,7 +192,8 @@ def run_size(size_name: str, size: tuple[int, int], n: int, seed: int, dataplane
             m = Manifests(work, size, seed)
             t0 = time.monotonic()
             agent = lab.spawn_agent("run", "--source", str(m.dir), "--node", LOCAL_NODE, "--dataplane", dataplane,
-                                    "--state-dir=", "--metrics-address", METRICS)
+                                    f"--state-dir={work / 'state' if state else ''}", "--metrics-address", METRICS,
+                                    *(["--keep-established"] if keep_established else []))
             ready = until(lambda: agent.poll() is not None or lab.http_get(f"http://{METRICS}/readyz")[0] == 200,
                           timeout=900, interval=0.5)
             if agent.poll() is not None or not ready:
@@ -257,7 +261,7 @@ def run_size(size_name: str, size: tuple[int, int], n: int, seed: int, dataplane
         shutil.rmtree(work, ignore_errors=True)
     figures = [f"{k} p50 {_ms(v.get('median'))} p99 {_ms(v.get('p99'))} ms (n={v['n']})"
                for k, v in out.get("events", {}).items()]
-    log(f"  e2e {dataplane} {size_name}: {', '.join(figures) or out.get('error')}; "
+    log(f"  e2e {dataplane} {size_name}{' (state file)' if state else ''}: {', '.join(figures) or out.get('error')}; "
         f"floor p50 {_ms(out.get('floor', {}).get('median'))} ms")
     return out
 
@@ -266,7 +270,8 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1000:.1f}"
 
 
-def run(dataplanes: list[str], sizes: list[str], n: int | None, seed: int, log: Any) -> dict[str, Any]:
+def run(dataplanes: list[str], sizes: list[str], n: int | None, seed: int, log: Any,
+        state: bool = False, keep_established: bool = False) -> dict[str, Any]:
     from bench.control import size_of
 
     res: dict[str, Any] = {}
@@ -276,7 +281,7 @@ def run(dataplanes: list[str], sizes: list[str], n: int | None, seed: int, log: 
         for size in sizes:
             count = n if n is not None else EVENTS.get(size, 50)
             log(f"events end to end: {dp} {size} ({count} per kind)")
-            res[f"{dp}/{size}"] = run_size(size, size_of(size), count, seed, dp, log)
+            res[f"{dp}/{size}"] = run_size(size, size_of(size), count, seed, dp, log, state, keep_established)
     return res
 
 
@@ -292,8 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1k")
     ap.add_argument("--events", type=int)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--state-file", action="store_true",
+                    help="the agent keeps its state file (--state-dir), as deployed; default: none")
+    ap.add_argument("--keep-established", action="store_true",
+                    help="the agent does not re-judge established flows after each sync (no conntrack dump)")
     args = ap.parse_args(argv)
-    res = run(["nftables"], args.sizes.split(","), args.events, args.seed, lambda s: print(s, flush=True))
+    res = run(["nftables"], args.sizes.split(","), args.events, args.seed, lambda s: print(s, flush=True),
+              args.state_file, args.keep_established)
     print(json.dumps(res, indent=1))
     return 0
 

@@ -5,7 +5,7 @@ NetworkPolicies, ClusterNetworkPolicies and the v1alpha1 Admin/BaselineAdminNetw
 `netbird` (the NetBird account).
 """
 
-from agent.admission.kubernetes import kubernetes_inventory
+from agent.admission.kubernetes import KubernetesAdmission, kubernetes_inventory
 from agent.admission.lastgood import LastGood
 
-__all__ = ["LastGood", "kubernetes_inventory"]
+__all__ = ["KubernetesAdmission", "LastGood", "kubernetes_inventory"]

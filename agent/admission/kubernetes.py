@@ -37,6 +37,7 @@ from agent.policy.cluster import KINDS as CLUSTER_KINDS
 from agent.policy.cluster import parse_cluster_policy, unreadable
 from agent.policy.errors import Invalid, Partial, is_dns_label, is_dns_subdomain, safe_name, valid_port_name
 from agent.policy.kubernetes import API_PROTOCOLS, isolation_only, parse_policy
+from agent.policy.kubernetes.incremental import Touched
 from agent.policy.selectors import parse_labels
 from agent.sources.kubeobjects import RawObject
 
@@ -271,54 +272,168 @@ def _cluster_scoped(obj: RawObject) -> RawObject:
     return obj
 
 
+def _parse(obj: RawObject) -> Any:
+    """One object as admission reads it (see the module docstring): the value, else
+    `Partial` (read fail-closed) or `Invalid` (left out)."""
+    ref = obj.ref
+    if not isinstance(obj.body, Mapping):
+        raise Invalid("(object)", "must be an object")
+    if ref.kind == "Namespace":
+        # Unreadable: kept by name, matched by no namespaceSelector; without a name
+        # nothing can refer to it.
+        return _strict(parse_namespace, lambda: Namespace(
+            safe_name(ref.name, is_dns_label(ref.name)), {}, labels_invalid=True) if ref.name else None,
+        )(obj.body)
+    if ref.kind == "Pod":
+        # A pod that cannot be read has no address we could isolate: left out.
+        return _strict(parse_pod, lambda: None)(obj.body)
+    if ref.kind == "Node":
+        # Unreadable: kept by name with no address and unknown labels.
+        return _strict(parse_node, lambda: Node(safe_name(ref.name, is_dns_subdomain(ref.name)), {},
+                                                labels_invalid=True) if ref.name else None)(obj.body)
+    if ref.kind in CLUSTER_KINDS:
+        return _strict(
+            lambda body, issues: parse_cluster_policy(RawPolicy(ref, body), issues),
+            lambda: unreadable(ref.kind, safe_name(ref.name, is_dns_subdomain(ref.name)), ref.source),
+        )(obj.body)
+    return _strict(
+        lambda body, issues: parse_policy(RawPolicy(ref, body), issues),
+        lambda: isolation_only(safe_name(ref.namespace, is_dns_label(ref.namespace)),
+                               safe_name(ref.name, is_dns_subdomain(ref.name)), ref.source),
+    )(obj.body)
+
+
+def _placement(inv: Inventory, obj: RawObject, value: Any) -> tuple[dict[Any, Any], Any, Any]:
+    """Where an admitted value goes in the Inventory: (table, key, what it holds)."""
+    kind = obj.ref.kind
+    if kind == "Namespace":
+        return inv.namespaces, value.name, value
+    if kind == "Pod":
+        return inv.endpoints, value.key, value
+    if kind == "Node":
+        return inv.nodes, value.name, value
+    return inv.policies, obj.ref.key, RawPolicy(obj.ref, obj.body, parsed=value)
+
+
 def kubernetes_inventory(
     objects: Iterable[RawObject], store: LastGood, problems: list[Problem] | None = None
 ) -> Inventory:
     """Namespaces, Pods, Nodes, NetworkPolicies and the cluster policies (ClusterNetworkPolicy,
     AdminNetworkPolicy, BaselineAdminNetworkPolicy) into an Inventory, invalid objects
-    reported and read fail-closed (see the module docstring)."""
+    reported and read fail-closed (see the module docstring). Admits every object: the
+    reference `KubernetesAdmission` (what the pipelines keep between events) must equal."""
     inv = Inventory(problems=list(problems or []))
-
-    def parse(obj: RawObject) -> Any:
-        ref = obj.ref
-        if not isinstance(obj.body, Mapping):
-            raise Invalid("(object)", "must be an object")
-        if ref.kind == "Namespace":
-            # Unreadable: kept by name, matched by no namespaceSelector; without a name
-            # nothing can refer to it.
-            return _strict(parse_namespace, lambda: Namespace(
-                safe_name(ref.name, is_dns_label(ref.name)), {}, labels_invalid=True) if ref.name else None,
-            )(obj.body)
-        if ref.kind == "Pod":
-            # A pod that cannot be read has no address we could isolate: left out.
-            return _strict(parse_pod, lambda: None)(obj.body)
-        if ref.kind == "Node":
-            # Unreadable: kept by name with no address and unknown labels.
-            return _strict(parse_node, lambda: Node(safe_name(ref.name, is_dns_subdomain(ref.name)), {},
-                                                    labels_invalid=True) if ref.name else None)(obj.body)
-        if ref.kind in CLUSTER_KINDS:
-            return _strict(
-                lambda body, issues: parse_cluster_policy(RawPolicy(ref, body), issues),
-                lambda: unreadable(ref.kind, safe_name(ref.name, is_dns_subdomain(ref.name)), ref.source),
-            )(obj.body)
-        return _strict(
-            lambda body, issues: parse_policy(RawPolicy(ref, body), issues),
-            lambda: isolation_only(safe_name(ref.namespace, is_dns_label(ref.namespace)),
-                                   safe_name(ref.name, is_dns_subdomain(ref.name)), ref.source),
-        )(obj.body)
-
     # Kinds no semantics reads (a StatefulSet beside the policies) are not admitted: read as
     # a NetworkPolicy, a spec without podSelector would isolate a whole namespace.
     ours = (_cluster_scoped(o) for o in objects if o.ref.kind in KINDS)
-    for obj, value in store.admit(ours, parse, inv.problems):
+    for obj, value in store.admit(ours, _parse, inv.problems):
         if value is None:
             continue
-        if obj.ref.kind == "Namespace":
-            inv.namespaces[value.name] = value
-        elif obj.ref.kind == "Pod":
-            inv.endpoints[value.key] = value
-        elif obj.ref.kind == "Node":
-            inv.nodes[value.name] = value
-        else:
-            inv.policies[obj.ref.key] = RawPolicy(obj.ref, obj.body, parsed=value)
+        table, key, held = _placement(inv, obj, value)
+        table[key] = held
     return inv
+
+
+Key = tuple[str, str, str]
+
+
+class KubernetesAdmission:
+    """Admission kept between events: an event costs what it changed.
+
+    `update(objects, changed)` re-admits only the objects whose keys are in `changed`
+    (the source's delta since the previous call; None: every object, as on the first
+    call) and edits the Inventory it keeps by their entries; every other object keeps
+    its admitted value, its Inventory entry (the same object, so the incremental
+    compiler's diff is an identity check) and its problems. The store's state file is
+    written only when a kept (valid) body changed. The result equals
+    `kubernetes_inventory(objects.values(), store)` (tests/unit/test_incremental.py).
+    Two objects that map to one Inventory entry (unnamed pods with equal addresses never
+    do: the source keys them apart) keep the one admitted last.
+    """
+
+    def __init__(self, store: LastGood) -> None:
+        self.store = store
+        self._clear()
+
+    def _clear(self) -> None:
+        self._inv = Inventory()
+        self._delivered: dict[Key, RawObject] = {}  # by the source's key, ours only
+        self._placed: dict[Key, tuple[dict[Any, Any], Any, Any]] = {}
+        self._problems: dict[Key, tuple[Problem, ...]] = {}
+        # The Inventory keys the last update touched, for the incremental compiler's diff
+        # (None: unknown, compare everything: a first or complete delivery, or after a failure).
+        self.touched: Touched | None = None
+        self._touched: dict[int, set[Any]] = {}
+        self._fresh = True  # nothing admitted yet: the next update admits every object
+
+    def update(self, objects: Mapping[Key, RawObject], changed: Iterable[Key] | None,
+               problems: Iterable[Problem] = ()) -> Inventory:
+        """The Inventory of `objects` (by source key) after re-admitting `changed`."""
+        self.touched = None
+        if self._fresh:
+            changed = None
+        try:
+            inv = self._update(objects, changed, problems)
+        except BaseException:
+            # Half applied: start afresh (the source's delta is spent), everything admitted
+            # again next time (cheap for bodies the store has seen: see LastGood.admit_key).
+            self._clear()
+            raise
+        if changed is not None:
+            t = self._touched
+            self.touched = Touched(*(frozenset(t.get(id(table), ())) for table in (
+                self._inv.endpoints, self._inv.namespaces, self._inv.policies, self._inv.nodes)))
+        self._touched = {}
+        self._fresh = False
+        return inv
+
+    def _update(self, objects: Mapping[Key, RawObject], changed: Iterable[Key] | None,
+                problems: Iterable[Problem]) -> Inventory:
+        if changed is None:
+            keys: Iterable[Key] = set(self._delivered) | set(objects)
+        else:
+            keys = changed
+        for key in keys:
+            obj = objects.get(key)
+            if obj is not None and obj.ref.kind not in KINDS:
+                obj = None  # a kind no semantics reads: never admitted (see kubernetes_inventory)
+            was = self._delivered.get(key)
+            if obj is was:
+                continue
+            self._unplace(key)
+            if obj is None:
+                del self._delivered[key]
+                if was is not None:
+                    self.store.forget(_cluster_scoped(was).ref)
+                continue
+            self._delivered[key] = obj
+            hit = self.store.admit_key(_cluster_scoped(obj), _parse)
+            if hit.problems:
+                self._problems[key] = hit.problems
+            if hit.entry is not None and hit.entry[1] is not None:
+                entry_obj, value = hit.entry
+                table, ikey, held = _placement(self._inv, entry_obj, value)
+                old = self._inv.policies.get(ikey) if table is self._inv.policies else None
+                if old is not None and old.ref == held.ref and old.body is held.body and old.parsed is held.parsed:
+                    held = old  # readmitted as it was: the same object for the compiler's diff
+                table[ikey] = held
+                self._placed[key] = (table, ikey, held)
+                self._touched.setdefault(id(table), set()).add(ikey)
+        if changed is None:  # a complete delivery: bodies kept for objects gone meanwhile go
+            self.store.retain(_cluster_scoped(o).ref for o in self._delivered.values())
+        self.store.save()
+        inv = self._inv
+        out = Inventory(dict(inv.endpoints), dict(inv.namespaces), dict(inv.policies), dict(inv.nodes),
+                        problems=list(problems))
+        for found in self._problems.values():
+            out.problems.extend(found)
+        return out
+
+    def _unplace(self, key: Key) -> None:
+        self._problems.pop(key, None)
+        placed = self._placed.pop(key, None)
+        if placed is not None:
+            table, ikey, held = placed
+            if table.get(ikey) is held:
+                del table[ikey]
+            self._touched.setdefault(id(table), set()).add(ikey)

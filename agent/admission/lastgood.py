@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +53,20 @@ class LastGood:
         self.readonly = readonly  # the simulator reads the state but never writes it
         self._bodies: dict[str, Mapping[str, Any]] = {}
         self._saved = True  # False after a failed write: retried on the next sync
+        self._dirty = False  # a kept body changed since the last write (admit_key / forget)
         # key -> what admission made of the body last delivered (see _Admitted); and the same
         # by the delivered RawObject's id (held by the _Admitted, so never reused meanwhile):
         # a source handing over the very same object costs one lookup
         self._admitted: dict[str, _Admitted] = {}
         self._by_id: dict[int, _Admitted] = {}
-        # key -> (body, `"key": body` as JSON): the state file is joined from these
-        self._texts: dict[str, tuple[Mapping[str, Any], str]] = {}
+        # key -> `"key": body` as JSON, and the body each encodes: the state file is joined
+        # from these; keys whose body changed (admit_key, forget) wait in _unencoded
+        self._texts: dict[str, str] = {}
+        self._encoded: dict[str, Mapping[str, Any]] = {}
+        self._unencoded: set[str] = set()
+        self._complete = False  # _texts holds every body but those in _unencoded (after a _write)
+        self.background = False  # save() hands the state to a writer thread (see save)
+        self._writer: _Writer | None = None
         if path is not None and path.exists():
             try:
                 loaded = json.loads(path.read_text())
@@ -94,15 +103,15 @@ class LastGood:
 
     def _write(self, f: TextIO) -> None:
         """The bodies as one JSON object, each object's text encoded once per version."""
-        texts: dict[str, tuple[Mapping[str, Any], str]] = {}
+        texts: dict[str, str] = {}
         for key, body in self._bodies.items():
-            hit = self._texts.get(key)
-            if hit is None or hit[0] is not body:
-                # default=str: YAML timestamps in fields no one reads
-                hit = (body, f"{json.dumps(key)}: {json.dumps(body, default=str)}")
-            texts[key] = hit
-        f.write("{" + ", ".join(t for _, t in texts.values()) + "}")
-        self._texts = texts
+            text = self._texts.get(key)
+            if text is None or self._encoded.get(key) is not body:
+                text = _encode(key, body)
+            texts[key] = text
+        f.write("{" + ", ".join(texts.values()) + "}")
+        self._texts, self._encoded, self._unencoded = texts, dict(self._bodies), set()
+        self._complete = True
 
     def _parse_previous(
         self, obj: RawObject, parse: Callable[[RawObject], T], problems: list[Problem]
@@ -155,6 +164,98 @@ class LastGood:
         self.replace(good)
         return out
 
+    # ---------------------------------------------------------------- one key at a time
+    # For a caller that keeps what it admitted between events (KubernetesAdmission): the
+    # same bookkeeping as `admit`, per changed object, and the state file written only when
+    # a kept body changed, re-encoding only that object's text.
+
+    def admit_key(self, obj: RawObject, parse: Callable[[RawObject], T]) -> _Admitted:
+        """Admit one delivered object (new or changed), as `admit` would; call `save` after."""
+        key = self._key(obj.ref)
+        hit = self._again(obj, parse) if self.reuse else self._admit_one(key, obj, parse)
+        old = self._admitted.get(key)
+        if old is not None:
+            self._by_id.pop(id(old.obj), None)
+        self._admitted[key] = self._by_id[id(obj)] = hit
+        self._keep(key, hit.good)
+        return hit
+
+    def forget(self, ref: ObjectRef) -> None:
+        """The object is gone from the source: its last good version is forgotten."""
+        key = self._key(ref)
+        old = self._admitted.pop(key, None)
+        if old is not None:
+            self._by_id.pop(id(old.obj), None)
+        self._keep(key, None)
+
+    def retain(self, refs: Iterable[ObjectRef]) -> None:
+        """Forget every kept body but those of `refs` (after a complete delivery: bodies
+        loaded from the state file for objects the source no longer has)."""
+        keep = {self._key(r) for r in refs}
+        for key in [k for k in self._bodies if k not in keep]:
+            self._admitted.pop(key, None)
+            self._keep(key, None)
+
+    def _keep(self, key: str, good: Mapping[str, Any] | None) -> None:
+        if self._bodies.get(key) is good:
+            return
+        if good is None:
+            del self._bodies[key]
+        else:
+            self._bodies[key] = good
+        self._unencoded.add(key)  # encoded again at the next write
+        self._dirty = True
+
+    def save(self) -> None:
+        """Write the state file when a kept body changed since the last write (or it failed).
+
+        With `background` set (a watching pipeline: the daemon) the state is handed to a
+        writer thread, which writes the newest state handed to it WRITE_DELAY seconds later,
+        off the event path. Each write is one complete admitted state, so a restart still
+        loads only admitted bodies; a crash may lose the newest event's, which the source
+        delivers again.
+        """
+        unsaved, self._dirty = self._dirty or not self._saved, False
+        if not unsaved or self.path is None or self.readonly:
+            return
+        if self._complete:
+            self._encode_changed()
+            pieces = list(self._texts.values())
+            if self.background:
+                if self._writer is None:
+                    self._writer = _Writer(self.path, self._failed)
+                self._saved = True  # until the writer says otherwise (then retried next time)
+                self._writer.submit(pieces)
+                return
+            writer: Callable[[TextIO], Any] = lambda f: _write_pieces(f, pieces)  # noqa: E731
+        else:  # the first write: every text encoded
+            writer = self._write
+        try:
+            write_text(self.path, writer)
+            self._saved = True
+        except (OSError, TypeError, ValueError) as e:
+            self._failed(e)
+
+    def _failed(self, e: Exception) -> None:
+        self._saved = False
+        log.error("cannot save state file %s: %s", self.path, e)
+
+    def flush(self) -> None:
+        """Wait for the background writer to write what it was handed."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def _encode_changed(self) -> None:
+        """Encode the texts of the bodies `_keep` changed (the others are kept)."""
+        for key in self._unencoded:
+            body = self._bodies.get(key)
+            if body is None:
+                self._texts.pop(key, None)
+                self._encoded.pop(key, None)
+            else:
+                self._texts[key], self._encoded[key] = _encode(key, body), body
+        self._unencoded.clear()
+
     def _again(self, obj: RawObject, parse: Callable[[RawObject], T]) -> _Admitted:
         """A delivered object seen before as another object: reused when equal."""
         key = self._key(obj.ref)
@@ -162,7 +263,9 @@ class LastGood:
         if hit is None or hit.obj.ref != obj.ref or not (hit.body is obj.body or hit.body == obj.body) or (
                 hit.previous is not None and hit.previous is not self._bodies.get(key)):
             return self._admit_one(key, obj, parse)
-        if hit.previous is None and hit.entry is not None:  # valid: enforce the object as delivered
+        if hit.entry is not None and hit.good is not None and hit.good is hit.body:
+            # valid: enforce and keep the object as delivered. (Not an invalid one read
+            # fail-closed, which has no previous version either: never kept as good.)
             return _Admitted(key, obj, obj.body, None, (obj, hit.entry[1]), obj.body, hit.problems)
         return _Admitted(key, obj, obj.body, hit.previous, hit.entry, hit.good, hit.problems)
 
@@ -186,3 +289,60 @@ class LastGood:
         # enforced fail-closed (or left out), never saved as good
         entry = None if fallback is _NOT_PARSED else (obj, fallback)
         return _Admitted(key, obj, obj.body, was, entry, None, tuple(found))
+
+
+def _encode(key: str, body: Mapping[str, Any]) -> str:
+    """`"key": body` as the state file holds it (default=str: YAML timestamps in fields no one reads)."""
+    return f"{json.dumps(key)}: {json.dumps(body, default=str)}"
+
+
+def _write_pieces(f: TextIO, pieces: list[str]) -> None:
+    f.write("{")
+    f.write(", ".join(pieces))
+    f.write("}")
+
+
+# Seconds between handing the state to the writer and its write: the sync that handed it
+# over (compile, kernel) runs first, and events arriving meanwhile share the write.
+WRITE_DELAY = 0.05
+
+
+class _Writer:
+    """Writes the newest state handed to it, WRITE_DELAY after it was handed over, in a
+    thread of its own. The thread runs while there is something to write; it is not a
+    daemon thread, so a process exiting normally finishes the write first."""
+
+    def __init__(self, path: Path, failed: Callable[[Exception], None]) -> None:
+        self.path = path
+        self.failed = failed
+        self._lock = threading.Lock()
+        self._pending: list[str] | None = None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, pieces: list[str]) -> None:
+        with self._lock:
+            self._pending = pieces
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="state-writer")
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(WRITE_DELAY)
+            with self._lock:
+                pieces, self._pending = self._pending, None
+                if pieces is None:
+                    self._thread = None
+                    return
+            try:
+                write_text(self.path, lambda f, p=pieces: _write_pieces(f, p))  # type: ignore[misc]
+            except (OSError, TypeError, ValueError) as e:
+                self.failed(e)
+
+    def flush(self) -> None:
+        while True:
+            with self._lock:
+                thread = self._thread
+            if thread is None:
+                return
+            thread.join()

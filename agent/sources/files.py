@@ -6,7 +6,10 @@ parsed, so a half-written file never removes a policy; a file being written (cha
 in the last `settle` seconds, or, while watched, written and not yet closed) keeps its
 previous version. While watched, a file renamed into place (IN_MOVED_TO) or created and
 closed (IN_CREATE ... IN_CLOSE_WRITE) is complete and read at once: the settle rule is
-for in-place writers only. `watch` calls back on change.
+for in-place writers only. `watch` calls back on change. The source keeps what it
+delivered: a read looks again only at the keys of files that changed, and `changes()`
+hands over every object by key plus the keys whose object changed (unchanged objects stay
+the same objects), so an event costs what it changed downstream too.
 
 Bounds (the input boundary): a file is read only up to `max_file_bytes` (default 4 MiB,
 $STOCKADE_MAX_FILE_BYTES) and each object up to `max_object_bytes` (1 MiB as compact
@@ -48,6 +51,7 @@ MAX_OBJECT_BYTES = 1 << 20
 # A NetworkPolicy is about 10 levels deep; 64 leaves room and keeps every recursive
 # walker (composer, json, validators) far from Python's recursion limit.
 MAX_DEPTH = 64
+Key = tuple[str, str, str]  # ObjectRef.key
 
 
 class OutOfBounds(ValueError):
@@ -189,6 +193,15 @@ class DirectorySource:
         # What links in the directory point to (as of the last walk): a hidden file is read
         # only through one of them.
         self._link_targets: frozenset[str] = frozenset()
+        # The delivered view, kept between reads (see _merge): the object list each file
+        # delivered, which files hold each key (in file order: their objects), the object
+        # delivered for each key, the duplicates reported, and the keys changed since the
+        # last changes() (None: changes() never called, nothing tracked).
+        self._lists: dict[Path, list[RawObject]] = {}
+        self._holders: dict[Key, dict[Path, list[RawObject]]] = {}
+        self._objects: dict[Key, RawObject] = {}
+        self._duplicates: dict[Key, list[Problem]] = {}
+        self._changed: set[Key] | None = None
         self._lock = threading.Lock()
         self.errors: Counter[str] = Counter()  # fault cause -> occurrences, for metrics
 
@@ -295,8 +308,7 @@ class DirectorySource:
     def read(self) -> tuple[list[RawObject], list[Problem]]:
         """All objects now in the directory, plus problems with unparsable files."""
         problems: list[Problem] = []
-        objects: list[RawObject] = []
-        seen: dict[tuple[str, str, str], ObjectRef] = {}
+        delivered: list[Path] = []  # files whose objects are delivered, in walk order
         current = self.files()
         problems.extend(self._walk_problems)
         self.unsettled = 0.0
@@ -336,14 +348,10 @@ class DirectorySource:
                     self.errors["unparsable_file"] += 1
                 if path not in self._cache and not self._restore(path):
                     continue  # never parsed: nothing to keep
-            for obj in self._cache[path][1]:
-                if obj.ref.key in seen:
-                    problems.append(
-                        Problem(obj.ref, "metadata.name", f"duplicate of {seen[obj.ref.key]}; ignored")
-                    )
-                    continue
-                seen[obj.ref.key] = obj.ref
-                objects.append(obj)
+            delivered.append(path)
+        self._merge(delivered)
+        for found in self._duplicates.values():
+            problems.extend(found)
         for gone in set(self._cache) - set(current):
             del self._cache[gone]
         with self._lock:  # entries of files gone without an event seen (a directory removed)
@@ -351,7 +359,63 @@ class DirectorySource:
                 known = {os.path.abspath(p) for p in current}
                 for k in set(self._complete) - known:
                     del self._complete[k]
-        return objects, problems
+        return list(self._objects.values()), problems
+
+    def changes(self) -> tuple[dict[Key, RawObject], set[Key] | None]:
+        """What the reads so far delivered: every object by key (the source's own map: do
+        not edit it) and the keys whose delivered object changed since the previous call
+        (None: every key, on the first call). An unchanged object is the same RawObject
+        as before."""
+        changed, self._changed = self._changed, set()
+        return self._objects, changed
+
+    def _merge(self, delivered: list[Path]) -> None:
+        """Update the delivered objects from the files whose object lists changed.
+
+        The first file in walk order (the first object within a file) holding a key
+        delivers it; every other holder is reported as a duplicate. Only the keys of
+        changed files are looked at again, so a read costs what changed.
+        """
+        now = {p: self._cache[p][1] for p in delivered}
+        touched: set[Key] = set()
+        for path in self._lists.keys() | now.keys():
+            old, new = self._lists.get(path), now.get(path)
+            if old is new:
+                continue
+            for obj in old or ():
+                key = obj.ref.key
+                touched.add(key)
+                holders = self._holders.get(key)
+                if holders is not None:
+                    holders.pop(path, None)
+                    if not holders:
+                        del self._holders[key]
+            for obj in new or ():
+                key = obj.ref.key
+                touched.add(key)
+                self._holders.setdefault(key, {}).setdefault(path, []).append(obj)
+        self._lists = now
+        if not touched:
+            return
+        position = {p: i for i, p in enumerate(delivered)}
+        for key in touched:
+            holders = self._holders.get(key)
+            if not holders:
+                self._duplicates.pop(key, None)
+                if self._objects.pop(key, None) is not None and self._changed is not None:
+                    self._changed.add(key)
+                continue
+            found = [o for p in sorted(holders, key=position.__getitem__) for o in holders[p]]
+            first = found[0]
+            if self._objects.get(key) is not first:
+                self._objects[key] = first
+                if self._changed is not None:
+                    self._changed.add(key)
+            if len(found) > 1:
+                self._duplicates[key] = [Problem(o.ref, "metadata.name", f"duplicate of {first.ref}; ignored")
+                                         for o in found[1:]]
+            else:
+                self._duplicates.pop(key, None)
 
     def _restore(self, path: Path) -> bool:
         """Take what `fallback` says `path` held, for a file not readable now that never
@@ -360,6 +424,11 @@ class DirectorySource:
         if kept:
             self._cache[path] = ((-1, -1, -1), kept)
         return bool(kept)
+
+    def lists(self) -> dict[Path, list[RawObject]]:
+        """The objects each file held when it last parsed: one list object per version (the
+        same list while the file is unchanged). Do not edit them."""
+        return {path: objs for path, (_, objs) in self._cache.items()}
 
     def held(self) -> dict[Path, list[ObjectRef]]:
         """The objects each file held when it last parsed (as read() delivers them)."""

@@ -202,6 +202,8 @@ class KubernetesSource:
         self._rv: dict[str, str | None] = dict.fromkeys(KINDS)
         self._observed: collections.deque[Observed] = collections.deque(maxlen=max_observed)
         self._ever_seen_ips: dict[Key, set[str]] = {}
+        # Keys changed since the last read_changes (None: never read; every key is new).
+        self._changed: set[Key] | None = None
         self._on_change: Callable[[], None] | None = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -235,6 +237,19 @@ class KubernetesSource:
     def read_with_events(self) -> tuple[list[RawObject], list[Problem], list[Observed]]:
         """As read(), plus (atomically) every change observed since the previous call."""
         return self._snapshot(drain=True)
+
+    def read_changes(self) -> tuple[dict[Key, RawObject], set[Key] | None, list[Observed]]:
+        """Every object by key, the keys changed since the previous call (None: every key,
+        on the first call) and (as read_with_events) the changes observed, atomically. An
+        unchanged object is the same RawObject as before: a call costs what changed."""
+        with self._lock:
+            objects: dict[Key, RawObject] = {}
+            for k in KINDS:
+                objects.update(self._objects[k])
+            changed, self._changed = self._changed, set()
+            events = list(self._observed)
+            self._observed.clear()
+        return objects, changed, events
 
     def _snapshot(self, drain: bool) -> tuple[list[RawObject], list[Problem], list[Observed]]:
         with self._lock:
@@ -401,7 +416,13 @@ class KubernetesSource:
         now = time.monotonic()
         with self._lock:
             old = self._objects[kind]
-            changed = [k for k, o in items.items() if k not in old or old[k].body != o.body]
+            changed = []
+            for k, o in items.items():
+                was = old.get(k)
+                if was is None or was.body != o.body:
+                    changed.append(k)
+                else:
+                    items[k] = was  # unchanged: the same object as before (admission's identity check)
             removed = [k for k in old if k not in items]
             self._objects[kind] = items
             self._rv[kind] = rv
@@ -495,7 +516,8 @@ class KubernetesSource:
                 changed = cache.pop(raw.ref.key, None) is not None
             else:
                 changed = old is None or old.body != raw.body
-                cache[raw.ref.key] = raw
+                if changed:  # else the object stays the same one
+                    cache[raw.ref.key] = raw
             if rv:
                 self._rv[kind] = rv
             if changed:
@@ -516,6 +538,8 @@ class KubernetesSource:
                 new_ips = tuple(sorted(ips - seen))
                 seen |= ips
         self._observed.append(Observed(obj.ref, etype, at, new_ips))
+        if self._changed is not None:
+            self._changed.add(obj.ref.key)
 
     # ------------------------------------------------------------------ node
 

@@ -10,19 +10,22 @@ whole sequence, and afresh with `compile_inventory`, the reference.
 from __future__ import annotations
 
 import ipaddress
+import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.admission import LastGood, kubernetes_inventory
+from agent.admission import KubernetesAdmission, LastGood, kubernetes_inventory
 from agent.dataplane.ebpf import tables
 from agent.dataplane.nftables import build_model, render_full
 from agent.inventory import Inventory
 from agent.ir import PeerSet, Program, Verdict
 from agent.policy.kubernetes import compile_inventory, incremental
-from agent.policy.kubernetes.incremental import IncrementalCompiler
+from agent.policy.kubernetes.incremental import IncrementalCompiler, Touched
 from agent.policy.kubernetes.spans import Spans
 from agent.sources.kubeobjects import RawObject, ref_of
 from tests.kit.builders import ns, pod, policy
@@ -213,8 +216,8 @@ def renderings(program: Program) -> tuple[str, str]:
     return render_full(build_model(program)), tables.render(program, [])
 
 
-def check(inc: IncrementalCompiler, inv: Inventory, node: str | None) -> None:
-    got = inc.compile(inv)
+def check(inc: IncrementalCompiler, inv: Inventory, node: str | None, touched: Touched | None = None) -> None:
+    got = inc.compile(inv, touched)
     want = compile_inventory(inv, node, source="file")
     assert got == want
     assert list(got.endpoints) == list(want.endpoints)  # same order: renderings iterate it
@@ -358,3 +361,60 @@ def test_a_failed_compile_starts_afresh(monkeypatch: pytest.MonkeyPatch) -> None
             inc.compile(inv)
     assert inc.compile(inv) == compile_inventory(inv, "n1")
     assert inc.stats.full
+
+
+def _same_inventory(got: Inventory, want: Inventory) -> None:
+    assert (got.endpoints, got.namespaces, got.policies, got.nodes) == (
+        want.endpoints, want.namespaces, want.policies, want.nodes)
+    assert sorted(map(str, got.problems)) == sorted(map(str, want.problems))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(start=start_state, events=st.lists(event, min_size=5, max_size=25),
+       node=st.sampled_from(["n1", None]))
+def test_admission_delta_equals_full_admission(
+        start: list[tuple[Any, ...]], events: list[tuple[Any, ...]], node: str | None) -> None:
+    """KubernetesAdmission, handed only the keys that changed (as the sources hand them),
+    admits what kubernetes_inventory admits from every object, keeps unchanged entries as
+    the same objects, and saves the same state file; the compiler fed by it equals a full
+    compile. Each step is also restarted from the state file it saved (a new process)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        state, reference = Path(tmp) / "delta.json", Path(tmp) / "full.json"
+        objects: dict[tuple[str, str, str], RawObject] = {}
+        delta = KubernetesAdmission(LastGood(state))
+        full = LastGood(reference)
+        inc = IncrementalCompiler(node, "file")
+        changed: set[tuple[str, str, str]] | None = None  # the first delivery: everything
+        previous: Inventory | None = None
+
+        def put(ev: tuple[Any, ...]) -> None:
+            name, body = body_of(ev)
+            kind, _, rest = name.partition(" ")
+            key = (kind, *rest.split("/")) if "/" in rest else (kind, "", rest)
+            if body is None:
+                objects.pop(key, None)  # type: ignore[arg-type]
+            else:
+                objects[key] = RawObject(ref_of(body, "file", "test"), body)  # type: ignore[index]
+            if changed is not None:
+                changed.add(key)  # type: ignore[arg-type]
+
+        for ev in start:
+            put(ev)
+        for ev in [None, *events]:
+            if ev is not None:
+                put(ev)
+            got = delta.update(objects, changed, [])
+            want = kubernetes_inventory(list(objects.values()), full)
+            _same_inventory(got, want)
+            assert json.loads(state.read_text()) == json.loads(reference.read_text())
+            check(inc, got, node, delta.touched)
+            if previous is not None and changed is not None:  # what did not change is the very object it was
+                for k, ep in got.endpoints.items():
+                    if ("Pod", ep.namespace, ep.name) not in changed and k in previous.endpoints:
+                        assert previous.endpoints[k] is ep, k
+                for k, raw in got.policies.items():
+                    if k not in changed and k in previous.policies:
+                        assert previous.policies[k] is raw, k
+            restarted = kubernetes_inventory(list(objects.values()), LastGood(state, readonly=True))
+            _same_inventory(restarted, want)
+            previous, changed = got, set()

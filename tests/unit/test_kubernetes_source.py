@@ -687,3 +687,29 @@ def test_watch_protocol_gives_the_directory_sources_verdicts(api, make_source, t
     expect(lambda: converged(src, api), what="namespace deletion")
     snap = pipe.snapshot()
     assert not any(k.startswith("z/") for k in snap.inventory.endpoints) and "z" not in snap.inventory.namespaces
+
+
+def test_read_changes_hands_over_what_changed(api, make_source) -> None:
+    """read_changes: every object by key, only the keys that changed since the last call, and
+    unchanged objects as the same objects (also across a relist), so admission costs what
+    changed."""
+    small_cluster(api)
+    src = make_source()
+    assert src.synced.wait(10)
+    expect(lambda: len(api.watches()) == WATCHES, what="watches")
+    first, changed, _ = src.read_changes()
+    assert changed is None  # the first call: everything is new
+    assert {k: o.body for k, o in first.items()} == cache(src)
+    api.put(pod("ns0/p0", "10.1.0.1", {"app": "relabelled"}))
+    api.delete("Pod", "ns2", "p3")
+    api.put(pod("ns1/new", "10.1.1.99", {"app": "fresh"}))
+    expect(lambda: converged(src, api), what="convergence")
+    objects, changed, events = src.read_changes()
+    assert changed == {("Pod", "ns0", "p0"), ("Pod", "ns2", "p3"), ("Pod", "ns1", "new")}
+    assert len(events) == 3
+    assert {k: o.body for k, o in objects.items()} == cache(src)
+    assert all(objects[k] is o for k, o in first.items() if k not in changed)
+    src._list("Pod")  # a relist with nothing new: no change, the same objects
+    again, changed, _ = src.read_changes()
+    assert changed == set()
+    assert all(again[k] is o for k, o in objects.items())

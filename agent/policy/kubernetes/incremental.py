@@ -60,6 +60,18 @@ FULL_EVERY = 600.0
 FULL_SHARE = 0.2
 
 
+@dataclass(frozen=True)
+class Touched:
+    """The Inventory keys that may differ from the previous call's inventory (admission
+    knows them: agent.admission.KubernetesAdmission.touched), so that the diff looks at
+    those only instead of comparing every entry. Any key not named must be unchanged."""
+
+    endpoints: frozenset[str] = frozenset()
+    namespaces: frozenset[str] = frozenset()
+    policies: frozenset[tuple[str, str, str]] = frozenset()
+    nodes: frozenset[str] = frozenset()
+
+
 @dataclass
 class Stats:
     """What the last compile did, for the bench and for tests (never for decisions)."""
@@ -103,6 +115,16 @@ def _changed(old: Mapping[Any, Any], new: Mapping[Any, Any]) -> list[tuple[Any, 
     """(key, old value or None, new value or None) for every key whose value differs."""
     out = [(k, old.get(k), v) for k, v in new.items() if old.get(k) is not v and old.get(k) != v]
     out.extend((k, v, None) for k, v in old.items() if k not in new)
+    return out
+
+
+def _changed_keys(old: Mapping[Any, Any], new: Mapping[Any, Any], keys: Iterable[Any]) -> list[tuple[Any, Any, Any]]:
+    """`_changed` looking at `keys` only (the others are known to be unchanged)."""
+    out = []
+    for k in keys:
+        o, v = old.get(k), new.get(k)
+        if o is not v and o != v:
+            out.append((k, o, v))
     return out
 
 
@@ -180,15 +202,18 @@ class IncrementalCompiler:
     def _local(self, ep: Endpoint | None) -> bool:
         return ep is not None and (self.node is None or ep.node == self.node)
 
-    def compile(self, inv: Inventory) -> Program:
-        """The Program for `inv`, equal to `compile_inventory(inv, node, source)`."""
+    def compile(self, inv: Inventory, touched: Touched | None = None) -> Program:
+        """The Program for `inv`, equal to `compile_inventory(inv, node, source)`.
+
+        `touched`, when given, names every key in which `inv` may differ from the inventory
+        of the previous call (None: compare everything)."""
         try:
-            return self._compile(inv)
+            return self._compile(inv, touched)
         except BaseException:
             self._reset()  # state half-edited: the next call starts afresh
             raise
 
-    def _compile(self, inv: Inventory) -> Program:
+    def _compile(self, inv: Inventory, touched: Touched | None) -> Program:
         read = _policies(inv)
         if read is None:
             self._reset()
@@ -197,19 +222,24 @@ class IncrementalCompiler:
         policies, cluster = read
         old_inv = self._inv
         self._diff = None
-        np_prog = self._np(inv, policies)
+        np_prog = self._np(inv, policies, touched)
         return self._tiers(inv, old_inv, cluster, np_prog)
 
-    def _np(self, inv: Inventory, policies: dict[Any, NetworkPolicy]) -> Program:
+    def _np(self, inv: Inventory, policies: dict[Any, NetworkPolicy], touched: Touched | None) -> Program:
         """The NetworkPolicy part of the program (no cluster tiers), edited in place."""
         if self._comp is None or self._inv is None or self._program is None:
             return self._full(inv, policies, "first compile")
         if time.monotonic() - self._full_at >= self.full_every:
             return self._full(inv, policies, "periodic")
         old_inv = self._inv
-        pods = _changed(old_inv.endpoints, inv.endpoints)
-        pols = _changed(self._policies, policies)
-        names = set(old_inv.namespaces) | set(inv.namespaces)
+        if touched is None:
+            pods = _changed(old_inv.endpoints, inv.endpoints)
+            pols = _changed(self._policies, policies)
+            names = set(old_inv.namespaces) | set(inv.namespaces)
+        else:  # only what admission says it touched
+            pods = _changed_keys(old_inv.endpoints, inv.endpoints, touched.endpoints)
+            pols = _changed_keys(self._policies, policies, touched.policies)
+            names = set(touched.namespaces)
         names.update(ep.namespace for _, o, n in pods for ep in (o, n) if ep is not None)
         nss: list[tuple[str, Namespace, Namespace]] = []
         for n in names:
