@@ -132,6 +132,8 @@ class Reconciler:
         # adopted endpoints whose epkeys value is a digest: placeholder -> their key in eps
         self._unresolved: dict[str, str] = {}
         self.last_load: dict[str, object] = {}
+        # (endpoint key, direction) -> (its DirectionProgram, tables) as of the last apply
+        self._compiled: dict[tuple[str, Direction], tuple[DirectionProgram, DirTables]] = {}
 
     # ---------------------------------------------------------------- plumbing
 
@@ -430,16 +432,29 @@ class Reconciler:
             a, b, c = (struct.unpack(f"<{n}Q", x) for x in (now, then, cur))
             new.update(k, struct.pack(f"<{n}Q", *((z + x - y) & (2**64 - 1) for x, y, z in zip(a, b, c, strict=True))))
 
+    def _compile(self, program: Program) -> dict[str, dict[Direction, DirTables]]:
+        """Every endpoint direction's tables: the previous apply's when its DirectionProgram
+        is the same object or equal (the incremental compiler keeps unchanged ones), else
+        compiled, once per distinct program (endpoints selected alike share tables)."""
+        prev, self._compiled = self._compiled, {}
+        memo: dict[DirectionProgram, DirTables] = {}
+        out: dict[str, dict[Direction, DirTables]] = {}
+        for key, ep in program.endpoints.items():
+            per: dict[Direction, DirTables] = {}
+            for d in Direction:
+                dp = ep.direction(d)
+                was = prev.get((key, d))
+                if was is not None and (was[0] is dp or was[0] == dp):
+                    t = was[1]
+                elif (t := memo.get(dp)) is None:
+                    t = memo[dp] = compile_direction(dp)
+                per[d] = t
+                self._compiled[(key, d)] = (dp, t)
+            out[key] = per
+        return out
+
     def apply(self, program: Program) -> ApplyStats:
-        memo: dict[DirectionProgram, DirTables] = {}  # endpoints selected alike share tables
-
-        def tables_of(dp: DirectionProgram) -> DirTables:
-            if dp not in memo:
-                memo[dp] = compile_direction(dp)
-            return memo[dp]
-
-        compiled = {key: {d: tables_of(ep.direction(d)) for d in Direction}
-                    for key, ep in program.endpoints.items()}
+        compiled = self._compile(program)
         if self.eps is None:
             self._adopt(self._need(program, compiled))  # a first build is sized for this program
         assert self.eps is not None
