@@ -4,6 +4,7 @@ model from the pinned maps after a restart ("Restart adoption")."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -73,6 +74,19 @@ def _half_item(name: str, k: bytes) -> tuple[int, object]:
 
 
 @dataclass
+class Deferred:
+    """What an apply leaves for after the grace following its flip (`Reconciler._settle`)."""
+
+    since: float  # monotonic time of the flip
+    stale: list[Entry]  # the replaced generations' entries
+    retired: list[int]  # rule counters no generation in force references
+    gone: list[int]  # ids of departed endpoints (epkeys entry, drop counters)
+    detach: set[int]  # devices no endpoint needs any more
+    node_gone: set[IPAddress]  # node addresses no longer on the node
+    sweep: bool  # after an adoption: delete every generation not in force
+
+
+@dataclass
 class EpState:
     """What the kernel holds for one endpoint (besides its double-buffered entries)."""
 
@@ -132,12 +146,20 @@ class Reconciler:
         # adopted endpoints whose epkeys value is a digest: placeholder -> their key in eps
         self._unresolved: dict[str, str] = {}
         self.last_load: dict[str, object] = {}
+        self._deferred: Deferred | None = None  # the last apply's work left for after its grace
+        self._dropped_at = -1  # `growths` when old builds were last removed
         # (endpoint key, direction) -> (its DirectionProgram, tables) as of the last apply
         self._compiled: dict[tuple[str, Direction], tuple[DirectionProgram, DirTables]] = {}
 
     # ---------------------------------------------------------------- plumbing
 
     def close(self) -> None:
+        if self._deferred is not None and self.eps is not None and self.maps:
+            try:  # best effort: a next agent's adoption sweeps whatever is left
+                self._settle()
+            except (OSError, DataplaneError) as e:
+                log.warning("eBPF: deferred clean-up on close failed: %s", e)
+        self._deferred = None
         for m in self.maps.values():
             m.close()
         for fd in self.prog_fds.values():
@@ -456,12 +478,21 @@ class Reconciler:
     def apply(self, program: Program) -> ApplyStats:
         compiled = self._compile(program)
         if self.eps is None:
+            if self._deferred is not None:  # a failed apply: adoption (and its sweep) redoes it all
+                self._wait_grace(self._deferred)
+                self._deferred = None
             self._adopt(self._need(program, compiled))  # a first build is sized for this program
         assert self.eps is not None
+        try:
+            settled = self._settle()  # before `_need`: the stale entries are gone by then
+        except BaseException:
+            self.eps = None
+            raise
         self._resolve_hashed(program)
         self._ensure_capacity(self._need(program, compiled))
         try:
-            return self._apply(program, compiled)
+            stats = self._apply(program, compiled)
+            return dataclasses.replace(stats, elements_removed=stats.elements_removed + settled)
         except BaseException:
             # The kernel holds the old policy (failure before the flip) or the new one (after):
             # forget the model, the next apply adopts what is there (and sweeps what is not).
@@ -554,7 +585,7 @@ class Reconciler:
             want["epstate"][st.ep_id] = v_epstate(gens.get(id(st), st.gen), *fl)
             for ip in ep.ips:
                 want["addrs"][ip] = u32(st.ep_id)
-        devices = self.devices.find(program, {k: st.ep_id for k, st in self.eps.items()}, self.node_addrs)
+        devices = self.devices.find(program, {k: st.ep_id for k, st in self.eps.items()}, node)
         for idx, (host, bound) in devices.items():
             want["ifcfg"][idx] = v_ifcfg(self.devices.is_l3(idx), host, bound)
         # 3. the inactive half gets the new policy whole; devices are attached (a device
@@ -570,45 +601,66 @@ class Reconciler:
         for st, gen, tables in switched:
             st.gen, st.tables = gen, tables
             keep = {(DIR_CODE[d], r) for d, t in tables.items() for r in t.rule_ids}
-            self._release_counters([st.counters.pop(k) for k in list(st.counters) if k not in keep])
-        # 5. after the grace period nothing reads the previous half nor the replaced generations
+            retired += [st.counters.pop(k) for k in list(st.counters) if k not in keep]
         gone = [self.eps.pop(key) for key in departed]
         for key in departed:
             self.hashed_names.pop(epkey_value(key), None)
         for st in gone:
             self._retire(st, stale, retired)
-        if flipped or stale or self._adopted:
-            time.sleep(GRACE_S)
-        for name, k in stale:
-            self.maps[name].delete(k)
-        removed += len(stale)
-        cmds += len(stale)
-        # a taken-over id starts its counters afresh under its new key (its old counters
-        # were only referenced by the replaced generation)
-        self._release_counters(retired)
-        for st in renamed + gone:
+        # a taken-over id counts its drops afresh under its new key from the flip on
+        for st in renamed:
             for d in (0, 1):
                 self.maps["drop_stats"].update(u32(st.ep_id * 2 + d), ZERO_STAT)
-        for st in gone:
-            self.maps["epkeys"].delete(u32(st.ep_id))
-            cmds += 1
-        for idx in known_devices - set(want["ifcfg"]):
-            self.devices.detach(idx)
-        # 6. the previous half catches up: both halves alike until the next apply
-        cmds += self._write_half(old, want)
-        if self._adopted:
-            removed += self._sweep()
-            self._adopted = False
-        for ip in self.node_addrs - node:
-            self.maps["nodeaddrs"].delete(k_addr(ip))
-        self.node_addrs = node
-        builds.drop_old_builds(self.pin_root, self.build)
+        # 5. what packets judged under the previous half may still read goes once the grace
+        # has passed: at the start of the next apply (which must wait for it anyway before
+        # rewriting that half), so this event costs no sleep
+        self._deferred = Deferred(time.monotonic(), stale, retired, [st.ep_id for st in gone],
+                                  known_devices - set(want["ifcfg"]), self.node_addrs - node, self._adopted)
+        self._adopted = False
+        removed += len(stale)
+        self.node_addrs |= node
+        if self.growths != self._dropped_at:  # old builds: only after a growth switched builds
+            builds.drop_old_builds(self.pin_root, self.build)
+            self._dropped_at = self.growths
         return ApplyStats(full=written == len(program.endpoints) and written > 0, commands=cmds,
                           elements_added=added, elements_removed=removed, chains_written=written)
 
+    def _settle(self) -> int:
+        """The previous apply's deferred work, once no packet can be judged under the half
+        it replaced (GRACE_S after its flip; usually long past): the replaced generations'
+        entries, freed rule counters and endpoint ids, detached devices, node addresses
+        gone, and after an adoption the sweep. The previous half itself is not touched
+        here: the next apply rewrites it (from what it holds) as its inactive half.
+        Returns the entries deleted."""
+        d, self._deferred = self._deferred, None
+        if d is None:
+            return 0
+        self._wait_grace(d)
+        for name, k in d.stale:
+            self.maps[name].delete(k)
+        # a taken-over id starts its counters afresh under its new key (its old counters
+        # were only referenced by the replaced generation)
+        self._release_counters(d.retired)
+        for ep_id in d.gone:
+            for dc in (0, 1):
+                self.maps["drop_stats"].update(u32(ep_id * 2 + dc), ZERO_STAT)
+            self.maps["epkeys"].delete(u32(ep_id))
+        for idx in d.detach:
+            self.devices.detach(idx)
+        for ip in d.node_gone:
+            self.maps["nodeaddrs"].delete(k_addr(ip))
+            self.node_addrs.discard(ip)
+        return len(d.stale) + (self._sweep() if d.sweep else 0)
+
+    @staticmethod
+    def _wait_grace(d: Deferred) -> None:
+        wait = d.since + GRACE_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+
     def _write_half(self, half: int, want: HalfContents) -> int:
-        """Make one half of the double-buffered maps hold `want` (the half not in force, or
-        the previous one after the grace period)."""
+        """Make the half not in force hold `want` (from what it holds: the policy before the
+        last apply's, as it is only caught up when it is rewritten)."""
         n = 0
         for name in HALVED:
             have, key = self.have[half][name], HALF_KEY[name]
