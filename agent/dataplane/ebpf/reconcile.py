@@ -293,16 +293,14 @@ class Reconciler:
 
     def _write(self, name: str, items: Iterable[tuple[bytes, bytes]]) -> int:
         m = self.maps[name]
-        n = 0
-        for k, v in items:
-            try:
-                m.update(k, v)
-            except bpfsys.BpfError as e:
-                if e.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
-                    raise DataplaneError(f"eBPF map {name} is full ({m.max_entries} entries)") from e
-                raise DataplaneError(f"updating eBPF map {name} failed: {e}") from e
-            n += 1
-        return n
+        items = list(items)
+        try:
+            m.update_many(items)  # batch commands: one syscall per few thousand entries
+        except bpfsys.BpfError as e:
+            if e.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+                raise DataplaneError(f"eBPF map {name} is full ({m.max_entries} entries)") from e
+            raise DataplaneError(f"updating eBPF map {name} failed: {e}") from e
+        return len(items)
 
     def _sync_counters(self, ep: EpState, tables: dict[Direction, DirTables]) -> None:
         want = {(DIR_CODE[d], rid) for d, t in tables.items() for rid in t.rule_ids}
@@ -636,8 +634,7 @@ class Reconciler:
         if d is None:
             return 0
         self._wait_grace(d)
-        for name, k in d.stale:
-            self.maps[name].delete(k)
+        self._delete(d.stale)
         # a taken-over id starts its counters afresh under its new key (its old counters
         # were only referenced by the replaced generation)
         self._release_counters(d.retired)
@@ -652,6 +649,13 @@ class Reconciler:
             self.node_addrs.discard(ip)
         return len(d.stale) + (self._sweep() if d.sweep else 0)
 
+    def _delete(self, entries: Iterable[Entry]) -> None:
+        by_map: dict[str, list[bytes]] = {}
+        for name, k in entries:
+            by_map.setdefault(name, []).append(k)
+        for name, keys in by_map.items():
+            self.maps[name].delete_many(keys)
+
     @staticmethod
     def _wait_grace(d: Deferred) -> None:
         wait = d.since + GRACE_S - time.monotonic()
@@ -664,14 +668,14 @@ class Reconciler:
         n = 0
         for name in HALVED:
             have, key = self.have[half][name], HALF_KEY[name]
-            for item, v in want[name].items():
-                if have.get(item) != v:
-                    n += self._write(name, [(key(item, half), v)])
-                    have[item] = v
-            for item in set(have) - set(want[name]):
-                self.maps[name].delete(key(item, half))
+            changed = [(item, v) for item, v in want[name].items() if have.get(item) != v]
+            n += self._write(name, [(key(item, half), v) for item, v in changed])
+            have.update(changed)
+            gone = set(have) - set(want[name])
+            self.maps[name].delete_many([key(item, half) for item in gone])
+            for item in gone:
                 del have[item]
-                n += 1
+            n += len(gone)
         return n
 
     def _flip(self, half: int) -> None:
@@ -714,9 +718,11 @@ class Reconciler:
         n = 0
         for name, t in (("peers", PeerKey), ("ports", PortKey)):
             m = self.maps[name]
+            dead = []
             for k in list(m.all_keys()):
                 e = unpack(t, k)
                 if (e.ep_id, e.gen) not in live:
-                    m.delete(k)
-                    n += 1
+                    dead.append(k)
+            m.delete_many(dead)
+            n += len(dead)
         return n
