@@ -94,6 +94,10 @@
 #define T_TCP_CLOSING (10ULL * NS)
 #define T_UDP (180ULL * NS)
 #define T_OTHER (60ULL * NS)
+// A known flow's last-seen time is rewritten only once it is this much older: a packet of
+// a busy flow then only reads the shared entry (no store, no cache line bouncing between
+// CPUs); a flow expires at most this much early (1% of the shortest timeout, T_TCP_CLOSING).
+#define T_SEEN_GRAIN (100ULL * NS / 1000)
 
 struct addr_key {
     u8 family;  // 4 or 6
@@ -584,7 +588,8 @@ static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, 
                     else
                         flows.delete(&rk);
                 } else {
-                    v->seen = now;
+                    if (now - v->seen > T_SEEN_GRAIN)
+                        v->seen = now;
                     if (fk->proto == P_TCP && (p->tcpflags & 0x01))
                         v->flags |= orig ? FL_FIN_ORIG : FL_FIN_REPLY;
                 }
