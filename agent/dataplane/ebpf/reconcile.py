@@ -97,6 +97,14 @@ class EpState:
     iface: str | None = None  # device the endpoint is bound to (EndpointProgram.interface)
 
 
+def _shape(dp: DirectionProgram) -> tuple[object, ...]:
+    """Everything `compile_direction` reads from a direction program, with peer sets by
+    identity: equal shapes compile to equal tables (peer sets equal in value but not in
+    identity only cost a compile; `PeerSet.of` hands out one object per content)."""
+    return (dp.isolated, tuple((r.origin, id(r.peers) if r.peers is not None else None, r.ports, r.verdict, r.key)
+                               for r in dp.rules))
+
+
 class Reconciler:
     """Keeps the pinned maps equal to the last applied Program: loads (or compiles) the
     build, adopts what a previous agent left, and switches every change in at once
@@ -148,8 +156,9 @@ class Reconciler:
         self.last_load: dict[str, object] = {}
         self._deferred: Deferred | None = None  # the last apply's work left for after its grace
         self._dropped_at = -1  # `growths` when old builds were last removed
-        # (endpoint key, direction) -> (its DirectionProgram, tables) as of the last apply
-        self._compiled: dict[tuple[str, Direction], tuple[DirectionProgram, DirTables]] = {}
+        # (endpoint key, direction) -> (its DirectionProgram, `_shape`, tables) as of the
+        # last apply (holding the program keeps the peer sets `_shape` names by id alive)
+        self._compiled: dict[tuple[str, Direction], tuple[DirectionProgram, tuple[object, ...], DirTables]] = {}
 
     # ---------------------------------------------------------------- plumbing
 
@@ -454,22 +463,28 @@ class Reconciler:
 
     def _compile(self, program: Program) -> dict[str, dict[Direction, DirTables]]:
         """Every endpoint direction's tables: the previous apply's when its DirectionProgram
-        is the same object or equal (the incremental compiler keeps unchanged ones), else
-        compiled, once per distinct program (endpoints selected alike share tables)."""
+        is the same object or alike (the incremental compiler keeps unchanged ones), else
+        compiled, once per distinct program (endpoints selected alike share tables).
+        Programs are told alike by `_shape`, not by value: hashing or comparing large peer
+        sets by value costs as much as compiling them."""
         prev, self._compiled = self._compiled, {}
-        memo: dict[DirectionProgram, DirTables] = {}
+        memo: dict[tuple[object, ...], DirTables] = {}
         out: dict[str, dict[Direction, DirTables]] = {}
         for key, ep in program.endpoints.items():
             per: dict[Direction, DirTables] = {}
             for d in Direction:
                 dp = ep.direction(d)
                 was = prev.get((key, d))
-                if was is not None and (was[0] is dp or was[0] == dp):
-                    t = was[1]
-                elif (t := memo.get(dp)) is None:
-                    t = memo[dp] = compile_direction(dp)
+                if was is not None and was[0] is dp:
+                    shape, t = was[1], was[2]
+                else:
+                    shape = _shape(dp)
+                    if was is not None and was[1] == shape:
+                        t = was[2]
+                    elif (t := memo.get(shape)) is None:
+                        t = memo[shape] = compile_direction(dp)
                 per[d] = t
-                self._compiled[(key, d)] = (dp, t)
+                self._compiled[(key, d)] = (dp, shape, t)
             out[key] = per
         return out
 
