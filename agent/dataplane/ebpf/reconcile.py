@@ -630,7 +630,6 @@ class Reconciler:
         self._deferred = Deferred(time.monotonic(), stale, retired, [st.ep_id for st in gone],
                                   known_devices - set(want["ifcfg"]), self.node_addrs - node, self._adopted)
         self._adopted = False
-        removed += len(stale)
         self.node_addrs |= node
         if self.growths != self._dropped_at:  # old builds: only after a growth switched builds
             builds.drop_old_builds(self.pin_root, self.build)
