@@ -219,8 +219,16 @@ BPF_HASH(ifcfg, struct if_key, struct if_cfg, MAX_IFACES * 2);
 BPF_HASH(nodeaddrs, struct addr_key, u8, MAX_NODE_ADDRS);
 BPF_LPM_TRIE(peers, struct peer_key, u32, MAX_PEERS);
 BPF_LPM_TRIE(ports, struct port_key, struct port_val, MAX_PORTS);
+// The flow and fragment tables are shared by every build of this source under one pin
+// root (their sizes never grow): while maps grow, devices move from one build to the next
+// one by one, and a reply judged by the new build must find the flow the old one recorded.
+#ifdef FLOWS_PIN
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_val, flows, MAX_FLOWS, FLOWS_PIN);
+BPF_TABLE_PINNED("lru_hash", struct frag_key, u64, frags, MAX_FRAGS, FRAGS_PIN);
+#else
 BPF_TABLE("lru_hash", struct flow_key, struct flow_val, flows, MAX_FLOWS);
 BPF_TABLE("lru_hash", struct frag_key, u64, frags, MAX_FRAGS);
+#endif
 BPF_PERCPU_ARRAY(rule_stats, struct stat, MAX_COUNTERS);
 BPF_PERCPU_ARRAY(drop_stats, struct stat, MAX_ENDPOINTS * 2);
 BPF_ARRAY(config, struct config, 1);

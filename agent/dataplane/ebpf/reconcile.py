@@ -404,7 +404,8 @@ class Reconciler:
             raise
         time.sleep(GRACE_S)  # packets the old programs were judging are done
         for name in ("flows", "frags"):  # recorded by the old programs while filters moved
-            self._copy(old_maps[name], self.maps[name])
+            if old_maps[name].id != self.maps[name].id:  # (shared by both builds: nothing to do)
+                self._copy(old_maps[name], self.maps[name])
         for name, values in copied.items():  # and what they counted meanwhile
             self._add_counts(old_maps[name], self.maps[name], values)
         for m in old_maps.values():
@@ -446,7 +447,8 @@ class Reconciler:
                 for k, v in copied[name].items():
                     self.maps[name].update(k, v)
                 continue
-            self._copy(old[name], self.maps[name], arrays.get(name))
+            if old[name].id != self.maps[name].id:  # flows, frags: shared by both builds
+                self._copy(old[name], self.maps[name], arrays.get(name))
         return copied
 
     @staticmethod
@@ -632,7 +634,7 @@ class Reconciler:
         self._adopted = False
         self.node_addrs |= node
         if self.growths != self._dropped_at:  # old builds: only after a growth switched builds
-            builds.drop_old_builds(self.pin_root, self.build)
+            builds.drop_old_builds(self.pin_root, self.build, self.sizes)
             self._dropped_at = self.growths
         return ApplyStats(full=written == len(program.endpoints) and written > 0, commands=cmds,
                           elements_added=added, elements_removed=removed, chains_written=written)
