@@ -273,15 +273,16 @@ def _ms(x: float | None) -> str:
 def run(dataplanes: list[str], sizes: list[str], n: int | None, seed: int, log: Any,
         state: bool = False, keep_established: bool = False) -> dict[str, Any]:
     from bench.control import size_of
+    from tests.kit.privileges import dataplane_env
 
     res: dict[str, Any] = {}
     for dp in dataplanes:
-        if dp != "nftables":
-            continue  # the floor and the watcher's set-up are nftables'; eBPF: not measured here yet
         for size in sizes:
             count = n if n is not None else EVENTS.get(size, 50)
             log(f"events end to end: {dp} {size} ({count} per kind)")
-            res[f"{dp}/{size}"] = run_size(size, size_of(size), count, seed, dp, log, state, keep_established)
+            # eBPF: a private bpffs (the agent's pins), removed after; the floor is nftables' only
+            with dataplane_env(dp, f"bench-e2e-{os.getpid()}-{size}"):
+                res[f"{dp}/{size}"] = run_size(size, size_of(size), count, seed, dp, log, state, keep_established)
     return res
 
 
@@ -297,13 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1k")
     ap.add_argument("--events", type=int)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--dataplanes", default="nftables", help="comma list of nftables,ebpf")
     ap.add_argument("--state-file", action="store_true",
                     help="the agent keeps its state file (--state-dir), as deployed; default: none")
     ap.add_argument("--keep-established", action="store_true",
                     help="the agent does not re-judge established flows after each sync (no conntrack dump)")
     args = ap.parse_args(argv)
-    res = run(["nftables"], args.sizes.split(","), args.events, args.seed, lambda s: print(s, flush=True),
-              args.state_file, args.keep_established)
+    res = run(args.dataplanes.split(","), args.sizes.split(","), args.events, args.seed,
+              lambda s: print(s, flush=True), args.state_file, args.keep_established)
     print(json.dumps(res, indent=1))
     return 0
 

@@ -99,6 +99,10 @@
 #define PASS_ON TC_ACT_UNSPEC
 #define T_UDP (180ULL * NS)
 #define T_OTHER (60ULL * NS)
+// A known flow's last-seen time is rewritten only once it is this much older: a packet of
+// a busy flow then only reads the shared entry (no store, no cache line bouncing between
+// CPUs); a flow expires at most this much early (1% of the shortest timeout, T_TCP_CLOSING).
+#define T_SEEN_GRAIN (100ULL * NS / 1000)
 
 struct addr_key {
     u8 family;  // 4 or 6
@@ -220,8 +224,16 @@ BPF_HASH(ifcfg, struct if_key, struct if_cfg, MAX_IFACES * 2);
 BPF_HASH(nodeaddrs, struct addr_key, u8, MAX_NODE_ADDRS);
 BPF_LPM_TRIE(peers, struct peer_key, u32, MAX_PEERS);
 BPF_LPM_TRIE(ports, struct port_key, struct port_val, MAX_PORTS);
+// The flow and fragment tables are shared by every build of this source under one pin
+// root (their sizes never grow): while maps grow, devices move from one build to the next
+// one by one, and a reply judged by the new build must find the flow the old one recorded.
+#ifdef FLOWS_PIN
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_val, flows, MAX_FLOWS, FLOWS_PIN);
+BPF_TABLE_PINNED("lru_hash", struct frag_key, u64, frags, MAX_FRAGS, FRAGS_PIN);
+#else
 BPF_TABLE("lru_hash", struct flow_key, struct flow_val, flows, MAX_FLOWS);
 BPF_TABLE("lru_hash", struct frag_key, u64, frags, MAX_FRAGS);
+#endif
 BPF_PERCPU_ARRAY(rule_stats, struct stat, MAX_COUNTERS);
 BPF_PERCPU_ARRAY(drop_stats, struct stat, MAX_ENDPOINTS * 2);
 BPF_ARRAY(config, struct config, 1);
@@ -589,7 +601,8 @@ static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, 
                     else
                         flows.delete(&rk);
                 } else {
-                    v->seen = now;
+                    if (now - v->seen > T_SEEN_GRAIN)
+                        v->seen = now;
                     if (fk->proto == P_TCP && (p->tcpflags & 0x01))
                         v->flags |= orig ? FL_FIN_ORIG : FL_FIN_REPLY;
                 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import socket
 import struct
 
 from agent.dataplane.ebpf import layout
@@ -51,3 +52,18 @@ def test_keys_and_values_are_packed_as_the_c_structs() -> None:
     assert layout.stat_sum([struct.pack("<QQ", 1, 60), struct.pack("<QQ", 2, 100)]) == (3, 160)
     for t in (layout.PeerKey, layout.PortKey):  # LPM keys: packed, as in C
         assert ctypes.sizeof(t) == {layout.PeerKey: 30, layout.PortKey: 21}[t]
+
+
+def test_struct_packed_items_equal_the_ctypes_structures() -> None:
+    """k_peer, k_port and v_port pack with struct for speed: the same bytes as the ctypes
+    structures the C layout is checked against."""
+    for fam, addr, plen in ((4, int(ipaddress.ip_address("10.1.2.3")), 32), (4, 0, 0),
+                            (6, int(ipaddress.ip_address("fd00::1:5")), 127)):
+        raw = addr.to_bytes(4 if fam == 4 else 16, "big")
+        want = bytes(layout.PeerKey(80 + plen, 7, 9, 1, fam, layout.addr16(raw)))
+        assert layout.k_peer(7, 9, 1, fam, addr, plen) == want
+    for has_port, port, plen in ((1, 8080, 16), (1, 0, 1), (0, 0, 16), (1, 65535, 16)):
+        prefixlen = 120 + plen if has_port else 136
+        want = bytes(layout.PortKey(prefixlen, 3, 4, 5, 1, layout.P_TCP, has_port, socket.htons(port)))
+        assert layout.k_port(3, 4, 5, 1, layout.P_TCP, has_port, port, plen) == want
+    assert layout.v_port(0xABCDEF, layout.V_DROP) == bytes(layout.PortValue(0xABCDEF, layout.V_DROP))

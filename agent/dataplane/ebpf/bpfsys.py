@@ -27,12 +27,16 @@ OBJ_PIN = 6
 OBJ_GET = 7
 OBJ_GET_INFO_BY_FD = 15
 MAP_LOOKUP_AND_DELETE_ELEM = 21
+MAP_UPDATE_BATCH = 26
+MAP_DELETE_BATCH = 27
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_EXIST = 2
 
 BPF_FS_MAGIC = 0xCAFE4A11
+BATCH = 4096  # elements per batch command
+ENOTSUPP = 524  # the kernel's own "operation not supported" (batch commands a map type lacks)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -136,6 +140,7 @@ class Map:
         self.name = name or raw[24:40].rstrip(b"\0").decode()
         self.percpu = self.type in PERCPU_TYPES
         self._vsize = ((self.value_size + 7) // 8 * 8) * NCPUS if self.percpu else self.value_size
+        self.batch_ok: bool | None = None  # whether batch commands work on this map (None: untried)
 
     @classmethod
     def pinned(cls, path: str) -> Map:
@@ -192,6 +197,67 @@ class Map:
 
     def delete(self, key: bytes) -> bool:
         return self._found(MAP_DELETE_ELEM, key, None)
+
+    def _batch(self, cmd: int, keys: bytes, values: bytes | None, count: int, flags: int) -> int:
+        """One batch command over `count` packed keys (and values): how many it did (on
+        failure, raised with `done` set to those done before the failing element)."""
+        k = ctypes.create_string_buffer(keys, len(keys))
+        v = None if values is None else ctypes.create_string_buffer(values, len(values))
+        attr = _attr()
+        _put(attr, 16, ctypes.c_uint64, ctypes.addressof(k))
+        _put(attr, 24, ctypes.c_uint64, _addr(v))
+        _put(attr, 32, ctypes.c_uint32, count)
+        _put(attr, 36, ctypes.c_uint32, self.fd)
+        _put(attr, 40, ctypes.c_uint64, flags)
+        try:
+            _bpf(cmd, attr)
+        except BpfError as e:
+            e.done = ctypes.c_uint32.from_buffer(attr, 32).value  # type: ignore[attr-defined]
+            raise
+        return count
+
+    def update_many(self, items: list[tuple[bytes, bytes]], flags: int = BPF_ANY) -> None:
+        """Update every item, in batches of at most `BATCH` (one syscall each) where the
+        kernel supports it for this map, else one by one. Stops at the first failure."""
+        if self.percpu or not items:  # per-CPU values: the single path replicates them
+            for k, v in items:
+                self.update(k, v, flags)
+            return
+        for i in range(0, len(items), BATCH):
+            part = items[i : i + BATCH]
+            if self.batch_ok is not False:
+                try:
+                    self._batch(MAP_UPDATE_BATCH, b"".join(k for k, _ in part), b"".join(v for _, v in part),
+                                len(part), flags)
+                    self.batch_ok = True
+                    continue
+                except BpfError as e:
+                    if e.errno not in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP) or self.batch_ok:
+                        raise
+                    self.batch_ok = False  # not for this map type (or kernel): one by one
+                    part = part[getattr(e, "done", 0):]
+            for k, v in part:
+                self.update(k, v, flags)
+
+    def delete_many(self, keys: list[bytes]) -> None:
+        """Delete every key (absent ones ignored), in batches where supported."""
+        for i in range(0, len(keys), BATCH):
+            part = keys[i : i + BATCH]
+            while part and self.batch_ok is not False:
+                try:
+                    self._batch(MAP_DELETE_BATCH, b"".join(part), None, len(part), 0)
+                    part = []
+                except BpfError as e:
+                    done = getattr(e, "done", 0)
+                    if e.errno == errno.ENOENT:  # already gone: skip it, go on with the rest
+                        part = part[done + 1 :]
+                        continue
+                    if e.errno not in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP) or self.batch_ok:
+                        raise
+                    self.batch_ok = False
+                    part = part[done:]
+            for k in part:
+                self.delete(k)
 
     def pop(self) -> bytes | None:
         """Take the oldest value of a queue map (None: empty)."""

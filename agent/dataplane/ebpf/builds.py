@@ -33,6 +33,13 @@ def build_id(sizes: layout.Sizes) -> str:
     return hashlib.blake2s(src + json.dumps(sizes.defines()).encode(), digest_size=6).hexdigest()
 
 
+def shared_dir(pin_dir: str, sizes: layout.Sizes) -> str:
+    """Where the builds of this source under one pin root pin the maps they share (`flows`,
+    `frags`: bpf/stockade.c), named by the source and those maps' sizes."""
+    src = hashlib.blake2s(SOURCE.read_bytes(), digest_size=6).hexdigest()
+    return f"{os.path.dirname(pin_dir.rstrip('/'))}/shared-{src}-{sizes.flows}-{sizes.frags}"
+
+
 def ensure_bpffs(pin_root: str) -> None:
     base = os.path.dirname(pin_root.rstrip("/")) or "/"
     if not bpfsys.is_bpffs(base):
@@ -54,7 +61,9 @@ def is_built(pin_dir: str) -> bool:
 def compile_build(pin_dir: str, sizes: layout.Sizes, python: str) -> dict[str, Any]:
     """Run the loader child for this build (the caller checked `is_built`); its timings."""
     cmd = [python, "-m", "agent.dataplane.ebpf.loader", "--pin-dir", pin_dir]
-    for d in sizes.defines():
+    shared = shared_dir(pin_dir, sizes)
+    os.makedirs(shared, exist_ok=True)
+    for d in [*sizes.defines(), f'FLOWS_PIN="{shared}/flows"', f'FRAGS_PIN="{shared}/frags"']:
         cmd += ["-D", d]
     t0 = time.monotonic()
     root = str(SOURCE.parents[1])
@@ -95,7 +104,9 @@ def existing(pin_root: str) -> list[tuple[str, layout.Sizes]]:
     return out
 
 
-def drop_old_builds(pin_root: str, build: str) -> None:
+def drop_old_builds(pin_root: str, build: str, sizes: layout.Sizes) -> None:
+    """Every build but `build` (and the maps it shares) goes."""
+    keep = {build, os.path.basename(shared_dir(f"{pin_root}/{build}", sizes))}
     for entry in os.listdir(pin_root):
-        if entry != build:
+        if entry not in keep:
             shutil.rmtree(f"{pin_root}/{entry}", ignore_errors=True)

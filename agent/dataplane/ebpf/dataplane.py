@@ -131,6 +131,7 @@ class EbpfDataplane(Reconciler, Dataplane):
     def cleanup(self) -> None:
         """Detach every filter we own in this netns and unpin everything under pin_root."""
         self.devices.detach_all()
+        self._deferred = None  # everything goes below
         for m in self.maps.values():
             m.close()
         for fd in self.prog_fds.values():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import socket
+import struct
 from ctypes import c_uint8, c_uint16, c_uint32, c_uint64, sizeof
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -311,21 +312,25 @@ def v_ifcfg(l3: bool, host: bool, ep_id: int = 0) -> bytes:
     return bytes(IfCfg(int(l3), (c_uint8 * 2)(*hooks), 0, ep_id))
 
 
-def _addr_int(addr: int, family: int) -> Any:
-    return addr16(addr.to_bytes(4 if family == 4 else 16, "big"))
+# The peers/ports items are packed with struct (the same bytes as PeerKey, PortKey and
+# PortValue, tests/unit/test_ebpf_layout.py): an apply packs every entry of each changed
+# endpoint's new generation, and ctypes structures cost several times more.
+_PEER_KEY = struct.Struct("<IIIBB16s")
+_PORT_KEY = struct.Struct("<IIIIBBB2s")
+_PORT_VALUE = struct.Struct("<IB3x")
 
 
 def k_peer(ep: int, gen: int, d: int, family: int, addr: int, plen: int) -> bytes:
-    return bytes(PeerKey(80 + plen, ep, gen, d, family, _addr_int(addr, family)))
+    return _PEER_KEY.pack(80 + plen, ep, gen, d, family, addr.to_bytes(4 if family == 4 else 16, "big"))
 
 
 def k_port(ep: int, gen: int, cls: int, d: int, proto: int, has_port: int, port: int, plen: int) -> bytes:
     prefixlen = 120 + plen if has_port else 136
-    return bytes(PortKey(prefixlen, ep, gen, cls, d, proto, has_port, socket.htons(port)))
+    return _PORT_KEY.pack(prefixlen, ep, gen, cls, d, proto, has_port, port.to_bytes(2, "big"))
 
 
 def v_port(counter: int, verdict: int) -> bytes:
-    return bytes(PortValue(counter, verdict))
+    return _PORT_VALUE.pack(counter, verdict)
 
 
 def v_config(audit: bool, rate: float, burst: int) -> bytes:

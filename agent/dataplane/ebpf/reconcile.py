@@ -4,6 +4,7 @@ model from the pinned maps after a restart ("Restart adoption")."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -73,6 +74,19 @@ def _half_item(name: str, k: bytes) -> tuple[int, object]:
 
 
 @dataclass
+class Deferred:
+    """What an apply leaves for after the grace following its flip (`Reconciler._settle`)."""
+
+    since: float  # monotonic time of the flip
+    stale: list[Entry]  # the replaced generations' entries
+    retired: list[int]  # rule counters no generation in force references
+    gone: list[int]  # ids of departed endpoints (epkeys entry, drop counters)
+    detach: set[int]  # devices no endpoint needs any more
+    node_gone: set[IPAddress]  # node addresses no longer on the node
+    sweep: bool  # after an adoption: delete every generation not in force
+
+
+@dataclass
 class EpState:
     """What the kernel holds for one endpoint (besides its double-buffered entries)."""
 
@@ -81,6 +95,14 @@ class EpState:
     tables: dict[Direction, DirTables] | None  # None: adopted, contents unknown
     counters: dict[tuple[int, str], int] = field(default_factory=dict)  # (dir, rule id) -> rule_stats index
     iface: str | None = None  # device the endpoint is bound to (EndpointProgram.interface)
+
+
+def _shape(dp: DirectionProgram) -> tuple[object, ...]:
+    """Everything `compile_direction` reads from a direction program, with peer sets by
+    identity: equal shapes compile to equal tables (peer sets equal in value but not in
+    identity only cost a compile; `PeerSet.of` hands out one object per content)."""
+    return (dp.isolated, tuple((r.origin, id(r.peers) if r.peers is not None else None, r.ports, r.verdict, r.key)
+                               for r in dp.rules))
 
 
 class Reconciler:
@@ -132,10 +154,21 @@ class Reconciler:
         # adopted endpoints whose epkeys value is a digest: placeholder -> their key in eps
         self._unresolved: dict[str, str] = {}
         self.last_load: dict[str, object] = {}
+        self._deferred: Deferred | None = None  # the last apply's work left for after its grace
+        self._dropped_at = -1  # `growths` when old builds were last removed
+        # (endpoint key, direction) -> (its DirectionProgram, `_shape`, tables) as of the
+        # last apply (holding the program keeps the peer sets `_shape` names by id alive)
+        self._compiled: dict[tuple[str, Direction], tuple[DirectionProgram, tuple[object, ...], DirTables]] = {}
 
     # ---------------------------------------------------------------- plumbing
 
     def close(self) -> None:
+        if self._deferred is not None and self.eps is not None and self.maps:
+            try:  # best effort: a next agent's adoption sweeps whatever is left
+                self._settle()
+            except (OSError, DataplaneError) as e:
+                log.warning("eBPF: deferred clean-up on close failed: %s", e)
+        self._deferred = None
         for m in self.maps.values():
             m.close()
         for fd in self.prog_fds.values():
@@ -269,16 +302,14 @@ class Reconciler:
 
     def _write(self, name: str, items: Iterable[tuple[bytes, bytes]]) -> int:
         m = self.maps[name]
-        n = 0
-        for k, v in items:
-            try:
-                m.update(k, v)
-            except bpfsys.BpfError as e:
-                if e.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
-                    raise DataplaneError(f"eBPF map {name} is full ({m.max_entries} entries)") from e
-                raise DataplaneError(f"updating eBPF map {name} failed: {e}") from e
-            n += 1
-        return n
+        items = list(items)
+        try:
+            m.update_many(items)  # batch commands: one syscall per few thousand entries
+        except bpfsys.BpfError as e:
+            if e.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+                raise DataplaneError(f"eBPF map {name} is full ({m.max_entries} entries)") from e
+            raise DataplaneError(f"updating eBPF map {name} failed: {e}") from e
+        return len(items)
 
     def _sync_counters(self, ep: EpState, tables: dict[Direction, DirTables]) -> None:
         want = {(DIR_CODE[d], rid) for d, t in tables.items() for rid in t.rule_ids}
@@ -373,7 +404,8 @@ class Reconciler:
             raise
         time.sleep(GRACE_S)  # packets the old programs were judging are done
         for name in ("flows", "frags"):  # recorded by the old programs while filters moved
-            self._copy(old_maps[name], self.maps[name])
+            if old_maps[name].id != self.maps[name].id:  # (shared by both builds: nothing to do)
+                self._copy(old_maps[name], self.maps[name])
         for name, values in copied.items():  # and what they counted meanwhile
             self._add_counts(old_maps[name], self.maps[name], values)
         for m in old_maps.values():
@@ -415,7 +447,8 @@ class Reconciler:
                 for k, v in copied[name].items():
                     self.maps[name].update(k, v)
                 continue
-            self._copy(old[name], self.maps[name], arrays.get(name))
+            if old[name].id != self.maps[name].id:  # flows, frags: shared by both builds
+                self._copy(old[name], self.maps[name], arrays.get(name))
         return copied
 
     @staticmethod
@@ -430,23 +463,51 @@ class Reconciler:
             a, b, c = (struct.unpack(f"<{n}Q", x) for x in (now, then, cur))
             new.update(k, struct.pack(f"<{n}Q", *((z + x - y) & (2**64 - 1) for x, y, z in zip(a, b, c, strict=True))))
 
+    def _compile(self, program: Program) -> dict[str, dict[Direction, DirTables]]:
+        """Every endpoint direction's tables: the previous apply's when its DirectionProgram
+        is the same object or alike (the incremental compiler keeps unchanged ones), else
+        compiled, once per distinct program (endpoints selected alike share tables).
+        Programs are told alike by `_shape`, not by value: hashing or comparing large peer
+        sets by value costs as much as compiling them."""
+        prev, self._compiled = self._compiled, {}
+        memo: dict[tuple[object, ...], DirTables] = {}
+        out: dict[str, dict[Direction, DirTables]] = {}
+        for key, ep in program.endpoints.items():
+            per: dict[Direction, DirTables] = {}
+            for d in Direction:
+                dp = ep.direction(d)
+                was = prev.get((key, d))
+                if was is not None and was[0] is dp:
+                    shape, t = was[1], was[2]
+                else:
+                    shape = _shape(dp)
+                    if was is not None and was[1] == shape:
+                        t = was[2]
+                    elif (t := memo.get(shape)) is None:
+                        t = memo[shape] = compile_direction(dp)
+                per[d] = t
+                self._compiled[(key, d)] = (dp, shape, t)
+            out[key] = per
+        return out
+
     def apply(self, program: Program) -> ApplyStats:
-        memo: dict[DirectionProgram, DirTables] = {}  # endpoints selected alike share tables
-
-        def tables_of(dp: DirectionProgram) -> DirTables:
-            if dp not in memo:
-                memo[dp] = compile_direction(dp)
-            return memo[dp]
-
-        compiled = {key: {d: tables_of(ep.direction(d)) for d in Direction}
-                    for key, ep in program.endpoints.items()}
+        compiled = self._compile(program)
         if self.eps is None:
+            if self._deferred is not None:  # a failed apply: adoption (and its sweep) redoes it all
+                self._wait_grace(self._deferred)
+                self._deferred = None
             self._adopt(self._need(program, compiled))  # a first build is sized for this program
         assert self.eps is not None
+        try:
+            settled = self._settle()  # before `_need`: the stale entries are gone by then
+        except BaseException:
+            self.eps = None
+            raise
         self._resolve_hashed(program)
         self._ensure_capacity(self._need(program, compiled))
         try:
-            return self._apply(program, compiled)
+            stats = self._apply(program, compiled)
+            return dataclasses.replace(stats, elements_removed=stats.elements_removed + settled)
         except BaseException:
             # The kernel holds the old policy (failure before the flip) or the new one (after):
             # forget the model, the next apply adopts what is there (and sweeps what is not).
@@ -539,7 +600,7 @@ class Reconciler:
             want["epstate"][st.ep_id] = v_epstate(gens.get(id(st), st.gen), *fl)
             for ip in ep.ips:
                 want["addrs"][ip] = u32(st.ep_id)
-        devices = self.devices.find(program, {k: st.ep_id for k, st in self.eps.items()}, self.node_addrs)
+        devices = self.devices.find(program, {k: st.ep_id for k, st in self.eps.items()}, node)
         for idx, (host, bound) in devices.items():
             want["ifcfg"][idx] = v_ifcfg(self.devices.is_l3(idx), host, bound)
         # 3. the inactive half gets the new policy whole; devices are attached (a device
@@ -555,56 +616,82 @@ class Reconciler:
         for st, gen, tables in switched:
             st.gen, st.tables = gen, tables
             keep = {(DIR_CODE[d], r) for d, t in tables.items() for r in t.rule_ids}
-            self._release_counters([st.counters.pop(k) for k in list(st.counters) if k not in keep])
-        # 5. after the grace period nothing reads the previous half nor the replaced generations
+            retired += [st.counters.pop(k) for k in list(st.counters) if k not in keep]
         gone = [self.eps.pop(key) for key in departed]
         for key in departed:
             self.hashed_names.pop(epkey_value(key), None)
         for st in gone:
             self._retire(st, stale, retired)
-        if flipped or stale or self._adopted:
-            time.sleep(GRACE_S)
-        for name, k in stale:
-            self.maps[name].delete(k)
-        removed += len(stale)
-        cmds += len(stale)
-        # a taken-over id starts its counters afresh under its new key (its old counters
-        # were only referenced by the replaced generation)
-        self._release_counters(retired)
-        for st in renamed + gone:
+        # a taken-over id counts its drops afresh under its new key from the flip on
+        for st in renamed:
             for d in (0, 1):
                 self.maps["drop_stats"].update(u32(st.ep_id * 2 + d), ZERO_STAT)
-        for st in gone:
-            self.maps["epkeys"].delete(u32(st.ep_id))
-            cmds += 1
-        for idx in known_devices - set(want["ifcfg"]):
-            self.devices.detach(idx)
-        # 6. the previous half catches up: both halves alike until the next apply
-        cmds += self._write_half(old, want)
-        if self._adopted:
-            removed += self._sweep()
-            self._adopted = False
-        for ip in self.node_addrs - node:
-            self.maps["nodeaddrs"].delete(k_addr(ip))
-        self.node_addrs = node
-        builds.drop_old_builds(self.pin_root, self.build)
+        # 5. what packets judged under the previous half may still read goes once the grace
+        # has passed: at the start of the next apply (which must wait for it anyway before
+        # rewriting that half), so this event costs no sleep
+        self._deferred = Deferred(time.monotonic(), stale, retired, [st.ep_id for st in gone],
+                                  known_devices - set(want["ifcfg"]), self.node_addrs - node, self._adopted)
+        self._adopted = False
+        self.node_addrs |= node
+        if self.growths != self._dropped_at:  # old builds: only after a growth switched builds
+            builds.drop_old_builds(self.pin_root, self.build, self.sizes)
+            self._dropped_at = self.growths
         return ApplyStats(full=written == len(program.endpoints) and written > 0, commands=cmds,
                           elements_added=added, elements_removed=removed, chains_written=written)
 
+    def _settle(self) -> int:
+        """The previous apply's deferred work, once no packet can be judged under the half
+        it replaced (GRACE_S after its flip; usually long past): the replaced generations'
+        entries, freed rule counters and endpoint ids, detached devices, node addresses
+        gone, and after an adoption the sweep. The previous half itself is not touched
+        here: the next apply rewrites it (from what it holds) as its inactive half.
+        Returns the entries deleted."""
+        d, self._deferred = self._deferred, None
+        if d is None:
+            return 0
+        self._wait_grace(d)
+        self._delete(d.stale)
+        # a taken-over id starts its counters afresh under its new key (its old counters
+        # were only referenced by the replaced generation)
+        self._release_counters(d.retired)
+        for ep_id in d.gone:
+            for dc in (0, 1):
+                self.maps["drop_stats"].update(u32(ep_id * 2 + dc), ZERO_STAT)
+            self.maps["epkeys"].delete(u32(ep_id))
+        for idx in d.detach:
+            self.devices.detach(idx)
+        for ip in d.node_gone:
+            self.maps["nodeaddrs"].delete(k_addr(ip))
+            self.node_addrs.discard(ip)
+        return len(d.stale) + (self._sweep() if d.sweep else 0)
+
+    def _delete(self, entries: Iterable[Entry]) -> None:
+        by_map: dict[str, list[bytes]] = {}
+        for name, k in entries:
+            by_map.setdefault(name, []).append(k)
+        for name, keys in by_map.items():
+            self.maps[name].delete_many(keys)
+
+    @staticmethod
+    def _wait_grace(d: Deferred) -> None:
+        wait = d.since + GRACE_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+
     def _write_half(self, half: int, want: HalfContents) -> int:
-        """Make one half of the double-buffered maps hold `want` (the half not in force, or
-        the previous one after the grace period)."""
+        """Make the half not in force hold `want` (from what it holds: the policy before the
+        last apply's, as it is only caught up when it is rewritten)."""
         n = 0
         for name in HALVED:
             have, key = self.have[half][name], HALF_KEY[name]
-            for item, v in want[name].items():
-                if have.get(item) != v:
-                    n += self._write(name, [(key(item, half), v)])
-                    have[item] = v
-            for item in set(have) - set(want[name]):
-                self.maps[name].delete(key(item, half))
+            changed = [(item, v) for item, v in want[name].items() if have.get(item) != v]
+            n += self._write(name, [(key(item, half), v) for item, v in changed])
+            have.update(changed)
+            gone = set(have) - set(want[name])
+            self.maps[name].delete_many([key(item, half) for item in gone])
+            for item in gone:
                 del have[item]
-                n += 1
+            n += len(gone)
         return n
 
     def _flip(self, half: int) -> None:
@@ -647,9 +734,11 @@ class Reconciler:
         n = 0
         for name, t in (("peers", PeerKey), ("ports", PortKey)):
             m = self.maps[name]
+            dead = []
             for k in list(m.all_keys()):
                 e = unpack(t, k)
                 if (e.ep_id, e.gen) not in live:
-                    m.delete(k)
-                    n += 1
+                    dead.append(k)
+            m.delete_many(dead)
+            n += len(dead)
         return n

@@ -140,11 +140,15 @@ def compile_direction(dp: DirectionProgram) -> DirTables:
         prefixes = set(holders)
         if anyone:
             prefixes.add((0, 0))
+        # only the prefix lengths some rule holds can be ancestors (usually one or two, not 33)
+        masks = [(ln, ((1 << ln) - 1) << (width - ln) if ln else 0) for ln in sorted({ln for _, ln in holders})]
         for addr, plen in sorted(prefixes):
             members = set(anyone)
-            for ln in range(plen + 1):  # every ancestor (or the prefix itself) that a rule holds
-                mask = ((1 << ln) - 1) << (width - ln) if ln else 0
-                members |= holders.get((addr & mask, ln), set())
+            for ln, mask in masks:  # every ancestor (or the prefix itself) that a rule holds
+                if ln > plen:
+                    break
+                if (hit := holders.get((addr & mask, ln))) is not None:
+                    members |= hit
             key = tuple(sorted(members))
             cls = classes.setdefault(key, len(classes) + 1)
             peers.append((fam, addr, plen, cls))
