@@ -66,7 +66,7 @@ print("timeout", flush=True)
 """
 
 # In a client's namespace: a new TCP connection every INTERVAL until a line on stdin, then
-# one JSON line: probes allowed / denied and the send times of the first few of each.
+# one JSON line (at least one probe): probes allowed / denied and the send times of the first few of each.
 PROBER = """
 import errno, json, selectors, socket, struct, sys, threading, time
 host, port, interval, grace = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
@@ -80,10 +80,11 @@ def done(t, ok):
     if len(out[k + "_at"]) < 20:
         out[k + "_at"].append(round(t, 6))
 print("ready", flush=True)
-nxt = time.monotonic()
-while not stop.is_set() or pending:
+nxt, sent = time.monotonic(), 0
+while not stop.is_set() or pending or not sent:  # at least one probe, however soon stopped
     now = time.monotonic()
-    if now >= nxt and not stop.is_set():
+    if now >= nxt and (not stop.is_set() or not sent):
+        sent += 1
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.setblocking(False)
