@@ -65,51 +65,59 @@ while time.monotonic() < end:
 print("timeout", flush=True)
 """
 
-# In a client's namespace: a new TCP connection every INTERVAL until a line on stdin, then
-# one JSON line (at least one probe): probes allowed / denied and the send times of the first few of each.
-PROBER = """
-import errno, json, selectors, socket, struct, sys, threading, time
-host, port, interval, grace = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-stop = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
-sel, pending = selectors.DefaultSelector(), {}
-out = {"allowed": 0, "denied": 0, "allowed_at": [], "denied_at": []}
-def done(t, ok):
-    k = "allowed" if ok else "denied"
-    out[k] += 1
-    if len(out[k + "_at"]) < 20:
-        out[k + "_at"].append(round(t, 6))
-print("ready", flush=True)
-nxt, sent = time.monotonic(), 0
-while not stop.is_set() or pending or not sent:  # at least one probe, however soon stopped
-    now = time.monotonic()
-    if now >= nxt and (not stop.is_set() or not sent):
-        sent += 1
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        s.setblocking(False)
-        rc = s.connect_ex((host, port))
-        if rc in (0, errno.EINPROGRESS):
-            pending[s] = now
-            sel.register(s, selectors.EVENT_WRITE)
-        else:
-            done(now, False)
-            s.close()
-        nxt = max(nxt + interval, now)
-    for key, _ in sel.select(max(0.0, min(nxt - time.monotonic(), 0.005))):
-        s = key.fileobj
-        done(pending.pop(s), s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0)
-        sel.unregister(s)
-        s.close()
-    now = time.monotonic()
-    for s, t in list(pending.items()):
-        if now - t > grace:
-            done(t, False)
-            del pending[s]
-            sel.unregister(s)
-            s.close()
-print(json.dumps(out), flush=True)
-"""
+def probe_loop(host: str, port: int, interval: float, grace: float) -> None:
+    """In a client's namespace (`python -m bench.startup probe HOST PORT INTERVAL GRACE`,
+    stdlib only at run time): prints "ready", opens a new TCP connection every `interval`
+    (closed with RST) until a line on stdin, then prints one JSON line: probes allowed (the
+    connection completed) and denied (refused, or no answer within `grace`), and the send
+    times of the first 20 of each. At least one probe, however soon stopped."""
+    import errno
+    import selectors
+    import socket
+    import struct
+
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    sel = selectors.DefaultSelector()
+    pending: dict[socket.socket, float] = {}
+    out: dict[str, Any] = {"allowed": 0, "denied": 0, "allowed_at": [], "denied_at": []}
+
+    def done(t: float, ok: bool) -> None:
+        k = "allowed" if ok else "denied"
+        out[k] += 1
+        if len(out[k + "_at"]) < 20:
+            out[k + "_at"].append(round(t, 6))
+
+    print("ready", flush=True)
+    nxt, sent = time.monotonic(), 0
+    while not stop.is_set() or pending or not sent:
+        now = time.monotonic()
+        if now >= nxt and (not stop.is_set() or not sent):
+            sent += 1
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.setblocking(False)
+            rc = s.connect_ex((host, port))
+            if rc in (0, errno.EINPROGRESS):
+                pending[s] = now
+                sel.register(s, selectors.EVENT_WRITE)
+            else:
+                done(now, False)
+                s.close()
+            nxt = max(nxt + interval, now)
+        for key, _ in sel.select(max(0.0, min(nxt - time.monotonic(), interval))):
+            sock: socket.socket = key.fileobj  # type: ignore[assignment]
+            done(pending.pop(sock), sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0)
+            sel.unregister(sock)
+            sock.close()
+        now = time.monotonic()
+        for sock, t in list(pending.items()):
+            if now - t > grace:
+                done(t, False)
+                del pending[sock]
+                sel.unregister(sock)
+                sock.close()
+    print(json.dumps(out), flush=True)
 
 
 def summary(values: list[float]) -> dict[str, Any]:
@@ -127,13 +135,13 @@ def wrong_verdicts(probes: dict[str, dict[str, Any]]) -> dict[str, int]:
 
 
 class Prober:
-    """PROBER in one pod's namespace, from start() until finish()."""
+    """probe_loop in one pod's namespace, from start() until finish()."""
 
     def __init__(self, lab: Lab, pod: str) -> None:
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab.pods[pod].netns, sys.executable, "-c", PROBER, SERVER_IP, str(PORT),
-             str(PROBE_INTERVAL), str(PROBE_GRACE)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            ["ip", "netns", "exec", lab.pods[pod].netns, sys.executable, "-m", "bench.startup", "probe", SERVER_IP,
+             str(PORT), str(PROBE_INTERVAL), str(PROBE_GRACE)],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         lab.procs.append(self.proc)
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
 
@@ -323,7 +331,13 @@ def run(dataplanes: list[str], sizes: list[str], runs: int | None, seed: int, lo
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m bench.startup", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["probe"]:
+        probe_loop(argv[1], int(argv[2]), float(argv[3]), float(argv[4]))
+        return 0
+
+    ap = argparse.ArgumentParser(prog="python -m bench.startup", description=__doc__.split("\n\n")[0],
+                                 epilog="python -m bench.startup probe HOST PORT INTERVAL GRACE: the probe loop")
     ap.add_argument("--sizes", default="1k", help="comma list of 1k,10k,50k (or PODS/POLICIES)")
     ap.add_argument("--runs", type=int, help="runs per figure (default 3; 1 at 50k)")
     ap.add_argument("--seed", type=int, default=1)
