@@ -160,6 +160,7 @@ class Node:
     def __init__(self, lab: Lab, work: Path, source: Path, dataplane: str) -> None:
         self.lab, self.work, self.source, self.dataplane = lab, work, source, dataplane
         self.agent: subprocess.Popen | None = None
+        self.synced = ""  # the agent's last "synced ..." log line when it became ready
 
     def start(self) -> float:
         """Start the agent; seconds from its process start to /readyz 200 (raises with its
@@ -181,7 +182,10 @@ class Node:
         poller.wait()
         if not got or got[0] in ("", "timeout"):
             raise RuntimeError(f"agent not ready: {self.lab.agent_output(self.agent)[-1500:]}")
-        return float(got[0]) - t0
+        ready = float(got[0]) - t0
+        synced = [x for x in self.lab.agent_output(self.agent).splitlines() if "agent.daemon: synced" in x]
+        self.synced = synced[-1].split("agent.daemon: ", 1)[1] if synced else ""
+        return ready
 
     def kill(self) -> None:
         """SIGKILL, as the kernel's OOM killer or a node crash would; reaped."""
@@ -257,6 +261,7 @@ def _cold_and_restart(lab: Lab, node: Node, runs: int, dataplane: str, log: Any)
             res.setdefault("compile_s", []).append(
                 builds.compile_build(f"{pin_root()}/{build[0]}", build[1], sys.executable)["total_s"])
         cold.append(node.start())
+        res.setdefault("cold_syncs", []).append(node.synced)
         verdict_ok.append(verdicts_hold(lab))
         if build is not None:
             from agent.dataplane.ebpf import builds
@@ -277,6 +282,7 @@ def _cold_and_restart(lab: Lab, node: Node, runs: int, dataplane: str, log: Any)
         node.kill()
         try:
             restart.append(node.start())
+            res.setdefault("restart_syncs", []).append(node.synced)
         finally:
             time.sleep(0.2)  # and a few after ready
             probes = {k: p.finish() for k, p in probers.items()}
