@@ -5,7 +5,9 @@ Control plane (each run in a fresh network namespace made and deleted here), the
 one ClusterNetworkPolicy added -> kernel beside one NetworkPolicy (bench/tiers.py); peak
 memory of a cold apply as its memory cgroup counts it (bench.memory); event latency end
 to end by packets through the directory source and the daemon (bench/events.py);
-datapath in the namespace lab against the no-policy floor. Prints tables, writes
+cold start and restart (SIGKILL) -> ready of the daemon in the namespace lab, probes held
+through the restart (bench/startup.py); datapath in the namespace lab against the
+no-policy floor. Prints tables, writes
 bench/results/<timestamp>.json. Reports figures; never passes or fails on time.
 """
 
@@ -149,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-memory", action="store_true", help="no cgroup peak of a cold apply (bench.memory)")
     ap.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end event latency by packets")
     ap.add_argument("--e2e-events", type=int, help="end-to-end events per kind (default by size, see bench/events.py)")
+    ap.add_argument("--skip-startup", action="store_true",
+                    help="skip cold start and restart -> ready of the daemon (bench/startup.py)")
+    ap.add_argument("--startup-runs", type=int, help="cold starts and restarts per size (default 3; 1 at 50k)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -160,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         peers, args.reps, args.seconds = [10, 10000], 2, 1.0
         args.events = args.events or "10"
         args.e2e_events = args.e2e_events or 20
+        args.startup_runs = args.startup_runs or 2
     ok, why = ebpf_usable()
     dataplanes = args.dataplanes.split(",") if args.dataplanes else (["nftables", "ebpf"] if ok else ["nftables"])
     started = time.time()
@@ -184,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import events
 
         result["events"] = events.run(dataplanes, sizes, args.e2e_events, args.seed, log)
+    if not args.skip_startup:
+        from bench import startup
+
+        result["startup"] = startup.run(dataplanes, sizes, args.startup_runs, args.seed, log)
     if not args.skip_datapath:
         from bench import datapath
 

@@ -113,6 +113,29 @@ def events_table(ev: dict[str, Any]) -> str:
             "1 ms probes; floor = one libnftables element command, same probes)\n" + _table(head, rows))
 
 
+def startup_table(st: dict[str, Any]) -> str:
+    """Cold start and restart -> ready (bench/startup.py)."""
+    head = ["dataplane/size", "cold p50 [min-max] (n)", "restart p50 [min-max] (n)", "wrong/probes in restarts",
+            "verdicts", "eBPF build compile (untimed)"]
+    rows = []
+    for key, r in st.items():
+        if "error" in r:
+            rows.append([key, "ERROR: " + r["error"].splitlines()[-1][:100]] + [""] * (len(head) - 2))
+            continue
+
+        def fig(f: dict[str, Any]) -> str:
+            return (f"{f['median']:.2f} s [{f['min']:.2f}-{f['max']:.2f}] ({f['n']})" if f["n"] else "-")
+
+        p = r["restart_probes"]
+        bad, comp = p["friend_denied"] + p["client_allowed"], r.get("compile_s")
+        rows.append([key, fig(r["cold_s"]), fig(r["restart_s"]), f"{bad}/{p['total']}",
+                     "hold" if r["cold_verdicts_ok"] and r["restart_verdicts_ok"] else "WRONG",
+                     f"{max(comp):.1f} s, reused {'yes' if r.get('build_reused') else 'NO'}" if comp else "-"])
+    return ("Startup (process start -> /readyz 200; cold: no table, no pinned maps, no state file, eBPF build "
+            "compiled before; restart: SIGKILL then start, everything adopted; probes every 5 ms per client)\n"
+            + _table(head, rows))
+
+
 def targets(result: dict[str, Any]) -> str:
     rows = []
     ctrl = result.get("control", {})
@@ -168,6 +191,18 @@ def targets(result: dict[str, Any]) -> str:
         if d["policy_added/allow"]["n"]:
             add(f"{dp} {size} policy added -> packets p50 <= {lim[3] * 1000:.0f} ms",
                 f"{_ms(d['policy_added/allow']['median'])} ms", d["policy_added/allow"]["median"] <= lim[3])
+    for key, r in result.get("startup", {}).items():
+        dp, size = key.split("/")
+        lim = {"10k": 2.0, "50k": 10.0}.get(size)
+        if lim is None or "error" in r:
+            continue
+        for name, f in (("cold start", r["cold_s"]), ("restart", r["restart_s"])):
+            if f["n"]:
+                add(f"{dp} {size} {name} -> ready p50 <= {lim:.0f} s", f"{f['median']:.2f} s (n={f['n']})",
+                    f["median"] <= lim)
+        p = r["restart_probes"]
+        bad = p["friend_denied"] + p["client_allowed"]
+        add(f"{dp} {size} wrong verdicts during restart = 0", f"{bad}/{p['total']}", bad == 0)
     s = ctrl.get("nftables/scrape")
     if s and "error" not in s:
         add(f"/metrics scrape at {s['scrape']['objects'].get('rules')} rules <= 100 ms",
@@ -185,6 +220,8 @@ def render(result: dict[str, Any]) -> str:
         parts.append(control_table(result["control"]))
     if result.get("events"):
         parts.append(events_table(result["events"]))
+    if result.get("startup"):
+        parts.append(startup_table(result["startup"]))
     if "datapath" in result:
         parts.append(datapath_table(result["datapath"]))
     parts.append(targets(result))
