@@ -6,7 +6,8 @@ one ClusterNetworkPolicy added -> kernel beside one NetworkPolicy (bench/tiers.p
 memory of a cold apply as its memory cgroup counts it (bench.memory); event latency end
 to end by packets through the directory source and the daemon (bench/events.py);
 cold start and restart (SIGKILL) -> ready of the daemon in the namespace lab, probes held
-through the restart (bench/startup.py); datapath in the namespace lab against the
+through the restart (bench/startup.py); the DNS hold's latency at 1,000 answers/s, alone
+and in the agent (bench/dnshold.py); datapath in the namespace lab against the
 no-policy floor. Prints tables, writes
 bench/results/<timestamp>.json. Reports figures; never passes or fails on time.
 """
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-startup", action="store_true",
                     help="skip cold start and restart -> ready of the daemon (bench/startup.py)")
     ap.add_argument("--startup-runs", type=int, help="cold starts and restarts per size (default 3; 1 at 50k)")
+    ap.add_argument("--skip-dns", action="store_true",
+                    help="skip the DNS hold: latency and 1,000 answers/s, alone and in the agent (bench/dnshold.py)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -194,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import startup
 
         result["startup"] = startup.run(dataplanes, sizes, args.startup_runs, args.seed, log)
+    if not args.skip_dns:
+        from bench import dnshold
+
+        result["dns"] = dnshold.bench(dataplanes, args.quick, log)
     if not args.skip_datapath:
         from bench import datapath
 
@@ -212,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import memory
 
         print("\n" + memory.table(result))
+    if "dns" in result:
+        from bench import dnshold
+
+        print("\n" + dnshold.table(result["dns"]))
     print(f"\nJSON: {path}")
     return 0
 
