@@ -11,11 +11,14 @@ everything even after a failure.
 Beside it: builders (manifests, `snapshot_of`), netbird_model (NetBird API objects),
 fuzz_kubernetes / fuzz_netbird (hypothesis strategies and checks), generate (the seeded
 benchmark clusters), kubeapi / netbird_api (fake API servers), netns (the one setns
-helper), netprobe / tunrelay (processes run in lab namespaces), netbird_lab, kubernetes_lab,
+helper), nftns (a throwaway namespace to load nft text into, and a table reader),
+netprobe / tunrelay (processes run in lab namespaces), netbird_lab, kubernetes_lab,
 enforcement, ebpf_lab, netbird_env (lab set-ups and scenarios more than one suite runs),
 cases (upstream NetworkPolicy cases), kustomize / manifests (deploy/ rendered), sandbox (the
 systemd unit's confinement), privileges (root, bpffs, dataplane environment), recording (a
-dataplane that records), hostile_agent / hostile_files (hostile input), reliability/ (the
+dataplane that records), cnp_cases (the ClusterNetworkPolicy conformance data), planes (a
+dataplane in the lab's node namespace, probes vs the simulator), dns_lab (the DNS egress lab),
+hostile_agent / hostile_files (hostile input), reliability/ (the
 soak run), demo (`make demo`).
 """
 
