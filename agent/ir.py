@@ -127,6 +127,37 @@ def _prefixes(version: int, first: int, last: int) -> list[Network]:
     return out
 
 
+def _runs(hosts: list[int]) -> list[tuple[int, int]]:
+    """merge_ranges of single addresses ((a, a) each), without a tuple per address."""
+    if not hosts:
+        return []
+    ordered = sorted(set(hosts))
+    out: list[tuple[int, int]] = []
+    first = last = ordered[0]
+    for a in ordered:
+        if a > last + 1:
+            out.append((first, last))
+            first = a
+        last = a
+    out.append((first, last))
+    return out
+
+
+# (version, first, last) -> _prefixes: a pod's address is a span of many peer sets, and a
+# prefix object costs ~5 us to build. Prefixes are immutable: sharing them is safe.
+_SPANS: dict[tuple[int, int, int], tuple[Network, ...]] = {}
+_SPANS_MAX = 1 << 17
+
+
+def _span_prefixes(span: tuple[int, int, int]) -> tuple[Network, ...]:
+    nets = _SPANS.get(span)
+    if nets is None:
+        if len(_SPANS) >= _SPANS_MAX:
+            _SPANS.clear()
+        nets = _SPANS[span] = tuple(_prefixes(*span))
+    return nets
+
+
 _TEXT: dict[int, str] = {}  # a prefix's text by (address, length, family) packed in one int
 _TEXT_MAX = 1 << 18
 
@@ -144,6 +175,7 @@ def _net_text(n: Network) -> str:
     return text
 
 
+_V4, _V6 = ipaddress.IPv4Address, ipaddress.IPv6Address
 _RECENT: dict[tuple[tuple[int, int, int], ...], PeerSet] = {}
 _RECENT_MAX = 8192  # peer sets remembered across syncs (insertion order: oldest evicted first)
 
@@ -158,22 +190,36 @@ class PeerSet:
     def of(cls, nets: Iterable[Network | IPAddress]) -> PeerSet:
         """Collapse addresses and prefixes into disjoint prefixes. Works on integer ranges:
         ipaddress.collapse_addresses is ~10x slower and this runs for every policy rule."""
+        # Addresses (most of any peer set: pods) as bare integers, merged apart from the
+        # prefixes (ipBlocks): exact types only, a subclass takes the general path.
+        hosts: dict[int, list[int]] = {4: [], 6: []}
         ranges: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        hosts4, hosts6 = hosts[4], hosts[6]
         for n in nets:
-            if isinstance(n, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            kind = type(n)
+            if kind is _V4:
+                hosts4.append(n._ip)  # type: ignore[union-attr]  # ipaddress's own field, as int(n)
+            elif kind is _V6:
+                hosts6.append(n._ip)  # type: ignore[union-attr]
+            elif isinstance(n, ipaddress.IPv4Address | ipaddress.IPv6Address):
                 a = int(n)
                 ranges[n.version].append((a, a))
             else:
                 net = n if isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network) else ipaddress.ip_network(n)
                 a = int(net.network_address)
                 ranges[net.version].append((a, a + net.num_addresses - 1))
-        spans = [(version, a, b) for version, rs in ranges.items() for a, b in merge_ranges(rs)]
+        spans = []
+        for version in (4, 6):
+            merged = _runs(hosts[version])
+            if ranges[version]:
+                merged = merge_ranges(merged + ranges[version])
+            spans.extend((version, a, b) for a, b in merged)
         # Most peer sets are unchanged from one sync to the next: reuse the same object (and
         # whatever was derived from it, e.g. its text form) instead of rebuilding prefixes.
         key = tuple(spans)
         hit = _RECENT.get(key)
         if hit is None:
-            hit = cls(tuple(n for v, a, b in spans for n in _prefixes(v, a, b)))
+            hit = cls(tuple(n for span in spans for n in _span_prefixes(span)))
             if len(_RECENT) >= _RECENT_MAX:
                 _RECENT.pop(next(iter(_RECENT)))
             _RECENT[key] = hit
