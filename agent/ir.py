@@ -119,9 +119,9 @@ def _prefixes(version: int, first: int, last: int) -> list[Network]:
     make = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
     out: list[Network] = []
     while first <= last:
-        size = (first & -first).bit_length() - 1 if first else bits  # alignment of `first`
-        while first + (1 << size) - 1 > last:
-            size -= 1
+        align = (first & -first).bit_length() - 1 if first else bits  # alignment of `first`
+        # the largest aligned block that fits: 2**size <= last - first + 1
+        size = min(align, (last - first + 1).bit_length() - 1)
         out.append(make((first, bits - size)))
         first += 1 << size
     return out
@@ -158,6 +158,20 @@ def _span_prefixes(span: tuple[int, int, int]) -> tuple[Network, ...]:
     return nets
 
 
+_HOSTS: dict[int, dict[int, Network]] = {4: {}, 6: {}}  # address -> its /32 or /128
+
+
+def _host_net(version: int, a: int) -> Network:
+    """_prefixes(version, a, a)[0], shared (most spans are one pod's address)."""
+    hosts = _HOSTS[version]
+    net = hosts.get(a)
+    if net is None:
+        if len(hosts) >= _SPANS_MAX:
+            hosts.clear()
+        net = hosts[a] = ipaddress.IPv4Network((a, 32)) if version == 4 else ipaddress.IPv6Network((a, 128))
+    return net
+
+
 _TEXT: dict[int, str] = {}  # a prefix's text by (address, length, family) packed in one int
 _TEXT_MAX = 1 << 18
 
@@ -176,7 +190,8 @@ def _net_text(n: Network) -> str:
 
 
 _V4, _V6 = ipaddress.IPv4Address, ipaddress.IPv6Address
-_RECENT: dict[tuple[tuple[int, int, int], ...], PeerSet] = {}
+# (IPv4 spans, IPv6 spans) -> the peer set
+_RECENT: dict[tuple[tuple[tuple[int, int], ...], ...], PeerSet] = {}
 _RECENT_MAX = 8192  # peer sets remembered across syncs (insertion order: oldest evicted first)
 
 
@@ -208,18 +223,25 @@ class PeerSet:
                 net = n if isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network) else ipaddress.ip_network(n)
                 a = int(net.network_address)
                 ranges[net.version].append((a, a + net.num_addresses - 1))
-        spans = []
+        runs: list[list[tuple[int, int]]] = []
         for version in (4, 6):
             merged = _runs(hosts[version])
             if ranges[version]:
                 merged = merge_ranges(merged + ranges[version])
-            spans.extend((version, a, b) for a, b in merged)
+            runs.append(merged)
         # Most peer sets are unchanged from one sync to the next: reuse the same object (and
         # whatever was derived from it, e.g. its text form) instead of rebuilding prefixes.
-        key = tuple(spans)
+        key = (tuple(runs[0]), tuple(runs[1]))
         hit = _RECENT.get(key)
         if hit is None:
-            hit = cls(tuple(n for span in spans for n in _span_prefixes(span)))
+            out: list[Network] = []
+            for version, spans in zip((4, 6), runs, strict=True):
+                for a, b in spans:
+                    if a == b:
+                        out.append(_host_net(version, a))
+                    else:
+                        out.extend(_span_prefixes((version, a, b)))
+            hit = cls(tuple(out))
             if len(_RECENT) >= _RECENT_MAX:
                 _RECENT.pop(next(iter(_RECENT)))
             _RECENT[key] = hit

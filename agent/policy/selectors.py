@@ -101,7 +101,12 @@ class Selector:
     invalid: bool = False
 
     def matches(self, labels: Mapping[str, str]) -> bool:
-        return not self.invalid and all(r.matches(labels) for r in self.requirements)
+        if self.invalid:
+            return False
+        for r in self.requirements:  # noqa: SIM110  (a loop, not all(...): runs per pod and peer)
+            if not r.matches(labels):
+                return False
+        return True
 
     @property
     def empty(self) -> bool:
