@@ -1,0 +1,172 @@
+"""The cold path's faster algorithms equal the ones they replaced (property tests).
+
+Each reference below is the previous implementation, kept here verbatim in substance:
+the fast versions must give identical results (values and order), not just equivalent
+ones, since the incremental compiler and the renderers compare by value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.admission import kubernetes as admission
+from agent.ir import PeerSet, _prefixes, merge_ranges
+from agent.policy.errors import Invalid
+from agent.sources.files import MAX_DEPTH, _json_too_deep, _text_depth, _too_deep
+
+# ------------------------------------------------------------------ PeerSet.of
+
+
+def _old_prefixes(version: int, first: int, last: int) -> list[Any]:
+    bits = 32 if version == 4 else 128
+    make = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
+    out = []
+    while first <= last:
+        size = (first & -first).bit_length() - 1 if first else bits
+        while first + (1 << size) - 1 > last:
+            size -= 1
+        out.append(make((first, bits - size)))
+        first += 1 << size
+    return out
+
+
+def _old_of(nets: list[Any]) -> tuple[Any, ...]:
+    ranges: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+    for n in nets:
+        if isinstance(n, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            a = int(n)
+            ranges[n.version].append((a, a))
+        else:
+            net = n if isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network) else ipaddress.ip_network(n)
+            a = int(net.network_address)
+            ranges[net.version].append((a, a + net.num_addresses - 1))
+    spans = [(version, a, b) for version, rs in ranges.items() for a, b in merge_ranges(rs)]
+    return tuple(n for v, a, b in spans for n in _old_prefixes(v, a, b))
+
+
+class _Address(ipaddress.IPv4Address):
+    """A subclass: PeerSet.of's fast path takes exact types only."""
+
+
+BASE4, BASE6 = 0x0A000000, 0xFD00 << 112
+# Dense: few distinct values, so duplicates, neighbours and overlaps are common.
+offsets = st.integers(0, 40)
+v4_hosts = offsets.map(lambda o: ipaddress.IPv4Address(BASE4 + o))
+v6_hosts = offsets.map(lambda o: ipaddress.IPv6Address(BASE6 + o))
+sub_hosts = offsets.map(lambda o: _Address(BASE4 + o))
+v4_nets = st.builds(lambda o, p: ipaddress.IPv4Network((BASE4 + o, p), strict=False), offsets, st.integers(26, 32))
+v6_nets = st.builds(lambda o, p: ipaddress.IPv6Network((BASE6 + o, p), strict=False), offsets, st.integers(122, 128))
+text_nets = v4_nets.map(str)  # ipBlock text, as ip_network reads it
+edges = st.sampled_from([ipaddress.IPv4Address(0), ipaddress.IPv4Address(2**32 - 1),
+                         ipaddress.IPv6Address(0), ipaddress.IPv6Address(2**128 - 1),
+                         ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0")])
+items = st.one_of(v4_hosts, v6_hosts, sub_hosts, v4_nets, v6_nets, text_nets, edges)
+
+
+@settings(max_examples=400)
+@given(st.lists(items, max_size=40))
+def test_peer_set_of_equals_the_previous_algorithm(nets: list[Any]) -> None:
+    got = PeerSet.of(nets)
+    assert got.nets == _old_of(nets)
+    assert [type(n) for n in got.nets] == [type(n) for n in _old_of(nets)]
+    assert PeerSet.of(list(reversed(nets))) is got  # the same set: the remembered object
+
+
+@given(st.lists(st.integers(0, 2**32 - 1), max_size=30))
+def test_peer_set_of_random_v4_hosts(addrs: list[int]) -> None:
+    nets = [ipaddress.IPv4Address(a) for a in addrs]
+    assert PeerSet.of(nets).nets == _old_of(nets)
+
+
+@given(st.sampled_from([4, 6]), st.integers(0, 2**32 - 1), st.integers(0, 2**20))
+def test_prefixes_equal_the_previous_loop(version: int, first: int, length: int) -> None:
+    first = min(first, 2**32 - 1 - length)  # inside the address space
+    if version == 6:
+        first <<= 96
+    assert _prefixes(version, first, first + length) == _old_prefixes(version, first, first + length)
+
+
+# ------------------------------------------------------------------ JSON depth
+
+json_leaves = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
+    st.text(alphabet=st.sampled_from('[]{}"\\/ab\n\t\u00e9\U0001f600'), max_size=8),
+)
+json_values = st.recursive(
+    json_leaves,
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.text(alphabet='[]{}"\\ab', max_size=4), inner, max_size=4)),
+    max_leaves=40,
+)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+@settings(max_examples=400)
+@given(json_values, st.booleans(), st.sampled_from([None, 0, 2]))
+def test_text_depth_is_the_depth_of_the_value(value: Any, ascii_only: bool, indent: int | None) -> None:
+    text = json.dumps(value, ensure_ascii=ascii_only, indent=indent)
+    assert _text_depth(text) == _depth(value)
+    assert _json_too_deep(text, json.loads(text)) == _too_deep(json.loads(text))
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1, 5 * MAX_DEPTH])
+def test_json_too_deep_at_the_bound(depth: int) -> None:
+    for text in ("[" * depth + "]" * depth, '{"a": ' * depth + "1" + "}" * depth,
+                 '["\\\\", "[[[\\"", ' + "[" * depth + "]" * depth + "]"):
+        doc = json.loads(text)
+        assert _json_too_deep(text, doc) == _too_deep(doc)
+
+
+def test_a_deep_value_dropped_by_a_repeated_key_is_not_too_deep() -> None:
+    deep = "[" * (MAX_DEPTH + 5) + "]" * (MAX_DEPTH + 5)
+    text = f'{{"a": {deep}, "a": 1}}'
+    assert _text_depth(text) > MAX_DEPTH
+    assert not _json_too_deep(text, json.loads(text))  # as the value walk says
+
+
+# ------------------------------------------------------------------ addresses
+
+
+def _reference_ip(text: Any) -> Any:
+    try:
+        if not isinstance(text, str):
+            raise ValueError
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+address_texts = st.one_of(
+    st.integers(0, 2**32 - 1).map(lambda a: str(ipaddress.IPv4Address(a))),
+    st.integers(0, 2**128 - 1).map(lambda a: str(ipaddress.IPv6Address(a))),
+    st.text(alphabet="0123456789.:abcdef%/ ", max_size=20),
+    st.sampled_from(["01.2.3.4", "1.2.3.4 ", "::ffff:1.2.3.4", "fe80::1%eth0", "", "256.0.0.1"]),
+    st.integers(), st.none(),
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(address_texts, max_size=5))
+def test_cached_address_parse_equals_ipaddress(texts: list[Any]) -> None:
+    for text in texts + texts:  # twice: the second read comes from the cache
+        want = _reference_ip(text)
+        if want is None:
+            with pytest.raises(Invalid) as e:
+                admission._ip(text, "status.podIP")
+            assert e.value.field == "status.podIP"
+        else:
+            got = admission._ip(text, "status.podIP")
+            assert got == want and type(got) is type(want) and str(got) == str(want)
