@@ -54,6 +54,12 @@ MAX_OBJECT_BYTES = 1 << 20
 # walker (composer, json, validators) far from Python's recursion limit.
 MAX_DEPTH = 64
 Key = tuple[str, str, str]  # ObjectRef.key
+# The most compact JSON (ensure_ascii) can grow per character of the JSON text it was
+# parsed from: a raw astral character becomes two \\uXXXX escapes (12); a raw BMP one
+# or DEL 6; every escape stays as long or shrinks; a float's repr is at most 24 for at
+# least 3 ("1e5"); ints, literals and structure stay; whitespace and repeated keys go. A
+# typed List's item gains `,"kind":"X"`, shorter than 12x the `"kind":"XList"` it came from.
+JSON_GROWTH = 12
 
 
 class OutOfBounds(ValueError):
@@ -315,8 +321,12 @@ class DirectorySource:
             docs = [json.loads(text)]
             if _json_too_deep(text, docs[0]):
                 raise OutOfBounds(f"nested deeper than {MAX_DEPTH} levels")
+            # What JSON text parses to is JSON data, and no object in it is longer as compact
+            # JSON than JSON_GROWTH times the text: not worth encoding each to measure it.
+            measure = len(text) * JSON_GROWTH > self.max_object_bytes
         else:
             docs = load_yaml(text, str(path))
+            measure = True
         objs = []
         for doc in docs:
             for body in expand(doc):
@@ -325,6 +335,9 @@ class DirectorySource:
                     log.debug("%s: ignoring kind %r", path, kind)
                     continue
                 ref = ref_of(body, "file", str(path))
+                if not measure:
+                    objs.append(RawObject(ref, body))
+                    continue
                 try:  # the form the state file keeps it in, which also proves it is JSON data
                     size = len(json.dumps(body, separators=(",", ":")))
                 except (TypeError, ValueError) as e:

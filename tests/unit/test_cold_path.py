@@ -170,3 +170,55 @@ def test_cached_address_parse_equals_ipaddress(texts: list[Any]) -> None:
         else:
             got = admission._ip(text, "status.podIP")
             assert got == want and type(got) is type(want) and str(got) == str(want)
+
+
+# ------------------------------------------------------------------ object size bound
+
+floats_as_text = st.sampled_from(["1e5", "1E9", "1e15", "-1e15", "9e15", "1e16", "1e-7", "1e400", "-1e400",
+                                  "1.0", "0.1", "1.2345678901234567e-300", "5E-324", "1e308"])
+raw_texts = st.text(alphabet=st.sampled_from('ab"\\/\n\x7f\u00e9\u4e2d\U0001f600'), max_size=6)
+
+
+@st.composite
+def json_texts(draw: st.DrawFn) -> str:
+    """JSON text written the way a hand (not json.dumps) might: short floats, raw
+    non-ASCII, no spaces, typed Lists whose items lack a kind."""
+    def value(depth: int) -> str:
+        choice = draw(st.integers(0, 5 if depth < 3 else 2))
+        if choice == 0:
+            return draw(floats_as_text)
+        if choice == 1:
+            return json.dumps(draw(raw_texts), ensure_ascii=False)
+        if choice == 2:
+            return draw(st.sampled_from(["0", "-0", "1", "true", "null"]))
+        if choice == 3:
+            return "[" + ",".join(value(depth + 1) for _ in range(draw(st.integers(0, 3)))) + "]"
+        if choice == 4:
+            items = ",".join("{}" if draw(st.booleans()) else '{"a":' + value(depth + 1) + "}"
+                             for _ in range(draw(st.integers(0, 3))))
+            return '{"kind":"' + draw(st.sampled_from(["List", "PList", "PodList"])) + '","items":[' + items + "]}"
+        keys = draw(st.lists(raw_texts, max_size=3))
+        return "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + value(depth + 1) for k in keys) + "}"
+    return value(0)
+
+
+@settings(max_examples=500)
+@given(json_texts())
+def test_compact_json_grows_at_most_json_growth_times_its_text(text: str) -> None:
+    from agent.sources.files import JSON_GROWTH
+    from agent.sources.kubeobjects import expand
+
+    doc = json.loads(text)
+    for body in [doc, *expand(doc)]:
+        assert len(json.dumps(body, separators=(",", ":"))) <= JSON_GROWTH * len(text)
+
+
+def test_an_oversize_json_object_is_still_refused(tmp_path: Any) -> None:
+    from agent.sources.files import DirectorySource
+
+    pod = {"kind": "Pod", "metadata": {"name": "p", "namespace": "n", "labels": {"a": "\U0001f600" * 100}}}
+    (tmp_path / "p.json").write_text(json.dumps(pod, ensure_ascii=False))
+    objects, problems = DirectorySource(tmp_path, settle=0, max_object_bytes=1000).read()
+    assert objects == [] and "over the 1000-byte limit" in problems[0].message
+    objects, problems = DirectorySource(tmp_path, settle=0, max_object_bytes=1300).read()
+    assert [o.ref.name for o in objects] == ["p"] and problems == []
