@@ -222,3 +222,91 @@ def test_an_oversize_json_object_is_still_refused(tmp_path: Any) -> None:
     assert objects == [] and "over the 1000-byte limit" in problems[0].message
     objects, problems = DirectorySource(tmp_path, settle=0, max_object_bytes=1300).read()
     assert [o.ref.name for o in objects] == ["p"] and problems == []
+
+
+# ------------------------------------------------------------------ container ports, labels
+
+
+def _old_container_ports(spec: Any, issues: list[Invalid]) -> tuple[Any, ...]:
+    from collections.abc import Mapping
+
+    from agent.inventory import ContainerPort
+    from agent.policy.errors import valid_port_name
+    from agent.policy.kubernetes import API_PROTOCOLS
+
+    out = []
+    containers = spec.get("containers")
+    if containers is None:
+        containers = []
+    if not isinstance(containers, list):
+        issues.append(Invalid("spec.containers", "must be a list"))
+        return ()
+    for i, c in enumerate(containers):
+        ports = c.get("ports") if isinstance(c, Mapping) else None
+        if ports is None:
+            continue
+        if not isinstance(ports, list):
+            issues.append(Invalid(f"spec.containers[{i}].ports", "must be a list"))
+            continue
+        for j, p in enumerate(ports):
+            field = f"spec.containers[{i}].ports[{j}]"
+            if not isinstance(p, Mapping):
+                issues.append(Invalid(field, "must be an object"))
+                continue
+            num = p.get("containerPort")
+            if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= 65535:
+                issues.append(Invalid(f"{field}.containerPort", f"invalid port {num!r}"))
+                continue
+            proto = p.get("protocol")
+            if proto is None:
+                proto = "TCP"
+            if not isinstance(proto, str) or proto not in API_PROTOCOLS:
+                issues.append(Invalid(f"{field}.protocol", f"must be TCP, UDP or SCTP, got {proto!r}"))
+                continue
+            name = p.get("name")
+            if name is not None and not valid_port_name(name):
+                issues.append(Invalid(f"{field}.name", f"invalid port name {name!r}"))
+                continue
+            out.append(ContainerPort(num, proto, name or None))
+    return tuple(out)
+
+
+ports = st.fixed_dictionaries({}, optional={
+    "containerPort": st.sampled_from([80, 8080, 0, 70000, True, "80", None, 80.0]),
+    "protocol": st.sampled_from(["TCP", "UDP", "SCTP", "tcp", None, 1]),
+    "name": st.sampled_from(["http", "", "Http", "metrics", "-x", None, 5]),
+})
+containers = st.lists(st.one_of(st.fixed_dictionaries({"ports": st.one_of(st.lists(st.one_of(ports, st.just(1)),
+                                                                                      max_size=4), st.just("x"))}),
+                                st.just({}), st.just("c")), max_size=3)
+
+
+@settings(max_examples=300)
+@given(st.one_of(containers, st.just("x"), st.none()))
+def test_container_ports_equal_the_previous_parse(cs: Any) -> None:
+    spec = {} if cs is None else {"containers": cs}
+    for _ in range(2):  # the second time from the remembered ports
+        want_issues: list[Invalid] = []
+        got_issues: list[Invalid] = []
+        assert admission._container_ports(spec, got_issues) == _old_container_ports(spec, want_issues)
+        assert [(i.field, i.message) for i in got_issues] == [(i.field, i.message) for i in want_issues]
+
+
+class _Str(str):
+    """A str subclass: never taken from the remembered labels."""
+
+
+label_parts = st.sampled_from(["app", "a/b", "example.com/x", "-bad", "", "v1", "x" * 64, "ok_1", 5, None])
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(st.one_of(label_parts.filter(lambda k: isinstance(k, str)), st.just(_Str("app"))),
+                       st.one_of(label_parts, st.just(_Str("v1"))), max_size=4))
+def test_labels_equal_validation_each_time(labels: dict[Any, Any]) -> None:
+    from agent.policy.selectors import parse_labels, valid_key, valid_value
+
+    want = {k: v for k, v in labels.items() if valid_key(k) and valid_value(v)}
+    for _ in range(2):
+        issues: list[Invalid] = []
+        out, ok = parse_labels(labels, "metadata.labels", issues)
+        assert out == want and ok == (len(want) == len(labels)) and len(issues) == len(labels) - len(want)
