@@ -147,6 +147,9 @@ class Reconciler:
         self.next_ep = 1
         self._config: bytes | None = None  # the `config` value written (None: unknown)
         self._adopted = False
+        # peers/ports keys read by _verify_adopted, for the sweep in the same apply's _apply
+        # (no entry of either map is written between them; a growth copies them as they are)
+        self._read_keys: dict[str, list[bytes]] | None = None
         # epkeys values stored as a digest -> their key, for drop events (read on the drop
         # log's thread: only single get/set operations on it)
         self.hashed_names: dict[bytes, str] = {}
@@ -522,13 +525,17 @@ class Reconciler:
         generation (at 10k pods 218k entries, and maps grown to hold both). Anything else
         stays unknown and is rewritten as before. Returns the endpoints kept."""
         assert self.eps is not None
+        self._read_keys = None
         todo = {(st.ep_id, st.gen): (key, st) for key, st in self.eps.items()
                 if st.tables is None and st.gen > 0 and key in compiled}
         if not todo:
             return 0
         held: dict[tuple[int, int], tuple[dict[bytes, bytes], dict[bytes, bytes]]] = {}
+        self._read_keys = {}
         for i, name in enumerate(("peers", "ports")):
+            keys = self._read_keys[name] = []
             for k, v in self.maps[name].dump():
+                keys.append(k)
                 eg = _EP_GEN.unpack_from(k, 4)
                 if eg in todo:
                     held.setdefault(eg, ({}, {}))[i][k] = v
@@ -678,6 +685,7 @@ class Reconciler:
         here: the next apply rewrites it (from what it holds) as its inactive half.
         Returns the entries deleted."""
         d, self._deferred = self._deferred, None
+        self._read_keys = None  # only the sweep right after _verify_adopted uses them
         if d is None:
             return 0
         self._wait_grace(d)
@@ -763,9 +771,11 @@ class Reconciler:
         assert self.eps is not None
         live = {(st.ep_id, st.gen) for st in self.eps.values()}
         n = 0
+        read, self._read_keys = self._read_keys, None
         for name in ("peers", "ports"):
             m = self.maps[name]
-            dead = [k for k, _ in m.dump() if _EP_GEN.unpack_from(k, 4) not in live]
+            keys = read[name] if read is not None else [k for k, _ in m.dump()]
+            dead = [k for k in keys if _EP_GEN.unpack_from(k, 4) not in live]
             m.delete_many(dead)
             n += len(dead)
         return n
