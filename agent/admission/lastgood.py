@@ -197,7 +197,13 @@ class LastGood:
             self._keep(key, None)
 
     def _keep(self, key: str, good: Mapping[str, Any] | None) -> None:
-        if self._bodies.get(key) is good:
+        was = self._bodies.get(key)
+        if was is good:
+            return
+        if was is not None and good is not None and was == good:
+            # Equal to what the state file holds (a restart re-admits every loaded body as
+            # an equal new object): keep the new object, but nothing needs writing.
+            self._bodies[key] = good
             return
         if good is None:
             del self._bodies[key]

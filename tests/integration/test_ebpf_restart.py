@@ -4,6 +4,7 @@ meanwhile (continuous probes). The second start does not recompile."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -12,7 +13,8 @@ import sys
 import threading
 from pathlib import Path
 
-from agent.dataplane.ebpf import PIN_ROOT_ENV
+from agent.dataplane.ebpf import PIN_ROOT_ENV, bpfsys, builds
+from agent.ir import PortMatch
 from tests.kit import ROOT, Lab
 from tests.kit.ebpf_lab import A, B, C, build, program
 
@@ -80,7 +82,7 @@ def test_restart_adopts_without_gaps(lab: Lab, pin_root: str, tmp_path: Path) ->
             seen = rounds[0]
             again = run_agent(lab, prog_file, pin_root)
             assert not again["load"], again  # adopted the pinned build: no compile
-            assert again["written"] == 3  # converged: every endpoint rewritten under a new generation
+            assert again["written"] == 0  # every endpoint kept its pinned entries: nothing rewritten
             round_after(seen)  # a full round of probes ran after this restart began
     finally:
         stop.set()
@@ -90,6 +92,42 @@ def test_restart_adopts_without_gaps(lab: Lab, pin_root: str, tmp_path: Path) ->
     assert filters(lab, "v1") == before
     assert lab.reachable("app/a", B, 80) and not lab.reachable("app/c", B, 80)
     assert A  # the allowed client
+
+
+def pinned(pin_root: str, name: str) -> bpfsys.Map:
+    (build_id, _), = builds.existing(pin_root)
+    return bpfsys.Map.pinned(f"{pin_root}/{build_id}/{name}")
+
+
+def test_restart_rewrites_what_differs_from_the_new_program(lab: Lab, pin_root: str, tmp_path: Path) -> None:
+    """Adoption keeps an endpoint's entries only when they are exactly what its new tables
+    compile to: a changed program, or a pinned entry altered behind the agent's back, gets
+    that endpoint rewritten, and packets are judged by the new program."""
+    build(lab)
+    prog_file = tmp_path / "program.pickle"
+    prog = program()
+    prog_file.write_bytes(pickle.dumps(prog))
+    run_agent(lab, prog_file, pin_root)
+    # one endpoint's peers entry changed in the kernel: its rule class now reads 0
+    peers = pinned(pin_root, "peers")
+    try:
+        key = next(k for k, v in peers.dump() if v != (0).to_bytes(4, "little"))
+        peers.update(key, (0).to_bytes(4, "little"))
+    finally:
+        peers.close()
+    again = run_agent(lab, prog_file, pin_root)
+    assert again["written"] == 1, again
+    assert run_agent(lab, prog_file, pin_root)["written"] == 0  # and kept from then on
+    assert lab.reachable("app/a", B, 80) and not lab.reachable("app/c", B, 80)
+    # the program changed while no agent ran: app/b now refuses app/a on TCP 80
+    b = prog.endpoints["app/b"]
+    rules = tuple(dataclasses.replace(r, ports=(PortMatch("udp", 8000, 8003),)) if r.key == "a-web" else r
+                  for r in b.ingress.rules)
+    changed = dataclasses.replace(prog, endpoints={**prog.endpoints, "app/b": dataclasses.replace(
+        b, ingress=dataclasses.replace(b.ingress, rules=rules))})
+    prog_file.write_bytes(pickle.dumps(changed))
+    assert run_agent(lab, prog_file, pin_root)["written"] == 1
+    assert not lab.reachable("app/a", B, 80)
 
 
 def test_cleanup_from_a_fresh_process(lab: Lab, pin_root: str, tmp_path: Path) -> None:

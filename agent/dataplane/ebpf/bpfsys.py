@@ -27,6 +27,7 @@ OBJ_PIN = 6
 OBJ_GET = 7
 OBJ_GET_INFO_BY_FD = 15
 MAP_LOOKUP_AND_DELETE_ELEM = 21
+MAP_LOOKUP_BATCH = 24
 MAP_UPDATE_BATCH = 26
 MAP_DELETE_BATCH = 27
 
@@ -287,6 +288,43 @@ class Map:
             v = self.lookup(k)
             if v is not None:
                 yield k, v
+
+    def dump(self) -> list[tuple[bytes, bytes]]:
+        """Every (key, value), read in batches of `BATCH` (one syscall each) where the kernel
+        supports it for this map, else one by one (`items`). Not for per-CPU maps."""
+        if self.percpu:
+            raise ValueError(f"{self.name}: dump reads single values, not per-CPU ones")
+        out: list[tuple[bytes, bytes]] = []
+        ks, vs = self.key_size, self.value_size
+        keys = ctypes.create_string_buffer(ks * BATCH)
+        values = ctypes.create_string_buffer(vs * BATCH)
+        cursor = [ctypes.create_string_buffer(ks), ctypes.create_string_buffer(ks)]
+        first = True
+        while True:
+            attr = _attr()
+            _put(attr, 0, ctypes.c_uint64, 0 if first else ctypes.addressof(cursor[0]))
+            _put(attr, 8, ctypes.c_uint64, ctypes.addressof(cursor[1]))
+            _put(attr, 16, ctypes.c_uint64, ctypes.addressof(keys))
+            _put(attr, 24, ctypes.c_uint64, ctypes.addressof(values))
+            _put(attr, 32, ctypes.c_uint32, BATCH)
+            _put(attr, 36, ctypes.c_uint32, self.fd)
+            done = False
+            try:
+                _bpf(MAP_LOOKUP_BATCH, attr)
+            except BpfError as e:
+                if e.errno != errno.ENOENT:  # ENOENT: the last batch (maybe empty)
+                    if first and e.errno in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP):
+                        break  # not for this map type (or kernel): one by one below
+                    raise
+                done = True
+            n = ctypes.c_uint32.from_buffer(attr, 32).value
+            kraw, vraw = keys.raw, values.raw
+            out += [(kraw[i * ks:(i + 1) * ks], vraw[i * vs:(i + 1) * vs]) for i in range(n)]
+            if done:
+                return out
+            first = False
+            cursor.reverse()  # this batch's end is the next one's start
+        return list(self.items())
 
     def count(self) -> int:
         return sum(1 for _ in self.all_keys())
