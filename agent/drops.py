@@ -14,7 +14,6 @@ from typing import Any
 
 from agent.dataplane.base import DropEvent, DropLog
 from agent.ir import Direction, Program, Tier, Verdict
-from agent.policy.cluster.domains import LEARNED_MARK
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def not_learned(ev: DropEvent, program: Program | None) -> list[str]:
         return []
     proto = ev.protocol.lower()
     return [str(r.origin) for r in prog.egress.rules
-            if LEARNED_MARK in r.key and r.verdict is Verdict.ACCEPT and r.peers is not None
+            if r.learned and r.verdict is Verdict.ACCEPT and r.peers is not None
             and not r.peers.contains(dst) and (not r.ports or any(p.matches(proto, ev.dport) for p in r.ports))]
 
 

@@ -35,6 +35,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Transport protocols the IR knows. "icmp" means ICMP for IPv4 and ICMPv6 for IPv6.
 PROTOCOLS = ("tcp", "udp", "sctp", "icmp")
 PORTED = ("tcp", "udp", "sctp")
+# IR rule key of a domainNames rule: <rule key>/domains@<endpoint key> (agent/policy/cluster/domains.py)
+LEARNED_MARK = "/domains@"
 
 
 class Verdict(StrEnum):
@@ -311,6 +313,13 @@ class Rule:
     @property
     def tier(self) -> Tier:
         return self.origin.tier
+
+    @property
+    def learned(self) -> bool:
+        """A domainNames rule: its peers are the addresses its endpoint learned from DNS
+        answers, which a dataplane that `learns_in_kernel` keeps in a kernel set/map of its
+        own (fed by `Dataplane.learn`), not in `peers`."""
+        return LEARNED_MARK in self.key
 
     @property
     def effect(self) -> Verdict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from agent.ir import Direction, IPAddress, Program
@@ -89,8 +90,21 @@ class ApplyStats:
     chains_written: int = 0
 
 
+@dataclass(frozen=True)
+class LearnedEntry:
+    """One address a pod learned from a DNS answer under one domainNames rule."""
+
+    rule: str  # the IR rule key (`Rule.learned`; the endpoint is part of it)
+    address: IPAddress
+    expires: float  # time.monotonic() seconds: CLOCK_MONOTONIC, as bpf_ktime_get_ns()
+
+
 class Dataplane(ABC):
     name: str
+    # True: `learn` keeps learned addresses in kernel sets/maps with per-element expiry,
+    # and `apply` renders every `Rule.learned` rule against them (its `peers` ignored).
+    # False: the learner puts learned addresses into `peers` and re-applies.
+    learns_in_kernel: bool = False
 
     @abstractmethod
     def render(self, program: Program) -> str:
@@ -131,6 +145,12 @@ class Dataplane(ABC):
     def map_fill(self) -> dict[str, float]:
         """Fill ratio (entries / capacity) of every fixed-size kernel map, by map name."""
         return {}
+
+    def learn(self, add: Sequence[LearnedEntry], remove: Sequence[LearnedEntry] = ()) -> None:
+        """Add (or give a new expiry to) and remove learned addresses in one kernel update,
+        touching nothing else; an entry of a rule the kernel does not hold is ignored.
+        Raise DataplaneError (the previous kernel state stays)."""
+        raise NotImplementedError(f"{self.name} does not learn in the kernel")
 
     @abstractmethod
     def cleanup(self) -> None:

@@ -27,7 +27,7 @@ from functools import cached_property
 from types import MappingProxyType
 
 from agent.inventory import IPAddress
-from agent.ir import PeerSet, Program
+from agent.ir import LEARNED_MARK, PeerSet, Program
 from agent.policy.errors import Invalid, as_list
 
 MAX_DOMAIN_NAMES = 25  # per peer (the CRD's MaxItems)
@@ -153,7 +153,6 @@ class Learned:
 
 
 NO_LEARNED = Learned()
-LEARNED_MARK = "/domains@"  # IR rule key of a domainNames rule: <rule key>/domains@<endpoint key>
 
 
 def learned_rule_key(rule: str, endpoint: str) -> str:
