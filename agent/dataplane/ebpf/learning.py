@@ -3,7 +3,7 @@ agent remembers (`Memory`: endpoint -> address -> learned rule key -> expiry), a
 one endpoint generation holds for them (`LearnGen`: a `learned` entry per destination and
 the `ports` entries of the classes only learned destinations have). Written by
 `EbpfDataplane.learn` without a generation flip; rewritten for every new generation before
-its flip (docs/ebpf.md, "Learned destinations").
+its flip.
 
 Times are time.monotonic() seconds here and bpf_ktime_get_ns() nanoseconds in the map:
 both CLOCK_MONOTONIC.

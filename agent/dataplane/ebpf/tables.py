@@ -165,7 +165,7 @@ def compile_direction(dp: DirectionProgram) -> DirTables:
 # A destination an endpoint learned from DNS answers belongs to the class of its rule
 # membership (the rules whose peers hold it, as the `peers` LPM finds it) plus the learned
 # rules it was learned under; its verdict is `_class_ports` of that membership, i.e.
-# `ir.first_match` with the address among those rules' peers (docs/ebpf.md, "Learned").
+# `ir.first_match` with the address among those rules' peers (agent/dataplane/ebpf/learning.py).
 
 
 def membership(rules: tuple[Rule, ...], address: IPAddress) -> frozenset[int]:
