@@ -137,3 +137,25 @@ def test_a_full_learned_map_is_refused_by_name(lab: Lab, pin_root: str) -> None:
     finally:
         dp.cleanup()
         dp.close()
+
+
+def test_a_restarted_agent_drops_what_was_learned_and_learns_again(lab: Lab, pin_root: str) -> None:
+    _build(lab)
+    dp = EbpfDataplane(pin_root=pin_root, netns=lab.node)
+    try:
+        dp.apply(_program())
+        dp.learn([_entry(B, 600), _entry(B6, 600)])
+        assert _reach(lab, f"tcp:{B}:80") == {f"tcp:{B}:80": True}
+        dp._deferred = None  # as if the process died
+        dp.close()
+        dp = EbpfDataplane(pin_root=pin_root, netns=lab.node)
+        dp.apply(_program())  # adopted: the learned entries of the previous agent are swept
+        dp.apply(_program())
+        assert not list(dp.maps["learned"].all_keys())
+        assert _reach(lab, f"tcp:{B}:80") == {f"tcp:{B}:80": False}
+        dp.learn([_entry(B, 600)])  # the learner re-sends what it holds
+        assert _reach(lab, f"tcp:{B}:80", f"tcp:{B6}:80") == {f"tcp:{B}:80": True, f"tcp:{B6}:80": False}
+        assert len(list(dp.maps["learned"].all_keys())) == 1
+    finally:
+        dp.cleanup()
+        dp.close()

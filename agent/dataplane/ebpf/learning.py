@@ -44,9 +44,14 @@ class Memory:
     held: dict[str, dict[IPAddress, dict[str, float]]] = field(default_factory=dict)
     _heap: list[tuple[float, int, str, IPAddress, str]] = field(default_factory=list)
     _seq: itertools.count = field(default_factory=itertools.count)  # type: ignore[type-arg]
+    n: int = 0  # (endpoint, address) pairs held: one `learned` entry each
 
     def put(self, ep: str, ip: IPAddress, rule: str, expires: float) -> None:
-        self.held.setdefault(ep, {}).setdefault(ip, {})[rule] = expires
+        by_ip = self.held.setdefault(ep, {})
+        if ip not in by_ip:
+            by_ip[ip] = {}
+            self.n += 1
+        by_ip[ip][rule] = expires
         heapq.heappush(self._heap, (expires, next(self._seq), ep, ip, rule))
 
     def drop(self, ep: str, ip: IPAddress, rule: str) -> bool:
@@ -56,6 +61,7 @@ class Memory:
             return False
         if not rules:
             del by_ip[ip]  # type: ignore[union-attr]
+            self.n -= 1
             if not by_ip:
                 del self.held[ep]
         return True
@@ -68,7 +74,7 @@ class Memory:
             cur = self.held.get(ep, {}).get(ip, {}).get(rule)
             if cur is not None and cur <= now and self.drop(ep, ip, rule):  # not refreshed since
                 touched.setdefault(ep, set()).add(ip)
-        if len(self._heap) > 4 * max(16, self.count()):  # refreshes leave stale heap items
+        if len(self._heap) > 4 * max(16, self.n):  # refreshes leave stale heap items
             self._heap = [(t, s, ep, ip, r) for ep, by_ip in self.held.items() for ip, rs in by_ip.items()
                           for r, t in rs.items() for s in (next(self._seq),)]
             heapq.heapify(self._heap)
@@ -80,14 +86,14 @@ class Memory:
         if by_ip is None:
             return
         if keep is None:
-            del self.held[ep]
+            self.n -= len(self.held.pop(ep))
             return
         for ip in list(by_ip):
             for rule in [r for r in by_ip[ip] if r not in keep]:
                 self.drop(ep, ip, rule)
 
     def count(self) -> int:
-        return sum(len(by_ip) for by_ip in self.held.values())
+        return self.n
 
 
 @dataclass
@@ -101,10 +107,11 @@ class LearnGen:
     classes: dict[tuple[int, ...], int] = field(default_factory=dict)
     ports: list[bytes] = field(default_factory=list)
     written: set[IPAddress] = field(default_factory=set)
+    known: dict[tuple[int, ...], int] = field(default_factory=dict)  # the tables' own classes by members
 
     @classmethod
     def of(cls, gen: int, tables: DirTables) -> LearnGen:
-        return cls(gen, len(tables.members) + 1)
+        return cls(gen, len(tables.members) + 1, known={m: i + 1 for i, m in enumerate(tables.members)})
 
     def keys(self, ep_id: int) -> list[Entry]:
         return [("learned", k_learn(ep_id, self.gen, ip)) for ip in self.written] + [("ports", k) for k in self.ports]
@@ -116,7 +123,7 @@ def compute(ep_id: int, lg: LearnGen, tables: DirTables, rules: tuple[Rule, ...]
     """(new `ports` items, `learned` items, destinations to delete) for these destinations
     at `lg`'s generation; new classes are entered in `lg` (the caller writes the `ports`
     items first: no entry points to a class before it exists)."""
-    known = {m: i + 1 for i, m in enumerate(tables.members)}
+    known = lg.known
     ports: Items = []
     items: Items = []
     gone: list[IPAddress] = []

@@ -88,6 +88,7 @@ class Deferred:
     detach: set[int]  # devices no endpoint needs any more
     node_gone: set[IPAddress]  # node addresses no longer on the node
     sweep: bool  # after an adoption: delete every generation not in force
+    learned: int = 0  # how many of `stale` are `learned` entries
 
 
 @dataclass
@@ -555,6 +556,7 @@ class Reconciler:
             if self.eps is None:
                 raise DataplaneError("eBPF: no program applied (or the last apply failed): nothing to learn into")
             now = time.monotonic()
+            expired = self.memory.expire(now)  # the lazy sweep (the program already ignores them)
             touched: dict[str, set[IPAddress]] = {}
             undo: list[tuple[str, IPAddress, str, float | None]] = []  # (endpoint, address, rule, expiry before)
             held = self.memory.held
@@ -562,6 +564,9 @@ class Reconciler:
                 key = endpoint_of(e.rule)
                 st = self.eps.get(key)
                 if st is None or e.rule not in st.lindex:
+                    continue
+                if e.expires <= now:  # a new expiry already past: as good as removed
+                    remove = [*remove, e]
                     continue
                 undo.append((key, e.address, e.rule, held.get(key, {}).get(e.address, {}).get(e.rule)))
                 self.memory.put(key, e.address, e.rule, e.expires)
@@ -573,29 +578,25 @@ class Reconciler:
                     undo.append((key, e.address, e.rule, was))
                     touched.setdefault(key, set()).add(e.address)
             try:
-                self._check_learned_room(touched)
+                self._check_learned_room()
             except DataplaneError:
                 for key, ip, rule, was in reversed(undo):  # the previous state stays, in memory too
                     self.memory.drop(key, ip, rule)
                     if was is not None:
                         self.memory.put(key, ip, rule, was)
+                self._relearn(expired, now)
                 raise
-            for key, ips in self.memory.expire(now).items():
+            for key, ips in expired.items():
                 touched.setdefault(key, set()).update(ips)
             self._relearn(touched, now)
 
-    def _check_learned_room(self, touched: dict[str, set[IPAddress]]) -> None:
-        """DataplaneError naming the map when these destinations do not fit in `learned`."""
-        assert self.eps is not None
-        total = new = 0
-        for key, st in self.eps.items():
-            written = st.lg.written if st.lg is not None and st.lg.gen == st.gen else set()
-            total += len(written)
-            held = self.memory.held.get(key, {})
-            for ip in touched.get(key, ()):
-                new += (ip in held) - (ip in written)
-        if total + new > self.sizes.learned:
-            raise DataplaneError(f"eBPF map learned is full ({self.sizes.learned} entries, {total + new} needed); "
+    def _check_learned_room(self) -> None:
+        """DataplaneError naming the map when what is learned (one entry per endpoint and
+        destination at the generations in force, plus the replaced generations' entries
+        not yet deleted) does not fit in `learned`."""
+        need = self.memory.n + (self._deferred.learned if self._deferred is not None else 0)
+        if need > self.sizes.learned:
+            raise DataplaneError(f"eBPF map learned is full ({self.sizes.learned} entries, {need} needed); "
                                  "nothing of this update was written")
 
     def _relearn(self, touched: dict[str, set[IPAddress]], now: float) -> int:
@@ -624,10 +625,6 @@ class Reconciler:
         before = set(lg.classes)
         ports, items, gone = compute(st.ep_id, lg, egress, st.rules, st.isolated, st.counters, st.lindex, dests, now)
         try:
-            total = sum(len(o.lg.written) for o in self.eps.values() if o.lg is not None) if self.eps else 0
-            new = sum(1 for ip in dests if ip not in lg.written) - len(gone)
-            if total + new > self.sizes.learned:
-                raise DataplaneError(f"eBPF map learned is full ({self.sizes.learned} entries)")
             n = self._write("ports", ports)
             n += self._write("learned", items)
         except DataplaneError:
@@ -811,7 +808,8 @@ class Reconciler:
         # has passed: at the start of the next apply (which must wait for it anyway before
         # rewriting that half), so this event costs no sleep
         self._deferred = Deferred(time.monotonic(), stale, retired, [st.ep_id for st in gone],
-                                  known_devices - set(want["ifcfg"]), self.node_addrs - node, self._adopted)
+                                  known_devices - set(want["ifcfg"]), self.node_addrs - node, self._adopted,
+                                  sum(1 for name, _ in stale if name == "learned"))
         self._adopted = False
         self.node_addrs |= node
         if self.growths != self._dropped_at:  # old builds: only after a growth switched builds
