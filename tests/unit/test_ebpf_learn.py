@@ -173,3 +173,32 @@ def test_memory_sweeps_what_expired_not_what_was_refreshed() -> None:
     assert m.expire(10.0) == {EP: {b}}
     assert m.held == {EP: {a: {"r": 30.0}}}
     assert m.expire(30.0) == {EP: {a}} and m.held == {} and m.count() == 0
+
+
+def test_learned_key_and_value_bytes_match_the_ctypes_layout() -> None:
+    from ctypes import c_uint8
+
+    from agent.dataplane.ebpf.layout import Addr16, LearnKey, LearnStage, LearnValue, k_learn, learn_owner, v_learn
+
+    for text in ("192.0.2.7", "fd00::5"):
+        ip = ipaddress.ip_address(text)
+        key = bytes(LearnKey(7, 3, ip.version, (c_uint8 * 3)(), Addr16.from_buffer_copy(ip.packed.ljust(16, b"\0"))))
+        assert k_learn(7, 3, ip) == key and learn_owner(key) == (7, 3)
+    stages = (LearnStage * LEARN_STAGES)(LearnStage(10**9, 4), LearnStage(2 * 10**9, 9))
+    assert v_learn([(10**9, 4), (2 * 10**9, 9)]) == bytes(LearnValue(stages))
+
+
+def test_forgetting_rules_that_are_gone_keeps_the_others() -> None:
+    m = Memory()
+    a, b = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
+    m.put(EP, a, "r1", 10.0)
+    m.put(EP, a, "r2", 10.0)
+    m.put(EP, b, "r2", 10.0)
+    m.forget(EP, {"r1": (0,)})
+    assert m.held == {EP: {a: {"r1": 10.0}}} and m.count() == 1
+    m.forget(EP)
+    assert m.held == {} and m.count() == 0
+    rules = (Rule(_origin(0, Tier.ADMIN), PeerSet(), key=learned_rule_key("x", EP)),
+             Rule(_origin(1, Tier.ADMIN), None, key="plain"),
+             Rule(_origin(2, Tier.ADMIN), PeerSet(), (PortMatch("udp"),), key=learned_rule_key("x", EP)))
+    assert learned_index(rules) == {learned_rule_key("x", EP): (0, 2)}

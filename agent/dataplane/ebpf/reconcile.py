@@ -568,7 +568,10 @@ class Reconciler:
                 if e.expires <= now:  # a new expiry already past: as good as removed
                     remove = [*remove, e]
                     continue
-                undo.append((key, e.address, e.rule, held.get(key, {}).get(e.address, {}).get(e.rule)))
+                was = held.get(key, {}).get(e.address, {}).get(e.rule)
+                if was == e.expires and st.lg is not None and st.lg.gen == st.gen and e.address in st.lg.written:
+                    continue  # already so in the kernel (the learner re-sends everything after a sync)
+                undo.append((key, e.address, e.rule, was))
                 self.memory.put(key, e.address, e.rule, e.expires)
                 touched.setdefault(key, set()).add(e.address)
             for e in remove:
