@@ -182,7 +182,7 @@ struct learn_key {
 struct learn_stage {
     u64 expires;  // bpf_ktime_get_ns() (CLOCK_MONOTONIC) ns
     u32 cls;
-    u32 pad;
+    u32 rules;    // the agent's only: which learned rules the class holds (restart adoption)
 };
 
 struct learn_val {

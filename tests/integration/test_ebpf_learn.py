@@ -139,23 +139,38 @@ def test_a_full_learned_map_is_refused_by_name(lab: Lab, pin_root: str) -> None:
         dp.close()
 
 
-def test_a_restarted_agent_drops_what_was_learned_and_learns_again(lab: Lab, pin_root: str) -> None:
+def test_a_restarted_agent_keeps_what_was_learned_when_its_tables_are_kept(lab: Lab, pin_root: str) -> None:
     _build(lab)
     dp = EbpfDataplane(pin_root=pin_root, netns=lab.node)
     try:
         dp.apply(_program())
-        dp.learn([_entry(B, 600), _entry(B6, 600)])
+        soon = _entry(D, 600)
+        dp.learn([_entry(B, 600), _entry(B6, 600), soon])
         assert _reach(lab, f"tcp:{B}:80") == {f"tcp:{B}:80": True}
         dp._deferred = None  # as if the process died
         dp.close()
         dp = EbpfDataplane(pin_root=pin_root, netns=lab.node)
-        dp.apply(_program())  # adopted: the learned entries of the previous agent are swept
+        dp.apply(_program())  # adopted, tables unchanged: the learned entries read back, kept
         dp.apply(_program())
-        assert not list(dp.maps["learned"].all_keys())
+        assert dp.memory.count() == 3 and len(list(dp.maps["learned"].all_keys())) == 3
+        assert abs(dp.memory.held["app/a"][ipaddress.ip_address(D)][RULE] - soon.expires) < 1e-6
+        assert _reach(lab, f"tcp:{B}:80", f"tcp:{B6}:80", f"tcp:{B}:81") == {
+            f"tcp:{B}:80": True, f"tcp:{B6}:80": True, f"tcp:{B}:81": False}
+        dp.learn([], [_entry(D, 0)])  # known again: removable
+        assert not _reach(lab, f"tcp:{D}:80")[f"tcp:{D}:80"]
+        dp.apply(_program(extra=True))  # and carried into a new generation
+        assert _reach(lab, f"tcp:{B}:80", f"tcp:{B6}:80") == {f"tcp:{B}:80": True, f"tcp:{B6}:80": True}
+
+        # a restart over changed tables rewrites the endpoint: what it learned is dropped
+        dp._deferred = None
+        dp.close()
+        dp = EbpfDataplane(pin_root=pin_root, netns=lab.node)
+        dp.apply(_program())
+        dp.apply(_program())
+        assert not list(dp.maps["learned"].all_keys()) and dp.memory.count() == 0
         assert _reach(lab, f"tcp:{B}:80") == {f"tcp:{B}:80": False}
-        dp.learn([_entry(B, 600)])  # the learner re-sends what it holds
+        dp.learn([_entry(B, 600)])  # learned again
         assert _reach(lab, f"tcp:{B}:80", f"tcp:{B6}:80") == {f"tcp:{B}:80": True, f"tcp:{B6}:80": False}
-        assert len(list(dp.maps["learned"].all_keys())) == 1
     finally:
         dp.cleanup()
         dp.close()

@@ -87,7 +87,8 @@ class LearnKey(ctypes.Structure):
 
 
 class LearnStage(ctypes.Structure):
-    _fields_ = [("expires", c_uint64), ("cls", c_uint32), ("pad", c_uint32)]
+    # rules: bit i = the endpoint's i-th learned rule key (agent bookkeeping, for adoption)
+    _fields_ = [("expires", c_uint64), ("cls", c_uint32), ("rules", c_uint32)]
 
 
 class LearnValue(ctypes.Structure):
@@ -356,18 +357,23 @@ def v_port(counter: int, verdict: int) -> bytes:
 
 
 _LEARN_KEY = struct.Struct("<IIB3x16s")
-_LEARN_STAGE = struct.Struct("<QI4x")
+_LEARN_STAGE = struct.Struct("<QII")
 
 
 def k_learn(ep: int, gen: int, ip: IPAddress) -> bytes:
     return _LEARN_KEY.pack(ep, gen, ip.version, ip.packed)
 
 
-def v_learn(stages: list[tuple[int, int]]) -> bytes:
-    """(expiry ns, class) per stage, at most LEARN_STAGES, ascending expiry."""
+def v_learn(stages: list[tuple[int, int, int]]) -> bytes:
+    """(expiry ns, class, learned rules bit mask) per stage, at most LEARN_STAGES, ascending expiry."""
     assert len(stages) <= LEARN_STAGES
-    padded = list(stages) + [(0, 0)] * (LEARN_STAGES - len(stages))
-    return b"".join(_LEARN_STAGE.pack(t, c) for t, c in padded)
+    padded = list(stages) + [(0, 0, 0)] * (LEARN_STAGES - len(stages))
+    return b"".join(_LEARN_STAGE.pack(t, c, m) for t, c, m in padded)
+
+
+def learn_stages(raw: bytes) -> list[tuple[int, int, int]]:
+    """The used stages of a `learned` value: (expiry ns, class, rules bit mask)."""
+    return [st for i in range(LEARN_STAGES) if (st := _LEARN_STAGE.unpack_from(raw, i * _LEARN_STAGE.size))[0]]
 
 
 def learn_owner(raw: bytes) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from agent.dataplane.ebpf.tables import DirTables, Entry, learned_class_ports, l
 from agent.ir import LEARNED_MARK, IPAddress, Rule
 
 Items = list[tuple[bytes, bytes]]
+MASK_BITS = 32  # learned rule keys per endpoint a `learned` value names (more: not restored after a restart)
 
 
 def endpoint_of(rule_key: str) -> str:
@@ -133,6 +134,7 @@ def compute(ep_id: int, lg: LearnGen, tables: DirTables, rules: tuple[Rule, ...]
         if not stages:
             gone.append(ip)
             continue
+        bits = {k: i for i, k in enumerate(index)}  # (restart adoption reads them back: `restore`)
         value = []
         for t, members in stages:
             cls = known.get(members) or lg.classes.get(members)
@@ -144,6 +146,26 @@ def compute(ep_id: int, lg: LearnGen, tables: DirTables, rules: tuple[Rule, ...]
                     k = k_port(ep_id, lg.gen, cls, DIR_EGRESS, proto, has_port, port, plen)
                     ports.append((k, v_port(counters[(DIR_EGRESS, tables.rule_ids[idx])], verdict)))
                     lg.ports.append(k)
-            value.append((int(t * 1e9), cls))
+            mask = sum(1 << bits[k] for k, e in held.items()
+                       if k in bits and bits[k] < MASK_BITS and e > now and e >= t)
+            value.append((int(t * 1e9), cls, mask))
         items.append((k_learn(ep_id, lg.gen, ip), v_learn(value)))
     return ports, items, gone
+
+
+def restore(lg: LearnGen, index: dict[str, tuple[int, ...]], pinned: list[tuple[IPAddress, list[tuple[int, int, int]]]],
+            memory: Memory, ep: str) -> None:
+    """After a restart, for an endpoint whose tables were kept: what the previous agent
+    learned, back into `memory` and `lg` from its `learned` entries (the rule of each
+    bit of a stage's mask learned until that stage's expiry or a later one's)."""
+    keys = list(index)
+    for ip, stages in pinned:
+        until: dict[str, int] = {}
+        for t, cls, mask in stages:
+            lg.next_cls = max(lg.next_cls, cls + 1)
+            for b in range(min(len(keys), MASK_BITS)):
+                if mask >> b & 1:
+                    until[keys[b]] = max(until.get(keys[b], 0), t)
+        for rule, t in until.items():
+            memory.put(ep, ip, rule, t / 1e9)
+        lg.written.add(ip)

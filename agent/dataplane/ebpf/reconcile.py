@@ -22,6 +22,7 @@ from agent.dataplane.ebpf import bpfsys, builds
 from agent.dataplane.ebpf.attach import Devices
 from agent.dataplane.ebpf.flows import FlowTable
 from agent.dataplane.ebpf.layout import (
+    DIR_EGRESS,
     F_LEARNED,
     HALVED,
     LIMIT,
@@ -29,6 +30,7 @@ from agent.dataplane.ebpf.layout import (
     AddrKey,
     HalfKey,
     IfCfg,
+    LearnKey,
     Sizes,
     counter_owner,
     epkey_name,
@@ -39,6 +41,7 @@ from agent.dataplane.ebpf.layout import (
     k_half,
     k_learn,
     learn_owner,
+    learn_stages,
     read_u32,
     u32,
     unpack,
@@ -47,7 +50,7 @@ from agent.dataplane.ebpf.layout import (
     v_epstate,
     v_ifcfg,
 )
-from agent.dataplane.ebpf.learning import LearnGen, Memory, compute, endpoint_of, learned_index
+from agent.dataplane.ebpf.learning import LearnGen, Memory, compute, endpoint_of, learned_index, restore
 from agent.dataplane.ebpf.tables import DIR_CODE, DirTables, Entry, compile_direction, entries, entry_keys
 from agent.dataplane.escape import display
 from agent.ir import Direction, DirectionProgram, EndpointProgram, IPAddress, Program, Rule
@@ -62,6 +65,7 @@ HalfContents = dict[str, dict]
 """One half of the double-buffered maps: map name -> {ifindex / endpoint id / address: value}."""
 HALF_KEY = {"ifcfg": k_half, "epstate": k_half, "addrs": k_addr}
 _EP_GEN = struct.Struct("<II")  # (ep_id, gen) at offset 4 of both a peer_key and a port_key
+_CLS = struct.Struct("<I")  # a port_key's class, at offset 12 (its direction at 16)
 
 
 def empty_half() -> HalfContents:
@@ -531,7 +535,7 @@ class Reconciler:
             raise
         self._resolve_hashed(program)
         if self._adopted:
-            self._verify_adopted(compiled)
+            self._verify_adopted(compiled, program)
         else:  # the lazy sweep of expired learned entries (at the generations in force)
             self._relearn(self.memory.expire(time.monotonic()), time.monotonic())
         self._ensure_capacity(self._need(program, compiled))
@@ -639,12 +643,14 @@ class Reconciler:
         lg.written.difference_update(gone)
         return n + len(gone)
 
-    def _verify_adopted(self, compiled: dict[str, dict[Direction, DirTables]]) -> int:
+    def _verify_adopted(self, compiled: dict[str, dict[Direction, DirTables]], program: Program) -> int:
         """After adoption: an endpoint whose pinned entries at its generation in force are
         exactly (every key and value, nothing more) what its new tables compile to keeps
         them, its tables now known, so a restart over an unchanged policy writes no second
-        generation (at 10k pods 218k entries, and maps grown to hold both). Anything else
-        stays unknown and is rewritten as before. Returns the endpoints kept."""
+        generation (at 10k pods 218k entries, and maps grown to hold both), and keeps what
+        it learned from DNS answers (its `learned` entries and their classes' `ports`
+        entries, read back into the model). Anything else stays unknown and is rewritten
+        as before (what it learned is dropped). Returns the endpoints kept."""
         assert self.eps is not None
         self._read_keys = None
         todo = {(st.ep_id, st.gen): (key, st) for key, st in self.eps.items()
@@ -660,6 +666,11 @@ class Reconciler:
                 eg = _EP_GEN.unpack_from(k, 4)
                 if eg in todo:
                     held.setdefault(eg, ({}, {}))[i][k] = v
+        pinned: dict[tuple[int, int], list[tuple[IPAddress, list[tuple[int, int, int]]]]] = {}
+        for k, v in self.maps["learned"].dump():
+            if (eg := learn_owner(k)) in todo:
+                a = unpack(LearnKey, k)
+                pinned.setdefault(eg, []).append((ipaddress.ip_address(ip_of(a.family, a.addr)), learn_stages(v)))
         kept = 0
         for eg, (key, st) in todo.items():
             tables = compiled[key]
@@ -667,9 +678,17 @@ class Reconciler:
                 continue  # a rule without its counter: written afresh with one
             peers, ports = entries(st.ep_id, st.counters, tables, st.gen)
             have = held.get(eg, ({}, {}))
-            if dict(peers) == have[0] and dict(ports) == have[1]:
+            # the classes only learned destinations have (egress, numbered after the tables' own)
+            own = len(tables[Direction.EGRESS].members)
+            extra = {k for k in have[1] if k[16] == DIR_EGRESS and _CLS.unpack_from(k, 12)[0] > own}
+            if dict(peers) == have[0] and dict(ports) == {k: v for k, v in have[1].items() if k not in extra}:
                 st.tables = tables
                 kept += 1
+                rules = program.endpoints[key].egress.rules
+                lg = st.lg = LearnGen.of(st.gen, tables[Direction.EGRESS])
+                lg.ports = sorted(extra)
+                restore(lg, learned_index(rules) if tables[Direction.EGRESS].flags & F_LEARNED else {},
+                        pinned.get(eg, []), self.memory, key)
         log.info("eBPF adoption: %d of %d endpoints keep their pinned entries", kept, len(self.eps))
         return kept
 
