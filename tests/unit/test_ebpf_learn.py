@@ -178,14 +178,24 @@ def test_memory_sweeps_what_expired_not_what_was_refreshed() -> None:
 def test_learned_key_and_value_bytes_match_the_ctypes_layout() -> None:
     from ctypes import c_uint8
 
-    from agent.dataplane.ebpf.layout import Addr16, LearnKey, LearnStage, LearnValue, k_learn, learn_owner, v_learn
+    from agent.dataplane.ebpf.layout import (
+        Addr16,
+        LearnKey,
+        LearnStage,
+        LearnValue,
+        k_learn,
+        learn_owner,
+        learn_stages,
+        v_learn,
+    )
 
     for text in ("192.0.2.7", "fd00::5"):
         ip = ipaddress.ip_address(text)
         key = bytes(LearnKey(7, 3, ip.version, (c_uint8 * 3)(), Addr16.from_buffer_copy(ip.packed.ljust(16, b"\0"))))
         assert k_learn(7, 3, ip) == key and learn_owner(key) == (7, 3)
-    stages = (LearnStage * LEARN_STAGES)(LearnStage(10**9, 4), LearnStage(2 * 10**9, 9))
-    assert v_learn([(10**9, 4), (2 * 10**9, 9)]) == bytes(LearnValue(stages))
+    stages = (LearnStage * LEARN_STAGES)(LearnStage(10**9, 4, 3), LearnStage(2 * 10**9, 9, 1))
+    assert v_learn([(10**9, 4, 3), (2 * 10**9, 9, 1)]) == bytes(LearnValue(stages))
+    assert learn_stages(bytes(LearnValue(stages))) == [(10**9, 4, 3), (2 * 10**9, 9, 1)]
 
 
 def test_forgetting_rules_that_are_gone_keeps_the_others() -> None:
@@ -202,3 +212,24 @@ def test_forgetting_rules_that_are_gone_keeps_the_others() -> None:
              Rule(_origin(1, Tier.ADMIN), None, key="plain"),
              Rule(_origin(2, Tier.ADMIN), PeerSet(), (PortMatch("udp"),), key=learned_rule_key("x", EP)))
     assert learned_index(rules) == {learned_rule_key("x", EP): (0, 2)}
+
+
+@settings(max_examples=100, deadline=None)
+@given(rule_lists(), st.sampled_from(ADDRS), st.dictionaries(st.sampled_from(["r0", "r1", "r2"]),
+                                                             st.sampled_from([5.0, 10.0, 20.0]), max_size=3))
+def test_a_restart_reads_back_what_was_learned(case: tuple[tuple[Rule, ...], bool], addr: str,
+                                               learned: dict[str, float]) -> None:
+    from agent.dataplane.ebpf.layout import learn_stages
+    from agent.dataplane.ebpf.learning import LearnGen, compute, restore
+
+    rules, isolated = case
+    ip = ipaddress.ip_address(addr)
+    t = compile_direction(DirectionProgram(isolated, rules))
+    index = learned_index(rules)
+    held = {learned_rule_key(r, EP): e for r, e in learned.items() if learned_rule_key(r, EP) in index}
+    counters = {(1, rid): n for n, rid in enumerate(t.rule_ids)}
+    _, items, gone = compute(1, LearnGen.of(1, t), t, rules, isolated, counters, index, {ip: held}, now=0.0)
+    assert bool(gone) == (not held)
+    m = Memory()
+    restore(LearnGen.of(1, t), index, [(ip, learn_stages(v)) for _, v in items], m, EP)
+    assert m.held == ({EP: {ip: held}} if held else {})
