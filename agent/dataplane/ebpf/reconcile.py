@@ -175,8 +175,8 @@ class Reconciler:
         # (endpoint key, direction) -> (its DirectionProgram, `_shape`, tables) as of the
         # last apply (holding the program keeps the peer sets `_shape` names by id alive)
         self._compiled: dict[tuple[str, Direction], tuple[DirectionProgram, tuple[object, ...], DirTables]] = {}
-        # destinations learned from DNS answers (`learn`): kept across generations and
-        # adoptions in this process; a restarted agent starts empty (the learner re-sends)
+        # destinations learned from DNS answers (`learn`): kept across generations; a
+        # restarted agent reads back those of the endpoints whose tables it keeps
         self.memory = Memory()
         self._lock = threading.RLock()  # `apply` and `learn` (the DNS hold's thread)
 
@@ -612,7 +612,7 @@ class Reconciler:
         cmds = 0
         for key, ips in touched.items():
             st = self.eps.get(key)
-            if st is None or st.tables is None:
+            if st is None or st.tables is None or not st.lindex:
                 continue  # adopted, contents unknown: the next apply writes them
             if st.lg is None or st.lg.gen != st.gen:
                 st.lg = LearnGen.of(st.gen, st.tables[Direction.EGRESS])
@@ -625,8 +625,8 @@ class Reconciler:
                      now: float) -> int:
         """Write these destinations' entries at `lg`'s generation: new classes' `ports`
         entries first, then the `learned` entries pointing to them; a destination nothing
-        is learned for any more is deleted. Map full: DataplaneError naming it, before
-        anything is written."""
+        is learned for any more is deleted. A full map: DataplaneError naming it (`learn`
+        checks the room first, so it writes nothing then)."""
         if not dests:
             return 0
         before = set(lg.classes)
@@ -684,11 +684,11 @@ class Reconciler:
             if dict(peers) == have[0] and dict(ports) == {k: v for k, v in have[1].items() if k not in extra}:
                 st.tables = tables
                 kept += 1
-                rules = program.endpoints[key].egress.rules
-                lg = st.lg = LearnGen.of(st.gen, tables[Direction.EGRESS])
-                lg.ports = sorted(extra)
-                restore(lg, learned_index(rules) if tables[Direction.EGRESS].flags & F_LEARNED else {},
-                        pinned.get(eg, []), self.memory, key)
+                if tables[Direction.EGRESS].flags & F_LEARNED:
+                    lg = st.lg = LearnGen.of(st.gen, tables[Direction.EGRESS])
+                    lg.ports = sorted(extra)
+                    restore(lg, learned_index(program.endpoints[key].egress.rules), pinned.get(eg, []),
+                            self.memory, key)
         log.info("eBPF adoption: %d of %d endpoints keep their pinned entries", kept, len(self.eps))
         return kept
 
@@ -760,28 +760,29 @@ class Reconciler:
                 self._sync_counters(st, tables)
                 gen = st.gen + 1
                 peers, ports = entries(st.ep_id, st.counters, tables, gen)
-                lg = LearnGen.of(gen, egress)
+                lg = LearnGen.of(gen, egress) if st.lindex else None  # only endpoints with domainNames rules
                 try:
                     cmds += self._write("peers", peers)
                     fresh += [("peers", k) for k, _ in peers]
                     cmds += self._write("ports", ports)
                     fresh += [("ports", k) for k, _ in ports]
-                    # what the endpoint learned, recomputed for the new generation
-                    cmds += self._learn_write(st, lg, egress, self.memory.held.get(key, {}), time.monotonic())
-                    fresh += lg.keys(st.ep_id)
+                    if lg is not None:  # what the endpoint learned, recomputed for the new generation
+                        cmds += self._learn_write(st, lg, egress, self.memory.held.get(key, {}), time.monotonic())
+                        fresh += lg.keys(st.ep_id)
                 except DataplaneError:
                     for m, k in fresh + [("peers", k) for k, _ in peers] + [("ports", k) for k, _ in ports]:
                         self.maps[m].delete(k)  # never flipped to: drop the half-written generations
-                    for m, k in lg.keys(st.ep_id):
+                    for m, k in lg.keys(st.ep_id) if lg is not None else ():
                         self.maps[m].delete(k)
                     raise
-                learned_gens[id(st)] = lg
+                if lg is not None:
+                    learned_gens[id(st)] = lg
                 if st.tables is not None:
                     stale += entry_keys(st.ep_id, st.counters, st.tables, st.gen)
                 switched.append((st, gen, tables))
                 added += len(peers) + len(ports)
                 written += 1
-            elif key in self.memory.held and (st.lg is None or st.lg.gen != st.gen):
+            elif st.lindex and key in self.memory.held and (st.lg is None or st.lg.gen != st.gen):
                 # unchanged tables whose learned entries are not written (adopted): now
                 lg = LearnGen.of(st.gen, egress)
                 cmds += self._learn_write(st, lg, egress, self.memory.held[key], time.monotonic())
