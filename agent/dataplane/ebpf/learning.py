@@ -125,6 +125,7 @@ def compute(ep_id: int, lg: LearnGen, tables: DirTables, rules: tuple[Rule, ...]
     at `lg`'s generation; new classes are entered in `lg` (the caller writes the `ports`
     items first: no entry points to a class before it exists)."""
     known = lg.known
+    bits = {k: i for i, k in enumerate(index)}  # a stage's rules as a mask (read back by `restore`)
     ports: Items = []
     items: Items = []
     gone: list[IPAddress] = []
@@ -134,7 +135,6 @@ def compute(ep_id: int, lg: LearnGen, tables: DirTables, rules: tuple[Rule, ...]
         if not stages:
             gone.append(ip)
             continue
-        bits = {k: i for i, k in enumerate(index)}  # (restart adoption reads them back: `restore`)
         value = []
         for t, members in stages:
             cls = known.get(members) or lg.classes.get(members)
