@@ -2,7 +2,8 @@
 `EbpfDataplane.learn` makes a learned address reachable on its rule's ports only, with no
 flip; an unlearned, removed or expired address is refused; an Admin Deny before the
 domainNames Accept still wins; IPv6; a re-apply that gives the endpoint a new generation
-keeps what was learned; a full map is refused by name."""
+keeps what was learned, and so does a restart over unchanged tables; a full map is refused
+by name, then grown by the next apply."""
 
 from __future__ import annotations
 
@@ -134,6 +135,14 @@ def test_a_full_learned_map_is_refused_by_name(lab: Lab, pin_root: str) -> None:
             dp.learn([_entry(B6, 600), _entry(D, 600)])
         assert dp.fill()["learned"] == (1, 2)
         assert _reach(lab, f"tcp:{B}:80", f"tcp:{D}:80") == {f"tcp:{B}:80": True, f"tcp:{D}:80": False}
+        dp.learn([_entry(B6, 600)])  # fits: full now
+        # the next apply grows the map (room for both generations of what is learned),
+        # what was learned copied into the new build
+        dp.apply(_program())
+        assert dp.growths == 1 and dp.fill()["learned"] == (2, 8)
+        dp.learn([_entry(D, 600)])
+        assert _reach(lab, f"tcp:{B}:80", f"tcp:{B6}:80", f"tcp:{D}:80", f"tcp:{C}:80") == {
+            f"tcp:{B}:80": True, f"tcp:{B6}:80": True, f"tcp:{D}:80": True, f"tcp:{C}:80": False}
     finally:
         dp.cleanup()
         dp.close()

@@ -371,12 +371,12 @@ class Reconciler:
         addrs = sum(len(ep.ips) for ep in program.endpoints.values())
         counters = sum(len(t.rule_ids) for tables in compiled.values() for t in tables.values())
         counters += sum(len(st.counters) for st in eps.values())
-        learned = 0
-        for key, by_ip in self.memory.held.items():  # both generations of a changed endpoint
-            old = eps.get(key)
-            n = len(by_ip) * (1 if old is not None and old.tables == compiled.get(key) else 2)
-            learned += n
-            ports += 2 * len(old.lg.ports) if old is not None and old.lg is not None else 0
+        for st in eps.values():  # learned destinations' own classes, both generations
+            ports += 2 * len(st.lg.ports) if st.lg is not None else 0
+        # learned: room for both generations of every learned destination, so the map grows
+        # at an apply (never at a `learn`: the hold does not wait for a build) once half
+        # full; never a reason to refuse a program (capped at the limit)
+        learned = min(2 * self.memory.n, self.limit.learned)
         return {"peers": peers, "ports": ports, "addrs": addrs, "epstate": len(set(compiled) | set(eps)),
                 "rule_stats": counters, "learned": learned}
 
