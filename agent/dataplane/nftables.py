@@ -672,6 +672,8 @@ class NftablesDataplane(Dataplane):
         self._memo = Memo()  # what each endpoint gave the last build (see build_model)
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
+        self._sets = nftlearn.NetlinkSets(FAMILY, TABLE)  # learned-address elements (`learn`)
+        self._learn_lock = threading.Lock()
 
     @property
     def nft(self):  # type: ignore[no-untyped-def]
@@ -856,9 +858,11 @@ class NftablesDataplane(Dataplane):
         m = self._model
         if m is None or not m.learned:
             return
-        text = nftlearn.element_commands(f"{FAMILY} {TABLE}", m.learned, add, remove, time.monotonic())
-        if text:
-            self._run(text)
+        with self._learn_lock:
+            try:  # raw nfnetlink, not libnftables: no fetch of the table's cache first
+                self._sets.learn(m.learned, add, remove, time.monotonic())
+            except OSError as e:
+                raise DataplaneError(f"learned addresses: {e}") from e
 
     def established(self) -> list[Flow]:
         return conntrack.established()
