@@ -178,3 +178,29 @@ def test_a_failed_kernel_update_is_counted_and_never_raised() -> None:
     for cb in d.on_synced:
         cb(snap)  # the next sync sends it again
     assert [str(e.address) for e in d.dataplane.calls[-1][0]] == ["192.0.2.7"]
+
+
+def test_drops_are_labelled_not_learned_only_past_the_domain_names_rule() -> None:
+    """With learning in the kernel the program's domainNames rules carry no addresses, so a
+    drop is labelled `not a learned address` only when the packet got past that rule: by a
+    later Deny or the default deny, never by a Deny before it (which decides whatever the
+    pod learned)."""
+    from agent.dataplane.base import DropEvent
+    from agent.drops import describe
+    from agent.ir import Direction
+
+    first = {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+             "metadata": {"name": "first"},
+             "spec": {"tier": "Admin", "priority": 0, "subject": {"namespaces": {"matchLabels": {"team": "red"}}},
+                      "egress": [{"action": "Deny", "to": [{"networks": ["192.0.2.66/32"]}]}]}}
+    prog = snapshot_of([*BASE, CNP, first]).program
+    rules = prog.endpoints["a/web"].egress.rules
+    before, after = (r for r in rules if r.verdict.value == "drop")
+    assert rules.index(before) < rules.index(next(r for r in rules if r.learned)) < rules.index(after)
+
+    def labels(rule_id: str | None) -> list[str]:
+        ev = DropEvent("a/web", Direction.EGRESS, rule_id, "tcp", WEB, "192.0.2.66", 40000, 443)
+        return describe(ev, prog)["not_learned"]
+
+    assert labels(before.id) == []
+    assert len(labels(after.id)) == 1
