@@ -116,7 +116,8 @@ class DnsEgress:
         self.entries = Gauge("stockade_dns_learned_entries", "Learned (pod, rule, address) entries in force",
                              registry=r)
         self.updates = Counter("stockade_dns_kernel_updates", "Kernel updates held answers waited for (one per "
-                               "burst of answers read together that taught a new address)", registry=r)
+                               "burst of answers read together that taught a new address, or, with learned "
+                               "sets in the kernel, a later expiry)", registry=r)
         self.expired = Counter("stockade_dns_expired_entries", "Learned entries removed at their expiry", registry=r)
         self.failed = Counter("stockade_dns_kernel_update_failures", "Kernel updates of learned addresses "
                               "that failed (the answers were released all the same)", registry=r)
@@ -154,14 +155,11 @@ class DnsEgress:
     def _forget_expired(self) -> Learned:
         """Drop the entries past their expiry from the table (caller holds the lock)."""
         now = self.clock()
-        gone = self.learned.expired(now)
-        if gone:
-            self.expired.inc(gone)
-            self.learned = self.learned.expire(now)
-            table = self.learned
-            self.names = {k: n for k, n in self.names.items() if k[2] in table.entries.get(k[:2], {})}
-        self.entries.set(len(self.learned))
-        return self.learned
+        self.expired.inc(self.learned.expired(now))
+        self.learned = table = self.learned.expire(now)
+        self.entries.set(len(table))
+        self.names = {k: n for k, n in self.names.items() if k[2] in table.entries.get(k[:2], {})}
+        return table
 
     def synced(self, snap: Any) -> None:
         local = snap.program.endpoints
