@@ -22,6 +22,10 @@ Layout (see README "The nft table"):
   (1.0.x) fetches every element of every interval set in the table before any element
   command, so with 190k pod addresses there each update cost ~250 ms; against hash sets it
   costs what it changes.
+- per domainNames rule (`Rule.learned`) two sets `l4_<hash>` / `l6_<hash>` (`flags
+  timeout`) that its line matches instead of its `peers`: declared when the rule appears,
+  deleted when it goes, their elements never named by any render here -- only `learn`
+  writes them, each with its timeout (agent/dataplane/nftlearn.py).
 - names never reach the text: chains and sets are named by 128-bit hashes of the endpoint
   key and the rule key, rule comments carry the IR's `r:<Rule.id>` (read back by
   `counters`), and a chain's comment shows its endpoint's escaped, byte-capped display
