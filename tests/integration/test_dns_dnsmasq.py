@@ -1,0 +1,126 @@
+"""DNS egress against a real DNS server, on both dataplanes, by real packets: Debian's dnsmasq
+in the dns/server pod answers a test zone; client pods resolve through glibc's stub resolver
+(getaddrinfo, a resolv.conf naming dnsmasq) and connect AT ONCE to what they were answered,
+with `stockade run --dns-egress` holding each answer until its addresses are in the kernel.
+
+The policy (dns_lab.names_policy) allows app pods TCP/80 to the addresses they learned for
+www.shop.test, *.wild.test, rot.shop.test and short.shop.test, and denies everything else.
+- a CNAME chain (www.shop.test -> shop.cdn.test -> edge.cdn.test, two A records and one
+  AAAA): the final addresses are allowed under the rule naming only www.shop.test, on the
+  first connection; an address the zone never answered is refused; edge.cdn.test asked
+  directly (a name no rule selects) teaches nothing;
+- another pod shares nothing the client learned, and learns for itself;
+- AAAA over IPv6 (IPv6 transport to dnsmasq, IPv6 connection) likewise;
+- `*.wild.test` allows a.b.wild.test, not wild.test (dnsmasq answers both, same address);
+- rotating addresses: dnsmasq answers a name's several addresses in a rotating order; all
+  are allowed; the zone changed and reloaded (SIGHUP), the new address is allowed at once;
+- past its TTL (2 s, with --dns-ttl-floor 0) a learned address is refused for new
+  connections while one opened before stays up, and an address with a long TTL stays.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.kit import Lab, dns_lab, until
+from tests.kit.dns_lab import Dnsmasq, manifests, names_policy
+from tests.kit.enforcement import write
+
+CLIENT, CLIENT6, OTHER = "10.39.0.1", "fd00:39::1", "10.39.0.2"
+SERVER, SERVER6 = "10.39.0.53", "fd00:39::53"
+EDGE1, EDGE2, EDGE6 = "10.39.1.10", "10.39.1.11", "fd00:39:1::10"
+WILD, SHORT, NEVER = "10.39.1.20", "10.39.1.30", "10.39.1.99"
+ROT1, ROT2, ROT3 = "10.39.2.1", "10.39.2.2", "10.39.2.3"
+# every answered (and the never answered) address is one pod's, serving TCP/80
+PODS = {"app/client": [CLIENT, CLIENT6], "app/other": [OTHER], "dns/server": [SERVER, SERVER6],
+        "ext/web": [EDGE1, EDGE2, EDGE6, WILD, SHORT, NEVER, ROT1, ROT2, ROT3]}
+POLICY = names_policy(["0.0.0.0/0", "::/0"], ["www.shop.test", "*.wild.test", "rot.shop.test", "short.shop.test"])
+ZONE = [
+    "--cname=www.shop.test,shop.cdn.test",
+    "--cname=shop.cdn.test,edge.cdn.test",
+    f"--host-record=edge.cdn.test,{EDGE1},{EDGE6}",
+    f"--host-record=edge.cdn.test,{EDGE2}",
+    f"--address=/wild.test/{WILD}",  # wild.test and every name under it
+    f"--host-record=short.shop.test,{SHORT},2",  # TTL 2 s
+]
+ROTATING = {"rot.shop.test": [ROT1, ROT2]}  # the hosts file dnsmasq re-reads on SIGHUP
+
+
+@dataclass
+class Env:
+    lab: Lab
+    dns: Dnsmasq
+    src: Path
+    tmp: Path
+
+    def resolve(self, pod: str, name: str, *also: str, family: int = 4) -> dict[str, Any]:
+        server = SERVER6 if family == 6 else SERVER
+        return dns_lab.stub_resolve_and_connect(self.lab, pod, server, name, *also, family=family, workdir=self.tmp)
+
+    def start(self, dataplane: str, *extra: str) -> subprocess.Popen:
+        return dns_lab.start_agent(self.lab, self.src, self.tmp / "state", dataplane, "--dns-egress", *extra)
+
+
+@pytest.fixture
+def env(lab: Lab, tmp_path: Path) -> Iterator[Env]:
+    for key, ips in PODS.items():
+        lab.add_pod(key, ips)
+    src = tmp_path / "src"
+    write(src, manifests(PODS, POLICY))
+    with dns_lab.dnsmasq(lab, "dns/server", tmp_path / "dns", ZONE, ROTATING) as dns:
+        yield Env(lab, dns, src, tmp_path)
+
+
+def test_names_resolved_through_dnsmasq_are_allowed_on_the_first_connection(env: Env, dataplane: str) -> None:
+    lab = env.lab
+    agent = env.start(dataplane)
+
+    def why() -> str:
+        return lab.agent_output(agent) + env.dns.output()
+
+    # the CNAME chain: the final addresses, under the rule naming only www.shop.test
+    got = env.resolve("app/client", "www.shop.test", NEVER)
+    assert got == {"addrs": [EDGE1, EDGE2], "connected": {EDGE1: True, EDGE2: True, NEVER: False}}, why()
+    # the other pod shares none of it; the chain's last name, asked directly, teaches nothing
+    got = env.resolve("app/other", "edge.cdn.test")
+    assert got == {"addrs": [EDGE1, EDGE2], "connected": {EDGE1: False, EDGE2: False}}, why()
+    got = env.resolve("app/other", "www.shop.test")
+    assert got["connected"] == {EDGE1: True, EDGE2: True}, why()
+
+    # AAAA over IPv6
+    assert not lab.reachable("app/client", EDGE6, 80)
+    got = env.resolve("app/client", "www.shop.test", family=6)
+    assert got == {"addrs": [EDGE6], "connected": {EDGE6: True}}, why()
+
+    # the wildcard: names under wild.test, not wild.test itself
+    got = env.resolve("app/client", "wild.test")
+    assert got == {"addrs": [WILD], "connected": {WILD: False}}, why()
+    got = env.resolve("app/client", "a.b.wild.test")
+    assert got == {"addrs": [WILD], "connected": {WILD: True}}, why()
+
+    # rotating addresses: every address of the answer, whatever dnsmasq's order
+    got = env.resolve("app/client", "rot.shop.test", ROT3)
+    assert got == {"addrs": [ROT1, ROT2], "connected": {ROT1: True, ROT2: True, ROT3: False}}, why()
+    env.dns.reload({"rot.shop.test": [ROT3]}, until_served=("rot.shop.test", [ROT3]))
+    got = env.resolve("app/client", "rot.shop.test")
+    assert got == {"addrs": [ROT3], "connected": {ROT3: True}}, why()
+    assert lab.reachable("app/client", ROT1, 80)  # answered before, within its TTL
+
+
+def test_a_learned_address_past_its_ttl_is_refused(env: Env, dataplane: str) -> None:
+    lab = env.lab
+    agent = env.start(dataplane, "--dns-ttl-floor", "0")
+    got = env.resolve("app/client", "short.shop.test")  # TTL 2 s
+    assert got == {"addrs": [SHORT], "connected": {SHORT: True}}, lab.agent_output(agent)
+    got = env.resolve("app/client", "www.shop.test")  # TTL 300 s
+    assert got["connected"] == {EDGE1: True, EDGE2: True}
+    opened = lab.hold("app/client", SHORT, 80)
+    assert until(lambda: not lab.reachable("app/client", SHORT, 80, timeout=0.5), timeout=30), "never expired"
+    assert opened.ping()  # a connection opened before the expiry stays up
+    assert lab.reachable("app/client", EDGE1, 80)  # and so does an address still within its TTL
