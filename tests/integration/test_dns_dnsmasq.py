@@ -14,6 +14,7 @@ www.shop.test, *.wild.test, rot.shop.test and short.shop.test, and denies everyt
 - `*.wild.test` allows a.b.wild.test, not wild.test (dnsmasq answers both, same address);
 - rotating addresses: dnsmasq answers a name's several addresses in a rotating order; all
   are allowed; the zone changed and reloaded (SIGHUP), the new address is allowed at once;
+- an answer over TCP (glibc's `use-vc`) likewise;
 - past its TTL (2 s, with --dns-ttl-floor 0) a learned address is refused for new
   connections while one opened before stays up, and an address with a long TTL stays.
 """
@@ -59,9 +60,10 @@ class Env:
     src: Path
     tmp: Path
 
-    def resolve(self, pod: str, name: str, *also: str, family: int = 4) -> dict[str, Any]:
+    def resolve(self, pod: str, name: str, *also: str, family: int = 4, tcp: bool = False) -> dict[str, Any]:
         server = SERVER6 if family == 6 else SERVER
-        return dns_lab.stub_resolve_and_connect(self.lab, pod, server, name, *also, family=family, workdir=self.tmp)
+        return dns_lab.stub_resolve_and_connect(self.lab, pod, server, name, *also, family=family, tcp=tcp,
+                                                workdir=self.tmp)
 
     def start(self, dataplane: str, *extra: str) -> subprocess.Popen:
         return dns_lab.start_agent(self.lab, self.src, self.tmp / "state", dataplane, "--dns-egress", *extra)
@@ -111,6 +113,11 @@ def test_names_resolved_through_dnsmasq_are_allowed_on_the_first_connection(env:
     got = env.resolve("app/client", "rot.shop.test")
     assert got == {"addrs": [ROT3], "connected": {ROT3: True}}, why()
     assert lab.reachable("app/client", ROT1, 80)  # answered before, within its TTL
+
+    # over TCP (glibc's use-vc; dnsmasq answers in a child process per connection) likewise
+    assert not lab.reachable("app/other", ROT3, 80)
+    got = env.resolve("app/other", "rot.shop.test", tcp=True)
+    assert got == {"addrs": [ROT3], "connected": {ROT3: True}}, why()
 
 
 def test_a_learned_address_past_its_ttl_is_refused(env: Env, dataplane: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,6 +226,7 @@ def dnsmasq(lab: Lab, server_pod: str, workdir: Path, zone: Sequence[str],
     host (no config file, /etc/hosts or upstream resolver; names under .test it does not know
     are NXDOMAIN, others REFUSED). Queries are logged to workdir/dnsmasq.log. Stopped on exit,
     and by the lab's close should the exit be skipped."""
+    assert shutil.which("dnsmasq"), "dnsmasq not found: install Debian's dnsmasq-base (`make system`)"
     workdir.mkdir(parents=True, exist_ok=True)
     netns, listen = lab.pods[server_pod].netns, lab.pods[server_pod].ips
     hosts_file, log = workdir / "dnsmasq.hosts", workdir / "dnsmasq.log"
@@ -271,12 +273,13 @@ _WITH_RESOLV_CONF = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
 
 
 def stub_resolve_and_connect(lab: Lab, src_pod: str, server: str, name: str, *also: str, family: int = 4,
-                             workdir: Path) -> dict[str, Any]:
+                             tcp: bool = False, workdir: Path) -> dict[str, Any]:
     """From `src_pod`: resolve `name` through glibc's getaddrinfo (IPv4 or IPv6 addresses, by
-    `family`) with `server` as the only nameserver, then connect at once to TCP/80 of every
-    answered address and of `also`. The resolv.conf is written to `workdir`."""
-    conf = workdir / f"resolv-{server.replace(':', '_')}.conf"
-    conf.write_text(f"nameserver {server}\noptions timeout:2 attempts:3\n")
+    `family`; over TCP if `tcp`: resolv.conf's use-vc) with `server` as the only nameserver,
+    then connect at once to TCP/80 of every answered address and of `also`. The resolv.conf
+    is written to `workdir`."""
+    conf = workdir / f"resolv-{server.replace(':', '_')}{'-tcp' if tcp else ''}.conf"
+    conf.write_text(f"nameserver {server}\noptions timeout:2 attempts:3{' use-vc' if tcp else ''}\n")
     argv = ["sh", "-c", _WITH_RESOLV_CONF, str(conf), sys.executable, "-c", _STUB_CLIENT_PY, str(family), name,
             *also]
     out = subprocess.run(["ip", "netns", "exec", lab.pods[src_pod].netns, *argv],
