@@ -4,7 +4,8 @@ in the dns/server pod answers a test zone; client pods resolve through glibc's s
 with `stockade run --dns-egress` holding each answer until its addresses are in the kernel.
 
 The policy (dns_lab.names_policy) allows app pods TCP/80 to the addresses they learned for
-www.shop.test, *.wild.test, rot.shop.test and short.shop.test, and denies everything else.
+www.shop.test, *.wild.test, rot.shop.test, short.shop.test and chain.shop.test, and denies
+everything else (dnsmasq answers with TTL 300 s unless said otherwise).
 - a CNAME chain (www.shop.test -> shop.cdn.test -> edge.cdn.test, two A records and one
   AAAA): the final addresses are allowed under the rule naming only www.shop.test, on the
   first connection; an address the zone never answered is refused; edge.cdn.test asked
@@ -16,7 +17,8 @@ www.shop.test, *.wild.test, rot.shop.test and short.shop.test, and denies everyt
   are allowed; the zone changed and reloaded (SIGHUP), the new address is allowed at once;
 - an answer over TCP (glibc's `use-vc`) likewise;
 - past its TTL (2 s, with --dns-ttl-floor 0) a learned address is refused for new
-  connections while one opened before stays up, and an address with a long TTL stays.
+  connections while one opened before stays up, and an address with a long TTL stays; an
+  address answered through a CNAME of TTL 2 s (its own A record 300 s) expires likewise.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ from tests.kit.enforcement import write
 CLIENT, CLIENT6, OTHER = "10.39.0.1", "fd00:39::1", "10.39.0.2"
 SERVER, SERVER6 = "10.39.0.53", "fd00:39::53"
 EDGE1, EDGE2, EDGE6 = "10.39.1.10", "10.39.1.11", "fd00:39:1::10"
-WILD, SHORT, NEVER = "10.39.1.20", "10.39.1.30", "10.39.1.99"
+WILD, SHORT, FAR, NEVER = "10.39.1.20", "10.39.1.30", "10.39.1.31", "10.39.1.99"
 ROT1, ROT2, ROT3 = "10.39.2.1", "10.39.2.2", "10.39.2.3"
 # every answered (and the never answered) address is one pod's, serving TCP/80
 PODS = {"app/client": [CLIENT, CLIENT6], "app/other": [OTHER], "dns/server": [SERVER, SERVER6],
-        "ext/web": [EDGE1, EDGE2, EDGE6, WILD, SHORT, NEVER, ROT1, ROT2, ROT3]}
-POLICY = names_policy(["0.0.0.0/0", "::/0"], ["www.shop.test", "*.wild.test", "rot.shop.test", "short.shop.test"])
+        "ext/web": [EDGE1, EDGE2, EDGE6, WILD, SHORT, FAR, NEVER, ROT1, ROT2, ROT3]}
+NAMES = ["www.shop.test", "*.wild.test", "rot.shop.test", "short.shop.test", "chain.shop.test"]
+POLICY = names_policy(["0.0.0.0/0", "::/0"], NAMES)
 ZONE = [
     "--cname=www.shop.test,shop.cdn.test",
     "--cname=shop.cdn.test,edge.cdn.test",
@@ -49,6 +52,8 @@ ZONE = [
     f"--host-record=edge.cdn.test,{EDGE2}",
     f"--address=/wild.test/{WILD}",  # wild.test and every name under it
     f"--host-record=short.shop.test,{SHORT},2",  # TTL 2 s
+    "--cname=chain.shop.test,far.cdn.test,2",  # the chain's TTL is its smallest: 2 s
+    f"--host-record=far.cdn.test,{FAR},300",
 ]
 ROTATING = {"rot.shop.test": [ROT1, ROT2]}  # the hosts file dnsmasq re-reads on SIGHUP
 
@@ -125,9 +130,16 @@ def test_a_learned_address_past_its_ttl_is_refused(env: Env, dataplane: str) -> 
     agent = env.start(dataplane, "--dns-ttl-floor", "0")
     got = env.resolve("app/client", "short.shop.test")  # TTL 2 s
     assert got == {"addrs": [SHORT], "connected": {SHORT: True}}, lab.agent_output(agent)
+    got = env.resolve("app/client", "chain.shop.test")  # CNAME TTL 2 s -> A TTL 300 s
+    assert got == {"addrs": [FAR], "connected": {FAR: True}}, lab.agent_output(agent)
     got = env.resolve("app/client", "www.shop.test")  # TTL 300 s
     assert got["connected"] == {EDGE1: True, EDGE2: True}
     opened = lab.hold("app/client", SHORT, 80)
-    assert until(lambda: not lab.reachable("app/client", SHORT, 80, timeout=0.5), timeout=30), "never expired"
+
+    def expired() -> bool:
+        seen = lab.probe_many({"app/client": [f"tcp:{SHORT}:80", f"tcp:{FAR}:80"]}, timeout=0.5)["app/client"]
+        return not any(seen.values())
+
+    assert until(expired, timeout=30), "never expired"
     assert opened.ping()  # a connection opened before the expiry stays up
     assert lab.reachable("app/client", EDGE1, 80)  # and so does an address still within its TTL
