@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.kit import Lab, expect, stop, until
+from tests.kit import Connection, Lab, expect, stop, until
 from tests.kit.builders import ns, pod
 from tests.kit.enforcement import write
 
@@ -255,21 +255,41 @@ _STUB_CLIENT_PY = """
 import json, socket, sys
 family = {"4": socket.AF_INET, "6": socket.AF_INET6}[sys.argv[1]]
 try:  # glibc's stub resolver, configured by the resolv.conf mounted over /etc/resolv.conf
-    addrs = sorted({ai[4][0] for ai in socket.getaddrinfo(sys.argv[2], 80, family, socket.SOCK_STREAM)})
+    addrs = sorted({ai[4][0] for ai in socket.getaddrinfo(sys.argv[3], 80, family, socket.SOCK_STREAM)})
 except socket.gaierror:
     addrs = []
+opened = []
 def connect(a):
     try:
-        socket.create_connection((a, 80), timeout=1.0).close()
-        return True
+        s = socket.create_connection((a, 80), timeout=1.0)
     except OSError:
         return False
-print(json.dumps({"addrs": addrs, "connected": {a: connect(a) for a in [*addrs, *sys.argv[3:]]}}))
+    opened.append(s)
+    return True
+print(json.dumps({"addrs": addrs, "connected": {a: connect(a) for a in [*addrs, *sys.argv[4:]]}}), flush=True)
+if sys.argv[2] == "hold" and opened:  # then ping through the first connection, per stdin line
+    s = opened[0]
+    s.settimeout(2)
+    for _ in sys.stdin:
+        try:
+            s.send(b"ping")
+            ok = s.recv(64).startswith(b"pong")
+        except OSError:
+            ok = False
+        print("ok" if ok else "fail", flush=True)
 """
 
 # `ip netns exec` runs us in a mount namespace of our own, slave to the host's: a bind mount
 # over /etc/resolv.conf made there is seen by this one process tree only.
 _WITH_RESOLV_CONF = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+
+
+def _stub_argv(lab: Lab, src_pod: str, server: str, mode: str, name: str, also: Sequence[str], family: int,
+               tcp: bool, workdir: Path) -> list[str]:
+    conf = workdir / f"resolv-{server.replace(':', '_')}{'-tcp' if tcp else ''}.conf"
+    conf.write_text(f"nameserver {server}\noptions timeout:2 attempts:3{' use-vc' if tcp else ''}\n")
+    return ["ip", "netns", "exec", lab.pods[src_pod].netns, "sh", "-c", _WITH_RESOLV_CONF, str(conf),
+            sys.executable, "-c", _STUB_CLIENT_PY, str(family), mode, name, *also]
 
 
 def stub_resolve_and_connect(lab: Lab, src_pod: str, server: str, name: str, *also: str, family: int = 4,
@@ -278,11 +298,19 @@ def stub_resolve_and_connect(lab: Lab, src_pod: str, server: str, name: str, *al
     `family`; over TCP if `tcp`: resolv.conf's use-vc) with `server` as the only nameserver,
     then connect at once to TCP/80 of every answered address and of `also`. The resolv.conf
     is written to `workdir`."""
-    conf = workdir / f"resolv-{server.replace(':', '_')}{'-tcp' if tcp else ''}.conf"
-    conf.write_text(f"nameserver {server}\noptions timeout:2 attempts:3{' use-vc' if tcp else ''}\n")
-    argv = ["sh", "-c", _WITH_RESOLV_CONF, str(conf), sys.executable, "-c", _STUB_CLIENT_PY, str(family), name,
-            *also]
-    out = subprocess.run(["ip", "netns", "exec", lab.pods[src_pod].netns, *argv],
+    out = subprocess.run(_stub_argv(lab, src_pod, server, "once", name, also, family, tcp, workdir),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def stub_resolve_and_hold(lab: Lab, src_pod: str, server: str, name: str, *, family: int = 4,
+                          workdir: Path) -> tuple[dict[str, Any], Connection]:
+    """stub_resolve_and_connect, keeping the first connection that opened (the lab stops it):
+    each `ping()` goes through it. Opened by the resolving process itself, at once, so even
+    an address with a TTL of a second is reached before it can expire."""
+    proc = subprocess.Popen(_stub_argv(lab, src_pod, server, "hold", name, (), family, False, workdir),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lab.procs.append(proc)
+    assert proc.stdout is not None
+    return json.loads(proc.stdout.readline()), Connection(proc)
