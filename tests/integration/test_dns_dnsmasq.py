@@ -15,7 +15,8 @@ everything else (dnsmasq answers with TTL 300 s unless said otherwise).
 - `*.wild.test` allows a.b.wild.test, not wild.test (dnsmasq answers both, same address);
 - rotating addresses: dnsmasq answers a name's several addresses in a rotating order; all
   are allowed; the zone changed and reloaded (SIGHUP), the new address is allowed at once;
-- an answer over TCP (glibc's `use-vc`) likewise;
+- an answer over TCP (glibc's `use-vc`) likewise, and one too large for UDP (32 addresses:
+  dnsmasq sends 30 of them with TC set, glibc asks again over TCP: all 32 are allowed);
 - past its TTL (2 s, with --dns-ttl-floor 0) a learned address is refused for new
   connections while one opened before stays up, and an address with a long TTL stays; an
   address answered through a CNAME of TTL 2 s (its own A record 300 s) expires likewise.
@@ -40,10 +41,11 @@ SERVER, SERVER6 = "10.39.0.53", "fd00:39::53"
 EDGE1, EDGE2, EDGE6 = "10.39.1.10", "10.39.1.11", "fd00:39:1::10"
 WILD, SHORT, FAR, NEVER = "10.39.1.20", "10.39.1.30", "10.39.1.31", "10.39.1.99"
 ROT1, ROT2, ROT3 = "10.39.2.1", "10.39.2.2", "10.39.2.3"
+MANY = [f"10.39.3.{i}" for i in range(1, 33)]  # 32 A records: more than a 512-byte UDP answer holds
 # every answered (and the never answered) address is one pod's, serving TCP/80
 PODS = {"app/client": [CLIENT, CLIENT6], "app/other": [OTHER], "dns/server": [SERVER, SERVER6],
-        "ext/web": [EDGE1, EDGE2, EDGE6, WILD, SHORT, FAR, NEVER, ROT1, ROT2, ROT3]}
-NAMES = ["www.shop.test", "*.wild.test", "rot.shop.test", "short.shop.test", "chain.shop.test"]
+        "ext/web": [EDGE1, EDGE2, EDGE6, WILD, SHORT, FAR, NEVER, ROT1, ROT2, ROT3, *MANY]}
+NAMES = ["www.shop.test", "*.wild.test", "rot.shop.test", "short.shop.test", "chain.shop.test", "many.shop.test"]
 POLICY = names_policy(["0.0.0.0/0", "::/0"], NAMES)
 ZONE = [
     "--cname=www.shop.test,shop.cdn.test",
@@ -55,7 +57,7 @@ ZONE = [
     "--cname=chain.shop.test,far.cdn.test,2",  # the chain's TTL is its smallest: 2 s
     f"--host-record=far.cdn.test,{FAR},300",
 ]
-ROTATING = {"rot.shop.test": [ROT1, ROT2]}  # the hosts file dnsmasq re-reads on SIGHUP
+ROTATING = {"rot.shop.test": [ROT1, ROT2], "many.shop.test": MANY}  # the hosts file, re-read on SIGHUP
 
 
 @dataclass
@@ -114,7 +116,7 @@ def test_names_resolved_through_dnsmasq_are_allowed_on_the_first_connection(env:
     # rotating addresses: every address of the answer, whatever dnsmasq's order
     got = env.resolve("app/client", "rot.shop.test", ROT3)
     assert got == {"addrs": [ROT1, ROT2], "connected": {ROT1: True, ROT2: True, ROT3: False}}, why()
-    env.dns.reload({"rot.shop.test": [ROT3]}, until_served=("rot.shop.test", [ROT3]))
+    env.dns.reload({**ROTATING, "rot.shop.test": [ROT3]}, until_served=("rot.shop.test", [ROT3]))
     got = env.resolve("app/client", "rot.shop.test")
     assert got == {"addrs": [ROT3], "connected": {ROT3: True}}, why()
     assert lab.reachable("app/client", ROT1, 80)  # answered before, within its TTL
@@ -123,6 +125,9 @@ def test_names_resolved_through_dnsmasq_are_allowed_on_the_first_connection(env:
     assert not lab.reachable("app/other", ROT3, 80)
     got = env.resolve("app/other", "rot.shop.test", tcp=True)
     assert got == {"addrs": [ROT3], "connected": {ROT3: True}}, why()
+    # an answer too large for UDP: dnsmasq truncates it, glibc asks again over TCP
+    got = env.resolve("app/other", "many.shop.test")
+    assert got == {"addrs": sorted(MANY), "connected": dict.fromkeys(sorted(MANY), True)}, why()
 
 
 def test_a_learned_address_past_its_ttl_is_refused(env: Env, dataplane: str) -> None:
