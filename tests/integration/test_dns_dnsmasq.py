@@ -4,8 +4,9 @@ in the dns/server pod answers a test zone; client pods resolve through glibc's s
 with `stockade run --dns-egress` holding each answer until its addresses are in the kernel.
 
 The policy (dns_lab.names_policy) allows app pods TCP/80 to the addresses they learned for
-www.shop.test, *.wild.test, rot.shop.test, short.shop.test and chain.shop.test, and denies
-everything else (dnsmasq answers with TTL 300 s unless said otherwise).
+www.shop.test, *.wild.test, rot.shop.test, many.shop.test, short.shop.test and
+chain.shop.test, and denies everything else (dnsmasq answers with TTL 300 s unless said
+otherwise).
 - a CNAME chain (www.shop.test -> shop.cdn.test -> edge.cdn.test, two A records and one
   AAAA): the final addresses are allowed under the rule naming only www.shop.test, on the
   first connection; an address the zone never answered is refused; edge.cdn.test asked
