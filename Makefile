@@ -11,10 +11,12 @@ NODE ?= demo
 # (eBPF dataplane), iproute2 (namespace lab, tc), conntrack (strict mode), iperf3 (bench),
 # prometheus (server and promtool for the metrics tests), python3-systemd (sd_notify),
 # python3-seccomp (libseccomp bindings: the tests run the agent under the systemd unit's
-# system-call filter, tests/kit/sandbox.py), python3-dnspython (DNS answers for domainNames).
+# system-call filter, tests/kit/sandbox.py), python3-dnspython (DNS answers for domainNames),
+# dnsmasq-base (the dnsmasq binary alone, a real DNS server in the DNS-egress lab; never the
+# `dnsmasq` package, which starts a system service on the host's port 53).
 APT_PACKAGES := nftables python3-nftables python3-bpfcc bpfcc-tools linux-headers-amd64 \
 	iproute2 conntrack iperf3 prometheus python3-systemd systemd python3-venv python3-seccomp \
-	python3-dnspython
+	python3-dnspython dnsmasq-base
 # The container image (`make image`, also built by the image test in `make test`): mmdebstrap
 # makes the Debian base without a registry, buildah builds deploy/Containerfile on it, podman
 # (with crun) runs it.

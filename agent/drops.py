@@ -58,7 +58,15 @@ def not_learned(ev: DropEvent, program: Program | None) -> list[str]:
     except ValueError:
         return []
     proto = ev.protocol.lower()
-    return [str(r.origin) for r in prog.egress.rules
+    # Only the rules the packet reached: a Deny before the domainNames rule decides first
+    # (the address may be learned: a dataplane that learns in the kernel has no peers here).
+    rules = prog.egress.rules
+    if ev.rule_id is None:  # the default deny: BASELINE rules come after it
+        reached = [r for r in rules if r.tier is not Tier.BASELINE]
+    else:
+        end = next((i for i, r in enumerate(rules) if r.id == ev.rule_id), None)
+        reached = list(rules if end is None else rules[:end])
+    return [str(r.origin) for r in reached
             if r.learned and r.verdict is Verdict.ACCEPT and r.peers is not None
             and not r.peers.contains(dst) and (not r.ports or any(p.matches(proto, ev.dport) for p in r.ports))]
 

@@ -25,7 +25,9 @@ answer 2 s after the last query), `send_rate`, the client's `rtt_*`, and the hol
 from its buckets: an upper bound). With `--agent`, `--distinct N` names cycle, each always
 answered with the same address: the first N answers each bring a new address (a kernel
 update; row "learning"), then `--seconds` of the same names, which refresh what is learned
-(no kernel update; row "steady") -- the steady state of pods resolving the same names.
+(row "steady") -- the steady state of pods resolving the same names. A refresh costs a
+kernel update on nftables (the element's timeout moves to the later expiry: one nfnetlink
+batch per burst) and none on eBPF (its re-apply path re-applies only at an expiry).
 `--tcp-queries N` (in-process): N queries over TCP from one thread, one connection each,
 with the hold (every segment of the flow goes through it).
 Reports; never passes or fails. Not part of `make bench` yet (the hold is experimental).
@@ -336,18 +338,22 @@ def table(res: dict[str, Any]) -> str:
     def ms(x: Any) -> str:
         return "-" if x is None else f"{x:.2f}"
 
+    def per_s(r: dict[str, Any]) -> str:  # answers/s: the paced rate reached, or closed-loop throughput
+        v = r.get("answers_per_s", r.get("send_rate") if r.get("answered") == r.get("sent") else None)
+        return "-" if v is None else str(v)
+
     lines = ["DNS hold (targets: p50 <= 1 ms, p99 <= 5 ms, 1,000 answers/s with none lost)",
-             f"{'run':34} {'answers':>8} {'lost':>6} {'p50 ms':>8} {'p99 ms':>8} {'kernel upd':>10}"]
+             f"{'run':34} {'answers':>8} {'lost':>6} {'per s':>6} {'p50 ms':>8} {'p99 ms':>8} {'kernel upd':>10}"]
     for r in res.get("hold", []):
         if not r.get("hold"):
             continue
         name = "hold alone, TCP" if "tcp_segments_held" in r else "hold alone, UDP"
         lines.append(f"{name:34} {r.get('sent', r.get('queries', '-')):>8} {r.get('lost', '-'):>6} "
-                     f"{ms(r.get('hold_p50_ms')):>8} {ms(r.get('hold_p99_ms')):>8} {'-':>10}")
+                     f"{per_s(r):>6} {ms(r.get('hold_p50_ms')):>8} {ms(r.get('hold_p99_ms')):>8} {'-':>10}")
     for r in res.get("agent", []):
         name = f"agent {r['agent']}, {r.get('phase', '')}"
-        lines.append(f"{name:34} {r.get('sent', '-'):>8} {r.get('lost', '-'):>6} "
-                     f"{'<=' + ms(r.get('hold_p50_ms_le')):>8} {'<=' + ms(r.get('hold_p99_ms_le')):>8} "
+        lines.append(f"{name:34} {r.get('sent', r.get('held', '-')):>8} {r.get('lost', '-'):>6} "
+                     f"{per_s(r):>6} {'<=' + ms(r.get('hold_p50_ms_le')):>8} {'<=' + ms(r.get('hold_p99_ms_le')):>8} "
                      f"{r.get('kernel_updates', '-'):>10}")
     return "\n".join(lines)
 
@@ -370,6 +376,7 @@ def main() -> None:
         rows = run(a.queries, threads, a.rate, a.seconds, a.tcp_queries)
     for r in rows:
         print(json.dumps(r))
+    print(table({"agent": rows} if a.agent else {"hold": rows}))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -22,6 +22,10 @@ Layout (see README "The nft table"):
   (1.0.x) fetches every element of every interval set in the table before any element
   command, so with 190k pod addresses there each update cost ~250 ms; against hash sets it
   costs what it changes.
+- per domainNames rule (`Rule.learned`) two sets `l4_<hash>` / `l6_<hash>` (`flags
+  timeout`) that its line matches instead of its `peers`: declared when the rule appears,
+  deleted when it goes, their elements never named by any render here -- only `learn`
+  writes them, each with its timeout (agent/dataplane/nftlearn.py).
 - names never reach the text: chains and sets are named by 128-bit hashes of the endpoint
   key and the rule key, rule comments carry the IR's `r:<Rule.id>` (read back by
   `counters`), and a chain's comment shows its endpoint's escaped, byte-capped display
@@ -50,11 +54,12 @@ import logging
 import shutil
 import tempfile
 import threading
+import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from agent.dataplane import child, conntrack, heap
+from agent.dataplane import child, conntrack, heap, nftlearn
 from agent.dataplane.base import (
     ApplyStats,
     Count,
@@ -64,6 +69,7 @@ from agent.dataplane.base import (
     DropEvent,
     DropLog,
     Flow,
+    LearnedEntry,
 )
 from agent.dataplane.escape import display, utf8, valid_ifname
 from agent.ir import (
@@ -197,7 +203,7 @@ def _share(program: Program, prev: Model | None,
             dp = ep.direction(d)
             if dp.enforced:
                 for rule in dp.rules:
-                    if rule.peers is not None:
+                    if rule.peers is not None and not rule.learned:  # learned: sets of its own
                         keys = by_object.get(id(rule.peers))
                         if keys is None:
                             keys = by_object[id(rule.peers)] = groups.setdefault(_content(rule.peers), set())
@@ -295,6 +301,9 @@ class Model:
     by_content: dict[Content, str] = field(default_factory=dict, compare=False)
     # id(PeerSet) -> stem while build_model runs (the program keeps those objects alive)
     by_object: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
+    # learned-address sets (agent/dataplane/nftlearn.py) -> type: declared and deleted here,
+    # their elements only ever written by `learn`
+    learned: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -315,6 +324,7 @@ class _Built:
     chains: dict[str, tuple[str, ...]]
     owners: dict[str, tuple[str, Direction]]
     maps: tuple[tuple[str, str, str], ...]  # (map, key, verdict)
+    learned: tuple[tuple[str, str], ...] = ()  # learned-address sets of its rules: (name, type)
 
 
 @dataclass
@@ -363,6 +373,7 @@ def build_model(program: Program, opts: Options = Options(), prev: Model | None 
                 built[key] = b
         m.chains.update(b.chains)
         m.owners.update(b.owners)
+        m.learned.update(b.learned)
         for mname, k, v in b.maps:
             m.maps[mname][k] = v
     if memo is not None and len(built) > len(program.endpoints):
@@ -378,6 +389,7 @@ def _endpoint(m: Model, ep: EndpointProgram, opts: Options) -> _Built:
     owners: dict[str, tuple[str, Direction]] = {}
     maps: list[tuple[str, str, str]] = []
     stems: list[tuple[PeerSet, str]] = []
+    learned: dict[str, str] = {}
     for d in (Direction.INGRESS, Direction.EGRESS):
         dp = ep.direction(d)
         if not dp.enforced:
@@ -385,7 +397,10 @@ def _endpoint(m: Model, ep: EndpointProgram, opts: Options) -> _Built:
         name = chain_name(ep.key, d)
         mine = _chain_rules(m, dp, d, name, opts)
         owners.update((c, (ep.key, d)) for c in mine)
-        stems += [(r.peers, _stem_of(m, r.peers)) for r in dp.rules if r.peers is not None]
+        stems += [(r.peers, _stem_of(m, r.peers)) for r in dp.rules if r.peers is not None and not r.learned]
+        for r in dp.rules:
+            if r.learned:
+                learned.update(nftlearn.rule_sets(r))
         if ep.interface is not None:
             if not valid_ifname(ep.interface):
                 # nft cannot name such a device in a quoted string; refuse loudly rather
@@ -400,7 +415,7 @@ def _endpoint(m: Model, ep: EndpointProgram, opts: Options) -> _Built:
         else:
             maps += [(f"{d.value}{ip.version}", str(ip), f"jump {name}") for ip in ep.ips]
         chains.update(mine)
-    return _Built(ep, tuple(stems), chains, owners, tuple(maps))
+    return _Built(ep, tuple(stems), chains, owners, tuple(maps), tuple(sorted(learned.items())))
 
 
 def _log(opts: Options, chain: str, what: str) -> str:
@@ -451,7 +466,9 @@ def _lines(m: Model, rules: list[Rule], d: Direction, chain: str, tail: str, opt
         logged = rule.verdict is Verdict.DROP and opts.log_group is not None
         matches = []
         ports = _ports_line(rule)
-        if rule.peers is None:
+        if rule.learned:  # its peers are the kernel's learned sets, not `peers`
+            matches = [f"{peer}{p}" for peer in nftlearn.peer_matches(rule, peer_key) for p in ports]
+        elif rule.peers is None:
             matches = ports
         else:
             matches = [f"{peer}{p}" for peer in _peer_matches(m, rule, rule.peers, peer_key) for p in ports]
@@ -476,6 +493,12 @@ def _elements(elems: Iterable[str]) -> list[str]:
 
 def _set_decls(m: Model, names: Iterable[str] | None = None) -> list[str]:
     return [f"\tset {name} {{ type {m.sets[name][0]}; }}\n" for name in (sorted(m.sets) if names is None else names)]
+
+
+def _learned_decls(m: Model, names: Iterable[str] | None = None) -> list[str]:
+    """Declarations of learned-address sets (empty: `learn` fills them)."""
+    return [f"\tset {name} {{ type {m.learned[name]}; }}\n"
+            for name in (sorted(m.learned) if names is None else names)]
 
 
 def _set_elements(m: Model, names: Iterable[str] | None = None) -> Iterator[tuple[int, str]]:
@@ -507,7 +530,7 @@ def _dispatch(m: Model, sets: bool, chains: bool) -> str:
     out = [f"table {FAMILY} {TABLE} {{\n"]
     out += [f"\tmap {name} {{ type {typ} : verdict; }}\n" for name, typ in MAPS.items()]
     if sets:
-        out += _set_decls(m)
+        out += _set_decls(m) + _learned_decls(m)
     if chains:
         out += _chain_blocks(m, sorted(m.chains))
     out.append(_base_chains() + "}\n")
@@ -526,7 +549,7 @@ def render_staged(m: Model, elements: int = STAGE, lines: int = STAGE_LINES) -> 
     maps and base chains. No packet meets the table before the last one: until then no base
     chain hooks it, and chains and sets nothing reaches judge nothing. Each transaction is a
     bounded text, so a load's peak is one batch's parse, not the whole ruleset's."""
-    yield f"table {FAMILY} {TABLE} {{\n" + "".join(_set_decls(m)) + "}\n"
+    yield f"table {FAMILY} {TABLE} {{\n" + "".join(_set_decls(m) + _learned_decls(m)) + "}\n"
     yield from _element_batches(m, sorted(m.sets), elements)
     batch: list[str] = []
     n = 0
@@ -571,8 +594,10 @@ def render_replace(m: Model, held_sets: frozenset[str], held_chains: frozenset[s
     t = f"{FAMILY} {TABLE}"
     fresh = [n for n in sorted(m.sets) if n not in held_sets]
     kept = sorted(set(m.sets) & held_sets)
-    if fresh:
-        yield f"table {FAMILY} {TABLE} {{\n" + "".join(_set_decls(m, fresh)) + "}\n"
+    # Learned sets the old table holds stay as they are, elements and all (never flushed).
+    learned = [n for n in sorted(m.learned) if n not in held_sets]
+    if fresh or learned:
+        yield f"table {FAMILY} {TABLE} {{\n" + "".join(_set_decls(m, fresh) + _learned_decls(m, learned)) + "}\n"
         yield from _element_batches(m, fresh, elements)
     cmds = [c for n in kept for c in (f"add set {t} {n} {{ type {m.sets[n][0]}; }}", f"flush set {t} {n}")]
     cmds += [c for n, typ in MAPS.items()
@@ -582,7 +607,7 @@ def render_replace(m: Model, held_sets: frozenset[str], held_chains: frozenset[s
     text = "".join(c + "\n" for c in cmds) + _dispatch(m, sets=False, chains=True)
     text += "".join(c for _, c in _set_elements(m, kept)) + _map_elements(m)
     text += "".join(f"delete chain {t} {c}\n" for c in sorted(held_chains - set(m.chains) - set(BASE_CHAINS)))
-    text += "".join(f"delete set {t} {n}\n" for n in sorted(held_sets - set(m.sets)))
+    text += "".join(f"delete set {t} {n}\n" for n in sorted(held_sets - set(m.sets) - set(m.learned)))
     yield text
 
 
@@ -603,6 +628,10 @@ def render_diff(old: Model, new: Model) -> tuple[str, ApplyStats]:
         cmds += [f"delete element {t} {name} {{ {c} }}" for c in _elements(gone)]
         cmds += [f"add element {t} {name} {{ {c} }}" for c in _elements(fresh)]
         added, removed = added + len(fresh), removed + len(gone)
+    # Learned sets: declared when their rule appears, deleted (below) when it goes, their
+    # elements never touched here (only `learn` writes them).
+    cmds += [f"add set {t} {name} {{ type {typ}; }}" for name, typ in sorted(new.learned.items())
+             if name not in old.learned]
     written = 0
     # New chains first, empty: a rule may `goto` a chain that sorts after it (in_x -> in_x_t).
     cmds += [f"add chain {t} {name} {{ {_chain_comment(new, name)}; }}"
@@ -629,12 +658,14 @@ def render_diff(old: Model, new: Model) -> tuple[str, ApplyStats]:
     cmds += [f"flush chain {t} {name}" for name in gone] + [f"delete chain {t} {name}" for name in gone]
     for name in sorted(set(old.sets) - set(new.sets)):
         cmds.append(f"delete set {t} {name}")
+    cmds += [f"delete set {t} {name}" for name in sorted(set(old.learned) - set(new.learned))]
     stats = ApplyStats(False, len(cmds), added, removed, written)
     return "".join(c + "\n" for c in cmds), stats
 
 
 class NftablesDataplane(Dataplane):
     name = "nftables"
+    learns_in_kernel = True  # learned-address sets with per-element timeouts (nftlearn.py)
 
     def __init__(self, options: Options = Options()) -> None:
         self.options = options
@@ -645,6 +676,8 @@ class NftablesDataplane(Dataplane):
         self._memo = Memo()  # what each endpoint gave the last build (see build_model)
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
+        self._sets = nftlearn.NetlinkSets(FAMILY, TABLE)  # learned-address elements (`learn`)
+        self._learn_lock = threading.Lock()
 
     @property
     def nft(self):  # type: ignore[no-untyped-def]
@@ -822,6 +855,18 @@ class NftablesDataplane(Dataplane):
             elif comment.startswith("r:"):
                 c.add_rule((ep, comment[2:], d), n)
         return c
+
+    def learn(self, add: Sequence[LearnedEntry], remove: Sequence[LearnedEntry] = ()) -> None:
+        """One transaction adding (or re-timing) and removing learned addresses in the sets
+        of the rules the kernel holds now; nothing else in the table changes."""
+        m = self._model
+        if m is None or not m.learned:
+            return
+        with self._learn_lock:
+            try:  # raw nfnetlink, not libnftables: no fetch of the table's cache first
+                self._sets.learn(m.learned, add, remove, time.monotonic())
+            except OSError as e:
+                raise DataplaneError(f"learned addresses: {e}") from e
 
     def established(self) -> list[Flow]:
         return conntrack.established()

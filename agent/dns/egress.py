@@ -4,20 +4,29 @@ are in the kernel.
 
 Per synced snapshot: the domainNames rules of every local pod (`learner_rules`), and the
 hold (agent/dns/hold.py) attached to the host-side device of each pod that has some. Per
-held answer (`learn`, on the hold's thread): the learner's updates for that pod; when they
-add an address, the daemon re-applies the last program with the table's addresses
-(`commit`: `Daemon.reapply`, `with_learned`) and only after that apply returned does the
-hold write the answer to the pod. The hold learns from every frame it read at once, then
-commits once, then releases them: one apply per burst, not per answer; an answer that
-only refreshes an address already learned needs no apply at all. Entries are removed at
-their expiry (a timer re-applies then), so a pod's first connection to a fresh address is
-allowed and one past its TTL is not.
+held answer (`learn`, on the hold's thread): the learner's updates for that pod, and
+`commit` puts them into the kernel; only after that returned does the hold write the
+answer to the pod. The hold learns from every frame it read at once, then commits once,
+then releases them: one kernel update per burst, not per answer. Two ways to the kernel:
+
+- the dataplane `learns_in_kernel` (nftables): the program is applied as synced, each
+  domainNames rule matching its own kernel sets with per-element timeouts. `learn`
+  collects the entries the kernel lacks (new addresses, later expiries, and entries the
+  per-pod cap evicted, to remove), `commit` sends them in one `Dataplane.learn`
+  transaction, touching nothing else. The kernel times entries out itself: no update at
+  expiry. After every sync every live entry is sent again (idempotent: covers sets a
+  sync just created, or a table rebuilt whole).
+- otherwise (eBPF for now): `commit` re-applies the last program with the table's
+  addresses as the rules' peers (`Daemon.reapply`, `with_learned`); an answer that only
+  refreshes an address already learned needs no apply; a timer re-applies at each expiry.
+
+Either way a pod's first connection to a fresh address is allowed and one past its TTL is
+not.
 
 `view()` is what the agent serves as `/dns` (and `stockade explain --to-name` reads).
 
 Answers over UDP and TCP are held (a TCP answer: the segment that completes it, see
-agent/dns/frames.py). Not yet: kernel sets with per-element timeouts (each change
-re-applies the program).
+agent/dns/frames.py).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from agent.dataplane.base import Dataplane, LearnedEntry
 from agent.dns.hold import Hold
 from agent.dns.learn import MAX_PER_POD, TTL_FLOOR, merge, named_updates, resolved
 from agent.inventory import Inventory, IPAddress
@@ -54,6 +64,8 @@ class Reapplier(Protocol):
     transform: Callable[[Program], Program] | None
     on_synced: list[Callable[[Any], None]]
     registry: CollectorRegistry
+    dataplane: Dataplane
+    apply_lock: threading.Lock  # serialises kernel updates with syncs
 
     def reapply(self) -> bool: ...
 
@@ -91,6 +103,12 @@ class DnsEgress:
         self.devices: set[str] = set()
         self.names: dict[tuple[str, str, IPAddress], str] = {}  # entry -> the question that taught it
         self.program: Program | None = None  # the last program transformed (rule origins for `view`)
+        dp = getattr(daemon, "dataplane", None)
+        self.kernel = bool(getattr(dp, "learns_in_kernel", False))  # see the module docstring
+        self.apply_lock = getattr(daemon, "apply_lock", None) or threading.Lock()
+        # kernel path: what the kernel lacks, sent by the next `commit` (entry -> expiry)
+        self.pending: dict[tuple[str, str, IPAddress], float] = {}
+        self.evicted: set[tuple[str, str, IPAddress]] = set()
         r = daemon.registry
         self.answers = Counter("stockade_dns_answers", "DNS answers held, by what they taught: learned (an address "
                                "added or kept longer), nothing (no rule's name, or not a usable answer), "
@@ -98,8 +116,11 @@ class DnsEgress:
         self.entries = Gauge("stockade_dns_learned_entries", "Learned (pod, rule, address) entries in force",
                              registry=r)
         self.updates = Counter("stockade_dns_kernel_updates", "Kernel updates held answers waited for (one per "
-                               "burst of answers read together that taught a new address)", registry=r)
+                               "burst of answers read together that taught a new address, or, with learned "
+                               "sets in the kernel, a later expiry)", registry=r)
         self.expired = Counter("stockade_dns_expired_entries", "Learned entries removed at their expiry", registry=r)
+        self.failed = Counter("stockade_dns_kernel_update_failures", "Kernel updates of learned addresses "
+                              "that failed (the answers were released all the same)", registry=r)
         self.held = Histogram("stockade_dns_hold_seconds", "A DNS answer read by the agent to released to its pod "
                               "(learning and the kernel update included)",
                               buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
@@ -127,14 +148,18 @@ class DnsEgress:
 
     def transform(self, program: Program) -> Program:
         with self.lock:
-            now = self.clock()
-            self.expired.inc(self.learned.expired(now))
-            self.learned = self.learned.expire(now)
-            table = self.learned
-            self.entries.set(len(table))
-            self.names = {k: n for k, n in self.names.items() if k[2] in table.entries.get(k[:2], {})}
+            table = self._forget_expired()
             self.program = program
-        return with_learned(program, table)
+        return program if self.kernel else with_learned(program, table)
+
+    def _forget_expired(self) -> Learned:
+        """Drop the entries past their expiry from the table (caller holds the lock)."""
+        now = self.clock()
+        self.expired.inc(self.learned.expired(now))
+        self.learned = table = self.learned.expire(now)
+        self.entries.set(len(table))
+        self.names = {k: n for k, n in self.names.items() if k[2] in table.entries.get(k[:2], {})}
+        return table
 
     def synced(self, snap: Any) -> None:
         local = snap.program.endpoints
@@ -149,6 +174,19 @@ class DnsEgress:
                         self.devices.add(dev)
                     except Exception as e:  # the pod's answers then pass unheld: nothing learned
                         log.warning("dns egress: cannot hold answers to %s on %s: %s", key, dev, e)
+        if self.kernel:
+            self._resend(snap.program)
+
+    def _resend(self, program: Program) -> None:
+        """Every live entry whose rule `program` has, to the kernel again (idempotent)."""
+        keys = {r.key for ep in program.endpoints.values() for r in ep.egress.rules if r.learned}
+        with self.apply_lock:  # the table read under it: a later change is sent after this
+            with self.lock:
+                now, table = self.clock(), self.learned
+            add = [LearnedEntry(k, ip, t) for (e, r), v in table.entries.items()
+                   if (k := learned_rule_key(r, e)) in keys for ip, t in v.items() if t > now]
+            if add:
+                self._send(add, [])
 
     # ------------------------------------------------------------ hold side
 
@@ -174,20 +212,66 @@ class DnsEgress:
             return False
         with self.lock:
             before = self.learned
-            self.learned = merge(before, new, self.cap)
+            self.learned = after = merge(before, new, self.cap)
             self.names.update(((e, r, ip), name) for (e, r, ip, _), name in named)
             fresh = any(ip not in before.entries.get((e, r), {}) for e, r, ip, _ in new)
-            self.entries.set(len(self.learned))
+            self.entries.set(size := len(after))
+            if self.kernel:
+                fresh = self._note_changes(before, after, new, size)
         if not fresh:
             self._wake.set()  # the earliest expiry may have changed
         return fresh
+
+    def _note_changes(self, before: Learned, after: Learned, new: list[tuple[str, str, IPAddress, float]],
+                      size: int) -> bool:
+        """Kernel path (lock held): note what the kernel lacks after `before` -> `after`:
+        entries added or given a later expiry, and those the per-pod cap evicted. Whether
+        there is anything to send."""
+        absent = set()
+        for e, r, ip, _ in new:
+            t = after.entries.get((e, r), {}).get(ip)
+            was = before.entries.get((e, r), {}).get(ip)
+            if was is None:
+                absent.add((e, r, ip))
+            if t is not None and (was is None or t > was) and self.pending.get((e, r, ip), 0.0) < t:
+                self.pending[(e, r, ip)] = t
+                self.evicted.discard((e, r, ip))
+        if size < len(before) + len(absent):  # the cap evicted some: find them among the touched pods' entries
+            eps = {e for e, _, _, _ in new}
+            for (e, r), v in before.entries.items():
+                if e in eps:
+                    now = after.entries.get((e, r), {})
+                    for ip in v:
+                        if ip not in now:
+                            self.evicted.add((e, r, ip))
+                            self.pending.pop((e, r, ip), None)
+        return bool(self.pending or self.evicted)
 
     def commit(self) -> None:
         """Put what was learned into the kernel (the hold's `commit`, once per batch of
         answers read together)."""
         self.updates.inc()
-        self.daemon.reapply()
+        if not self.kernel:
+            self.daemon.reapply()
+            self._wake.set()
+            return
+        with self.apply_lock:
+            with self.lock:
+                pending, evicted, self.pending, self.evicted = self.pending, self.evicted, {}, set()
+            add = [LearnedEntry(learned_rule_key(r, e), ip, t) for (e, r, ip), t in pending.items()]
+            remove = [LearnedEntry(learned_rule_key(r, e), ip, 0.0) for e, r, ip in evicted]
+            self._send(add, remove)
         self._wake.set()
+
+    def _send(self, add: list[LearnedEntry], remove: list[LearnedEntry]) -> None:
+        """One `Dataplane.learn` (caller holds apply_lock). A failure is logged and counted,
+        never raised: the hold releases the answers all the same (as a failed re-apply
+        does), and the next sync sends every live entry again."""
+        try:
+            self.daemon.dataplane.learn(add, remove)
+        except Exception as e:
+            self.failed.inc()
+            log.error("putting learned DNS addresses into the kernel failed, previous kernel state stays: %s", e)
 
     def _expire_loop(self) -> None:
         while not self._stop.is_set():
@@ -198,7 +282,11 @@ class DnsEgress:
                 self._wake.clear()
                 continue
             if times and not self._stop.is_set():
-                self.daemon.reapply()  # transform() drops what expired
+                if self.kernel:  # the kernel timed them out itself: only the table forgets
+                    with self.lock:
+                        self._forget_expired()
+                else:
+                    self.daemon.reapply()  # transform() drops what expired
 
     # ------------------------------------------------------------ visibility
 

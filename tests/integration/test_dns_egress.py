@@ -96,6 +96,46 @@ def test_a_learned_address_is_denied_after_its_ttl(lab: Lab, dataplane: str, tmp
     assert until(lambda: not lab.reachable("app/client", WEB, 80, timeout=0.5), timeout=30), "never expired"
 
 
+def _metric(lab: Lab, name: str) -> float:
+    _, text = lab.http_get("http://127.0.0.1:9754/metrics")
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("stockade_dns_"))
+    return float(values[name])
+
+
+def test_expiry_needs_no_kernel_update(lab: Lab, dataplane: str, tmp_path: Path) -> None:
+    """Past its TTL a learned address is refused with no kernel update from the agent: on
+    nftables the kernel times the set element out itself; on eBPF (which re-applies at the
+    expiry, not an update an answer waits for) the counter does not move either."""
+    src = setup(lab, tmp_path)
+    agent = start(lab, src, tmp_path, dataplane, "--dns-egress", "--dns-ttl-floor", "0")
+    got = resolve_and_connect(lab, "app/client", "short.example.test")  # TTL 2 s
+    assert got == {"addrs": [WEB], "connected": {WEB: True}}, lab.agent_output(agent)
+    updates = _metric(lab, "stockade_dns_kernel_updates_total")
+    assert updates == 1
+    assert until(lambda: not lab.reachable("app/client", WEB, 80, timeout=0.5), timeout=30), "never expired"
+    assert _metric(lab, "stockade_dns_kernel_updates_total") == updates
+    assert until(lambda: _metric(lab, "stockade_dns_expired_entries_total") == 1, timeout=30)  # the table forgot it
+
+
+def test_a_deny_before_the_domain_names_rule_wins_for_a_learned_address(lab: Lab, dataplane: str,
+                                                                       tmp_path: Path) -> None:
+    """An Admin Deny of higher precedence (priority 5) for WEB on TCP/80: the client learns
+    WEB from its answer, and its connection is still dropped; another name's address that
+    no Deny names is allowed."""
+    deny = {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "deny-web"},
+            "spec": {"tier": "Admin", "priority": 5, "subject": {"namespaces": {"matchLabels": {"team": "app"}}},
+                     "egress": [{"name": "no-web", "action": "Deny", "to": [{"networks": [f"{WEB}/32"]}],
+                                 "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]}]}}
+    src = dns_lab.setup(lab, tmp_path, PODS, manifests(PODS, POLICY, deny), SERVER_PY)
+    agent = start(lab, src, tmp_path, dataplane, "--dns-egress")
+    got = resolve_and_connect(lab, "app/client", "www.example.test")
+    assert got == {"addrs": [WEB], "connected": {WEB: False}}, lab.agent_output(agent)
+    assert _metric(lab, "stockade_dns_learned_entries") == 1  # learned, and still denied
+    got = resolve_and_connect(lab, "app/client", "v6.example.test", rdtype="AAAA", server=SERVER6)
+    assert got == {"addrs": [WEB6], "connected": {WEB6: True}}, lab.agent_output(agent)
+
+
 def test_without_dns_egress_domain_names_match_nothing(lab: Lab, dataplane: str, tmp_path: Path) -> None:
     src = setup(lab, tmp_path)
     start(lab, src, tmp_path, dataplane)

@@ -1,6 +1,6 @@
 """The DNS answer hold (agent/dns/hold.py, bpf/dnshold.c) on this kernel, by real queries:
-a DNS server (dnspython, answering *.example.test) in its own pod namespace, a pod asking it
-with dnspython's stub resolver, the hold on the pod's host-side veth in the node namespace.
+the kit's DNS server (tests/kit/dns_lab.py: dnspython, answering *.example.test) in its own pod
+namespace, a pod asking it with dnspython's stub resolver, the hold on the pod's host-side veth in the node namespace.
 
 - the answer reaches the pod only after the agent processed it: while the agent's callback
   holds it the pod has no answer; released, the pod gets exactly the answer (IPv4 and IPv6),
@@ -32,59 +32,16 @@ from agent.dns.hold import CFG_DEADLINE, Hold, remove_filters
 from agent.dns.learn import updates
 from agent.inventory import IPAddress
 from agent.policy.cluster import DomainRule, parse_domain
-from tests.kit import Lab, expect, until
+from tests.kit import Lab, dns_lab, expect, until
 from tests.kit.netns import worker
 
 CLIENT, CLIENT6 = "10.34.0.1", "fd00:34::1"
 SERVER, SERVER6 = "10.34.0.53", "fd00:34::53"
 ANSWER_A, ANSWER_AAAA = "192.0.2.80", "2001:db8::80"
 
-SERVER_PY = f"""
-import socket, select, struct, time
-import dns.message, dns.rrset, dns.rdatatype
-
-def reply(data):
-    q = dns.message.from_wire(data)
-    r = dns.message.make_response(q)
-    name = q.question[0].name
-    if name.to_text().lower().endswith(".example.test."):
-        if q.question[0].rdtype == dns.rdatatype.A:
-            r.answer.append(dns.rrset.from_text(name, 5, "IN", "A", "{ANSWER_A}"))
-        elif q.question[0].rdtype == dns.rdatatype.AAAA:
-            r.answer.append(dns.rrset.from_text(name, 5, "IN", "AAAA", "{ANSWER_AAAA}"))
-    return r.to_wire()
-
-udp = []
-for fam, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-    s = socket.socket(fam, socket.SOCK_DGRAM)
-    if fam == socket.AF_INET6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.bind((addr, 53))
-    udp.append(s)
-tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-tcp.bind(("0.0.0.0", 53))
-tcp.listen()
-print("ready", flush=True)
-while True:
-    for s in select.select([*udp, tcp], [], [])[0]:
-        if s is tcp:
-            c, _ = tcp.accept()
-            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with c, c.makefile("rb") as f:
-                n = struct.unpack("!H", f.read(2))[0]
-                q = f.read(n)
-                out = struct.pack("!H", len(reply(q))) + reply(q)
-                if b"split" in q:  # the length, then the message in two: three segments
-                    for part in (out[:2], out[2:20], out[20:]):
-                        c.sendall(part)
-                        time.sleep(0.05)  # one segment each (no coalescing); not a measured wait
-                else:
-                    c.sendall(out)
-            continue
-        data, peer = s.recvfrom(4096)
-        s.sendto(reply(data), peer)
-"""
+# the kit's DNS server: any *.example.test -> ANSWER_A / ANSWER_AAAA; over TCP (IPv4 only) one
+# query per connection, names starting with "split." answered in three segments
+SERVER_PY = dns_lab.server_script(ANSWER_A, ANSWER_AAAA, "192.0.2.81")
 
 CLIENT_PY = """
 import json, sys, time
@@ -119,10 +76,7 @@ class Agent:
 def lab_pods(lab: Lab) -> Iterator[Lab]:
     lab.add_pod("app/client", [CLIENT, CLIENT6])
     server = lab.add_pod("dns/server", [SERVER, SERVER6])
-    proc = subprocess.Popen(["ip", "netns", "exec", server.netns, sys.executable, "-c", SERVER_PY],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    lab.procs.append(proc)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    dns_lab.start_dns_server(lab, server.netns, SERVER_PY)
     yield lab
 
 

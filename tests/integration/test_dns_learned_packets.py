@@ -7,19 +7,24 @@ Namespace app, every pod a subject of one Admin ClusterNetworkPolicy: Accept TCP
 - c reaches a; not b (b was learned by a: nothing is shared between pods);
 - b learned nothing: its rule matches nothing and the Deny drops it;
 - after the entries expire (the table recompiled at a later time) a no longer reaches b.
-The simulator agrees with every probe. No dataplane code knows about names.
+The simulator agrees with every probe. No dataplane code knows about names. On nftables
+(which learns in the kernel) the table reaches the rules' own sets by `Dataplane.learn`,
+and the expired entries leave them the same way.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from agent.dataplane.base import LearnedEntry
 from agent.ir import Program
 from agent.policy.cluster import Learned
+from agent.policy.cluster.domains import NO_LEARNED, learned_rule_key
 from agent.policy.kubernetes.compile import compile_inventory
 from tests.kit import Lab
 from tests.kit.builders import ns, pod, snapshot_of
@@ -78,11 +83,24 @@ def check(lab: Lab, prog: Program, want: dict[str, dict[str, bool]]) -> None:
     check_probes(lab, prog, PROBES, SRC, want)
 
 
-def test_learned_addresses_are_enforced_per_pod(lab: Lab, plane: Plane) -> None:
-    prog = program(learned())
+def enforce(plane: Plane, table: Learned, gone: Learned = NO_LEARNED) -> Program:
+    """The program compiled with `table` applied; on a dataplane that learns in the kernel
+    (its rules' peers ignored) `table` goes to its learned sets, and `gone` out of them."""
+    prog = program(table)
     plane.call(lambda: plane.dp.apply(prog))
+    if plane.dp.learns_in_kernel:
+        def entries(t: Learned) -> list[LearnedEntry]:
+            return [LearnedEntry(learned_rule_key(rule, ep), ip, time.monotonic() + 300)
+                    for (ep, rule), v in t.entries.items() for ip in v]
+        plane.call(lambda: plane.dp.learn(entries(table), entries(gone)))
+    return prog
+
+
+def test_learned_addresses_are_enforced_per_pod(lab: Lab, plane: Plane) -> None:
+    prog = enforce(plane, learned())
     check(lab, prog, WANT)
     # a's entries expire at 100: recompiled at 150, only c's entry is left
-    later = program(learned().expire(150.0))
-    plane.call(lambda: plane.dp.apply(later))
+    left = learned().expire(150.0)
+    later = enforce(plane, left, Learned.of((ep, r, ip, t) for (ep, r), v in learned().entries.items()
+                                            for ip, t in v.items() if ip not in left.addresses(ep, r)))
     check(lab, later, EXPIRED)

@@ -1,22 +1,31 @@
 """The DNS-egress lab shared by the DNS packet tests and bench/dnshold: the egress-names
 ClusterNetworkPolicy, pods and their manifests from one address table, a DNS server script
-(UDP and TCP) started in a pod's namespace, and a pod's resolve-then-connect."""
+(UDP and TCP) started in a pod's namespace, and a pod's resolve-then-connect; a real DNS
+server (Debian's dnsmasq) in a pod's namespace with a pod resolving through glibc's stub
+resolver; the agent started and waited for."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.kit import Lab
+from tests.kit import Connection, Lab, expect, stop, until
 from tests.kit.builders import ns, pod
 from tests.kit.enforcement import write
 
+METRICS = "127.0.0.1:9754"  # the agent's HTTP address inside the lab's node namespace
 
-def names_policy(deny: list[str]) -> dict[str, Any]:
-    """Pods of team=app may ask team=dns on UDP/53 and TCP/53, reach answered *.example.test addresses
+
+def names_policy(deny: list[str], names: Sequence[str] = ("*.example.test",)) -> dict[str, Any]:
+    """Pods of team=app may ask team=dns on UDP/53 and TCP/53, reach answered addresses of `names`
     on TCP/80 (rule 1, "names"), and nothing else in `deny`."""
     return {
         "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
@@ -26,7 +35,7 @@ def names_policy(deny: list[str]) -> dict[str, Any]:
                      {"name": "dns", "action": "Accept", "to": [{"namespaces": {"matchLabels": {"team": "dns"}}}],
                       "protocols": [{"udp": {"destinationPort": {"number": 53}}},
                                     {"tcp": {"destinationPort": {"number": 53}}}]},
-                     {"name": "names", "action": "Accept", "to": [{"domainNames": ["*.example.test"]}],
+                     {"name": "names", "action": "Accept", "to": [{"domainNames": list(names)}],
                       "protocols": [{"tcp": {"destinationPort": {"number": 80}}}]},
                      {"name": "rest", "action": "Deny", "to": [{"networks": deny}]},
                  ]},
@@ -145,3 +154,163 @@ def resolve_and_connect(lab: Lab, src_pod: str, server: str, name: str, *also: s
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def start_agent(lab: Lab, src: Path, state: Path, dataplane: str, *extra: str) -> subprocess.Popen:
+    """`stockade run` on node n1 from the manifests in `src`, its HTTP endpoint on METRICS;
+    returns once it reports ready (the lab stops it)."""
+    agent = lab.spawn_agent("run", "--source", str(src), "--node", "n1", "--dataplane", dataplane,
+                            "--state-dir", str(state), "--metrics-address", METRICS, *extra)
+    assert until(lambda: lab.http_get(f"http://{METRICS}/readyz")[0] == 200, 60), lab.agent_output(agent)
+    return agent
+
+
+_QUERY_PY = """
+import json, sys
+import dns.exception, dns.resolver
+res = dns.resolver.Resolver(configure=False)
+res.nameservers = [sys.argv[1]]
+res.timeout = res.lifetime = 1.0
+try:
+    ans = res.resolve(sys.argv[2], sys.argv[3], raise_on_no_answer=False)
+    print(json.dumps(sorted(r.address for r in ans)))
+except (dns.resolver.NXDOMAIN, dns.resolver.NoNameservers):  # an answer all the same
+    print(json.dumps([]))
+except dns.exception.Timeout:
+    print("null")
+"""
+
+
+@dataclass
+class Dnsmasq:
+    """dnsmasq serving a test zone in a pod's namespace: its configuration only from its
+    arguments (`zone`) and a hosts file of its own (`hosts`, re-read on `reload`)."""
+
+    lab: Lab
+    netns: str
+    listen: list[str]
+    hosts: Path
+    log: Path
+    proc: subprocess.Popen
+
+    def query(self, name: str, rdtype: str = "A") -> list[str] | None:
+        """`name` asked from the server's own namespace (never through a pod's device): the
+        sorted addresses answered, [] for no address, None for no answer at all."""
+        out = subprocess.run(["ip", "netns", "exec", self.netns, sys.executable, "-c", _QUERY_PY,
+                              self.listen[0], name, rdtype], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def reload(self, hosts: Mapping[str, Sequence[str]], until_served: tuple[str, list[str]]) -> None:
+        """Rewrite the hosts file, SIGHUP (dnsmasq re-reads it and clears its cache) and wait
+        until `until_served` (a name and its sorted IPv4 addresses) is what dnsmasq answers."""
+        _write_hosts(self.hosts, hosts)
+        self.proc.send_signal(signal.SIGHUP)
+        name, want = until_served
+        expect(lambda: self.query(name) == want, timeout=30, what=f"dnsmasq serving {name} -> {want}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _write_hosts(path: Path, hosts: Mapping[str, Sequence[str]]) -> None:
+    path.write_text("".join(f"{addr} {name}\n" for name, addrs in hosts.items() for addr in addrs))
+
+
+@contextlib.contextmanager
+def dnsmasq(lab: Lab, server_pod: str, workdir: Path, zone: Sequence[str],
+            hosts: Mapping[str, Sequence[str]] | None = None, local_ttl: int = 300) -> Iterator[Dnsmasq]:
+    """dnsmasq in `server_pod`'s namespace on its addresses (UDP and TCP port 53), answering
+    only from `zone` (dnsmasq options such as --host-record, --cname, --address) and `hosts`
+    (name -> addresses, a file re-read on SIGHUP, answered with `local_ttl`); nothing from the
+    host (no config file, /etc/hosts or upstream resolver; names under .test it does not know
+    are NXDOMAIN, others REFUSED). Queries are logged to workdir/dnsmasq.log. Stopped on exit,
+    and by the lab's close should the exit be skipped."""
+    assert shutil.which("dnsmasq"), "dnsmasq not found: install Debian's dnsmasq-base (`make system`)"
+    workdir.mkdir(parents=True, exist_ok=True)
+    netns, listen = lab.pods[server_pod].netns, lab.pods[server_pod].ips
+    hosts_file, log = workdir / "dnsmasq.hosts", workdir / "dnsmasq.log"
+    _write_hosts(hosts_file, hosts or {})
+    argv = ["dnsmasq", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--keep-in-foreground",
+            "--bind-interfaces", f"--listen-address={','.join(listen)}", "--port=53",
+            "--pid-file",  # none: parallel labs' servers would share the default one
+            "--user=root",  # the hosts file lies under pytest's private tmp dir, re-read on SIGHUP
+            "--log-facility=-", "--log-queries", "--local=/test/", f"--local-ttl={local_ttl}",
+            f"--addn-hosts={hosts_file}", *zone]
+    with log.open("w") as out:
+        proc = subprocess.Popen(["ip", "netns", "exec", netns, *argv], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    lab.procs.append(proc)
+    server = Dnsmasq(lab, netns, listen, hosts_file, log, proc)
+    try:
+        expect(lambda: proc.poll() is not None or server.query("ready.invalid") is not None, timeout=30,
+               what="dnsmasq answering")
+        assert proc.poll() is None, f"dnsmasq exited: {server.output()}"
+        yield server
+    finally:
+        stop(proc)
+
+
+_STUB_CLIENT_PY = """
+import json, socket, sys
+family = {"4": socket.AF_INET, "6": socket.AF_INET6}[sys.argv[1]]
+try:  # glibc's stub resolver, configured by the resolv.conf mounted over /etc/resolv.conf
+    addrs = sorted({ai[4][0] for ai in socket.getaddrinfo(sys.argv[3], 80, family, socket.SOCK_STREAM)})
+except socket.gaierror:
+    addrs = []
+opened = []
+def connect(a):
+    try:
+        s = socket.create_connection((a, 80), timeout=1.0)
+    except OSError:
+        return False
+    opened.append(s)
+    return True
+print(json.dumps({"addrs": addrs, "connected": {a: connect(a) for a in [*addrs, *sys.argv[4:]]}}), flush=True)
+if sys.argv[2] == "hold" and opened:  # then ping through the first connection, per stdin line
+    s = opened[0]
+    s.settimeout(2)
+    for _ in sys.stdin:
+        try:
+            s.send(b"ping")
+            ok = s.recv(64).startswith(b"pong")
+        except OSError:
+            ok = False
+        print("ok" if ok else "fail", flush=True)
+"""
+
+# `ip netns exec` runs us in a mount namespace of our own, slave to the host's: a bind mount
+# over /etc/resolv.conf made there is seen by this one process tree only.
+_WITH_RESOLV_CONF = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+
+
+def _stub_argv(lab: Lab, src_pod: str, server: str, mode: str, name: str, also: Sequence[str], family: int,
+               tcp: bool, workdir: Path) -> list[str]:
+    conf = workdir / f"resolv-{server.replace(':', '_')}{'-tcp' if tcp else ''}.conf"
+    conf.write_text(f"nameserver {server}\noptions timeout:2 attempts:3{' use-vc' if tcp else ''}\n")
+    return ["ip", "netns", "exec", lab.pods[src_pod].netns, "sh", "-c", _WITH_RESOLV_CONF, str(conf),
+            sys.executable, "-c", _STUB_CLIENT_PY, str(family), mode, name, *also]
+
+
+def stub_resolve_and_connect(lab: Lab, src_pod: str, server: str, name: str, *also: str, family: int = 4,
+                             tcp: bool = False, workdir: Path) -> dict[str, Any]:
+    """From `src_pod`: resolve `name` through glibc's getaddrinfo (IPv4 or IPv6 addresses, by
+    `family`; over TCP if `tcp`: resolv.conf's use-vc) with `server` as the only nameserver,
+    then connect at once to TCP/80 of every answered address and of `also`. The resolv.conf
+    is written to `workdir`."""
+    out = subprocess.run(_stub_argv(lab, src_pod, server, "once", name, also, family, tcp, workdir),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def stub_resolve_and_hold(lab: Lab, src_pod: str, server: str, name: str, *, family: int = 4,
+                          workdir: Path) -> tuple[dict[str, Any], Connection]:
+    """stub_resolve_and_connect, keeping the first connection that opened (the lab stops it):
+    each `ping()` goes through it. Opened by the resolving process itself, at once, so even
+    an address with a TTL of a second is reached before it can expire."""
+    proc = subprocess.Popen(_stub_argv(lab, src_pod, server, "hold", name, (), family, False, workdir),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lab.procs.append(proc)
+    assert proc.stdout is not None
+    return json.loads(proc.stdout.readline()), Connection(proc)
