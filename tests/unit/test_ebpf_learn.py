@@ -1,8 +1,9 @@
 """Learned destinations' classes on eBPF (agent/dataplane/ebpf/tables.py, learning.py): the
 verdict the kernel's lookups give a destination an endpoint learned -- its `learned` entry's
 first stage not yet expired, else the `peers` LPM class, then the `ports` LPM -- equals
-`ir.first_match` with the learned addresses injected as the rules' peers (`with_learned`),
-at every instant after the entry was written."""
+`ir.first_match` with the learned addresses injected as the rules' peers (`with_learned`,
+which replaces whatever peers a domainNames rule carried: the dataplane ignores them), at
+every instant after the entry was written."""
 
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ def rule_lists(draw: st.DrawFn) -> tuple[tuple[Rule, ...], bool]:
             i = len(rules)
             if draw(st.booleans()):  # a domainNames Accept (Admin or Baseline in the API; any tier here)
                 name = draw(st.sampled_from(["r0", "r1", "r2"]))
-                rules.append(Rule(_origin(i, tier), PeerSet(), tuple(draw(PORTS)), Verdict.ACCEPT,
+                # peers of its own (e.g. injected by an older learner): ignored on eBPF
+                junk = PeerSet.of(ipaddress.ip_network(n) for n in draw(st.lists(st.sampled_from(NETS), max_size=2)))
+                rules.append(Rule(_origin(i, tier), junk, tuple(draw(PORTS)), Verdict.ACCEPT,
                                   key=learned_rule_key(name, EP)))
                 continue
             verdicts = [Verdict.ACCEPT, Verdict.DROP] + ([Verdict.PASS] if tier is not Tier.POLICY else [])

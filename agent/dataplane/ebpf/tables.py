@@ -132,13 +132,15 @@ def compile_direction(dp: DirectionProgram) -> DirTables:
         flags |= F_LEARNED  # the program consults `learned` (egress; nothing else pays for it)
     if not dp.enforced or not rules:
         return DirTables(flags, rule_ids=tuple(r.id for r in rules))
-    anyone = tuple(i for i, r in enumerate(rules) if r.peers is None)
+    # a domainNames rule's peers are its learned destinations, in `learned` (its `peers`
+    # ignored, as `Dataplane.learns_in_kernel` says): no prefix of its own
+    anyone = tuple(i for i, r in enumerate(rules) if r.peers is None and not r.learned)
     classes: dict[tuple[int, ...], int] = {}
     peers = []
     for fam, width in ((4, 32), (6, 128)):
         holders: dict[tuple[int, int], set[int]] = {}
         for i, r in enumerate(rules):
-            if r.peers is None:
+            if r.peers is None or r.learned:
                 continue
             for n in r.peers.family(fam):
                 holders.setdefault((int(n.network_address), n.prefixlen), set()).add(i)
@@ -169,10 +171,11 @@ def compile_direction(dp: DirectionProgram) -> DirTables:
 
 
 def membership(rules: tuple[Rule, ...], address: IPAddress) -> frozenset[int]:
-    """Indices of the rules whose `peers` hold `address`: the members of the class the
-    `peers` LPM gives it (the longest prefix holding it lies inside every rule prefix that
-    does), empty where it gives none."""
-    return frozenset(i for i, r in enumerate(rules) if r.peers is None or r.peers.contains(address))
+    """Indices of the rules (but domainNames ones) whose `peers` hold `address`: the
+    members of the class the `peers` LPM gives it (the longest prefix holding it lies
+    inside every rule prefix that does), empty where it gives none."""
+    return frozenset(i for i, r in enumerate(rules)
+                     if not r.learned and (r.peers is None or r.peers.contains(address)))
 
 
 def learned_stages(rules: tuple[Rule, ...], address: IPAddress, held: dict[tuple[int, ...], float],
