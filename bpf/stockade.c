@@ -11,7 +11,9 @@
 // known flows and their replies (flows, frags), pass node-originated traffic into the
 // endpoint (nodeaddrs), else look up the peer class (peers, LPM) and the first-match
 // verdict for (class, protocol, port) (ports, LPM over port prefixes) under the
-// endpoint's current generation (epstate). Constant cost: at most 2 flow lookups,
+// endpoint's current generation (epstate) -- for a destination the endpoint learned from
+// DNS answers (egress of endpoints with domainNames rules only), the class its `learned`
+// entry gives while it lasts. Constant cost: at most 2 flow lookups, 1 learned hash lookup,
 // 1 peer LPM and 1 port LPM per judged endpoint, whatever the number of rules or peers.
 //
 // Atomic updates: `addrs`, `epstate` and `ifcfg` are double-buffered: keyed by a half (0/1)
@@ -64,11 +66,16 @@
 #ifndef MAX_SAMPLES
 #define MAX_SAMPLES 1024
 #endif
+#ifndef MAX_LEARNED
+#define MAX_LEARNED 65536
+#endif
+#define LEARN_STAGES 4
 
 #define DIR_INGRESS 0
 #define DIR_EGRESS 1
 #define F_ENFORCED 1
 #define F_ISOLATED 2
+#define F_LEARNED 4  // egress: the endpoint has domainNames rules (consult `learned`)
 #define V_ACCEPT 1
 #define V_DROP 2
 
@@ -160,6 +167,28 @@ struct port_val {
     u8 pad[3];
 };
 
+// A destination an endpoint learned from DNS answers, under one generation of its tables.
+struct learn_key {
+    u32 ep_id;
+    u32 gen;
+    u8 family;
+    u8 pad[3];
+    u8 addr[16];
+};
+
+// Its peer class while each stage lasts: stages in ascending expiry, the class of stage i
+// holds the learned rules that outlive stages before it (unused stages: expires 0). The
+// first stage not yet expired decides; none: the `peers` LPM class, as if never learned.
+struct learn_stage {
+    u64 expires;  // bpf_ktime_get_ns() (CLOCK_MONOTONIC) ns
+    u32 cls;
+    u32 rules;    // the agent's only: which learned rules the class holds (restart adoption)
+};
+
+struct learn_val {
+    struct learn_stage stage[LEARN_STAGES];
+};
+
 struct flow_key {
     u32 ep_id;
     u8 dir;  // direction of the packet that created the flow, at this endpoint
@@ -224,6 +253,9 @@ BPF_HASH(ifcfg, struct if_key, struct if_cfg, MAX_IFACES * 2);
 BPF_HASH(nodeaddrs, struct addr_key, u8, MAX_NODE_ADDRS);
 BPF_LPM_TRIE(peers, struct peer_key, u32, MAX_PEERS);
 BPF_LPM_TRIE(ports, struct port_key, struct port_val, MAX_PORTS);
+// Egress destinations learned from DNS answers (domainNames rules): written by the agent's
+// `learn` one entry at a time, no generation flip; read only for endpoints flagged F_LEARNED.
+BPF_HASH(learned, struct learn_key, struct learn_val, MAX_LEARNED);
 // The flow and fragment tables are shared by every build of this source under one pin
 // root (their sizes never grow): while maps grow, devices move from one build to the next
 // one by one, and a reply judged by the new build must find the flow the old one recorded.
@@ -644,7 +676,31 @@ static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, 
             __builtin_memcpy(pk.addr, p->daddr, 16);
         else
             __builtin_memcpy(pk.addr, p->saddr, 16);
-        u32 *cls = peers.lookup(&pk);
+        u32 lcls = 0;
+        u32 *cls = 0;
+        if (dir == DIR_EGRESS && (flags & F_LEARNED)) {
+            // A learned destination's class: the LPM class plus the learned rules in force
+            struct learn_key lk = {};
+            lk.ep_id = ep_id;
+            lk.gen = gen;
+            lk.family = p->family;
+            __builtin_memcpy(lk.addr, p->daddr, 16);
+            struct learn_val *lv = learned.lookup(&lk);
+            if (lv) {
+                u64 now = bpf_ktime_get_ns();
+#pragma unroll
+                for (int i = 0; i < LEARN_STAGES; i++) {
+                    if (lv->stage[i].expires > now) {
+                        lcls = lv->stage[i].cls;
+                        break;
+                    }
+                }
+            }
+        }
+        if (lcls)
+            cls = &lcls;
+        else
+            cls = peers.lookup(&pk);
         if (cls) {
             struct port_key qk = {};
             qk.ep_id = ep_id;

@@ -10,6 +10,7 @@ from agent.dataplane.base import Count, Counters, Dataplane, DropEvent, DropLog,
 from agent.dataplane.ebpf import builds
 from agent.dataplane.ebpf.droplog import EbpfDropLog
 from agent.dataplane.ebpf.layout import F_ISOLATED, read_u32, stat_sum, u32
+from agent.dataplane.ebpf.learning import Memory
 from agent.dataplane.ebpf.reconcile import Reconciler, empty_half
 from agent.dataplane.ebpf.tables import DIR_CODE, render
 from agent.ir import Direction, IPAddress, Program
@@ -20,6 +21,7 @@ class EbpfDataplane(Reconciler, Dataplane):
     by pinned maps that `apply` switches atomically; see docs/ebpf.md."""
 
     name = "ebpf"
+    learns_in_kernel = True  # `learn`: the `learned` map (agent/dataplane/ebpf/learning.py)
 
     @property
     def unattached(self) -> dict[str, str]:
@@ -108,11 +110,14 @@ class EbpfDataplane(Reconciler, Dataplane):
         if self.eps is None:
             self._adopt()
         assert self.eps is not None
-        peers = ports = 0
+        peers = ports = learned = 0
         for st in self.eps.values():
             for t in (st.tables or {}).values():
                 a, b = t.entries
                 peers, ports = peers + a, ports + b
+            if st.lg is not None:
+                ports += len(st.lg.ports)
+                learned += len(st.lg.written)
         act = self.have[self.half]
         out = {
             "epstate": (len(self.eps), self.sizes.endpoints),
@@ -122,6 +127,7 @@ class EbpfDataplane(Reconciler, Dataplane):
             "rule_stats": (sum(len(s.counters) for s in self.eps.values()), self.sizes.counters),
             "ifcfg": (len(act["ifcfg"]), self.sizes.ifaces),
             "nodeaddrs": (len(self.node_addrs), self.sizes.node_addrs),
+            "learned": (learned, self.sizes.learned),
         }
         if walk:
             out["flows"] = (self.maps["flows"].count(), self.sizes.flows)
@@ -139,6 +145,7 @@ class EbpfDataplane(Reconciler, Dataplane):
         self.maps, self.prog_fds, self.eps = {}, {}, None
         self.have = [empty_half(), empty_half()]
         self.node_addrs = set()
+        self.memory = Memory()
         if os.path.isdir(self.pin_root):
             shutil.rmtree(self.pin_root)
 

@@ -24,12 +24,13 @@ Addr16 = c_uint8 * 16  # an IPv4 address fills the first 4 bytes
 
 # codes shared with bpf/stockade.c
 DIR_INGRESS, DIR_EGRESS = 0, 1
-F_ENFORCED, F_ISOLATED = 1, 2  # ep_state.flags
+F_ENFORCED, F_ISOLATED, F_LEARNED = 1, 2, 4  # ep_state.flags (F_LEARNED: egress only)
 V_ACCEPT, V_DROP = 1, 2  # port_val.verdict
 P_OTHER, P_ICMP, P_TCP, P_UDP, P_SCTP = 0, 1, 6, 17, 132  # protocol codes in port keys
 S_AUDIT, S_PORTS = 1, 2  # sample.flags
 NO_COUNTER = 0xFFFFFFFF  # sample.counter of a default-deny drop: no rule decided
 EPKEY_SIZE = 256  # struct ep_name
+LEARN_STAGES = 4  # struct learn_val
 
 
 class AddrKey(ctypes.Structure):
@@ -76,6 +77,24 @@ class PortValue(ctypes.Structure):
     """struct port_val: the deciding rule's verdict and counter (rule_stats index)."""
 
     _fields_ = [("counter", c_uint32), ("verdict", c_uint8), ("pad", c_uint8 * 3)]
+
+
+class LearnKey(ctypes.Structure):
+    """struct learn_key: a destination an endpoint learned, under one generation."""
+
+    _fields_ = [("ep_id", c_uint32), ("gen", c_uint32), ("family", c_uint8), ("pad", c_uint8 * 3),
+                ("addr", Addr16)]
+
+
+class LearnStage(ctypes.Structure):
+    # rules: bit i = the endpoint's i-th learned rule key (agent bookkeeping, for adoption)
+    _fields_ = [("expires", c_uint64), ("cls", c_uint32), ("rules", c_uint32)]
+
+
+class LearnValue(ctypes.Structure):
+    """struct learn_val: the class per stage (ascending expiry; unused stages expire at 0)."""
+
+    _fields_ = [("stage", LearnStage * LEARN_STAGES)]
 
 
 class FlowKey(ctypes.Structure):
@@ -134,6 +153,7 @@ MAPS: dict[str, tuple[Any, Any]] = {
     "nodeaddrs": (AddrKey, c_uint8),
     "peers": (PeerKey, c_uint32),
     "ports": (PortKey, PortValue),
+    "learned": (LearnKey, LearnValue),
     "flows": (FlowKey, FlowValue),
     "frags": (FragKey, c_uint64),
     "rule_stats": (c_uint32, Stat),
@@ -161,6 +181,7 @@ class Sizes:
     ifaces: int = 4096
     node_addrs: int = 1024
     samples: int = 1024  # queue of sampled drops waiting for the agent
+    learned: int = 65536  # destinations learned from DNS answers (per endpoint and generation)
 
     @classmethod
     def parse(cls, text: str) -> Sizes:
@@ -175,7 +196,7 @@ class Sizes:
         """Usable entries of every map whose need grows with the cluster (endpoint id 0 is
         reserved)."""
         return {"peers": self.peers, "ports": self.ports, "addrs": self.addrs, "epstate": self.endpoints - 1,
-                "rule_stats": self.counters}
+                "rule_stats": self.counters, "learned": self.learned}
 
     def over(self, need: dict[str, int]) -> dict[str, tuple[int, int]]:
         """Map -> (need, capacity) of every map the need does not fit."""
@@ -198,14 +219,16 @@ class Sizes:
             f"MAX_ENDPOINTS={self.endpoints}", f"MAX_ADDRS={self.addrs}", f"MAX_PEERS={self.peers}",
             f"MAX_PORTS={self.ports}", f"MAX_FLOWS={self.flows}", f"MAX_FRAGS={self.frags}",
             f"MAX_COUNTERS={self.counters}", f"MAX_IFACES={self.ifaces}", f"MAX_NODE_ADDRS={self.node_addrs}",
+            f"MAX_LEARNED={self.learned}",
         ]
 
 
 # Growth: a map the program no longer fits is grown to HEADROOM x its need (docs/ebpf.md,
 # "Sizes and growth"); LIMIT is the most it grows to (a program beyond it is refused).
 HEADROOM = 2
-SIZE_FIELD = {"peers": "peers", "ports": "ports", "addrs": "addrs", "epstate": "endpoints", "rule_stats": "counters"}
-LIMIT = Sizes(endpoints=1 << 16, addrs=1 << 20, peers=1 << 24, ports=1 << 24, counters=1 << 21)
+SIZE_FIELD = {"peers": "peers", "ports": "ports", "addrs": "addrs", "epstate": "endpoints", "rule_stats": "counters",
+              "learned": "learned"}
+LIMIT = Sizes(endpoints=1 << 16, addrs=1 << 20, peers=1 << 24, ports=1 << 24, counters=1 << 21, learned=1 << 22)
 
 
 def _pow2(n: int) -> int:
@@ -218,7 +241,7 @@ def sizes_of(max_entries: dict[str, int]) -> Sizes:
     m = max_entries
     return Sizes(endpoints=m["epkeys"], addrs=m["addrs"] // 2, peers=m["peers"], ports=m["ports"], flows=m["flows"],
                  frags=m["frags"], counters=m["counterinfo"], ifaces=m["ifcfg"] // 2, node_addrs=m["nodeaddrs"],
-                 samples=m["samples"])
+                 samples=m["samples"], learned=m.get("learned", Sizes.learned))
 
 
 # ------------------------------------------------------------------ checked against bcc
@@ -331,6 +354,32 @@ def k_port(ep: int, gen: int, cls: int, d: int, proto: int, has_port: int, port:
 
 def v_port(counter: int, verdict: int) -> bytes:
     return _PORT_VALUE.pack(counter, verdict)
+
+
+_LEARN_KEY = struct.Struct("<IIB3x16s")
+_LEARN_STAGE = struct.Struct("<QII")
+
+
+def k_learn(ep: int, gen: int, ip: IPAddress) -> bytes:
+    return _LEARN_KEY.pack(ep, gen, ip.version, ip.packed)
+
+
+def v_learn(stages: list[tuple[int, int, int]]) -> bytes:
+    """(expiry ns, class, learned rules bit mask) per stage, at most LEARN_STAGES, ascending expiry."""
+    assert len(stages) <= LEARN_STAGES
+    padded = list(stages) + [(0, 0, 0)] * (LEARN_STAGES - len(stages))
+    return b"".join(_LEARN_STAGE.pack(t, c, m) for t, c, m in padded)
+
+
+def learn_stages(raw: bytes) -> list[tuple[int, int, int]]:
+    """The used stages of a `learned` value: (expiry ns, class, rules bit mask)."""
+    return [st for i in range(LEARN_STAGES) if (st := _LEARN_STAGE.unpack_from(raw, i * _LEARN_STAGE.size))[0]]
+
+
+def learn_owner(raw: bytes) -> tuple[int, int]:
+    """(endpoint id, generation) of a `learned` key."""
+    ep, gen = struct.unpack_from("<II", raw)
+    return ep, gen
 
 
 def v_config(audit: bool, rate: float, burst: int) -> bytes:

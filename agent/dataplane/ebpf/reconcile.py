@@ -12,21 +12,25 @@ import os
 import shutil
 import struct
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from agent.dataplane.base import ApplyStats, DataplaneError
+from agent.dataplane.base import ApplyStats, DataplaneError, LearnedEntry
 from agent.dataplane.ebpf import bpfsys, builds
 from agent.dataplane.ebpf.attach import Devices
 from agent.dataplane.ebpf.flows import FlowTable
 from agent.dataplane.ebpf.layout import (
+    DIR_EGRESS,
+    F_LEARNED,
     HALVED,
     LIMIT,
     ZERO_STAT,
     AddrKey,
     HalfKey,
     IfCfg,
+    LearnKey,
     Sizes,
     counter_owner,
     epkey_name,
@@ -35,6 +39,9 @@ from agent.dataplane.ebpf.layout import (
     is_hashed,
     k_addr,
     k_half,
+    k_learn,
+    learn_owner,
+    learn_stages,
     read_u32,
     u32,
     unpack,
@@ -43,9 +50,10 @@ from agent.dataplane.ebpf.layout import (
     v_epstate,
     v_ifcfg,
 )
+from agent.dataplane.ebpf.learning import LearnGen, Memory, compute, endpoint_of, learned_index, restore
 from agent.dataplane.ebpf.tables import DIR_CODE, DirTables, Entry, compile_direction, entries, entry_keys
 from agent.dataplane.escape import display
-from agent.ir import Direction, DirectionProgram, EndpointProgram, IPAddress, Program
+from agent.ir import Direction, DirectionProgram, EndpointProgram, IPAddress, Program, Rule
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,7 @@ HalfContents = dict[str, dict]
 """One half of the double-buffered maps: map name -> {ifindex / endpoint id / address: value}."""
 HALF_KEY = {"ifcfg": k_half, "epstate": k_half, "addrs": k_addr}
 _EP_GEN = struct.Struct("<II")  # (ep_id, gen) at offset 4 of both a peer_key and a port_key
+_CLS = struct.Struct("<I")  # a port_key's class, at offset 12 (its direction at 16)
 
 
 def empty_half() -> HalfContents:
@@ -83,6 +92,7 @@ class Deferred:
     detach: set[int]  # devices no endpoint needs any more
     node_gone: set[IPAddress]  # node addresses no longer on the node
     sweep: bool  # after an adoption: delete every generation not in force
+    learned: int = 0  # how many of `stale` are `learned` entries
 
 
 @dataclass
@@ -94,6 +104,10 @@ class EpState:
     tables: dict[Direction, DirTables] | None  # None: adopted, contents unknown
     counters: dict[tuple[int, str], int] = field(default_factory=dict)  # (dir, rule id) -> rule_stats index
     iface: str | None = None  # device the endpoint is bound to (EndpointProgram.interface)
+    rules: tuple[Rule, ...] = ()  # its egress rules as last applied (learned destinations' classes)
+    isolated: bool = False  # its egress isolation as last applied
+    lindex: dict[str, tuple[int, ...]] = field(default_factory=dict)  # learned rule key -> rule indices
+    lg: LearnGen | None = None  # its learned destinations at generation `gen` (None: none written)
 
 
 def _shape(dp: DirectionProgram) -> tuple[object, ...]:
@@ -161,6 +175,10 @@ class Reconciler:
         # (endpoint key, direction) -> (its DirectionProgram, `_shape`, tables) as of the
         # last apply (holding the program keeps the peer sets `_shape` names by id alive)
         self._compiled: dict[tuple[str, Direction], tuple[DirectionProgram, tuple[object, ...], DirTables]] = {}
+        # destinations learned from DNS answers (`learn`): kept across generations; a
+        # restarted agent reads back those of the endpoints whose tables it keeps
+        self.memory = Memory()
+        self._lock = threading.RLock()  # `apply` and `learn` (the DNS hold's thread)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -353,8 +371,14 @@ class Reconciler:
         addrs = sum(len(ep.ips) for ep in program.endpoints.values())
         counters = sum(len(t.rule_ids) for tables in compiled.values() for t in tables.values())
         counters += sum(len(st.counters) for st in eps.values())
+        for st in eps.values():  # learned destinations' own classes, both generations
+            ports += 2 * len(st.lg.ports) if st.lg is not None else 0
+        # learned: room for both generations of every learned destination, so the map grows
+        # at an apply (never at a `learn`: the hold does not wait for a build) once half
+        # full; never a reason to refuse a program (capped at the limit)
+        learned = min(2 * self.memory.n, self.limit.learned)
         return {"peers": peers, "ports": ports, "addrs": addrs, "epstate": len(set(compiled) | set(eps)),
-                "rule_stats": counters}
+                "rule_stats": counters, "learned": learned}
 
     def _ensure_capacity(self, need: dict[str, int]) -> None:
         """Grow the maps the need does not fit (a new build, filled, then switched to), or
@@ -493,6 +517,10 @@ class Reconciler:
         return out
 
     def apply(self, program: Program) -> ApplyStats:
+        with self._lock:
+            return self._apply_locked(program)
+
+    def _apply_locked(self, program: Program) -> ApplyStats:
         compiled = self._compile(program)
         if self.eps is None:
             if self._deferred is not None:  # a failed apply: adoption (and its sweep) redoes it all
@@ -507,7 +535,9 @@ class Reconciler:
             raise
         self._resolve_hashed(program)
         if self._adopted:
-            self._verify_adopted(compiled)
+            self._verify_adopted(compiled, program)
+        else:  # the lazy sweep of expired learned entries (at the generations in force)
+            self._relearn(self.memory.expire(time.monotonic()), time.monotonic())
         self._ensure_capacity(self._need(program, compiled))
         try:
             stats = self._apply(program, compiled)
@@ -518,12 +548,109 @@ class Reconciler:
             self.eps = None
             raise
 
-    def _verify_adopted(self, compiled: dict[str, dict[Direction, DirTables]]) -> int:
+    # ---------------------------------------------------------------- learned destinations
+
+    def learn(self, add: Sequence[LearnedEntry], remove: Sequence[LearnedEntry] = ()) -> None:
+        """`Dataplane.learn`: the `learned` entries of the destinations these touch (and of
+        those expired since the last call) rewritten at each endpoint's generation in force:
+        no flip, no grace, nothing else written but the `ports` entries of a class no
+        destination had before. Entries of rules (or endpoints) the last apply did not
+        program are ignored."""
+        with self._lock:
+            if self.eps is None:
+                raise DataplaneError("eBPF: no program applied (or the last apply failed): nothing to learn into")
+            now = time.monotonic()
+            expired = self.memory.expire(now)  # the lazy sweep (the program already ignores them)
+            touched: dict[str, set[IPAddress]] = {}
+            undo: list[tuple[str, IPAddress, str, float | None]] = []  # (endpoint, address, rule, expiry before)
+            held = self.memory.held
+            for e in add:
+                key = endpoint_of(e.rule)
+                st = self.eps.get(key)
+                if st is None or e.rule not in st.lindex:
+                    continue
+                if e.expires <= now:  # a new expiry already past: as good as removed
+                    remove = [*remove, e]
+                    continue
+                was = held.get(key, {}).get(e.address, {}).get(e.rule)
+                if was == e.expires and st.lg is not None and st.lg.gen == st.gen and e.address in st.lg.written:
+                    continue  # already so in the kernel (the learner re-sends everything after a sync)
+                undo.append((key, e.address, e.rule, was))
+                self.memory.put(key, e.address, e.rule, e.expires)
+                touched.setdefault(key, set()).add(e.address)
+            for e in remove:
+                key = endpoint_of(e.rule)
+                was = held.get(key, {}).get(e.address, {}).get(e.rule)
+                if self.memory.drop(key, e.address, e.rule):
+                    undo.append((key, e.address, e.rule, was))
+                    touched.setdefault(key, set()).add(e.address)
+            try:
+                self._check_learned_room()
+            except DataplaneError:
+                for key, ip, rule, was in reversed(undo):  # the previous state stays, in memory too
+                    self.memory.drop(key, ip, rule)
+                    if was is not None:
+                        self.memory.put(key, ip, rule, was)
+                self._relearn(expired, now)
+                raise
+            for key, ips in expired.items():
+                touched.setdefault(key, set()).update(ips)
+            self._relearn(touched, now)
+
+    def _check_learned_room(self) -> None:
+        """DataplaneError naming the map when what is learned (one entry per endpoint and
+        destination at the generations in force, plus the replaced generations' entries
+        not yet deleted) does not fit in `learned`."""
+        need = self.memory.n + (self._deferred.learned if self._deferred is not None else 0)
+        if need > self.sizes.learned:
+            raise DataplaneError(f"eBPF map learned is full ({self.sizes.learned} entries, {need} needed); "
+                                 "nothing of this update was written")
+
+    def _relearn(self, touched: dict[str, set[IPAddress]], now: float) -> int:
+        """Rewrite these destinations' entries at each endpoint's generation in force."""
+        assert self.eps is not None
+        cmds = 0
+        for key, ips in touched.items():
+            st = self.eps.get(key)
+            if st is None or st.tables is None or not st.lindex:
+                continue  # adopted, contents unknown: the next apply writes them
+            if st.lg is None or st.lg.gen != st.gen:
+                st.lg = LearnGen.of(st.gen, st.tables[Direction.EGRESS])
+            held = self.memory.held.get(key, {})
+            cmds += self._learn_write(st, st.lg, st.tables[Direction.EGRESS], {ip: held.get(ip, {}) for ip in ips},
+                                      now)
+        return cmds
+
+    def _learn_write(self, st: EpState, lg: LearnGen, egress: DirTables, dests: dict[IPAddress, dict[str, float]],
+                     now: float) -> int:
+        """Write these destinations' entries at `lg`'s generation: new classes' `ports`
+        entries first, then the `learned` entries pointing to them; a destination nothing
+        is learned for any more is deleted. A full map: DataplaneError naming it (`learn`
+        checks the room first, so it writes nothing then)."""
+        if not dests:
+            return 0
+        before = set(lg.classes)
+        ports, items, gone = compute(st.ep_id, lg, egress, st.rules, st.isolated, st.counters, st.lindex, dests, now)
+        try:
+            n = self._write("ports", ports)
+            n += self._write("learned", items)
+        except DataplaneError:
+            for members in set(lg.classes) - before:  # their ports entries stay listed in lg.ports
+                del lg.classes[members]
+            raise
+        self.maps["learned"].delete_many([k_learn(st.ep_id, lg.gen, ip) for ip in gone if ip in lg.written])
+        lg.written.update(ip for ip in dests if ip not in gone)
+        lg.written.difference_update(gone)
+        return n + len(gone)
+
+    def _verify_adopted(self, compiled: dict[str, dict[Direction, DirTables]], program: Program) -> int:
         """After adoption: an endpoint whose pinned entries at its generation in force are
         exactly (every key and value, nothing more) what its new tables compile to keeps
         them, its tables now known, so a restart over an unchanged policy writes no second
-        generation (at 10k pods 218k entries, and maps grown to hold both). Anything else
-        stays unknown and is rewritten as before. Returns the endpoints kept."""
+        generation (at 10k pods 218k entries, and maps grown to hold both), and keeps what
+        it learned from DNS answers (its `learned` entries and their classes' `ports`
+        entries, read back into the model). Anything else stays unknown and is rewritten
+        as before (what it learned is dropped). Returns the endpoints kept."""
         assert self.eps is not None
         self._read_keys = None
         todo = {(st.ep_id, st.gen): (key, st) for key, st in self.eps.items()
@@ -539,6 +666,11 @@ class Reconciler:
                 eg = _EP_GEN.unpack_from(k, 4)
                 if eg in todo:
                     held.setdefault(eg, ({}, {}))[i][k] = v
+        pinned: dict[tuple[int, int], list[tuple[IPAddress, list[tuple[int, int, int]]]]] = {}
+        for k, v in self.maps["learned"].dump():
+            if (eg := learn_owner(k)) in todo:
+                a = unpack(LearnKey, k)
+                pinned.setdefault(eg, []).append((ipaddress.ip_address(ip_of(a.family, a.addr)), learn_stages(v)))
         kept = 0
         for eg, (key, st) in todo.items():
             tables = compiled[key]
@@ -546,9 +678,17 @@ class Reconciler:
                 continue  # a rule without its counter: written afresh with one
             peers, ports = entries(st.ep_id, st.counters, tables, st.gen)
             have = held.get(eg, ({}, {}))
-            if dict(peers) == have[0] and dict(ports) == have[1]:
+            # the classes only learned destinations have (egress, numbered after the tables' own)
+            own = len(tables[Direction.EGRESS].members)
+            extra = {k for k in have[1] if k[16] == DIR_EGRESS and _CLS.unpack_from(k, 12)[0] > own}
+            if dict(peers) == have[0] and dict(ports) == {k: v for k, v in have[1].items() if k not in extra}:
                 st.tables = tables
                 kept += 1
+                if tables[Direction.EGRESS].flags & F_LEARNED:
+                    lg = st.lg = LearnGen.of(st.gen, tables[Direction.EGRESS])
+                    lg.ports = sorted(extra)
+                    restore(lg, learned_index(program.endpoints[key].egress.rules), pinned.get(eg, []),
+                            self.memory, key)
         log.info("eBPF adoption: %d of %d endpoints keep their pinned entries", kept, len(self.eps))
         return kept
 
@@ -595,6 +735,7 @@ class Reconciler:
         # 1. new generations of every changed endpoint (nothing reads them before the flip)
         switched: list[tuple[EpState, int, dict[Direction, DirTables]]] = []
         fresh: list[Entry] = []
+        learned_gens: dict[int, LearnGen] = {}  # id(EpState) -> its learned entries at its new generation
         for key, ep in program.endpoints.items():
             tables = compiled[key]
             st = self.eps.get(key)
@@ -610,24 +751,42 @@ class Reconciler:
                     self.hashed_names[value] = key
                 cmds += self._write("epkeys", [(u32(st.ep_id), value)])
             st.iface = ep.interface
+            egress = tables[Direction.EGRESS]
+            if st.rules is not ep.egress.rules:
+                st.rules, st.isolated = ep.egress.rules, ep.egress.isolated
+                st.lindex = learned_index(st.rules) if egress.flags & F_LEARNED else {}
+                self.memory.forget(key, st.lindex)  # entries of rules that are gone
             if st.tables != tables:
                 self._sync_counters(st, tables)
                 gen = st.gen + 1
                 peers, ports = entries(st.ep_id, st.counters, tables, gen)
+                lg = LearnGen.of(gen, egress) if st.lindex else None  # only endpoints with domainNames rules
                 try:
                     cmds += self._write("peers", peers)
                     fresh += [("peers", k) for k, _ in peers]
                     cmds += self._write("ports", ports)
                     fresh += [("ports", k) for k, _ in ports]
+                    if lg is not None:  # what the endpoint learned, recomputed for the new generation
+                        cmds += self._learn_write(st, lg, egress, self.memory.held.get(key, {}), time.monotonic())
+                        fresh += lg.keys(st.ep_id)
                 except DataplaneError:
                     for m, k in fresh + [("peers", k) for k, _ in peers] + [("ports", k) for k, _ in ports]:
                         self.maps[m].delete(k)  # never flipped to: drop the half-written generations
+                    for m, k in lg.keys(st.ep_id) if lg is not None else ():
+                        self.maps[m].delete(k)
                     raise
+                if lg is not None:
+                    learned_gens[id(st)] = lg
                 if st.tables is not None:
                     stale += entry_keys(st.ep_id, st.counters, st.tables, st.gen)
                 switched.append((st, gen, tables))
                 added += len(peers) + len(ports)
                 written += 1
+            elif st.lindex and key in self.memory.held and (st.lg is None or st.lg.gen != st.gen):
+                # unchanged tables whose learned entries are not written (adopted): now
+                lg = LearnGen.of(st.gen, egress)
+                cmds += self._learn_write(st, lg, egress, self.memory.held[key], time.monotonic())
+                st.lg = lg
         gens = {id(st): gen for st, gen, _ in switched}
         departed = [key for key in self.eps if key not in program.endpoints]
         # 2. what the double-buffered maps hold for the new policy
@@ -652,10 +811,14 @@ class Reconciler:
             self._flip(new)
             cmds += 1
         for st, gen, tables in switched:
-            st.gen, st.tables = gen, tables
+            if st.lg is not None:
+                stale += st.lg.keys(st.ep_id)
+            st.gen, st.tables, st.lg = gen, tables, learned_gens.get(id(st))
             keep = {(DIR_CODE[d], r) for d, t in tables.items() for r in t.rule_ids}
             retired += [st.counters.pop(k) for k in list(st.counters) if k not in keep]
         gone = [self.eps.pop(key) for key in departed]
+        for key in departed:
+            self.memory.forget(key)
         for key in departed:
             self.hashed_names.pop(epkey_value(key), None)
         for st in gone:
@@ -668,7 +831,8 @@ class Reconciler:
         # has passed: at the start of the next apply (which must wait for it anyway before
         # rewriting that half), so this event costs no sleep
         self._deferred = Deferred(time.monotonic(), stale, retired, [st.ep_id for st in gone],
-                                  known_devices - set(want["ifcfg"]), self.node_addrs - node, self._adopted)
+                                  known_devices - set(want["ifcfg"]), self.node_addrs - node, self._adopted,
+                                  sum(1 for name, _ in stale if name == "learned"))
         self._adopted = False
         self.node_addrs |= node
         if self.growths != self._dropped_at:  # old builds: only after a growth switched builds
@@ -743,8 +907,10 @@ class Reconciler:
         rule counters go after the flip."""
         if st.tables is not None:
             stale += entry_keys(st.ep_id, st.counters, st.tables, st.gen)
+        if st.lg is not None:
+            stale += st.lg.keys(st.ep_id)
         retired += st.counters.values()
-        st.counters, st.tables = {}, None
+        st.counters, st.tables, st.lg = {}, None, None
 
     def _take_over(self, ep: EndpointProgram, program: Program, stale: list[Entry],
                    retired: list[int]) -> EpState | None:
@@ -778,4 +944,9 @@ class Reconciler:
             dead = [k for k in keys if _EP_GEN.unpack_from(k, 4) not in live]
             m.delete_many(dead)
             n += len(dead)
-        return n
+        # learned destinations: whatever this process did not write at a generation in force
+        known = {k_learn(st.ep_id, st.lg.gen, ip) for st in self.eps.values() if st.lg is not None
+                 for ip in st.lg.written}
+        dead = [k for k in self.maps["learned"].all_keys() if learn_owner(k) not in live or k not in known]
+        self.maps["learned"].delete_many(dead)
+        return n + len(dead)

@@ -15,6 +15,8 @@ from agent.dataplane.ebpf.layout import (
     DIR_INGRESS,
     F_ENFORCED,
     F_ISOLATED,
+    F_LEARNED,
+    LEARN_STAGES,
     P_ICMP,
     P_OTHER,
     P_SCTP,
@@ -28,7 +30,7 @@ from agent.dataplane.ebpf.layout import (
     v_port,
 )
 from agent.dataplane.escape import display
-from agent.ir import PORTED, Direction, DirectionProgram, Program, Rule, Verdict, first_match
+from agent.ir import PORTED, Direction, DirectionProgram, IPAddress, Program, Rule, Verdict, first_match
 
 DIR_CODE = {Direction.INGRESS: DIR_INGRESS, Direction.EGRESS: DIR_EGRESS}
 V_CODE = {Verdict.ACCEPT: V_ACCEPT, Verdict.DROP: V_DROP}
@@ -108,14 +110,15 @@ class DirTables:
     peers: tuple[tuple[int, int, int, int], ...] = ()  # (family, address int, prefixlen, class)
     ports: tuple[tuple[int, PortEntries], ...] = ()  # (class, entries)
     rule_ids: tuple[str, ...] = ()
+    members: tuple[tuple[int, ...], ...] = ()  # class n's rule indices at [n - 1] (learned classes reuse them)
 
     def __hash__(self) -> int:
         return hash((self.flags, self.peers, self.rule_ids))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, DirTables) and (
-            self.flags, self.peers, self.ports, self.rule_ids
-        ) == (other.flags, other.peers, other.ports, other.rule_ids)
+            self.flags, self.peers, self.ports, self.rule_ids, self.members
+        ) == (other.flags, other.peers, other.ports, other.rule_ids, other.members)
 
     @property
     def entries(self) -> tuple[int, int]:
@@ -125,15 +128,19 @@ class DirTables:
 def compile_direction(dp: DirectionProgram) -> DirTables:
     flags = (F_ENFORCED if dp.enforced else 0) | (F_ISOLATED if dp.isolated else 0)
     rules = dp.rules
+    if dp.enforced and any(r.learned for r in rules):
+        flags |= F_LEARNED  # the program consults `learned` (egress; nothing else pays for it)
     if not dp.enforced or not rules:
         return DirTables(flags, rule_ids=tuple(r.id for r in rules))
-    anyone = tuple(i for i, r in enumerate(rules) if r.peers is None)
+    # a domainNames rule's peers are its learned destinations, in `learned` (its `peers`
+    # ignored, as `Dataplane.learns_in_kernel` says): no prefix of its own
+    anyone = tuple(i for i, r in enumerate(rules) if r.peers is None and not r.learned)
     classes: dict[tuple[int, ...], int] = {}
     peers = []
     for fam, width in ((4, 32), (6, 128)):
         holders: dict[tuple[int, int], set[int]] = {}
         for i, r in enumerate(rules):
-            if r.peers is None:
+            if r.peers is None or r.learned:
                 continue
             for n in r.peers.family(fam):
                 holders.setdefault((int(n.network_address), n.prefixlen), set()).add(i)
@@ -153,7 +160,50 @@ def compile_direction(dp: DirectionProgram) -> DirTables:
             cls = classes.setdefault(key, len(classes) + 1)
             peers.append((fam, addr, plen, cls))
     ports = tuple((cls, _class_ports(rules, members, dp.isolated)) for members, cls in classes.items())
-    return DirTables(flags, tuple(peers), ports, tuple(r.id for r in rules))
+    return DirTables(flags, tuple(peers), ports, tuple(r.id for r in rules), tuple(classes))
+
+
+# ------------------------------------------------------------------ learned destinations
+# A destination an endpoint learned from DNS answers belongs to the class of its rule
+# membership (the rules whose peers hold it, as the `peers` LPM finds it) plus the learned
+# rules it was learned under; its verdict is `_class_ports` of that membership, i.e.
+# `ir.first_match` with the address among those rules' peers (agent/dataplane/ebpf/learning.py).
+
+
+def membership(rules: tuple[Rule, ...], address: IPAddress) -> frozenset[int]:
+    """Indices of the rules (but domainNames ones) whose `peers` hold `address`: the
+    members of the class the `peers` LPM gives it (the longest prefix holding it lies
+    inside every rule prefix that does), empty where it gives none."""
+    return frozenset(i for i, r in enumerate(rules)
+                     if not r.learned and (r.peers is None or r.peers.contains(address)))
+
+
+def learned_stages(rules: tuple[Rule, ...], address: IPAddress, held: dict[tuple[int, ...], float],
+                   now: float) -> list[tuple[float, tuple[int, ...]]]:
+    """The `learned` value of one destination as (expiry, class members) per stage, in
+    ascending expiry: stage i holds the learned rules expiring at or after its expiry, so
+    the first stage not expired at any instant holds exactly the rules still learned then.
+    `held`: rule indices (the IR rules of one learned rule key) -> expiry. More than
+    LEARN_STAGES distinct expiries: the earliest and the latest ones are stages, and a rule
+    expiring between counts until the stage before its expiry (earlier, never later)."""
+    live = {idx: t for idx, t in held.items() if t > now}
+    times = sorted(set(live.values()))
+    if len(times) > LEARN_STAGES:
+        times = times[:1] + times[-(LEARN_STAGES - 1):]
+    base = membership(rules, address)
+    out = []
+    for t in times:
+        members = set(base)
+        for idx, e in live.items():
+            if e >= t:
+                members.update(idx)
+        out.append((t, tuple(sorted(members))))
+    return out
+
+
+def learned_class_ports(rules: tuple[Rule, ...], members: tuple[int, ...], isolated: bool) -> PortEntries:
+    """The `ports` contents of a class no prefix gives (a learned membership)."""
+    return _class_ports(rules, members, isolated)
 
 
 
