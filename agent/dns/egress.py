@@ -9,14 +9,15 @@ held answer (`learn`, on the hold's thread): the learner's updates for that pod,
 answer to the pod. The hold learns from every frame it read at once, then commits once,
 then releases them: one kernel update per burst, not per answer. Two ways to the kernel:
 
-- the dataplane `learns_in_kernel` (nftables): the program is applied as synced, each
-  domainNames rule matching its own kernel sets with per-element timeouts. `learn`
+- the dataplane `learns_in_kernel` (nftables and eBPF): the program is applied as synced, each
+  domainNames rule matching its own kernel sets (nftables) or map entries (eBPF)
+  with per-element expiry. `learn`
   collects the entries the kernel lacks (new addresses, later expiries, and entries the
   per-pod cap evicted, to remove), `commit` sends them in one `Dataplane.learn`
   transaction, touching nothing else. The kernel times entries out itself: no update at
   expiry. After every sync every live entry is sent again (idempotent: covers sets a
   sync just created, or a table rebuilt whole).
-- otherwise (eBPF for now): `commit` re-applies the last program with the table's
+- otherwise (a dataplane without such sets): `commit` re-applies the last program with the table's
   addresses as the rules' peers (`Daemon.reapply`, `with_learned`); an answer that only
   refreshes an address already learned needs no apply; a timer re-applies at each expiry.
 
