@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.dataplane.base import ApplyStats, Dataplane, DataplaneError
 from agent.drops import DropRecorder
-from agent.inventory import Problem
+from agent.inventory import IPAddress, Problem
 from agent.ir import Program
 from agent.metrics import AgentMetrics, EventLatency, KernelCollector, SourceErrorsCollector
 from agent.pipeline import Pipeline, PipelineError, Snapshot
@@ -67,9 +67,14 @@ def enforce(dataplane: Dataplane, program: Program, strict: bool = True) -> tupl
         try:
             # A flow table dumped while flows come and go is no snapshot: after a cut, look
             # again (one more dump) until a dump finds nothing stale.
-            node = dataplane.node_addresses()
+            node: list[IPAddress] | None = None  # read only when there are flows (a cold start has none)
             for _ in range(STRICT_PASSES):
-                stale = stale_flows(program, dataplane.established(), node)
+                flows = dataplane.established()
+                if not flows:
+                    break
+                if node is None:
+                    node = dataplane.node_addresses()
+                stale = stale_flows(program, flows, node)
                 if not stale:
                     break
                 cut += dataplane.forget(stale)
@@ -135,11 +140,14 @@ class Daemon:
         pending, self._pending_since = self._pending_since, None
         try:
             snap = self.pipeline.snapshot()
-            self._report(snap.problems)
-            with self.apply_lock:
-                program = snap.program if self.transform is None else self.transform(snap.program)
-                stats, cut = enforce(self.dataplane, program, self.strict)
-                self.program, self._base = program, snap.program
+            try:
+                self._report(snap.problems)
+                with self.apply_lock:
+                    program = snap.program if self.transform is None else self.transform(snap.program)
+                    stats, cut = enforce(self.dataplane, program, self.strict)
+                    self.program, self._base = program, snap.program
+            finally:
+                snap.applied()  # e.g. the state file's write, held until the kernel has it
         except Exception as e:
             if isinstance(e, PipelineError) and e.transient:  # e.g. the initial lists are still arriving
                 log.info("%s", e)
