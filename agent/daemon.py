@@ -146,6 +146,7 @@ class Daemon:
         self.apply_lock = threading.Lock()
         self._base: Program | None = None  # the last synced snapshot's program, untransformed
         self.heap = Heap()
+        self._applied: Callable[[], None] | None = None  # the synced snapshot's `applied` (sync_once)
 
     def trigger(self) -> None:
         """A source saw a change (called from any thread)."""
@@ -154,18 +155,29 @@ class Daemon:
         self._wake.set()
 
     def sync_once(self) -> bool:
+        """One sync: snapshot, kernel, readiness; then what the pipeline put off until the
+        kernel had it (the state file: read on a restart, written on a cold start)."""
+        self._applied = None
+        try:
+            return self._sync_once()
+        finally:
+            if self._applied is not None:
+                try:
+                    self._applied()
+                except Exception:  # the state file is the pipeline's business: never the loop's end
+                    log.exception("after-sync work of the pipeline failed")
+
+    def _sync_once(self) -> bool:
         started = time.monotonic()
         pending, self._pending_since = self._pending_since, None
         try:
             snap = self.pipeline.snapshot()
-            try:
-                self._report(snap.problems)
-                with self.apply_lock:
-                    program = snap.program if self.transform is None else self.transform(snap.program)
-                    stats, cut = enforce(self.dataplane, program, self.strict)
-                    self.program, self._base = program, snap.program
-            finally:
-                snap.applied()  # e.g. the state file's write, held until the kernel has it
+            self._applied = snap.applied
+            self._report(snap.problems)
+            with self.apply_lock:
+                program = snap.program if self.transform is None else self.transform(snap.program)
+                stats, cut = enforce(self.dataplane, program, self.strict)
+                self.program, self._base = program, snap.program
         except Exception as e:
             if isinstance(e, PipelineError) and e.transient:  # e.g. the initial lists are still arriving
                 log.info("%s", e)

@@ -69,20 +69,56 @@ class LastGood:
         self._writer: _Writer | None = None
         self._gate = threading.Event()  # set: background writes may go (see hold)
         self._gate.set()
-        if path is not None and path.exists():
-            try:
-                loaded = json.loads(path.read_text())
-                if not isinstance(loaded, dict):
-                    raise ValueError(f"not an object but {type(loaded).__name__}")
-                self._bodies = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, dict)}
-            except (OSError, ValueError) as e:
-                log.warning("ignoring unreadable state file %s: %s", path, e)
+        # The state file is read when first needed (see _load), not here: a restart whose
+        # objects all validate needs no last good version to become ready, and reading it
+        # (5.8 MB of JSON at 10k pods, ~0.1 s) then waits until the kernel has the program
+        # (release). Until it is read, _bodies holds only what this process decided
+        # (_decided: kept or forgotten) and _retained what `retain` allowed of the rest.
+        self._unread: Path | None = path if path is not None and path.exists() else None
+        self._decided: set[str] = set()
+        self._retained: set[str] | None = None
+        self._save_deferred = False  # a save met a held gate before the file was read
+
+    def _load(self) -> None:
+        """Read the state file (once); what this process decided since wins over it, and a
+        decided body that differs from the file's, or a file body `retain` dropped, is
+        written at the next save -- exactly what reading it at start would have done."""
+        path, self._unread = self._unread, None
+        if path is None:
+            return
+        file: dict[str, Mapping[str, Any]] = {}
+        try:
+            loaded = json.loads(path.read_text())
+            if not isinstance(loaded, dict):
+                raise ValueError(f"not an object but {type(loaded).__name__}")
+            file = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, dict)}
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable state file %s: %s", path, e)
+        decided, retained, self._decided, self._retained = self._decided, self._retained, set(), None
+        merged: dict[str, Mapping[str, Any]] = {}
+        for k, body in file.items():  # in the file's order, as a load at start kept them
+            if k in decided:
+                if k in self._bodies:
+                    merged[k] = self._bodies[k]
+            elif retained is None or k in retained:
+                merged[k] = body
+        for k, body in self._bodies.items():
+            merged.setdefault(k, body)
+        changed = {k for k in decided if merged.get(k) != file.get(k)}
+        changed.update(k for k in file if k not in merged)
+        if changed:
+            self._unencoded |= changed
+            self._dirty = True
+        self._bodies.clear()  # in place: admit() holds it
+        self._bodies.update(merged)
 
     @staticmethod
     def _key(ref: ObjectRef) -> str:
         return f"{ref.source}|{ref.kind}|{ref.namespace}|{ref.name}"
 
     def get(self, ref: ObjectRef) -> Mapping[str, Any] | None:
+        if self._unread is not None:
+            self._load()
         return self._bodies.get(self._key(ref))
 
     def replace(self, good: dict[str, Mapping[str, Any]]) -> None:
@@ -92,6 +128,8 @@ class LastGood:
         error path. A failed write is logged, not raised: enforcement must not stall on
         the state disk; it is retried on the next call.
         """
+        if self._unread is not None:
+            self._load()
         changed = good != self._bodies or not self._saved
         self._bodies = good
         if not changed or self.path is None or self.readonly:
@@ -194,11 +232,20 @@ class LastGood:
         """Forget every kept body but those of `refs` (after a complete delivery: bodies
         loaded from the state file for objects the source no longer has)."""
         keep = {self._key(r) for r in refs}
+        if self._unread is not None:  # the file's other bodies: dropped when it is read
+            self._retained = keep if self._retained is None else self._retained & keep
         for key in [k for k in self._bodies if k not in keep]:
             self._admitted.pop(key, None)
             self._keep(key, None)
 
     def _keep(self, key: str, good: Mapping[str, Any] | None) -> None:
+        if self._unread is not None:  # compared with the file's body when it is read
+            self._decided.add(key)
+            if good is None:
+                self._bodies.pop(key, None)
+            else:
+                self._bodies[key] = good
+            return
         was = self._bodies.get(key)
         if was is good:
             return
@@ -223,8 +270,15 @@ class LastGood:
         loads only admitted bodies; a crash may lose the newest event's, which the source
         delivers again.
         """
+        if self.path is None or self.readonly:
+            return
+        if self._unread is not None:
+            if self.background and not self._gate.is_set():
+                self._save_deferred = True  # the daemon's sync: read and compared at release
+                return
+            self._load()
         unsaved, self._dirty = self._dirty or not self._saved, False
-        if not unsaved or self.path is None or self.readonly:
+        if not unsaved:
             return
         if not self._complete and self._writer is not None:
             self._adopt(self._writer.encoded())
@@ -273,7 +327,12 @@ class LastGood:
         self._gate.clear()
 
     def release(self) -> None:
+        """Background writes may go; a save put off while the state file was unread is done
+        now (on the caller's thread: the file is read here, after the kernel's part)."""
         self._gate.set()
+        if self._save_deferred:
+            self._save_deferred = False
+            self.save()
 
     def _failed(self, e: Exception) -> None:
         self._saved = False
