@@ -15,8 +15,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
@@ -25,7 +24,7 @@ from agent.drops import DropRecorder
 from agent.inventory import IPAddress, Problem
 from agent.ir import Program
 from agent.metrics import AgentMetrics, EventLatency, KernelCollector, SourceErrorsCollector
-from agent.pipeline import Pipeline, PipelineError, Snapshot
+from agent.pipeline import Pipeline, PipelineError, Snapshot, gc_paused
 from agent.strict import stale_flows
 from agent.systemd import notify
 
@@ -39,23 +38,6 @@ STRICT_PASSES = 3
 # collections walk only what later events allocate. Every REFREEZE seconds it is thawed,
 # collected once (cycles that died meanwhile are freed: a bounded leak) and frozen again.
 REFREEZE = 600.0
-
-
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """No cyclic collection during a whole sync, the kernel's part included. The pipeline
-    pauses it while it builds the snapshot (agent.pipeline); re-enabled before the apply,
-    the collector then walked everything the snapshot had built, over and over as the apply
-    allocated: at a cold 10k start ~1,000 young and 2 full collections, 0.3-1 s of the way
-    to ready (eBPF; nftables one full pass). After a sync that froze the heap (Heap) they
-    resume with nothing of it to walk; what a sync drops is freed by reference counting."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 class Heap:
@@ -279,10 +261,15 @@ class Daemon:
                         break
                 self._wake.clear()
                 self._busy_until = float("inf")  # an event from now on is part of a burst
-                with paused_gc():
+                # No cyclic collection during the whole sync, the kernel's part included: the
+                # pipeline pauses it for the snapshot only, and re-enabled before the apply the
+                # collector walked everything the snapshot had built, again and again as the
+                # apply allocated (a cold 10k eBPF start: ~1,000 young and 2 full collections,
+                # 0.3-1 s of the way to ready). The heap is frozen before they resume.
+                with gc_paused():
                     ok = self.sync_once()
                     if ok:
-                        self.heap.after_sync()  # before collections resume: see paused_gc
+                        self.heap.after_sync()
                 self._busy_until = time.monotonic()
                 # Retry soon after a failure; otherwise resync periodically to repair drift.
                 next_resync = time.monotonic() + (self.resync if ok else min(5.0, self.resync))

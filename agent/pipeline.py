@@ -131,7 +131,7 @@ def _holding_writes(store: LastGood, make: Callable[[], Snapshot]) -> Snapshot:
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """No cyclic garbage collection during a sync: a cold sync builds millions of
     long-lived containers (parsed manifests, endpoints, prefixes), and each full collection
     they set off walks all of them again (~40% of a cold start at 10k pods). What a sync
@@ -228,7 +228,7 @@ class DirectoryPipeline:
     def snapshot(self) -> Snapshot:
         return _holding_writes(self.store, self._snapshot)
 
-    @_gc_paused()
+    @gc_paused()
     def _snapshot(self) -> Snapshot:
         _, problems = self.source.read()
         for _ in range(MAX_SETTLE_WAITS):  # files being written right now: let them finish
@@ -288,7 +288,7 @@ class KubernetesPipeline:
     def snapshot(self) -> Snapshot:
         return _holding_writes(self.store, self._snapshot)
 
-    @_gc_paused()
+    @gc_paused()
     def _snapshot(self) -> Snapshot:
         if not self.source.synced.is_set():
             if not self.source.watching:
