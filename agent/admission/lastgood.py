@@ -406,7 +406,7 @@ def _write_pieces(f: TextIO, pieces: list[str]) -> None:
 WRITE_DELAY = 0.05
 # At most this long a held write waits for the kernel (a sync stuck in the kernel must not
 # keep the admitted state off the disk).
-HOLD_MAX = 10.0
+HOLD_MAX = 60.0  # a 50k cold start takes ~10 s
 
 # What the writer is handed: the pieces of the file (`"key": body` texts), or, for a first
 # write, the bodies themselves (encoded in the writer thread).
