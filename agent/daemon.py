@@ -21,10 +21,10 @@ from prometheus_client import CollectorRegistry
 
 from agent.dataplane.base import ApplyStats, Dataplane, DataplaneError
 from agent.drops import DropRecorder
-from agent.inventory import Problem
+from agent.inventory import IPAddress, Problem
 from agent.ir import Program
 from agent.metrics import AgentMetrics, EventLatency, KernelCollector, SourceErrorsCollector
-from agent.pipeline import Pipeline, PipelineError, Snapshot
+from agent.pipeline import Pipeline, PipelineError, Snapshot, gc_paused
 from agent.strict import stale_flows
 from agent.systemd import notify
 
@@ -67,9 +67,14 @@ def enforce(dataplane: Dataplane, program: Program, strict: bool = True) -> tupl
         try:
             # A flow table dumped while flows come and go is no snapshot: after a cut, look
             # again (one more dump) until a dump finds nothing stale.
-            node = dataplane.node_addresses()
+            node: list[IPAddress] | None = None  # read only when there are flows (a cold start has none)
             for _ in range(STRICT_PASSES):
-                stale = stale_flows(program, dataplane.established(), node)
+                flows = dataplane.established()
+                if not flows:
+                    break
+                if node is None:
+                    node = dataplane.node_addresses()
+                stale = stale_flows(program, flows, node)
                 if not stale:
                     break
                 cut += dataplane.forget(stale)
@@ -123,6 +128,7 @@ class Daemon:
         self.apply_lock = threading.Lock()
         self._base: Program | None = None  # the last synced snapshot's program, untransformed
         self.heap = Heap()
+        self._applied: Callable[[], None] | None = None  # the synced snapshot's `applied` (sync_once)
 
     def trigger(self) -> None:
         """A source saw a change (called from any thread)."""
@@ -131,10 +137,24 @@ class Daemon:
         self._wake.set()
 
     def sync_once(self) -> bool:
+        """One sync: snapshot, kernel, readiness; then what the pipeline put off until the
+        kernel had it (the state file: read on a restart, written on a cold start)."""
+        self._applied = None
+        try:
+            return self._sync_once()
+        finally:
+            if self._applied is not None:
+                try:
+                    self._applied()
+                except Exception:  # the state file is the pipeline's business: never the loop's end
+                    log.exception("after-sync work of the pipeline failed")
+
+    def _sync_once(self) -> bool:
         started = time.monotonic()
         pending, self._pending_since = self._pending_since, None
         try:
             snap = self.pipeline.snapshot()
+            self._applied = snap.applied
             self._report(snap.problems)
             with self.apply_lock:
                 program = snap.program if self.transform is None else self.transform(snap.program)
@@ -241,10 +261,16 @@ class Daemon:
                         break
                 self._wake.clear()
                 self._busy_until = float("inf")  # an event from now on is part of a burst
-                ok = self.sync_once()
+                # No cyclic collection during the whole sync, the kernel's part included: the
+                # pipeline pauses it for the snapshot only, and re-enabled before the apply the
+                # collector walked everything the snapshot had built, again and again as the
+                # apply allocated (a cold 10k eBPF start: ~1,000 young and 2 full collections,
+                # 0.3-1 s of the way to ready). The heap is frozen before they resume.
+                with gc_paused():
+                    ok = self.sync_once()
+                    if ok:
+                        self.heap.after_sync()
                 self._busy_until = time.monotonic()
-                if ok:
-                    self.heap.after_sync()
                 # Retry soon after a failure; otherwise resync periodically to repair drift.
                 next_resync = time.monotonic() + (self.resync if ok else min(5.0, self.resync))
         finally:

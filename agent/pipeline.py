@@ -63,6 +63,9 @@ class Snapshot:
     # Changes observed on the wire since the previous snapshot, for the event -> kernel
     # latency histograms (agent.metrics.EventLatency); only watch streams have them.
     events: Sequence[Observed] = field(default_factory=list)
+    # Called by the daemon once the kernel holds (or failed to take) this program: work the
+    # pipeline put off until then (the state file's background write, see LastGood.hold).
+    applied: Callable[[], None] = field(default=lambda: None, compare=False, repr=False)
 
     @property
     def problems(self) -> list[Problem]:
@@ -111,8 +114,24 @@ def compile_kubernetes(
     return Snapshot(inv, compile_inventory(inv, node, source=source))
 
 
+def _holding_writes(store: LastGood, make: Callable[[], Snapshot]) -> Snapshot:
+    """make(), the state file's background writes (the daemon's) held until the daemon calls
+    the snapshot's `applied` (or released at once if make() fails): the first write of a
+    cold start encodes every object (~0.1 s at 10k pods) and must not delay the kernel."""
+    if not store.background:
+        return make()
+    store.hold()
+    try:
+        snap = make()
+    except BaseException:
+        store.release()
+        raise
+    snap.applied = store.release
+    return snap
+
+
 @contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """No cyclic garbage collection during a sync: a cold sync builds millions of
     long-lived containers (parsed manifests, endpoints, prefixes), and each full collection
     they set off walks all of them again (~40% of a cold start at 10k pods). What a sync
@@ -206,8 +225,11 @@ class DirectoryPipeline:
             self._index_lists, self._index_texts = {}, {}  # written again next time
             log.warning("cannot save %s: %s", self.index_file, e)
 
-    @_gc_paused()
     def snapshot(self) -> Snapshot:
+        return _holding_writes(self.store, self._snapshot)
+
+    @gc_paused()
+    def _snapshot(self) -> Snapshot:
         _, problems = self.source.read()
         for _ in range(MAX_SETTLE_WAITS):  # files being written right now: let them finish
             if not self.source.unsettled:
@@ -263,8 +285,11 @@ class KubernetesPipeline:
         self.ready = self.source.synced
         self.sync_wait = sync_wait
 
-    @_gc_paused()
     def snapshot(self) -> Snapshot:
+        return _holding_writes(self.store, self._snapshot)
+
+    @gc_paused()
+    def _snapshot(self) -> Snapshot:
         if not self.source.synced.is_set():
             if not self.source.watching:
                 self.source.sync()

@@ -129,10 +129,9 @@ class Dataplane(ABC):
 
     def node_addresses(self) -> list[IPAddress]:
         """This network namespace's own addresses (node -> pod traffic is always allowed)."""
-        from pyroute2 import IPRoute
+        from agent.dataplane.netaddr import addresses  # raw rtnetlink: no pyroute2 import on the way to ready
 
-        with IPRoute() as ipr:
-            return [ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()]
+        return addresses()
 
     def drop_log(self) -> DropLog | None:
         """A reader of sampled drops, or None when this dataplane cannot log them."""

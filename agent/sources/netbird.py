@@ -27,13 +27,14 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import requests
 
 from agent.inventory import IPAddress
 from agent.sources.backoff import Backoff
+
+if TYPE_CHECKING:
+    import requests
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,11 @@ class NetbirdClient:
             self.base += "/api"
         self._token = token
         self.timeout = timeout
-        self.session = session or requests.Session()
+        if session is None:
+            import requests  # here, not at module level: ~0.1 s off every other source's start-up
+
+            session = requests.Session()
+        self.session = session
         self.session.trust_env = False  # no ~/.netrc credentials, no proxy env surprises
         self.session.verify = ca_file if ca_file else True
         self.session.headers.update({"Accept": "application/json",
@@ -128,6 +133,8 @@ class NetbirdClient:
         return text.replace(self._token, "<token>") if self._token else text
 
     def get(self, path: str) -> Any:
+        import requests
+
         url = self.location(path)
         try:
             resp = self.session.get(url, timeout=self.timeout, allow_redirects=False,

@@ -170,7 +170,8 @@ def test_a_watching_pipeline_writes_the_state_off_the_event_path(tmp_path: Path)
     store.background = True
     admission = KubernetesAdmission(store)
     objs = {o.ref.key: o for o in (RawObject(ref_of(b, "file", "t"), b) for b in (ns("x"), _doc("x/p0", "web")))}
-    admission.update(objs, None)  # the first write (every text encoded) is synchronous
+    admission.update(objs, None)  # the first write (every text encoded) goes to the writer too
+    store.flush()
     assert "file|Pod|x|p0" in json.loads(state.read_text())
     for app in ("db", "api", "web2"):
         body = _doc("x/p0", app)
