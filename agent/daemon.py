@@ -127,6 +127,7 @@ class Daemon:
         self.transform: Callable[[Program], Program] | None = None
         self.apply_lock = threading.Lock()
         self._base: Program | None = None  # the last synced snapshot's program, untransformed
+        self.last_stats: ApplyStats | None = None  # what the last successful sync's apply did
         self.heap = Heap()
         self._applied: Callable[[], None] | None = None  # the synced snapshot's `applied` (sync_once)
 
@@ -160,6 +161,7 @@ class Daemon:
                 program = snap.program if self.transform is None else self.transform(snap.program)
                 stats, cut = enforce(self.dataplane, program, self.strict)
                 self.program, self._base = program, snap.program
+                self.last_stats = stats
         except Exception as e:
             if isinstance(e, PipelineError) and e.transient:  # e.g. the initial lists are still arriving
                 log.info("%s", e)

@@ -15,8 +15,9 @@ then releases them: one kernel update per burst, not per answer. Two ways to the
   collects the entries the kernel lacks (new addresses, later expiries, and entries the
   per-pod cap evicted, to remove), `commit` sends them in one `Dataplane.learn`
   transaction, touching nothing else. The kernel times entries out itself: no update at
-  expiry. After every sync every live entry is sent again (idempotent: covers sets a
-  sync just created, or a table rebuilt whole).
+  expiry. After a sync the live entries of rules new to the kernel are sent again
+  (idempotent): all of them after a full load (a table rebuilt whole) or a failed
+  update, else those of rules the sync added.
 - otherwise (a dataplane without such sets): `commit` re-applies the last program with the table's
   addresses as the rules' peers (`Daemon.reapply`, `with_learned`); an answer that only
   refreshes an address already learned needs no apply; a timer re-applies at each expiry.
@@ -110,6 +111,8 @@ class DnsEgress:
         # kernel path: what the kernel lacks, sent by the next `commit` (entry -> expiry)
         self.pending: dict[tuple[str, str, IPAddress], float] = {}
         self.evicted: set[tuple[str, str, IPAddress]] = set()
+        self.known: set[str] = set()  # learned rule keys of the last synced program
+        self.lost = False  # a kernel update failed: the next sync sends every live entry
         r = daemon.registry
         self.answers = Counter("stockade_dns_answers", "DNS answers held, by what they taught: learned (an address "
                                "added or kept longer), nothing (no rule's name, or not a usable answer), "
@@ -179,8 +182,16 @@ class DnsEgress:
             self._resend(snap.program)
 
     def _resend(self, program: Program) -> None:
-        """Every live entry whose rule `program` has, to the kernel again (idempotent)."""
+        """The live entries of the learned rules this sync may have given empty kernel sets
+        (idempotent): all of them after a full load or a failed update, else those of rules
+        new in `program`.
+        An event's sync then costs what it changed, not what was learned."""
         keys = {r.key for ep in program.endpoints.values() for r in ep.egress.rules if r.learned}
+        stats = getattr(self.daemon, "last_stats", None)
+        known, self.known = self.known, keys
+        if stats is not None and not stats.full and not self.lost:
+            keys = keys - known
+        self.lost = False  # a failure of this send sets it again
         with self.apply_lock:  # the table read under it: a later change is sent after this
             with self.lock:
                 now, table = self.clock(), self.learned
@@ -272,6 +283,7 @@ class DnsEgress:
             self.daemon.dataplane.learn(add, remove)
         except Exception as e:
             self.failed.inc()
+            self.lost = True
             log.error("putting learned DNS addresses into the kernel failed, previous kernel state stays: %s", e)
 
     def _expire_loop(self) -> None:

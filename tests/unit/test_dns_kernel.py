@@ -180,6 +180,38 @@ def test_a_failed_kernel_update_is_counted_and_never_raised() -> None:
     assert [str(e.address) for e in d.dataplane.calls[-1][0]] == ["192.0.2.7"]
 
 
+def test_a_sync_resends_only_what_it_may_have_emptied() -> None:
+    """After a diff sync only the entries of rules new to the kernel go again (an unrelated
+    event costs nothing); after a full load or a failed update every live entry does."""
+    from agent.dataplane.base import ApplyStats
+
+    d, egress, _now, _prog = setup()
+    egress.learn(ip(WEB), answer("www.example.test", "192.0.2.7"))
+    egress.learn(ip(API), answer("www.example.test", "192.0.2.8"))
+    egress.commit()
+    calls = len(d.dataplane.calls)
+
+    def sync(objs: list[dict[str, Any]], full: bool) -> list[str]:
+        d.last_stats = ApplyStats(full=full, commands=1)  # type: ignore[attr-defined]
+        snap = snapshot_of(objs)
+        for cb in d.on_synced:
+            cb(snap)
+        new = d.dataplane.calls[calls:]
+        del d.dataplane.calls[calls:]
+        return sorted(str(e.address) for add, _ in new for e in add)
+
+    assert sync([*BASE, CNP], full=False) == []  # the same rules: nothing to send
+    assert sync([*BASE, CNP], full=True) == ["192.0.2.7", "192.0.2.8"]  # a table rebuilt whole
+    assert sync(BASE, full=False) == []  # the rules went
+    assert sync([*BASE, CNP], full=False) == ["192.0.2.7", "192.0.2.8"]  # back: new sets, filled again
+    d.dataplane.fail = True
+    egress.learn(ip(WEB), answer("www.example.test", "192.0.2.9"))
+    egress.commit()  # refused
+    d.dataplane.fail = False
+    assert sync([*BASE, CNP], full=False) == ["192.0.2.7", "192.0.2.8", "192.0.2.9"]
+    assert sync([*BASE, CNP], full=False) == []
+
+
 def test_drops_are_labelled_not_learned_only_past_the_domain_names_rule() -> None:
     """With learning in the kernel the program's domainNames rules carry no addresses, so a
     drop is labelled `not a learned address` only when the packet got past that rule: by a
