@@ -439,7 +439,8 @@ def _loaders(cg: Any) -> list[int]:
 class LoaderWatch:
     """Polls the cgroup while the agent starts: the peak while a bcc loader child runs is
     noted apart (issue 17 counts bcc's compile apart), and the peak is reset once it exits,
-    so `meter.peak()` at ready is the start-up without it."""
+    so `meter.peak()` at ready is the start-up without it (the agent's own peaks in the
+    300 ms after its exit, while the hold is attached, are missed with it)."""
 
     def __init__(self, cg: Any, meter: PeakMeter) -> None:
         self.cg, self.meter = cg, meter
@@ -449,15 +450,21 @@ class LoaderWatch:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    SETTLE = 30  # polls (10 ms) after a loader's exit during which the peak is reset again:
+    # its memory is uncharged over a moment after it leaves the process list
+
     def _run(self) -> None:
-        running = False
+        running, settle = False, 0
         while not self._stop.wait(0.01):
             now = bool(_loaders(self.cg))
             if now and not running:
                 self.loaders += 1
             if running and not now:  # a loader exited: its peak apart, the count starts afresh
                 self.loader_peak = max(self.loader_peak, self.meter.peak())
+                settle = self.SETTLE
+            if settle and not now:
                 self.meter.reset()
+                settle -= 1
             running = now
 
     def stop(self) -> None:
