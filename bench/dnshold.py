@@ -545,12 +545,14 @@ def _spawn_in_cgroup(lab: Lab, cg: Any, args: list[str]) -> subprocess.Popen:
 
 
 def learned_memory(dataplane: str, size: str = "10k", pods: int = 10, names: int = 10_000, seed: int = 1,
-                   log: Any = print) -> dict[str, Any]:
+                   log: Any = print, refresh: bool = True) -> dict[str, Any]:
     """The agent's memory as its cgroup counts it (agent + children), `stockade run
     --dns-egress` over the synthetic cluster of `size`, before and after `pods` local pods
     with a `*.bench.test` domainNames rule were answered `names` distinct names (each pod
     its own slice), 4 A records each; with the learner's table size and the kernel's
-    learned elements after. eBPF: its build compiled beforehand (as bench.memory)."""
+    learned elements after; `refresh`: then the same names once more (`after_refresh`:
+    whether memory follows the answers or the entries). eBPF: its build compiled
+    beforehand (as bench.memory)."""
     from bench.memory import Cgroup
     from tests.kit import stop, until
     from tests.kit.builders import ns, pod
@@ -620,19 +622,28 @@ def learned_memory(dataplane: str, size: str = "10k", pods: int = 10, names: int
                     out["before"] = {"cgroup_mb": round(cg.current() / mb, 1), **_rss(agent.pid),
                                      "learned_entries": _learned(lab), **_kernel_learned(lab, dataplane)}
                     t1 = time.monotonic()
-                    runs = [subprocess.Popen(["ip", "netns", "exec", lab.pods[k].netns, sys.executable, "-c",
-                                              MEM_CLIENT_PY, SERVER, str(j * per_pod),
-                                              str(min(per_pod, names - j * per_pod)), "4"],
-                                             stdout=subprocess.PIPE, text=True)
-                            for j, k in enumerate(clients)]
-                    got = [json.loads(p.communicate()[0]) for p in runs]
-                    out["answered"] = sum(g["answered"] for g in got)
-                    out["timeouts"] = sum(g["timeouts"] for g in got)
+
+                    def ask() -> None:  # every pod its slice of the names, in parallel
+                        runs = [subprocess.Popen(["ip", "netns", "exec", lab.pods[k].netns, sys.executable, "-c",
+                                                  MEM_CLIENT_PY, SERVER, str(j * per_pod),
+                                                  str(min(per_pod, names - j * per_pod)), "4"],
+                                                 stdout=subprocess.PIPE, text=True)
+                                for j, k in enumerate(clients)]
+                        got = [json.loads(p.communicate()[0]) for p in runs]
+                        out["answered"] = out.get("answered", 0) + sum(g["answered"] for g in got)
+                        out["timeouts"] = out.get("timeouts", 0) + sum(g["timeouts"] for g in got)
+
+                    ask()
                     until(lambda: _learned(lab) >= want, 60, 0.5)
                     out["learning_s"] = round(time.monotonic() - t1, 1)
                     out["after"] = {"cgroup_mb": round(cg.current() / mb, 1), **_rss(agent.pid),
                                     "learned_entries": _learned(lab), **_kernel_learned(lab, dataplane)}
                     out["learning_peak_mb"] = round(meter.peak() / mb, 1)
+                    if refresh:  # the same names again: no new entry, each a later expiry
+                        ask()
+                        out["after_refresh"] = {"cgroup_mb": round(cg.current() / mb, 1), **_rss(agent.pid),
+                                                "learned_entries": _learned(lab)}
+                        out["learning_peak_mb"] = round(meter.peak() / mb, 1)
                     out["peak_mb"] = max(out["start_peak_mb"], out["learning_peak_mb"])
                     b, a = out["before"], out["after"]
                     n = max(1, a["learned_entries"] - b["learned_entries"])
@@ -674,7 +685,10 @@ def memory_line(r: dict[str, Any]) -> str:
     return (f"peak {r['peak_mb']} MB (start {r['start_peak_mb']}, learning {r['learning_peak_mb']}; bcc loader "
             f"{r['loader_peak_mb']}); cgroup {b['cgroup_mb']} -> {a['cgroup_mb']} MB, agent RSS {b['rss_mb']} -> "
             f"{a['rss_mb']} MB ({i['cgroup_bytes_per_entry']} / {i['rss_bytes_per_entry']} B per entry); "
-            f"learner {a['learned_entries']}, kernel {kernel}; {r['answered']} answers in {r['learning_s']} s")
+            f"learner {a['learned_entries']}, kernel {kernel}; {r['answered']} answers, the first "
+            f"{r['learned_wanted'] // MEM_ADDRS} in {r['learning_s']} s"
+            + (f"; after the same names again: cgroup {r['after_refresh']['cgroup_mb']} MB, RSS "
+               f"{r['after_refresh']['rss_mb']} MB" if "after_refresh" in r else ""))
 
 
 def memory_table(rows: list[dict[str, Any]]) -> str:
