@@ -615,9 +615,12 @@ def learned_memory(dataplane: str, size: str = "10k", pods: int = 10, names: int
                     if not ok or agent.poll() is not None:
                         raise RuntimeError(f"agent never ready: {lab.agent_output(agent)[-1500:]}")
                     out["start_to_ready_s"] = round(time.monotonic() - t0, 1)
+                    # the agent keeps working after its first sync (the learner's rules of the
+                    # synced snapshot, ...): "before" is taken once its RSS is steady
+                    out["settle_s"] = _settle(agent.pid)
                     out["bcc_loaders"] = watch.loaders
                     out["loader_peak_mb"] = round(watch.loader_peak / mb, 1)
-                    out["start_peak_mb"] = round(meter.peak() / mb, 1)  # bcc's loader child apart
+                    out["start_peak_mb"] = round(meter.peak() / mb, 1)  # to settled, bcc's loader apart
                     meter.reset()
                     out["before"] = {"cgroup_mb": round(cg.current() / mb, 1), **_rss(agent.pid),
                                      "learned_entries": _learned(lab), **_kernel_learned(lab, dataplane)}
@@ -661,6 +664,21 @@ def learned_memory(dataplane: str, size: str = "10k", pods: int = 10, names: int
     out["wall_s"] = round(time.monotonic() - t_start, 1)
     log(f"dns learned memory: {dataplane} {size or 'no cluster'}: {memory_line(out)}")
     return out
+
+
+def _settle(pid: int, quiet: float = 3.0, limit: float = 120.0) -> float:
+    """Seconds until the process's RSS moved less than 0.5 MB over `quiet` seconds (at
+    most `limit`)."""
+    t0 = time.monotonic()
+    last, since = _proc_kb(pid)["VmRSS"], time.monotonic()
+    while time.monotonic() - t0 < limit:
+        time.sleep(0.25)
+        now = _proc_kb(pid)["VmRSS"]
+        if abs(now - last) > 512:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return round(time.monotonic() - t0, 1)
 
 
 def _rss(pid: int) -> dict[str, float]:
