@@ -615,8 +615,9 @@ def learned_memory(dataplane: str, size: str = "10k", pods: int = 10, names: int
                     if not ok or agent.poll() is not None:
                         raise RuntimeError(f"agent never ready: {lab.agent_output(agent)[-1500:]}")
                     out["start_to_ready_s"] = round(time.monotonic() - t0, 1)
-                    # the agent keeps working after its first sync (the learner's rules of the
-                    # synced snapshot, ...): "before" is taken once its RSS is steady
+                    # "before" once the agent served /metrics (its first scrape at 10k costs
+                    # ~30 MB: nft's counters) and its RSS is steady: both sides then include it
+                    _learned(lab)
                     out["settle_s"] = _settle(agent.pid)
                     out["bcc_loaders"] = watch.loaders
                     out["loader_peak_mb"] = round(watch.loader_peak / mb, 1)
