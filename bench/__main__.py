@@ -7,7 +7,8 @@ memory of a cold apply as its memory cgroup counts it (bench.memory); event late
 to end by packets through the directory source and the daemon (bench/events.py);
 cold start and restart (SIGKILL) -> ready of the daemon in the namespace lab, probes held
 through the restart (bench/startup.py); the DNS hold's latency at 1,000 answers/s, alone
-and in the agent (bench/dnshold.py); datapath in the namespace lab against the
+and in the agent (bench/dnshold.py); the agent's memory with 10k names x 4 addresses learned
+from DNS answers on the 10k cluster (bench/dnshold.py, `learned_memory`); datapath in the namespace lab against the
 no-policy floor. Prints tables, writes
 bench/results/<timestamp>.json. Reports figures; never passes or fails on time.
 """
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--startup-runs", type=int, help="cold starts and restarts per size (default 3; 1 at 50k)")
     ap.add_argument("--skip-dns", action="store_true",
                     help="skip the DNS hold: latency and 1,000 answers/s, alone and in the agent (bench/dnshold.py)")
+    ap.add_argument("--skip-dns-memory", action="store_true",
+                    help="skip the agent's memory with 10k names x 4 addresses learned (bench/dnshold.py)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -201,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import dnshold
 
         result["dns"] = dnshold.bench(dataplanes, args.quick, log)
+    if not args.skip_dns_memory:
+        from bench import dnshold
+
+        result["dns_memory"] = dnshold.memory_bench(dataplanes, args.quick, log)
     if not args.skip_datapath:
         from bench import datapath
 
@@ -223,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import dnshold
 
         print("\n" + dnshold.table(result["dns"]))
+    if "dns_memory" in result:
+        from bench import dnshold
+
+        print("\n" + dnshold.memory_table(result["dns_memory"]))
     print(f"\nJSON: {path}")
     return 0
 

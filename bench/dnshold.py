@@ -37,10 +37,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from agent.dns.hold import Hold
@@ -267,9 +272,6 @@ def bucket_quantile(buckets: dict[str, int], q: float) -> float | None:
 
 def agent_run(dataplane: str, queries: int, rate: float = 0, seconds: float = 10,
               distinct: int = 200) -> list[dict[str, Any]]:
-    import tempfile
-    from pathlib import Path
-
     from tests.kit import until
     from tests.kit.builders import ns, pod
     from tests.kit.enforcement import write
@@ -358,6 +360,384 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+
+# ------------------------------------------------------------ learned state memory (issue 14)
+
+MEM_NS = "stk-dnsmem"
+MEM_METRICS = "127.0.0.1:9757"
+MEM_ADDRS = 4  # A records per answer
+# hN.bench.test -> 4 addresses of its own (10.100.0.0/16: 16,384 names), TTL 1 h: nothing expires in a run
+MANY_SERVER_PY = SERVER_TEMPLATE.replace(
+    '30, "IN", "A", {addr}',
+    f'3600, "IN", "A", *["10.100.%d.%d" % divmod({MEM_ADDRS} * int(n.labels[0][1:]) + k, 256) '
+    f'for k in range({MEM_ADDRS})]')
+
+# closed loop: names h<first>..h<first+count-1>, T threads, a query retried on a time-out
+MEM_CLIENT_PY = """
+import json, sys, threading
+import dns.message, dns.query, dns.exception
+server, first, count, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+answered, timeouts = [0] * threads, [0] * threads
+def run(k):
+    for i in range(first + k, first + count, threads):
+        q = dns.message.make_query("h%d.bench.test" % i, "A")
+        for _ in range(5):
+            try:
+                dns.query.udp(q, server, timeout=5)
+                answered[k] += 1
+                break
+            except dns.exception.Timeout:
+                timeouts[k] += 1
+ts = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(json.dumps({"answered": sum(answered), "timeouts": sum(timeouts)}))
+"""
+
+
+class PeakMeter:
+    """A cgroup's peak usage since the last `reset` (v1: memory.max_usage_in_bytes, reset
+    by writing 0; v2: memory.peak, reset per open file since Linux 6.12, so one file is
+    kept open)."""
+
+    def __init__(self, cg: Any) -> None:
+        self.cg = cg
+        self.file = open(cg.path / "memory.peak", "r+") if cg.version == 2 else None  # noqa: SIM115
+
+    def reset(self) -> None:
+        if self.file is None:
+            (self.cg.path / "memory.max_usage_in_bytes").write_text("0")
+        else:
+            self.file.seek(0)
+            self.file.write("reset\n")
+            self.file.flush()
+
+    def peak(self) -> int:
+        if self.file is None:
+            return int(self.cg.peak())
+        self.file.seek(0)
+        return int(self.file.read().split()[0])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _loaders(cg: Any) -> list[int]:
+    """Members of the cgroup that are a bcc loader child (the hold's, or the eBPF dataplane's)."""
+    out = []
+    for pid in (cg.path / "cgroup.procs").read_text().split():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"agent.dns.loader" in cmd or b"agent.dataplane.ebpf.loader" in cmd:
+            out.append(int(pid))
+    return out
+
+
+class LoaderWatch:
+    """Polls the cgroup while the agent starts: the peak while a bcc loader child runs is
+    noted apart (issue 17 counts bcc's compile apart), and the peak is reset once it exits,
+    so `meter.peak()` at ready is the start-up without it (the agent's own peaks in the
+    300 ms after its exit, while the hold is attached, are missed with it)."""
+
+    def __init__(self, cg: Any, meter: PeakMeter) -> None:
+        self.cg, self.meter = cg, meter
+        self.loader_peak = 0  # bytes: the cgroup's peak up to the last loader's exit
+        self.loaders = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    SETTLE = 30  # polls (10 ms) after a loader's exit during which the peak is reset again:
+    # its memory is uncharged over a moment after it leaves the process list
+
+    def _run(self) -> None:
+        running, settle = False, 0
+        while not self._stop.wait(0.01):
+            now = bool(_loaders(self.cg))
+            if now and not running:
+                self.loaders += 1
+            if running and not now:  # a loader exited: its peak apart, the count starts afresh
+                self.loader_peak = max(self.loader_peak, self.meter.peak())
+                settle = self.SETTLE
+            if settle and not now:
+                self.meter.reset()
+                settle -= 1
+            running = now
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _proc_kb(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM of a process, kB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            out[k] = int(v.split()[0])
+    return out
+
+
+def _kernel_learned(lab: Lab, dataplane: str) -> dict[str, int]:
+    """What the kernel holds of the learned addresses: nftables elements of the l4_/l6_
+    sets (and how many such sets), or eBPF `learned` map entries."""
+    if dataplane == "ebpf":
+        from agent.dataplane.ebpf import bpfsys, builds
+
+        root = os.environ.get(builds.PIN_ROOT_ENV, builds.PIN_ROOT)
+        found = builds.existing(root)
+        m = bpfsys.Map.pinned(f"{root}/{found[0][0]}/learned")
+        try:
+            return {"map_entries": m.count(), "map_capacity": m.max_entries, "builds": len(found)}
+        finally:
+            m.close()
+    terse = lab.node_sh("nft", "-t", "list", "sets", "inet").stdout
+    names = [w for line in terse.splitlines() if line.strip().startswith("set ")
+             for w in [line.split()[1]] if w.startswith(("l4_", "l6_"))]
+    elements = 0
+    for name in names:
+        js = json.loads(lab.node_sh("nft", "-j", "list", "set", "inet", "stockade", name).stdout)
+        for obj in js["nftables"]:
+            elements += len(obj.get("set", {}).get("elem", []))
+    return {"set_elements": elements, "learned_sets": len(names)}
+
+
+def _manifests(root: Any, size: str, seed: int, extra: list[dict[str, Any]]) -> Any:
+    """The synthetic cluster of `size` ("" for none) as one JSON List per namespace, plus `extra`."""
+    from tests.kit.generate import SIZES, generate
+
+    d = root / "manifests"
+    d.mkdir()
+    objs = generate(*SIZES[size], seed=seed).objects() if size else []
+    by_ns: dict[str, list[dict[str, Any]]] = {}
+    for obj in [*objs, *extra]:
+        by_ns.setdefault(obj["metadata"].get("namespace") or obj["metadata"]["name"], []).append(obj)
+    for name, items in by_ns.items():
+        (d / f"ns-{name}.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    return d
+
+
+def _spawn_in_cgroup(lab: Lab, cg: Any, args: list[str]) -> subprocess.Popen:
+    """`stockade <args>` in the node namespace as a member of `cg` from its first
+    instruction (joined before exec: `ip netns exec` execs the agent in place)."""
+    from tests.kit import ROOT
+
+    procs = str(cg.path / "cgroup.procs")
+
+    def join() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    fd, name = tempfile.mkstemp(prefix=f"{lab.prefix}-agent-", suffix=".log")
+    try:
+        proc = subprocess.Popen(["ip", "netns", "exec", lab.node, sys.executable, "-m", "agent.cli", *args],
+                                cwd=ROOT, stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=join)
+    finally:
+        os.close(fd)
+    lab.procs.append(proc)
+    lab.logs[proc.pid] = Path(name)
+    return proc
+
+
+def learned_memory(dataplane: str, size: str = "10k", pods: int = 10, names: int = 10_000, seed: int = 1,
+                   log: Any = print, refresh: bool = True) -> dict[str, Any]:
+    """The agent's memory as its cgroup counts it (agent + children), `stockade run
+    --dns-egress` over the synthetic cluster of `size`, before and after `pods` local pods
+    with a `*.bench.test` domainNames rule were answered `names` distinct names (each pod
+    its own slice), 4 A records each; with the learner's table size and the kernel's
+    learned elements after; `refresh`: then the same names once more (`after_refresh`:
+    whether memory follows the answers or the entries). eBPF: its build compiled
+    beforehand (as bench.memory)."""
+    from bench.memory import Cgroup
+    from tests.kit import stop, until
+    from tests.kit.builders import ns, pod
+    from tests.kit.generate import LOCAL_NODE
+    from tests.kit.privileges import dataplane_env
+
+    mb = 1 << 20
+    per_pod = -(-names // pods)
+    want = names * MEM_ADDRS
+    out: dict[str, Any] = {"dataplane": dataplane, "size": size or "none", "pods": pods, "names": names,
+                           "addresses_per_name": MEM_ADDRS, "learned_wanted": want}
+    if per_pod * MEM_ADDRS > 4096:
+        out["note"] = f"{per_pod * MEM_ADDRS} entries per pod exceed MAX_PER_POD: the cap evicts"
+    clients = {f"{MEM_NS}/c{j}": f"10.35.{j // 250}.{1 + j % 250}" for j in range(pods)}
+    cnp = {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+           "metadata": {"name": "stk-dnsmem-names"},
+           "spec": {"tier": "Admin", "priority": 999,
+                    "subject": {"namespaces": {"matchLabels": {"team": "stk-dnsmem"}}},
+                    "egress": [{"action": "Accept", "to": [{"domainNames": ["*.bench.test"]}],
+                                "protocols": [{"tcp": {"destinationPort": {"number": 443}}}]}]}}
+    extra = [ns(MEM_NS, team="stk-dnsmem"), pod(f"{MEM_NS}/server", [SERVER], nodeName="stk-dnsmem-remote"), cnp,
+             *(pod(k, [ip], nodeName=LOCAL_NODE) for k, ip in clients.items())]
+    work = Path(tempfile.mkdtemp(prefix="stkbench-dnsmem-"))
+    args = ["run", "--source", str(work / "manifests"), "--node", LOCAL_NODE, "--dataplane", dataplane,
+            "--state-dir", "", "--metrics-address", MEM_METRICS, "--dns-egress"]
+    t_start = time.monotonic()
+    try:
+        with dataplane_env(dataplane, f"bench-dnsmem-{dataplane}"), Lab() as lab:
+            for k, ip in clients.items():
+                lab.add_pod(k, [ip])
+            server = lab.add_pod(f"{MEM_NS}/server", [SERVER])
+            start_dns_server(lab, server.netns, MANY_SERVER_PY)
+            _manifests(work, size, seed, extra)
+
+            def ready() -> bool:
+                return lab.http_get(f"http://{MEM_METRICS}/readyz")[0] == 200
+
+            if dataplane == "ebpf":  # warm-up: the agent chooses its map sizes and compiles; then
+                from agent.dataplane.ebpf import builds  # a clean slate with that build compiled
+
+                warm = lab.spawn_agent(*args)
+                if not until(lambda: ready() or warm.poll() is not None, 900, 0.5) or warm.poll() is not None:
+                    raise RuntimeError(f"warm-up agent never ready: {lab.agent_output(warm)[-1500:]}")
+                stop(warm)
+                root = os.environ[builds.PIN_ROOT_ENV]
+                (build, sizes), = builds.existing(root)
+                lab.stockade("cleanup", "--dataplane", dataplane)
+                builds.ensure_bpffs(root)
+                builds.compile_build(f"{root}/{build}", sizes, sys.executable)
+            with Cgroup(f"dnsmem-{dataplane}") as cg:
+                out["cgroup"] = f"v{cg.version}"
+                meter = PeakMeter(cg)
+                try:
+                    meter.reset()
+                    watch = LoaderWatch(cg, meter)
+                    t0 = time.monotonic()
+                    agent = _spawn_in_cgroup(lab, cg, args)
+                    ok = until(lambda: ready() or agent.poll() is not None, 900, 0.5)
+                    watch.stop()
+                    if not ok or agent.poll() is not None:
+                        raise RuntimeError(f"agent never ready: {lab.agent_output(agent)[-1500:]}")
+                    out["start_to_ready_s"] = round(time.monotonic() - t0, 1)
+                    # "before" once the agent served /metrics (its first scrape at 10k costs
+                    # ~30 MB: nft's counters) and its RSS is steady: both sides then include it
+                    _learned(lab)
+                    out["settle_s"] = _settle(agent.pid)
+                    out["bcc_loaders"] = watch.loaders
+                    out["loader_peak_mb"] = round(watch.loader_peak / mb, 1)
+                    out["start_peak_mb"] = round(meter.peak() / mb, 1)  # to settled, bcc's loader apart
+                    meter.reset()
+                    out["before"] = {"cgroup_mb": round(cg.current() / mb, 1), **_rss(agent.pid),
+                                     "learned_entries": _learned(lab), **_kernel_learned(lab, dataplane)}
+                    t1 = time.monotonic()
+
+                    def ask() -> None:  # every pod its slice of the names, in parallel
+                        runs = [subprocess.Popen(["ip", "netns", "exec", lab.pods[k].netns, sys.executable, "-c",
+                                                  MEM_CLIENT_PY, SERVER, str(j * per_pod),
+                                                  str(min(per_pod, names - j * per_pod)), "4"],
+                                                 stdout=subprocess.PIPE, text=True)
+                                for j, k in enumerate(clients)]
+                        got = [json.loads(p.communicate()[0]) for p in runs]
+                        out["answered"] = out.get("answered", 0) + sum(g["answered"] for g in got)
+                        out["timeouts"] = out.get("timeouts", 0) + sum(g["timeouts"] for g in got)
+
+                    ask()
+                    until(lambda: _learned(lab) >= want, 60, 0.5)
+                    out["learning_s"] = round(time.monotonic() - t1, 1)
+                    out["after"] = {"cgroup_mb": round(cg.current() / mb, 1), **_rss(agent.pid),
+                                    "learned_entries": _learned(lab), **_kernel_learned(lab, dataplane)}
+                    out["learning_peak_mb"] = round(meter.peak() / mb, 1)
+                    if refresh:  # the same names again: no new entry, each a later expiry
+                        ask()
+                        out["after_refresh"] = {"cgroup_mb": round(cg.current() / mb, 1), **_rss(agent.pid),
+                                                "learned_entries": _learned(lab)}
+                        out["learning_peak_mb"] = round(meter.peak() / mb, 1)
+                    out["peak_mb"] = max(out["start_peak_mb"], out["learning_peak_mb"])
+                    b, a = out["before"], out["after"]
+                    n = max(1, a["learned_entries"] - b["learned_entries"])
+                    out["increment"] = {"cgroup_mb": round(a["cgroup_mb"] - b["cgroup_mb"], 1),
+                                        "rss_mb": round(a["rss_mb"] - b["rss_mb"], 1),
+                                        "cgroup_bytes_per_entry": round((a["cgroup_mb"] - b["cgroup_mb"]) * mb / n),
+                                        "rss_bytes_per_entry": round((a["rss_mb"] - b["rss_mb"]) * mb / n)}
+                    stop(agent)
+                finally:
+                    meter.close()
+    except Exception as e:  # a report, not a verdict: the error is the figure
+        out["error"] = f"{type(e).__name__}: {e}"[-1500:]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out["wall_s"] = round(time.monotonic() - t_start, 1)
+    log(f"dns learned memory: {dataplane} {size or 'no cluster'}: {memory_line(out)}")
+    return out
+
+
+def _settle(pid: int, quiet: float = 3.0, limit: float = 120.0) -> float:
+    """Seconds until the process's RSS moved less than 0.5 MB over `quiet` seconds (at
+    most `limit`)."""
+    t0 = time.monotonic()
+    last, since = _proc_kb(pid)["VmRSS"], time.monotonic()
+    while time.monotonic() - t0 < limit:
+        time.sleep(0.25)
+        now = _proc_kb(pid)["VmRSS"]
+        if abs(now - last) > 512:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return round(time.monotonic() - t0, 1)
+
+
+def _rss(pid: int) -> dict[str, float]:
+    kb = _proc_kb(pid)
+    return {"rss_mb": round(kb["VmRSS"] / 1024, 1), "hwm_mb": round(kb["VmHWM"] / 1024, 1)}
+
+
+def _learned(lab: Lab) -> int:
+    text = lab.http_get(f"http://{MEM_METRICS}/metrics")[1]
+    for line in text.splitlines():
+        if line.startswith("stockade_dns_learned_entries "):
+            return int(float(line.split()[1]))
+    return -1
+
+
+def memory_line(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return "error: " + r["error"][-300:]
+    b, a, i = r["before"], r["after"], r["increment"]
+    kernel = (f"{a['set_elements']} set elements in {a['learned_sets']} sets" if "set_elements" in a
+              else f"{a['map_entries']}/{a['map_capacity']} learned map entries")
+    return (f"peak {r['peak_mb']} MB (start {r['start_peak_mb']}, learning {r['learning_peak_mb']}; bcc loader "
+            f"{r['loader_peak_mb']}); cgroup {b['cgroup_mb']} -> {a['cgroup_mb']} MB, agent RSS {b['rss_mb']} -> "
+            f"{a['rss_mb']} MB ({i['cgroup_bytes_per_entry']} / {i['rss_bytes_per_entry']} B per entry); "
+            f"learner {a['learned_entries']}, kernel {kernel}; {r['answered']} answers, the first "
+            f"{r['learned_wanted'] // MEM_ADDRS} in {r['learning_s']} s"
+            + (f"; after the same names again: cgroup {r['after_refresh']['cgroup_mb']} MB, RSS "
+               f"{r['after_refresh']['rss_mb']} MB" if "after_refresh" in r else ""))
+
+
+def memory_table(rows: list[dict[str, Any]]) -> str:
+    """The learned-state rows beside issue 17's 150 MB (10k) target."""
+    head = (f"{'dataplane/size':18} {'peak MB':>8} {'start':>6} {'learn':>6} {'cg before':>9} {'cg after':>8} "
+            f"{'rss bef':>7} {'rss aft':>7} {'B/entry cg':>10} {'B/entry rss':>11} {'learner':>7} {'kernel':>7}")
+    lines = [f"DNS learned state (names x {MEM_ADDRS} addresses; cgroup = agent + children, bcc's loader apart; "
+             "target at 10k: <= 150 MB)", head]
+    for r in rows:
+        key = f"{r['dataplane']}/{r['size']}"
+        if "error" in r:
+            lines.append(f"{key:18} ERROR: {r['error'].splitlines()[-1][:100]}")
+            continue
+        b, a, i = r["before"], r["after"], r["increment"]
+        kernel = a.get("set_elements", a.get("map_entries"))
+        lines.append(f"{key:18} {r['peak_mb']:>8} {r['start_peak_mb']:>6} {r['learning_peak_mb']:>6} "
+                     f"{b['cgroup_mb']:>9} {a['cgroup_mb']:>8} {b['rss_mb']:>7} {a['rss_mb']:>7} "
+                     f"{i['cgroup_bytes_per_entry']:>10} {i['rss_bytes_per_entry']:>11} {a['learned_entries']:>7} "
+                     f"{kernel:>7}")
+    return "\n".join(lines)
+
+
+def memory_bench(dataplanes: list[str], quick: bool, log: Any) -> list[dict[str, Any]]:
+    """`make bench`'s learned-state figures: 10k names x 4 addresses over 10 pods, with the
+    10k cluster (quick: 1,000 names, the 1k cluster)."""
+    size, names = ("1k", 1000) if quick else ("10k", 10_000)
+    log(f"dns learned memory: {names} names x {MEM_ADDRS} addresses, {size} cluster, {dataplanes}")
+    return [learned_memory(dp, size, 10, names, log=log) for dp in dataplanes]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--queries", type=int, default=2000)
@@ -368,7 +748,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--distinct", type=int, default=200, help="with --agent --rate: names (addresses) cycled")
     ap.add_argument("--tcp-queries", type=int, default=0)
+    ap.add_argument("--memory", help="dataplanes: the learned state's memory (--size, --pods, --names)")
+    ap.add_argument("--size", default="10k", help="with --memory: the synthetic cluster (1k, 10k, 50k; none)")
+    ap.add_argument("--pods", type=int, default=10, help="with --memory: local pods the names are spread over")
+    ap.add_argument("--names", type=int, default=10_000, help="with --memory: distinct names (4 addresses each)")
     a = ap.parse_args()
+    if a.memory:
+        size = "" if a.size == "none" else a.size
+        res = [learned_memory(d, size, a.pods, a.names) for d in a.memory.split(",")]
+        print(memory_table(res))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     if a.agent:
         rows = [r for d in a.agent.split(",") for r in agent_run(d, a.queries, a.rate, a.seconds, a.distinct)]
     else:

@@ -114,11 +114,22 @@ def named_updates(
     """`updates` of already parsed answers, each with the question's name (for `/dns` and
     `explain --to-name`: which name taught the address)."""
     out = []
+    questions: dict[tuple[tuple[str, ...], ...], str] = {}  # one string per chain, not per address
     for r in answers:
         for rule in rules:
             if any(rule.matches_labels(n) for n in r.names):
-                out.append(((endpoint, rule.key, r.address, now + max(r.ttl, floor)), r.question))
+                q = questions.get(r.names)
+                if q is None:
+                    q = questions[r.names] = r.question
+                out.append(((endpoint, rule.key, r.address, now + max(r.ttl, floor)), q))
     return out
+
+
+def _copy(m: Mapping[IPAddress, float]) -> dict[IPAddress, float]:
+    """A mutable copy of one (endpoint, rule) map. A dict's own copy reuses its stored
+    hashes: `dict(proxy)` would call IPv4Address.__hash__ (Python code) on every address, so
+    an answer to a pod that learned thousands cost milliseconds."""
+    return m.copy() if isinstance(m, (dict, MappingProxyType)) else dict(m)
 
 
 def merge(table: Learned, new: Iterable[tuple[str, str, IPAddress, float]], cap: int = MAX_PER_POD) -> Learned:
@@ -126,13 +137,14 @@ def merge(table: Learned, new: Iterable[tuple[str, str, IPAddress, float]], cap:
     them held to `cap` entries, dropping those expiring soonest.
 
     Per answer, so its cost follows what the answer touches, not the table: the untouched
-    (endpoint, rule) maps are shared with `table` (immutable), only touched ones are copied,
-    and an endpoint's count reads the sizes of its own maps."""
+    (endpoint, rule) maps are shared with `table` (immutable), only touched ones are copied
+    (without hashing their addresses again: `_copy`), and an endpoint's count reads the
+    sizes of its own maps."""
     touched: dict[tuple[str, str], dict[IPAddress, float]] = {}
     for ep, rule, ip, t in new:
         d = touched.get((ep, rule))
         if d is None:
-            d = touched[(ep, rule)] = dict(table.entries.get((ep, rule), {}))
+            d = touched[(ep, rule)] = _copy(table.entries.get((ep, rule), {}))
         d[ip] = max(t, d.get(ip, t))
     if not touched:
         return table
@@ -147,7 +159,7 @@ def merge(table: Learned, new: Iterable[tuple[str, str, IPAddress, float]], cap:
         for _, rule, ip in flat[: len(flat) - cap]:
             d = touched.get((ep, rule))
             if d is None:
-                d = touched[(ep, rule)] = dict(entries[(ep, rule)])
+                d = touched[(ep, rule)] = _copy(entries[(ep, rule)])
                 entries[(ep, rule)] = d
             del d[ip]
     return Learned(MappingProxyType({k: v if k not in touched else MappingProxyType(v)

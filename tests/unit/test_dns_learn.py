@@ -11,7 +11,7 @@ import dns.rrset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.dns.learn import MAX_CHAIN, TTL_FLOOR, merge, resolved, updates
+from agent.dns.learn import MAX_CHAIN, TTL_FLOOR, merge, named_updates, resolved, updates
 from agent.policy.cluster import DomainRule, Learned, parse_domain
 
 ip = ipaddress.ip_address
@@ -152,3 +152,30 @@ def test_merge_touches_only_what_it_must_and_agrees_with_the_reference(batches: 
         for k, v in table.entries.items():  # untouched maps are shared, not copied
             if k not in touched and k in before.entries and before.entries[k] == v:
                 assert v is before.entries[k] or any(x[0] == k[0] for x in touched)
+
+
+class CountingV4(ipaddress.IPv4Address):
+    """An address counting its hash calls (IPv4Address.__hash__ is Python code)."""
+
+    hashes = 0
+
+    def __hash__(self) -> int:
+        CountingV4.hashes += 1
+        return super().__hash__()
+
+
+def test_merge_does_not_hash_again_the_addresses_it_only_copies() -> None:
+    # a pod that learned 1,000 addresses, then one answer more: its map is copied, not rehashed
+    table = merge(Learned(), [("p", "r", CountingV4(f"10.1.{i // 256}.{i % 256}"), 100.0) for i in range(1000)])
+    CountingV4.hashes = 0
+    after = merge(table, [("p", "r", CountingV4("10.2.0.1"), 200.0), ("p", "r", CountingV4("10.1.0.0"), 300.0)])
+    assert CountingV4.hashes <= 4  # the two new entries only (a lookup and a store each)
+    assert len(after) == 1001 and after.entries[("p", "r")][ip("10.1.0.0")] == 300.0
+    assert len(table) == 1000 and table.entries[("p", "r")][ip("10.1.0.0")] == 100.0  # the old table unchanged
+
+
+def test_the_addresses_of_one_answer_share_its_question_string() -> None:
+    w = answer("a.cdn.test", *(("a.cdn.test", 300, "A", f"192.0.2.{i}") for i in range(1, 5)))
+    named = named_updates("p", RULES, resolved(w), 0.0)
+    assert [q for _, q in named] == ["a.cdn.test"] * 4
+    assert len({id(q) for _, q in named}) == 1  # one string kept per learned name, not one per address
