@@ -670,7 +670,6 @@ class NftablesDataplane(Dataplane):
     def __init__(self, options: Options = Options()) -> None:
         self.options = options
         self._nft = None
-        self._reader = None  # a second libnftables context for reads (counters): see _run
         self._model: Model | None = None  # what the kernel holds after our last apply
         self._program: Program | None = None  # the program that model came from
         self._memo = Memo()  # what each endpoint gave the last build (see build_model)
@@ -701,12 +700,16 @@ class NftablesDataplane(Dataplane):
     def _run(self, text: str, json_out: bool = False, read: bool = False) -> str:
         """One libnftables command. Reads (a scrape's `list table`, ~0.3 s at 10k pods) have
         a context of their own, so a sync never waits behind one: a context is not shared
-        between threads, and the kernel orders a read against a commit by itself."""
+        between threads, and the kernel orders a read against a commit by itself. A fresh one
+        per read: a context keeps the cache it fetched for as long as it lives (a kept reader
+        held the agent ~25 MB higher at 10k pods after the first scrape)."""
         if read:
             with self._read_lock:
-                if self._reader is None:
-                    self._reader = self._context()
-                return self._cmd(self._reader, text, json_out)
+                reader = self._context()
+                try:
+                    return self._cmd(reader, text, json_out)
+                finally:
+                    del reader
         with self._lock:
             return self._cmd(self.nft, text, json_out)
 
