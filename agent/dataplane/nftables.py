@@ -37,7 +37,11 @@ it does not grow with the number of pods or peers.
 Cost of a change: the dataplane keeps a `Memo` across syncs, so build_model reuses the
 chains and map entries of every endpoint that is the same EndpointProgram object as last
 time (the incremental compiler hands unchanged ones back as such) with the same set stems,
-and render_diff skips by identity what did not change. Loads: a first load into a kernel
+and render_diff skips by identity what did not change. A diff that is nothing but element
+adds and deletes in hash sets both models hold (the usual event: a remote pod's labels or
+address) goes to the kernel as one raw nfnetlink batch (nfnetlink.py: one transaction, as
+the text would be) instead of a libnftables command, whose fetch of every set of the table
+first cost ~4 ms at 10k pods whatever the change; anything else goes as text. Loads: a first load into a kernel
 without our table goes in bounded transactions (render_staged: sets, elements, endpoint
 chains, then the maps and base chains that make the table judge), so its peak memory is
 one batch's parse. A restart over the table a previous agent left (render_replace) stages
