@@ -975,6 +975,7 @@ class NftablesDataplane(Dataplane):
         if self._has_table():
             self._run(f"delete table {FAMILY} {TABLE}")
         self._model = None
+        self._elements.close()
 
 
 def endpoint_chains(ep: EndpointProgram) -> list[str]:
