@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from agent.dataplane.base import Flow
+from agent.dataplane.netlink import attrs, dump
 
 log = logging.getLogger(__name__)
 REJUDGED = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", 132: "sctp"}  # what strict mode re-judges
@@ -21,39 +21,25 @@ NUMBERS = {v: k for k, v in REJUDGED.items()}
 # only the original tuple costs a few microseconds. Constants from linux/netfilter/nfnetlink*.h.
 NETLINK_NETFILTER = 12
 _CT_GET = (1 << 8) | 1  # NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET
-_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _CTA_TUPLE_ORIG, _CTA_TUPLE_IP, _CTA_TUPLE_PROTO = 1, 1, 2
 _CTA_IP = {1: "src", 2: "dst", 3: "src", 4: "dst"}  # CTA_IP_V4_SRC/DST, CTA_IP_V6_SRC/DST
 _CTA_PROTO_NUM, _CTA_PROTO_SRC_PORT, _CTA_PROTO_DST_PORT = 1, 2, 3
-_HDR = struct.Struct("=IHHII")
-_NLA = struct.Struct("=HH")
-
-
-def _attrs(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, payload start, payload end) of each netlink attribute in buf[start:end]."""
-    while start + 4 <= end:
-        ln, typ = _NLA.unpack_from(buf, start)
-        if ln < 4:
-            return
-        yield typ & 0x3FFF, start + 4, start + ln
-        start += (ln + 3) & ~3
 
 
 def _flow(buf: bytes, start: int, end: int) -> Flow | None:
     """The original tuple of one conntrack entry (its attributes in buf[start:end])."""
-    for typ, s, e in _attrs(buf, start, end):
+    for typ, s, e in attrs(buf, start, end):
         if typ != _CTA_TUPLE_ORIG:
             continue
         ips: dict[str, bytes] = {}
         proto = sport = dport = None
-        for t2, s2, e2 in _attrs(buf, s, e):
+        for t2, s2, e2 in attrs(buf, s, e):
             if t2 == _CTA_TUPLE_IP:
-                for t3, s3, e3 in _attrs(buf, s2, e2):
+                for t3, s3, e3 in attrs(buf, s2, e2):
                     if t3 in _CTA_IP:
                         ips[_CTA_IP[t3]] = buf[s3:e3]
             elif t2 == _CTA_TUPLE_PROTO:
-                for t3, s3, _ in _attrs(buf, s2, e2):
+                for t3, s3, _ in attrs(buf, s2, e2):
                     if t3 == _CTA_PROTO_NUM:
                         proto = buf[s3]
                     elif t3 == _CTA_PROTO_SRC_PORT:
@@ -69,30 +55,13 @@ def _flow(buf: bytes, start: int, end: int) -> Flow | None:
 
 def _dump() -> list[Flow]:
     """Every entry's original tuple, by one ctnetlink dump of all families."""
-    out: list[Flow] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sk:
-        sk.bind((0, 0))
-        sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)  # nfgenmsg: all families, NFNETLINK_V0
-        sk.send(_HDR.pack(_HDR.size + len(body), _CT_GET, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + body)
-        while True:
-            buf = sk.recv(1 << 18)
-            pos = 0
-            while pos + _HDR.size <= len(buf):
-                ln, typ, _, _, _ = _HDR.unpack_from(buf, pos)
-                if ln < _HDR.size:
-                    raise OSError(f"conntrack dump: malformed message of {ln} bytes")
-                if typ == _NLMSG_DONE:
-                    return out
-                if typ == _NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", buf, pos + _HDR.size)[0]
-                    if code:
-                        raise OSError(code, f"conntrack dump: {os.strerror(code)}")
-                else:
-                    f = _flow(buf, pos + _HDR.size + 4, pos + ln)  # after the 4-byte nfgenmsg
-                    if f is not None:
-                        out.append(f)
-                pos += (ln + 3) & ~3
+    body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)  # nfgenmsg: all families, NFNETLINK_V0
+    out = []
+    for buf, _, start, end in dump(NETLINK_NETFILTER, _CT_GET, body, "conntrack dump", 1 << 20, 1 << 18):
+        f = _flow(buf, start + 4, end)  # after the 4-byte nfgenmsg
+        if f is not None:
+            out.append(f)
+    return out
 
 
 def established() -> list[Flow]:
