@@ -18,6 +18,7 @@ cases (upstream NetworkPolicy cases), kustomize / manifests (deploy/ rendered), 
 systemd unit's confinement), privileges (root, bpffs, dataplane environment), recording (a
 dataplane that records), cnp_cases (the ClusterNetworkPolicy conformance data), planes (a
 dataplane in the lab's node namespace, probes vs the simulator), dns_lab (the DNS egress lab),
+dns_fakes (a fake hold, a domainNames policy and DNS answers for the learner's unit tests),
 hostile_agent / hostile_files (hostile input), reliability/ (the
 soak run), demo (`make demo`).
 """

@@ -6,32 +6,15 @@ import ipaddress
 from collections.abc import Callable
 from typing import Any
 
-import dns.message
-import dns.rrset
 from prometheus_client import CollectorRegistry
 
 from agent.dns.egress import DnsEgress, learner_rules
 from agent.ir import Program
 from agent.simulate import evaluate
 from tests.kit.builders import BASE, snapshot_of
+from tests.kit.dns_fakes import API, CNP, WEB, FakeHold, answer
 
-WEB, API, CLI, OUT = "10.0.0.1", "10.0.0.2", "10.0.1.1", "192.0.2.7"  # BASE: a/web, a/api (team=red), b/cli
-CNP = {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
-       "metadata": {"name": "names"},
-       "spec": {"tier": "Admin", "priority": 1, "subject": {"namespaces": {"matchLabels": {"team": "red"}}},
-                "egress": [{"action": "Accept", "to": [{"domainNames": ["*.example.test"]}]},
-                           {"action": "Deny", "to": [{"networks": ["0.0.0.0/0"]}]}]}}
-
-
-class FakeHold:
-    def __init__(self, on_answer: Callable[..., None], **kw: Any) -> None:
-        self.on_answer, self.attached = on_answer, []
-
-    def device_for(self, ip: Any) -> str:
-        return f"veth-{ip}"
-
-    def attach(self, dev: str) -> None:
-        self.attached.append(dev)
+CLI, OUT = "10.0.1.1", "192.0.2.7"  # BASE: b/cli (not a subject); an outside address
 
 
 class FakeDaemon:
@@ -48,12 +31,6 @@ class FakeDaemon:
         self.program = self.transform(self.base)
         self.applies += 1
         return True
-
-
-def answer(name: str, ip: str, ttl: int = 100) -> bytes:
-    r = dns.message.make_response(dns.message.make_query(name, "A"))
-    r.answer.append(dns.rrset.from_text(name + ".", ttl, "IN", "A", ip))
-    return r.to_wire()
 
 
 def allowed(prog: Program | None, src: str, dst: str) -> bool:

@@ -9,8 +9,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import dns.message
-import dns.rrset
 from prometheus_client import CollectorRegistry
 
 from agent.dataplane.base import DataplaneError, LearnedEntry
@@ -18,24 +16,7 @@ from agent.dns.egress import DnsEgress
 from agent.ir import Program
 from agent.policy.cluster.domains import learned_rule_key
 from tests.kit.builders import BASE, snapshot_of
-
-WEB, API = "10.0.0.1", "10.0.0.2"  # BASE: a/web, a/api (team=red: the subjects)
-CNP = {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
-       "metadata": {"name": "names"},
-       "spec": {"tier": "Admin", "priority": 1, "subject": {"namespaces": {"matchLabels": {"team": "red"}}},
-                "egress": [{"action": "Accept", "to": [{"domainNames": ["*.example.test"]}]},
-                           {"action": "Deny", "to": [{"networks": ["0.0.0.0/0"]}]}]}}
-
-
-class FakeHold:
-    def __init__(self, on_answer: Callable[..., None], **kw: Any) -> None:
-        pass
-
-    def device_for(self, ip: Any) -> str:
-        return f"veth-{ip}"
-
-    def attach(self, dev: str) -> None:
-        pass
+from tests.kit.dns_fakes import API, CNP, WEB, FakeHold, answer
 
 
 class FakeDataplane:
@@ -63,12 +44,6 @@ class FakeDaemon:
     def reapply(self) -> bool:
         self.applies += 1
         return True
-
-
-def answer(name: str, *ips: str, ttl: int = 100) -> bytes:
-    r = dns.message.make_response(dns.message.make_query(name, "A"))
-    r.answer.append(dns.rrset.from_text(name + ".", ttl, "IN", "A", *ips))
-    return r.to_wire()
 
 
 def setup(cap: int = 4096) -> tuple[FakeDaemon, DnsEgress, list[float], Program]:
