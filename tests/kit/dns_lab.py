@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.kit import Connection, Lab, expect, stop, until
+from tests.kit import NETPROBE, Connection, Lab, expect, stop, until
 from tests.kit.builders import ns, pod
 from tests.kit.enforcement import write
 
@@ -251,34 +251,6 @@ def dnsmasq(lab: Lab, server_pod: str, workdir: Path, zone: Sequence[str],
         stop(proc)
 
 
-_STUB_CLIENT_PY = """
-import json, socket, sys
-family = {"4": socket.AF_INET, "6": socket.AF_INET6}[sys.argv[1]]
-try:  # glibc's stub resolver, configured by the resolv.conf mounted over /etc/resolv.conf
-    addrs = sorted({ai[4][0] for ai in socket.getaddrinfo(sys.argv[3], 80, family, socket.SOCK_STREAM)})
-except socket.gaierror:
-    addrs = []
-opened = []
-def connect(a):
-    try:
-        s = socket.create_connection((a, 80), timeout=1.0)
-    except OSError:
-        return False
-    opened.append(s)
-    return True
-print(json.dumps({"addrs": addrs, "connected": {a: connect(a) for a in [*addrs, *sys.argv[4:]]}}), flush=True)
-if sys.argv[2] == "hold" and opened:  # then ping through the first connection, per stdin line
-    s = opened[0]
-    s.settimeout(2)
-    for _ in sys.stdin:
-        try:
-            s.send(b"ping")
-            ok = s.recv(64).startswith(b"pong")
-        except OSError:
-            ok = False
-        print("ok" if ok else "fail", flush=True)
-"""
-
 # `ip netns exec` runs us in a mount namespace of our own, slave to the host's: a bind mount
 # over /etc/resolv.conf made there is seen by this one process tree only.
 _WITH_RESOLV_CONF = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
@@ -289,7 +261,7 @@ def _stub_argv(lab: Lab, src_pod: str, server: str, mode: str, name: str, also: 
     conf = workdir / f"resolv-{server.replace(':', '_')}{'-tcp' if tcp else ''}.conf"
     conf.write_text(f"nameserver {server}\noptions timeout:2 attempts:3{' use-vc' if tcp else ''}\n")
     return ["ip", "netns", "exec", lab.pods[src_pod].netns, "sh", "-c", _WITH_RESOLV_CONF, str(conf),
-            sys.executable, "-c", _STUB_CLIENT_PY, str(family), mode, name, *also]
+            sys.executable, str(NETPROBE), "resolve", str(family), mode, name, *also]
 
 
 def stub_resolve_and_connect(lab: Lab, src_pod: str, server: str, name: str, *also: str, family: int = 4,

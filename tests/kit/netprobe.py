@@ -9,6 +9,10 @@
                                          (refused: the RST / ICMP error came back)
     netprobe.py big TIMEOUT SIZE SPEC... UDP datagrams of SIZE bytes (fragmented both ways);
                                          prints {"SPEC": true|false} (true: the echo came back)
+    netprobe.py hold ADDR PORT           one TCP connection, a ping through it per stdin line
+    netprobe.py resolve 4|6 once|hold NAME ADDR...
+                                         resolve NAME (libc's stub resolver), connect to TCP/80
+                                         of each answer and ADDR; prints {"addrs", "connected"}
 """
 
 from __future__ import annotations
@@ -63,13 +67,42 @@ def hold(addr: str, port: int) -> None:
         s.settimeout(2)
         s.connect((addr, port))
         print("connected", flush=True)
-        for _ in sys.stdin:
-            try:
-                s.send(b"ping")
-                ok = s.recv(64).startswith(b"pong")
-            except OSError:
-                ok = False
-            print("ok" if ok else "fail", flush=True)
+        _ping_per_line(s)
+
+
+def _ping_per_line(s: socket.socket) -> None:
+    """Per stdin line, a ping through `s`; prints ok (its pong came back) or fail."""
+    s.settimeout(2)
+    for _ in sys.stdin:
+        try:
+            s.send(b"ping")
+            ok = s.recv(64).startswith(b"pong")
+        except OSError:
+            ok = False
+        print("ok" if ok else "fail", flush=True)
+
+
+def resolve(family: str, mode: str, name: str, also: list[str]) -> None:
+    """Resolve `name` through the C library's stub resolver (IPv4 or IPv6 by `family`),
+    connect at once to TCP/80 of every answered address and of `also`; in mode `hold`,
+    then ping through the first connection per stdin line."""
+    fam = {"4": socket.AF_INET, "6": socket.AF_INET6}[family]
+    try:
+        addrs = sorted({ai[4][0] for ai in socket.getaddrinfo(name, 80, fam, socket.SOCK_STREAM)})
+    except socket.gaierror:
+        addrs = []
+    opened = []
+
+    def connect(a: str) -> bool:
+        try:
+            opened.append(socket.create_connection((a, 80), timeout=1.0))
+        except OSError:
+            return False
+        return True
+
+    print(json.dumps({"addrs": addrs, "connected": {a: connect(a) for a in [*addrs, *also]}}), flush=True)
+    if mode == "hold" and opened:
+        _ping_per_line(opened[0])
 
 
 def _checksum(data: bytes) -> int:
@@ -189,6 +222,8 @@ if __name__ == "__main__":
         hold(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1] == "refused":
         print(json.dumps({spec: refused(spec, float(sys.argv[2])) for spec in sys.argv[3:]}))
+    elif sys.argv[1] == "resolve":
+        resolve(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
     elif sys.argv[1] == "big":
         print(json.dumps({spec: big(spec, int(sys.argv[3]), float(sys.argv[2])) for spec in sys.argv[4:]}))
     else:
