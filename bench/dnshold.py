@@ -43,7 +43,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from agent.dns.hold import Hold
 from agent.dns.learn import merge, updates
 from agent.inventory import IPAddress
 from agent.policy.cluster import DomainRule, Learned, parse_domain
+from bench.cgroups import Cgroup, LoaderWatch, PeakMeter, proc_kb, settle, spawn_in_cgroup
 from tests.kit import Lab
 from tests.kit.dns_lab import start_dns_server
 from tests.kit.netns import worker
@@ -395,93 +395,6 @@ print(json.dumps({"answered": sum(answered), "timeouts": sum(timeouts)}))
 """
 
 
-class PeakMeter:
-    """A cgroup's peak usage since the last `reset` (v1: memory.max_usage_in_bytes, reset
-    by writing 0; v2: memory.peak, reset per open file since Linux 6.12, so one file is
-    kept open)."""
-
-    def __init__(self, cg: Any) -> None:
-        self.cg = cg
-        self.file = open(cg.path / "memory.peak", "r+") if cg.version == 2 else None  # noqa: SIM115
-
-    def reset(self) -> None:
-        if self.file is None:
-            (self.cg.path / "memory.max_usage_in_bytes").write_text("0")
-        else:
-            self.file.seek(0)
-            self.file.write("reset\n")
-            self.file.flush()
-
-    def peak(self) -> int:
-        if self.file is None:
-            return int(self.cg.peak())
-        self.file.seek(0)
-        return int(self.file.read().split()[0])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def _loaders(cg: Any) -> list[int]:
-    """Members of the cgroup that are a bcc loader child (the hold's, or the eBPF dataplane's)."""
-    out = []
-    for pid in (cg.path / "cgroup.procs").read_text().split():
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"agent.dns.loader" in cmd or b"agent.dataplane.ebpf.loader" in cmd:
-            out.append(int(pid))
-    return out
-
-
-class LoaderWatch:
-    """Polls the cgroup while the agent starts: the peak while a bcc loader child runs is
-    noted apart (issue 17 counts bcc's compile apart), and the peak is reset once it exits,
-    so `meter.peak()` at ready is the start-up without it (the agent's own peaks in the
-    300 ms after its exit, while the hold is attached, are missed with it)."""
-
-    def __init__(self, cg: Any, meter: PeakMeter) -> None:
-        self.cg, self.meter = cg, meter
-        self.loader_peak = 0  # bytes: the cgroup's peak up to the last loader's exit
-        self.loaders = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    SETTLE = 30  # polls (10 ms) after a loader's exit during which the peak is reset again:
-    # its memory is uncharged over a moment after it leaves the process list
-
-    def _run(self) -> None:
-        running, settle = False, 0
-        while not self._stop.wait(0.01):
-            now = bool(_loaders(self.cg))
-            if now and not running:
-                self.loaders += 1
-            if running and not now:  # a loader exited: its peak apart, the count starts afresh
-                self.loader_peak = max(self.loader_peak, self.meter.peak())
-                settle = self.SETTLE
-            if settle and not now:
-                self.meter.reset()
-                settle -= 1
-            running = now
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def _proc_kb(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM of a process, kB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        k, _, v = line.partition(":")
-        if k in ("VmRSS", "VmHWM"):
-            out[k] = int(v.split()[0])
-    return out
-
-
 def _kernel_learned(lab: Lab, dataplane: str) -> dict[str, int]:
     """What the kernel holds of the learned addresses: nftables elements of the l4_/l6_
     sets (and how many such sets), or eBPF `learned` map entries."""
@@ -523,20 +436,10 @@ def _manifests(root: Any, size: str, seed: int, extra: list[dict[str, Any]]) -> 
 
 def _spawn_in_cgroup(lab: Lab, cg: Any, args: list[str]) -> subprocess.Popen:
     """`stockade <args>` in the node namespace as a member of `cg` from its first
-    instruction (joined before exec: `ip netns exec` execs the agent in place)."""
-    from tests.kit import ROOT
-
-    procs = str(cg.path / "cgroup.procs")
-
-    def join() -> None:
-        with open(procs, "w") as f:
-            f.write(str(os.getpid()))
-
+    instruction, its output kept as the lab's agent output."""
     fd, name = tempfile.mkstemp(prefix=f"{lab.prefix}-agent-", suffix=".log")
     try:
-        proc = subprocess.Popen(["ip", "netns", "exec", lab.node, sys.executable, "-m", "agent.cli", *args],
-                                cwd=ROOT, stdout=fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=join)
+        proc = spawn_in_cgroup(cg, ["ip", "netns", "exec", lab.node, sys.executable, "-m", "agent.cli", *args], fd)
     finally:
         os.close(fd)
     lab.procs.append(proc)
@@ -553,7 +456,6 @@ def learned_memory(dataplane: str, size: str = "10k", pods: int = 10, names: int
     learned elements after; `refresh`: then the same names once more (`after_refresh`:
     whether memory follows the answers or the entries). eBPF: its build compiled
     beforehand (as bench.memory)."""
-    from bench.memory import Cgroup
     from tests.kit import stop, until
     from tests.kit.builders import ns, pod
     from tests.kit.generate import LOCAL_NODE
@@ -618,7 +520,7 @@ def learned_memory(dataplane: str, size: str = "10k", pods: int = 10, names: int
                     # "before" once the agent served /metrics (its first scrape at 10k costs
                     # ~30 MB: nft's counters) and its RSS is steady: both sides then include it
                     _learned(lab)
-                    out["settle_s"] = _settle(agent.pid)
+                    out["settle_s"] = settle(agent.pid)
                     out["bcc_loaders"] = watch.loaders
                     out["loader_peak_mb"] = round(watch.loader_peak / mb, 1)
                     out["start_peak_mb"] = round(meter.peak() / mb, 1)  # to settled, bcc's loader apart
@@ -667,23 +569,8 @@ def learned_memory(dataplane: str, size: str = "10k", pods: int = 10, names: int
     return out
 
 
-def _settle(pid: int, quiet: float = 3.0, limit: float = 120.0) -> float:
-    """Seconds until the process's RSS moved less than 0.5 MB over `quiet` seconds (at
-    most `limit`)."""
-    t0 = time.monotonic()
-    last, since = _proc_kb(pid)["VmRSS"], time.monotonic()
-    while time.monotonic() - t0 < limit:
-        time.sleep(0.25)
-        now = _proc_kb(pid)["VmRSS"]
-        if abs(now - last) > 512:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            break
-    return round(time.monotonic() - t0, 1)
-
-
 def _rss(pid: int) -> dict[str, float]:
-    kb = _proc_kb(pid)
+    kb = proc_kb(pid)
     return {"rss_mb": round(kb["VmRSS"] / 1024, 1), "hwm_mb": round(kb["VmHWM"] / 1024, 1)}
 
 
