@@ -9,6 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.dataplane.ebpf import ALL_PROTOS, PROTO, PROTO_NAME, V_CODE, compile_direction, port_prefixes
+from agent.dataplane.ebpf.layout import k_peer, u32
+from agent.dataplane.ebpf.tables import DIR_CODE, entry_keys
+from agent.dataplane.ebpf.tables import entries as map_items
 from agent.ir import Direction, DirectionProgram, Origin, PeerSet, PortMatch, Rule, Tier, Verdict
 from agent.simulate import decide
 
@@ -116,6 +119,29 @@ def test_tables_agree_with_simulator(rs: list[Rule], isolated: bool) -> None:
 def test_tiered_tables_agree_with_simulator(rs: list[Rule], isolated: bool) -> None:
     """Admin Accept/Deny/Pass, NetworkPolicy rules, Baseline Accept/Deny/Pass, isolated or not."""
     agree(rs, isolated)
+
+
+@settings(max_examples=200, deadline=None)
+@given(tiered, st.booleans(), st.integers(1, 2**32 - 1), st.integers(0, 2**32 - 1))
+def test_packed_peers_make_the_keys_layout_makes(rs: list[Rule], isolated: bool, ep_id: int, gen: int) -> None:
+    """DirTables keeps its peers packed: the items and keys it makes from them are the
+    bytes layout.k_peer / u32 make from (family, address, prefixlen, class), which
+    `peers` gives back in the order they were compiled (IPv4 first, ascending)."""
+    t = compile_direction(DirectionProgram(isolated, tuple(rs)))
+    fams = [f for f, *_ in t.peers]
+    assert fams == sorted(fams) and t.peers == tuple(sorted(t.peers))
+    assert t.entries[0] == len(t.peers)
+    for d in Direction:
+        dc = DIR_CODE[d]
+        want = [(k_peer(ep_id, gen, dc, fam, addr, plen), u32(cls)) for fam, addr, plen, cls in t.peers]
+        assert t.peer_items(ep_id, gen, dc) == want
+        assert t.peer_keys(ep_id, gen, dc) == [k for k, _ in want]
+    counters = {(dc, rid): n for n, (dc, rid) in enumerate((dc, rid) for dc in (0, 1) for rid in t.rule_ids)}
+    tables = {Direction.INGRESS: t, Direction.EGRESS: t}
+    peers, ports = map_items(ep_id, counters, tables, gen)
+    assert entry_keys(ep_id, tables, gen) == [("peers", k) for k, _ in peers] + [("ports", k) for k, _ in ports]
+    again = compile_direction(DirectionProgram(isolated, tuple(rs)))
+    assert again == t and hash(again) == hash(t)
 
 
 def test_admin_pass_skips_admin_and_isolation_precedes_baseline() -> None:

@@ -86,13 +86,30 @@ class Deferred:
     """What an apply leaves for after the grace following its flip (`Reconciler._settle`)."""
 
     since: float  # monotonic time of the flip
-    stale: list[Entry]  # the replaced generations' entries
+    stale: Stale  # the replaced generations' entries
     retired: list[int]  # rule counters no generation in force references
     gone: list[int]  # ids of departed endpoints (epkeys entry, drop counters)
     detach: set[int]  # devices no endpoint needs any more
     node_gone: set[IPAddress]  # node addresses no longer on the node
     sweep: bool  # after an adoption: delete every generation not in force
     learned: int = 0  # how many of `stale` are `learned` entries
+
+
+@dataclass
+class Stale:
+    """Entries to delete after a flip: replaced generations of `peers`/`ports` as (endpoint
+    id, generation, tables), their keys made when they are deleted (held as keys until the
+    next apply, a policy change touching every endpoint kept ~30 MB of them at 10k pods),
+    and other entries (`learned`, learned classes' `ports`) as keys."""
+
+    gens: list[tuple[int, int, dict[Direction, DirTables]]] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
+
+    def gen(self, ep_id: int, gen: int, tables: dict[Direction, DirTables]) -> None:
+        self.gens.append((ep_id, gen, tables))
+
+    def __len__(self) -> int:
+        return len(self.entries) + sum(sum(t.entries) for _, _, tables in self.gens for t in tables.values())
 
 
 @dataclass
@@ -726,15 +743,16 @@ class Reconciler:
             # entries of generations the half in force does not use (e.g. written by an agent
             # killed before its flip) go before any generation is written again
             removed += self._sweep()
-        stale: list[Entry] = []  # the replaced generations' entries, deleted after the flip
+        stale = Stale()  # the replaced generations' entries, deleted after the flip
         retired: list[int] = []  # rule counters of departed or taken-over endpoints, freed after the flip
         renamed: list[EpState] = []
         # node addresses first: they only ever widen node -> endpoint traffic
         node = self.devices.node_addresses()
         cmds += self._write("nodeaddrs", [(k_addr(ip), b"\1") for ip in node - self.node_addrs])
         # 1. new generations of every changed endpoint (nothing reads them before the flip)
+        # (the written generations, not their keys: a cold start at 10k pods writes ~220k
+        # entries, ~30 MB as a list of keys, and a failure is rare)
         switched: list[tuple[EpState, int, dict[Direction, DirTables]]] = []
-        fresh: list[Entry] = []
         learned_gens: dict[int, LearnGen] = {}  # id(EpState) -> its learned entries at its new generation
         for key, ep in program.endpoints.items():
             tables = compiled[key]
@@ -763,22 +781,23 @@ class Reconciler:
                 lg = LearnGen.of(gen, egress) if st.lindex else None  # only endpoints with domainNames rules
                 try:
                     cmds += self._write("peers", peers)
-                    fresh += [("peers", k) for k, _ in peers]
                     cmds += self._write("ports", ports)
-                    fresh += [("ports", k) for k, _ in ports]
                     if lg is not None:  # what the endpoint learned, recomputed for the new generation
                         cmds += self._learn_write(st, lg, egress, self.memory.held.get(key, {}), time.monotonic())
-                        fresh += lg.keys(st.ep_id)
                 except DataplaneError:
-                    for m, k in fresh + [("peers", k) for k, _ in peers] + [("ports", k) for k, _ in ports]:
-                        self.maps[m].delete(k)  # never flipped to: drop the half-written generations
-                    for m, k in lg.keys(st.ep_id) if lg is not None else ():
-                        self.maps[m].delete(k)
+                    # never flipped to: drop the half-written generations
+                    for sst, sgen, stables in switched:
+                        self._delete_quietly(entry_keys(sst.ep_id, stables, sgen))
+                        if (slg := learned_gens.get(id(sst))) is not None:
+                            self._delete_quietly(slg.keys(sst.ep_id))
+                    self._delete_quietly([("peers", k) for k, _ in peers] + [("ports", k) for k, _ in ports])
+                    if lg is not None:
+                        self._delete_quietly(lg.keys(st.ep_id))
                     raise
                 if lg is not None:
                     learned_gens[id(st)] = lg
                 if st.tables is not None:
-                    stale += entry_keys(st.ep_id, st.counters, st.tables, st.gen)
+                    stale.gen(st.ep_id, st.gen, st.tables)
                 switched.append((st, gen, tables))
                 added += len(peers) + len(ports)
                 written += 1
@@ -812,7 +831,7 @@ class Reconciler:
             cmds += 1
         for st, gen, tables in switched:
             if st.lg is not None:
-                stale += st.lg.keys(st.ep_id)
+                stale.entries += st.lg.keys(st.ep_id)
             st.gen, st.tables, st.lg = gen, tables, learned_gens.get(id(st))
             keep = {(DIR_CODE[d], r) for d, t in tables.items() for r in t.rule_ids}
             retired += [st.counters.pop(k) for k in list(st.counters) if k not in keep]
@@ -832,7 +851,7 @@ class Reconciler:
         # rewriting that half), so this event costs no sleep
         self._deferred = Deferred(time.monotonic(), stale, retired, [st.ep_id for st in gone],
                                   known_devices - set(want["ifcfg"]), self.node_addrs - node, self._adopted,
-                                  sum(1 for name, _ in stale if name == "learned"))
+                                  sum(1 for name, _ in stale.entries if name == "learned"))
         self._adopted = False
         self.node_addrs |= node
         if self.growths != self._dropped_at:  # old builds: only after a growth switched builds
@@ -853,7 +872,10 @@ class Reconciler:
         if d is None:
             return 0
         self._wait_grace(d)
-        self._delete(d.stale)
+        removed = len(d.stale)
+        self._delete(d.stale.entries)
+        for ep_id, gen, tables in d.stale.gens:  # one endpoint's keys at a time
+            self._delete(entry_keys(ep_id, tables, gen))
         # a taken-over id starts its counters afresh under its new key (its old counters
         # were only referenced by the replaced generation)
         self._release_counters(d.retired)
@@ -866,7 +888,12 @@ class Reconciler:
         for ip in d.node_gone:
             self.maps["nodeaddrs"].delete(k_addr(ip))
             self.node_addrs.discard(ip)
-        return len(d.stale) + (self._sweep() if d.sweep else 0)
+        return removed + (self._sweep() if d.sweep else 0)
+
+    def _delete_quietly(self, entries: Iterable[Entry]) -> None:
+        """One at a time, as they may be absent (a generation written in part)."""
+        for m, k in entries:
+            self.maps[m].delete(k)
 
     def _delete(self, entries: Iterable[Entry]) -> None:
         by_map: dict[str, list[bytes]] = {}
@@ -902,17 +929,17 @@ class Reconciler:
         self.maps["active"].update(u32(0), u32(half))
         self.half = half
 
-    def _retire(self, st: EpState, stale: list[Entry], retired: list[int]) -> None:
+    def _retire(self, st: EpState, stale: Stale, retired: list[int]) -> None:
         """An endpoint departs, or its id is taken over: its generation's entries and its
         rule counters go after the flip."""
         if st.tables is not None:
-            stale += entry_keys(st.ep_id, st.counters, st.tables, st.gen)
+            stale.gen(st.ep_id, st.gen, st.tables)
         if st.lg is not None:
-            stale += st.lg.keys(st.ep_id)
+            stale.entries += st.lg.keys(st.ep_id)
         retired += st.counters.values()
         st.counters, st.tables, st.lg = {}, None, None
 
-    def _take_over(self, ep: EndpointProgram, program: Program, stale: list[Entry],
+    def _take_over(self, ep: EndpointProgram, program: Program, stale: Stale,
                    retired: list[int]) -> EpState | None:
         """A new endpoint bound to a device takes over the id of a departing endpoint bound
         to the same device (NetBird's bootstrap endpoint replaced by the local peer, or the

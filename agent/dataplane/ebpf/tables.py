@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agent.dataplane.ebpf.layout import (
@@ -24,9 +26,7 @@ from agent.dataplane.ebpf.layout import (
     P_UDP,
     V_ACCEPT,
     V_DROP,
-    k_peer,
     k_port,
-    u32,
     v_port,
 )
 from agent.dataplane.escape import display
@@ -101,28 +101,76 @@ def _class_ports(rules: tuple[Rule, ...], members: tuple[int, ...], isolated: bo
     return out
 
 
-@dataclass(frozen=True)
+# A peer prefix as `DirTables` keeps it: the fields of its `peers` key that do not depend
+# on the endpoint (prefixlen as the key counts it, address, big-endian as the key holds
+# it) and its class. Packed, as the map holds them: at 10k pods the local endpoints'
+# tables hold ~200k prefixes, ~70 bytes each as Python tuples of ints, 12 (IPv4) or 24
+# (IPv6) here. `_PEER_KEY` and `_U32` make the bytes `layout.k_peer` and `layout.u32`
+# make (tests/unit/test_ebpf_tables.py checks).
+_PEER4 = struct.Struct("<I4sI")
+_PEER6 = struct.Struct("<I16sI")
+_PEER_KEY = struct.Struct("<IIIBB16s")
+_U32 = struct.Struct("=I")
+PEER_KEY_BITS = 80  # the key bits before the address (layout.PeerKey)
+
+
+def pack_peers(peers: Iterable[tuple[int, int, int, int]]) -> tuple[bytes, bytes]:
+    """(family, address int, prefixlen, class) items -> (IPv4 records, IPv6 records)."""
+    v4, v6 = bytearray(), bytearray()
+    for fam, addr, plen, cls in peers:
+        if fam == 4:
+            v4 += _PEER4.pack(PEER_KEY_BITS + plen, addr.to_bytes(4, "big"), cls)
+        else:
+            v6 += _PEER6.pack(PEER_KEY_BITS + plen, addr.to_bytes(16, "big"), cls)
+    return bytes(v4), bytes(v6)
+
+
+@dataclass(frozen=True, eq=False)
 class DirTables:
     """One endpoint direction's map contents, independent of endpoint ids, halves,
-    generations and rule counters."""
+    generations and rule counters. Equal tables are usually one object: the reconciler
+    compiles each distinct direction program once per apply."""
 
     flags: int
-    peers: tuple[tuple[int, int, int, int], ...] = ()  # (family, address int, prefixlen, class)
+    peers4: bytes = b""  # _PEER4 records, in ascending (address, prefixlen)
+    peers6: bytes = b""  # _PEER6 records, likewise
     ports: tuple[tuple[int, PortEntries], ...] = ()  # (class, entries)
     rule_ids: tuple[str, ...] = ()
     members: tuple[tuple[int, ...], ...] = ()  # class n's rule indices at [n - 1] (learned classes reuse them)
 
     def __hash__(self) -> int:
-        return hash((self.flags, self.peers, self.rule_ids))
+        return hash((self.flags, self.peers4, self.peers6, self.rule_ids))
 
     def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
         return isinstance(other, DirTables) and (
-            self.flags, self.peers, self.ports, self.rule_ids, self.members
-        ) == (other.flags, other.peers, other.ports, other.rule_ids, other.members)
+            self.flags, self.peers4, self.peers6, self.ports, self.rule_ids, self.members
+        ) == (other.flags, other.peers4, other.peers6, other.ports, other.rule_ids, other.members)
+
+    @property
+    def peers(self) -> tuple[tuple[int, int, int, int], ...]:
+        """The `peers` contents as (family, address int, prefixlen, class), IPv4 first."""
+        return tuple((fam, int.from_bytes(addr, "big"), pfx - PEER_KEY_BITS, cls)
+                     for fam, st, blob in ((4, _PEER4, self.peers4), (6, _PEER6, self.peers6))
+                     for pfx, addr, cls in st.iter_unpack(blob))
 
     @property
     def entries(self) -> tuple[int, int]:
-        return len(self.peers), sum(len(e) for _, e in self.ports)
+        return (len(self.peers4) // _PEER4.size + len(self.peers6) // _PEER6.size,
+                sum(len(e) for _, e in self.ports))
+
+    def peer_items(self, ep_id: int, gen: int, dc: int) -> list[tuple[bytes, bytes]]:
+        """The `peers` items of this direction (code `dc`) of endpoint `ep_id` at `gen`."""
+        key, val = _PEER_KEY.pack, _U32.pack
+        out = [(key(pfx, ep_id, gen, dc, 4, addr), val(cls)) for pfx, addr, cls in _PEER4.iter_unpack(self.peers4)]
+        out += [(key(pfx, ep_id, gen, dc, 6, addr), val(cls)) for pfx, addr, cls in _PEER6.iter_unpack(self.peers6)]
+        return out
+
+    def peer_keys(self, ep_id: int, gen: int, dc: int) -> list[bytes]:
+        key = _PEER_KEY.pack
+        return ([key(pfx, ep_id, gen, dc, 4, addr) for pfx, addr, _ in _PEER4.iter_unpack(self.peers4)]
+                + [key(pfx, ep_id, gen, dc, 6, addr) for pfx, addr, _ in _PEER6.iter_unpack(self.peers6)])
 
 
 def compile_direction(dp: DirectionProgram) -> DirTables:
@@ -160,7 +208,7 @@ def compile_direction(dp: DirectionProgram) -> DirTables:
             cls = classes.setdefault(key, len(classes) + 1)
             peers.append((fam, addr, plen, cls))
     ports = tuple((cls, _class_ports(rules, members, dp.isolated)) for members, cls in classes.items())
-    return DirTables(flags, tuple(peers), ports, tuple(r.id for r in rules), tuple(classes))
+    return DirTables(flags, *pack_peers(peers), ports, tuple(r.id for r in rules), tuple(classes))
 
 
 # ------------------------------------------------------------------ learned destinations
@@ -217,8 +265,7 @@ def entries(ep_id: int, counters: dict[tuple[int, str], int], tables: dict[Direc
     peers, ports = [], []
     for d, t in tables.items():
         dc = DIR_CODE[d]
-        for fam, addr, plen, cls in t.peers:
-            peers.append((k_peer(ep_id, gen, dc, fam, addr, plen), u32(cls)))
+        peers += t.peer_items(ep_id, gen, dc)
         for cls, items in t.ports:
             for (proto, has_port, port, plen), (verdict, idx) in items.items():
                 ports.append((k_port(ep_id, gen, cls, dc, proto, has_port, port, plen),
@@ -226,10 +273,16 @@ def entries(ep_id: int, counters: dict[tuple[int, str], int], tables: dict[Direc
     return peers, ports
 
 
-def entry_keys(ep_id: int, counters: dict[tuple[int, str], int], tables: dict[Direction, DirTables],
-               gen: int) -> list[Entry]:
-    peers, ports = entries(ep_id, counters, tables, gen)
-    return [("peers", k) for k, _ in peers] + [("ports", k) for k, _ in ports]
+def entry_keys(ep_id: int, tables: dict[Direction, DirTables], gen: int) -> list[Entry]:
+    """The keys of `entries` (they do not depend on the rule counters)."""
+    peers: list[Entry] = []
+    ports: list[Entry] = []
+    for d, t in tables.items():
+        dc = DIR_CODE[d]
+        peers += [("peers", k) for k in t.peer_keys(ep_id, gen, dc)]
+        ports += [("ports", k_port(ep_id, gen, cls, dc, proto, has_port, port, plen))
+                  for cls, items in t.ports for (proto, has_port, port, plen) in items]
+    return peers + ports
 
 
 def render(program: Program, header: list[str]) -> str:
