@@ -16,7 +16,8 @@ map sizes the agent chose); with the daemon part, `daemon_peak_mb` / `daemon_set
 `stockade run --dns-egress` over the same manifests (eBPF: its build compiled beforehand,
 nothing programmed) from start to ready, /metrics scraped once, its RSS settled; the
 peak of that span (bcc's loader for the DNS hold apart: `daemon_loader_peak_mb`) and the
-usage it keeps once settled. Each run gets a fresh network namespace and cgroup, both
+usage it keeps once settled; `daemon_restart_*` the same for the daemon started again
+after a SIGKILL, over the kernel state it left (adopted). Each run gets a fresh network namespace and cgroup, both
 removed afterwards. Reports figures; never passes or fails.
 """
 
@@ -82,29 +83,42 @@ def _get(ns: str, path: str) -> tuple[int, int]:
 
 
 def _daemon(out: dict[str, Any], manifests: Path, node: str, dataplane: str, pin_root: str | None,
-            work: Path, timeout: float = 900) -> None:
+            work: Path) -> None:
     """The running daemon, as users run it: `stockade run --dns-egress` over the manifests
     in a fresh namespace and cgroup (eBPF: its build compiled beforehand, nothing
-    programmed), to ready, /metrics scraped once, then its RSS settled. `daemon_peak_mb`:
-    the cgroup's peak from start to settled, bcc's loader children apart (the DNS hold
-    compiles one at every start: `daemon_loader_peak_mb`, the peak up to its exit);
-    `daemon_settled_mb`: the cgroup's usage once settled (what it keeps)."""
+    programmed), then SIGKILLed and started again over the kernel state it left (in a
+    cgroup of its own: `daemon_restart_*`). Each to ready, /metrics scraped once, its RSS
+    settled. `daemon_peak_mb`: the cgroup's peak from start to settled, bcc's loader
+    children apart (the DNS hold compiles one at every start: `daemon_loader_peak_mb`, the
+    peak up to its exit); `daemon_settled_mb`: the cgroup's usage once settled (what it
+    keeps)."""
     ns = f"stkmem{os.getpid()}d"
     _netns(ns, True)
-    log_path = work / f"daemon-{dataplane}.log"
-    agent = None
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         args = ["ip", "netns", "exec", ns, sys.executable, "-m", "agent.cli", "run", "--source", str(manifests),
                 "--node", node, "--dataplane", dataplane, "--state-dir", "", "--metrics-address", DAEMON_METRICS,
                 "--dns-egress"]
-        with Cgroup("daemon") as cg, open(log_path, "w") as logf:
+        for prefix in ("daemon", "daemon_restart"):
+            if not _daemon_run(out, prefix, ns, args, _agent_env(pin_root), work / f"{prefix}-{dataplane}.log"):
+                break
+    finally:
+        _netns(ns, False)
+
+
+def _daemon_run(out: dict[str, Any], prefix: str, ns: str, args: list[str], env: dict[str, str], log_path: Path,
+                timeout: float = 900) -> bool:
+    """One daemon start to settled in a fresh cgroup (see `_daemon`), then SIGKILL; its
+    figures under `prefix`. False: it failed (`<prefix>_error`)."""
+    agent = None
+    try:
+        with Cgroup(prefix.replace("_", "-")) as cg, open(log_path, "w") as logf:
             meter = PeakMeter(cg)
             try:
                 meter.reset()
                 watch = LoaderWatch(cg, meter)
                 t0 = time.monotonic()
-                agent = spawn_in_cgroup(cg, args, logf.fileno(), env=_agent_env(pin_root))
+                agent = spawn_in_cgroup(cg, args, logf.fileno(), env=env)
                 while agent.poll() is None and _get(ns, "/readyz")[0] != 200:
                     if time.monotonic() - t0 > timeout:
                         raise RuntimeError(f"not ready in {timeout:.0f} s")
@@ -112,30 +126,26 @@ def _daemon(out: dict[str, Any], manifests: Path, node: str, dataplane: str, pin
                 watch.stop()
                 if agent.poll() is not None:
                     raise RuntimeError(f"agent exited {agent.returncode}")
-                out["daemon_ready_s"] = round(time.monotonic() - t0, 1)
-                out["daemon_ready_mb"] = _mb(cg.current())
+                out[f"{prefix}_ready_s"] = round(time.monotonic() - t0, 1)
+                out[f"{prefix}_ready_mb"] = _mb(cg.current())
                 code, size = _get(ns, "/metrics")
-                out["daemon_metrics_bytes"] = size if code == 200 else None
-                out["daemon_settle_s"] = settle(agent.pid)
-                out["daemon_peak_mb"] = _mb(meter.peak())
-                out["daemon_settled_mb"] = _mb(cg.current())
-                out["daemon_rss_mb"] = round(proc_kb(agent.pid)["VmRSS"] / 1024, 1)
-                out["daemon_loader_peak_mb"] = _mb(watch.loader_peak)
-                out["daemon_loaders"] = watch.loaders
+                out[f"{prefix}_metrics_bytes"] = size if code == 200 else None
+                out[f"{prefix}_settle_s"] = settle(agent.pid)
+                out[f"{prefix}_peak_mb"] = _mb(meter.peak())
+                out[f"{prefix}_settled_mb"] = _mb(cg.current())
+                out[f"{prefix}_rss_mb"] = round(proc_kb(agent.pid)["VmRSS"] / 1024, 1)
+                out[f"{prefix}_loader_peak_mb"] = _mb(watch.loader_peak)
+                out[f"{prefix}_loaders"] = watch.loaders
             finally:
                 if agent is not None and agent.poll() is None:
-                    agent.terminate()
-                    try:
-                        agent.wait(60)
-                    except subprocess.TimeoutExpired:
-                        agent.kill()
-                        agent.wait()
+                    agent.kill()  # SIGKILL: the kernel state stays, for the restart
+                    agent.wait()
                 meter.close()
+        return True
     except Exception as e:  # a report, not a verdict: the error is the figure
         tail = log_path.read_text()[-1200:] if log_path.exists() else ""
-        out["daemon_error"] = f"{type(e).__name__}: {e}; {tail}"
-    finally:
-        _netns(ns, False)
+        out[f"{prefix}_error"] = f"{type(e).__name__}: {e}; {tail}"
+        return False
 
 
 def measure(size: str, dataplane: str, seed: int, log: Any,
@@ -249,6 +259,11 @@ def line(r: dict[str, Any]) -> str:
         parts.append(f"running daemon (--dns-egress, scraped): peak {r['daemon_peak_mb']} MB, settled "
                      f"{r['daemon_settled_mb']} MB (RSS {r['daemon_rss_mb']} MB; ready in {r['daemon_ready_s']} s at "
                      f"{r['daemon_ready_mb']} MB; bcc loader apart {r['daemon_loader_peak_mb']} MB)")
+    if "daemon_restart_error" in r:
+        parts.append(f"daemon restart error: {r['daemon_restart_error'][-300:]}")
+    elif "daemon_restart_peak_mb" in r:
+        parts.append(f"daemon restarted after SIGKILL: peak {r['daemon_restart_peak_mb']} MB, settled "
+                     f"{r['daemon_restart_settled_mb']} MB (ready in {r['daemon_restart_ready_s']} s)")
     return "; ".join(parts)
 
 
@@ -276,18 +291,20 @@ def table(result: dict[str, Any]) -> str:
         if "error" in r:
             rows.append([key, "ERROR: " + r["error"].splitlines()[-1][:80], *[""] * 9])
             continue
-        daemon = ("ERROR" if "daemon_error" in r else "-", "-") if "daemon_peak_mb" not in r else (
-            _mb_cell(r, "daemon_peak_mb"), _mb_cell(r, "daemon_settled_mb"))
-        figures = [r[k] for k in ("agent_peak_mb", "restart_peak_mb", "daemon_peak_mb") if r.get(k) is not None]
+        daemon = [("ERROR" if f"{p}_error" in r else "-") if f"{p}_peak_mb" not in r else
+                  f"{r[f'{p}_peak_mb']:.0f} / {r[f'{p}_settled_mb']:.0f} MB" for p in ("daemon", "daemon_restart")]
+        figures = [r[k] for k in ("agent_peak_mb", "restart_peak_mb", "daemon_peak_mb", "daemon_restart_peak_mb")
+                   if r.get(k) is not None]
         rows.append([key, str(r.get("local_endpoints", "-")), _mb_cell(r, "agent_peak_mb"),
                      _mb_cell(r, "restart_peak_mb"), *daemon, "-" if rss is None else f"{rss:.0f} MB",
                      _mb_cell(r, "loader_peak_mb"), _mb_cell(r, "first_start_peak_mb"),
                      _mb_cell(r, "daemon_loader_peak_mb"), _verdict(TARGET_MB.get(r["size"]), figures)])
-    head = ["dataplane/size", "eps", "cold apply peak", "restart apply peak", "daemon peak", "daemon settled",
+    head = ["dataplane/size", "eps", "cold apply peak", "restart apply peak", "daemon peak / settled",
+            "daemon restart peak / settled",
             "worker peak RSS", "bcc loader apart", "first start (compile)", "daemon's hold loader apart", "target"]
     return ("Memory of agent + children as a memory cgroup counts it (eBPF with its build already compiled): "
             "a cold `stockade apply`, the same apply over the state it left, and a running `stockade run "
-            "--dns-egress` from start to ready, scraped and settled\n" + _table(head, rows))
+            "--dns-egress` from start to ready, scraped and settled, and again after a SIGKILL\n" + _table(head, rows))
 
 
 def run(dataplanes: list[str], sizes: list[str], seed: int, log: Any,

@@ -292,9 +292,12 @@ class Map:
     def dump(self) -> list[tuple[bytes, bytes]]:
         """Every (key, value), read in batches of `BATCH` (one syscall each) where the kernel
         supports it for this map, else one by one (`items`). Not for per-CPU maps."""
+        return [kv for batch in self.scan() for kv in batch]
+
+    def scan(self) -> Iterator[list[tuple[bytes, bytes]]]:
+        """`dump` a batch at a time (a caller keeping only some entries never holds them all)."""
         if self.percpu:
             raise ValueError(f"{self.name}: dump reads single values, not per-CPU ones")
-        out: list[tuple[bytes, bytes]] = []
         ks, vs = self.key_size, self.value_size
         keys = ctypes.create_string_buffer(ks * BATCH)
         values = ctypes.create_string_buffer(vs * BATCH)
@@ -319,12 +322,12 @@ class Map:
                 done = True
             n = ctypes.c_uint32.from_buffer(attr, 32).value
             kraw, vraw = keys.raw, values.raw
-            out += [(kraw[i * ks:(i + 1) * ks], vraw[i * vs:(i + 1) * vs]) for i in range(n)]
+            yield [(kraw[i * ks:(i + 1) * ks], vraw[i * vs:(i + 1) * vs]) for i in range(n)]
             if done:
-                return out
+                return
             first = False
             cursor.reverse()  # this batch's end is the next one's start
-        return list(self.items())
+        yield list(self.items())
 
     def count(self) -> int:
         return sum(1 for _ in self.all_keys())

@@ -262,15 +262,23 @@ def entries(ep_id: int, counters: dict[tuple[int, str], int], tables: dict[Direc
             gen: int) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
     """(`peers` items, `ports` items) of one generation of an endpoint's tables, given its
     rule counters ((direction code, rule id) -> rule_stats index)."""
-    peers, ports = [], []
+    peers = []
+    for d, t in tables.items():
+        peers += t.peer_items(ep_id, gen, DIR_CODE[d])
+    return peers, port_items(ep_id, counters, tables, gen)
+
+
+def port_items(ep_id: int, counters: dict[tuple[int, str], int], tables: dict[Direction, DirTables],
+               gen: int) -> list[tuple[bytes, bytes]]:
+    """The `ports` items of `entries`."""
+    ports = []
     for d, t in tables.items():
         dc = DIR_CODE[d]
-        peers += t.peer_items(ep_id, gen, dc)
         for cls, items in t.ports:
             for (proto, has_port, port, plen), (verdict, idx) in items.items():
                 ports.append((k_port(ep_id, gen, cls, dc, proto, has_port, port, plen),
                               v_port(counters[(dc, t.rule_ids[idx])], verdict)))
-    return peers, ports
+    return ports
 
 
 def entry_keys(ep_id: int, tables: dict[Direction, DirTables], gen: int) -> list[Entry]:
