@@ -178,6 +178,23 @@ def test_memory_sweeps_what_expired_not_what_was_refreshed() -> None:
     assert m.expire(30.0) == {EP: {a}} and m.held == {} and m.count() == 0
 
 
+def test_memory_refreshes_do_not_grow_its_heap() -> None:
+    """Pods resolving the same names again: each refresh moves the expiry, not the heap's
+    size; an entry goes at its latest expiry, an earlier one given later counts too."""
+    m = Memory()
+    ips = [ipaddress.ip_address(f"192.0.2.{i}") for i in range(1, 51)]
+    for k in range(1, 21):
+        for ip in ips:
+            m.put(EP, ip, "r", 10.0 * k)
+    assert len(m._heap) == len(ips)
+    assert m.expire(150.0) == {} and m.count() == len(ips) and len(m._heap) == len(ips)
+    m.put(EP, ips[0], "r", 160.0)  # earlier than its 200: it now expires at 160
+    m.put(EP, ips[1], "s", 300.0)  # a second rule for the same address
+    assert m.expire(160.0) == {EP: {ips[0]}}
+    assert m.expire(200.0) == {EP: set(ips[1:])} and m.held == {EP: {ips[1]: {"s": 300.0}}}
+    assert m.expire(300.0) == {EP: {ips[1]}} and m.count() == 0
+
+
 def test_learned_key_and_value_bytes_match_the_ctypes_layout() -> None:
     from ctypes import c_uint8
 

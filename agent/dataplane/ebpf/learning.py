@@ -40,7 +40,10 @@ def learned_index(rules: tuple[Rule, ...]) -> dict[str, tuple[int, ...]]:
 @dataclass
 class Memory:
     """Every learned (endpoint, address, rule) with its expiry, and a heap of expiries so
-    the lazy sweep costs what expired, not what is held."""
+    the lazy sweep costs what expired, not what is held. A refresh to a later expiry
+    pushes nothing: its item, popped at the earlier time, is pushed again at the later
+    one, so pods resolving the same names do not grow the heap (an item each time was
+    ~130 bytes per entry and refresh until the next compaction)."""
 
     held: dict[str, dict[IPAddress, dict[str, float]]] = field(default_factory=dict)
     _heap: list[tuple[float, int, str, IPAddress, str]] = field(default_factory=list)
@@ -52,8 +55,11 @@ class Memory:
         if ip not in by_ip:
             by_ip[ip] = {}
             self.n += 1
-        by_ip[ip][rule] = expires
-        heapq.heappush(self._heap, (expires, next(self._seq), ep, ip, rule))
+        rules = by_ip[ip]
+        was = rules.get(rule)
+        rules[rule] = expires
+        if was is None or expires < was:  # a later expiry: the earlier item moves on when popped
+            heapq.heappush(self._heap, (expires, next(self._seq), ep, ip, rule))
 
     def drop(self, ep: str, ip: IPAddress, rule: str) -> bool:
         by_ip = self.held.get(ep)
@@ -71,11 +77,16 @@ class Memory:
         """Forget what expired by `now`; the (endpoint, addresses) it touched."""
         touched: dict[str, set[IPAddress]] = {}
         while self._heap and self._heap[0][0] <= now:
-            _, _, ep, ip, rule = heapq.heappop(self._heap)
+            t, _, ep, ip, rule = heapq.heappop(self._heap)
             cur = self.held.get(ep, {}).get(ip, {}).get(rule)
-            if cur is not None and cur <= now and self.drop(ep, ip, rule):  # not refreshed since
-                touched.setdefault(ep, set()).add(ip)
-        if len(self._heap) > 4 * max(16, self.n):  # refreshes leave stale heap items
+            if cur is None:
+                continue
+            if cur <= now:  # not refreshed since
+                if self.drop(ep, ip, rule):
+                    touched.setdefault(ep, set()).add(ip)
+            elif cur > t:  # refreshed to a later expiry: its item moves there
+                heapq.heappush(self._heap, (cur, next(self._seq), ep, ip, rule))
+        if len(self._heap) > 4 * max(16, self.n):  # drops and earlier expiries leave stale heap items
             self._heap = [(t, s, ep, ip, r) for ep, by_ip in self.held.items() for ip, rs in by_ip.items()
                           for r, t in rs.items() for s in (next(self._seq),)]
             heapq.heapify(self._heap)
