@@ -17,8 +17,9 @@ map sizes the agent chose); with the daemon part, `daemon_peak_mb` / `daemon_set
 nothing programmed) from start to ready, /metrics scraped once, its RSS settled; the
 peak of that span (bcc's loader for the DNS hold apart: `daemon_loader_peak_mb`) and the
 usage it keeps once settled; `daemon_restart_*` the same for the daemon started again
-after a SIGKILL, over the kernel state it left (adopted). Each run gets a fresh network namespace and cgroup, both
-removed afterwards. Reports figures; never passes or fails.
+after a SIGKILL, over the kernel state it left (adopted). Each run gets a fresh cgroup,
+and each cold start a fresh network namespace (a restart the one its cold start left);
+both removed afterwards. Reports figures; never passes or fails.
 """
 
 from __future__ import annotations
