@@ -86,6 +86,7 @@ from agent.dataplane.nftmodel import (
     build_model,
     chain_name,
     tail_name,
+    update,
 )
 from agent.ir import Direction, EndpointProgram, Program, Tier, Verdict
 
@@ -464,7 +465,7 @@ class NftablesDataplane(Dataplane):
 
     def apply(self, program: Program) -> ApplyStats:
         if self._model is not None:
-            new = build_model(program, self.options, self._model, self._memo)
+            new = update(program, self.options, self._model, self._memo)
             d = diff(self._model, new)
             try:
                 sent = d.elements is not None and self._send_elements(d.elements)
@@ -482,12 +483,12 @@ class NftablesDataplane(Dataplane):
             heap.release()
         held_sets, held_chains = self._held()
         if not held_sets and not held_chains:
-            new = build_model(program, self.options, None, self._memo)
+            new = update(program, self.options, None, self._memo)
             lines = self._load_fresh(new)
         else:
             # A table a previous agent left (a restart): new peer sets take names it does not use.
             avoid = frozenset(n.rsplit("_", 1)[0] for n in held_sets if n.startswith("p_"))
-            new = build_model(program, self.options, None, self._memo, avoid)
+            new = update(program, self.options, None, self._memo, avoid)
             lines = self._replace(new, held_sets, held_chains)
         self._model, self._program = new, program
         return ApplyStats(True, lines, sum(len(s[1]) for s in new.sets.values()))

@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import weakref
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, count
+from operator import attrgetter, is_not
 
 from agent.dataplane import nftlearn
 from agent.dataplane.base import DataplaneError
@@ -28,6 +32,7 @@ from agent.ir import (
     Direction,
     DirectionProgram,
     EndpointProgram,
+    Network,
     PeerSet,
     Program,
     Rule,
@@ -45,22 +50,32 @@ MAPS = {"ingress4": "ipv4_addr", "ingress6": "ipv6_addr", "egress4": "ipv4_addr"
 HOSTS = {4: "ipv4_addr", 6: "ipv6_addr"}
 NETS = {4: "ipv4_addr; flags interval", 6: "ipv6_addr; flags interval"}
 _HOST_SUFFIX = {4: "/32", 6: "/128"}
-# PeerSet.texts(fam) -> (single addresses, wider prefixes); cached per frozenset object, so
-# an unchanged peer set is split once, not on every sync (190k texts cost ~0.1 s).
-_SPLIT: weakref.WeakKeyDictionary[frozenset[str], tuple[frozenset[str], frozenset[str]]] = \
-    weakref.WeakKeyDictionary()
+# PeerSet.texts(fam) -> (single addresses, wider prefixes), cached per frozenset object
+# (by identity: a WeakKeyDictionary compares equal-hashing keys element by element, ~2 ms
+# per lookup of a 50k-address set), so an unchanged peer set is split once, not on every
+# sync (190k texts cost ~0.1 s). An entry goes when its frozenset does.
+Split = tuple[frozenset[str], frozenset[str]]
+_SPLIT: dict[int, tuple[weakref.ref[frozenset[str]], Split]] = {}
 
 
-def hosts_and_nets(texts: frozenset[str], fam: int) -> tuple[frozenset[str], frozenset[str]]:
+def hosts_and_nets(texts: frozenset[str], fam: int) -> Split:
     """One family's prefixes split into single addresses (without the /32 or /128) and the
     wider prefixes."""
-    split = _SPLIT.get(texts)
-    if split is None:
-        suffix = _HOST_SUFFIX[fam]
-        hosts = frozenset(t[: -len(suffix)] for t in texts if t.endswith(suffix))
-        nets = frozenset(t for t in texts if not t.endswith(suffix)) if len(hosts) < len(texts) else frozenset()
-        split = _SPLIT[texts] = (hosts, nets)
-    return split
+    key = id(texts)
+    hit = _SPLIT.get(key)
+    if hit is not None and hit[0]() is texts:
+        return hit[1]
+    suffix = _HOST_SUFFIX[fam]
+    hosts = frozenset(t[: -len(suffix)] for t in texts if t.endswith(suffix))
+    nets = frozenset(t for t in texts if not t.endswith(suffix)) if len(hosts) < len(texts) else frozenset()
+
+    def forget(ref: weakref.ref[frozenset[str]], key: int = key) -> None:
+        entry = _SPLIT.get(key)
+        if entry is not None and entry[0] is ref:
+            del _SPLIT[key]
+
+    _SPLIT[key] = (weakref.ref(texts, forget), (hosts, nets))
+    return hosts, nets
 
 
 def _short(text: str) -> str:
@@ -233,6 +248,7 @@ class _Built:
     owners: dict[str, tuple[str, Direction]]
     maps: tuple[tuple[str, str, str], ...]  # (map, key, verdict)
     learned: tuple[tuple[str, str], ...] = ()  # learned-address sets of its rules: (name, type)
+    refs: tuple[tuple[str, PeerSet], ...] = ()  # (rule key, peers) of each rule with a peer set
 
 
 @dataclass
@@ -246,6 +262,10 @@ class Memo:
 
     opts: Options | None = None
     endpoints: dict[str, _Built] = field(default_factory=dict)
+    # What `update` follows from: the model it (or build_model through it) built last, and
+    # the tallies of that build (None: unknown, the next update builds in full).
+    model: Model | None = None
+    tally: _Tally | None = None
 
 
 def build_model(program: Program, opts: Options = Options(), prev: Model | None = None,
@@ -291,12 +311,306 @@ def build_model(program: Program, opts: Options = Options(), prev: Model | None 
     return m
 
 
+@dataclass(frozen=True)
+class _Peers:
+    """A peer set's kernel content, worked out once per PeerSet object."""
+
+    peers: PeerSet  # kept alive while its id is a key of _Tally.peers
+    content: Content
+    split: tuple[Split, Split]  # per family (4, 6): hosts_and_nets of its content
+
+
+@dataclass
+class _Tally:
+    """What `update` keeps of the last build besides the endpoints' _Built: which rule keys
+    use each peer-set content, and how often each map entry is claimed."""
+
+    guard: tuple[object, ...] = ()
+    groups: dict[Content, dict[str, int]] = field(default_factory=dict)  # content -> key -> uses
+    peers: dict[int, _Peers] = field(default_factory=dict)  # id(PeerSet) -> its content
+    uses: dict[int, int] = field(default_factory=dict)  # id(PeerSet) -> rules using it
+    last: dict[str, PeerSet] = field(default_factory=dict)  # rule key -> its peers (a delta's base)
+    keys: dict[str, int] = field(default_factory=dict)  # rule key -> rules using it
+    claims: dict[tuple[str, str], int] = field(default_factory=dict)  # (map, key) -> endpoints
+
+
+def _whole(p: PeerSet) -> _Peers:
+    c = _content(p)
+    return _Peers(p, c, (hosts_and_nets(c[0], 4), hosts_and_nets(c[1], 6)))
+
+
+def _moved(old: Sequence[Network], new: Sequence[Network]) -> tuple[list[Network], list[Network]]:
+    """(objects of `old` not in `new`, objects of `new` not in `old`), by identity; each
+    sequence holds an object once. Past the common head and tail (found by C iterators, no
+    Python step per prefix), only the middles are compared."""
+    n = min(len(old), len(new))
+    i = next(compress(count(), map(is_not, old, new)), n)
+    j = min(next(compress(count(), map(is_not, reversed(old), reversed(new))), n), n - i)
+    mid_old, mid_new = old[i : len(old) - j], new[i : len(new) - j]
+    if not mid_old or not mid_new:
+        return list(mid_old), list(mid_new)
+    a = dict(zip(map(id, mid_old), mid_old, strict=True))
+    b = dict(zip(map(id, mid_new), mid_new, strict=True))
+    return [a[k] for k in a.keys() - b.keys()], [b[k] for k in b.keys() - a.keys()]
+
+
+def _families(nets: tuple[Network, ...]) -> tuple[tuple[Network, ...], tuple[Network, ...]]:
+    """The IPv4 part and the IPv6 part of collapsed prefixes (IPv4 first, as PeerSet keeps
+    them). Only a speed-up: _delta is right whatever the split, see there."""
+    cut = bisect_left(nets, 6, key=_VERSION)
+    return nets[:cut], nets[cut:]
+
+
+_VERSION = attrgetter("version")
+
+
+def _edit(texts: frozenset[str], rm: set[str], add: set[str]) -> frozenset[str]:
+    """texts less `rm` plus `add`, copied once where one side is empty (the usual event)."""
+    if rm:
+        texts = texts - rm
+    return texts | add if add else texts
+
+
+def _delta(base: _Peers, p: PeerSet) -> _Peers:
+    """p's content as base's edited by the prefixes that moved (text formatted for those
+    only). The incremental compiler keeps the prefix objects a peer set did not lose (and
+    PeerSet.of shares them), so what moved is what one side holds as an object the other
+    does not. Each family is compared apart, as a speed-up: two changes, one per family,
+    leave one short middle each. Exact however the parts fall: a prefix that turns up
+    removed from one part and added to another, or removed and added as an equal object,
+    is taken out and put back (every removal applies before any addition)."""
+    gone: list[Network] = []
+    fresh: list[Network] = []
+    for old_part, new_part in zip(_families(base.peers.nets), _families(p.nets), strict=True):
+        g, f = _moved(old_part, new_part)
+        gone += g
+        fresh += f
+    content, split = list(base.content), list(base.split)
+    for i, fam in enumerate((4, 6)):
+        rm = {str(n) for n in gone if n.version == fam}
+        add = {str(n) for n in fresh if n.version == fam}
+        if not rm and not add:
+            continue  # the family's frozensets stay the same objects (diff skips them)
+        suffix = _HOST_SUFFIX[fam]
+        hosts, nets = split[i]
+        rm_hosts = {t[: -len(suffix)] for t in rm if t.endswith(suffix)}
+        add_hosts = {t[: -len(suffix)] for t in add if t.endswith(suffix)}
+        content[i] = _edit(content[i], rm, add)
+        hosts = _edit(hosts, rm_hosts, add_hosts)
+        nets = _edit(nets, rm, {t for t in add if not t.endswith(suffix)})
+        split[i] = (hosts, nets if len(hosts) < len(content[i]) else frozenset())
+    return _Peers(p, (content[0], content[1]), (split[0], split[1]))
+
+
+def _peers_of(t: _Tally, key: str, p: PeerSet) -> _Peers:
+    info = t.peers.get(id(p))
+    if info is None:
+        base = t.last.get(key)
+        binfo = t.peers.get(id(base)) if base is not None else None
+        info = _delta(binfo, p) if binfo is not None and binfo.peers is base else _whole(p)
+        t.peers[id(p)] = info
+    return info
+
+
+def _refs(ep: EndpointProgram) -> list[tuple[str, PeerSet]]:
+    """(rule key, peers) of each rule of `ep` with a peer set in a kernel set (as _endpoint)."""
+    return [(r.key, r.peers) for d in (ep.ingress, ep.egress) if d.enforced
+            for r in d.rules if r.peers is not None and not r.learned]
+
+
+def _tally_refs(t: _Tally, refs: Iterable[tuple[str, PeerSet]], sign: int, touched: dict[Content, _Peers],
+                idle: set[int | str] | None = None) -> None:
+    """Add (sign 1) or take away (-1) rules' uses of their peer sets; `touched` collects the
+    contents whose keys changed, `idle` the peer sets no rule uses any more."""
+    for key, p in refs:
+        info = _peers_of(t, key, p)
+        keys = t.groups.setdefault(info.content, {})
+        n = keys[key] = keys.get(key, 0) + sign
+        if not n:
+            del keys[key]
+            if not keys:
+                del t.groups[info.content]
+        touched[info.content] = info
+        n = t.uses[id(p)] = t.uses.get(id(p), 0) + sign
+        if not n and idle is not None:
+            idle.add(id(p))
+        n = t.keys[key] = t.keys.get(key, 0) + sign
+        if not n and idle is not None:
+            idle.add(key)
+        if sign > 0:
+            t.last[key] = p
+
+
+def _tally_claims(t: _Tally, b: _Built, sign: int) -> bool:
+    """Add or take away an endpoint's claims on map entries. False when another endpoint
+    claims one too: which of them wins is the program's order, build_model's business."""
+    alone = True
+    for mname, k, _ in b.maps:
+        n = t.claims.get((mname, k), 0)
+        alone = alone and (n <= 1 if sign < 0 else n == 0)
+        if n + sign:
+            t.claims[(mname, k)] = n + sign
+        else:
+            del t.claims[(mname, k)]
+    return alone
+
+
+def _prune(t: _Tally, idle: set[int | str]) -> None:
+    """Forget peer sets (by id) and rule keys (by name) no rule uses any more; after the
+    build: a departed rule's peers are the base of its key's new ones."""
+    for i in idle:
+        if isinstance(i, int):
+            if not t.uses.get(i):
+                t.uses.pop(i, None)
+                t.peers.pop(i, None)
+        elif not t.keys.get(i):
+            t.keys.pop(i, None)
+            t.last.pop(i, None)
+
+
+def update(program: Program, opts: Options = Options(), prev: Model | None = None,
+           memo: Memo | None = None, avoid: frozenset[str] = frozenset()) -> Model:
+    """What build_model(program, opts, prev, memo, avoid) builds, from `prev` and what
+    changed since when `prev` is the model `memo` last gave (the dataplane's event path):
+    endpoints that are not the same EndpointProgram object as last time are rendered
+    again, peer-set contents whose keys changed get their set kept, refilled, renamed or
+    dropped as _share decides, everything else is prev's. Otherwise, or on anything it
+    does not follow (see _count), a full build_model, whose tallies it keeps for next time."""
+    if memo is None:
+        return build_model(program, opts, prev, None, avoid)
+    t = memo.tally
+    memo.tally = None  # until this build is complete: an error leaves the next one full
+    if t is None or prev is None or memo.model is not prev or memo.opts != opts or avoid:
+        return _rebuild(program, opts, prev, memo, avoid)
+    built = memo.endpoints
+    eps = program.endpoints
+    changed = [(k, ep) for k, ep in eps.items() if (b := built.get(k)) is None or b.ep is not ep]
+    gone = list(built.keys() - eps.keys()) if len(built) != len(eps) or changed else []
+    if not changed and not gone and program.guard == t.guard:
+        memo.tally = t
+        return prev
+    # 1. the tallies: what the changed and departed endpoints used, and use now
+    touched: dict[Content, _Peers] = {}
+    olds = [built[k] for k in gone] + [built[k] for k, _ in changed if k in built]
+    alone = True
+    idle: set[int | str] = set()
+    for b in olds:
+        _tally_refs(t, b.refs, -1, touched, idle)
+        alone = _tally_claims(t, b, -1) and alone
+    m = Model(sets=dict(prev.sets), chains=dict(prev.chains), maps={k: dict(v) for k, v in prev.maps.items()},
+              owners=dict(prev.owners), learned=dict(prev.learned))
+    for b in olds:
+        for name in b.chains:
+            m.chains.pop(name, None)
+            m.owners.pop(name, None)
+        for name, _ in b.learned:
+            m.learned.pop(name, None)
+        for mname, k, _ in b.maps:
+            if (mname, k) not in t.claims:
+                m.maps[mname].pop(k, None)
+    for k in gone:
+        del built[k]
+    refs = [r for _, ep in changed for r in _refs(ep)]
+    _tally_refs(t, refs, 1, touched)
+    # 2. the shared sets (_share's steps, for the contents whose keys changed)
+    m.shared, m.by_content = dict(prev.shared), dict(prev.by_content)
+    freed: dict[str, frozenset[str]] = {}
+    pending: list[tuple[Content, set[str]]] = []
+    for c in touched:
+        keys = t.groups.get(c)
+        s = prev.by_content.get(c)
+        if s is not None:
+            if keys:
+                m.shared[s] = (prev.shared[s][0], frozenset(keys))
+            else:
+                freed[s] = prev.shared[s][1]
+                del m.shared[s], m.by_content[c]
+        elif keys:
+            pending.append((c, set(keys)))
+    old_stems: dict[str, list[str]] = {}
+    for s, keys in freed.items():
+        for k in keys:
+            old_stems.setdefault(k, []).append(s)
+    placed: dict[str, Content] = {}
+    rest = []
+    for c, keys in sorted(pending, key=lambda g: (-len(g[1]), min(g[1]))):
+        votes: dict[str, int] = {}
+        for k in keys:
+            for s in old_stems.get(k, ()):
+                if s not in m.shared:
+                    votes[s] = votes.get(s, 0) + 1
+        if votes:
+            s = min(votes, key=lambda s: (-votes[s], s))
+            m.shared[s], placed[s] = (c, frozenset(keys)), c
+        else:
+            rest.append((c, keys))
+    taken = set(m.shared)
+    for c, keys in sorted(rest, key=lambda g: min(g[1])):
+        s = _stem(min(keys), taken)
+        taken.add(s)
+        m.shared[s], placed[s] = (c, frozenset(keys)), c
+    for s in freed:
+        if s not in placed:
+            for name in (f"{s}_4", f"{s}_4n", f"{s}_6", f"{s}_6n"):
+                m.sets.pop(name, None)
+    for s, c in placed.items():
+        m.by_content[c] = s
+        for fam, (hosts, nets) in zip((4, 6), touched[c].split, strict=True):
+            m.sets[f"{s}_{fam}"] = (HOSTS[fam], hosts)
+            if nets:
+                m.sets[f"{s}_{fam}n"] = (NETS[fam], nets)
+            else:
+                m.sets.pop(f"{s}_{fam}n", None)
+    # 3. guard and known addresses (the node's own endpoints), when they may have changed
+    if program.guard != t.guard:
+        guard = PeerSet.of(program.guard)
+        for fam in (4, 6):
+            m.sets[f"guard{fam}"] = (NETS[fam], guard.texts(fam))
+    if program.guard != t.guard or (program.guard and (gone or any(
+            k not in built or built[k].ep.ips != ep.ips for k, ep in changed))):
+        known = {ip for ep in eps.values() for ip in ep.ips} if program.guard else set()
+        for fam in (4, 6):
+            m.sets[f"known{fam}"] = (HOSTS[fam], frozenset(str(ip) for ip in known if ip.version == fam))
+    # 4. the changed endpoints' chains and map entries
+    for _, p in refs:
+        m.by_object[id(p)] = m.by_content[t.peers[id(p)].content]
+    for key, ep in changed:
+        b = built[key] = _endpoint(m, ep, opts)
+        alone = _tally_claims(t, b, 1) and alone
+        m.chains.update(b.chains)
+        m.owners.update(b.owners)
+        m.learned.update(b.learned)
+        for mname, k, v in b.maps:
+            m.maps[mname][k] = v
+    m.by_object = {}
+    _prune(t, idle)
+    t.guard = program.guard
+    if not alone:
+        for key, _ in changed:  # rendered against this model: not for build_model's memo
+            del built[key]
+        return _rebuild(program, opts, prev, memo, avoid)
+    memo.model, memo.tally = m, t
+    return m
+
+
+def _rebuild(program: Program, opts: Options, prev: Model | None, memo: Memo, avoid: frozenset[str]) -> Model:
+    """build_model in full, and the tallies `update` follows from next time."""
+    m = build_model(program, opts, prev, memo, avoid)
+    t = _Tally(guard=program.guard)
+    for b in memo.endpoints.values():
+        _tally_refs(t, b.refs, 1, {})
+        _tally_claims(t, b, 1)
+    memo.model, memo.tally = m, t
+    return m
+
+
 def _endpoint(m: Model, ep: EndpointProgram, opts: Options) -> _Built:
     """The chains and map entries of one endpoint (both directions) in model `m`."""
     chains: dict[str, tuple[str, ...]] = {}
     owners: dict[str, tuple[str, Direction]] = {}
     maps: list[tuple[str, str, str]] = []
     stems: list[tuple[PeerSet, str]] = []
+    refs: list[tuple[str, PeerSet]] = []
     learned: dict[str, str] = {}
     for d in (Direction.INGRESS, Direction.EGRESS):
         dp = ep.direction(d)
@@ -305,7 +619,9 @@ def _endpoint(m: Model, ep: EndpointProgram, opts: Options) -> _Built:
         name = chain_name(ep.key, d)
         mine = _chain_rules(m, dp, d, name, opts)
         owners.update((c, (ep.key, d)) for c in mine)
-        stems += [(r.peers, _stem_of(m, r.peers)) for r in dp.rules if r.peers is not None and not r.learned]
+        shared = [(r.key, r.peers) for r in dp.rules if r.peers is not None and not r.learned]
+        refs += shared
+        stems += [(p, _stem_of(m, p)) for _, p in shared]
         for r in dp.rules:
             if r.learned:
                 learned.update(nftlearn.rule_sets(r))
@@ -323,7 +639,7 @@ def _endpoint(m: Model, ep: EndpointProgram, opts: Options) -> _Built:
         else:
             maps += [(f"{d.value}{ip.version}", str(ip), f"jump {name}") for ip in ep.ips]
         chains.update(mine)
-    return _Built(ep, tuple(stems), chains, owners, tuple(maps), tuple(sorted(learned.items())))
+    return _Built(ep, tuple(stems), chains, owners, tuple(maps), tuple(sorted(learned.items())), tuple(refs))
 
 
 def _log(opts: Options, chain: str, what: str) -> str:
