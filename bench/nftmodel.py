@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import time
@@ -75,11 +76,13 @@ def main() -> None:
     args = ap.parse_args()
     opts = Options()
     for size in args.sizes.split(","):
+        gc.unfreeze()
         w = World(size, args.seed)
         memo = Memo()
         prog = w.program()
         t0 = time.process_time()
         model = update(prog, opts, None, memo)
+        gc.freeze()  # as the daemon does after its first sync (agent/daemon.py Heap)
         out: dict[str, Any] = {"size": size, "endpoints": len(prog.endpoints), "sets": len(model.sets),
                                "first_build_ms": round(ms(t0), 1), "events": {}}
         for kind in KINDS:
@@ -87,6 +90,7 @@ def main() -> None:
             for _ in range(args.events):
                 w.event(kind)
                 prog = w.program()
+                gc.disable()  # the daemon syncs with the collector paused (agent/pipeline.py gc_paused)
                 t0 = time.process_time()
                 new = update(prog, opts, model, memo)
                 figs["update"].append(ms(t0))
@@ -98,6 +102,7 @@ def main() -> None:
                 t0 = time.process_time()
                 diff(model, new)
                 figs["diff"].append(ms(t0))
+                gc.enable()
                 model = new
             out["events"][kind] = {k: {"p50": round(statistics.median(v), 2), "max": round(max(v), 2)}
                                    for k, v in figs.items()}

@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import weakref
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import compress, count
+from itertools import compress, count, islice
 from operator import attrgetter, is_not
 
 from agent.dataplane import nftlearn
@@ -88,12 +88,25 @@ def chain_name(endpoint: str, d: Direction) -> str:
     return f"{'in' if d is Direction.INGRESS else 'out'}_{_short(endpoint)}"
 
 
-Content = tuple[frozenset[str], frozenset[str]]  # a peer set's IPv4 and IPv6 prefixes as text
+# What a peer set's kernel sets hold, as text: IPv4 single addresses, wider IPv4 prefixes,
+# IPv6 single addresses, wider IPv6 prefixes (hosts_and_nets of each family); the hash sets'
+# and interval sets' elements are these very frozensets.
+Content = tuple[frozenset[str], frozenset[str], frozenset[str], frozenset[str]]
 
 
 def _content(peers: PeerSet) -> Content:
-    """What a kernel peer set holds; frozensets cached on the PeerSet, so hashing is paid once."""
-    return peers.texts(4), peers.texts(6)
+    """What a kernel peer set holds; cached per PeerSet (texts) and per text frozenset (the
+    split), so hashing is paid once."""
+    return (*hosts_and_nets(peers.texts(4), 4), *hosts_and_nets(peers.texts(6), 6))
+
+
+def _content_sets(stem: str, c: Content) -> Iterator[tuple[str, tuple[str, frozenset[str]]]]:
+    """The kernel sets of one peer set: per family its hash set of single addresses
+    (always), and its interval set of prefixes when it has some."""
+    for fam, hosts, nets in ((4, c[0], c[1]), (6, c[2], c[3])):
+        yield f"{stem}_{fam}", (HOSTS[fam], hosts)
+        if nets:
+            yield f"{stem}_{fam}n", (NETS[fam], nets)
 
 
 def _stem(key: str, taken: set[str]) -> str:
@@ -278,11 +291,7 @@ def build_model(program: Program, opts: Options = Options(), prev: Model | None 
     m.shared = _share(program, prev, avoid)
     for stem, (content, _) in m.shared.items():
         m.by_content[content] = stem
-        for fam, texts in zip((4, 6), content, strict=True):
-            hosts, nets = hosts_and_nets(texts, fam)
-            m.sets[f"{stem}_{fam}"] = (HOSTS[fam], hosts)
-            if nets:
-                m.sets[f"{stem}_{fam}n"] = (NETS[fam], nets)
+        m.sets.update(_content_sets(stem, content))
     guard = PeerSet.of(program.guard)
     # The endpoints' own addresses, not a collapsed PeerSet: adjacent addresses would merge
     # into prefixes, which a set of single addresses cannot hold.
@@ -317,7 +326,6 @@ class _Peers:
 
     peers: PeerSet  # kept alive while its id is a key of _Tally.peers
     content: Content
-    split: tuple[Split, Split]  # per family (4, 6): hosts_and_nets of its content
 
 
 @dataclass
@@ -335,18 +343,19 @@ class _Tally:
 
 
 def _whole(p: PeerSet) -> _Peers:
-    c = _content(p)
-    return _Peers(p, c, (hosts_and_nets(c[0], 4), hosts_and_nets(c[1], 6)))
+    return _Peers(p, _content(p))
 
 
-def _moved(old: Sequence[Network], new: Sequence[Network]) -> tuple[list[Network], list[Network]]:
-    """(objects of `old` not in `new`, objects of `new` not in `old`), by identity; each
-    sequence holds an object once. Past the common head and tail (found by C iterators, no
-    Python step per prefix), only the middles are compared."""
-    n = min(len(old), len(new))
-    i = next(compress(count(), map(is_not, old, new)), n)
-    j = min(next(compress(count(), map(is_not, reversed(old), reversed(new))), n), n - i)
-    mid_old, mid_new = old[i : len(old) - j], new[i : len(new) - j]
+def _moved(old: tuple[Network, ...], new: tuple[Network, ...], lo: tuple[int, int],
+           hi: tuple[int, int]) -> tuple[list[Network], list[Network]]:
+    """(objects of old[lo[0]:hi[0]] not in new[lo[1]:hi[1]], and the other way round), by
+    identity; each tuple holds an object once. Past the common head and tail (found by C
+    iterators, no Python step per prefix, nothing copied), only the middles are compared."""
+    n = min(hi[0] - lo[0], hi[1] - lo[1])
+    i = next(compress(count(), map(is_not, islice(old, lo[0], hi[0]), islice(new, lo[1], hi[1]))), n)
+    tails = (islice(reversed(old), len(old) - hi[0], None), islice(reversed(new), len(new) - hi[1], None))
+    j = min(next(compress(count(), map(is_not, *tails)), n), n - i)
+    mid_old, mid_new = old[lo[0] + i : hi[0] - j], new[lo[1] + i : hi[1] - j]
     if not mid_old or not mid_new:
         return list(mid_old), list(mid_new)
     a = dict(zip(map(id, mid_old), mid_old, strict=True))
@@ -354,14 +363,13 @@ def _moved(old: Sequence[Network], new: Sequence[Network]) -> tuple[list[Network
     return [a[k] for k in a.keys() - b.keys()], [b[k] for k in b.keys() - a.keys()]
 
 
-def _families(nets: tuple[Network, ...]) -> tuple[tuple[Network, ...], tuple[Network, ...]]:
-    """The IPv4 part and the IPv6 part of collapsed prefixes (IPv4 first, as PeerSet keeps
-    them). Only a speed-up: _delta is right whatever the split, see there."""
-    cut = bisect_left(nets, 6, key=_VERSION)
-    return nets[:cut], nets[cut:]
-
-
 _VERSION = attrgetter("version")
+
+
+def _cut(nets: tuple[Network, ...]) -> int:
+    """Where the IPv6 prefixes start (PeerSet keeps IPv4 first). Only a speed-up: _delta is
+    right wherever the cut falls, see there."""
+    return bisect_left(nets, 6, key=_VERSION)
 
 
 def _edit(texts: frozenset[str], rm: set[str], add: set[str]) -> frozenset[str]:
@@ -379,27 +387,24 @@ def _delta(base: _Peers, p: PeerSet) -> _Peers:
     leave one short middle each. Exact however the parts fall: a prefix that turns up
     removed from one part and added to another, or removed and added as an equal object,
     is taken out and put back (every removal applies before any addition)."""
-    gone: list[Network] = []
-    fresh: list[Network] = []
-    for old_part, new_part in zip(_families(base.peers.nets), _families(p.nets), strict=True):
-        g, f = _moved(old_part, new_part)
-        gone += g
-        fresh += f
-    content, split = list(base.content), list(base.split)
+    old, new = base.peers.nets, p.nets
+    co, cn = _cut(old), _cut(new)
+    gone, fresh = _moved(old, new, (0, 0), (co, cn))
+    g6, f6 = _moved(old, new, (co, cn), (len(old), len(new)))
+    content = list(base.content)
     for i, fam in enumerate((4, 6)):
-        rm = {str(n) for n in gone if n.version == fam}
-        add = {str(n) for n in fresh if n.version == fam}
+        rm = {str(n) for n in (*gone, *g6) if n.version == fam}
+        add = {str(n) for n in (*fresh, *f6) if n.version == fam}
         if not rm and not add:
             continue  # the family's frozensets stay the same objects (diff skips them)
         suffix = _HOST_SUFFIX[fam]
-        hosts, nets = split[i]
         rm_hosts = {t[: -len(suffix)] for t in rm if t.endswith(suffix)}
         add_hosts = {t[: -len(suffix)] for t in add if t.endswith(suffix)}
-        content[i] = _edit(content[i], rm, add)
-        hosts = _edit(hosts, rm_hosts, add_hosts)
-        nets = _edit(nets, rm, {t for t in add if not t.endswith(suffix)})
-        split[i] = (hosts, nets if len(hosts) < len(content[i]) else frozenset())
-    return _Peers(p, (content[0], content[1]), (split[0], split[1]))
+        content[2 * i] = _edit(content[2 * i], rm_hosts, add_hosts)
+        if len(rm_hosts) < len(rm) or len(add_hosts) < len(add):
+            content[2 * i + 1] = _edit(content[2 * i + 1], {t for t in rm if not t.endswith(suffix)},
+                                       {t for t in add if not t.endswith(suffix)})
+    return _Peers(p, (content[0], content[1], content[2], content[3]))
 
 
 def _peers_of(t: _Tally, key: str, p: PeerSet) -> _Peers:
@@ -555,12 +560,9 @@ def update(program: Program, opts: Options = Options(), prev: Model | None = Non
                 m.sets.pop(name, None)
     for s, c in placed.items():
         m.by_content[c] = s
-        for fam, (hosts, nets) in zip((4, 6), touched[c].split, strict=True):
-            m.sets[f"{s}_{fam}"] = (HOSTS[fam], hosts)
-            if nets:
-                m.sets[f"{s}_{fam}n"] = (NETS[fam], nets)
-            else:
-                m.sets.pop(f"{s}_{fam}n", None)
+        for fam in (4, 6):
+            m.sets.pop(f"{s}_{fam}n", None)
+        m.sets.update(_content_sets(s, c))
     # 3. guard and known addresses (the node's own endpoints), when they may have changed
     if program.guard != t.guard:
         guard = PeerSet.of(program.guard)
