@@ -340,6 +340,7 @@ class _Tally:
     last: dict[str, PeerSet] = field(default_factory=dict)  # rule key -> its peers (a delta's base)
     keys: dict[str, int] = field(default_factory=dict)  # rule key -> rules using it
     claims: dict[tuple[str, str], int] = field(default_factory=dict)  # (map, key) -> endpoints
+    edits: Edits = field(default_factory=dict)  # this update's (see _edit)
 
 
 def _whole(p: PeerSet) -> _Peers:
@@ -372,14 +373,25 @@ def _cut(nets: tuple[Network, ...]) -> int:
     return bisect_left(nets, 6, key=_VERSION)
 
 
-def _edit(texts: frozenset[str], rm: set[str], add: set[str]) -> frozenset[str]:
+# One update's edits: (id of the frozenset edited, removed, added) -> (it, the result). Rules
+# whose peers hold the same pods change alike: their sets edited once, into one object, so
+# their contents compare by identity, not element by element, and are hashed once.
+Edits = dict[tuple[int, frozenset[str], frozenset[str]], tuple[frozenset[str], frozenset[str]]]
+
+
+def _edit(texts: frozenset[str], rm: set[str], add: set[str], edits: Edits) -> frozenset[str]:
     """texts less `rm` plus `add`, copied once where one side is empty (the usual event)."""
-    if rm:
-        texts = texts - rm
-    return texts | add if add else texts
+    key = (id(texts), frozenset(rm), frozenset(add))
+    hit = edits.get(key)
+    if hit is not None and hit[0] is texts:
+        return hit[1]
+    out = texts - rm if rm else texts
+    out = out | add if add else out
+    edits[key] = (texts, out)
+    return out
 
 
-def _delta(base: _Peers, p: PeerSet) -> _Peers:
+def _delta(base: _Peers, p: PeerSet, edits: Edits) -> _Peers:
     """p's content as base's edited by the prefixes that moved (text formatted for those
     only). The incremental compiler keeps the prefix objects a peer set did not lose (and
     PeerSet.of shares them), so what moved is what one side holds as an object the other
@@ -400,10 +412,10 @@ def _delta(base: _Peers, p: PeerSet) -> _Peers:
         suffix = _HOST_SUFFIX[fam]
         rm_hosts = {t[: -len(suffix)] for t in rm if t.endswith(suffix)}
         add_hosts = {t[: -len(suffix)] for t in add if t.endswith(suffix)}
-        content[2 * i] = _edit(content[2 * i], rm_hosts, add_hosts)
+        content[2 * i] = _edit(content[2 * i], rm_hosts, add_hosts, edits)
         if len(rm_hosts) < len(rm) or len(add_hosts) < len(add):
             content[2 * i + 1] = _edit(content[2 * i + 1], {t for t in rm if not t.endswith(suffix)},
-                                       {t for t in add if not t.endswith(suffix)})
+                                       {t for t in add if not t.endswith(suffix)}, edits)
     return _Peers(p, (content[0], content[1], content[2], content[3]))
 
 
@@ -412,7 +424,7 @@ def _peers_of(t: _Tally, key: str, p: PeerSet) -> _Peers:
     if info is None:
         base = t.last.get(key)
         binfo = t.peers.get(id(base)) if base is not None else None
-        info = _delta(binfo, p) if binfo is not None and binfo.peers is base else _whole(p)
+        info = _delta(binfo, p, t.edits) if binfo is not None and binfo.peers is base else _whole(p)
         t.peers[id(p)] = info
     return info
 
@@ -585,6 +597,7 @@ def update(program: Program, opts: Options = Options(), prev: Model | None = Non
         for mname, k, v in b.maps:
             m.maps[mname][k] = v
     m.by_object = {}
+    t.edits = {}
     _prune(t, idle)
     t.guard = program.guard
     if not alone:
