@@ -304,6 +304,10 @@ def diff(old: Model, new: Model) -> Diff:
             gone, fresh = frozenset[str](), elems
         elif old.sets[name][1] is elems:
             continue  # the same object (an unchanged peer set): nothing to compare
+        elif (edit := new.edits.get(id(elems))) is not None and edit[0] is elems and edit[1] is old.sets[name][1]:
+            # edited from what old holds (nftmodel.update): elems = (held - rm) | add
+            _, held, rm, add = edit
+            gone, fresh = rm - add, frozenset(e for e in add if e not in held)
         else:
             gone, fresh = old.sets[name][1] - elems, elems - old.sets[name][1]
         # Deletes first: an interval set refuses an overlapping add.

@@ -240,6 +240,10 @@ class Model:
     # learned-address sets (agent/dataplane/nftlearn.py) -> type: declared and deleted here,
     # their elements only ever written by `learn`
     learned: dict[str, str] = field(default_factory=dict)
+    # id(elements) -> (elements, the elements they were edited from, removed, added): what
+    # `update` edited, so that diff need not compare whole sets (see nftables.diff)
+    edits: dict[int, tuple[frozenset[str], frozenset[str], frozenset[str], frozenset[str]]] = \
+        field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -597,6 +601,7 @@ def update(program: Program, opts: Options = Options(), prev: Model | None = Non
         for mname, k, v in b.maps:
             m.maps[mname][k] = v
     m.by_object = {}
+    m.edits = {id(out): (out, base, rm, add) for (_, rm, add), (base, out) in t.edits.items()}
     t.edits = {}
     _prune(t, idle)
     t.guard = program.guard
