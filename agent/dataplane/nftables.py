@@ -34,10 +34,14 @@ Layout (see README "The nft table"):
 Per-packet cost is one hash lookup per direction plus the rules selecting that endpoint;
 it does not grow with the number of pods or peers.
 
-Cost of a change: the dataplane keeps a `Memo` across syncs, so build_model reuses the
-chains and map entries of every endpoint that is the same EndpointProgram object as last
-time (the incremental compiler hands unchanged ones back as such) with the same set stems,
-and render_diff skips by identity what did not change. A diff that is nothing but element
+Cost of a change: the model (nftmodel.py) is built from the previous one and what changed
+(`update`, with a `Memo` kept across syncs): only endpoints that are not the same
+EndpointProgram object as last time (the incremental compiler hands unchanged ones back as
+such) are walked and rendered again, shared sets are kept, refilled, renamed or dropped only
+where a peer-set content came or went, and a changed set's elements are its previous ones
+edited by the prefixes that moved; `build_model`, the full build, is the reference.
+render_diff skips by identity what did not change and takes an edited set's element
+changes from the edit. A diff that is nothing but element
 adds and deletes in hash sets both models hold (the usual event: a remote pod's labels or
 address) goes to the kernel as one raw nfnetlink batch (nfnetlink.py: one transaction, as
 the text would be) instead of a libnftables command, whose fetch of every set of the table
