@@ -475,6 +475,7 @@ class NftablesDataplane(Dataplane):
         if self._model is not None:
             new = update(program, self.options, self._model, self._memo)
             d = diff(self._model, new)
+            new.edits = {}  # they hold the sets they were edited from: only this diff needs them
             try:
                 sent = d.elements is not None and self._send_elements(d.elements)
                 if not sent and d.text:
