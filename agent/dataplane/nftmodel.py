@@ -496,7 +496,8 @@ def update(program: Program, opts: Options = Options(), prev: Model | None = Non
     endpoints that are not the same EndpointProgram object as last time are rendered
     again, peer-set contents whose keys changed get their set kept, refilled, renamed or
     dropped as _share decides, everything else is prev's. Otherwise, or on anything it
-    does not follow (see _count), a full build_model, whose tallies it keeps for next time."""
+    does not follow (see _tally_claims), a full build_model, whose tallies it keeps for
+    next time. Should it raise (an endpoint's device name refused), the next call is full."""
     if memo is None:
         return build_model(program, opts, prev, None, avoid)
     t = memo.tally
@@ -593,7 +594,11 @@ def update(program: Program, opts: Options = Options(), prev: Model | None = Non
     for _, p in refs:
         m.by_object[id(p)] = m.by_content[t.peers[id(p)].content]
     for key, ep in changed:
-        b = built[key] = _endpoint(m, ep, opts)
+        try:
+            b = built[key] = _endpoint(m, ep, opts)
+        except DataplaneError:
+            built.clear()  # some were rendered against this unfinished model
+            raise
         alone = _tally_claims(t, b, 1) and alone
         m.chains.update(b.chains)
         m.owners.update(b.owners)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from agent.admission import LastGood, kubernetes_inventory
 from agent.dataplane import nftmodel
+from agent.dataplane.base import DataplaneError
 from agent.dataplane.nftables import FAMILY, TABLE, render_diff, render_full, render_staged
 from agent.dataplane.nftmodel import Memo, Model, Options, build_model, update
 from agent.ir import LEARNED_MARK, Direction, DirectionProgram, EndpointProgram, Origin, PeerSet, Program, Rule
@@ -257,3 +258,18 @@ def test_updated_diffs_leave_what_a_fresh_load_leaves(two: tuple[str, str], seed
         m = new
     nft_file(fresh, render_full(m))
     assert table_objects(applied, FAMILY, TABLE) == table_objects(fresh, FAMILY, TABLE)
+
+
+def test_a_refused_device_name_leaves_the_next_update_right() -> None:
+    hand = Hand()
+    spec = {"ips": [ADDRS[0]], "rules": [("k0", Direction.INGRESS)], "isolated": True, "device": None}
+    hand.step("endpoint", 0, spec)
+    memo = Memo()
+    prev = update(hand.program(), Options(), None, memo)
+    hand.step("peers", "k0", [ADDRS[1]])
+    hand.step("endpoint", 1, {**spec, "device": "x" * 40})  # longer than any device name
+    with pytest.raises(DataplaneError, match="interface"):
+        update(hand.program(), Options(), prev, memo)
+    hand.step("endpoint", 1, {**spec, "device": "wt1"})
+    prog = hand.program()
+    _same(update(prog, Options(), prev, memo), build_model(prog, Options(), prev))
