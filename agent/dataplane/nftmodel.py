@@ -6,10 +6,11 @@ endpoint. `Memo` + `update` (the dataplane's path for each event) build the same
 from the previous one: only endpoints that are not the same EndpointProgram object as
 last time are walked and rendered again, rule keys are counted per peer-set content so
 shared sets are renamed, refilled or dropped only where a content came or went, and a
-changed peer set's text content is the previous content of its rule key edited by the
-prefixes that moved (the incremental compiler keeps unchanged prefixes as the same
-objects), not all its prefixes formatted again. Whatever `update` cannot follow cheaply
-(options changed, a different previous model, an address two endpoints claim) goes
+changed peer set's elements are its rule key's previous ones edited by the prefixes that
+moved (the incremental compiler keeps unchanged prefixes as the same objects, so they are
+found by identity), not all its prefixes formatted again; the edit also tells the diff
+what was added and removed. Whatever `update` does not follow (options changed, a model
+other than its last one, an address or device two endpoints claim, a failed build) goes
 through `build_model`. tests/unit/test_nft_model_update.py holds `update` to
 `build_model` after every event of random event sequences.
 """
