@@ -34,10 +34,14 @@ Layout (see README "The nft table"):
 Per-packet cost is one hash lookup per direction plus the rules selecting that endpoint;
 it does not grow with the number of pods or peers.
 
-Cost of a change: the dataplane keeps a `Memo` across syncs, so build_model reuses the
-chains and map entries of every endpoint that is the same EndpointProgram object as last
-time (the incremental compiler hands unchanged ones back as such) with the same set stems,
-and render_diff skips by identity what did not change. A diff that is nothing but element
+Cost of a change: the model (nftmodel.py) is built from the previous one and what changed
+(`update`, with a `Memo` kept across syncs): only endpoints that are not the same
+EndpointProgram object as last time (the incremental compiler hands unchanged ones back as
+such) are walked and rendered again, shared sets are kept, refilled, renamed or dropped only
+where a peer-set content came or went, and a changed set's elements are its previous ones
+edited by the prefixes that moved; `build_model`, the full build, is the reference.
+render_diff skips by identity what did not change and takes an edited set's element
+changes from the edit. A diff that is nothing but element
 adds and deletes in hash sets both models hold (the usual event: a remote pod's labels or
 address) goes to the kernel as one raw nfnetlink batch (nfnetlink.py: one transaction, as
 the text would be) instead of a libnftables command, whose fetch of every set of the table
@@ -52,7 +56,6 @@ one transaction that rewrites every chain and deletes what is gone.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import shutil
@@ -60,9 +63,8 @@ import socket
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from agent.dataplane import child, conntrack, heap, nfnetlink, nftlearn
 from agent.dataplane.base import (
@@ -76,59 +78,35 @@ from agent.dataplane.base import (
     Flow,
     LearnedEntry,
 )
-from agent.dataplane.escape import display, utf8, valid_ifname
-from agent.ir import (
-    PORTED,
-    Direction,
-    DirectionProgram,
-    EndpointProgram,
-    PeerSet,
-    Program,
-    Rule,
-    Tier,
-    Verdict,
-    merge_ranges,
+from agent.dataplane.escape import display
+from agent.dataplane.nftmodel import (
+    DENY_COMMENT,
+    HOSTS,
+    MAPS,
+    NETS,  # noqa: F401  (re-exported: tests name it here)
+    Memo,
+    Model,
+    Options,
+    build_model,
+    chain_name,
+    tail_name,
+    update,
 )
+from agent.ir import Direction, EndpointProgram, Program, Tier, Verdict
 
 log = logging.getLogger(__name__)
 
 TABLE = "stockade"
 FAMILY = "inet"
-DENY_COMMENT = "default-deny"
 UNKNOWN_COMMENT = "unknown-endpoint"
 ND_TYPES = "nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect"
-MAPS = {"ingress4": "ipv4_addr", "ingress6": "ipv6_addr", "egress4": "ipv4_addr", "egress6": "ipv6_addr",
-        "ingress_if": "ifname", "egress_if": "ifname"}
 PREROUTING_PRIORITY = -150  # after conntrack (-200), before NAT and filter
-DEFAULT_LOG_GROUP = 7354
 COMMENT_MAX = 128  # bytes: nft refuses a longer comment (NFTNL_UDATA_COMMENT_MAXLEN)
 CHUNK = 5000  # elements per command line; keeps single commands a sane size
 # A staged first load (render_staged): set elements, and chains' rule lines, per transaction.
 STAGE = 5000
 STAGE_LINES = 500
 BIG_LOAD = 1 << 20  # bytes of nft text above which a full load goes to an `nft -f` child
-# A set's declaration: single addresses in hash sets, prefixes in interval sets.
-HOSTS = {4: "ipv4_addr", 6: "ipv6_addr"}
-NETS = {4: "ipv4_addr; flags interval", 6: "ipv6_addr; flags interval"}
-_HOST_SUFFIX = {4: "/32", 6: "/128"}
-# PeerSet.texts(fam) -> (single addresses, wider prefixes); cached per frozenset object, so
-# an unchanged peer set is split once, not on every sync (190k texts cost ~0.1 s).
-_SPLIT: weakref.WeakKeyDictionary[frozenset[str], tuple[frozenset[str], frozenset[str]]] = \
-    weakref.WeakKeyDictionary()
-
-
-def hosts_and_nets(texts: frozenset[str], fam: int) -> tuple[frozenset[str], frozenset[str]]:
-    """One family's prefixes split into single addresses (without the /32 or /128) and the
-    wider prefixes."""
-    split = _SPLIT.get(texts)
-    if split is None:
-        suffix = _HOST_SUFFIX[fam]
-        hosts = frozenset(t[: -len(suffix)] for t in texts if t.endswith(suffix))
-        nets = frozenset(t for t in texts if not t.endswith(suffix)) if len(hosts) < len(texts) else frozenset()
-        split = _SPLIT[texts] = (hosts, nets)
-    return split
-
-
 def _base_chains() -> str:
     def dispatch(directions: Iterable[str]) -> str:
         lines = []
@@ -158,330 +136,6 @@ def _base_chains() -> str:
         "\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n"
         f"{common}\t\tip saddr vmap @egress4\n\t\tip6 saddr vmap @egress6\n\t\toifname vmap @egress_if\n\t}}\n"
     )
-
-
-def _short(text: str) -> str:
-    """A name-safe digest of any string. 128 bits: names are attacker-chosen, and a shorter
-    digest could be matched on purpose (a pod named to share a victim's chain or set)."""
-    return hashlib.blake2s(utf8(text), digest_size=16).hexdigest()
-
-
-def chain_name(endpoint: str, d: Direction) -> str:
-    return f"{'in' if d is Direction.INGRESS else 'out'}_{_short(endpoint)}"
-
-
-Content = tuple[frozenset[str], frozenset[str]]  # a peer set's IPv4 and IPv6 prefixes as text
-
-
-def _content(peers: PeerSet) -> Content:
-    """What a kernel peer set holds; frozensets cached on the PeerSet, so hashing is paid once."""
-    return peers.texts(4), peers.texts(6)
-
-
-def _stem(key: str, taken: set[str]) -> str:
-    """A fresh set stem named after its representative rule key, unless that name is in use."""
-    name, i = f"p_{_short(key)}", 0
-    while name in taken:
-        i += 1
-        name = "p_" + _short(f"{key}\0{i}")
-    return name
-
-
-def _share(program: Program, prev: Model | None,
-           avoid: frozenset[str] = frozenset()) -> dict[str, tuple[Content, frozenset[str]]]:
-    """Stem -> (content, rule keys) of every peer set `program` needs: one set per distinct
-    content, whatever key (policy rule) asks for it. With `prev` (what the kernel holds),
-    names stay put so a change costs what it touches:
-    1. content some set already holds keeps that set (no element change; a key whose
-       content diverged and re-converged goes back to it);
-    2. a set whose content changed stays with the group of keys that used it most (element
-       updates; ties: the smaller stem) so the usual event (a pod joins a selector) rewrites
-       no rule line;
-    3. other content gets a new set named after its smallest key; the keys that moved to
-       another set get their rule lines rewritten, in the same transaction.
-    Without `prev` (a fresh load) step 3 names every set, so names depend on content only
-    (and on `avoid`: stems a new set must not take, those of a table being replaced)."""
-    groups: dict[Content, set[str]] = {}
-    by_object: dict[int, set[str]] = {}  # id(PeerSet) -> its group: equal contents compare once
-    for ep in program.endpoints.values():
-        for d in (Direction.INGRESS, Direction.EGRESS):
-            dp = ep.direction(d)
-            if dp.enforced:
-                for rule in dp.rules:
-                    if rule.peers is not None and not rule.learned:  # learned: sets of its own
-                        keys = by_object.get(id(rule.peers))
-                        if keys is None:
-                            keys = by_object[id(rule.peers)] = groups.setdefault(_content(rule.peers), set())
-                        keys.add(rule.key)
-    out: dict[str, tuple[Content, frozenset[str]]] = {}
-    pending: list[tuple[Content, set[str]]] = []
-    old_by_content = prev.by_content if prev else {}
-    for c, keys in groups.items():
-        s = old_by_content.get(c)
-        if s is not None and s not in out:
-            out[s] = (c, frozenset(keys))
-        else:
-            pending.append((c, keys))
-    if prev is not None and pending:
-        old_stems: dict[str, list[str]] = {}
-        for s, (_, keys) in prev.shared.items():
-            for k in keys:
-                old_stems.setdefault(k, []).append(s)
-        rest = []
-        for c, keys in sorted(pending, key=lambda g: (-len(g[1]), min(g[1]))):
-            votes: dict[str, int] = {}
-            for k in keys:
-                for s in old_stems.get(k, ()):
-                    if s not in out:
-                        votes[s] = votes.get(s, 0) + 1
-            if votes:
-                s = min(votes, key=lambda s: (-votes[s], s))
-                out[s] = (c, frozenset(keys))
-            else:
-                rest.append((c, keys))
-        pending = rest
-    taken = set(out) | avoid
-    for c, keys in sorted(pending, key=lambda g: min(g[1])):
-        s = _stem(min(keys), taken)
-        taken.add(s)
-        out[s] = (c, frozenset(keys))
-    return out
-
-
-def _stem_of(m: Model, peers: PeerSet) -> str:
-    stem = m.by_object.get(id(peers))
-    if stem is None:  # comparing equal contents costs their size: once per PeerSet object
-        stem = m.by_object[id(peers)] = m.by_content[_content(peers)]
-    return stem
-
-
-def _peer_matches(m: Model, rule: Rule, peers: PeerSet, peer_key: str) -> list[str]:
-    """The peer clauses of `rule`, one line each: per family its hash set of addresses
-    (always there, maybe empty) and its interval set of prefixes (only when it has some)."""
-    stem = _stem_of(m, peers)
-    out = []
-    for fam, proto in ((4, "ip"), (6, "ip6")):
-        out += [f"{proto} {peer_key} @{s} " for s in (f"{stem}_{fam}", f"{stem}_{fam}n") if s in m.sets]
-    return out
-
-
-def _ports_line(rule: Rule) -> list[str]:
-    """Port clauses of a rule: one concatenated set for ported protocols, one for ICMP."""
-    if not rule.ports:
-        return [""]
-    out = []
-    elems: list[tuple[str, int | str]] = []
-    # nft refuses overlapping intervals in one set ("File exists"): a rule may hold e.g.
-    # UDP (all ports) and UDP/80, or 80-81 and 80. Merge them per protocol first.
-    spans: dict[str, list[tuple[int, int]]] = {}
-    for p in rule.ports:
-        if p.protocol in PORTED:
-            spans.setdefault(p.protocol, []).append((0, 65535) if p.first is None else (p.first, p.last or p.first))
-    for proto in sorted(spans):
-        for first, last in merge_ranges(spans[proto]):
-            elems.append((proto, first if first == last else f"{first}-{last}"))
-    if len(elems) == 1:
-        # One protocol and port (range): plain comparisons. An anonymous set per rule would
-        # cost every later libnftables command a fetch of it (element updates included).
-        proto, port = elems[0]
-        out.append(f"meta l4proto {proto} " if port == "0-65535" else f"meta l4proto {proto} th dport {port} ")
-    elif elems:
-        out.append(f"meta l4proto . th dport {{ {', '.join(f'{p} . {n}' for p, n in elems)} }} ")
-    if any(p.protocol == "icmp" for p in rule.ports):
-        out.append("meta l4proto { icmp, ipv6-icmp } ")
-    return out
-
-
-@dataclass
-class Model:
-    """The table's variable contents; the static part is `_base_chains`."""
-
-    sets: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
-    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    maps: dict[str, dict[str, str]] = field(default_factory=lambda: {m: {} for m in MAPS})
-    # chain -> (endpoint, direction), written into the chain's comment
-    owners: dict[str, tuple[str, Direction]] = field(default_factory=dict)
-    # peer-set stem -> (content, rule keys using it), and content -> stem (see _share)
-    shared: dict[str, tuple[Content, frozenset[str]]] = field(default_factory=dict, compare=False)
-    by_content: dict[Content, str] = field(default_factory=dict, compare=False)
-    # id(PeerSet) -> stem while build_model runs (the program keeps those objects alive)
-    by_object: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
-    # learned-address sets (agent/dataplane/nftlearn.py) -> type: declared and deleted here,
-    # their elements only ever written by `learn`
-    learned: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Options:
-    """How drops are rendered. Audit mode counts and logs what would be dropped, drops nothing."""
-
-    audit: bool = False
-    log_group: int | None = DEFAULT_LOG_GROUP  # NFLOG group for sampled drops; None: no logging
-    log_rate: str = "10/second burst 20 packets"  # per rule, in the kernel
-
-
-@dataclass(frozen=True)
-class _Built:
-    """What one endpoint gave the model, and what it depends on besides the endpoint."""
-
-    ep: EndpointProgram
-    stems: tuple[tuple[PeerSet, str], ...]  # each rule's peers and the set stem they had
-    chains: dict[str, tuple[str, ...]]
-    owners: dict[str, tuple[str, Direction]]
-    maps: tuple[tuple[str, str, str], ...]  # (map, key, verdict)
-    learned: tuple[tuple[str, str], ...] = ()  # learned-address sets of its rules: (name, type)
-
-
-@dataclass
-class Memo:
-    """An incremental build's memory (see build_model): per endpoint key, what the endpoint
-    last gave. The incremental compiler hands back an unchanged endpoint as the same
-    EndpointProgram object, so an endpoint that is the same object, and whose rules' peers
-    kept their set stems, gives the same chains and map entries: they are reused as they
-    are, not rendered again. Pure memoisation: a stale entry is never used, so any history
-    builds what a build without memo builds."""
-
-    opts: Options | None = None
-    endpoints: dict[str, _Built] = field(default_factory=dict)
-
-
-def build_model(program: Program, opts: Options = Options(), prev: Model | None = None,
-                memo: Memo | None = None, avoid: frozenset[str] = frozenset()) -> Model:
-    """The table for `program`. `prev`, the model the kernel holds, keeps shared peer sets'
-    names stable across changes (see _share); without it names follow content alone. With
-    `memo` (kept across calls by the caller), endpoints unchanged since the last call reuse
-    what they gave then; the result is the same. New peer sets take no stem in `avoid`."""
-    m = Model()
-    m.shared = _share(program, prev, avoid)
-    for stem, (content, _) in m.shared.items():
-        m.by_content[content] = stem
-        for fam, texts in zip((4, 6), content, strict=True):
-            hosts, nets = hosts_and_nets(texts, fam)
-            m.sets[f"{stem}_{fam}"] = (HOSTS[fam], hosts)
-            if nets:
-                m.sets[f"{stem}_{fam}n"] = (NETS[fam], nets)
-    guard = PeerSet.of(program.guard)
-    # The endpoints' own addresses, not a collapsed PeerSet: adjacent addresses would merge
-    # into prefixes, which a set of single addresses cannot hold.
-    known = {ip for ep in program.endpoints.values() for ip in ep.ips} if program.guard else set()
-    for fam in (4, 6):
-        m.sets[f"guard{fam}"] = (NETS[fam], guard.texts(fam))
-        m.sets[f"known{fam}"] = (HOSTS[fam], frozenset(str(ip) for ip in known if ip.version == fam))
-    if memo is not None and memo.opts != opts:
-        memo.opts, memo.endpoints = opts, {}
-    built = memo.endpoints if memo is not None else {}
-    for key, ep in program.endpoints.items():
-        b = built.get(key)
-        if b is None or b.ep is not ep or any(_stem_of(m, p) != s for p, s in b.stems):
-            b = _endpoint(m, ep, opts)
-            if memo is not None:
-                built[key] = b
-        m.chains.update(b.chains)
-        m.owners.update(b.owners)
-        m.learned.update(b.learned)
-        for mname, k, v in b.maps:
-            m.maps[mname][k] = v
-    if memo is not None and len(built) > len(program.endpoints):
-        for key in [k for k in built if k not in program.endpoints]:
-            del built[key]
-    m.by_object = {}  # ids are only valid while `program` lives
-    return m
-
-
-def _endpoint(m: Model, ep: EndpointProgram, opts: Options) -> _Built:
-    """The chains and map entries of one endpoint (both directions) in model `m`."""
-    chains: dict[str, tuple[str, ...]] = {}
-    owners: dict[str, tuple[str, Direction]] = {}
-    maps: list[tuple[str, str, str]] = []
-    stems: list[tuple[PeerSet, str]] = []
-    learned: dict[str, str] = {}
-    for d in (Direction.INGRESS, Direction.EGRESS):
-        dp = ep.direction(d)
-        if not dp.enforced:
-            continue
-        name = chain_name(ep.key, d)
-        mine = _chain_rules(m, dp, d, name, opts)
-        owners.update((c, (ep.key, d)) for c in mine)
-        stems += [(r.peers, _stem_of(m, r.peers)) for r in dp.rules if r.peers is not None and not r.learned]
-        for r in dp.rules:
-            if r.learned:
-                learned.update(nftlearn.rule_sets(r))
-        if ep.interface is not None:
-            if not valid_ifname(ep.interface):
-                # nft cannot name such a device in a quoted string; refuse loudly rather
-                # than render it (or leave the endpoint's traffic unjudged).
-                raise DataplaneError(f"endpoint {display(ep.key, 200)}: field interface: "
-                                     f"{display(ep.interface, 64)!r} is not a valid device name")
-            # The host behind a device: keyed by the device, so an endpoint whose
-            # addresses are not known yet (NetBird before its first sync) is covered too.
-            maps.append((f"{d.value}_if", f'"{ep.interface}"', f"jump {name}"))
-            if d is Direction.INGRESS:
-                mine[name] = ("fib daddr type != local return", *mine[name])  # routed, not for this host
-        else:
-            maps += [(f"{d.value}{ip.version}", str(ip), f"jump {name}") for ip in ep.ips]
-        chains.update(mine)
-    return _Built(ep, tuple(stems), chains, owners, tuple(maps), tuple(sorted(learned.items())))
-
-
-def _log(opts: Options, chain: str, what: str) -> str:
-    """A rate-limited NFLOG statement; the prefix lets the reader name chain and rule."""
-    mode = "A" if opts.audit else "D"
-    return f'limit rate {opts.log_rate} log prefix "stk {mode} {chain} {what}" group {opts.log_group} '
-
-
-def tail_name(chain: str) -> str:
-    """The chain holding what follows the ADMIN tier when an ADMIN Pass must skip the rest of it."""
-    return f"{chain}_t"
-
-
-def _chain_rules(m: Model, dp: DirectionProgram, d: Direction, chain: str, opts: Options) -> dict[str, tuple[str, ...]]:
-    """The chain(s) of one endpoint direction, in `ir.first_match` order: ADMIN lines, POLICY
-    lines, the isolation's default deny, BASELINE lines. An ADMIN Pass must skip the rest of
-    the ADMIN tier, so a direction with one is split: `chain` keeps the ADMIN lines (Pass:
-    `goto` the tail) and ends in `goto` the tail, which holds the rest. `goto`, not `jump`:
-    a `return` in the tail goes straight back to the base chain, as one from `chain` would."""
-    tiers = {t: [r for r in dp.rules if r.tier is t] for t in Tier}
-    split = any(r.verdict is Verdict.PASS for r in tiers[Tier.ADMIN])
-    tail = tail_name(chain) if split else chain
-    head = _lines(m, tiers[Tier.ADMIN], d, chain, tail, opts)
-    rest = _lines(m, tiers[Tier.POLICY], d, tail, tail, opts)
-    if dp.isolated:
-        if opts.log_group is not None:
-            rest.append(_log(opts, tail, "deny").rstrip())
-        rest.append(f'counter {"" if opts.audit else "drop "}comment "{DENY_COMMENT}"')
-    else:  # under isolation the default deny decides before BASELINE is reached: no dead lines
-        rest += _lines(m, tiers[Tier.BASELINE], d, tail, tail, opts)
-    if split:
-        return {chain: (*head, f"goto {tail}"), tail: tuple(rest)}
-    return {chain: (*head, *rest)}
-
-
-def _lines(m: Model, rules: list[Rule], d: Direction, chain: str, tail: str, opts: Options) -> list[str]:
-    """Counted lines of `rules` in `chain`: accept (and a BASELINE Pass) `return` (allow, so
-    the other side is still judged), drop drops (audit: logs and returns), an ADMIN Pass
-    goes to `tail`. Comments `r:<id>` map counters and drop samples back to the rule."""
-    peer_key = "saddr" if d is Direction.INGRESS else "daddr"
-    # In audit mode a drop decides like a drop (stops this side's evaluation) but lets it pass.
-    verdict = {Verdict.ACCEPT: "return", Verdict.DROP: "return" if opts.audit else "drop"}
-    lines = []
-    for rule in rules:
-        action = f"goto {tail}" if rule.verdict is Verdict.PASS and rule.tier is Tier.ADMIN \
-            else verdict[rule.effect]
-        tail_text = f"counter {action} comment \"r:{rule.id}\""
-        logged = rule.verdict is Verdict.DROP and opts.log_group is not None
-        matches = []
-        ports = _ports_line(rule)
-        if rule.learned:  # its peers are the kernel's learned sets, not `peers`
-            matches = [f"{peer}{p}" for peer in nftlearn.peer_matches(rule, peer_key) for p in ports]
-        elif rule.peers is None:
-            matches = ports
-        else:
-            matches = [f"{peer}{p}" for peer in _peer_matches(m, rule, rule.peers, peer_key) for p in ports]
-        for match in matches:
-            if logged:
-                lines.append(f"{match}{_log(opts, chain, 'r:' + rule.id)}".rstrip())
-            lines.append(f"{match}{tail_text}")
-    return lines
 
 
 def _chain_comment(m: Model, chain: str) -> str:
@@ -654,6 +308,10 @@ def diff(old: Model, new: Model) -> Diff:
             gone, fresh = frozenset[str](), elems
         elif old.sets[name][1] is elems:
             continue  # the same object (an unchanged peer set): nothing to compare
+        elif (edit := new.edits.get(id(elems))) is not None and edit[0] is elems and edit[1] is old.sets[name][1]:
+            # edited from what old holds (nftmodel.update): elems = (held - rm) | add
+            _, held, rm, add = edit
+            gone, fresh = rm - add, frozenset(e for e in add if e not in held)
         else:
             gone, fresh = old.sets[name][1] - elems, elems - old.sets[name][1]
         # Deletes first: an interval set refuses an overlapping add.
@@ -721,8 +379,8 @@ class NftablesDataplane(Dataplane):
     name = "nftables"
     learns_in_kernel = True  # learned-address sets with per-element timeouts (nftlearn.py)
 
-    def __init__(self, options: Options = Options()) -> None:
-        self.options = options
+    def __init__(self, options: Options | None = None) -> None:
+        self.options = options or Options()
         self._nft = None
         self._model: Model | None = None  # what the kernel holds after our last apply
         self._program: Program | None = None  # the program that model came from
@@ -815,8 +473,9 @@ class NftablesDataplane(Dataplane):
 
     def apply(self, program: Program) -> ApplyStats:
         if self._model is not None:
-            new = build_model(program, self.options, self._model, self._memo)
+            new = update(program, self.options, self._model, self._memo)
             d = diff(self._model, new)
+            new.edits = {}  # they hold the sets they were edited from: only this diff needs them
             try:
                 sent = d.elements is not None and self._send_elements(d.elements)
                 if not sent and d.text:
@@ -833,12 +492,12 @@ class NftablesDataplane(Dataplane):
             heap.release()
         held_sets, held_chains = self._held()
         if not held_sets and not held_chains:
-            new = build_model(program, self.options, None, self._memo)
+            new = update(program, self.options, None, self._memo)
             lines = self._load_fresh(new)
         else:
             # A table a previous agent left (a restart): new peer sets take names it does not use.
             avoid = frozenset(n.rsplit("_", 1)[0] for n in held_sets if n.startswith("p_"))
-            new = build_model(program, self.options, None, self._memo, avoid)
+            new = update(program, self.options, None, self._memo, avoid)
             lines = self._replace(new, held_sets, held_chains)
         self._model, self._program = new, program
         return ApplyStats(True, lines, sum(len(s[1]) for s in new.sets.values()))
