@@ -9,6 +9,9 @@ agent's own pipeline and dataplane (`apply` below, run inside the node namespace
 Per configuration and repetition: TCP throughput (iperf3), new TCP connections per
 second (bench.loadgen crr), request-response latency p50/p99 on one connection
 (bench.loadgen rr), UDP 64-byte packet rate received (iperf3 -u -l 64 -b 0).
+
+Alone (root): `python -m bench.datapath run --dataplanes ebpf --peers 10,100000 --reps 3
+[--seconds 1.5] [--out FILE]` prints each configuration's ratios to the floor.
 """
 
 from __future__ import annotations
@@ -215,8 +218,31 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--dataplane", default="nftables", choices=["nftables", "ebpf"])
     a.add_argument("--manifests")
     a.add_argument("--clear", action="store_true")
+    r = sub.add_parser("run", help="measure: floor and each peer size, in rounds (needs root)")
+    r.add_argument("--dataplanes", default="ebpf", help="comma list of nftables,ebpf")
+    r.add_argument("--peers", default="10,100000", help="comma list of peer-set sizes")
+    r.add_argument("--reps", type=int, default=3, help="rounds")
+    r.add_argument("--seconds", type=float, default=1.5, help="seconds per measurement")
+    r.add_argument("--out", help="write the result as JSON here")
     args = ap.parse_args(argv)
-    return apply_cmd(args)
+    if args.cmd == "apply":
+        return apply_cmd(args)
+    return run_cmd(args)
+
+
+def run_cmd(args: argparse.Namespace) -> int:
+    """Measure and print the ratios to the floor (median [min–max] over rounds), as the README's table."""
+    res = run(args.dataplanes.split(","), [int(p) for p in args.peers.split(",") if p], args.reps, args.seconds)
+    res["loadavg"] = os.getloadavg()
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"load average at the end: {res['loadavg']}")
+    for dp, r in res["dataplanes"].items():
+        for name, cfg in r.get("configs", {}).items():
+            print(f"{dp:>8} {name:>6}: " + "  ".join(
+                f"{k} {cfg[k]['ratio']['median']:.2f} [{cfg[k]['ratio']['min']:.2f}-{cfg[k]['ratio']['max']:.2f}]"
+                for k in METRICS))
+    return 0
 
 
 if __name__ == "__main__":

@@ -106,7 +106,11 @@ class FlowKey(ctypes.Structure):
 
 
 class FlowValue(ctypes.Structure):
-    _fields_ = [("seen", c_uint64), ("flags", c_uint32), ("pad", c_uint32)]
+    """struct flow_val: last seen, FIN flags, the paired endpoint and the device its hook
+    judges on (what a vouching mark is bound to: bpf/stockade.c `vouch`)."""
+
+    _fields_ = [("seen", c_uint64), ("flags", c_uint32), ("peer", c_uint32), ("dev", c_uint32),
+                ("pad", c_uint32)]
 
 
 class FragKey(ctypes.Structure):
