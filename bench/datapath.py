@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_cmd(args: argparse.Namespace) -> int:
-    """Measure and print the ratios to the floor (median [min–max] over rounds), as the README's table."""
+    """Measure and print the ratios to the floor (median [min-max] over rounds), as the README's table."""
     res = run(args.dataplanes.split(","), [int(p) for p in args.peers.split(",") if p], args.reps, args.seconds)
     res["loadavg"] = os.getloadavg()
     if args.out:

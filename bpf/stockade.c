@@ -70,12 +70,6 @@
 #define MAX_LEARNED 65536
 #endif
 #define LEARN_STAGES 4
-// The skb->mark bit the source's hook sets on a packet whose destination endpoint's
-// ingress it vouches for (see `vouch`): a build constant (agent/dataplane/ebpf/builds.py,
-// STOCKADE_EBPF_MARK), so the destination's hook tests it before any lookup.
-#ifndef STK_MARK
-#define STK_MARK 0x1000
-#endif
 
 #define DIR_INGRESS 0
 #define DIR_EGRESS 1
@@ -237,6 +231,8 @@ struct config {
     u32 audit;             // 1: judged drops pass (counted and sampled as would-be drops)
     u32 sample_burst;      // drop samples allowed in a burst, per endpoint, direction and CPU
     u64 sample_interval;   // ns between samples after the burst (0: no sampling)
+    u32 mark;              // the skb->mark bit of a vouched-for packet (`vouch`), 0: none
+    u32 pad;
 };
 
 // One sampled drop, drained by the agent (agent/dataplane/ebpf/droplog.py).
@@ -774,10 +770,10 @@ static __always_inline int sparable(struct pkt *p) {
 // for the local endpoint `peer` whose entry was written with it: when that endpoint's own
 // entry for the flow -- the one its hook would find -- is still there and fresh, and knows
 // the device whose tc egress hook judges that endpoint, the packet is marked for that device
-// only (STK_MARK, and the device's ifindex in tc_index); the hook there passes it without a
+// only (the `config` mark bit, and the device's ifindex in tc_index); the hook there passes it without a
 // lookup (see `handle`). The destination's entry is kept as its own hook would keep it (last
 // seen time). A mark is thus never more than "this device's hook would pass it as a known flow".
-static __always_inline void vouch(struct __sk_buff *skb, struct pkt *p, u32 peer, u32 hit) {
+static __always_inline void vouch(struct __sk_buff *skb, struct pkt *p, u32 peer, u32 hit, u32 bit) {
     struct flow_key k = {};
     k.ep_id = peer;
     k.family = p->family;
@@ -804,26 +800,29 @@ static __always_inline void vouch(struct __sk_buff *skb, struct pkt *p, u32 peer
         return;  // tc_index holds 16 bits: a device past them is judged as before
     if (now - v->seen > T_SEEN_GRAIN)
         v->seen = now;
-    skb->mark |= STK_MARK;
+    skb->mark |= bit;
     skb->tc_index = dev;
 }
 
 static __always_inline int handle(struct __sk_buff *skb, int hook) {
+    // The vouching mark bit (`config`: an array, its lookup is an address computation).
+    u32 zero = 0;
+    struct config *conf = config.lookup(&zero);
+    u32 bit = conf ? conf->mark : 0;
     // Vouched for by the source's hook on this node (`vouch`): only the hook of the device the
     // mark was bound to trusts it. Pods cannot set the bit: a packet crossing from the pod's
     // network namespace has its mark scrubbed.
     if (hook == 1) {
         u32 m = skb->mark;
-        if (m & STK_MARK) {
+        if (m & bit) {
             u32 bound_to = skb->tc_index;
-            skb->mark = m & ~STK_MARK;
+            skb->mark = m & ~bit;
             skb->tc_index = 0;
             if (bound_to == skb->ifindex)
                 return PASS_ON;
         }
     }
     // The active half of the double buffer, read once, before any lookup it selects.
-    u32 zero = 0;
     u32 *ap = active.lookup(&zero);
     u32 half = ap ? (*ap & 1) : 0;
     struct if_key ik = {};
@@ -881,8 +880,8 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
     if (v == J_DROP)
         return drop(&p, &fk, ep_id, dir, counter, 0);
     if (v == J_PASS) {
-        if (hit && hpeer && dir == DIR_EGRESS && sparable(&p))
-            vouch(skb, &p, hpeer, hit);
+        if (bit && hit && hpeer && dir == DIR_EGRESS && sparable(&p))
+            vouch(skb, &p, hpeer, hit, bit);
         return PASS_ON;
     }
 

@@ -20,14 +20,18 @@ import ipaddress
 import json
 import socket
 
-from agent.dataplane.ebpf import EbpfDataplane, builds
+import pytest
+
+from agent.dataplane.base import DataplaneError
+from agent.dataplane.ebpf import EbpfDataplane
+from agent.dataplane.ebpf.layout import DEFAULT_MARK, MARK_ENV, Config, parse_mark, v_config
 from agent.ir import Direction, DirectionProgram, EndpointProgram, PortMatch, Program, Rule
 from tests.kit import Lab, expect, sh, until
 from tests.kit.ebpf_lab import NODE4, net, origin
 from tests.kit.netns import call_in
 
 A, B, C, X = "10.31.0.1", "10.31.0.2", "10.31.0.3", "10.31.0.9"
-MARK = builds.DEFAULT_MARK
+MARK = DEFAULT_MARK
 UDP_PORT, OPEN_PORT, NODE_PORT = 8000, 1024, 9100
 
 
@@ -66,9 +70,10 @@ def counter(ns: str, table: str, name: str) -> int:
     return next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o)
 
 
-def count_marked_on_node(lab: Lab) -> None:
+def count_marked_on_node(lab: Lab, mark: int = MARK) -> None:
     """Named counters in the node namespace: marked packets forwarded to b, to c, and any marked
     packet arriving for a node address (prerouting runs after the pods' tc ingress)."""
+    bit = mark or DEFAULT_MARK
     nft(lab.node, f"""
 table ip stkmark {{
   counter to_b {{}}
@@ -76,12 +81,12 @@ table ip stkmark {{
   counter to_node {{}}
   chain forwarded {{
     type filter hook forward priority 0;
-    meta mark & {MARK:#x} != 0 ip daddr {B} counter name to_b
-    meta mark & {MARK:#x} != 0 ip daddr {C} counter name to_c
+    meta mark & {bit:#x} != 0 ip daddr {B} counter name to_b
+    meta mark & {bit:#x} != 0 ip daddr {C} counter name to_c
   }}
   chain arriving {{
     type filter hook prerouting priority 0;
-    meta mark & {MARK:#x} != 0 ip daddr {NODE4} counter name to_node
+    meta mark & {bit:#x} != 0 ip daddr {NODE4} counter name to_node
   }}
 }}""")
 
@@ -110,9 +115,27 @@ class Udp:
         self.s.close()
 
 
-def test_known_flows_are_marked_for_the_destination_and_pass(lab: Lab, pin_root: str) -> None:
+def test_the_mark_is_one_bit_or_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_mark("0x1000") == 0x1000 and parse_mark("131072") == 0x20000 and parse_mark("0") == 0
+    for bad in ("0x3000", "-1", "0x100000000", "mark", ""):
+        with pytest.raises(ValueError):
+            parse_mark(bad)
+    monkeypatch.setenv(MARK_ENV, "0x6000")
+    with pytest.raises(DataplaneError, match=MARK_ENV):
+        v_config(False, 10, 20)
+    monkeypatch.setenv(MARK_ENV, "0x2000")
+    assert Config.from_buffer_copy(v_config(False, 10, 20)).mark == 0x2000
+    monkeypatch.delenv(MARK_ENV)
+    assert Config.from_buffer_copy(v_config(False, 10, 20)).mark == DEFAULT_MARK
+
+
+@pytest.mark.parametrize("mark", [None, 0x20000, 0])
+def test_known_flows_are_marked_for_the_destination_and_pass(lab: Lab, pin_root: str, mark: int | None,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    if mark is not None:
+        monkeypatch.setenv(MARK_ENV, hex(mark))
     build(lab)
-    count_marked_on_node(lab)
+    count_marked_on_node(lab, MARK if mark is None else mark)
     dp = EbpfDataplane(pin_root=pin_root, netns=lab.node)
     u = None
     try:
@@ -120,9 +143,9 @@ def test_known_flows_are_marked_for_the_destination_and_pass(lab: Lab, pin_root:
         u = Udp(lab, "app/a", A, 40001, B, UDP_PORT)
         assert expect(u.ping, what="a -> b UDP")
         # first packet: judged for both ends; b's hook learns its device; the reply teaches a's;
-        # later packets each way are vouched for (marked at the source's hook)
+        # later packets each way are vouched for (marked at the source's hook); mark 0: none is
         assert all(u.ping() for _ in range(20))
-        assert counter(lab.node, "stkmark", "to_b") > 0
+        assert (counter(lab.node, "stkmark", "to_b") > 0) == (mark != 0)
         # TCP, both ways, over one connection
         conn = lab.hold("app/a", B, 80)
         assert all(conn.ping() for _ in range(10))
@@ -195,11 +218,13 @@ table ip stknat {{
   }}
 }}""")
         lab.node_sh("conntrack", "-F", check=False)  # "0 flow entries" exits 0; a race exits 1
-        # c's ingress denies a: the packet, marked for b's device, is judged at c's and dropped
+        # c's ingress denies a: the packet, marked for b's device, is judged at c's hook and
+        # dropped there, counted as c's default deny (trusting the mark, c's hook would pass it
+        # and the drop would be counted nowhere at c)
         assert not until(u.ping, timeout=2)
         assert counter(lab.node, "stknat", "moved") > 0
         assert counter(lab.node, "stkmark", "to_c") > 0  # it did arrive marked (for b's device)
-        assert dp.counters().drops[("app/c", Direction.INGRESS)].packets > 0  # c's default deny
+        assert dp.counters().drops[("app/c", Direction.INGRESS)].packets > 0
         # positive control: once c allows a, the same moved flow is answered by c
         dp.apply(program(c_allows_a=True))
         assert expect(u.ping, what="a -> c through the DNAT, allowed")

@@ -25,38 +25,12 @@ MAPS = tuple(layout.MAPS)
 PIN_ROOT = "/sys/fs/bpf/stockade"
 # Overrides the pin root (e.g. a bpffs the tests mount where `ip netns exec` still sees it).
 PIN_ROOT_ENV = "STOCKADE_BPF_PIN_ROOT"
-# The skb->mark bit a source pod's hook sets on a packet it vouches for to the destination
-# pod's hook on this node (bpf/stockade.c `vouch`; docs/ebpf.md "The vouching mark"). A build
-# constant: the destination tests it before any lookup. Must be a bit nothing else on the node
-# uses: not kube-proxy's 0x4000 (masquerade) / 0x8000 (drop), not Calico's 0xffff0000.
-MARK_ENV = "STOCKADE_EBPF_MARK"
-DEFAULT_MARK = 0x1000
-
-
-def skb_mark() -> int:
-    """The mark bit in force: `STOCKADE_EBPF_MARK` (one bit, e.g. 0x1000; the agent's
-    `--ebpf-mark` sets it), else DEFAULT_MARK."""
-    raw = os.environ.get(MARK_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MARK
-    try:
-        mark = int(raw, 0)
-    except ValueError:
-        mark = 0
-    if mark <= 0 or mark > 0xFFFFFFFF or mark & (mark - 1):
-        raise DataplaneError(f"{MARK_ENV}={raw!r}: the eBPF mark must be one bit of the 32-bit skb mark, e.g. 0x1000")
-    return mark
-
-
-def defines(sizes: layout.Sizes) -> list[str]:
-    """What a build is compiled with besides the source: map sizes and the mark bit."""
-    return [*sizes.defines(), f"STK_MARK={skb_mark():#x}"]
 
 
 def build_id(sizes: layout.Sizes) -> str:
-    """The pin directory's name: a hash of the C source, the map sizes and the mark bit."""
+    """The pin directory's name: a hash of the C source and the map sizes."""
     src = SOURCE.read_bytes()
-    return hashlib.blake2s(src + json.dumps(defines(sizes)).encode(), digest_size=6).hexdigest()
+    return hashlib.blake2s(src + json.dumps(sizes.defines()).encode(), digest_size=6).hexdigest()
 
 
 def shared_dir(pin_dir: str, sizes: layout.Sizes) -> str:
@@ -89,7 +63,7 @@ def compile_build(pin_dir: str, sizes: layout.Sizes, python: str) -> dict[str, A
     cmd = [python, "-m", "agent.dataplane.ebpf.loader", "--pin-dir", pin_dir]
     shared = shared_dir(pin_dir, sizes)
     os.makedirs(shared, exist_ok=True)
-    for d in [*defines(sizes), f'FLOWS_PIN="{shared}/flows"', f'FRAGS_PIN="{shared}/frags"']:
+    for d in [*sizes.defines(), f'FLOWS_PIN="{shared}/flows"', f'FRAGS_PIN="{shared}/frags"']:
         cmd += ["-D", d]
     t0 = time.monotonic()
     root = str(SOURCE.parents[1])
