@@ -15,13 +15,17 @@
 // DNS answers (egress of endpoints with domainNames rules only), the class its `learned`
 // entry gives while it lasts. Constant cost: at most 2 flow lookups, 1 learned hash lookup,
 // 1 peer LPM and 1 port LPM per judged endpoint, whatever the number of rules or peers.
+// A packet of a flow known at both ends, leaving one local pod for another, is vouched for
+// by the source's hook (`vouch`: a mark bound to the destination's device); the destination's
+// hook then passes it before any hash lookup.
 //
 // Atomic updates: `addrs`, `epstate` and `ifcfg` are double-buffered: keyed by a half (0/1)
 // of the buffer. A packet reads the active half from `active` once, before any other lookup,
 // and uses it for every lookup of its judgement; the agent writes the inactive half, then
 // flips `active` with one update. A packet leaving an endpoint for another local endpoint is judged here for both:
 // the source's egress and the destination's ingress, under the one half read, and the flow
-// is remembered at both (so the destination's own hook passes it as a known flow). A packet
+// is remembered at both, each entry naming the other endpoint (so the destination's own hook
+// passes it as a known flow, or is spared it: `vouch`). A packet
 // is thus never judged by one endpoint's old tables and another's new ones.
 // A packet judged a drop is counted, sampled into the `samples` queue (rate-limited per
 // endpoint, direction and CPU), and dropped -- or, in audit mode (`config`), passed and
@@ -805,14 +809,14 @@ static __always_inline void vouch(struct __sk_buff *skb, struct pkt *p, u32 peer
 }
 
 static __always_inline int handle(struct __sk_buff *skb, int hook) {
-    // The vouching mark bit (`config`: an array, its lookup is an address computation).
-    u32 zero = 0;
-    struct config *conf = config.lookup(&zero);
-    u32 bit = conf ? conf->mark : 0;
     // Vouched for by the source's hook on this node (`vouch`): only the hook of the device the
     // mark was bound to trusts it. Pods cannot set the bit: a packet crossing from the pod's
-    // network namespace has its mark scrubbed.
+    // network namespace has its mark scrubbed. (`config` is an array: its lookup is an address
+    // computation, no hashing.)
+    u32 zero = 0;
     if (hook == 1) {
+        struct config *conf = config.lookup(&zero);
+        u32 bit = conf ? conf->mark : 0;
         u32 m = skb->mark;
         if (m & bit) {
             u32 bound_to = skb->tc_index;
@@ -880,8 +884,12 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
     if (v == J_DROP)
         return drop(&p, &fk, ep_id, dir, counter, 0);
     if (v == J_PASS) {
-        if (bit && hit && hpeer && dir == DIR_EGRESS && sparable(&p))
-            vouch(skb, &p, hpeer, hit, bit);
+        if (hit && hpeer && dir == DIR_EGRESS && sparable(&p)) {
+            struct config *conf = config.lookup(&zero);
+            u32 bit = conf ? conf->mark : 0;
+            if (bit)
+                vouch(skb, &p, hpeer, hit, bit);
+        }
         return PASS_ON;
     }
 
