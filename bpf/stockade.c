@@ -594,10 +594,10 @@ static __always_inline int drop(struct pkt *p, struct flow_key *fk, u32 ep_id, u
 // Judge one endpoint direction under half `half` of the double buffer: known flows and fragments, traffic
 // from the node's own addresses (ingress), then the endpoint's tables. Fills `fk` with the
 // flow key of the packet at this endpoint; counts the deciding rule or default deny.
-// A known flow's entry: *hit = 1 (found as is) or 2 (reversed), *peer its other end's endpoint;
-// `dev`, when not 0 (a pod device's tc egress, judging ingress), is stored in the entry.
+// A known flow's entry: *hit = 1 (found as is) or 2 (reversed), *peer its other end's endpoint,
+// *seen the time read; `dev`, when not 0 (a pod device's tc egress, judging ingress), is stored in it.
 static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, u8 dir, u32 half, u32 len,
-                                 u32 *counter, u32 dev, u32 *hit, u32 *peer) {
+                                 u32 *counter, u32 dev, u32 *hit, u32 *peer, u64 *seen) {
     fk->ep_id = ep_id;
     fk->dir = dir;
     fk->family = p->family;
@@ -654,6 +654,7 @@ static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, 
                         v->dev = dev;
                     *hit = orig ? 1 : 2;
                     *peer = v->peer;
+                    *seen = now;
                 }
                 record_frag(p, ep_id, dir);
             }
@@ -777,7 +778,7 @@ static __always_inline int sparable(struct pkt *p) {
 // only (the `config` mark bit, and the device's ifindex in tc_index); the hook there passes it without a
 // lookup (see `handle`). The destination's entry is kept as its own hook would keep it (last
 // seen time). A mark is thus never more than "this device's hook would pass it as a known flow".
-static __always_inline void vouch(struct __sk_buff *skb, struct pkt *p, u32 peer, u32 hit, u32 bit) {
+static __always_inline void vouch(struct __sk_buff *skb, struct pkt *p, u32 peer, u32 hit, u32 bit, u64 now) {
     struct flow_key k = {};
     k.ep_id = peer;
     k.family = p->family;
@@ -798,7 +799,6 @@ static __always_inline void vouch(struct __sk_buff *skb, struct pkt *p, u32 peer
     struct flow_val *v = flows.lookup(&k);
     if (!v)
         return;
-    u64 now = bpf_ktime_get_ns();
     u32 dev = v->dev;
     if (!dev || dev > 0xffff || !fresh(v, k.proto, now))
         return;  // tc_index holds 16 bits: a device past them is judged as before
@@ -880,7 +880,8 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
     // learn the device (what a source's mark is bound to).
     u32 dev = (hook == 1 && dir == DIR_INGRESS && !bound) ? skb->ifindex : 0;
     u32 hit = 0, hpeer = 0;
-    int v = judge(&p, &fk, ep_id, dir, half, len, &counter, dev, &hit, &hpeer);
+    u64 now = 0;
+    int v = judge(&p, &fk, ep_id, dir, half, len, &counter, dev, &hit, &hpeer, &now);
     if (v == J_DROP)
         return drop(&p, &fk, ep_id, dir, counter, 0);
     if (v == J_PASS) {
@@ -888,7 +889,7 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
             struct config *conf = config.lookup(&zero);
             u32 bit = conf ? conf->mark : 0;
             if (bit)
-                vouch(skb, &p, hpeer, hit, bit);
+                vouch(skb, &p, hpeer, hit, bit, now);
         }
         return PASS_ON;
     }
@@ -909,7 +910,8 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
                 struct flow_key pk = {};
                 u32 pcounter = NO_COUNTER;
                 u32 phit = 0, ppeer = 0;
-                int pv = judge(&p, &pk, peer, DIR_INGRESS, half, len, &pcounter, 0, &phit, &ppeer);
+                u64 pnow = 0;
+                int pv = judge(&p, &pk, peer, DIR_INGRESS, half, len, &pcounter, 0, &phit, &ppeer, &pnow);
                 if (pv == J_DROP) {
                     if (drop(&p, &pk, peer, DIR_INGRESS, pcounter, ep_id) == TC_ACT_SHOT)
                         return TC_ACT_SHOT;
