@@ -72,12 +72,23 @@ def _listen_address(env: str) -> Callable[[str], ListenAddress]:
 
 
 def _dataplane(name: str, args: argparse.Namespace | None = None) -> Dataplane:
+    if getattr(args, "ebpf_mark", None) is not None:  # read by the eBPF dataplane (its `config` map)
+        os.environ["STOCKADE_EBPF_MARK"] = hex(args.ebpf_mark)
     options = DataplaneOptions(audit=getattr(args, "mode", "enforce") == "audit",
                                guard_unknown=getattr(args, "unknown_endpoints", "allow") == "deny")
     try:
         return make_dataplane(name, options)
     except QueryError as e:
         raise SystemExit(f"stockade: {e}") from None
+
+
+def _mark_bit(text: str) -> int:
+    from agent.dataplane.ebpf.layout import parse_mark
+
+    try:
+        return parse_mark(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _node(args: argparse.Namespace) -> str:
@@ -368,6 +379,10 @@ def parser() -> argparse.ArgumentParser:
                             help="do not cut established flows a policy change no longer allows")
             sp.add_argument("--mode", choices=["enforce", "audit"], default="enforce",
                             help="audit: program everything, drop nothing, count and log would-be drops")
+            sp.add_argument("--ebpf-mark", type=_mark_bit, default=None,
+                            help="eBPF: the skb mark bit a pod's hook sets on packets it vouches for to "
+                                 "another local pod's hook (one bit, 0: off; default $STOCKADE_EBPF_MARK "
+                                 "or 0x1000; not 0x4000/0x8000 of kube-proxy nor Calico's 0xffff0000)")
 
     sp = sub.add_parser("matrix", help="verdict for every ordered pair of pods")
     common(sp, node=False, dataplane=False)

@@ -9,6 +9,9 @@ agent's own pipeline and dataplane (`apply` below, run inside the node namespace
 Per configuration and repetition: TCP throughput (iperf3), new TCP connections per
 second (bench.loadgen crr), request-response latency p50/p99 on one connection
 (bench.loadgen rr), UDP 64-byte packet rate received (iperf3 -u -l 64 -b 0).
+
+Alone (root): `python -m bench.datapath run --dataplanes ebpf --peers 10,100000 --reps 3
+[--seconds 1.5] [--out FILE]` prints each configuration's ratios to the floor.
 """
 
 from __future__ import annotations
@@ -215,8 +218,137 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--dataplane", default="nftables", choices=["nftables", "ebpf"])
     a.add_argument("--manifests")
     a.add_argument("--clear", action="store_true")
+    r = sub.add_parser("run", help="measure: floor and each peer size, in rounds (needs root)")
+    r.add_argument("--dataplanes", default="ebpf", help="comma list of nftables,ebpf")
+    r.add_argument("--peers", default="10,100000", help="comma list of peer-set sizes")
+    r.add_argument("--reps", type=int, default=3, help="rounds")
+    r.add_argument("--seconds", type=float, default=1.5, help="seconds per measurement")
+    r.add_argument("--out", help="write the result as JSON here")
+    c = sub.add_parser("cost", help="ns per packet of each eBPF hook on an established flow (BPF_PROG_TEST_RUN)")
+    c.add_argument("--peers", type=int, default=10)
+    c.add_argument("--repeat", type=int, default=200000)
+    c.add_argument("--trials", type=int, default=5, help="the least mean of these many runs is kept")
+    c.add_argument("--root", help="agent tree that programs the lab (default: this one)")
     args = ap.parse_args(argv)
-    return apply_cmd(args)
+    if args.cmd == "apply":
+        return apply_cmd(args)
+    if args.cmd == "cost":
+        return cost_cmd(args)
+    return run_cmd(args)
+
+
+# ------------------------------------------------------------------ per-packet cost (BPF_PROG_TEST_RUN)
+
+PROG_TEST_RUN = 10  # bpf(2) command
+
+
+def test_run(prog_fd: int, data: bytes, ifindex: int, repeat: int) -> tuple[int, int]:
+    """(return code, mean ns per run) of a tc program on `data` as if on device `ifindex`
+    (resolved in the caller's network namespace)."""
+    import ctypes
+
+    from agent.dataplane.ebpf import bpfsys
+
+    ctx = bytearray(192)  # struct __sk_buff; ifindex at offset 40
+    ctx[40:44] = ifindex.to_bytes(4, "little")
+    buf, cbuf = ctypes.create_string_buffer(data, len(data)), ctypes.create_string_buffer(bytes(ctx), len(ctx))
+    attr = bpfsys._attr()
+    for off, ctype, val in ((0, ctypes.c_uint32, prog_fd), (8, ctypes.c_uint32, len(data)),
+                            (16, ctypes.c_uint64, ctypes.addressof(buf)), (32, ctypes.c_uint32, repeat),
+                            (40, ctypes.c_uint32, len(ctx)), (48, ctypes.c_uint64, ctypes.addressof(cbuf))):
+        bpfsys._put(attr, off, ctype, val)
+    bpfsys._bpf(PROG_TEST_RUN, attr)
+    return ctypes.c_uint32.from_buffer(attr, 4).value, ctypes.c_uint32.from_buffer(attr, 36).value
+
+
+def udp_frame(src: str, dst: str, sport: int, dport: int) -> bytes:
+    """A 64-byte Ethernet frame of an IPv4 UDP packet (checksums are not read by the program)."""
+    import ipaddress
+    import struct
+
+    payload = bytes(64 - 14 - 20 - 8)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + 8 + len(payload), 1, 0, 64, 17, 0,
+                     ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed)
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0)
+    return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + udp + payload
+
+
+def cost_cmd(args: argparse.Namespace) -> int:
+    """Per-packet ns of each hook on an established pod-to-pod UDP flow, by BPF_PROG_TEST_RUN on
+    the pinned programs (CPU time of the classifier alone: far less noisy than packet rates on a
+    shared VM). `--root`: the tree whose agent programs the lab (e.g. an export of main)."""
+    import socket as so
+
+    from agent.dataplane.ebpf import bpfsys
+    from tests.kit import Lab
+    from tests.kit.netns import call_in
+    from tests.kit.privileges import dataplane_env
+
+    root = Path(args.root or ROOT)
+    f = Path(tempfile.mkdtemp(prefix="stkbench-cost-")) / "m.json"
+    f.write_text(json.dumps(datapath_manifests(args.peers)))
+    out: dict[str, Any] = {"root": str(root), "peers": args.peers, "repeat": args.repeat}
+    with Lab(prefix=f"stkcost{os.getpid()}") as lab, dataplane_env("ebpf", f"cost{os.getpid()}"):
+        lab.add_pod("bench/client", [CLIENT_IP], ports=(81,))
+        lab.add_pod("bench/server", [SERVER_IP], ports=(IPERF_PORT,))
+        lab.node_sh(sys.executable, "-m", "bench.datapath", "apply", "--dataplane", "ebpf", "--manifests", str(f),
+                    cwd=root)
+
+        def udp() -> so.socket:
+            s = so.socket(so.AF_INET, so.SOCK_DGRAM)
+            s.bind((CLIENT_IP, 40000))
+            s.connect((SERVER_IP, IPERF_PORT))
+            return s
+
+        s = call_in(lab.pods["bench/client"].netns, udp)
+        s.settimeout(1)
+        for _ in range(5):  # the flow known at both ends (and, vouching, each device learned)
+            s.send(b"x")
+            s.recv(64)
+        pin_root = os.environ["STOCKADE_BPF_PIN_ROOT"]
+        build = next(d for d in os.listdir(pin_root) if not d.startswith("shared-"))
+        progs = [bpfsys.obj_get(f"{pin_root}/{build}/{n}") for n in ("stk_ingress", "stk_egress")]
+        def measure() -> dict[str, Any]:
+            fwd = udp_frame(CLIENT_IP, SERVER_IP, 40000, IPERF_PORT)
+            rev = udp_frame(SERVER_IP, CLIENT_IP, IPERF_PORT, 40000)
+            cases = {"request, source hook": (0, fwd, "bench/client"),
+                     "request, destination hook": (1, fwd, "bench/server"),
+                     "reply, source hook": (0, rev, "bench/server"),
+                     "reply, destination hook": (1, rev, "bench/client"),
+                     # more than a vouched packet costs there (config, then active and an ifcfg
+                     # miss, where the vouched path stops after config): its upper bound
+                     "no device entry (lo), destination hook": (1, fwd, "lo")}
+            res = {}
+            for name, (hook, data, pod) in cases.items():
+                runs = [test_run(progs[hook], data, idx[pod], args.repeat) for _ in range(args.trials)]
+                res[name] = {"rc": runs[0][0], "ns": min(r[1] for r in runs)}
+            return res
+
+        # /sys/class/net is the mounting namespace's: read ifindexes inside the node namespace
+        idx = call_in(lab.node, lambda: {k: so.if_nametoindex(p.host_if) for k, p in lab.pods.items()} | {"lo": 1})
+        out["hooks"] = call_in(lab.node, measure)
+        s.close()
+        for fd in progs:
+            os.close(fd)
+        lab.node_sh(sys.executable, "-m", "bench.datapath", "apply", "--dataplane", "ebpf", "--clear", cwd=root)
+    out["loadavg"] = os.getloadavg()
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def run_cmd(args: argparse.Namespace) -> int:
+    """Measure and print the ratios to the floor (median [min-max] over rounds), as the README's table."""
+    res = run(args.dataplanes.split(","), [int(p) for p in args.peers.split(",") if p], args.reps, args.seconds)
+    res["loadavg"] = os.getloadavg()
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"load average at the end: {res['loadavg']}")
+    for dp, r in res["dataplanes"].items():
+        for name, cfg in r.get("configs", {}).items():
+            print(f"{dp:>8} {name:>6}: " + "  ".join(
+                f"{k} {cfg[k]['ratio']['median']:.2f} [{cfg[k]['ratio']['min']:.2f}-{cfg[k]['ratio']['max']:.2f}]"
+                for k in METRICS))
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,13 +15,17 @@
 // DNS answers (egress of endpoints with domainNames rules only), the class its `learned`
 // entry gives while it lasts. Constant cost: at most 2 flow lookups, 1 learned hash lookup,
 // 1 peer LPM and 1 port LPM per judged endpoint, whatever the number of rules or peers.
+// A packet of a flow known at both ends, leaving one local pod for another, is vouched for
+// by the source's hook (`vouch`: a mark bound to the destination's device); the destination's
+// hook then passes it before any hash lookup.
 //
 // Atomic updates: `addrs`, `epstate` and `ifcfg` are double-buffered: keyed by a half (0/1)
 // of the buffer. A packet reads the active half from `active` once, before any other lookup,
 // and uses it for every lookup of its judgement; the agent writes the inactive half, then
 // flips `active` with one update. A packet leaving an endpoint for another local endpoint is judged here for both:
 // the source's egress and the destination's ingress, under the one half read, and the flow
-// is remembered at both (so the destination's own hook passes it as a known flow). A packet
+// is remembered at both, each entry naming the other endpoint (so the destination's own hook
+// passes it as a known flow, or is spared it: `vouch`). A packet
 // is thus never judged by one endpoint's old tables and another's new ones.
 // A packet judged a drop is counted, sampled into the `samples` queue (rate-limited per
 // endpoint, direction and CPU), and dropped -- or, in audit mode (`config`), passed and
@@ -204,6 +208,9 @@ struct flow_key {
 struct flow_val {
     u64 seen;
     u32 flags;
+    u32 peer;  // the local endpoint at the flow's other end whose entry was written with this one, 0: none
+    u32 dev;   // ifindex of the device whose tc egress hook passed a packet as this entry (judging
+               // this endpoint's ingress), 0: not yet: what a vouching mark is bound to
     u32 pad;
 };
 
@@ -228,6 +235,8 @@ struct config {
     u32 audit;             // 1: judged drops pass (counted and sampled as would-be drops)
     u32 sample_burst;      // drop samples allowed in a burst, per endpoint, direction and CPU
     u64 sample_interval;   // ns between samples after the burst (0: no sampling)
+    u32 mark;              // the skb->mark bit of a vouched-for packet (`vouch`), 0: none
+    u32 pad;
 };
 
 // One sampled drop, drained by the agent (agent/dataplane/ebpf/droplog.py).
@@ -503,13 +512,14 @@ static __always_inline int fresh(struct flow_val *v, u8 proto, u64 now) {
     return age < T_OTHER;
 }
 
-static __always_inline void record(struct pkt *p, struct flow_key *fk) {
+static __always_inline void record(struct pkt *p, struct flow_key *fk, u32 peer) {
     if (p->related || p->nonfirst || p->bad)
         return;
     if (p->tproto == P_TCP && (p->tcpflags & 0x04))  // RST: nothing to remember
         return;
     struct flow_val v = {};
     v.seen = bpf_ktime_get_ns();
+    v.peer = peer;
     if (p->tproto == P_TCP && (p->tcpflags & 0x01))
         v.flags = FL_FIN_ORIG;
     flows.update(fk, &v);
@@ -535,15 +545,16 @@ static __always_inline void record_frag(struct pkt *p, u32 ep_id, u8 dir) {
     frags.update(&k, &now);
 }
 
-// A packet that passes at an endpoint: its flow, and its datagram if it is a first fragment.
-static __always_inline void remember(struct pkt *p, struct flow_key *fk, u32 ep_id, u8 dir) {
-    record(p, fk);
+// A packet that passes at an endpoint: its flow (with the local endpoint at its other end
+// whose entry is written alongside, 0: none), and its datagram if it is a first fragment.
+static __always_inline void remember(struct pkt *p, struct flow_key *fk, u32 ep_id, u8 dir, u32 peer) {
+    record(p, fk, peer);
     record_frag(p, ep_id, dir);
 }
 
 // A judged drop (already counted): sample it, then drop it -- or, in audit mode, let it
 // pass and remember its flow like an allowed packet's, as conntrack would.
-static __always_inline int drop(struct pkt *p, struct flow_key *fk, u32 ep_id, u8 dir, u32 counter) {
+static __always_inline int drop(struct pkt *p, struct flow_key *fk, u32 ep_id, u8 dir, u32 counter, u32 peer) {
     u32 zero = 0;
     struct config *c = config.lookup(&zero);
     u32 audit = c ? c->audit : 0;
@@ -572,7 +583,7 @@ static __always_inline int drop(struct pkt *p, struct flow_key *fk, u32 ep_id, u
     }
     if (!audit)
         return TC_ACT_SHOT;
-    remember(p, fk, ep_id, dir);
+    remember(p, fk, ep_id, dir, peer);
     return PASS_ON;
 }
 
@@ -583,8 +594,10 @@ static __always_inline int drop(struct pkt *p, struct flow_key *fk, u32 ep_id, u
 // Judge one endpoint direction under half `half` of the double buffer: known flows and fragments, traffic
 // from the node's own addresses (ingress), then the endpoint's tables. Fills `fk` with the
 // flow key of the packet at this endpoint; counts the deciding rule or default deny.
+// A known flow's entry: *hit = 1 (found as is) or 2 (reversed), *peer its other end's endpoint,
+// *seen the time read; `dev`, when not 0 (a pod device's tc egress, judging ingress), is stored in it.
 static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, u8 dir, u32 half, u32 len,
-                                 u32 *counter) {
+                                 u32 *counter, u32 dev, u32 *hit, u32 *peer, u64 *seen) {
     fk->ep_id = ep_id;
     fk->dir = dir;
     fk->family = p->family;
@@ -637,6 +650,11 @@ static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, 
                         v->seen = now;
                     if (fk->proto == P_TCP && (p->tcpflags & 0x01))
                         v->flags |= orig ? FL_FIN_ORIG : FL_FIN_REPLY;
+                    if (dev && v->dev != dev)
+                        v->dev = dev;
+                    *hit = orig ? 1 : 2;
+                    *peer = v->peer;
+                    *seen = now;
                 }
                 record_frag(p, ep_id, dir);
             }
@@ -743,9 +761,72 @@ static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, 
     return J_ACCEPT;
 }
 
+// Whether the destination's hook may be spared this packet of a known flow: not a packet
+// whose own processing there does more than find the flow (a fragment: its datagram is
+// recorded; FIN/RST: the entry's flags change or it goes; an ICMP error; a header chain
+// not walked), so sparing it changes nothing at the destination.
+static __always_inline int sparable(struct pkt *p) {
+    if (p->related || p->nonfirst || p->firstfrag || p->bad)
+        return 0;
+    return !(p->tproto == P_TCP && (p->tcpflags & 0x05));
+}
+
+// A packet of a known flow leaving endpoint `ep_id` (entry found as is: hit 1, reversed: 2)
+// for the local endpoint `peer` whose entry was written with it: when that endpoint's own
+// entry for the flow -- the one its hook would find -- is still there and fresh, and knows
+// the device whose tc egress hook judges that endpoint, the packet is marked for that device
+// only (the `config` mark bit, and the device's ifindex in tc_index); the hook there passes it without a
+// lookup (see `handle`). The destination's entry is kept as its own hook would keep it (last
+// seen time). A mark is thus never more than "this device's hook would pass it as a known flow".
+static __always_inline void vouch(struct __sk_buff *skb, struct pkt *p, u32 peer, u32 hit, u32 bit, u64 now) {
+    struct flow_key k = {};
+    k.ep_id = peer;
+    k.family = p->family;
+    k.proto = p->tproto;
+    if (hit == 1) {  // as the packet: the destination's ingress entry, same tuple
+        k.dir = DIR_INGRESS;
+        k.sport = p->tsport;
+        k.dport = p->tdport;
+        __builtin_memcpy(k.saddr, p->tsaddr, 16);
+        __builtin_memcpy(k.daddr, p->tdaddr, 16);
+    } else {  // a reply: the destination's entry of the packet it first sent (egress), reversed
+        k.dir = DIR_EGRESS;
+        k.sport = p->tdport;
+        k.dport = p->tsport;
+        __builtin_memcpy(k.saddr, p->tdaddr, 16);
+        __builtin_memcpy(k.daddr, p->tsaddr, 16);
+    }
+    struct flow_val *v = flows.lookup(&k);
+    if (!v)
+        return;
+    u32 dev = v->dev;
+    if (!dev || dev > 0xffff || !fresh(v, k.proto, now))
+        return;  // tc_index holds 16 bits: a device past them is judged as before
+    if (now - v->seen > T_SEEN_GRAIN)
+        v->seen = now;
+    skb->mark |= bit;
+    skb->tc_index = dev;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, int hook) {
-    // The active half of the double buffer, read once, before any lookup it selects.
+    // Vouched for by the source's hook on this node (`vouch`): only the hook of the device the
+    // mark was bound to trusts it. Pods cannot set the bit: a packet crossing from the pod's
+    // network namespace has its mark scrubbed. (`config` is an array: its lookup is an address
+    // computation, no hashing.)
     u32 zero = 0;
+    if (hook == 1) {
+        struct config *conf = config.lookup(&zero);
+        u32 bit = conf ? conf->mark : 0;
+        u32 m = skb->mark;
+        if (m & bit) {
+            u32 bound_to = skb->tc_index;
+            skb->mark = m & ~bit;
+            skb->tc_index = 0;
+            if (bound_to == skb->ifindex)
+                return PASS_ON;
+        }
+    }
+    // The active half of the double buffer, read once, before any lookup it selects.
     u32 *ap = active.lookup(&zero);
     u32 half = ap ? (*ap & 1) : 0;
     struct if_key ik = {};
@@ -795,15 +876,28 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
     u32 len = skb->len;
     struct flow_key fk = {};
     u32 counter = NO_COUNTER;
-    int v = judge(&p, &fk, ep_id, dir, half, len, &counter);
+    // A pod device's tc egress judges its endpoint's ingress: the flow entries it passes
+    // learn the device (what a source's mark is bound to).
+    u32 dev = (hook == 1 && dir == DIR_INGRESS && !bound) ? skb->ifindex : 0;
+    u32 hit = 0, hpeer = 0;
+    u64 now = 0;
+    int v = judge(&p, &fk, ep_id, dir, half, len, &counter, dev, &hit, &hpeer, &now);
     if (v == J_DROP)
-        return drop(&p, &fk, ep_id, dir, counter);
-    if (v == J_PASS)
+        return drop(&p, &fk, ep_id, dir, counter, 0);
+    if (v == J_PASS) {
+        if (hit && hpeer && dir == DIR_EGRESS && sparable(&p)) {
+            struct config *conf = config.lookup(&zero);
+            u32 bit = conf ? conf->mark : 0;
+            if (bit)
+                vouch(skb, &p, hpeer, hit, bit, now);
+        }
         return PASS_ON;
+    }
 
     // Leaving for another local endpoint (not for the node itself): that endpoint's ingress
-    // is judged here too, under the same half, and the flow is remembered at both ends; its
-    // own hook then passes the packet as a known flow.
+    // is judged here too, under the same half, and the flow is remembered at both ends, each
+    // entry naming the other endpoint; its own hook then passes the packet as a known flow.
+    u32 paired = 0;
     if (dir == DIR_EGRESS) {
         struct addr_key dk = {};
         dk.family = p.family;
@@ -815,17 +909,20 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
                 u32 peer = *dst;
                 struct flow_key pk = {};
                 u32 pcounter = NO_COUNTER;
-                int pv = judge(&p, &pk, peer, DIR_INGRESS, half, len, &pcounter);
+                u32 phit = 0, ppeer = 0;
+                u64 pnow = 0;
+                int pv = judge(&p, &pk, peer, DIR_INGRESS, half, len, &pcounter, 0, &phit, &ppeer, &pnow);
                 if (pv == J_DROP) {
-                    if (drop(&p, &pk, peer, DIR_INGRESS, pcounter) == TC_ACT_SHOT)
+                    if (drop(&p, &pk, peer, DIR_INGRESS, pcounter, ep_id) == TC_ACT_SHOT)
                         return TC_ACT_SHOT;
                 } else if (pv == J_ACCEPT) {
-                    remember(&p, &pk, peer, DIR_INGRESS);
+                    remember(&p, &pk, peer, DIR_INGRESS, ep_id);
                 }
+                paired = peer;
             }
         }
     }
-    remember(&p, &fk, ep_id, dir);
+    remember(&p, &fk, ep_id, dir, paired);
     return PASS_ON;
 }
 

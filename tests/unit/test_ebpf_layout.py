@@ -45,7 +45,7 @@ def test_keys_and_values_are_packed_as_the_c_structs() -> None:
         struct.pack(">H", 8080)
     assert layout.k_port(5, 2, 3, 0, 1, 0, 0, 16)[:4] == struct.pack("<I", 136)  # no port: whole key
     assert layout.v_port(9, 2) == struct.pack("<IB3x", 9, 2)
-    assert layout.v_config(True, 10.0, 20) == struct.pack("<IIQ", 1, 20, 100_000_000)
+    assert layout.v_config(True, 10.0, 20, 0x2000) == struct.pack("<IIQII", 1, 20, 100_000_000, 0x2000, 0)
     info = struct.pack("<IB", 3, 1) + bytes.fromhex("a1b2c3d4e5f6") + b"\0"
     assert layout.v_counter_info(3, 1, "a1b2c3d4e5f6") == info
     assert layout.counter_owner(layout.v_counter_info(3, 1, "a1b2c3d4e5f6")) == (3, 1, "a1b2c3d4e5f6")

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import socket
 import struct
 from ctypes import c_uint8, c_uint16, c_uint32, c_uint64, sizeof
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from agent.dataplane.base import DataplaneError
 from agent.dataplane.escape import display, utf8
 from agent.ir import IPAddress
 
@@ -106,7 +108,11 @@ class FlowKey(ctypes.Structure):
 
 
 class FlowValue(ctypes.Structure):
-    _fields_ = [("seen", c_uint64), ("flags", c_uint32), ("pad", c_uint32)]
+    """struct flow_val: last seen, FIN flags, the paired endpoint and the device its hook
+    judges on (what a vouching mark is bound to: bpf/stockade.c `vouch`)."""
+
+    _fields_ = [("seen", c_uint64), ("flags", c_uint32), ("peer", c_uint32), ("dev", c_uint32),
+                ("pad", c_uint32)]
 
 
 class FragKey(ctypes.Structure):
@@ -119,9 +125,10 @@ class Stat(ctypes.Structure):
 
 
 class Config(ctypes.Structure):
-    """struct config: runtime settings (audit mode, drop sampling)."""
+    """struct config: runtime settings (audit mode, drop sampling, the vouching mark bit)."""
 
-    _fields_ = [("audit", c_uint32), ("sample_burst", c_uint32), ("sample_interval", c_uint64)]
+    _fields_ = [("audit", c_uint32), ("sample_burst", c_uint32), ("sample_interval", c_uint64),
+                ("mark", c_uint32), ("pad", c_uint32)]
 
 
 class Sample(ctypes.Structure):
@@ -382,9 +389,41 @@ def learn_owner(raw: bytes) -> tuple[int, int]:
     return ep, gen
 
 
-def v_config(audit: bool, rate: float, burst: int) -> bytes:
+# The skb->mark bit a source pod's hook sets on a packet it vouches for to the destination pod's
+# hook on this node (bpf/stockade.c `vouch`; docs/ebpf.md "The vouching mark"): one bit nothing
+# else on the node uses -- not kube-proxy's 0x4000 (masquerade) / 0x8000 (drop), not Calico's
+# 0xffff0000, not Cilium's 0x0f00. Set by `STOCKADE_EBPF_MARK` (the agent's `--ebpf-mark`);
+# 0 turns vouching off (every packet judged at both hooks, as before).
+MARK_ENV = "STOCKADE_EBPF_MARK"
+DEFAULT_MARK = 0x1000
+
+
+def parse_mark(text: str) -> int:
+    """A mark bit as written (`0x1000`, `4096`, `0`): one bit of the 32-bit mark, or 0."""
+    try:
+        mark = int(text.strip(), 0)
+    except ValueError:
+        mark = -1
+    if mark < 0 or mark > 0xFFFFFFFF or mark & (mark - 1):
+        raise ValueError(f"{text!r} is not one bit of the 32-bit skb mark (e.g. 0x1000), nor 0")
+    return mark
+
+
+def skb_mark() -> int:
+    """The mark bit in force: `$STOCKADE_EBPF_MARK`, else DEFAULT_MARK."""
+    raw = os.environ.get(MARK_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MARK
+    try:
+        return parse_mark(raw)
+    except ValueError as e:
+        raise DataplaneError(f"${MARK_ENV}: {e}") from None
+
+
+def v_config(audit: bool, rate: float, burst: int, mark: int | None = None) -> bytes:
+    """The `config` value; `mark` None: `skb_mark()`."""
     interval = int(1e9 / rate) if rate > 0 else 0
-    return bytes(Config(int(audit), max(burst, 0), interval))
+    return bytes(Config(int(audit), max(burst, 0), interval, skb_mark() if mark is None else mark, 0))
 
 
 def k_flow(ep: int, d: int, fam: int, proto: int, saddr: bytes, sport: int, daddr: bytes, dport: int) -> bytes:
