@@ -50,7 +50,7 @@ from typing import Any
 
 from agent.inventory import ObjectRef, Problem
 from agent.sources.backoff import Backoff
-from agent.sources.kubeobjects import KINDS, RawObject, ref_of, trim
+from agent.sources.kubeobjects import KINDS, RawObject, interned, ref_of, trim
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +367,7 @@ class KubernetesSource:
     def _raw(self, kind: str, obj: Mapping[str, Any]) -> RawObject:
         body = trim({**obj, "kind": kind, "apiVersion": RESOURCES[kind].api_version})  # list items carry neither
         body["metadata"].pop("resourceVersion", None)  # changes on every write; semantics ignore it
+        body = interned(body)  # kept until the object changes: share its repeated strings
         return RawObject(ref_of(body, SOURCE), body)
 
     def _list(self, kind: str) -> None:
