@@ -199,6 +199,16 @@ def _inside(real: str, root: str) -> bool:
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
+# Which files hold one key, in the order they were added (a file's own objects in file
+# order): a bare (file, object) for the usual single holder, a list only for duplicates
+# (a dict and a list per key cost ~4 MB at 10k pods).
+_Held = tuple[Path, RawObject] | list[tuple[Path, RawObject]]
+
+
+def _each(held: _Held) -> list[tuple[Path, RawObject]]:
+    return [held] if type(held) is tuple else held  # type: ignore[list-item,return-value]
+
+
 class DirectorySource:
     name = "file"
 
@@ -240,11 +250,11 @@ class DirectorySource:
         # only through one of them.
         self._link_targets: frozenset[str] = frozenset()
         # The delivered view, kept between reads (see _merge): the object list each file
-        # delivered, which files hold each key (in file order: their objects), the object
-        # delivered for each key, the duplicates reported, and the keys changed since the
-        # last changes() (None: changes() never called, nothing tracked).
+        # delivered, which files hold each key (see _Held), the object delivered for each
+        # key, the duplicates reported, and the keys changed since the last changes()
+        # (None: changes() never called, nothing tracked).
         self._lists: dict[Path, list[RawObject]] = {}
-        self._holders: dict[Key, dict[Path, list[RawObject]]] = {}
+        self._holders: dict[Key, _Held] = {}
         self._objects: dict[Key, RawObject] = {}
         self._duplicates: dict[Key, list[Problem]] = {}
         self._changed: set[Key] | None = None
@@ -439,15 +449,11 @@ class DirectorySource:
             for obj in old or ():
                 key = obj.ref.key
                 touched.add(key)
-                holders = self._holders.get(key)
-                if holders is not None:
-                    holders.pop(path, None)
-                    if not holders:
-                        del self._holders[key]
+                self._release(key, path)
             for obj in new or ():
                 key = obj.ref.key
                 touched.add(key)
-                self._holders.setdefault(key, {}).setdefault(path, []).append(obj)
+                self._hold(key, path, obj)
         self._lists = now
         if not touched:
             return
@@ -459,7 +465,8 @@ class DirectorySource:
                 if self._objects.pop(key, None) is not None and self._changed is not None:
                     self._changed.add(key)
                 continue
-            found = [o for p in sorted(holders, key=position.__getitem__) for o in holders[p]]
+            # stable: a file's own objects stay in file order
+            found = [o for _, o in sorted(_each(holders), key=lambda h: position[h[0]])]
             first = found[0]
             if self._objects.get(key) is not first:
                 self._objects[key] = first
@@ -470,6 +477,28 @@ class DirectorySource:
                                          for o in found[1:]]
             else:
                 self._duplicates.pop(key, None)
+
+    def _hold(self, key: Key, path: Path, obj: RawObject) -> None:
+        held = self._holders.get(key)
+        if held is None:
+            self._holders[key] = (path, obj)
+        elif type(held) is tuple:
+            self._holders[key] = [held, (path, obj)]
+        else:
+            held.append((path, obj))
+
+    def _release(self, key: Key, path: Path) -> None:
+        """`path` holds `key` no more (each of its objects with that key)."""
+        held = self._holders.get(key)
+        if held is None:
+            return
+        rest = [h for h in _each(held) if h[0] != path]
+        if not rest:
+            del self._holders[key]
+        elif len(rest) == 1:
+            self._holders[key] = rest[0]
+        else:
+            self._holders[key] = rest
 
     def _restore(self, path: Path) -> bool:
         """Take what `fallback` says `path` held, for a file not readable now that never
