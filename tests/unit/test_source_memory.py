@@ -91,3 +91,32 @@ def test_incremental_view_equals_a_fresh_read_through_duplicates(tmp_path: Path)
             assert {k for k in delivered.keys() | previous.keys() if delivered.get(k) != previous.get(k)} <= changed
         previous = delivered
     assert duplicated > 20  # the walk went through duplicates within and across files
+
+
+def test_kubernetes_objects_share_their_strings(tmp_path: Path) -> None:
+    """Objects from the API (a list, then a watch event) keep one copy of each repeated string."""
+    import pytest
+
+    pytest.importorskip("kubernetes")
+    from agent.sources.kubernetes import KubernetesSource
+    from tests.kit import expect
+    from tests.kit.kubeapi import FakeKubeAPI
+
+    api = FakeKubeAPI().start()
+    try:
+        api.put(pod("team-a/web-0", "10.0.0.1", {"app": "web", "tier": "front"}))
+        src = KubernetesSource(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")), backoff_base=0.05,
+                               backoff_cap=0.4, connect_timeout=2.0, read_slack=2.0)
+        stop = src.watch(lambda: None)
+        try:
+            assert src.synced.wait(10)
+            api.put(pod("team-a/web-1", "10.0.0.2", {"app": "web", "tier": "front"}))  # a watch event
+            expect(lambda: len([o for o in src.read()[0] if o.ref.kind == "Pod"]) == 2, what="both pods")
+            a, b = (o.body for o in src.read()[0] if o.ref.kind == "Pod")
+            assert a["metadata"]["labels"]["app"] is b["metadata"]["labels"]["app"]
+            assert a["metadata"]["namespace"] is b["metadata"]["namespace"]
+            assert a["status"]["phase"] is b["status"]["phase"]
+        finally:
+            stop()
+    finally:
+        api.close()
