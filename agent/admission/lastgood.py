@@ -212,7 +212,7 @@ class LastGood:
     def admit_key(self, obj: RawObject, parse: Callable[[RawObject], T]) -> _Admitted:
         """Admit one delivered object (new or changed), as `admit` would; call `save` after."""
         key = self._key(obj.ref)
-        hit = self._again(obj, parse) if self.reuse else self._admit_one(key, obj, parse)
+        hit = self._again(obj, parse, key) if self.reuse else self._admit_one(key, obj, parse)
         old = self._admitted.get(key)
         if old is not None:
             self._by_id.pop(id(old.obj), None)
@@ -355,9 +355,11 @@ class LastGood:
                 self._texts[key], self._encoded[key] = _encode(key, body), body
         self._unencoded.clear()
 
-    def _again(self, obj: RawObject, parse: Callable[[RawObject], T]) -> _Admitted:
-        """A delivered object seen before as another object: reused when equal."""
-        key = self._key(obj.ref)
+    def _again(self, obj: RawObject, parse: Callable[[RawObject], T], key: str | None = None) -> _Admitted:
+        """A delivered object seen before as another object: reused when equal. `key`: its
+        key, if the caller has it (one string per object kept, not two)."""
+        if key is None:
+            key = self._key(obj.ref)
         hit = self._admitted.get(key)
         if hit is None or hit.obj.ref != obj.ref or not (hit.body is obj.body or hit.body == obj.body) or (
                 hit.previous is not None and hit.previous is not self._bodies.get(key)):

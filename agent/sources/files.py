@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import stat
+import sys
 import threading
 import time
 from collections import Counter
@@ -43,7 +44,7 @@ from yaml.nodes import Node
 from yaml.resolver import Resolver
 
 from agent.inventory import ObjectRef, Problem
-from agent.sources.kubeobjects import KINDS, RawObject, expand, ref_of
+from agent.sources.kubeobjects import KINDS, RawObject, expand, interned, ref_of
 
 log = logging.getLogger(__name__)
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -113,8 +114,17 @@ class BoundedLoader(_Bounded, _Parser, SafeConstructor, Resolver):
         Resolver.__init__(self)
 
 
+def _construct_str(loader: SafeConstructor, node: Node) -> Any:
+    """A string, interned: a directory of manifests repeats the same few thousand keys and
+    values (kinds, label keys and values, port names) hundreds of thousands of times, and
+    the source keeps every object it delivered (at 10k pods: 488k strings, 25k distinct)."""
+    value = loader.construct_scalar(node)  # type: ignore[no-untyped-call]
+    return sys.intern(value) if type(value) is str else value
+
+
+BoundedLoader.add_constructor("tag:yaml.org,2002:str", _construct_str)
 # A manifest is JSON data: `creationTimestamp: 2024-01-01` stays the string it is in the API.
-BoundedLoader.add_constructor("tag:yaml.org,2002:timestamp", SafeConstructor.construct_yaml_str)
+BoundedLoader.add_constructor("tag:yaml.org,2002:timestamp", _construct_str)
 
 
 def load_yaml(text: str, name: str = "<unicode string>") -> list[Any]:
@@ -189,6 +199,16 @@ def _inside(real: str, root: str) -> bool:
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
+# Which files hold one key, in the order they were added (a file's own objects in file
+# order): a bare (file, object) for the usual single holder, a list only for duplicates
+# (a dict and a list per key cost ~4 MB at 10k pods).
+_Held = tuple[Path, RawObject] | list[tuple[Path, RawObject]]
+
+
+def _each(held: _Held) -> list[tuple[Path, RawObject]]:
+    return [held] if type(held) is tuple else held  # type: ignore[list-item,return-value]
+
+
 class DirectorySource:
     name = "file"
 
@@ -230,11 +250,11 @@ class DirectorySource:
         # only through one of them.
         self._link_targets: frozenset[str] = frozenset()
         # The delivered view, kept between reads (see _merge): the object list each file
-        # delivered, which files hold each key (in file order: their objects), the object
-        # delivered for each key, the duplicates reported, and the keys changed since the
-        # last changes() (None: changes() never called, nothing tracked).
+        # delivered, which files hold each key (see _Held), the object delivered for each
+        # key, the duplicates reported, and the keys changed since the last changes()
+        # (None: changes() never called, nothing tracked).
         self._lists: dict[Path, list[RawObject]] = {}
-        self._holders: dict[Key, dict[Path, list[RawObject]]] = {}
+        self._holders: dict[Key, _Held] = {}
         self._objects: dict[Key, RawObject] = {}
         self._duplicates: dict[Key, list[Problem]] = {}
         self._changed: set[Key] | None = None
@@ -321,6 +341,7 @@ class DirectorySource:
             docs = [json.loads(text)]
             if _json_too_deep(text, docs[0]):
                 raise OutOfBounds(f"nested deeper than {MAX_DEPTH} levels")
+            docs = [interned(docs[0])]  # (after the depth check: the walk recurses)
             # What JSON text parses to is JSON data, and no object in it is longer as compact
             # JSON than JSON_GROWTH times the text: not worth encoding each to measure it.
             measure = len(text) * JSON_GROWTH > self.max_object_bytes
@@ -428,15 +449,11 @@ class DirectorySource:
             for obj in old or ():
                 key = obj.ref.key
                 touched.add(key)
-                holders = self._holders.get(key)
-                if holders is not None:
-                    holders.pop(path, None)
-                    if not holders:
-                        del self._holders[key]
+                self._release(key, path)
             for obj in new or ():
                 key = obj.ref.key
                 touched.add(key)
-                self._holders.setdefault(key, {}).setdefault(path, []).append(obj)
+                self._hold(key, path, obj)
         self._lists = now
         if not touched:
             return
@@ -448,7 +465,8 @@ class DirectorySource:
                 if self._objects.pop(key, None) is not None and self._changed is not None:
                     self._changed.add(key)
                 continue
-            found = [o for p in sorted(holders, key=position.__getitem__) for o in holders[p]]
+            # stable: a file's own objects stay in file order
+            found = [o for _, o in sorted(_each(holders), key=lambda h: position[h[0]])]
             first = found[0]
             if self._objects.get(key) is not first:
                 self._objects[key] = first
@@ -459,6 +477,28 @@ class DirectorySource:
                                          for o in found[1:]]
             else:
                 self._duplicates.pop(key, None)
+
+    def _hold(self, key: Key, path: Path, obj: RawObject) -> None:
+        held = self._holders.get(key)
+        if held is None:
+            self._holders[key] = (path, obj)
+        elif type(held) is tuple:
+            self._holders[key] = [held, (path, obj)]
+        else:
+            held.append((path, obj))
+
+    def _release(self, key: Key, path: Path) -> None:
+        """`path` holds `key` no more (each of its objects with that key)."""
+        held = self._holders.get(key)
+        if held is None:
+            return
+        rest = [h for h in _each(held) if h[0] != path]
+        if not rest:
+            del self._holders[key]
+        elif len(rest) == 1:
+            self._holders[key] = rest[0]
+        else:
+            self._holders[key] = rest
 
     def _restore(self, path: Path) -> bool:
         """Take what `fallback` says `path` held, for a file not readable now that never

@@ -7,12 +7,13 @@ the fields the semantics read, so memory follows what matters. Validation is adm
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from agent.inventory import ObjectRef, RawObject
 
-__all__ = ["CLUSTER_POLICY_KINDS", "CLUSTER_SCOPED", "KINDS", "RawObject", "expand", "ref_of", "trim"]
+__all__ = ["CLUSTER_POLICY_KINDS", "CLUSTER_SCOPED", "KINDS", "RawObject", "expand", "interned", "ref_of", "trim"]
 # (RawObject: the raw shape every source yields)
 
 # ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2) and its v1alpha1 predecessors.
@@ -80,3 +81,25 @@ def trim(body: Mapping[str, Any]) -> dict[str, Any]:
         }
         out["status"] = {k: status[k] for k in ("phase", "podIP", "podIPs") if k in status}
     return out
+
+
+def interned(value: Any, depth: int = 0) -> Any:
+    """`value` (JSON data) with every string, keys included, interned (sys.intern): the
+    sources keep every object they deliver, and a cluster's objects repeat the same few
+    thousand strings (kinds, label keys and values, port names) hundreds of thousands of
+    times. Dicts and lists are rebuilt (json.loads shares keys within one call only);
+    anything else, and anything nested deeper than INTERN_DEPTH, is kept as it is (equal
+    either way: interning only shares)."""
+    t = type(value)
+    if t is str:
+        return sys.intern(value)
+    if depth >= INTERN_DEPTH:
+        return value
+    if t is dict:
+        return {(sys.intern(k) if type(k) is str else k): interned(v, depth + 1) for k, v in value.items()}
+    if t is list:
+        return [interned(v, depth + 1) for v in value]
+    return value
+
+
+INTERN_DEPTH = 64  # a NetworkPolicy is about 10 levels deep; the recursion stays short

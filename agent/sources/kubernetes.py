@@ -50,7 +50,7 @@ from typing import Any
 
 from agent.inventory import ObjectRef, Problem
 from agent.sources.backoff import Backoff
-from agent.sources.kubeobjects import KINDS, RawObject, ref_of, trim
+from agent.sources.kubeobjects import KINDS, RawObject, interned, ref_of, trim
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class KubernetesSource:
         self._objects: dict[str, dict[Key, RawObject]] = {k: {} for k in KINDS}
         self._rv: dict[str, str | None] = dict.fromkeys(KINDS)
         self._observed: collections.deque[Observed] = collections.deque(maxlen=max_observed)
-        self._ever_seen_ips: dict[Key, set[str]] = {}
+        self._ever_seen_ips: dict[Key, tuple[str, ...]] = {}
         # Keys changed since the last read_changes (None: never read; every key is new).
         self._changed: set[Key] | None = None
         self._on_change: Callable[[], None] | None = None
@@ -367,6 +367,7 @@ class KubernetesSource:
     def _raw(self, kind: str, obj: Mapping[str, Any]) -> RawObject:
         body = trim({**obj, "kind": kind, "apiVersion": RESOURCES[kind].api_version})  # list items carry neither
         body["metadata"].pop("resourceVersion", None)  # changes on every write; semantics ignore it
+        body = interned(body)  # kept until the object changes: share its repeated strings
         return RawObject(ref_of(body, SOURCE), body)
 
     def _list(self, kind: str) -> None:
@@ -533,10 +534,11 @@ class KubernetesSource:
             if etype == "DELETED":
                 self._ever_seen_ips.pop(obj.ref.key, None)
             else:
-                ips = _pod_ips(obj.body)
-                seen = self._ever_seen_ips.setdefault(obj.ref.key, set())
-                new_ips = tuple(sorted(ips - seen))
-                seen |= ips
+                key = obj.ref.key
+                seen = self._ever_seen_ips.get(key, ())
+                new_ips = tuple(sorted(_pod_ips(obj.body).difference(seen)))
+                if new_ips:  # a tuple, not a set: a pod has one or two addresses (56 bytes, not 216)
+                    self._ever_seen_ips[key] = (*seen, *new_ips)
         self._observed.append(Observed(obj.ref, etype, at, new_ips))
         if self._changed is not None:
             self._changed.add(obj.ref.key)
