@@ -1,6 +1,7 @@
 """Set-element transactions on nf_tables over a raw NETLINK_NETFILTER socket: the one
 encoder of NFT_MSG_NEWSETELEM / DELSETELEM batches (learned addresses, nftlearn.py; the
-element-only diffs of peer sets, nftables.py).
+element-only diffs of peer sets, nftables.py). Its constants and `attr` also serve the
+rule-counter dump (nftcounters.py).
 
 Why not libnftables: before any command it fetches the table's sets (nft 1.0.6 has no
 flag to narrow that cache), ~3-4 ms at 10k pods and much more at 50k, whatever the
@@ -24,7 +25,7 @@ NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
 NLMSG_ERROR = 2
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFNL_SUBSYS_NFTABLES = 10
-NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NFT_MSG_NEWRULE, NFT_MSG_GETRULE, NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 6, 7, 12, 14
 NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1
@@ -48,6 +49,11 @@ Op = tuple[int, str, bytes]  # (NFT_MSG_NEWSETELEM or _DELSETELEM, set name, one
 def attr(kind: int, payload: bytes) -> bytes:
     n = 4 + len(payload)
     return struct.pack("=HH", n, kind) + payload + b"\0" * (-n % 4)
+
+
+def header(family: str) -> bytes:
+    """nfgenmsg: the family, version 0, resource id 0."""
+    return struct.pack("=BBH", NFPROTO[family], 0, 0)
 
 
 def element(key: bytes, timeout_ms: int | None = None) -> bytes:
