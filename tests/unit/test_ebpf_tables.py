@@ -277,3 +277,17 @@ def test_classes_are_the_rules_around_each_prefix(rs: list[Rule], isolated: bool
     assert t.members == tuple(numbers)
     assert compile_direction(dp, {}) == t
     agree(rs, isolated)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(host_rules, rules), max_size=5), st.integers(1, 2**32 - 1))
+def test_trie_order_puts_the_default_prefix_after_the_others(rs: list[Rule], ep_id: int) -> None:
+    """peer_blob(trie=True): the same entries, a family's /0 (a rule matching anyone)
+    after the prefixes inside it, as the kernel's LPM trie lists them (postorder)."""
+    t = compile_direction(DirectionProgram(True, tuple(rs)))
+    keys, values = t.peer_blob(ep_id, 1, 0, trie=True)
+    items = [(keys[i * 30:(i + 1) * 30], values[i * 4:(i + 1) * 4]) for i in range(len(values) // 4)]
+    assert sorted(items) == sorted(t.peer_items(ep_id, 1, 0))
+    for fam in (4, 6):
+        plens = [k[0] - 80 for k, _ in items if k[13] == fam]
+        assert 0 not in plens[:-1] or len(set(plens)) > 2  # /0 last unless prefixes nest otherwise

@@ -306,6 +306,13 @@ class Map:
 
     def scan(self) -> Iterator[list[tuple[bytes, bytes]]]:
         """`dump` a batch at a time (a caller keeping only some entries never holds them all)."""
+        ks, vs = self.key_size, self.value_size
+        for keys, values in self.scan_packed():
+            yield [(keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs]) for i in range(len(keys) // ks)]
+
+    def scan_packed(self) -> Iterator[tuple[bytes, bytes]]:
+        """`scan` as (keys, values) of each batch laid end to end, in the order the map
+        lists them (no object per entry)."""
         if self.percpu:
             raise ValueError(f"{self.name}: dump reads single values, not per-CPU ones")
         ks, vs = self.key_size, self.value_size
@@ -331,13 +338,13 @@ class Map:
                     raise
                 done = True
             n = ctypes.c_uint32.from_buffer(attr, 32).value
-            kraw, vraw = keys.raw, values.raw
-            yield [(kraw[i * ks:(i + 1) * ks], vraw[i * vs:(i + 1) * vs]) for i in range(n)]
+            yield keys.raw[:n * ks], values.raw[:n * vs]
             if done:
                 return
             first = False
             cursor.reverse()  # this batch's end is the next one's start
-        yield list(self.items())
+        items = list(self.items())
+        yield b"".join(k for k, _ in items), b"".join(v for _, v in items)
 
     def count(self) -> int:
         return sum(1 for _ in self.all_keys())

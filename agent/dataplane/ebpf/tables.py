@@ -117,6 +117,7 @@ _PEER_KEY = struct.Struct("<IIIBB16s")
 _U32 = struct.Struct("=I")
 PEER_KEY_BITS = 80  # the key bits before the address (layout.PeerKey)
 _BITS: int = PEER_KEY_BITS
+_BITS0 = struct.pack("<I", PEER_KEY_BITS)  # a record's prefixlen field when the prefix is /0
 
 
 def pack_peers(peers: Iterable[tuple[int, int, int, int]]) -> tuple[bytes, bytes]:
@@ -175,14 +176,18 @@ class DirTables:
         keys, ks = self.peer_blob(ep_id, gen, dc)[0], _PEER_KEY.size
         return [keys[i:i + ks] for i in range(0, len(keys), ks)]
 
-    def peer_blob(self, ep_id: int, gen: int, dc: int) -> tuple[bytes, bytes]:
+    def peer_blob(self, ep_id: int, gen: int, dc: int, trie: bool = False) -> tuple[bytes, bytes]:
         """`peer_items` as (keys, values) laid end to end, as a batch update takes them: made
-        by strided copies from the packed records, with no object per entry."""
+        by strided copies from the packed records, with no object per entry. `trie`: in the
+        order the kernel's LPM trie lists them where that is cheap to know (a prefix after
+        those inside it: the /0 of a rule matching anyone moved last in its family)."""
         keys, values = bytearray(), bytearray()
         for fam, st, blob in ((4, _PEER4, self.peers4), (6, _PEER6, self.peers6)):
             n, rs, alen = len(blob) // st.size, st.size, st.size - 8
             if not n:
                 continue
+            if trie and n > 1 and blob[:4] == _BITS0:
+                blob = blob[rs:] + blob[:rs]
             k = bytearray(_PEER_KEY.pack(0, ep_id, gen, dc, fam, b"") * n)
             ks = _PEER_KEY.size
             for j in range(4):  # prefixlen, then the address (both as the records hold them)
