@@ -17,6 +17,7 @@ restart over what it left. `--profile DIR` writes a cProfile of each child. Repo
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -52,6 +53,16 @@ def child(source: str, state: str, dataplane: str, node: str, profile: str) -> N
     server = serve_http(daemon, ListenAddress.parse("127.0.0.1:9758"))
     marks["daemon"] = time.monotonic()
     steps = _time_steps(pipe, dp)
+    notes: list[str] = []  # the eBPF adoption's count of endpoints kept
+
+    class Note(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "adoption" in record.getMessage():
+                notes.append(record.getMessage())
+
+    rec_log = logging.getLogger("agent.dataplane.ebpf.reconcile")
+    rec_log.addHandler(Note())
+    rec_log.setLevel(logging.INFO)
     gcs: dict[int, list[float]] = {}
     started = [0.0]
 
@@ -81,6 +92,8 @@ def child(source: str, state: str, dataplane: str, node: str, profile: str) -> N
     step_text = ", ".join(f"{name} {1000 * t:.0f}" for name, t in steps.items())
     print(f"{'ok' if ok else 'FAILED'}: {' / '.join(parts)} ms (sync: {step_text} ms); total {1000 * (last - T0):.0f} "
           f"ms, cpu {1000 * time.process_time():.0f} ms; gc during the sync: {gc_text}; peak RSS {rss} MB", flush=True)
+    for note in notes:
+        print(f"  {note}", flush=True)
     server.close()
     pipe.store.flush()
 
