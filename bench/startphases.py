@@ -5,16 +5,19 @@ whole process from outside).
 
 In the namespace lab over bench.events' synthetic cluster, a child in the node namespace
 does what `stockade run --source DIR` does up to its first sync (imports, pipeline,
-dataplane, daemon and HTTP endpoint, one `sync_once` with the daemon's GC pause and heap freeze) and prints
-each phase's wall time, the cyclic collections that ran during the sync (count and time
-per generation), its CPU time and peak RSS. Per run: cold (`stockade cleanup`, no state
-file; eBPF: the warm-up's build compiled afresh first, as bench.startup does), then a
+dataplane, daemon and HTTP endpoint, one `sync_once` with the daemon's GC pause and heap
+freeze) and prints each phase's wall time (the sync split into the pipeline's snapshot and
+the dataplane's apply; an eBPF apply into its table compile, adoption, comparison with the
+pinned maps, settling and writing), the cyclic collections that ran during the sync (count
+and time per generation), its CPU time and peak RSS. Per run: cold (`stockade cleanup`, no
+state file; eBPF: the warm-up's build compiled afresh first, as bench.startup does), then a
 restart over what it left. `--profile DIR` writes a cProfile of each child. Reports only.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -49,6 +52,17 @@ def child(source: str, state: str, dataplane: str, node: str, profile: str) -> N
     daemon = Daemon(pipe, dp, resync=60, strict=True, debounce=0.02)
     server = serve_http(daemon, ListenAddress.parse("127.0.0.1:9758"))
     marks["daemon"] = time.monotonic()
+    steps = _time_steps(pipe, dp)
+    notes: list[str] = []  # the eBPF adoption's count of endpoints kept
+
+    class Note(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "adoption" in record.getMessage():
+                notes.append(record.getMessage())
+
+    rec_log = logging.getLogger("agent.dataplane.ebpf.reconcile")
+    rec_log.addHandler(Note())
+    rec_log.setLevel(logging.INFO)
     gcs: dict[int, list[float]] = {}
     started = [0.0]
 
@@ -75,10 +89,44 @@ def child(source: str, state: str, dataplane: str, node: str, profile: str) -> N
         last = t
     gc_text = ", ".join(f"gen{g} {n:.0f}x {1000 * t:.0f} ms" for g, (n, t) in sorted(gcs.items())) or "none"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    print(f"{'ok' if ok else 'FAILED'}: {' / '.join(parts)} ms; total {1000 * (last - T0):.0f} ms, "
-          f"cpu {1000 * time.process_time():.0f} ms; gc during the sync: {gc_text}; peak RSS {rss} MB", flush=True)
+    step_text = ", ".join(f"{name} {1000 * t:.0f}" for name, t in steps.items())
+    print(f"{'ok' if ok else 'FAILED'}: {' / '.join(parts)} ms (sync: {step_text} ms); total {1000 * (last - T0):.0f} "
+          f"ms, cpu {1000 * time.process_time():.0f} ms; gc during the sync: {gc_text}; peak RSS {rss} MB", flush=True)
+    for note in notes:
+        print(f"  {note}", flush=True)
     server.close()
     pipe.store.flush()
+
+
+# The sync's steps timed in the child, by wrapping the methods doing them on the objects
+# (the agent is not changed for the bench): the pipeline's snapshot (sources, admission,
+# policy compile), the dataplane's apply, and inside an eBPF apply the table compile,
+# adoption's comparison with the pinned maps, and the writing up to the flip.
+STEPS = {"pipeline": ("snapshot",), "dataplane": ("apply",),
+         "ebpf": ("_compile", "_adopt", "_verify_adopted", "_settle", "_apply")}
+
+
+def _time_steps(pipe: object, dp: object) -> dict[str, float]:
+    spent: dict[str, float] = {}
+
+    def wrap(obj: object, name: str, label: str) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*a: object, **kw: object) -> object:
+            t = time.monotonic()
+            try:
+                return inner(*a, **kw)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.monotonic() - t
+
+        setattr(obj, name, timed)
+
+    wrap(pipe, "snapshot", "snapshot")
+    wrap(dp, "apply", "apply")
+    if getattr(dp, "name", "") == "ebpf":
+        for name in STEPS["ebpf"]:
+            wrap(dp, name, f"apply{name.replace('_', ' ').rstrip()}")
+    return spent
 
 
 def main(argv: list[str] | None = None) -> int:

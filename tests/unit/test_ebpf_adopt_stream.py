@@ -9,7 +9,7 @@ import ipaddress
 from collections.abc import Iterator
 
 from agent.dataplane.ebpf.layout import k_peer, u32
-from agent.dataplane.ebpf.reconcile import EpState, Reconciler, _runs
+from agent.dataplane.ebpf.reconcile import EpState, Reconciler, _items, _runs
 from agent.dataplane.ebpf.tables import DIR_CODE, entries
 from agent.ir import Direction, DirectionProgram, EndpointProgram, Origin, PeerSet, PortMatch, Program, Rule
 
@@ -19,10 +19,12 @@ class ScanMap:
 
     def __init__(self, items: list[tuple[bytes, bytes]], batch: int = 7) -> None:
         self.items, self.batch = items, batch
+        self.key_size, self.value_size = (len(items[0][0]), len(items[0][1])) if items else (1, 1)
 
-    def scan(self) -> Iterator[list[tuple[bytes, bytes]]]:
+    def scan_packed(self) -> Iterator[tuple[bytes, bytes]]:
         for i in range(0, len(self.items), self.batch):
-            yield self.items[i:i + self.batch]
+            part = self.items[i:i + self.batch]
+            yield b"".join(k for k, _ in part), b"".join(v for _, v in part)
 
     def dump(self) -> list[tuple[bytes, bytes]]:
         return list(self.items)
@@ -67,7 +69,8 @@ def test_runs_split_by_endpoint_generation() -> None:
     b = [(k_peer(2, 3, 0, 4, n, 32), u32(1)) for n in range(4)]
     old = [(k_peer(2, 2, 0, 4, n, 32), u32(1)) for n in range(3)]
     dead: list[bytes] = []
-    runs = list(_runs(ScanMap(a + old + b[:2] + a[:1] + b[2:], batch=3), {(1, 3)}, {(1, 3), (2, 3)}, dead))
+    m = ScanMap(a + old + b[:2] + a[:1] + b[2:], batch=3)
+    runs = [(eg, _items(k, v, m.key_size, m.value_size)) for eg, k, v in _runs(m, {(1, 3)}, {(1, 3), (2, 3)}, dead)]
     assert [eg for eg, _ in runs] == [(1, 3), (2, 2), (2, 3), (1, 3), (2, 3)]
     assert runs[0][1] == dict(a) and runs[2][1] == {} and runs[3][1] == dict(a[:1])
     assert dead == [k for k, _ in old]
@@ -95,3 +98,17 @@ def test_entries_of_generations_not_in_force_are_left_for_the_sweep() -> None:
     stale = [(k_peer(1, 2, DIR_CODE[Direction.INGRESS], 4, 7, 32), u32(1))]
     assert _verify(r, program, peers[0] + stale + peers[1], ports[0] + ports[1]) == 2
     assert r._read_keys == {"peers": [stale[0][0]], "ports": []}
+
+
+def test_runs_in_any_order_are_compared_entry_by_entry() -> None:
+    """The trie's own order (a prefix after those inside it) is compared as two blobs of
+    bytes; any other order of the same entries still matches, entry by entry."""
+    program = _program(3)
+    r, peers, ports = _adopted(program)
+    shuffled = [list(reversed(p)) for p in peers]
+    assert _verify(r, program, [e for p in shuffled for e in p], [e for q in ports for e in q]) == 3
+    # one batch holding several endpoints' runs and a run split across batches
+    r, peers, ports = _adopted(program)
+    r.maps = {"peers": ScanMap([e for p in peers for e in p], batch=1000),  # type: ignore[dict-item]
+              "ports": ScanMap([e for q in ports for e in q], batch=2), "learned": ScanMap([])}
+    assert r._verify_adopted(r._compile(program), program) == 3

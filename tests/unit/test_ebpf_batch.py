@@ -14,6 +14,7 @@ from agent.dataplane.ebpf import bpfsys
 class FakeMap(bpfsys.Map):
     def __init__(self, batch: bool, fail_at: int = 0) -> None:  # no fd: the commands are faked
         self.fd, self.name, self.percpu, self.batch_ok = -1, "fake", False, None
+        self.key_size = self.value_size = self._vsize = 4
         self.batch, self.fail_at = batch, fail_at
         self.data: dict[bytes, bytes] = {}
         self.batches = 0
@@ -57,6 +58,15 @@ def test_update_and_delete_many(batch: bool) -> None:
     # absent keys (already deleted) among the ones to delete: skipped, the rest deleted
     m.delete_many([k for k, _ in ITEMS[:5]] + [b"\xff\xff\xff\xff"] + [k for k, _ in ITEMS[:9000]])
     assert m.data == dict(ITEMS[9000:])
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_update_packed_is_update_many(batch: bool) -> None:
+    m = FakeMap(batch)
+    m.update_packed(b"".join(k for k, _ in ITEMS), b"".join(v for _, v in ITEMS))
+    assert m.data == dict(ITEMS) and m.batches == (3 if batch else 0)
+    with pytest.raises(ValueError):
+        m.update_packed(b"\0" * 8, b"\0" * 4)  # two keys, one value
 
 
 def test_a_real_error_in_a_batch_is_raised() -> None:

@@ -28,9 +28,9 @@ def _program(rules: tuple[Rule, ...], n: int = 3) -> Program:
 def compiles(monkeypatch: pytest.MonkeyPatch) -> list[DirectionProgram]:
     seen: list[DirectionProgram] = []
 
-    def counting(dp: DirectionProgram):  # type: ignore[no-untyped-def]
+    def counting(dp: DirectionProgram, cache=None):  # type: ignore[no-untyped-def]
         seen.append(dp)
-        return compile_direction(dp)
+        return compile_direction(dp, cache)
 
     monkeypatch.setattr(reconcile, "compile_direction", counting)
     return seen

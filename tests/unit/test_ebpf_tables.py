@@ -231,3 +231,63 @@ def test_device_bound_endpoint_without_addresses() -> None:
     text = EbpfDataplane(pin_root="/nonexistent/stockade").render(bootstrap_program("wt0"))
     assert "endpoint 1 netbird-bootstrap:wt0 interface=wt0 ingress=enforced,isolated egress=open" in text
     assert "ifcfg wt0 -> 1" in text and "addrs" not in text
+
+
+def reference_peers(rs: list[Rule]) -> list[tuple[int, int, int, tuple[int, ...]]]:
+    """Every prefix a rule holds (and /0 when a rule matches anyone) with its class members:
+    the rules holding it or a prefix around it, one prefix at a time."""
+    anyone = {i for i, r in enumerate(rs) if r.peers is None}
+    out = []
+    for fam in (4, 6):
+        nets = {n for r in rs if r.peers is not None for n in r.peers.family(fam)}
+        if anyone:
+            nets.add(ipaddress.ip_network("0.0.0.0/0" if fam == 4 else "::/0"))
+        for n in sorted(nets, key=lambda n: (int(n.network_address), n.prefixlen)):
+            members = anyone | {i for i, r in enumerate(rs) if r.peers is not None
+                                and any(n.subnet_of(m) for m in r.peers.family(fam))}
+            out.append((fam, int(n.network_address), n.prefixlen, tuple(sorted(members))))
+    return out
+
+
+HOSTS = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.1.1", "192.168.0.9", "fd00::1", "fd00::2", "fd00:1::1"]
+host_rules = st.builds(
+    lambda i, peers, v: Rule(Origin("file", "ns", "p", Direction.INGRESS, i),
+                             None if peers is None else PeerSet.of(ipaddress.ip_address(a) for a in peers),
+                             (), v, key=f"h{i}-{peers}"),
+    st.integers(0, 1000), st.one_of(st.none(), st.lists(st.sampled_from(HOSTS), max_size=6)),
+    st.sampled_from([Verdict.ACCEPT, Verdict.ACCEPT, Verdict.DROP]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.lists(host_rules, max_size=6), st.lists(st.one_of(host_rules, rules), max_size=5)),
+       st.booleans())
+def test_classes_are_the_rules_around_each_prefix(rs: list[Rule], isolated: bool) -> None:
+    """Prefixes of one length per family (pods: compiled by whole sets) and of many
+    (ipBlocks: a prefix at a time) alike: each prefix's class is the rules holding it or a
+    prefix around it, classes numbered in prefix order."""
+    dp = DirectionProgram(isolated, tuple(rs))
+    if not dp.enforced:
+        return
+    t = compile_direction(dp)
+    want = reference_peers(rs)
+    numbers: dict[tuple[int, ...], int] = {}
+    for _, _, _, members in want:
+        numbers.setdefault(members, len(numbers) + 1)
+    assert t.peers == tuple((fam, a, p, numbers[m]) for fam, a, p, m in want)
+    assert t.members == tuple(numbers)
+    assert compile_direction(dp, {}) == t
+    agree(rs, isolated)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(host_rules, rules), max_size=5), st.integers(1, 2**32 - 1))
+def test_trie_order_puts_the_default_prefix_after_the_others(rs: list[Rule], ep_id: int) -> None:
+    """peer_blob(trie=True): the same entries, a family's /0 (a rule matching anyone)
+    after the prefixes inside it, as the kernel's LPM trie lists them (postorder)."""
+    t = compile_direction(DirectionProgram(True, tuple(rs)))
+    keys, values = t.peer_blob(ep_id, 1, 0, trie=True)
+    items = [(keys[i * 30:(i + 1) * 30], values[i * 4:(i + 1) * 4]) for i in range(len(values) // 4)]
+    assert sorted(items) == sorted(t.peer_items(ep_id, 1, 0))
+    for fam in (4, 6):
+        plens = [k[0] - 80 for k, _ in items if k[13] == fam]
+        assert 0 not in plens[:-1] or len(set(plens)) > 2  # /0 last unless prefixes nest otherwise

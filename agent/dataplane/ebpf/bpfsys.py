@@ -224,21 +224,31 @@ class Map:
             for k, v in items:
                 self.update(k, v, flags)
             return
-        for i in range(0, len(items), BATCH):
-            part = items[i : i + BATCH]
+        self.update_packed(b"".join(k for k, _ in items), b"".join(v for _, v in items), flags)
+
+    def update_packed(self, keys: bytes, values: bytes, flags: int = BPF_ANY) -> None:
+        """`update_many` of keys and values each laid end to end (no object per entry)."""
+        ks, vs = self.key_size, self._vsize
+        count = len(keys) // ks
+        if len(keys) != count * ks or len(values) != count * vs or self.percpu:
+            raise ValueError(f"{self.name}: {len(keys)} key bytes and {len(values)} value bytes are not "
+                             f"whole entries of {ks} and {vs} bytes")
+        for i in range(0, count, BATCH):
+            n = min(BATCH, count - i)
+            kpart, vpart = keys[i * ks:(i + n) * ks], values[i * vs:(i + n) * vs]
+            start = 0
             if self.batch_ok is not False:
                 try:
-                    self._batch(MAP_UPDATE_BATCH, b"".join(k for k, _ in part), b"".join(v for _, v in part),
-                                len(part), flags)
+                    self._batch(MAP_UPDATE_BATCH, kpart, vpart, n, flags)
                     self.batch_ok = True
                     continue
                 except BpfError as e:
                     if e.errno not in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP) or self.batch_ok:
                         raise
                     self.batch_ok = False  # not for this map type (or kernel): one by one
-                    part = part[getattr(e, "done", 0):]
-            for k, v in part:
-                self.update(k, v, flags)
+                    start = getattr(e, "done", 0)
+            for j in range(start, n):
+                self.update(kpart[j * ks:(j + 1) * ks], vpart[j * vs:(j + 1) * vs], flags)
 
     def delete_many(self, keys: list[bytes]) -> None:
         """Delete every key (absent ones ignored), in batches where supported."""
@@ -296,6 +306,13 @@ class Map:
 
     def scan(self) -> Iterator[list[tuple[bytes, bytes]]]:
         """`dump` a batch at a time (a caller keeping only some entries never holds them all)."""
+        ks, vs = self.key_size, self.value_size
+        for keys, values in self.scan_packed():
+            yield [(keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs]) for i in range(len(keys) // ks)]
+
+    def scan_packed(self) -> Iterator[tuple[bytes, bytes]]:
+        """`scan` as (keys, values) of each batch laid end to end, in the order the map
+        lists them (no object per entry)."""
         if self.percpu:
             raise ValueError(f"{self.name}: dump reads single values, not per-CPU ones")
         ks, vs = self.key_size, self.value_size
@@ -321,13 +338,13 @@ class Map:
                     raise
                 done = True
             n = ctypes.c_uint32.from_buffer(attr, 32).value
-            kraw, vraw = keys.raw, values.raw
-            yield [(kraw[i * ks:(i + 1) * ks], vraw[i * vs:(i + 1) * vs]) for i in range(n)]
+            yield keys.raw[:n * ks], values.raw[:n * vs]
             if done:
                 return
             first = False
             cursor.reverse()  # this batch's end is the next one's start
-        yield list(self.items())
+        items = list(self.items())
+        yield b"".join(k for k, _ in items), b"".join(v for _, v in items)
 
     def count(self) -> int:
         return sum(1 for _ in self.all_keys())

@@ -9,8 +9,12 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import struct
+import sys
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
+from operator import and_, rshift
 
 from agent.dataplane.ebpf.layout import (
     DIR_EGRESS,
@@ -30,7 +34,7 @@ from agent.dataplane.ebpf.layout import (
     v_port,
 )
 from agent.dataplane.escape import display
-from agent.ir import PORTED, Direction, DirectionProgram, IPAddress, Program, Rule, Verdict, first_match
+from agent.ir import PORTED, Direction, DirectionProgram, IPAddress, PeerSet, Program, Rule, Verdict, first_match
 
 DIR_CODE = {Direction.INGRESS: DIR_INGRESS, Direction.EGRESS: DIR_EGRESS}
 V_CODE = {Verdict.ACCEPT: V_ACCEPT, Verdict.DROP: V_DROP}
@@ -112,6 +116,8 @@ _PEER6 = struct.Struct("<I16sI")
 _PEER_KEY = struct.Struct("<IIIBB16s")
 _U32 = struct.Struct("=I")
 PEER_KEY_BITS = 80  # the key bits before the address (layout.PeerKey)
+_BITS: int = PEER_KEY_BITS
+_BITS0 = struct.pack("<I", PEER_KEY_BITS)  # a record's prefixlen field when the prefix is /0
 
 
 def pack_peers(peers: Iterable[tuple[int, int, int, int]]) -> tuple[bytes, bytes]:
@@ -162,53 +168,149 @@ class DirTables:
 
     def peer_items(self, ep_id: int, gen: int, dc: int) -> list[tuple[bytes, bytes]]:
         """The `peers` items of this direction (code `dc`) of endpoint `ep_id` at `gen`."""
-        key, val = _PEER_KEY.pack, _U32.pack
-        out = [(key(pfx, ep_id, gen, dc, 4, addr), val(cls)) for pfx, addr, cls in _PEER4.iter_unpack(self.peers4)]
-        out += [(key(pfx, ep_id, gen, dc, 6, addr), val(cls)) for pfx, addr, cls in _PEER6.iter_unpack(self.peers6)]
-        return out
+        keys, values = self.peer_blob(ep_id, gen, dc)
+        ks = _PEER_KEY.size
+        return [(keys[i * ks:(i + 1) * ks], values[i * 4:(i + 1) * 4]) for i in range(len(values) // 4)]
 
     def peer_keys(self, ep_id: int, gen: int, dc: int) -> list[bytes]:
-        key = _PEER_KEY.pack
-        return ([key(pfx, ep_id, gen, dc, 4, addr) for pfx, addr, _ in _PEER4.iter_unpack(self.peers4)]
-                + [key(pfx, ep_id, gen, dc, 6, addr) for pfx, addr, _ in _PEER6.iter_unpack(self.peers6)])
+        keys, ks = self.peer_blob(ep_id, gen, dc)[0], _PEER_KEY.size
+        return [keys[i:i + ks] for i in range(0, len(keys), ks)]
+
+    def peer_blob(self, ep_id: int, gen: int, dc: int, trie: bool = False) -> tuple[bytes, bytes]:
+        """`peer_items` as (keys, values) laid end to end, as a batch update takes them: made
+        by strided copies from the packed records, with no object per entry. `trie`: in the
+        order the kernel's LPM trie lists them where that is cheap to know (a prefix after
+        those inside it: the /0 of a rule matching anyone moved last in its family)."""
+        keys, values = bytearray(), bytearray()
+        for fam, st, blob in ((4, _PEER4, self.peers4), (6, _PEER6, self.peers6)):
+            n, rs, alen = len(blob) // st.size, st.size, st.size - 8
+            if not n:
+                continue
+            if trie and n > 1 and blob[:4] == _BITS0:
+                blob = blob[rs:] + blob[:rs]
+            k = bytearray(_PEER_KEY.pack(0, ep_id, gen, dc, fam, b"") * n)
+            ks = _PEER_KEY.size
+            for j in range(4):  # prefixlen, then the address (both as the records hold them)
+                k[j::ks] = blob[j::rs]
+            for j in range(alen):
+                k[14 + j::ks] = blob[4 + j::rs]
+            v = bytearray(4 * n)
+            for j in range(4):  # the class: `<I` in the record, native in the value
+                v[j::4] = blob[rs - 4 + (j if sys.byteorder == "little" else 3 - j)::rs]
+            keys += k
+            values += v
+        return bytes(keys), bytes(values)
 
 
-def compile_direction(dp: DirectionProgram) -> DirTables:
+# A prefix as one int, `address << 8 | prefixlen`: ints sort as (address, prefixlen) do,
+# and whole peer sets of them intersect in C (`_split`) rather than a prefix at a time.
+PeerKeys = dict[int, frozenset[int]]  # family -> the prefixes of one PeerSet as such ints
+KeyCache = dict[int, tuple[PeerSet, PeerKeys, dict[int, frozenset[int]]]]
+"""id(PeerSet) -> (that PeerSet, its prefixes as ints per family, its prefix lengths per
+family). The PeerSet is held so its id is not reused while cached."""
+
+
+def _peer_keys(ps: PeerSet, cache: KeyCache) -> tuple[PeerKeys, dict[int, frozenset[int]]]:
+    hit = cache.get(id(ps))
+    if hit is None or hit[0] is not ps:
+        keys: dict[int, list[int]] = {4: [], 6: []}
+        for n in ps.nets:
+            keys[n.version].append(int(n.network_address) << 8 | n.prefixlen)
+        hit = cache[id(ps)] = (ps, {f: frozenset(k) for f, k in keys.items()},
+                               {f: frozenset(k & 255 for k in ks) for f, ks in keys.items()})
+    return hit[1], hit[2]
+
+
+def _split(held: list[tuple[int, frozenset[int]]], anyone: tuple[int, ...]) -> list[tuple[tuple[int, ...], set[int]]]:
+    """The prefixes of one family where no held prefix lies inside another (one prefix
+    length), partitioned by their class members: the rules holding them (`held`: (rule
+    index, its prefixes) in rule order) plus `anyone`, and with `anyone` the prefix /0.
+    Each rule splits the parts it meets; the cost is the rules' prefixes, in C."""
+    every: set[int] = set().union(*(k for _, k in held))
+    if anyone:
+        every.add(0)
+    parts: list[tuple[tuple[int, ...], set[int]]] = [((), every)] if every else []
+    for i, keys in held:
+        grown = []
+        for members, part in parts:
+            inside = part & keys
+            if inside:
+                part -= inside  # iterates `inside`, not `part`
+                grown.append(((*members, i), inside))
+        parts = [p for p in parts if p[1]] + grown
+    return [(tuple(sorted({*members, *anyone})), part) for members, part in parts]
+
+
+def _pack_sorted(fam: int, cls_of: dict[int, int]) -> bytes:
+    """`pack_peers` records of prefixes as ints (-> class), in ascending (address, prefixlen):
+    u32 columns interleaved, so no Python object per record (a cold start at 50k pods
+    packs ~950k of them)."""
+    keys = sorted(cls_of)
+    if array("I").itemsize != 4:  # (every Linux ABI has a 4-byte int; kept honest anyway)
+        return pack_peers((fam, k >> 8, k & 255, cls_of[k]) for k in keys)[fam == 6]
+    n = len(keys)
+    plens = array("I", map(_BITS.__add__, map(and_, keys, repeat(255))))
+    cls = array("I", map(cls_of.__getitem__, keys))
+    # the address's u32 words, most significant first, each stored big-endian
+    words = [array("I", map(and_, map(rshift, keys, repeat(8 + shift)), repeat(0xFFFFFFFF)))
+             for shift in ((0,) if fam == 4 else (96, 64, 32, 0))]
+    for w in words if sys.byteorder == "little" else (plens, cls):
+        w.byteswap()
+    step = 2 + len(words)
+    out = array("I", bytes(4 * step * n))
+    out[0::step], out[step - 1::step] = plens, cls
+    for j, w in enumerate(words, start=1):
+        out[j::step] = w
+    return out.tobytes()
+
+
+def compile_direction(dp: DirectionProgram, cache: KeyCache | None = None) -> DirTables:
+    """`cache`: peer sets' prefixes as ints, shared by the directions of one compile."""
     flags = (F_ENFORCED if dp.enforced else 0) | (F_ISOLATED if dp.isolated else 0)
     rules = dp.rules
     if dp.enforced and any(r.learned for r in rules):
         flags |= F_LEARNED  # the program consults `learned` (egress; nothing else pays for it)
     if not dp.enforced or not rules:
         return DirTables(flags, rule_ids=tuple(r.id for r in rules))
+    cache = {} if cache is None else cache
     # a domainNames rule's peers are its learned destinations, in `learned` (its `peers`
     # ignored, as `Dataplane.learns_in_kernel` says): no prefix of its own
     anyone = tuple(i for i, r in enumerate(rules) if r.peers is None and not r.learned)
+    held = [(i, _peer_keys(r.peers, cache)) for i, r in enumerate(rules) if r.peers is not None and not r.learned]
     classes: dict[tuple[int, ...], int] = {}
-    peers = []
+    packed = []
     for fam, width in ((4, 32), (6, 128)):
-        holders: dict[tuple[int, int], set[int]] = {}
-        for i, r in enumerate(rules):
-            if r.peers is None or r.learned:
-                continue
-            for n in r.peers.family(fam):
-                holders.setdefault((int(n.network_address), n.prefixlen), set()).add(i)
+        lens = set().union(*(ln[fam] for _, (_, ln) in held))
+        if len(lens) <= 1:  # no prefix inside another (but /0 for `anyone`): by whole sets
+            cls_of: dict[int, int] = {}
+            parts = _split([(i, k[fam]) for i, (k, _) in held if k[fam]], anyone)
+            for members, part in sorted(parts, key=lambda p: min(p[1])):  # classes numbered in prefix order
+                cls_of.update(dict.fromkeys(part, classes.setdefault(members, len(classes) + 1)))
+            packed.append(_pack_sorted(fam, cls_of))
+            continue
+        holders: dict[int, set[int]] = {}
+        for i, (k, _) in held:
+            for key in k[fam]:
+                holders.setdefault(key, set()).add(i)
         prefixes = set(holders)
         if anyone:
-            prefixes.add((0, 0))
+            prefixes.add(0)
         # only the prefix lengths some rule holds can be ancestors (usually one or two, not 33)
-        masks = [(ln, ((1 << ln) - 1) << (width - ln) if ln else 0) for ln in sorted({ln for _, ln in holders})]
-        for addr, plen in sorted(prefixes):
+        masks = [(ln, (((1 << ln) - 1) << (width - ln) if ln else 0) << 8) for ln in sorted(lens)]
+        peers = []
+        for key in sorted(prefixes):
+            plen = key & 255
             members = set(anyone)
             for ln, mask in masks:  # every ancestor (or the prefix itself) that a rule holds
                 if ln > plen:
                     break
-                if (hit := holders.get((addr & mask, ln))) is not None:
+                if (hit := holders.get(key & mask | ln)) is not None:
                     members |= hit
-            key = tuple(sorted(members))
-            cls = classes.setdefault(key, len(classes) + 1)
-            peers.append((fam, addr, plen, cls))
+            cls = classes.setdefault(tuple(sorted(members)), len(classes) + 1)
+            peers.append((fam, key >> 8, plen, cls))
+        packed.append(pack_peers(peers)[fam == 6])
     ports = tuple((cls, _class_ports(rules, members, dp.isolated)) for members, cls in classes.items())
-    return DirTables(flags, *pack_peers(peers), ports, tuple(r.id for r in rules), tuple(classes))
+    return DirTables(flags, packed[0], packed[1], ports, tuple(r.id for r in rules), tuple(classes))
 
 
 # ------------------------------------------------------------------ learned destinations
