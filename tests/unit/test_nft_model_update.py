@@ -8,7 +8,6 @@ one after another to a real table, leave what a fresh load of the last model lea
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 from collections.abc import Iterator
 from typing import Any
@@ -17,87 +16,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.admission import LastGood, kubernetes_inventory
 from agent.dataplane import nftmodel
 from agent.dataplane.base import DataplaneError
-from agent.dataplane.nftables import FAMILY, TABLE, render_diff, render_full, render_staged
+from agent.dataplane.nftables import render_diff
 from agent.dataplane.nftmodel import Memo, Model, Options, build_model, update
 from agent.ir import LEARNED_MARK, Direction, DirectionProgram, EndpointProgram, Origin, PeerSet, Program, Rule
-from agent.policy.kubernetes.incremental import IncrementalCompiler
-from agent.sources.kubeobjects import RawObject, ref_of
-from tests.kit.generate import generate
-from tests.kit.nftns import nft_file, table_objects, throwaway_netns
+from tests.kit.nftns import throwaway_netns
+from tests.kit.nftworld import GUARDS, World, replay, same_model
 
 KINDS = ("pod_local", "pod_remote", "pod_labels", "pod_removed", "policy_changed", "policy_removed",
          "policy_added", "namespace_labels", "guard")
 events = st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 10_000)), min_size=1, max_size=12)
 OPTS = (Options(), Options(audit=True, log_group=None))
-GUARDS = ((), (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")))
-
-
-class World:
-    """A small generated cluster as a source holds it (unchanged objects stay the same
-    objects) and one incremental compiler kept across events."""
-
-    def __init__(self, seed: int) -> None:
-        self.cl = generate(120, 14, seed=seed)
-        self.objects: dict[tuple[str, str, str], RawObject] = {}
-        for body in self.cl.objects():
-            self.put(body)
-        self.store = LastGood()
-        self.compiler = IncrementalCompiler(self.cl.node, "kubernetes")
-        self.guard: tuple[Any, ...] = ()
-        self.added = 0
-
-    def put(self, body: dict[str, Any]) -> None:
-        obj = RawObject(ref_of(body, "kubernetes"), body)
-        self.objects[(obj.ref.kind, obj.ref.namespace, obj.ref.name)] = obj
-
-    def drop(self, body: dict[str, Any]) -> None:
-        ref = ref_of(body, "kubernetes")
-        self.objects.pop((ref.kind, ref.namespace, ref.name), None)
-
-    def event(self, kind: str, n: int) -> None:
-        cl = self.cl
-        if kind in ("pod_local", "pod_remote"):
-            body = cl.new_pod(local=kind == "pod_local")
-            cl.pod_objs.append(body)
-            self.put(body)
-        elif kind in ("pod_labels", "pod_removed") and cl.pod_objs:
-            i = n % len(cl.pod_objs)
-            if kind == "pod_removed":
-                self.drop(cl.pod_objs.pop(i))
-            else:
-                cl.pod_objs[i] = cl.relabel_pod(cl.pod_objs[i])
-                self.put(cl.pod_objs[i])
-        elif kind in ("policy_changed", "policy_removed", "policy_added") and cl.policy_objs:
-            i = n % len(cl.policy_objs)
-            if kind == "policy_removed":
-                self.drop(cl.policy_objs.pop(i))
-            elif kind == "policy_added":
-                body = dict(cl.policy_objs[i], metadata={**cl.policy_objs[i]["metadata"], "name": f"x{self.added}"})
-                self.added += 1
-                cl.policy_objs.append(body)
-                self.put(body)
-            else:
-                cl.policy_objs[i] = cl.change_policy(cl.policy_objs[i])
-                self.put(cl.policy_objs[i])
-        elif kind == "namespace_labels":
-            i = n % len(cl.namespaces)
-            cl.namespaces[i] = cl.relabel_namespace(cl.namespaces[i])
-            self.put(cl.namespaces[i])
-        elif kind == "guard":
-            self.guard = GUARDS[n % 2]
-
-    def program(self) -> Program:
-        prog = self.compiler.compile(kubernetes_inventory(list(self.objects.values()), self.store))
-        return dataclasses.replace(prog, guard=self.guard) if self.guard else prog
-
-
-def _same(inc: Model, ref: Model) -> None:
-    assert inc == ref  # sets, chains, maps, owners, learned
-    assert inc.shared == ref.shared and inc.by_content == ref.by_content
-    assert render_full(inc) == render_full(ref)
 
 
 def _tallies_hold_what_is_used(memo: Memo) -> None:
@@ -132,13 +62,13 @@ def test_update_builds_what_a_full_build_builds_after_every_event(
     world = World(seed)
     memo = Memo()
     prev = update(world.program(), opts, None, memo)
-    _same(prev, build_model(world.program(), opts))
+    same_model(prev, build_model(world.program(), opts))
     for kind, n in evs:
         world.event(kind, n)
         prog = world.program()
         inc = update(prog, opts, prev, memo)
         ref = build_model(prog, opts, prev)  # the same history: names of shared sets follow it
-        _same(inc, ref)
+        same_model(inc, ref)
         assert render_diff(prev, inc) == render_diff(prev, ref)
         assert set(memo.endpoints) == set(prog.endpoints)
         _tallies_hold_what_is_used(memo)
@@ -213,7 +143,7 @@ def test_update_follows_hand_made_programs_to_their_edges(opts: Options, steps: 
         hand.step(*step)
         prog = hand.program()
         inc = update(prog, opts, prev, memo)
-        _same(inc, build_model(prog, opts, prev))
+        same_model(inc, build_model(prog, opts, prev))
         _tallies_hold_what_is_used(memo)
         prev = inc
 
@@ -241,23 +171,8 @@ def two() -> Iterator[tuple[str, str]]:
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(1, 50), events)
 def test_updated_diffs_leave_what_a_fresh_load_leaves(two: tuple[str, str], seed: int, evs: list) -> None:
-    applied, fresh = two
-    for ns in two:
-        nft_file(ns, f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n")
-    world = World(seed)
-    memo = Memo()
-    m = update(world.program(), Options(), None, memo)
-    for text in render_staged(m):
-        nft_file(applied, text)
-    for kind, n in evs:
-        world.event(kind, n)
-        new = update(world.program(), Options(), m, memo)
-        text, _ = render_diff(m, new)
-        if text:
-            nft_file(applied, text)
-        m = new
-    nft_file(fresh, render_full(m))
-    assert table_objects(applied, FAMILY, TABLE) == table_objects(fresh, FAMILY, TABLE)
+    applied, fresh = replay(two, seed, evs, lambda prog, prev, memo: update(prog, Options(), prev, memo))
+    assert applied == fresh
 
 
 def test_a_refused_device_name_leaves_the_next_update_right() -> None:
@@ -272,4 +187,4 @@ def test_a_refused_device_name_leaves_the_next_update_right() -> None:
         update(hand.program(), Options(), prev, memo)
     hand.step("endpoint", 1, {**spec, "device": "wt1"})
     prog = hand.program()
-    _same(update(prog, Options(), prev, memo), build_model(prog, Options(), prev))
+    same_model(update(prog, Options(), prev, memo), build_model(prog, Options(), prev))
