@@ -74,6 +74,8 @@ def _listen_address(env: str) -> Callable[[str], ListenAddress]:
 def _dataplane(name: str, args: argparse.Namespace | None = None) -> Dataplane:
     if getattr(args, "ebpf_mark", None) is not None:  # read by the eBPF dataplane (its `config` map)
         os.environ["STOCKADE_EBPF_MARK"] = hex(args.ebpf_mark)
+    if getattr(args, "ebpf_deliver", None) is not None:
+        os.environ["STOCKADE_EBPF_DELIVER"] = args.ebpf_deliver
     options = DataplaneOptions(audit=getattr(args, "mode", "enforce") == "audit",
                                guard_unknown=getattr(args, "unknown_endpoints", "allow") == "deny")
     try:
@@ -383,6 +385,10 @@ def parser() -> argparse.ArgumentParser:
                             help="eBPF: the skb mark bit a pod's hook sets on packets it vouches for to "
                                  "another local pod's hook (one bit, 0: off; default $STOCKADE_EBPF_MARK "
                                  "or 0x1000; not 0x4000/0x8000 of kube-proxy nor Calico's 0xffff0000)")
+            sp.add_argument("--ebpf-deliver", choices=["stack", "peer"], default=None,
+                            help="eBPF: how a vouched packet reaches another local pod: through the node's "
+                                 "forwarding (stack), or straight into the pod's namespace, past the node's "
+                                 "netfilter (peer; see README); default $STOCKADE_EBPF_DELIVER or stack")
 
     sp = sub.add_parser("matrix", help="verdict for every ordered pair of pods")
     common(sp, node=False, dataplane=False)

@@ -11,7 +11,9 @@ second (bench.loadgen crr), request-response latency p50/p99 on one connection
 (bench.loadgen rr), UDP 64-byte packet rate received (iperf3 -u -l 64 -b 0).
 
 Alone (root): `python -m bench.datapath run --dataplanes ebpf --peers 10,100000 --reps 3
-[--seconds 1.5] [--out FILE]` prints each configuration's ratios to the floor.
+[--seconds 1.5] [--out FILE]` prints each configuration's ratios to the floor. A dataplane
+`ebpf:peer` is the eBPF dataplane with direct delivery (`--ebpf-deliver peer`), e.g.
+`--dataplanes ebpf,ebpf:peer` measures both against the same floors.
 """
 
 from __future__ import annotations
@@ -154,16 +156,33 @@ def run(dataplanes: list[str], peer_sizes: list[int], reps: int, seconds: float,
             lab.procs.append(p)
         time.sleep(0.5)
         bench = Bench(lab, seconds)
-        for dpname in dataplanes:
-            with dataplane_env(dpname, f"bench-{os.getpid()}"):  # eBPF: a private bpffs, removed after
+        for label in dataplanes:
+            dpname, _, how = label.partition(":")  # "ebpf:peer": direct delivery
+            with dataplane_env(dpname, f"bench-{os.getpid()}"), _delivery(how):  # eBPF: a private bpffs
                 try:
-                    out["dataplanes"][dpname] = _run_dataplane(lab, bench, dpname, peer_sizes, reps, tmp, log)
+                    out["dataplanes"][label] = _run_dataplane(lab, bench, dpname, peer_sizes, reps, tmp, log)
                 except Exception as e:  # report, keep the other dataplane's figures
-                    log(f"datapath {dpname} failed: {e}")
-                    out["dataplanes"][dpname] = {"error": str(e)}
+                    log(f"datapath {label} failed: {e}")
+                    out["dataplanes"][label] = {"error": str(e)}
                 finally:
                     _apply(lab, dpname, None, clear=True, check=False)
     return out
+
+
+@contextlib.contextmanager
+def _delivery(how: str) -> Any:
+    """$STOCKADE_EBPF_DELIVER for the agent runs inside (none: the default)."""
+    from agent.dataplane.ebpf.layout import DELIVER_ENV
+
+    old = os.environ.pop(DELIVER_ENV, None)
+    if how:
+        os.environ[DELIVER_ENV] = how
+    try:
+        yield
+    finally:
+        os.environ.pop(DELIVER_ENV, None)
+        if old is not None:
+            os.environ[DELIVER_ENV] = old
 
 
 def _apply(lab: Any, dpname: str, manifests_file: Path | None, clear: bool = False,
@@ -219,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--manifests")
     a.add_argument("--clear", action="store_true")
     r = sub.add_parser("run", help="measure: floor and each peer size, in rounds (needs root)")
-    r.add_argument("--dataplanes", default="ebpf", help="comma list of nftables,ebpf")
+    r.add_argument("--dataplanes", default="ebpf", help="comma list of nftables,ebpf,ebpf:peer")
     r.add_argument("--peers", default="10,100000", help="comma list of peer-set sizes")
     r.add_argument("--reps", type=int, default=3, help="rounds")
     r.add_argument("--seconds", type=float, default=1.5, help="seconds per measurement")

@@ -17,7 +17,9 @@
 // 1 peer LPM and 1 port LPM per judged endpoint, whatever the number of rules or peers.
 // A packet of a flow known at both ends, leaving one local pod for another, is vouched for
 // by the source's hook (`vouch`: a mark bound to the destination's device); the destination's
-// hook then passes it before any hash lookup.
+// hook then passes it before any hash lookup. With --ebpf-deliver peer such a packet -- and a
+// flow's first packet, judged for both ends (`stk_deliver`, tail-called) -- goes straight into
+// the destination pod instead (`to_pod`: bpf_redirect_peer, past the node's forwarding).
 //
 // Atomic updates: `addrs`, `epstate` and `ifcfg` are double-buffered: keyed by a half (0/1)
 // of the buffer. A packet reads the active half from `active` once, before any other lookup,
@@ -136,12 +138,15 @@ struct ep_state {
     u32 gen;
     u8 flags[2];  // per direction: F_ENFORCED | F_ISOLATED
     u8 pad[2];
+    u32 dev;      // a pod's veth (both its hooks are on it), 0: none or not one device: where
+                  // `to_pod` may deliver a packet for it from the first one of a flow
 };
 
 struct if_cfg {
     u8 l3;           // 1: raw IP device (TUN), 0: Ethernet
     u8 hook_dir[2];  // direction judged at [0] tc ingress, [1] tc egress
-    u8 pad;
+    u8 peer;         // 1: a veth whose other end is in another network namespace (a pod's):
+                     // a packet may be handed to that end straight (`to_pod`)
     u32 ep_id;       // endpoint bound to the device (the node behind it), 0: none (pod veths)
 };
 
@@ -236,7 +241,8 @@ struct config {
     u32 sample_burst;      // drop samples allowed in a burst, per endpoint, direction and CPU
     u64 sample_interval;   // ns between samples after the burst (0: no sampling)
     u32 mark;              // the skb->mark bit of a vouched-for packet (`vouch`), 0: none
-    u32 pad;
+    u32 deliver;           // 1: a packet between two local pods goes straight into the destination
+                           // pod once judged for both (`to_pod`; --ebpf-deliver peer)
 };
 
 // One sampled drop, drained by the agent (agent/dataplane/ebpf/droplog.py).
@@ -278,6 +284,19 @@ BPF_TABLE("lru_hash", struct frag_key, u64, frags, MAX_FRAGS);
 BPF_PERCPU_ARRAY(rule_stats, struct stat, MAX_COUNTERS);
 BPF_PERCPU_ARRAY(drop_stats, struct stat, MAX_ENDPOINTS * 2);
 BPF_ARRAY(config, struct config, 1);
+// The Ethernet addresses of frames from the node to a pod device's pod (the device's address
+// as source, the pod's as destination): what a packet handed straight to the pod carries
+// (`to_pod`). Learned, with --ebpf-deliver peer, from the frames the node's stack sends there
+// (the device's tc egress hook, passing a known flow), else from the pod's own first judged
+// frame, the other way round (`stk_deliver`).
+struct l2addrs {
+    u8 dst[6];
+    u8 src[6];
+};
+BPF_HASH(devmac, u32, struct l2addrs, MAX_IFACES);
+// stk_deliver, tail-called by a pod's hook after it judged a packet (`to_pod` for a flow's first
+// packet): verified apart from the judging before it (together, past the verifier's budget).
+BPF_PROG_ARRAY(tails, 1);
 // Drop sampling: a GCRA token bucket per (endpoint id * 2 + direction) and CPU (the
 // theoretical arrival time of the next sample), and a queue the agent pops; a full
 // queue overwrites its oldest sample.
@@ -595,7 +614,8 @@ static __always_inline int drop(struct pkt *p, struct flow_key *fk, u32 ep_id, u
 // from the node's own addresses (ingress), then the endpoint's tables. Fills `fk` with the
 // flow key of the packet at this endpoint; counts the deciding rule or default deny.
 // A known flow's entry: *hit = 1 (found as is) or 2 (reversed), *peer its other end's endpoint,
-// *seen the time read; `dev`, when not 0 (a pod device's tc egress, judging ingress), is stored in it.
+// *seen the time read (a TCP RST deletes the entry it found, still reported); `dev`, when not 0 (a pod
+// device's tc egress, judging ingress), is stored in it.
 static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, u8 dir, u32 half, u32 len,
                                  u32 *counter, u32 dev, u32 *hit, u32 *peer, u64 *seen) {
     fk->ep_id = ep_id;
@@ -639,6 +659,9 @@ static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, 
             }
         }
         if (v) {
+            *hit = orig ? 1 : 2;
+            *peer = v->peer;
+            *seen = now;
             if (!p->related) {
                 if (fk->proto == P_TCP && (p->tcpflags & 0x04)) {
                     if (orig)
@@ -652,9 +675,6 @@ static __always_inline int judge(struct pkt *p, struct flow_key *fk, u32 ep_id, 
                         v->flags |= orig ? FL_FIN_ORIG : FL_FIN_REPLY;
                     if (dev && v->dev != dev)
                         v->dev = dev;
-                    *hit = orig ? 1 : 2;
-                    *peer = v->peer;
-                    *seen = now;
                 }
                 record_frag(p, ep_id, dir);
             }
@@ -771,6 +791,35 @@ static __always_inline int sparable(struct pkt *p) {
     return !(p->tproto == P_TCP && (p->tcpflags & 0x05));
 }
 
+// The flow key of endpoint `ep` in direction `dir` for this packet's tuple, as is or reversed.
+static __always_inline void tuple_key(struct flow_key *k, struct pkt *p, u32 ep, u8 dir, int reversed) {
+    k->ep_id = ep;
+    k->dir = dir;
+    k->family = p->family;
+    k->proto = p->tproto;
+    if (!reversed) {
+        k->sport = p->tsport;
+        k->dport = p->tdport;
+        __builtin_memcpy(k->saddr, p->tsaddr, 16);
+        __builtin_memcpy(k->daddr, p->tdaddr, 16);
+    } else {
+        k->sport = p->tdport;
+        k->dport = p->tsport;
+        __builtin_memcpy(k->saddr, p->tdaddr, 16);
+        __builtin_memcpy(k->daddr, p->tsaddr, 16);
+    }
+}
+
+// The entry the destination endpoint `peer`'s own hook would find for this packet of a flow found
+// at the source (hit 1: as is -- the destination's ingress entry, same tuple; 2: a reply -- the
+// destination's entry of the packet it first sent, egress, reversed).
+static __always_inline void dest_key(struct flow_key *k, struct pkt *p, u32 peer, u32 hit) {
+    if (hit == 1)
+        tuple_key(k, p, peer, DIR_INGRESS, 0);
+    else
+        tuple_key(k, p, peer, DIR_EGRESS, 1);
+}
+
 // A packet of a known flow leaving endpoint `ep_id` (entry found as is: hit 1, reversed: 2)
 // for the local endpoint `peer` whose entry was written with it: when that endpoint's own
 // entry for the flow -- the one its hook would find -- is still there and fresh, and knows
@@ -780,22 +829,7 @@ static __always_inline int sparable(struct pkt *p) {
 // seen time). A mark is thus never more than "this device's hook would pass it as a known flow".
 static __always_inline void vouch(struct __sk_buff *skb, struct pkt *p, u32 peer, u32 hit, u32 bit, u64 now) {
     struct flow_key k = {};
-    k.ep_id = peer;
-    k.family = p->family;
-    k.proto = p->tproto;
-    if (hit == 1) {  // as the packet: the destination's ingress entry, same tuple
-        k.dir = DIR_INGRESS;
-        k.sport = p->tsport;
-        k.dport = p->tdport;
-        __builtin_memcpy(k.saddr, p->tsaddr, 16);
-        __builtin_memcpy(k.daddr, p->tdaddr, 16);
-    } else {  // a reply: the destination's entry of the packet it first sent (egress), reversed
-        k.dir = DIR_EGRESS;
-        k.sport = p->tdport;
-        k.dport = p->tsport;
-        __builtin_memcpy(k.saddr, p->tdaddr, 16);
-        __builtin_memcpy(k.daddr, p->tsaddr, 16);
-    }
+    dest_key(&k, p, peer, hit);
     struct flow_val *v = flows.lookup(&k);
     if (!v)
         return;
@@ -808,14 +842,92 @@ static __always_inline void vouch(struct __sk_buff *skb, struct pkt *p, u32 peer
     skb->tc_index = dev;
 }
 
+// Whether `deliver` / `to_pod` may hand this packet to the destination pod: everything the
+// destination's hook does for it is then done here -- not for a fragment (its datagram is
+// recorded there; all of a datagram's fragments take the node's path alike) or a header chain
+// not walked. TCP FIN and RST, and ICMP errors about a known flow, are delivered: their change
+// to the destination's entry is made here (so the node's connection tracking, which saw none
+// of the flow, never judges its close or an error about it).
+static __always_inline int deliverable(struct pkt *p) {
+    return !(p->nonfirst || p->firstfrag || p->bad);
+}
+
+// Hands the packet straight to the pod behind `dev` (bpf_redirect_peer from the source device's
+// tc ingress, into the pod's network namespace), skipping the node's forwarding, its netfilter
+// and that device's hook -- when `dev` is, in the half read, a veth whose other end is in another
+// namespace (`ifcfg` peer: the helper drops a packet for any other device) and the frames the
+// node sends its pod are known (`devmac`). Routed as the node would route it: the TTL / hop limit
+// decremented (at 1 the node's stack takes the packet, for its ICMP error), the frame addressed
+// as the node addresses it. Returns TC_ACT_REDIRECT; -1: not delivered, nothing changed; or
+// TC_ACT_SHOT: a packet write failed half way (never routed twice).
+static __always_inline int to_pod(struct __sk_buff *skb, u32 dev, u32 half, u32 family) {
+    struct if_key ik = {};
+    ik.ifindex = dev;
+    ik.half = half;
+    struct if_cfg *dc = ifcfg.lookup(&ik);
+    if (!dc || !dc->peer || dc->l3)
+        return -1;
+    struct l2addrs *m = devmac.lookup(&dev);
+    if (!m)
+        return -1;
+    struct l2addrs l2 = *m;
+    if (family == 4) {
+        u8 ttl = 0;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN + 8, &ttl, 1) < 0 || ttl <= 1)
+            return -1;
+        u8 nttl = ttl - 1;
+        if (bpf_l3_csum_replace(skb, ETH_HLEN + 10, bpf_htons((u16)ttl << 8), bpf_htons((u16)nttl << 8), 2) < 0)
+            return -1;
+        if (bpf_skb_store_bytes(skb, ETH_HLEN + 8, &nttl, 1, 0) < 0)
+            return TC_ACT_SHOT;  // the checksum already counts the new TTL
+    } else {
+        u8 hl = 0;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN + 7, &hl, 1) < 0 || hl <= 1)
+            return -1;
+        hl -= 1;
+        if (bpf_skb_store_bytes(skb, ETH_HLEN + 7, &hl, 1, 0) < 0)
+            return -1;
+    }
+    if (bpf_skb_store_bytes(skb, 0, &l2, 12, 0) < 0)
+        return TC_ACT_SHOT;  // TTL already decremented
+    return bpf_redirect_peer(dev, 0);
+}
+
+// A packet of a known flow leaving a pod for the local endpoint `peer` (as `vouch`): when the
+// destination's hook would pass it as a known flow (its entry there -- the one that hook would
+// find -- fresh and knowing its device, as for the mark), it goes straight into that pod
+// (`to_pod`), and the destination's entry is kept as its hook would keep it (last seen, FIN
+// flags; an RST deletes it; an ICMP error changes none). Returns the tc action, or -1: not
+// delivered (the caller goes on as before; nothing was changed).
+static __always_inline int deliver(struct __sk_buff *skb, struct pkt *p, u32 peer, u32 hit, u32 half, u64 now) {
+    struct flow_key k = {};
+    dest_key(&k, p, peer, hit);
+    struct flow_val *v = flows.lookup(&k);
+    if (!v || !v->dev || !fresh(v, k.proto, now))
+        return -1;
+    int act = to_pod(skb, v->dev, half, p->family);
+    if (act != TC_ACT_REDIRECT || p->related)
+        return act;
+    if (p->tproto == P_TCP && (p->tcpflags & 0x04)) {
+        flows.delete(&k);
+    } else {
+        if (now - v->seen > T_SEEN_GRAIN)
+            v->seen = now;
+        if (p->tproto == P_TCP && (p->tcpflags & 0x01))
+            v->flags |= hit == 1 ? FL_FIN_ORIG : FL_FIN_REPLY;
+    }
+    return act;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, int hook) {
     // Vouched for by the source's hook on this node (`vouch`): only the hook of the device the
     // mark was bound to trusts it. Pods cannot set the bit: a packet crossing from the pod's
     // network namespace has its mark scrubbed. (`config` is an array: its lookup is an address
     // computation, no hashing.)
     u32 zero = 0;
+    struct config *conf = config.lookup(&zero);
+    u32 deliver_on = conf ? conf->deliver : 0;
     if (hook == 1) {
-        struct config *conf = config.lookup(&zero);
         u32 bit = conf ? conf->mark : 0;
         u32 m = skb->mark;
         if (m & bit) {
@@ -882,13 +994,27 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
     u32 hit = 0, hpeer = 0;
     u64 now = 0;
     int v = judge(&p, &fk, ep_id, dir, half, len, &counter, dev, &hit, &hpeer, &now);
+    if (hook == 1 && deliver_on && dev && hit && cfg->peer && off) {
+        // The frame as the node's stack addressed it to this device's pod (`to_pod`).
+        u32 w[3] = {};  // struct l2addrs, as words (no memcmp in BPF)
+        if (bpf_skb_load_bytes(skb, 0, w, 12) == 0) {
+            u32 *m = (u32 *)devmac.lookup(&dev);
+            if (!m || m[0] != w[0] || m[1] != w[1] || m[2] != w[2])
+                devmac.update(&dev, (struct l2addrs *)w);
+        }
+    }
     if (v == J_DROP)
         return drop(&p, &fk, ep_id, dir, counter, 0);
     if (v == J_PASS) {
-        if (hit && hpeer && dir == DIR_EGRESS && sparable(&p)) {
-            struct config *conf = config.lookup(&zero);
+        if (hit && hpeer && dir == DIR_EGRESS) {
+            // (bpf_redirect_peer works from tc ingress only: the source's hook)
+            if (hook == 0 && deliver_on && off && deliverable(&p)) {
+                int act = deliver(skb, &p, hpeer, hit, half, now);
+                if (act >= 0)
+                    return act;
+            }
             u32 bit = conf ? conf->mark : 0;
-            if (bit)
+            if (bit && sparable(&p))
                 vouch(skb, &p, hpeer, hit, bit, now);
         }
         return PASS_ON;
@@ -897,14 +1023,14 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
     // Leaving for another local endpoint (not for the node itself): that endpoint's ingress
     // is judged here too, under the same half, and the flow is remembered at both ends, each
     // entry naming the other endpoint; its own hook then passes the packet as a known flow.
-    u32 paired = 0;
+    u32 paired = 0, to = 0;
     if (dir == DIR_EGRESS) {
-        struct addr_key dk = {};
-        dk.family = p.family;
-        __builtin_memcpy(dk.addr, p.daddr, 16);
-        if (!nodeaddrs.lookup(&dk)) {
-            dk.half = half;
-            u32 *dst = addrs.lookup(&dk);
+        struct addr_key ak = {};
+        ak.family = p.family;
+        __builtin_memcpy(ak.addr, p.daddr, 16);
+        if (!nodeaddrs.lookup(&ak)) {
+            ak.half = half;
+            u32 *dst = addrs.lookup(&ak);
             if (dst && *dst != ep_id) {
                 u32 peer = *dst;
                 struct flow_key pk = {};
@@ -915,17 +1041,94 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
                 if (pv == J_DROP) {
                     if (drop(&p, &pk, peer, DIR_INGRESS, pcounter, ep_id) == TC_ACT_SHOT)
                         return TC_ACT_SHOT;
-                } else if (pv == J_ACCEPT) {
-                    remember(&p, &pk, peer, DIR_INGRESS, ep_id);
+                } else {
+                    if (pv == J_ACCEPT)
+                        remember(&p, &pk, peer, DIR_INGRESS, ep_id);
+                    to = peer;  // passed by the destination's ingress: may be delivered
                 }
                 paired = peer;
             }
         }
     }
     remember(&p, &fk, ep_id, dir, paired);
+    // Direct delivery: what a judged packet teaches, and a flow's first packet (stk_deliver, a
+    // program of its own: everything is decided there, from what is passed in `cb`).
+    if (hook == 0 && deliver_on) {
+        skb->cb[0] = to;
+        skb->cb[1] = half | (off << 8) | ((u32)dir << 16);
+        skb->cb[2] = ep_id;
+        skb->cb[3] = bound;
+        tails.call(skb, 0);  // returns only if the program is not there: the node's path
+        skb->cb[0] = 0;
+        skb->cb[1] = 0;
+        skb->cb[2] = 0;
+        skb->cb[3] = 0;
+    }
     return PASS_ON;
 }
 
 int stk_ingress(struct __sk_buff *skb) { return handle(skb, 0); }
+
+// Tail-called by a pod's tc ingress hook (with --ebpf-deliver peer) for a packet it judged and
+// passed, leaving endpoint cb[2] (judged under half cb[1] & 1; its device's Ethernet header
+// length cb[1] >> 8 & 0xff, direction cb[1] >> 16; bound endpoint cb[3]) -- for the local
+// endpoint cb[0] when it was judged for that one's ingress too (0: none):
+// - a pod's own veth is also the device whose tc egress hook judges the pod's ingress: the
+//   entry just written learns it at once (so a reply is delivered from the first one on), and
+//   the pod's frame tells how the node addresses frames to the pod (the other way round),
+//   unless that hook already wrote it (`devmac`);
+// - the packet goes straight into the destination's pod when the agent named its veth
+//   (`epstate` dev; `to_pod`), whose entry then learns that device as its hook would have.
+// (A program of its own: verified apart from the judging before it, which leaves the
+// verifier's budget too little room for this.)
+int stk_deliver(struct __sk_buff *skb) {
+    u32 to = skb->cb[0], half = skb->cb[1] & 1, off = (skb->cb[1] >> 8) & 0xff;
+    u32 dir = (skb->cb[1] >> 16) & 0xff, ep_id = skb->cb[2], bound = skb->cb[3];
+    skb->cb[0] = 0;
+    skb->cb[1] = 0;
+    skb->cb[2] = 0;
+    skb->cb[3] = 0;
+    if (off != ETH_HLEN || dir != DIR_EGRESS || bound)
+        return PASS_ON;
+    u32 own = skb->ifindex;
+    struct if_key ik = {};
+    ik.ifindex = own;
+    ik.half = half;
+    struct if_cfg *cfg = ifcfg.lookup(&ik);
+    if (!cfg || !cfg->peer)
+        return PASS_ON;
+    struct pkt p = {};
+    if (parse(skb, ETH_HLEN, &p) != 0)
+        return PASS_ON;
+    u8 eth[12];
+    if (bpf_skb_load_bytes(skb, 0, eth, 12) == 0) {
+        struct l2addrs l2 = {};
+        __builtin_memcpy(l2.dst, eth + 6, 6);
+        __builtin_memcpy(l2.src, eth, 6);
+        devmac.insert(&own, &l2);  // only where the device's own hook has not written it
+    }
+    struct flow_key k = {};
+    tuple_key(&k, &p, ep_id, DIR_EGRESS, 0);  // the source's own entry, as `judge` wrote it
+    struct flow_val *v = flows.lookup(&k);
+    if (v && v->dev != own)
+        v->dev = own;
+    if (!to || !deliverable(&p))
+        return PASS_ON;
+    struct ep_key bk = {};
+    bk.ep_id = to;
+    bk.half = half;
+    struct ep_state *st = epstate.lookup(&bk);
+    if (!st || !st->dev)
+        return PASS_ON;
+    u32 dev = st->dev;
+    int act = to_pod(skb, dev, half, p.family);
+    if (act != TC_ACT_REDIRECT)
+        return act < 0 ? PASS_ON : act;
+    dest_key(&k, &p, to, 1);  // its ingress entry: the packet's own tuple
+    v = flows.lookup(&k);
+    if (v && v->dev != dev)
+        v->dev = dev;
+    return act;
+}
 
 int stk_egress(struct __sk_buff *skb) { return handle(skb, 1); }

@@ -24,7 +24,7 @@ import pytest
 
 from agent.dataplane.base import DataplaneError
 from agent.dataplane.ebpf import EbpfDataplane
-from agent.dataplane.ebpf.layout import DEFAULT_MARK, MARK_ENV, Config, parse_mark, v_config
+from agent.dataplane.ebpf.layout import DEFAULT_MARK, DELIVER_ENV, MARK_ENV, Config, parse_mark, v_config
 from agent.ir import Direction, DirectionProgram, EndpointProgram, PortMatch, Program, Rule
 from tests.kit import Lab, expect, sh, until
 from tests.kit.ebpf_lab import NODE4, net, origin
@@ -33,6 +33,12 @@ from tests.kit.netns import call_in
 A, B, C, X = "10.31.0.1", "10.31.0.2", "10.31.0.3", "10.31.0.9"
 MARK = DEFAULT_MARK
 UDP_PORT, OPEN_PORT, NODE_PORT = 8000, 1024, 9100
+
+
+@pytest.fixture(autouse=True)
+def stack_delivery(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mark is what "stack" delivery does (with "peer", these packets skip the node)."""
+    monkeypatch.delenv(DELIVER_ENV, raising=False)
 
 
 def program(c_allows_a: bool = False) -> Program:

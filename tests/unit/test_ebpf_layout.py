@@ -39,13 +39,15 @@ def test_keys_and_values_are_packed_as_the_c_structs() -> None:
     ip = ipaddress.ip_address("10.0.0.2")
     assert layout.k_addr(ip, 1) == struct.pack("<BB2x", 4, 1) + ip.packed.ljust(16, b"\0")
     assert layout.k_half(7, 1) == struct.pack("<II", 7, 1)
-    assert layout.v_epstate(3, 1, 3) == struct.pack("<IBB2x", 3, 1, 3)
+    assert layout.v_epstate(3, 1, 3) == struct.pack("<IBB2xI", 3, 1, 3, 0)
+    assert layout.v_epstate(3, 1, 3, 17) == struct.pack("<IBB2xI", 3, 1, 3, 17)
     assert layout.k_peer(5, 2, 1, 4, int(ip), 24) == struct.pack("<IIIBB", 104, 5, 2, 1, 4) + ip.packed + bytes(12)
     assert layout.k_port(5, 2, 3, 0, 6, 1, 8080, 16) == struct.pack("<IIIIBBB", 136, 5, 2, 3, 0, 6, 1) + \
         struct.pack(">H", 8080)
     assert layout.k_port(5, 2, 3, 0, 1, 0, 0, 16)[:4] == struct.pack("<I", 136)  # no port: whole key
     assert layout.v_port(9, 2) == struct.pack("<IB3x", 9, 2)
-    assert layout.v_config(True, 10.0, 20, 0x2000) == struct.pack("<IIQII", 1, 20, 100_000_000, 0x2000, 0)
+    assert layout.v_config(True, 10.0, 20, 0x2000, "stack") == struct.pack("<IIQII", 1, 20, 100_000_000, 0x2000, 0)
+    assert layout.v_config(True, 10.0, 20, 0x2000, "peer") == struct.pack("<IIQII", 1, 20, 100_000_000, 0x2000, 1)
     info = struct.pack("<IB", 3, 1) + bytes.fromhex("a1b2c3d4e5f6") + b"\0"
     assert layout.v_counter_info(3, 1, "a1b2c3d4e5f6") == info
     assert layout.counter_owner(layout.v_counter_info(3, 1, "a1b2c3d4e5f6")) == (3, 1, "a1b2c3d4e5f6")

@@ -129,6 +129,7 @@ class Devices:
         self._wide: list[tuple[Net, int]] = []  # other direct routes, longest prefix first
         self._addrs: set[IPAddress] = set()
         self._attached: dict[int, str] = {}  # ifindex -> the filter names (both hooks) known on it
+        self.pod_device: dict[str, int] = {}  # endpoint key -> its one device, a pod's veth (as of `find`)
 
     @property
     def ipr(self) -> Any:
@@ -199,6 +200,14 @@ class Devices:
         """A raw IP device (TUN): no Ethernet header."""
         return bool(self.links[idx]["ifi_type"] != ARPHRD_ETHER)
 
+    def is_peer(self, idx: int) -> bool:
+        """A veth (or netkit) whose other end is in another network namespace -- a pod's:
+        bpf_redirect_peer can hand it packets (it drops them on any other device)."""
+        msg = self.links[idx]
+        info = msg.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+        return kind in ("veth", "netkit") and msg.get_attr("IFLA_LINK_NETNSID") is not None
+
     def _routes(self) -> list[tuple[Net, int]]:
         routes = []
         for fam in (socket.AF_INET, socket.AF_INET6):
@@ -218,6 +227,7 @@ class Devices:
         out: dict[int, Device] = {}
         bound: dict[int, str] = {}
         before, self.unattached = self.unattached, {}
+        self.pod_device = {}
         for ep in program.endpoints.values():
             # attached even when nothing is enforced: flows are tracked for the replies
             if ep.interface:
@@ -242,6 +252,8 @@ class Devices:
             for i in idxs:
                 h, b = out.get(i, (False, 0))
                 out[i] = (h or host, b)
+            if not host and len(idxs) == 1 and self.is_peer(i):
+                self.pod_device[ep.key] = i
         for key, why in self.unattached.items():
             if before.get(key) != why:
                 log.warning("eBPF: endpoint %s is not enforced: %s", display(key, 300), display(why, 300))

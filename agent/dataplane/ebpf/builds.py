@@ -21,6 +21,9 @@ from agent.dataplane.ebpf import bpfsys, layout
 
 SOURCE = Path(__file__).resolve().parents[3] / "bpf" / "stockade.c"
 PROGRAMS = ("stk_ingress", "stk_egress")  # index: the tc hook (0 ingress, 1 egress)
+# Tail-called programs, by their index in the `tails` program array (pinned with the build:
+# a program array loses its entries once no file descriptor or pin holds it).
+TAILS = ("stk_deliver",)
 MAPS = tuple(layout.MAPS)
 PIN_ROOT = "/sys/fs/bpf/stockade"
 # Overrides the pin root (e.g. a bpffs the tests mount where `ip netns exec` still sees it).

@@ -50,13 +50,13 @@ class HalfKey(ctypes.Structure):
 class EpStateValue(ctypes.Structure):
     """struct ep_state: the endpoint's generation in force and per-direction flags."""
 
-    _fields_ = [("gen", c_uint32), ("flags", c_uint8 * 2), ("pad", c_uint8 * 2)]
+    _fields_ = [("gen", c_uint32), ("flags", c_uint8 * 2), ("pad", c_uint8 * 2), ("dev", c_uint32)]
 
 
 class IfCfg(ctypes.Structure):
     """struct if_cfg: how a device's hooks judge (see docs/ebpf.md)."""
 
-    _fields_ = [("l3", c_uint8), ("hook_dir", c_uint8 * 2), ("pad", c_uint8), ("ep_id", c_uint32)]
+    _fields_ = [("l3", c_uint8), ("hook_dir", c_uint8 * 2), ("peer", c_uint8), ("ep_id", c_uint32)]
 
 
 class PeerKey(ctypes.Structure):
@@ -125,10 +125,16 @@ class Stat(ctypes.Structure):
 
 
 class Config(ctypes.Structure):
-    """struct config: runtime settings (audit mode, drop sampling, the vouching mark bit)."""
+    """struct config: runtime settings (audit mode, drop sampling, the vouching mark bit, delivery)."""
 
     _fields_ = [("audit", c_uint32), ("sample_burst", c_uint32), ("sample_interval", c_uint64),
-                ("mark", c_uint32), ("pad", c_uint32)]
+                ("mark", c_uint32), ("deliver", c_uint32)]
+
+
+class L2Addrs(ctypes.Structure):
+    """struct l2addrs: the Ethernet addresses of frames from the node to a pod device's pod."""
+
+    _fields_ = [("dst", c_uint8 * 6), ("src", c_uint8 * 6)]
 
 
 class Sample(ctypes.Structure):
@@ -166,6 +172,7 @@ MAPS: dict[str, tuple[Any, Any]] = {
     "rule_stats": (c_uint32, Stat),
     "drop_stats": (c_uint32, Stat),
     "config": (c_uint32, Config),
+    "devmac": (c_uint32, L2Addrs),
     "sample_tat": (c_uint32, c_uint64),
     "samples": (None, Sample),
     "epkeys": (c_uint32, EpName),
@@ -331,15 +338,17 @@ def k_half(item: int, half: int) -> bytes:
     return bytes(HalfKey(item, half))
 
 
-def v_epstate(gen: int, ingress: int, egress: int) -> bytes:
-    return bytes(EpStateValue(gen, (c_uint8 * 2)(ingress, egress)))
+def v_epstate(gen: int, ingress: int, egress: int, dev: int = 0) -> bytes:
+    # dev: the endpoint's pod veth (direct delivery of a flow's first packet), 0: none
+    return bytes(EpStateValue(gen, (c_uint8 * 2)(ingress, egress), (c_uint8 * 2)(), dev))
 
 
-def v_ifcfg(l3: bool, host: bool, ep_id: int = 0) -> bytes:
+def v_ifcfg(l3: bool, host: bool, ep_id: int = 0, peer: bool = False) -> bytes:
     # pod behind a veth: tc ingress = its egress; the node itself: tc ingress = its ingress
     # ep_id: the endpoint bound to the device (0: none, endpoints are found by address only)
+    # peer: a veth whose other end is in another network namespace (direct delivery may use it)
     hooks = (DIR_INGRESS, DIR_EGRESS) if host else (DIR_EGRESS, DIR_INGRESS)
-    return bytes(IfCfg(int(l3), (c_uint8 * 2)(*hooks), 0, ep_id))
+    return bytes(IfCfg(int(l3), (c_uint8 * 2)(*hooks), int(peer), ep_id))
 
 
 # The peers/ports items are packed with struct (the same bytes as PeerKey, PortKey and
@@ -420,10 +429,38 @@ def skb_mark() -> int:
         raise DataplaneError(f"${MARK_ENV}: {e}") from None
 
 
-def v_config(audit: bool, rate: float, burst: int, mark: int | None = None) -> bytes:
-    """The `config` value; `mark` None: `skb_mark()`."""
+# How a vouched packet reaches the destination pod (bpf/stockade.c `deliver`; docs/ebpf.md "Direct
+# delivery"): "stack" (the default) through the node's forwarding with the vouching mark; "peer"
+# straight into the pod's network namespace (bpf_redirect_peer), past the node's netfilter.
+# Set by `STOCKADE_EBPF_DELIVER` (the agent's `--ebpf-deliver`).
+DELIVER_ENV = "STOCKADE_EBPF_DELIVER"
+DELIVERY = ("stack", "peer")
+
+
+def parse_delivery(text: str) -> str:
+    word = text.strip().lower()
+    if word not in DELIVERY:
+        raise ValueError(f"{text!r} is not a delivery ({' or '.join(DELIVERY)})")
+    return word
+
+
+def delivery() -> str:
+    """The delivery in force: `$STOCKADE_EBPF_DELIVER`, else "stack"."""
+    raw = os.environ.get(DELIVER_ENV, "").strip()
+    if not raw:
+        return "stack"
+    try:
+        return parse_delivery(raw)
+    except ValueError as e:
+        raise DataplaneError(f"${DELIVER_ENV}: {e}") from None
+
+
+def v_config(audit: bool, rate: float, burst: int, mark: int | None = None, deliver: str | None = None) -> bytes:
+    """The `config` value; `mark` None: `skb_mark()`, `deliver` None: `delivery()`."""
     interval = int(1e9 / rate) if rate > 0 else 0
-    return bytes(Config(int(audit), max(burst, 0), interval, skb_mark() if mark is None else mark, 0))
+    how = delivery() if deliver is None else deliver
+    return bytes(Config(int(audit), max(burst, 0), interval, skb_mark() if mark is None else mark,
+                        int(how == "peer")))
 
 
 def k_flow(ep: int, d: int, fam: int, proto: int, saddr: bytes, sport: int, daddr: bytes, dport: int) -> bytes:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.dataplane.ebpf import bpfsys, layout
-from agent.dataplane.ebpf.builds import MAPS, PROGRAMS, SOURCE
+from agent.dataplane.ebpf.builds import MAPS, PROGRAMS, SOURCE, TAILS
 
 
 def layout_errors(b: Any) -> list[str]:
@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
               + "\n  ".join(errors), file=sys.stderr)
         return 1
     try:
-        fns = {name: b.load_func(name.encode(), BPF.SCHED_CLS) for name in PROGRAMS}
+        fns = {name: b.load_func(name.encode(), BPF.SCHED_CLS) for name in (*TAILS, *PROGRAMS)}
+        tails = b.get_table("tails")
+        for i, name in enumerate(TAILS):
+            tails[ctypes.c_int(i)] = ctypes.c_int(fns[name].fd)
     except Exception as e:
         print(f"the kernel refused the eBPF program (need CAP_BPF/CAP_NET_ADMIN and a BPF-enabled "
               f"kernel): {e}", file=sys.stderr)
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, fn in fns.items():
             bpfsys.obj_pin(fn.fd, f"{tmp}/{name}")
-        for name in MAPS:
+        for name in (*MAPS, "tails"):
             table = b.get_table(name)
             fd = table.get_fd() if hasattr(table, "get_fd") else table.map_fd  # QueueStack has no get_fd
             bpfsys.obj_pin(fd, f"{tmp}/{name}")

@@ -936,15 +936,16 @@ class Reconciler:
         departed = [key for key in self.eps if key not in program.endpoints]
         # 2. what the double-buffered maps hold for the new policy
         want = empty_half()
+        devices = self.devices.find(program, {k: st.ep_id for k, st in self.eps.items()}, node)
+        pod_device = self.devices.pod_device
         for key, ep in program.endpoints.items():
             st = self.eps[key]
             fl = (compiled[key][Direction.INGRESS].flags, compiled[key][Direction.EGRESS].flags)
-            want["epstate"][st.ep_id] = v_epstate(gens.get(id(st), st.gen), *fl)
+            want["epstate"][st.ep_id] = v_epstate(gens.get(id(st), st.gen), *fl, pod_device.get(key, 0))
             for ip in ep.ips:
                 want["addrs"][ip] = u32(st.ep_id)
-        devices = self.devices.find(program, {k: st.ep_id for k, st in self.eps.items()}, node)
         for idx, (host, bound) in devices.items():
-            want["ifcfg"][idx] = v_ifcfg(self.devices.is_l3(idx), host, bound)
+            want["ifcfg"][idx] = v_ifcfg(self.devices.is_l3(idx), host, bound, self.devices.is_peer(idx))
         # 3. the inactive half gets the new policy whole; devices are attached (a device
         # without an entry in the half in force is not judged yet)
         cmds += self._write_half(new, want)
