@@ -297,6 +297,7 @@ BPF_HASH(devmac, u32, struct l2addrs, MAX_IFACES);
 // stk_deliver, tail-called by a pod's hook after it judged a packet (`to_pod` for a flow's first
 // packet): verified apart from the judging before it (together, past the verifier's budget).
 BPF_PROG_ARRAY(tails, 1);
+#define TO_KNOWN 0x80000000  // in stk_deliver's cb[0]: the destination's hook would find the flow
 // Drop sampling: a GCRA token bucket per (endpoint id * 2 + direction) and CPU (the
 // theoretical arrival time of the next sample), and a queue the agent pops; a full
 // queue overwrites its oldest sample.
@@ -1041,10 +1042,11 @@ static __always_inline int handle(struct __sk_buff *skb, int hook) {
                 if (pv == J_DROP) {
                     if (drop(&p, &pk, peer, DIR_INGRESS, pcounter, ep_id) == TC_ACT_SHOT)
                         return TC_ACT_SHOT;
-                } else {
-                    if (pv == J_ACCEPT)
-                        remember(&p, &pk, peer, DIR_INGRESS, ep_id);
+                } else if (pv == J_ACCEPT) {
+                    remember(&p, &pk, peer, DIR_INGRESS, ep_id);
                     to = peer;  // passed by the destination's ingress: may be delivered
+                } else {
+                    to = peer | TO_KNOWN;  // a flow the destination knows by this very tuple
                 }
                 paired = peer;
             }
@@ -1072,18 +1074,21 @@ int stk_ingress(struct __sk_buff *skb) { return handle(skb, 0); }
 // Tail-called by a pod's tc ingress hook (with --ebpf-deliver peer) for a packet it judged and
 // passed, leaving endpoint cb[2] (judged under half cb[1] & 1; its device's Ethernet header
 // length cb[1] >> 8 & 0xff, direction cb[1] >> 16; bound endpoint cb[3]) -- for the local
-// endpoint cb[0] when it was judged for that one's ingress too (0: none):
+// endpoint cb[0] when it was judged for that one's ingress too (0: none; TO_KNOWN set: that
+// endpoint's entry for this very tuple was there already):
 // - a pod's own veth is also the device whose tc egress hook judges the pod's ingress: the
 //   entry just written learns it at once (so a reply is delivered from the first one on), and
 //   the pod's frame tells how the node addresses frames to the pod (the other way round),
 //   unless that hook already wrote it (`devmac`);
 // - the packet goes straight into the destination's pod when the agent named its veth
-//   (`epstate` dev; `to_pod`), whose entry then learns that device as its hook would have.
+//   (`epstate` dev; `to_pod`), whose entry then learns that device as its hook would have --
+//   a TCP SYN, or a packet of a flow the destination knows by this tuple (see below).
 // (A program of its own: verified apart from the judging before it, which leaves the
 // verifier's budget too little room for this.)
 int stk_deliver(struct __sk_buff *skb) {
-    u32 to = skb->cb[0], half = skb->cb[1] & 1, off = (skb->cb[1] >> 8) & 0xff;
-    u32 dir = (skb->cb[1] >> 16) & 0xff, ep_id = skb->cb[2], bound = skb->cb[3];
+    u32 to = skb->cb[0] & ~TO_KNOWN, known = skb->cb[0] & TO_KNOWN;
+    u32 half = skb->cb[1] & 1, off = (skb->cb[1] >> 8) & 0xff, dir = (skb->cb[1] >> 16) & 0xff;
+    u32 ep_id = skb->cb[2], bound = skb->cb[3];
     skb->cb[0] = 0;
     skb->cb[1] = 0;
     skb->cb[2] = 0;
@@ -1113,6 +1118,12 @@ int stk_deliver(struct __sk_buff *skb) {
     if (v && v->dev != own)
         v->dev = own;
     if (!to || !deliverable(&p))
+        return PASS_ON;
+    // Only where the node's path has nothing to add: a flow the destination knows by this very
+    // tuple, or a TCP connection's SYN. Anything else judged afresh may be a reply of a flow
+    // the node translated (to a Service address: the destination knows it by that address)
+    // whose entries the flow table lost, which only the node's conntrack can translate back.
+    if (!known && !(p.tproto == P_TCP && !p.related && (p.tcpflags & 0x12) == 0x02))
         return PASS_ON;
     struct ep_key bk = {};
     bk.ep_id = to;

@@ -21,6 +21,7 @@ Privileged: fails (not skips) without root, bpffs, bcc or kernel headers.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import struct
@@ -32,6 +33,7 @@ from agent.dataplane.base import DataplaneError
 from agent.dataplane.ebpf import EbpfDataplane
 from agent.dataplane.ebpf.attach import Devices
 from agent.dataplane.ebpf.layout import DELIVER_ENV, Config, parse_delivery, v_config
+from agent.ir import EndpointProgram, Program
 from tests.kit import Lab, expect, sh, until
 from tests.kit.ebpf_lab import A6, B6, A, B, C, build, program
 from tests.kit.netns import call_in
@@ -263,7 +265,8 @@ def test_tcp_close_and_reset_are_delivered(lab: Lab, pin_root: str, peer_deliver
         # the second connection, SYN included, was delivered whole: b's veth was known by then
         assert (counter(lab, "to_b"), counter(lab, "to_a"), counter(lab, "invalid")) == (1, 0, 0)
         # an ICMP error about a delivered flow is delivered too: a UDP datagram to a port of b
-        # nobody listens on (allowed by b's policy) comes back as "connection refused"
+        # nobody listens on (allowed by b's policy; as a flow's first packet not a TCP SYN, it
+        # takes the node's path) comes back as "connection refused"
         def closed_port() -> socket.socket:
             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             u.settimeout(2)
@@ -277,7 +280,7 @@ def test_tcp_close_and_reset_are_delivered(lab: Lab, pin_root: str, peer_deliver
                 u.recv(64)
         finally:
             u.close()
-        assert (counter(lab, "to_b"), counter(lab, "to_a"), counter(lab, "invalid")) == (1, 0, 0)
+        assert (counter(lab, "to_b"), counter(lab, "to_a"), counter(lab, "invalid")) == (2, 0, 0)
     finally:
         dp.cleanup()
 
@@ -314,3 +317,53 @@ def test_only_a_veth_into_another_namespace_is_a_target(lab: Lab) -> None:
         assert not devices.is_peer(names["stkx0"]) and not devices.is_peer(names["lo"])
     finally:
         devices.close()
+
+
+def test_a_translated_flow_is_left_to_the_node(lab: Lab, pin_root: str, peer_delivery: None) -> None:
+    """c connects to a Service-like address the node DNATs to b. The flow table knows that flow
+    by b's address at b and by the Service address at c, so nothing of it is delivered: the
+    node's conntrack translates b's packets back. Not even once the flow table forgot it and b
+    speaks first: judged afresh, b's packet is no TCP SYN and c knows no flow by that tuple."""
+    build(lab)
+    vip, port = "10.30.0.100", 8090
+    nft(lab.node, f"""
+table ip stksvc {{
+  chain pre {{
+    type nat hook prerouting priority -100;
+    ip daddr {vip} tcp dport {port} dnat to {B}
+  }}
+}}""")
+    ep = ipaddress.ip_address
+    open_ = Program("file", {key: EndpointProgram(key, tuple(map(ep, ips)))
+                             for key, ips in (("app/a", (A, A6)), ("app/b", (B, B6)), ("app/c", (C,)))})
+    dp = EbpfDataplane(pin_root=pin_root, netns=lab.node)
+    try:
+        dp.apply(open_)
+        exchange(*tcp_pair(lab))  # b's veth is known from here on (delivery possible)
+        lst = call_in(lab.pods["app/b"].netns, lambda: socket.create_server((B, port)))
+        lst.settimeout(2)
+
+        def connect() -> socket.socket:
+            s = socket.socket()
+            s.settimeout(2)
+            s.connect((vip, port))
+            return s
+
+        cli = call_in(lab.pods["app/c"].netns, connect)
+        srv, _ = lst.accept()
+        srv.settimeout(2)
+        exchange(cli, srv)
+        for s in (cli, srv):  # no delayed ACK left to teach the flow table again
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        assert dp.forget(dp.established()) > 0  # the flow table forgets everything
+        assert until(lambda: dp.forget(dp.established()) == 0, timeout=5)
+        for i in range(5):  # b speaks first
+            srv.sendall(b"push%d" % i)
+            assert cli.recv(64) == b"push%d" % i
+            cli.sendall(b"ack%d" % i)
+            assert srv.recv(64) == b"ack%d" % i
+        cli.close()
+        srv.close()
+        lst.close()
+    finally:
+        dp.cleanup()
