@@ -386,9 +386,10 @@ def parser() -> argparse.ArgumentParser:
                                  "another local pod's hook (one bit, 0: off; default $STOCKADE_EBPF_MARK "
                                  "or 0x1000; not 0x4000/0x8000 of kube-proxy nor Calico's 0xffff0000)")
             sp.add_argument("--ebpf-deliver", choices=["stack", "peer"], default=None,
-                            help="eBPF: how a vouched packet reaches another local pod: through the node's "
-                                 "forwarding (stack), or straight into the pod's namespace, past the node's "
-                                 "netfilter (peer; see README); default $STOCKADE_EBPF_DELIVER or stack")
+                            help="eBPF: how a packet between two local pods, judged for both at the source, "
+                                 "reaches the destination: through the node's forwarding (stack), or straight "
+                                 "into its pod's namespace, past the node's netfilter (peer; see README); "
+                                 "default $STOCKADE_EBPF_DELIVER or stack")
 
     sp = sub.add_parser("matrix", help="verdict for every ordered pair of pods")
     common(sp, node=False, dataplane=False)

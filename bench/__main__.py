@@ -211,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_datapath:
         from bench import datapath
 
-        log(f"datapath: {dataplanes}, peers {peers}, {args.reps} rounds x {args.seconds} s")
-        result["datapath"] = datapath.run(dataplanes, peers, args.reps, args.seconds, log)
+        # eBPF twice: by the node's forwarding (the default) and with direct delivery
+        planes = [p for dp in dataplanes for p in ([dp, "ebpf:peer"] if dp == "ebpf" else [dp])]
+        log(f"datapath: {planes}, peers {peers}, {args.reps} rounds x {args.seconds} s")
+        result["datapath"] = datapath.run(planes, peers, args.reps, args.seconds, log)
     result["wall_s"] = time.time() - started
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,7 @@ def targets(result: dict[str, Any]) -> str:
     def add(name: str, value: str, ok: bool | None) -> None:
         rows.append([name, value, "-" if ok is None else ("met" if ok else "NOT MET")])
 
-    for dp, lim_udp, lim_crr in (("ebpf", 0.93, 0.90), ("nftables", 0.85, 0.85)):
+    for dp, lim_udp, lim_crr in (("ebpf", 0.93, 0.90), ("ebpf:peer", 0.93, 0.90), ("nftables", 0.85, 0.85)):
         cfg = dpr.get(dp, {}).get("configs", {}).get("100000")
         if cfg:
             u, c = cfg["udp64_kpps"]["ratio"]["median"], cfg["crr_per_s"]["ratio"]["median"]

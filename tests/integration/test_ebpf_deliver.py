@@ -367,3 +367,16 @@ table ip stksvc {{
         lst.close()
     finally:
         dp.cleanup()
+
+
+def test_the_cli_sets_the_delivery(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.cli import _dataplane, parser
+
+    monkeypatch.delenv(DELIVER_ENV, raising=False)
+    for cmd in ("apply", "run"):
+        args = parser().parse_args([cmd, "--dataplane", "nftables", "--ebpf-deliver", "peer"])
+        _dataplane("nftables", args)
+        assert Config.from_buffer_copy(v_config(False, 10, 20)).deliver == 1
+        monkeypatch.delenv(DELIVER_ENV)
+    with pytest.raises(SystemExit):
+        parser().parse_args(["apply", "--ebpf-deliver", "redirect"])

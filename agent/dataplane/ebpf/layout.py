@@ -429,9 +429,10 @@ def skb_mark() -> int:
         raise DataplaneError(f"${MARK_ENV}: {e}") from None
 
 
-# How a vouched packet reaches the destination pod (bpf/stockade.c `deliver`; docs/ebpf.md "Direct
-# delivery"): "stack" (the default) through the node's forwarding with the vouching mark; "peer"
-# straight into the pod's network namespace (bpf_redirect_peer), past the node's netfilter.
+# How a packet between two local pods, judged for both at the source's hook, reaches the
+# destination (bpf/stockade.c `to_pod`; docs/ebpf.md "Direct delivery"): "stack" (the default)
+# through the node's forwarding, vouched for by the mark; "peer" straight into the pod's network
+# namespace (bpf_redirect_peer), past the node's netfilter.
 # Set by `STOCKADE_EBPF_DELIVER` (the agent's `--ebpf-deliver`).
 DELIVER_ENV = "STOCKADE_EBPF_DELIVER"
 DELIVERY = ("stack", "peer")
