@@ -23,18 +23,21 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import socket
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from agent.dataplane.base import DataplaneError
-from agent.dataplane.ebpf import EbpfDataplane
+from agent.dataplane.ebpf import EbpfDataplane, bpfsys
 from agent.dataplane.ebpf.attach import Devices
-from agent.dataplane.ebpf.layout import DELIVER_ENV, Config, parse_delivery, v_config
+from agent.dataplane.ebpf.builds import PIN_ROOT_ENV
+from agent.dataplane.ebpf.layout import DELIVER_ENV, Config, parse_delivery, u32, v_config
 from agent.ir import EndpointProgram, Program
-from tests.kit import Lab, expect, sh, until
+from tests.kit import Lab, enforcement, expect, sh, until
 from tests.kit.ebpf_lab import A6, B6, A, B, C, build, program
 from tests.kit.netns import call_in
 
@@ -369,14 +372,23 @@ table ip stksvc {{
         dp.cleanup()
 
 
-def test_the_cli_sets_the_delivery(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent.cli import _dataplane, parser
-
+def test_the_cli_sets_the_delivery(lab: Lab, pin_root: str, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stockade apply --ebpf-deliver peer` writes it into the running `config` map."""
     monkeypatch.delenv(DELIVER_ENV, raising=False)
-    for cmd in ("apply", "run"):
-        args = parser().parse_args([cmd, "--dataplane", "nftables", "--ebpf-deliver", "peer"])
-        _dataplane("nftables", args)
-        assert Config.from_buffer_copy(v_config(False, 10, 20)).deliver == 1
-        monkeypatch.delenv(DELIVER_ENV)
-    with pytest.raises(SystemExit):
-        parser().parse_args(["apply", "--ebpf-deliver", "redirect"])
+    monkeypatch.setenv(PIN_ROOT_ENV, pin_root)
+    enforcement.build(lab)
+    src = tmp_path / "src"
+    enforcement.write(src, enforcement.cluster())
+    bad = lab.stockade("apply", "--source", str(src), "--ebpf-deliver", "redirect", check=False)
+    assert bad.returncode == 2 and "--ebpf-deliver" in bad.stderr
+    for how, want in (("peer", 1), ("stack", 0)):
+        lab.stockade("apply", "--source", str(src), "--node", "lab", "--dataplane", "ebpf", "--state-dir", "",
+                     "--ebpf-deliver", how)
+        build = next(d for d in os.listdir(pin_root) if not d.startswith("shared-"))
+        config = bpfsys.Map.pinned(f"{pin_root}/{build}/config")
+        try:
+            assert Config.from_buffer_copy(config.lookup(u32(0))).deliver == want
+        finally:
+            config.close()
+    lab.stockade("cleanup", "--dataplane", "ebpf")
