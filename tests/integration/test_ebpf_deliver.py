@@ -209,17 +209,17 @@ def test_known_flows_go_straight_into_the_pod(lab: Lab, pin_root: str, delivery:
         dp.cleanup()
 
 
-def tcp_pair(lab: Lab) -> tuple[socket.socket, socket.socket]:
-    """(client in a, accepted server end in b) of one TCP connection."""
-    lst = call_in(lab.pods["app/b"].netns, lambda: socket.create_server((B, TCP_PORT)))
+def tcp_pair(lab: Lab, client: str = "app/a", to: str = B, port: int = TCP_PORT) -> tuple[socket.socket, socket.socket]:
+    """(client in pod `client`, accepted server end in b) of one TCP connection to `to`."""
+    lst = call_in(lab.pods["app/b"].netns, lambda: socket.create_server((B, port)))
 
     def connect() -> socket.socket:
         s = socket.socket()
         s.settimeout(2)
-        s.connect((B, TCP_PORT))
+        s.connect((to, port))
         return s
 
-    cli = call_in(lab.pods["app/a"].netns, connect)
+    cli = call_in(lab.pods[client].netns, connect)
     lst.settimeout(2)
     srv, _ = lst.accept()
     lst.close()
@@ -343,18 +343,7 @@ table ip stksvc {{
     try:
         dp.apply(open_)
         exchange(*tcp_pair(lab))  # b's veth is known from here on (delivery possible)
-        lst = call_in(lab.pods["app/b"].netns, lambda: socket.create_server((B, port)))
-        lst.settimeout(2)
-
-        def connect() -> socket.socket:
-            s = socket.socket()
-            s.settimeout(2)
-            s.connect((vip, port))
-            return s
-
-        cli = call_in(lab.pods["app/c"].netns, connect)
-        srv, _ = lst.accept()
-        srv.settimeout(2)
+        cli, srv = tcp_pair(lab, "app/c", vip, port)
         exchange(cli, srv)
         for s in (cli, srv):  # no delayed ACK left to teach the flow table again
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
@@ -367,7 +356,6 @@ table ip stksvc {{
             assert srv.recv(64) == b"ack%d" % i
         cli.close()
         srv.close()
-        lst.close()
     finally:
         dp.cleanup()
 
