@@ -288,6 +288,25 @@ def test_tcp_close_and_reset_are_delivered(lab: Lab, pin_root: str, peer_deliver
         dp.cleanup()
 
 
+def test_a_departed_pods_device_is_forgotten(lab: Lab, pin_root: str, peer_delivery: None) -> None:
+    """The frame addresses learned for a pod's veth go with the device (its index may name
+    another pod's veth later)."""
+    build(lab)
+    dp = EbpfDataplane(pin_root=pin_root, netns=lab.node)
+    try:
+        dp.apply(program())
+        exchange(*tcp_pair(lab))
+        idx = call_in(lab.node, lambda: socket.if_nametoindex(lab.pods["app/b"].host_if))
+        assert dp.maps["devmac"].lookup(u32(idx)) is not None
+        rest = program()
+        without_b = Program(rest.source, {k: v for k, v in rest.endpoints.items() if k != "app/b"})
+        dp.apply(without_b)
+        dp.apply(without_b)  # the detached device's entries go once the flip's grace has passed
+        assert dp.maps["devmac"].lookup(u32(idx)) is None
+    finally:
+        dp.cleanup()
+
+
 def test_a_packet_whose_ttl_expires_takes_the_nodes_path(lab: Lab, pin_root: str, peer_delivery: None) -> None:
     build(lab)
     dp = EbpfDataplane(pin_root=pin_root, netns=lab.node)

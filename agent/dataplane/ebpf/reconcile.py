@@ -1012,6 +1012,7 @@ class Reconciler:
             self.maps["epkeys"].delete(u32(ep_id))
         for idx in d.detach:
             self.devices.detach(idx)
+            self.maps["devmac"].delete(u32(idx))  # an index the kernel may give another device
         for ip in d.node_gone:
             self.maps["nodeaddrs"].delete(k_addr(ip))
             self.node_addrs.discard(ip)
