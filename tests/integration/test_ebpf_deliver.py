@@ -40,6 +40,7 @@ from agent.ir import EndpointProgram, Program
 from tests.kit import Lab, enforcement, expect, sh, until
 from tests.kit.ebpf_lab import A6, B6, A, B, C, build, program
 from tests.kit.netns import call_in
+from tests.kit.nftns import counter_packets, nft_file
 
 UDP_PORT, TCP_PORT = 8002, 8080  # allowed from a by b's ingress (ebpf_lab.program); no lab server on them
 CLOSED_UDP_PORT = 8001  # allowed from a, nobody listens
@@ -51,15 +52,11 @@ def peer_delivery(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(DELIVER_ENV, "peer")
 
 
-def nft(ns: str, script: str) -> None:
-    sh("nft", "-f", "-", ns=ns, input=script)
-
-
 def count_forwarded(lab: Lab, invalid_drop: bool = False) -> None:
     """Named counters in the node's forward hook: packets to b and to a (each family); with
     `invalid_drop`, conntrack-invalid packets are dropped and counted there, as kube-proxy does."""
     drop = "ct state invalid counter name invalid drop" if invalid_drop else ""
-    nft(lab.node, f"""
+    nft_file(lab.node, f"""
 table inet stkfwd {{
   counter to_b {{}}
   counter to_a {{}}
@@ -76,8 +73,7 @@ table inet stkfwd {{
 
 
 def counter(lab: Lab, name: str) -> int:
-    out = sh("nft", "-j", "list", "counter", "inet", "stkfwd", name, ns=lab.node).stdout
-    return next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o)
+    return counter_packets(lab.node, "inet", "stkfwd", name)
 
 
 def mac(ns: str, dev: str) -> bytes:
@@ -348,7 +344,7 @@ def test_a_translated_flow_is_left_to_the_node(lab: Lab, pin_root: str, peer_del
     speaks first: judged afresh, b's packet is no TCP SYN and c knows no flow by that tuple."""
     build(lab)
     vip, port = "10.30.0.100", 8090
-    nft(lab.node, f"""
+    nft_file(lab.node, f"""
 table ip stksvc {{
   chain pre {{
     type nat hook prerouting priority -100;

@@ -17,7 +17,6 @@ Privileged: fails (not skips) without root, bpffs, bcc or kernel headers.
 from __future__ import annotations
 
 import ipaddress
-import json
 import socket
 
 import pytest
@@ -26,9 +25,10 @@ from agent.dataplane.base import DataplaneError
 from agent.dataplane.ebpf import EbpfDataplane
 from agent.dataplane.ebpf.layout import DEFAULT_MARK, DELIVER_ENV, MARK_ENV, Config, parse_mark, v_config
 from agent.ir import Direction, DirectionProgram, EndpointProgram, PortMatch, Program, Rule
-from tests.kit import Lab, expect, sh, until
+from tests.kit import Lab, expect, until
 from tests.kit.ebpf_lab import NODE4, net, origin
 from tests.kit.netns import call_in
+from tests.kit.nftns import counter_packets, nft_file
 
 A, B, C, X = "10.31.0.1", "10.31.0.2", "10.31.0.3", "10.31.0.9"
 MARK = DEFAULT_MARK
@@ -67,20 +67,11 @@ def build(lab: Lab) -> None:
     lab.serve_on_node([NODE_PORT])
 
 
-def nft(ns: str, script: str) -> None:
-    sh("nft", "-f", "-", ns=ns, input=script)
-
-
-def counter(ns: str, table: str, name: str) -> int:
-    out = sh("nft", "-j", "list", "counter", "ip", table, name, ns=ns).stdout
-    return next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o)
-
-
 def count_marked_on_node(lab: Lab, mark: int = MARK) -> None:
     """Named counters in the node namespace: marked packets forwarded to b, to c, and any marked
     packet arriving for a node address (prerouting runs after the pods' tc ingress)."""
     bit = mark or DEFAULT_MARK
-    nft(lab.node, f"""
+    nft_file(lab.node, f"""
 table ip stkmark {{
   counter to_b {{}}
   counter to_c {{}}
@@ -151,7 +142,7 @@ def test_known_flows_are_marked_for_the_destination_and_pass(lab: Lab, pin_root:
         # first packet: judged for both ends; b's hook learns its device; the reply teaches a's;
         # later packets each way are vouched for (marked at the source's hook); mark 0: none is
         assert all(u.ping() for _ in range(20))
-        assert (counter(lab.node, "stkmark", "to_b") > 0) == (mark != 0)
+        assert (counter_packets(lab.node, "ip", "stkmark", "to_b") > 0) == (mark != 0)
         # TCP, both ways, over one connection
         conn = lab.hold("app/a", B, 80)
         assert all(conn.ping() for _ in range(10))
@@ -179,7 +170,7 @@ table ip forge {{
   }}
 }}"""
     for pod in ("app/a", "app/c", "ext/x"):
-        nft(lab.pods[pod].netns, forge)
+        nft_file(lab.pods[pod].netns, forge)
     dp = EbpfDataplane(pin_root=pin_root, netns=lab.node)
     try:
         dp.apply(program())
@@ -195,10 +186,10 @@ table ip forge {{
         seen = lab.probe_many({src: list(specs) for src, specs in want.items()})
         assert seen == want
         for pod in ("app/a", "app/c", "ext/x"):
-            assert counter(lab.pods[pod].netns, "forge", "forged") > 0  # the pods did set the mark
+            assert counter_packets(lab.pods[pod].netns, "ip", "forge", "forged") > 0  # the pods did set the mark
         # ... and none of it arrived on the node: the veth scrubbed it (pod -> node packets
         # are never vouched for, so any mark seen here would be the pod's)
-        assert counter(lab.node, "stkmark", "to_node") == 0
+        assert counter_packets(lab.node, "ip", "stkmark", "to_node") == 0
     finally:
         dp.cleanup()
 
@@ -212,10 +203,10 @@ def test_a_marked_packet_moved_to_another_pod_is_judged_there(lab: Lab, pin_root
         dp.apply(program())
         assert expect(u.ping, what="a -> b UDP")
         assert all(u.ping() for _ in range(10))
-        marked = counter(lab.node, "stkmark", "to_b")
+        marked = counter_packets(lab.node, "ip", "stkmark", "to_b")
         assert marked > 0  # the flow's packets to b are vouched for
         # Now the node DNATs this flow to c after the source's hook (new conntrack entry)
-        nft(lab.node, f"""
+        nft_file(lab.node, f"""
 table ip stknat {{
   counter moved {{}}
   chain pre {{
@@ -228,8 +219,8 @@ table ip stknat {{
         # dropped there, counted as c's default deny (trusting the mark, c's hook would pass it
         # and the drop would be counted nowhere at c)
         assert not until(u.ping, timeout=2)
-        assert counter(lab.node, "stknat", "moved") > 0
-        assert counter(lab.node, "stkmark", "to_c") > 0  # it did arrive marked (for b's device)
+        assert counter_packets(lab.node, "ip", "stknat", "moved") > 0
+        assert counter_packets(lab.node, "ip", "stkmark", "to_c") > 0  # it did arrive marked (for b's device)
         assert dp.counters().drops[("app/c", Direction.INGRESS)].packets > 0
         # positive control: once c allows a, the same moved flow is answered by c
         dp.apply(program(c_allows_a=True))

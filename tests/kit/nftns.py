@@ -51,6 +51,11 @@ def nft_json(netns: str, *args: str) -> list[dict]:
     return json.loads(out)["nftables"] if out.strip() else []
 
 
+def counter_packets(netns: str, family: str, table: str, name: str) -> int:
+    """The packets a named counter of `table` has counted, inside `netns`."""
+    return next(o["counter"]["packets"] for o in nft_json(netns, "counter", family, table, name) if "counter" in o)
+
+
 def nft_list(netns: str, *args: str) -> str:
     """`nft list ...` inside `netns` (text, as people read it)."""
     return subprocess.run(["ip", "netns", "exec", netns, "nft", "list", *args],
