@@ -252,8 +252,8 @@ class Devices:
             for i in idxs:
                 h, b = out.get(i, (False, 0))
                 out[i] = (h or host, b)
-            if not host and len(idxs) == 1 and self.is_peer(i):
-                self.pod_device[ep.key] = i
+            if not host and len(idxs) == 1 and self.is_peer(only := next(iter(idxs))):
+                self.pod_device[ep.key] = only
         for key, why in self.unattached.items():
             if before.get(key) != why:
                 log.warning("eBPF: endpoint %s is not enforced: %s", display(key, 300), display(why, 300))
