@@ -169,20 +169,13 @@ def run(dataplanes: list[str], peer_sizes: list[int], reps: int, seconds: float,
     return out
 
 
-@contextlib.contextmanager
 def _delivery(how: str) -> Any:
-    """$STOCKADE_EBPF_DELIVER for the agent runs inside (none: the default)."""
+    """$STOCKADE_EBPF_DELIVER for the agent runs inside ("": the default, stack), restored after."""
+    from unittest import mock
+
     from agent.dataplane.ebpf.layout import DELIVER_ENV
 
-    old = os.environ.pop(DELIVER_ENV, None)
-    if how:
-        os.environ[DELIVER_ENV] = how
-    try:
-        yield
-    finally:
-        os.environ.pop(DELIVER_ENV, None)
-        if old is not None:
-            os.environ[DELIVER_ENV] = old
+    return mock.patch.dict(os.environ, {DELIVER_ENV: how or "stack"})
 
 
 def _apply(lab: Any, dpname: str, manifests_file: Path | None, clear: bool = False,
